@@ -1,0 +1,157 @@
+"""The backend registry: which implementation of each op can serve which inputs, and why not.
+
+Every op (``rasterization``, ``composite``, ...) registers its backends here. A backend declares
+
+* ``devices``: device types it runs on (``"cpu"``, ``"cuda"``),
+* ``dtypes``: floating dtypes it accepts,
+* ``features``: optional feature flags it implements (e.g. ``"packed"``, ``"antialiased"``),
+* ``available()``: why it cannot run on this machine at all (extension not built, no GPU, triton
+  missing), or None,
+* ``check(query)``: extra reasons it cannot serve these particular inputs (sizes, layouts),
+* ``priority``: higher is faster; ``backend="auto"`` picks the highest that can serve.
+
+``select(op, "auto" | name, query)`` returns the backend to run, or raises ``ValueError`` listing,
+for every candidate, the reasons it cannot serve (in the style of xformers' not_supported_reasons).
+``fast3d info`` prints :func:`availability` for every op.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+
+BACKEND_NAMES = ("torch", "cpu", "cuda", "triton")
+
+
+@dataclass(frozen=True)
+class Query:
+    """What an op call needs from a backend."""
+
+    device: torch.device
+    dtype: torch.dtype
+    features: frozenset = frozenset()
+    requires_grad: bool = False
+    extra: dict = field(default_factory=dict, compare=False)
+
+
+@dataclass(frozen=True)
+class Backend:
+    op: str
+    name: str
+    fn: Callable
+    devices: tuple
+    dtypes: tuple
+    priority: int
+    features: frozenset = frozenset()
+    available: Callable[[], str | None] = lambda: None
+    check: Callable[[Query], list] | None = None
+    doc: str = ""
+
+    def not_supported_reasons(self, q: Query) -> list[str]:
+        reason = self.available()
+        if reason:
+            return [reason]
+        reasons = []
+        if q.device.type not in self.devices:
+            reasons.append(f"device {q.device.type!r} not in {list(self.devices)}")
+        if q.dtype not in self.dtypes:
+            reasons.append(f"dtype {str(q.dtype).replace('torch.', '')} not in "
+                           f"{[str(d).replace('torch.', '') for d in self.dtypes]}")
+        missing = sorted(q.features - self.features)
+        if missing:
+            reasons.append(f"features {missing} not supported")
+        if self.check is not None and not reasons:
+            reasons.extend(self.check(q))
+        return reasons
+
+
+_REGISTRY: dict[str, dict[str, Backend]] = {}
+
+
+def register(op: str, name: str, fn: Callable, *, devices: Iterable[str], dtypes: Iterable[torch.dtype],
+             priority: int, features: Iterable[str] = (), available: Callable[[], str | None] | None = None,
+             check: Callable[[Query], list] | None = None, doc: str = "") -> Backend:
+    if name not in BACKEND_NAMES:
+        raise ValueError(f"backend name must be one of {BACKEND_NAMES}; got {name!r}")
+    b = Backend(op=op, name=name, fn=fn, devices=tuple(devices), dtypes=tuple(dtypes), priority=priority,
+                features=frozenset(features), available=available or (lambda: None), check=check, doc=doc)
+    _REGISTRY.setdefault(op, {})[name] = b
+    return b
+
+
+def ops() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def backends(op: str) -> dict[str, Backend]:
+    if op not in _REGISTRY:
+        raise ValueError(f"unknown op {op!r}; valid: {', '.join(ops())}")
+    return dict(_REGISTRY[op])
+
+
+def select(op: str, backend: str, q: Query) -> Backend:
+    """The backend to run ``op`` on: the named one, or for ``"auto"`` the fastest that can serve."""
+    table = backends(op)
+    if backend == "auto":
+        candidates = sorted(table.values(), key=lambda b: -b.priority)
+    elif backend in table:
+        candidates = [table[backend]]
+    else:
+        raise ValueError(f"{op}: backend must be 'auto' or one of {sorted(table)}; got {backend!r}")
+    why = {}
+    for b in candidates:
+        reasons = b.not_supported_reasons(q)
+        if not reasons:
+            return b
+        why[b.name] = reasons
+    detail = "; ".join(f"{name}: {', '.join(r)}" for name, r in why.items())
+    raise ValueError(f"{op}: no backend can serve these inputs (backend={backend!r}) -- {detail}")
+
+
+def availability(op: str) -> dict[str, str | None]:
+    """Backend name -> None if it can run on this machine, else the reason it cannot."""
+    return {name: b.available() for name, b in sorted(backends(op).items(), key=lambda kv: -kv[1].priority)}
+
+
+# --- availability probes shared by the ops -----------------------------------------------------
+
+
+def native_cpu_reason() -> str | None:
+    from fast3d import _native
+
+    return _native.unavailable_reason()
+
+
+def native_cuda_reason() -> str | None:
+    from fast3d import _native
+
+    reason = _native.unavailable_reason()
+    if reason:
+        return reason
+    if not _native.built_with_cuda():
+        return f"extension built without CUDA ({_native.build_info().get('cuda_how', 'unknown')})"
+    if not torch.cuda.is_available():
+        return "no CUDA GPU visible to torch"
+    return None
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_reason() -> str | None:
+    try:
+        import triton  # noqa: F401
+    except Exception as e:  # ImportError, or a broken install
+        return f"triton not importable ({type(e).__name__}: {e})"
+    if not torch.cuda.is_available() and not triton_interpreted():
+        return "no CUDA GPU (set TRITON_INTERPRET=1 to run Triton kernels on the CPU, slowly)"
+    return None
+
+
+def triton_devices() -> tuple:
+    """Triton kernels run on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1."""
+    return ("cuda", "cpu") if triton_interpreted() else ("cuda",)
