@@ -2,9 +2,9 @@
 
 * C++ CPU kernels (``csrc/**/cpu/*.cpp``) are always built, with OpenMP.
 * CUDA kernels (``csrc/**/cuda/*.cu``) are built whenever a CUDA toolkit is found, for every
-  architecture in ``CUDA_ARCHS``. ``FAST3D_CUDA=0`` skips them; ``FAST3D_CUDA=1`` makes a missing
-  toolkit an error. When a toolkit is found, an nvcc error fails the build: CUDA is never dropped
-  silently.
+  architecture in ``CUDA_ARCHS`` (sm_80, 86, 89, 90; ``FAST3D_CUDA_ARCHS`` overrides).
+  ``FAST3D_CUDA=0`` skips them; ``FAST3D_CUDA=1`` makes a missing toolkit an error. When a
+  toolkit is found, an nvcc error fails the build: CUDA is never dropped silently.
 * ``fast3d/_build_info.json`` records what was built (sources, archs, toolkit, or why CUDA was not
   built); ``fast3d info`` shows it and CI checks that every ``.cu`` file is in it.
 
@@ -25,7 +25,8 @@ from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 # The one list of GPU architectures fast3d is built for (A100, A10/3090, L4/4090, H100/H200).
-CUDA_ARCHS = ["80", "86", "89", "90"]
+# FAST3D_CUDA_ARCHS="90" narrows it, e.g. to build only for the GPU at hand.
+CUDA_ARCHS = os.environ.get("FAST3D_CUDA_ARCHS", "80,86,89,90").replace(" ", "").split(",")
 # C++20: torch >= 2.10 headers require it (only csrc/bindings.cpp includes them).
 CXX_FLAGS = ["-O3", "-std=c++20", "-fopenmp"]
 NVCC_FLAGS = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
@@ -141,8 +142,11 @@ def main():
                     sys.exit(f"fast3d: {src} produced no object ({obj}); the CUDA build is incomplete")
                 objects[src] = os.path.getsize(obj)
             info["cuda_objects_bytes"] = objects
-            # Next to the built _C (a wheel's build dir) and in the source tree (editable installs).
-            for pkg_dir in {os.path.dirname(self.get_ext_fullpath("fast3d._C")), os.path.join(ROOT, "fast3d")}:
+            # Next to the built _C, and in the source tree when _C is copied there (editable installs).
+            dirs = {os.path.dirname(self.get_ext_fullpath("fast3d._C"))}
+            if self.inplace or getattr(self, "editable_mode", False):
+                dirs.add(os.path.join(ROOT, "fast3d"))
+            for pkg_dir in dirs:
                 with open(os.path.join(pkg_dir, "_build_info.json"), "w") as f:
                     json.dump(info, f, indent=1)
 

@@ -1,0 +1,132 @@
+"""The `fast3d` command: info | bench | report | profile."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _fail(cmd: str, msg: str) -> int:
+    print(f"fast3d {cmd}: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def cmd_info(args) -> int:
+    from fast3d import _native, backends
+    from fast3d.bench import environment as env
+
+    ops = {op: {name: {"available": reason is None, "reason": reason}
+                for name, reason in backends.availability(op).items()} for op in backends.ops()}
+    info = {"versions": env.versions(), "build": _native.build_info(), "ops": ops}
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return 0
+    print("fast3d", info["versions"]["fast3d"])
+    for k, v in info["versions"].items():
+        if k != "fast3d":
+            print(f"  {k:<13} {v}")
+    b = info["build"]
+    cuda = (f"CUDA kernels for sm_{', sm_'.join(b['cuda_archs'])} ({len(b['cuda_sources'])} .cu files)"
+            if b.get("cuda") else f"no CUDA kernels ({b.get('cuda_how', 'build info missing')})")
+    native = _native.unavailable_reason() or f"fast3d._C loaded; {cuda}"
+    print(f"  {'native':<13} {native}")
+    names = [n for n in backends.BACKEND_NAMES if any(n in o for o in ops.values())]
+    print()
+    width = max(len(op) for op in ops) if ops else 2
+    print(f"{'op':<{width}}  " + "  ".join(f"{n:<9}" for n in names))
+    for op, table in ops.items():
+        cells = ["-" if n not in table else ("yes" if table[n]["available"] else "no") for n in names]
+        print(f"{op:<{width}}  " + "  ".join(f"{c:<9}" for c in cells))
+    reasons = [(op, n, t["reason"]) for op, table in ops.items() for n, t in table.items() if t["reason"]]
+    if reasons:
+        print("\nunavailable:")
+        for op, n, r in reasons:
+            print(f"  {op}/{n}: {r}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from fast3d.bench import runner
+    from fast3d.bench.spec import specs
+
+    if args.list:
+        for op, spec in specs().items():
+            for w in spec.workloads:
+                print(f"{op}:{w.name}  {w.params}  (quick: {w.quick})  -- {w.source}")
+        return 0
+    cfg = runner.BenchConfig(ops=args.ops, workloads=args.workload or [], backends=args.backend or [],
+                             passes=args.passes or list(runner.PASSES), quick=args.quick,
+                             out=args.out or runner.DEFAULT_OUT, seed=args.seed)
+    try:
+        runner.validate(cfg)
+    except ValueError as e:
+        return _fail("bench", str(e))
+    rows, failures = runner.run(cfg)
+    if failures:
+        print(f"fast3d bench: {failures} measurement(s) failed (see above)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_report(args) -> int:
+    from fast3d.bench.report import write_report
+    from fast3d.bench.runner import DEFAULT_OUT
+
+    path = write_report(args.results or DEFAULT_OUT)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_profile(args) -> int:
+    from fast3d.bench import profile
+
+    try:
+        profile.targets(args.workload, args.op)
+    except ValueError as e:
+        return _fail("profile", str(e))
+    profile.profile_workload(args.workload, op=args.op, backend=args.backend, quick=args.quick,
+                             out=args.out or profile.DEFAULT_TRACES)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fast3d", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("info", help="versions, GPU, and which backend of each op can run here")
+    s.add_argument("--json", action="store_true", help="print as JSON")
+    s.set_defaults(fn=cmd_info)
+
+    s = sub.add_parser("bench", help="time every op x workload x backend x pass; append rows to results")
+    s.add_argument("ops", nargs="*", help="ops to run (default: all)")
+    s.add_argument("--workload", action="append", help="workload name (repeatable; default: all)")
+    s.add_argument("--backend", action="append", help="backend or baseline name (repeatable; default: all)")
+    s.add_argument("--pass", dest="passes", action="append", help="forward | backward | forward+backward")
+    s.add_argument("--quick", action="store_true", help="shrunk workloads: the whole CPU run in under a minute")
+    s.add_argument("--out", help="results folder (default: profiling/results)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the generated inputs")
+    s.add_argument("--list", action="store_true", help="list the ops' workloads and exit")
+    s.set_defaults(fn=cmd_bench)
+
+    s = sub.add_parser("report", help="render committed results into REPORT.md with plots")
+    s.add_argument("--results", help="results folder (default: profiling/results)")
+    s.set_defaults(fn=cmd_report)
+
+    s = sub.add_parser("profile", help="torch.profiler trace of a workload's forward+backward")
+    s.add_argument("workload", help="workload name, or OP:WORKLOAD")
+    s.add_argument("--op", help="only this op")
+    s.add_argument("--backend", default="auto", help="backend to profile (default: what auto picks)")
+    s.add_argument("--quick", action="store_true", help="the shrunk workload")
+    s.add_argument("--out", help="traces folder (default: profiling/traces)")
+    s.set_defaults(fn=cmd_profile)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

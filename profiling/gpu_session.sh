@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# One GPU session in one command (see the project's GPU notes): build for the local GPU, GPU
+# tests, compute-sanitizer memcheck on a small case, the device's peaks, the benchmark.
+# Logs and result rows go under $OUT (default ./gpu-out); the table of results is printed last.
+# Where the machine has no package registry, wheels carried in ./.whl are installed first.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
+
+# Build only for this GPU's architecture (e.g. 90): the full arch list is CI's job.
+arch=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d ' .')
+FAST3D_CUDA=1 FAST3D_CUDA_ARCHS=$arch MAX_JOBS=16 python3 -m pip install -q --no-build-isolation --no-deps -e . \
+    > "$OUT/build.log" 2>&1 || { tail -50 "$OUT/build.log"; exit 1; }
+python3 -m fast3d.cli info | tee "$OUT/info.txt"
+
+python3 -m pytest -m gpu -q -p no:cacheprovider 2>&1 | tee "$OUT/gpu-tests.log"
+compute-sanitizer --tool memcheck --error-exitcode 1 \
+    python3 -m pytest -m gpu -q -p no:cacheprovider -k "composite and not compile" \
+    > "$OUT/memcheck.log" 2>&1
+echo "memcheck exit code: $? (log: memcheck.log)" | tee -a "$OUT/gpu-tests.log"
+
+python3 -m fast3d.cli bench --out "$OUT/results" 2>&1 | tee "$OUT/bench.log"
+python3 -m fast3d.cli report --results "$OUT/results" > /dev/null
+tail -40 "$OUT/bench.log"

@@ -1,0 +1,79 @@
+"""The timing, memory and peak measurements under `fast3d bench`."""
+
+import time
+
+import pytest
+import torch
+
+from fast3d.bench import environment as env
+from fast3d.bench import runner, timing
+
+CPU = torch.device("cpu")
+
+
+def test_cpu_timing_brackets_a_known_duration():
+    # A sleep has a hard lower bound; the upper bound is loose for a loaded CI machine.
+    def run(x):
+        time.sleep(0.02)
+        return (x["a"] * 2,)
+
+    sets = [{"a": torch.ones(3)}]
+    t = timing.time_pass("forward", run, sets, [[]], CPU, warmup=1, min_iters=5, budget_s=0.0)
+    assert t.iters == 5
+    assert 20.0 <= t.p20_ms <= t.median_ms <= t.p80_ms < 200.0
+
+
+def test_backward_pass_times_only_the_backward(gen):
+    # Forward sleeps 50 ms, backward is cheap: the backward pass must not include the forward.
+    class SlowForward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            time.sleep(0.05)
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * 2
+
+    run = lambda x: (SlowForward.apply(x["a"]),)  # noqa: E731
+    sets = [{"a": torch.rand(8, generator=gen).requires_grad_()}]
+    grads = [timing.upstream_grads(run, sets[0], gen)]
+    bwd = timing.time_pass("backward", run, sets, grads, CPU, warmup=1, min_iters=3, budget_s=0.0)
+    both = timing.time_pass("forward+backward", run, sets, grads, CPU, warmup=1, min_iters=3, budget_s=0.0)
+    assert bwd.median_ms < 25.0 <= 50.0 <= both.median_ms
+    assert sets[0]["a"].grad is None  # gradients are cleared between iterations
+
+
+def test_inputs_rotate_among_sets():
+    seen = []
+    run = lambda x: seen.append(x["id"]) or (torch.zeros(1),)  # noqa: E731
+    sets = [{"id": i} for i in range(3)]
+    timing.time_pass("forward", run, sets, [[]] * 3, CPU, warmup=0, min_iters=6, budget_s=0.0)
+    assert seen[:6] == [0, 1, 2, 0, 1, 2]
+
+
+def test_cpu_peak_memory_sees_a_temporary_allocation():
+    n = 16 * 2**20  # 64 MiB of float32, allocated and freed inside the op
+    run = lambda x: (torch.ones(n).sum() + x["a"],)  # noqa: E731
+    peak = timing.peak_memory("forward", run, {"a": torch.ones(1)}, [], CPU)
+    assert 4 * n <= peak < 2 * 4 * n
+
+
+def test_unknown_pass_is_rejected():
+    with pytest.raises(ValueError, match="pass must be one of"):
+        timing.time_pass("sideways", lambda x: (), [{}], [[]], CPU)
+
+
+@pytest.mark.parametrize("set_mib, expected", [(1, 4), (200, 4), (300, 1), (2048, 1)])
+def test_rotation_rule(set_mib, expected):
+    assert runner.n_input_sets(set_mib * 2**20) == expected
+
+
+def test_cpu_peaks_are_measured():
+    p = env.measure_peaks(CPU)
+    assert p["peak_gbps"] > 0.1 and p["peak_tflops"] > 1e-3 and "matmul" in p["peak_how"]
+
+
+def test_device_slug_is_a_folder_name():
+    s = env.device_slug(CPU)
+    assert s.startswith("cpu-") and all(c.isalnum() or c == "-" for c in s)

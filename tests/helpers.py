@@ -1,0 +1,54 @@
+"""Shared test helpers: poisoned outputs, a verbose allclose, gradient comparison with random
+upstream gradients. Tolerance tables live in each op's test module, one table per op."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+
+def poison_(t: Tensor) -> Tensor:
+    """Fill a buffer with NaN so any element a kernel fails to write shows up in the comparison."""
+    return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-1)
+
+
+def assert_close(actual: Tensor, expected: Tensor, *, atol: float, rtol: float, name: str = "tensor",
+                 worst: int = 5) -> None:
+    """allclose that never passes NaN and prints the worst elements (index, actual, expected)."""
+    if actual.shape != expected.shape:
+        raise AssertionError(f"{name}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}")
+    a = actual.detach().to("cpu", torch.float64)
+    e = expected.detach().to("cpu", torch.float64)
+    nonfinite = ~torch.isfinite(a) & torch.isfinite(e)
+    err = (a - e).abs()
+    err = torch.where(nonfinite, torch.full_like(err, float("inf")), err)
+    bound = atol + rtol * e.abs()
+    bad = (err > bound) | nonfinite
+    if not bad.any():
+        return
+    excess = (err - bound).flatten()
+    k = min(worst, int(bad.sum()))
+    idx = torch.topk(torch.nan_to_num(excess, nan=float("inf")), k).indices
+    rows = []
+    for flat in idx.tolist():
+        pos = tuple(torch.unravel_index(torch.tensor(flat), a.shape)) if a.dim() else ()
+        pos = tuple(int(p) for p in pos)
+        rows.append(f"  {pos}: actual={a.flatten()[flat].item():.9g} expected={e.flatten()[flat].item():.9g} "
+                    f"|diff|={err.flatten()[flat].item():.3g}")
+    raise AssertionError(
+        f"{name}: {int(bad.sum())}/{a.numel()} elements outside atol={atol:g} rtol={rtol:g} "
+        f"(max |diff| {err.max().item():.3g}); worst:\n" + "\n".join(rows))
+
+
+def random_like(t: Tensor, gen: torch.Generator) -> Tensor:
+    return torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t.device, t.dtype)
+
+
+def grads(fn: Callable[..., Sequence[Tensor]], inputs: Sequence[Tensor], upstream: Sequence[Tensor | None]):
+    """Gradients of sum_k <upstream_k, fn(*inputs)_k> with respect to `inputs`."""
+    inputs = [x.detach().clone().requires_grad_(True) for x in inputs]
+    outs = fn(*inputs)
+    pairs = [(o, g) for o, g in zip(outs, upstream) if g is not None]
+    return torch.autograd.grad([o for o, _ in pairs], inputs, [g for _, g in pairs], allow_unused=True)

@@ -1,0 +1,90 @@
+"""The native build: toolkit discovery (a wrapper `nvcc` on PATH included), FAST3D_CUDA switches,
+and what the installed extension says it was built with."""
+
+import importlib.util
+import json
+import os
+import stat
+import subprocess
+import sys
+
+import pytest
+
+from fast3d import _native
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def setup_module():
+    spec = importlib.util.spec_from_file_location("fast3d_setup", os.path.join(ROOT, "setup.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)  # main() only runs as __main__
+    return mod
+
+
+def _fake_toolkit(root):
+    os.makedirs(os.path.join(root, "bin"))
+    os.makedirs(os.path.join(root, "include"))
+    open(os.path.join(root, "include", "cuda_runtime.h"), "w").close()
+    nvcc = os.path.join(root, "bin", "nvcc")
+    open(nvcc, "w").write("#!/bin/sh\necho 'Cuda compilation tools, release 99.1, V99.1'\n")
+    os.chmod(nvcc, os.stat(nvcc).st_mode | stat.S_IEXEC)
+    return root
+
+
+def test_toolkit_found_through_wrapper_script(setup_module, tmp_path, monkeypatch):
+    toolkit = _fake_toolkit(str(tmp_path / "cuda-99.1"))
+    wrap = tmp_path / "wrapbin"
+    wrap.mkdir()
+    (wrap / "nvcc").write_text(f'#!/bin/sh\nexec {toolkit}/bin/nvcc "$@"\n')
+    (wrap / "nvcc").chmod(0o755)
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.setenv("PATH", f"{wrap}:/usr/bin:/bin")
+    root, how = setup_module.find_cuda_home()
+    assert root == toolkit, how
+    assert "wrapper" in how
+    assert setup_module.nvcc_version(root) == "99.1"
+
+
+def test_cuda_home_that_is_not_a_toolkit_is_reported(setup_module, tmp_path, monkeypatch):
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path))
+    root, how = setup_module.find_cuda_home()
+    assert root is None and str(tmp_path) in how and "not a CUDA toolkit" in how
+
+
+def test_fast3d_cuda_1_without_toolkit_fails_loudly(tmp_path):
+    env = dict(os.environ, FAST3D_CUDA="1", CUDA_HOME=str(tmp_path))
+    r = subprocess.run([sys.executable, "setup.py", "build_ext", "--build-temp", str(tmp_path / "t"),
+                        "--build-lib", str(tmp_path / "l")], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert r.returncode != 0
+    assert "FAST3D_CUDA=1 but CUDA cannot be built" in r.stderr + r.stdout
+
+
+def test_fast3d_cuda_rejects_other_values(tmp_path):
+    env = dict(os.environ, FAST3D_CUDA="yes")
+    r = subprocess.run([sys.executable, "setup.py", "build_ext", "--build-lib", str(tmp_path)], cwd=ROOT, env=env,
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "FAST3D_CUDA must be 0, 1 or unset; got 'yes'" in r.stderr
+
+
+@pytest.mark.slow
+def test_fast3d_cuda_0_builds_cpu_only(tmp_path):
+    env = dict(os.environ, FAST3D_CUDA="0")
+    r = subprocess.run([sys.executable, "setup.py", "build_ext", "--build-temp", str(tmp_path / "t"),
+                        "--build-lib", str(tmp_path / "l")], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    info = json.loads((tmp_path / "l" / "fast3d" / "_build_info.json").read_text())
+    assert info["cuda"] is False and info["cuda_sources"] == [] and "FAST3D_CUDA=0" in info["cuda_how"]
+    assert list((tmp_path / "l" / "fast3d").glob("_C*.so"))
+
+
+def test_installed_extension_matches_its_build_info():
+    assert _native.unavailable_reason() is None, _native.unavailable_reason()
+    info = _native.build_info()
+    assert info, "fast3d/_build_info.json missing: was the package built with setup.py?"
+    assert _native.built_with_cuda() == info["cuda"]
+    if info["cuda"]:
+        assert set(info["cuda_objects_bytes"]) == set(info["cuda_sources"])
+        assert all(v > 0 for v in info["cuda_objects_bytes"].values())
