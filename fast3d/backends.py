@@ -117,14 +117,18 @@ def availability(op: str) -> dict[str, str | None]:
 
 
 # --- availability probes shared by the ops -----------------------------------------------------
+# Each is a constant of the process: torch.compile evaluates it once while tracing instead of
+# tracing into the import machinery behind it.
 
 
+@torch.compiler.assume_constant_result
 def native_cpu_reason() -> str | None:
     from fast3d import _native
 
     return _native.unavailable_reason()
 
 
+@torch.compiler.assume_constant_result
 def native_cuda_reason() -> str | None:
     from fast3d import _native
 
@@ -142,6 +146,7 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@torch.compiler.assume_constant_result
 def triton_reason() -> str | None:
     try:
         import triton  # noqa: F401

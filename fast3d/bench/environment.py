@@ -107,7 +107,7 @@ def measure_peaks(device: torch.device) -> dict:
     if device.type == "cuda":
         n_copy, n_mm, mm_dtype, reps = 2**28, 8192, torch.bfloat16, 10   # 1 GiB float32 copy
     else:
-        n_copy, n_mm, mm_dtype, reps = 2**25, 2048, torch.float32, 3     # 128 MiB copy
+        n_copy, n_mm, mm_dtype, reps = 2**27, 2048, torch.float32, 3     # 512 MiB: past the L3
     src = torch.rand(n_copy, device=device)
     dst = torch.empty_like(src)
     copy_s = _best_seconds(lambda: dst.copy_(src), device, reps)

@@ -42,7 +42,19 @@ def same_device_dtype(ref_name: str, ref: Tensor, **others: Tensor | None) -> No
 
 
 def finite(name: str, x: Tensor) -> None:
-    """Finiteness check; only on the CPU, where it needs no device synchronisation."""
+    """Finiteness check; only on the CPU, where it needs no device synchronisation, and not while
+    torch.compile traces (a data-dependent branch would break the graph)."""
+    if torch.compiler.is_compiling():
+        return
     if x.device.type == "cpu" and x.numel() and not bool(torch.isfinite(x).all()):
         bad = (~torch.isfinite(x)).nonzero()[0].tolist()
         raise ValueError(f"{name} must be finite; got {x[tuple(bad)].item()} at index {tuple(bad)}")
+
+
+def real_in(name: str, x, lo: float, hi: float) -> float:
+    """A real number in [lo, hi) (bools are not numbers here)."""
+    import numbers
+
+    if isinstance(x, bool) or not isinstance(x, numbers.Real) or not lo <= float(x) < hi:
+        raise ValueError(f"{name} must be a real number in [{lo:g}, {hi:g}); got {x!r}")
+    return float(x)

@@ -18,9 +18,17 @@ def test_cpu_timing_brackets_a_known_duration():
         return (x["a"] * 2,)
 
     sets = [{"a": torch.ones(3)}]
-    t = timing.time_pass("forward", run, sets, [[]], CPU, warmup=1, min_iters=5, budget_s=0.0)
-    assert t.iters == 5
+    t = timing.time_pass("forward", run, sets, [[]], CPU, warmup=1, min_iters=5, budget_s=0.15)
+    assert 5 <= t.iters <= 10  # 5 at least, then more while under the 150 ms budget
     assert 20.0 <= t.p20_ms <= t.median_ms <= t.p80_ms < 200.0
+
+
+def test_iterations_longer_than_the_budget_are_measured_three_times():
+    calls = []
+    run = lambda x: calls.append(1) or time.sleep(0.03) or (torch.zeros(1),)  # noqa: E731
+    t = timing.time_pass("forward", run, [{}], [[]], CPU, warmup=2, min_iters=5, budget_s=0.01)
+    assert t.iters == 3
+    assert len(calls) == 1 + 3 + 1  # one warm-up, three timed, one for peak memory
 
 
 def test_backward_pass_times_only_the_backward(gen):
@@ -38,8 +46,8 @@ def test_backward_pass_times_only_the_backward(gen):
     run = lambda x: (SlowForward.apply(x["a"]),)  # noqa: E731
     sets = [{"a": torch.rand(8, generator=gen).requires_grad_()}]
     grads = [timing.upstream_grads(run, sets[0], gen)]
-    bwd = timing.time_pass("backward", run, sets, grads, CPU, warmup=1, min_iters=3, budget_s=0.0)
-    both = timing.time_pass("forward+backward", run, sets, grads, CPU, warmup=1, min_iters=3, budget_s=0.0)
+    bwd = timing.time_pass("backward", run, sets, grads, CPU, warmup=1, min_iters=3, budget_s=0.2)
+    both = timing.time_pass("forward+backward", run, sets, grads, CPU, warmup=1, min_iters=3, budget_s=0.2)
     assert bwd.median_ms < 25.0 <= 50.0 <= both.median_ms
     assert sets[0]["a"].grad is None  # gradients are cleared between iterations
 

@@ -27,21 +27,20 @@ OP = "composite"
 TOL = {
     # cpu backend in float64 vs the float64 reference: same formulas, but a sequential product
     # and sequential sums in the kernel against cumprod and torch's (blocked) sums in the
-    # reference: differences of a few ulp (2^-52) per sample over S <= 193 samples.
+    # reference: a few ulp (2^-52) per sample over S <= 193 samples (measured worst |diff|
+    # 7e-15, on the background gradient summed over 129 rays; 40 seeds).
     torch.float64: (1e-12, 1e-10),
     # cpu/cuda kernels in float32: sequential float32 sums and products over S <= 193 samples
-    # accumulate <= S * 2^-24 ~ 1.2e-5 relative (rtol, with margin; measured <= 2e-6), and exp()
-    # plus the `1 - alpha` cancellation cost <= 2^-24 absolute per sample times a transmittance
-    # <= 1 (atol; measured worst excess over rtol 4e-7 in 60 seeds x 9 cases).
+    # accumulate <= S * 2^-24 ~ 1.2e-5 relative (rtol, with margin), and exp() plus the
+    # `1 - alpha` cancellation cost <= 2^-25 absolute per sample times a transmittance <= 1
+    # (atol). Measured: worst |diff| 3e-6 (background gradient, |value| ~ 10), worst excess over
+    # rtol 1e-4 alone 4e-7 (60 seeds x 9 cases).
     torch.float32: (5e-6, 1e-4),
-    # torch backend in float16 vs float64 of the same fp16 inputs, rays of S <= 65 samples: the
-    # reference computes alpha = 1 - exp(-tau), which in fp16 has an absolute error ~2^-11 per
-    # sample (cancellation), summed over the ray (measured worst 1.6e-2 at rtol 3e-2, S = 65).
-    torch.float16: (3e-2, 3e-2),
-    # torch backend in bfloat16, rays of S = 7 samples: the same cancellation costs ~2^-8 per
-    # sample (measured worst 5e-3 at rtol 3e-2, S = 7; it grows like S * 2^-9, so long rays in
-    # bf16 are not accurate, see the note on test_half_precision_uses_torch_backend).
-    torch.bfloat16: (2e-2, 3e-2),
+    # torch backend on half inputs: it computes in float32 and rounds the outputs (and
+    # gradients) to the input dtype, so the error is the final rounding, 2^-11 (fp16) / 2^-8
+    # (bf16) relative, plus the float32 terms above; the atol covers outputs near zero.
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (1e-2, 1e-2),
 }
 
 NATIVE = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.gpu)]
@@ -358,7 +357,7 @@ def test_bad_inputs_are_rejected(case, backend, gen):
 @pytest.mark.parametrize("eps", [-1e-6, -1.0, 1.0, 1.5, math.nan, math.inf, "0.1", None])
 def test_transmittance_eps_out_of_range(eps, gen):
     x = _valid(gen)
-    with pytest.raises(ValueError, match=r"transmittance_eps must be a float in \[0, 1\)"):
+    with pytest.raises(ValueError, match=r"transmittance_eps must be a real number in \[0, 1\)"):
         fast3d.composite(x["sigmas"], x["rgbs"], x["t_starts"], x["t_ends"], x["background"], transmittance_eps=eps)
 
 
@@ -415,13 +414,11 @@ def test_auto_runs_the_selected_backend(dtype, gen):
 
 
 @pytest.mark.parametrize("bg", BACKGROUNDS)
-@pytest.mark.parametrize("dtype, S", [(torch.bfloat16, 7), (torch.float16, 7), (torch.float16, 65)])
+@pytest.mark.parametrize("dtype, S", [(torch.bfloat16, 7), (torch.bfloat16, 193), (torch.float16, 65),
+                                      (torch.float16, 193)])
 def test_half_precision_uses_torch_backend(dtype, S, bg, gen):
-    """bf16/fp16: auto selects `torch` and matches the float64 reference on the upcast half inputs.
-
-    Rays are short for bf16: the reference's alpha = 1 - exp(-tau) cancels for small tau, an
-    absolute error ~2^-9 per sample in bf16 that accumulates over the ray (S = 193 rays err by
-    ~0.1-0.2 in opacity; see the report)."""
+    """bf16/fp16: auto selects `torch`, which computes in float32, and matches the float64
+    reference on the upcast half inputs to the output dtype's rounding, on long rays too."""
     q = backends.Query(device=torch.device("cpu"), dtype=dtype)
     assert backends.select(OP, "auto", q).name == "torch"
     x = make_inputs(gen, 37, S, 3, background=bg, dtype=dtype)
@@ -436,9 +433,6 @@ def _small(gen):
     return x["sigmas"], x["rgbs"], x["t_starts"], x["t_ends"], x["background"]
 
 
-@pytest.mark.xfail(strict=True, raises=(torch._dynamo.exc.UserError, torch._dynamo.exc.Unsupported),
-                   reason="library bug: fast3d/ops/_validate.py finite() branches on a tensor value "
-                          "(bool(torch.isfinite(x).all())), which dynamo cannot trace with fullgraph=True")
 def test_compile_public_api_fullgraph(gen):
     require("cpu")
     torch._dynamo.reset()

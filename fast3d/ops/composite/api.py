@@ -44,13 +44,13 @@ def composite(sigmas: Tensor,                   # [R, S] densities (post-activat
             raise ValueError(f"background must have shape [D] = ({D},) or [R, D] = {(R, D)}; "
                              f"got {tuple(background.shape)}")
     v.same_device_dtype("sigmas", sigmas, rgbs=rgbs, t_starts=t_starts, t_ends=t_ends, background=background)
-    if not isinstance(transmittance_eps, (int, float)) or not 0.0 <= transmittance_eps < 1.0:
-        raise ValueError(f"transmittance_eps must be a float in [0, 1); got {transmittance_eps!r}")
+    transmittance_eps = v.real_in("transmittance_eps", transmittance_eps, 0.0, 1.0)
     v.finite("t_starts", t_starts)
     v.finite("t_ends", t_ends)
 
     q = backends.Query(device=sigmas.device, dtype=sigmas.dtype,
-                       requires_grad=torch.is_grad_enabled() and (sigmas.requires_grad or rgbs.requires_grad))
+                       requires_grad=torch.is_grad_enabled() and any(
+                           x is not None and x.requires_grad for x in (sigmas, rgbs, background)))
     impl = backends.select(OP, backend, q)
     with op_range(f"{OP}[{impl.name}]", sigmas.device):
-        return impl.fn(sigmas, rgbs, t_starts, t_ends, background, float(transmittance_eps))
+        return impl.fn(sigmas, rgbs, t_starts, t_ends, background, transmittance_eps)

@@ -46,6 +46,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(sigmas, rgbs, t_starts, t_ends, background, output[1])
     ctx.eps = eps
     ctx.bg_shape = None if background is None else background.shape
+    ctx.set_materialize_grads(False)  # unused outputs give None, not zero tensors to read
 
 
 def _backward(ctx, g_color, g_opacity, g_depth, g_weights):

@@ -10,7 +10,8 @@ write it (cumprod over the samples), differentiable by autograd, any device, flo
     opacity = sum_i w_i
     depth   = sum_i w_i (t_start_i + t_end_i) / 2
 
-t_starts and t_ends are constants (no gradient), as in the kernels.
+t_starts and t_ends are constants (no gradient), as in the kernels. Half-precision inputs are
+computed in float32 and the outputs cast back (in bf16, 1 - exp(-tau) alone loses 2^-9 per sample).
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ def composite(sigmas: Tensor,            # [R, S]
               transmittance_eps: float,
               ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns color [R, D], opacity [R, 1], depth [R, 1], weights [R, S]."""
+    dtype = sigmas.dtype
+    if dtype in (torch.float16, torch.bfloat16):
+        up = [None if x is None else x.float() for x in (sigmas, rgbs, t_starts, t_ends, background)]
+        return tuple(o.to(dtype) for o in composite(*up, transmittance_eps))
     t_starts, t_ends = t_starts.detach(), t_ends.detach()
     alphas = 1.0 - torch.exp(-sigmas * (t_ends - t_starts))                 # [R, S]
     trans = torch.cumprod(1.0 - alphas, dim=-1)                              # T_{i+1}

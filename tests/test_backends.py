@@ -1,0 +1,208 @@
+"""Tests of the backend registry (fast3d/backends.py) on a throwaway op with fake backends:
+auto selection by priority, availability and dtype/device/feature/check reasons, error messages
+for unknown ops and backends, availability(), and register()'s name check."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fast3d import backends
+from fast3d.backends import Query
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")  # constructing a cuda device needs no GPU
+
+
+@pytest.fixture
+def op(seed):
+    """A unique op name, removed from the registry after the test."""
+    name = f"test_op_{seed}"
+    assert name not in backends._REGISTRY
+    yield name
+    backends._REGISTRY.pop(name, None)
+
+
+def fake(name):
+    """A backend function that says who it is."""
+    def fn(*args):
+        return name
+    return fn
+
+
+def register_all(op, priorities, **over):
+    """Register every name in BACKEND_NAMES on both devices and all float dtypes, with the given
+    priorities; `over[name]` replaces keyword arguments of that backend."""
+    for name, prio in priorities.items():
+        kw = dict(devices=("cpu", "cuda"), dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64),
+                  priority=prio)
+        kw.update(over.get(name, {}))
+        backends.register(op, name, fake(name), **kw)
+
+
+def random_priorities(gen) -> dict:
+    prios = torch.randperm(100, generator=gen)[:len(backends.BACKEND_NAMES)].tolist()
+    return dict(zip(backends.BACKEND_NAMES, prios))
+
+
+def by_priority(prios: dict) -> list:
+    return sorted(prios, key=lambda n: -prios[n])
+
+
+def test_auto_picks_highest_priority(op, gen):
+    prios = random_priorities(gen)
+    register_all(op, prios)
+    best = by_priority(prios)[0]
+    for q in (Query(CPU, torch.float32), Query(CUDA, torch.float16)):
+        b = backends.select(op, "auto", q)
+        assert b.name == best and b.fn() == best and b.op == op
+    # Every backend can be named explicitly.
+    for name in prios:
+        assert backends.select(op, name, Query(CPU, torch.float64)).name == name
+
+
+def test_unavailable_backend_is_skipped_by_auto_and_explains_itself(op, gen):
+    prios = random_priorities(gen)
+    best, second = by_priority(prios)[:2]
+    reason = f"fake extension missing ({gen.initial_seed()})"
+    register_all(op, prios, **{best: dict(available=lambda: reason)})
+    q = Query(CPU, torch.float32)
+    assert backends.select(op, "auto", q).name == second
+    assert backends.backends(op)[best].not_supported_reasons(q) == [reason]
+    with pytest.raises(ValueError, match=rf"{op}: no backend can serve these inputs \(backend='{best}'\)") as e:
+        backends.select(op, best, q)
+    assert f"{best}: {reason}" in str(e.value)
+
+
+def test_available_reason_comes_alone(op):
+    """An unavailable backend reports only why it cannot run, not the per-query mismatches."""
+    calls = []
+    backends.register(op, "cuda", fake("cuda"), devices=("cuda",), dtypes=(torch.float32,), priority=1,
+                      available=lambda: "no GPU here", check=lambda q: calls.append(q) or ["never"])
+    assert backends.backends(op)["cuda"].not_supported_reasons(Query(CPU, torch.float64)) == ["no GPU here"]
+    assert calls == []
+
+
+def test_dtype_mismatch(op):
+    backends.register(op, "torch", fake("torch"), devices=("cpu",), dtypes=(torch.float16, torch.float32), priority=0)
+    backends.register(op, "cpu", fake("cpu"), devices=("cpu",), dtypes=(torch.float32, torch.float64), priority=10)
+    q = Query(CPU, torch.float16)
+    assert backends.select(op, "auto", q).name == "torch"
+    assert backends.backends(op)["cpu"].not_supported_reasons(q) == ["dtype float16 not in ['float32', 'float64']"]
+    with pytest.raises(ValueError, match=r"cpu: dtype float16 not in \['float32', 'float64'\]"):
+        backends.select(op, "cpu", q)
+    # Neither serves bfloat16: auto lists both, highest priority first.
+    with pytest.raises(ValueError) as e:
+        backends.select(op, "auto", Query(CPU, torch.bfloat16))
+    msg = str(e.value)
+    assert f"{op}: no backend can serve these inputs (backend='auto')" in msg
+    assert "cpu: dtype bfloat16 not in ['float32', 'float64']; torch: dtype bfloat16 not in ['float16', 'float32']" in msg
+
+
+def test_device_mismatch(op):
+    backends.register(op, "cpu", fake("cpu"), devices=("cpu",), dtypes=(torch.float32,), priority=10)
+    backends.register(op, "cuda", fake("cuda"), devices=("cuda",), dtypes=(torch.float32,), priority=20)
+    assert backends.select(op, "auto", Query(CPU, torch.float32)).name == "cpu"
+    assert backends.select(op, "auto", Query(CUDA, torch.float32)).name == "cuda"
+    with pytest.raises(ValueError, match=r"cuda: device 'cpu' not in \['cuda'\]"):
+        backends.select(op, "cuda", Query(CPU, torch.float32))
+    with pytest.raises(ValueError, match=r"cpu: device 'cuda' not in \['cpu'\]"):
+        backends.select(op, "cpu", Query(CUDA, torch.float32))
+
+
+def test_device_and_dtype_mismatch_both_reported(op):
+    backends.register(op, "cuda", fake("cuda"), devices=("cuda",), dtypes=(torch.float32,), priority=20)
+    assert backends.backends(op)["cuda"].not_supported_reasons(Query(CPU, torch.float64)) == [
+        "device 'cpu' not in ['cuda']", "dtype float64 not in ['float32']"]
+
+
+def test_feature_mismatch(op):
+    backends.register(op, "torch", fake("torch"), devices=("cpu",), dtypes=(torch.float32,), priority=0,
+                      features=("packed", "antialiased", "extra"))
+    backends.register(op, "triton", fake("triton"), devices=("cpu",), dtypes=(torch.float32,), priority=30,
+                      features=("packed",))
+    assert backends.select(op, "auto", Query(CPU, torch.float32, frozenset({"packed"}))).name == "triton"
+    q = Query(CPU, torch.float32, frozenset({"packed", "antialiased", "extra"}))
+    assert backends.select(op, "auto", q).name == "torch"
+    assert backends.backends(op)["triton"].not_supported_reasons(q) == ["features ['antialiased', 'extra'] not supported"]
+    with pytest.raises(ValueError, match=r"triton: features \['antialiased', 'extra'\] not supported"):
+        backends.select(op, "triton", q)
+
+
+def test_check_reasons_are_reported(op, gen):
+    limit = int(torch.randint(10, 1000, (1,), generator=gen))
+    seen = []
+
+    def check(q: Query) -> list:
+        seen.append(q)
+        n = q.extra.get("samples", 0)
+        return [f"samples {n} > {limit}", "layout not packed"] if n > limit else []
+
+    backends.register(op, "torch", fake("torch"), devices=("cpu",), dtypes=(torch.float32,), priority=0)
+    backends.register(op, "cuda", fake("cuda"), devices=("cpu",), dtypes=(torch.float32,), priority=20, check=check)
+    small = Query(CPU, torch.float32, extra={"samples": limit})
+    big = Query(CPU, torch.float32, extra={"samples": limit + 1})
+    assert backends.select(op, "auto", small).name == "cuda"
+    assert seen[-1] is small
+    assert backends.select(op, "auto", big).name == "torch"
+    with pytest.raises(ValueError) as e:
+        backends.select(op, "cuda", big)
+    assert f"cuda: samples {limit + 1} > {limit}, layout not packed" in str(e.value)
+    # check() only runs once the declared capabilities match.
+    n = len(seen)
+    assert backends.backends(op)["cuda"].not_supported_reasons(Query(CPU, torch.float64, extra={"samples": 10**6})) == [
+        "dtype float64 not in ['float32']"]
+    assert len(seen) == n
+
+
+def test_unknown_op(op):
+    backends.register(op, "torch", fake("torch"), devices=("cpu",), dtypes=(torch.float32,), priority=0)
+    bogus = op + "_nope"
+    for call in (lambda: backends.select(bogus, "auto", Query(CPU, torch.float32)),
+                 lambda: backends.backends(bogus), lambda: backends.availability(bogus)):
+        with pytest.raises(ValueError, match=rf"unknown op '{bogus}'; valid: ") as e:
+            call()
+        valid = str(e.value).split("valid: ")[1].split(", ")
+        assert op in valid and "composite" in valid and valid == sorted(valid) == backends.ops()
+
+
+def test_unknown_backend_name(op):
+    backends.register(op, "torch", fake("torch"), devices=("cpu",), dtypes=(torch.float32,), priority=0)
+    backends.register(op, "cpu", fake("cpu"), devices=("cpu",), dtypes=(torch.float32,), priority=1)
+    for name in ("triton", "nope", "Auto", ""):  # triton is a valid name, just not registered for this op
+        with pytest.raises(ValueError, match=rf"{op}: backend must be 'auto' or one of \['cpu', 'torch'\]; got '{name}'"):
+            backends.select(op, name, Query(CPU, torch.float32))
+
+
+def test_availability(op, gen):
+    prios = random_priorities(gen)
+    register_all(op, prios, cuda=dict(available=lambda: "no CUDA GPU (fake)"),
+                 triton=dict(available=lambda: "triton not importable (fake)"))
+    avail = backends.availability(op)
+    assert avail == {"torch": None, "cpu": None, "cuda": "no CUDA GPU (fake)", "triton": "triton not importable (fake)"}
+    assert list(avail) == by_priority(prios)  # fastest first, as `fast3d info` prints them
+    # An order that is neither registration nor alphabetical order (nor their reverses).
+    register_all(op, {"torch": 3, "cpu": 1, "cuda": 4, "triton": 2})
+    assert list(backends.availability(op)) == ["cuda", "torch", "triton", "cpu"]
+    # availability ignores queries: a backend that serves no dtype at all is still "available".
+    backends.register(op, "cpu", fake("cpu"), devices=(), dtypes=(), priority=prios["cpu"])
+    assert backends.availability(op)["cpu"] is None
+
+
+@pytest.mark.parametrize("name", ["auto", "CPU", "numpy", "", "cuda "])
+def test_register_rejects_unknown_backend_names(op, name):
+    with pytest.raises(ValueError, match=r"backend name must be one of \('torch', 'cpu', 'cuda', 'triton'\); got "):
+        backends.register(op, name, fake(name), devices=("cpu",), dtypes=(torch.float32,), priority=0)
+    assert op not in backends.ops()
+
+
+def test_register_returns_backend_and_replaces(op):
+    b = backends.register(op, "cpu", fake("first"), devices=["cpu"], dtypes=[torch.float32], priority=1,
+                          features=["packed"], doc="first")
+    assert isinstance(b, backends.Backend) and b.devices == ("cpu",) and b.dtypes == (torch.float32,)
+    assert b.features == frozenset({"packed"}) and b.available() is None and b.check is None
+    assert op in backends.ops() and backends.backends(op) == {"cpu": b}
+    b2 = backends.register(op, "cpu", fake("second"), devices=["cpu"], dtypes=[torch.float32], priority=1)
+    assert backends.select(op, "auto", Query(CPU, torch.float32)) is b2 and b2.fn() == "second"
+    # backends() hands out a copy: mutating it does not touch the registry.
+    backends.backends(op).clear()
+    assert backends.backends(op) == {"cpu": b2}
