@@ -62,7 +62,7 @@ _SCHEMA: dict[str, Callable[[Any], bool]] = {
     "quick": lambda v: isinstance(v, bool),
     "iters": _is_int,
     "torch": _opt(_is_str), "triton": _opt(_is_str), "cuda": _opt(_is_str),
-    "commit": _is_str, "date": _is_str, "run_id": _is_str,
+    "commit": _opt(_is_str), "date": _is_str, "run_id": _is_str,
 }
 
 

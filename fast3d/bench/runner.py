@@ -83,7 +83,11 @@ def _candidates(spec: BenchSpec, device: torch.device, wanted: list) -> list[tup
     return [(n, r) for n, r in out if not wanted or n in wanted]
 
 
-def run(cfg: BenchConfig, log=print) -> tuple[list[dict], int]:
+def _log(msg: str) -> None:
+    print(msg, flush=True)  # progress shows as it happens, also when piped to a file
+
+
+def run(cfg: BenchConfig, log=_log) -> tuple[list[dict], int]:
     """Runs the benchmark; returns (rows, number of failed measurements)."""
     validate(cfg)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -110,51 +114,59 @@ def run(cfg: BenchConfig, log=print) -> tuple[list[dict], int]:
             log(f"  {op}: no backend can run on {device.type}; going on with the rest")
             continue
         for w in spec.workloads:
-            if cfg.workloads and w.name not in cfg.workloads:
-                continue
-            params = w.quick if cfg.quick else w.params
-            gen = torch.Generator().manual_seed(cfg.seed)
-            first = spec.make_inputs(params, device, gen)
-            sets = [first] + [spec.make_inputs(params, device, gen)
-                              for _ in range(n_input_sets(_tensor_bytes(first)) - 1)]
-            measured: dict[tuple[str, str], dict] = {}
-            for name in runnable:
-                call = lambda x, name=name: spec.run(name, x)  # noqa: E731
-                try:
-                    grads = [upstream_grads(call, s, gen) for s in sets]
-                except ValueError as e:  # the registry says this backend cannot serve these inputs
-                    log(f"  {op}/{w.name}: skipping backend {name}: {e}")
-                    continue
-                for p in cfg.passes:
-                    try:
-                        t = time_pass(p, call, sets, grads, device, budget_s=budget,
-                                      min_iters=3 if cfg.quick else 5)
-                    except Exception as e:  # report, count, go on with the other measurements
-                        failures += 1
-                        log(f"  {op}/{w.name}/{name}/{p}: FAILED: {type(e).__name__}: {e}")
-                        continue
-                    nbytes, flops = spec.model(params, p)
-                    sec = t.median_ms / 1e3
-                    gbps, tflops = nbytes / sec / 1e9, flops / sec / 1e12
-                    measured[(name, p)] = dict(
-                        op=op, workload=w.name, backend=name, **{"pass": p}, median_ms=t.median_ms,
-                        p20_ms=t.p20_ms, p80_ms=t.p80_ms, peak_mem_bytes=t.peak_mem_bytes, gbps=gbps,
-                        tflops=tflops, frac_peak_bw=gbps / peaks["peak_gbps"],
-                        frac_peak_flops=tflops / peaks["peak_tflops"], speedup_vs={}, params=params,
-                        quick=cfg.quick, iters=t.iters, model_bytes=nbytes, model_flops=flops, **common)
-                del grads
-            baselines = [REFERENCE] + list(spec.baselines)
-            for (name, p), row in measured.items():
-                for b in baselines:
-                    if b != name and (b, p) in measured:
-                        row["speedup_vs"][b] = measured[(b, p)]["median_ms"] / row["median_ms"]
-                rows.append(row)
-            del sets, first
+            if not cfg.workloads or w.name in cfg.workloads:
+                new_rows, failed = _bench_workload(cfg, spec, w, runnable, device, budget, peaks, log)
+                new_rows = [dict(r, **common) for r in new_rows]
+                write_rows(new_rows, cfg.out)  # per workload: a killed run keeps what it measured
+                rows += new_rows
+                failures += failed
     if rows:
-        write_rows(rows, cfg.out)
         log(format_table(rows))
         log(f"appended {len(rows)} rows under {os.path.join(cfg.out, common['device_slug'])}/")
     return rows, failures
+
+
+def _bench_workload(cfg: BenchConfig, spec: BenchSpec, w, runnable: list, device: torch.device, budget: float,
+                    peaks: dict, log) -> tuple[list[dict], int]:
+    """Every runnable backend x pass on one workload, all on the same input sets; speed-ups
+    against the baselines measured here."""
+    params = w.quick if cfg.quick else w.params
+    gen = torch.Generator().manual_seed(cfg.seed)
+    first = spec.make_inputs(params, device, gen)
+    sets = [first] + [spec.make_inputs(params, device, gen) for _ in range(n_input_sets(_tensor_bytes(first)) - 1)]
+    measured: dict[tuple[str, str], dict] = {}
+    failures = 0
+    for name in runnable:
+        call = lambda x, name=name: spec.run(name, x)  # noqa: E731
+        try:
+            grads = [upstream_grads(call, s, gen) for s in sets]
+        except ValueError as e:  # the registry says this backend cannot serve these inputs
+            log(f"  {spec.op}/{w.name}: skipping backend {name}: {e}")
+            continue
+        for p in cfg.passes:
+            where = f"{spec.op}/{w.name}/{name}/{p}"
+            try:
+                t = time_pass(p, call, sets, grads, device, budget_s=budget, min_iters=3 if cfg.quick else 5)
+            except Exception as e:  # report, count, go on with the other measurements
+                failures += 1
+                log(f"  {where}: FAILED: {type(e).__name__}: {e}")
+                continue
+            noisy = (t.p80_ms - t.p20_ms) > 0.5 * t.median_ms
+            log(f"  {where}: {t.median_ms:.3f} ms median of {t.iters}"
+                + ("  (NOISY: p20-p80 spread over half the median; is the machine busy?)" if noisy else ""))
+            nbytes, flops = spec.model(params, p)
+            gbps, tflops = nbytes / t.median_ms / 1e6, flops / t.median_ms / 1e9
+            measured[(name, p)] = dict(
+                op=spec.op, workload=w.name, backend=name, **{"pass": p}, median_ms=t.median_ms, p20_ms=t.p20_ms,
+                p80_ms=t.p80_ms, peak_mem_bytes=t.peak_mem_bytes, gbps=gbps, tflops=tflops,
+                frac_peak_bw=gbps / peaks["peak_gbps"], frac_peak_flops=tflops / peaks["peak_tflops"],
+                speedup_vs={}, params=params, quick=cfg.quick, iters=t.iters, model_bytes=nbytes,
+                model_flops=flops)
+    for (name, p), row in measured.items():
+        for b in [REFERENCE, *spec.baselines]:
+            if b != name and (b, p) in measured:
+                row["speedup_vs"][b] = measured[(b, p)]["median_ms"] / row["median_ms"]
+    return list(measured.values()), failures
 
 
 def write_rows(rows: list[dict], out: str) -> None:

@@ -43,7 +43,15 @@ TOL = {
     torch.bfloat16: (1e-2, 1e-2),
 }
 
-NATIVE = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.gpu)]
+# Kernel backends. `triton` runs on CUDA tensors on a GPU, else on CPU tensors in the interpreter
+# (TRITON_INTERPRET=1, set by conftest); named explicitly, since `auto` skips the interpreter.
+NATIVE = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.gpu),
+          pytest.param("triton", id="triton")]
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def device_of(backend: str) -> str:
+    return TRITON_DEVICE if backend == "triton" else ("cuda" if backend == "cuda" else "cpu")
 BACKGROUNDS = [None, "shared", "per_ray"]
 EPSILONS = [0.0, 1e-4, 1e-2]
 # (R, S, D): odd sizes, R in {1, 37, 129}, S in {1, 7, 65, 193}, D in {1, 3, 4}.
@@ -194,7 +202,7 @@ def test_native_float32_matches_reference(backend, shape, bg, eps, gen):
     normal and very dense rays; gradients for random upstream gradients on all four outputs."""
     require(backend)
     x = clear_of_cutoff(make_inputs(gen, *shape, background=bg), eps)
-    x = {k: None if v is None else v.to(backend) for k, v in x.items()}
+    x = {k: None if v is None else v.to(device_of(backend)) for k, v in x.items()}
     compare_with_reference(backend, x, eps, gen, tol=TOL[torch.float32])
 
 
@@ -216,7 +224,8 @@ def test_gradients_with_some_outputs_unused(backend, upstream, gen):
     the missing gradients as zeros. Inputs the used outputs do not depend on get None from the
     reference (counted as zeros) and zeros from the kernel."""
     require(backend)
-    x = make_inputs(gen, 37, 65, 3, background="per_ray" if "color" in upstream else "shared", device=backend)
+    x = make_inputs(gen, 37, 65, 3, background="per_ray" if "color" in upstream else "shared",
+                    device=device_of(backend))
     x = clear_of_cutoff(x, 1e-4)
     compare_with_reference(backend, x, 1e-4, gen, tol=TOL[torch.float32], upstream=upstream)
 
@@ -228,7 +237,8 @@ def test_early_termination(backend, S, eps, gen):
     """Samples after the transmittance falls below eps get weight (and gradient) exactly zero in
     both implementations, at the same samples; the cut-off, not underflow, is what zeroes them."""
     require(backend)
-    x = clear_of_cutoff(make_inputs(gen, 37, S, 3, background="per_ray", density="terminating", device=backend), eps)
+    x = clear_of_cutoff(make_inputs(gen, 37, S, 3, background="per_ray", density="terminating",
+                                      device=device_of(backend)), eps)
     out, out64, g, g64 = compare_with_reference(backend, x, eps, gen, tol=TOL[torch.float32])
     w, w64 = out[3].cpu(), out64[3]
     cut = w == 0
@@ -250,12 +260,12 @@ def test_early_termination(backend, S, eps, gen):
 def test_non_contiguous_inputs(backend, gen):
     require(backend)
     R, S, D = 37, 65, 3
-    x = clear_of_cutoff(make_inputs(gen, R, S, D, background="per_ray", device=backend), 1e-4)
+    x = clear_of_cutoff(make_inputs(gen, R, S, D, background="per_ray", device=device_of(backend)), 1e-4)
     # Same values, strided layouts: transposed [R, S], a slice of a wider [R, S, D + 2].
     y = dict(x)
     for k in ("sigmas", "t_starts", "t_ends"):
         y[k] = x[k].t().contiguous().t()
-    wide = torch.empty(R, S, D + 2, device=backend)
+    wide = torch.empty(R, S, D + 2, device=device_of(backend))
     wide[..., 1:D + 1] = x["rgbs"]
     y["rgbs"] = wide[..., 1:D + 1]
     y["background"] = x["background"].t().contiguous().t()
@@ -285,7 +295,7 @@ def test_empty_inputs(backend, R, S, bg, gen):
     """R = 0 gives empty outputs; S = 0 (rays without samples) gives opacity and depth 0 and the
     background as colour (0 without one); gradients have the inputs' shapes."""
     require(backend)
-    device = "cuda" if backend == "cuda" else "cpu"
+    device = device_of(backend)
     D = 3
     x = make_inputs(gen, R, S, D, background=bg, device=device)
     out = fast3d.composite(x["sigmas"], x["rgbs"], x["t_starts"], x["t_ends"], x["background"], backend=backend)
@@ -375,17 +385,19 @@ def test_explicit_backend_that_cannot_serve_lists_its_reasons(gen):
             fast3d.composite(*(a.bfloat16() for a in args), backend="cpu")
 
 
-@pytest.mark.parametrize("name", ["nope", "triton", "CPU", ""])
+@pytest.mark.parametrize("name", ["nope", "Triton", "CPU", ""])
 def test_unknown_backend_name(name, gen):
     x = _valid(gen)
-    with pytest.raises(ValueError, match=r"composite: backend must be 'auto' or one of \['cpu', 'cuda', 'torch'\]; "
+    with pytest.raises(ValueError, match=r"composite: backend must be 'auto' or one of \['cpu', 'cuda', 'torch', 'triton'\]; "
                                          rf"got '{name}'"):
         fast3d.composite(x["sigmas"], x["rgbs"], x["t_starts"], x["t_ends"], x["background"], backend=name)
 
 
 def test_registered_backends():
     table = backends.backends(OP)
-    assert set(table) == {"torch", "cpu", "cuda"}
+    assert set(table) == {"torch", "cpu", "cuda", "triton"}
+    assert table["triton"].priority > table["cuda"].priority
+    assert set(table["triton"].dtypes) == {torch.float16, torch.bfloat16, torch.float32}
     assert table["cpu"].dtypes == (torch.float32, torch.float64) and table["cpu"].devices == ("cpu",)
     assert table["cuda"].dtypes == (torch.float32,) and table["cuda"].devices == ("cuda",)
     assert set(table["torch"].dtypes) == {torch.float16, torch.bfloat16, torch.float32, torch.float64}
@@ -477,4 +489,52 @@ def test_compile_custom_op_inductor(gen):
     args = _small(gen)
     f = torch.compile(lambda *a: native.composite(*a, 1e-4), fullgraph=True)
     for a, b in zip(f(*args), fast3d.composite(*args, 1e-4, backend="cpu")):
+        assert torch.equal(a, b)
+
+
+# --- triton backend: half precision, selection, torch.compile -----------------------------------
+
+
+@pytest.mark.parametrize("bg", BACKGROUNDS)
+@pytest.mark.parametrize("dtype, S", [(torch.bfloat16, 7), (torch.bfloat16, 193), (torch.float16, 65)])
+def test_triton_half_precision(dtype, S, bg, gen):
+    """bf16/fp16 inputs: the Triton kernels load them, compute in float32 and round the outputs
+    and gradients, as the torch backend does; same tolerance."""
+    require("triton")
+    x = make_inputs(gen, 37, S, 3, background=bg, dtype=dtype, device=TRITON_DEVICE)
+    compare_with_reference("triton", x, 1e-4, gen, tol=TOL[dtype])
+
+
+def test_auto_never_picks_the_triton_interpreter():
+    """On CPU tensors `auto` skips triton (the interpreter is slow) and names why; an explicit
+    backend="triton" is served."""
+    require("triton")
+    b = backends.backends(OP)["triton"]
+    cpu = torch.device("cpu")
+    if torch.cuda.is_available():
+        assert b.not_supported_reasons(backends.Query(device=torch.device("cuda"), dtype=torch.float32)) == []
+        return
+    auto = b.not_supported_reasons(backends.Query(device=cpu, dtype=torch.float32, extra={"explicit": False}))
+    assert len(auto) == 1 and "interpreter" in auto[0]
+    assert b.not_supported_reasons(backends.Query(device=cpu, dtype=torch.float32, extra={"explicit": True})) == []
+    assert backends.select(OP, "auto", backends.Query(device=cpu, dtype=torch.float32)).name != "triton"
+
+
+def test_compile_triton_custom_op_fullgraph_forward_backward(gen):
+    """The Triton backend's custom ops trace under fullgraph=True (fake implementations) and
+    the compiled forward and gradients equal eager's."""
+    require("triton")
+    from fast3d.ops.composite import triton as triton_composite
+
+    torch._dynamo.reset()
+    f = torch.compile(lambda *a: triton_composite.composite(*a, 1e-4), fullgraph=True, backend="aot_eager")
+    x = clear_of_cutoff(make_inputs(gen, 9, 13, 3, background="per_ray", device=TRITON_DEVICE), 1e-4)
+    args = (x["sigmas"], x["rgbs"], x["t_starts"], x["t_ends"], x["background"])
+    eager = triton_composite.composite(*args, 1e-4)
+    for a, b in zip(f(*args), eager):
+        assert a.shape == b.shape and torch.equal(a, b)
+    ups = [random_like(o, gen) for o in eager]
+    fc = lambda s, r, bg: f(s, r, x["t_starts"], x["t_ends"], bg)  # noqa: E731
+    fe = lambda s, r, bg: triton_composite.composite(s, r, x["t_starts"], x["t_ends"], bg, 1e-4)  # noqa: E731
+    for a, b in zip(grads(fc, differentiable(x), ups), grads(fe, differentiable(x), ups)):
         assert torch.equal(a, b)

@@ -1,5 +1,5 @@
 """NeRF compositing: api (public function), reference (PyTorch twin), native (C++ CPU and CUDA
-kernels in csrc/composite), bench (workloads and byte/flop model)."""
+kernels in csrc/composite), triton (Triton kernels), bench (workloads and byte/flop model)."""
 
 import torch
 
@@ -7,7 +7,25 @@ from fast3d import backends
 from fast3d.ops.composite import bench, native, reference
 from fast3d.ops.composite.api import OP, composite
 
+try:
+    from fast3d.ops.composite import triton as triton_kernels
+except ImportError:  # no triton: triton_reason() says so and the backend is never called
+    triton_kernels = None
+
 _ALL_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def triton_check(q: backends.Query) -> list:
+    """Triton kernels on CPU tensors run in the interpreter (TRITON_INTERPRET=1): correct but far
+    slower than any other backend, so `auto` never picks them; naming backend="triton" does."""
+    if q.device.type == "cpu" and not q.extra.get("explicit", False):
+        return ["CPU tensors run Triton in the interpreter (slow): used only when named (backend='triton')"]
+    return []
+
+
+def _triton_composite(*args):
+    return triton_kernels.composite(*args)
+
 
 backends.register(OP, "torch", reference.composite, devices=("cpu", "cuda"), dtypes=_ALL_FLOATS, priority=0,
                   doc="PyTorch reference (cumprod), autograd backward")
@@ -17,5 +35,9 @@ backends.register(OP, "cpu", native.composite, devices=("cpu",), dtypes=(torch.f
 backends.register(OP, "cuda", native.composite, devices=("cuda",), dtypes=(torch.float32,), priority=20,
                   available=backends.native_cuda_reason,
                   doc="CUDA, one thread per ray (same per-ray math as cpu)")
+backends.register(OP, "triton", _triton_composite, devices=backends.triton_devices(),
+                  dtypes=(torch.float16, torch.bfloat16, torch.float32), priority=30,
+                  available=backends.triton_reason, check=triton_check,
+                  doc="Triton, 16 rays x 32-sample tiles per program, scan transmittance, one-pass backward")
 
 __all__ = ["composite", "reference", "bench"]

@@ -1,0 +1,650 @@
+// Gaussian rasterization on the GPU, with the math of gaussian_math.h (shared with the CPU path).
+//
+// Forward: project (one thread per camera x Gaussian) -> count tiles per Gaussian -> emit one
+// (key, value) per (Gaussian, tile) with key = image | tile | depth bits -> cub radix sort over
+// only the bits the key needs -> per-tile ranges -> blend: one 16x16 block per (image, tile), the
+// tile's Gaussians staged through shared memory in batches, each thread one pixel front to back,
+// the block leaving as soon as every pixel is done.
+// Backward: the same tiles back to front; per Gaussian, the 32 pixels of a warp reduce their
+// gradient by shuffles before one atomic add per warp, or (deterministic) write per-warp partials
+// to shared memory that are summed in warp order into one row per intersection, then summed per
+// Gaussian in intersection order.
+#include <cuda_runtime.h>
+
+#include <cub/device/device_radix_sort.cuh>
+
+#include "gaussians/gaussian_math.h"
+#include "gaussians/gaussians.h"
+
+namespace fast3d {
+namespace {
+
+using gs::kAlphaMax;
+using gs::kAlphaMin;
+using gs::kTile;
+using gs::kTransMin;
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kTile * kTile / 32;
+constexpr int kBwdBatch = 32;  // Gaussians per shared-memory batch in the backward
+
+const char* last_error() {
+  const cudaError_t err = cudaGetLastError();
+  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+}
+
+unsigned blocks_for(int64_t n) { return static_cast<unsigned>((n + kThreads - 1) / kThreads); }
+
+__device__ void load_camera(const float* vm, const float* K, float R[3][3], float t[3], float& fx, float& fy,
+                            float& cx, float& cy) {
+  for (int i = 0; i < 3; ++i) {
+    for (int j = 0; j < 3; ++j) R[i][j] = vm[i * 4 + j];
+    t[i] = vm[i * 4 + 3];
+  }
+  fx = K[0];
+  fy = K[4];
+  cx = K[2];
+  cy = K[5];
+}
+
+__global__ void project_forward_kernel(const float* __restrict__ means, const float* __restrict__ quats,
+                                       const float* __restrict__ scales, const float* __restrict__ opacities,
+                                       const float* __restrict__ viewmats, const float* __restrict__ Ks, int64_t B,
+                                       int64_t C, int64_t N, int width, int height, float near_plane,
+                                       float far_plane, float eps2d, bool antialiased, float* means2d,
+                                       float* conics, float* depths, float* opac, int32_t* radii) {
+  const int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (idx >= B * C * N) return;
+  const int64_t n = idx % N, bc = idx / N, b = bc / C, g = b * N + n;
+  float R[3][3], t[3], fx, fy, cx, cy;
+  load_camera(viewmats + bc * 16, Ks + bc * 9, R, t, fx, fy, cx, cy);
+  gs::Projected<float> pr;
+  gs::project_forward(means + g * 3, quats + g * 4, scales + g * 3, opacities[g], R, t, fx, fy, cx, cy, width,
+                      height, near_plane, far_plane, eps2d, antialiased, pr);
+  int r[2];
+  gs::screen_radii(pr, r);
+  depths[idx] = pr.p[2];
+  means2d[idx * 2] = pr.valid ? pr.mean2d[0] : 0.f;
+  means2d[idx * 2 + 1] = pr.valid ? pr.mean2d[1] : 0.f;
+  conics[idx * 3] = pr.valid ? pr.conic[0] : 1.f;
+  conics[idx * 3 + 1] = pr.valid ? pr.conic[1] : 0.f;
+  conics[idx * 3 + 2] = pr.valid ? pr.conic[2] : 1.f;
+  opac[idx] = pr.valid ? pr.opacity : 0.f;
+  radii[idx * 2] = r[0];
+  radii[idx * 2 + 1] = r[1];
+}
+
+// One thread per Gaussian, looping over its cameras: the per-scene gradients need no atomics.
+__global__ void project_backward_kernel(const float* __restrict__ means, const float* __restrict__ quats,
+                                        const float* __restrict__ scales, const float* __restrict__ opacities,
+                                        const float* __restrict__ viewmats, const float* __restrict__ Ks,
+                                        int64_t B, int64_t C, int64_t N, int width, int height, float near_plane,
+                                        float far_plane, float eps2d, bool antialiased,
+                                        const float* __restrict__ g_means2d, const float* __restrict__ g_conics,
+                                        const float* __restrict__ g_depths, const float* __restrict__ g_opac,
+                                        float* g_means, float* g_quats, float* g_scales, float* g_opacities) {
+  const int64_t g = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (g >= B * N) return;
+  const int64_t b = g / N, n = g % N;
+  float gm[3] = {0, 0, 0}, gq[4] = {0, 0, 0, 0}, gsc[3] = {0, 0, 0}, go = 0;
+  for (int64_t c = 0; c < C; ++c) {
+    const int64_t bc = b * C + c, idx = bc * N + n;
+    float R[3][3], t[3], fx, fy, cx, cy;
+    load_camera(viewmats + bc * 16, Ks + bc * 9, R, t, fx, fy, cx, cy);
+    gs::Projected<float> pr;
+    gs::project_forward(means + g * 3, quats + g * 4, scales + g * 3, opacities[g], R, t, fx, fy, cx, cy, width,
+                        height, near_plane, far_plane, eps2d, antialiased, pr);
+    if (!pr.valid) {  // constant placeholders; depth = z still reads the mean
+      for (int k = 0; k < 3; ++k) gm[k] += R[2][k] * g_depths[idx];
+      continue;
+    }
+    gs::project_backward(pr, scales + g * 3, opacities[g], R, fx, fy, eps2d, antialiased, g_means2d + idx * 2,
+                         g_conics + idx * 3, g_depths[idx], g_opac[idx], gm, gq, gsc, &go);
+  }
+  for (int k = 0; k < 3; ++k) g_means[g * 3 + k] = gm[k];
+  for (int k = 0; k < 4; ++k) g_quats[g * 4 + k] = gq[k];
+  for (int k = 0; k < 3; ++k) g_scales[g * 3 + k] = gsc[k];
+  g_opacities[g] = go;
+}
+
+__device__ void camera_centre(const float* vm, float c[3]) {
+  for (int k = 0; k < 3; ++k) c[k] = -(vm[k] * vm[3] + vm[4 + k] * vm[7] + vm[8 + k] * vm[11]);
+}
+
+__global__ void sh_forward_kernel(const float* __restrict__ sh, const float* __restrict__ means,
+                                  const float* __restrict__ viewmats, int64_t B, int64_t C, int64_t N, int K,
+                                  int degree, float* colors) {
+  const int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (idx >= B * C * N) return;
+  const int64_t n = idx % N, bc = idx / N, g = (bc / C) * N + n;
+  float campos[3];
+  camera_centre(viewmats + bc * 16, campos);
+  gs::sh_forward(degree, sh + g * K * 3, means + g * 3, campos, colors + idx * 3);
+}
+
+__global__ void sh_backward_kernel(const float* __restrict__ sh, const float* __restrict__ means,
+                                   const float* __restrict__ viewmats, int64_t B, int64_t C, int64_t N, int K,
+                                   int degree, const float* __restrict__ g_colors, float* g_sh, float* g_means) {
+  const int64_t g = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (g >= B * N) return;
+  const int64_t b = g / N, n = g % N;
+  for (int k = 0; k < K * 3; ++k) g_sh[g * K * 3 + k] = 0.f;
+  float gm[3] = {0, 0, 0};
+  for (int64_t c = 0; c < C; ++c) {
+    const int64_t bc = b * C + c;
+    float campos[3];
+    camera_centre(viewmats + bc * 16, campos);
+    gs::sh_backward(degree, sh + g * K * 3, means + g * 3, campos, g_colors + (bc * N + n) * 3, g_sh + g * K * 3,
+                    gm);
+  }
+  for (int k = 0; k < 3; ++k) g_means[g * 3 + k] = gm[k];
+}
+
+// Tile rect of a Gaussian's exact pixel rect; false when it misses the image.
+__device__ bool tile_rect(const float* m2, const int32_t* r, int width, int height, int tr[4]) {
+  if (r[0] <= 0 || r[1] <= 0) return false;
+  int rect[4];
+  gs::pixel_rect(m2[0], m2[1], r, width, height, rect);
+  if (rect[0] >= rect[1] || rect[2] >= rect[3]) return false;
+  tr[0] = rect[0] / kTile;
+  tr[1] = (rect[1] - 1) / kTile + 1;
+  tr[2] = rect[2] / kTile;
+  tr[3] = (rect[3] - 1) / kTile + 1;
+  return true;
+}
+
+__global__ void tiles_per_gaussian_kernel(const float* __restrict__ means2d, const int32_t* __restrict__ radii,
+                                          int64_t total, int width, int height, int64_t* counts) {
+  const int64_t g = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (g >= total) return;
+  int tr[4];
+  counts[g] = tile_rect(means2d + g * 2, radii + g * 2, width, height, tr)
+                  ? int64_t(tr[1] - tr[0]) * (tr[3] - tr[2])
+                  : 0;
+}
+
+__global__ void emit_isects_kernel(const float* __restrict__ means2d, const float* __restrict__ depths,
+                                   const int32_t* __restrict__ radii, const int64_t* __restrict__ gauss_offsets,
+                                   int64_t I, int64_t N, int width, int height, int tile_bits, uint64_t* keys,
+                                   int32_t* vals) {
+  const int64_t g = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (g >= I * N) return;
+  int tr[4];
+  if (!tile_rect(means2d + g * 2, radii + g * 2, width, height, tr)) return;
+  const int tx_count = (width + kTile - 1) / kTile;
+  // Valid depths are >= near_plane > 0: their float bits sort as the floats do.
+  const uint64_t head = (uint64_t(g / N) << (32 + tile_bits)) | uint64_t(__float_as_uint(depths[g]));
+  int64_t k = gauss_offsets[g];
+  for (int ty = tr[2]; ty < tr[3]; ++ty)
+    for (int tx = tr[0]; tx < tr[1]; ++tx, ++k) {
+      keys[k] = head | (uint64_t(ty * tx_count + tx) << 32);
+      vals[k] = int32_t(k);
+    }
+}
+
+// tile_offsets[t] = first sorted intersection of global tile t (= image * tiles + tile);
+// flat_ids[j] = the Gaussian (within its image) of sorted intersection j.
+__global__ void tile_ranges_kernel(const uint64_t* __restrict__ keys, const int32_t* __restrict__ isect_src,
+                                   const int64_t* __restrict__ gauss_offsets, int64_t total, int64_t n_gauss,
+                                   int64_t N, int64_t tiles, int64_t n_tiles, int tile_bits, int64_t* tile_offsets,
+                                   int32_t* flat_ids) {
+  const int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (j >= total) return;
+  const uint64_t mask = (uint64_t(1) << tile_bits) - 1;
+  const uint64_t hi_j = keys[j] >> 32;
+  const int64_t cur = int64_t(hi_j >> tile_bits) * tiles + int64_t(hi_j & mask);
+  int64_t prev = -1;
+  if (j > 0) {
+    const uint64_t hi_p = keys[j - 1] >> 32;
+    prev = int64_t(hi_p >> tile_bits) * tiles + int64_t(hi_p & mask);
+  }
+  for (int64_t t = prev + 1; t <= cur; ++t) tile_offsets[t] = j;
+  if (j == total - 1)
+    for (int64_t t = cur + 1; t <= n_tiles; ++t) tile_offsets[t] = total;
+  // The Gaussian of this intersection: the last g with gauss_offsets[g] <= src (upper bound - 1).
+  const int64_t src = isect_src[j];
+  int64_t lo = 0, hi = n_gauss + 1;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi) / 2;
+    if (gauss_offsets[mid] <= src) lo = mid + 1; else hi = mid;
+  }
+  flat_ids[j] = int32_t((lo - 1) % N);
+}
+
+__global__ void fill_kernel(int64_t* p, int64_t n, int64_t value) {
+  const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (i < n) p[i] = value;
+}
+
+// Blend one (image, tile): blockIdx.x = tile, blockIdx.y = image; thread = pixel. DMAX >= D
+// bounds the per-thread accumulator so it stays in registers.
+template <int DMAX>
+__global__ void __launch_bounds__(kThreads) rasterize_forward_kernel(
+    const float* __restrict__ means2d, const float* __restrict__ conics, const float* __restrict__ opac,
+    const float* __restrict__ feats, const int64_t* __restrict__ tile_offsets, const int32_t* __restrict__ flat_ids,
+    int64_t N, int D, int width, int height, float* image, float* alpha, int32_t* last) {
+  const int tiles_x = (width + kTile - 1) / kTile;
+  const int64_t i = blockIdx.y;
+  const int64_t it = i * gridDim.x + blockIdx.x;
+  const int x = (blockIdx.x % tiles_x) * kTile + threadIdx.x % kTile;
+  const int y = (blockIdx.x / tiles_x) * kTile + threadIdx.x / kTile;
+  const bool inside = x < width && y < height;
+  const float px = float(x) + 0.5f, py = float(y) + 0.5f;
+  const int64_t s = tile_offsets[it], e = tile_offsets[it + 1];
+
+  __shared__ int32_t s_id[kThreads];
+  __shared__ float2 s_m2[kThreads];
+  __shared__ float3 s_con[kThreads];
+  __shared__ float s_op[kThreads];
+
+  float trans = 1.f, acc[DMAX];
+#pragma unroll
+  for (int d = 0; d < DMAX; ++d) acc[d] = 0.f;
+  int32_t lst = 0;
+  bool done = !inside;
+  for (int64_t base = s; base < e; base += kThreads) {
+    // Every pixel of the block done: stop loading (the count is block-wide, so all leave together).
+    if (__syncthreads_count(done) == kThreads) break;
+    const int64_t j = base + threadIdx.x;
+    if (j < e) {
+      const int64_t g = i * N + flat_ids[j];
+      s_id[threadIdx.x] = int32_t(g - i * N);
+      s_m2[threadIdx.x] = make_float2(means2d[g * 2], means2d[g * 2 + 1]);
+      s_con[threadIdx.x] = make_float3(conics[g * 3], conics[g * 3 + 1], conics[g * 3 + 2]);
+      s_op[threadIdx.x] = opac[g];
+    }
+    __syncthreads();
+    const int count = int(min(int64_t(kThreads), e - base));
+    for (int k = 0; k < count && !done; ++k) {
+      const float m2[2] = {s_m2[k].x, s_m2[k].y};
+      const float con[3] = {s_con[k].x, s_con[k].y, s_con[k].z};
+      float dx, dy, vis;
+      const float raw = gs::gaussian_raw_alpha(m2, con, s_op[k], px, py, dx, dy, vis);
+      if (raw < kAlphaMin) continue;
+      const float a = fminf(raw, kAlphaMax);
+      const float next = trans * (1.f - a);
+      if (next < kTransMin) {
+        done = true;
+        break;
+      }
+      const float w = a * trans;
+      const float* f = feats + (i * N + s_id[k]) * D;
+#pragma unroll
+      for (int d = 0; d < DMAX; ++d)
+        if (d < D) acc[d] += w * f[d];
+      trans = next;
+      lst = int32_t(base + k - s + 1);
+    }
+  }
+  if (!inside) return;
+  const int64_t pix = (i * height + y) * width + x;
+#pragma unroll
+  for (int d = 0; d < DMAX; ++d)
+    if (d < D) image[pix * D + d] = acc[d];
+  alpha[pix] = 1.f - trans;
+  last[pix] = lst;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// Back to front over one (image, tile). Per Gaussian of a batch, each pixel's gradient row
+// (m2x, m2y, conA, conB, conC, opacity, |m2x|, |m2y|, feats...) is warp-reduced; lane 0 either
+// adds it atomically to the Gaussian's gradients, or (deterministic) stores the warp partial in
+// shared memory; the partials are then summed in warp order into the intersection's row.
+template <int DMAX>
+__global__ void __launch_bounds__(kThreads) rasterize_backward_kernel(
+    const float* __restrict__ means2d, const float* __restrict__ conics, const float* __restrict__ opac,
+    const float* __restrict__ feats, const int64_t* __restrict__ tile_offsets, const int32_t* __restrict__ flat_ids,
+    const int32_t* __restrict__ isect_src, const float* __restrict__ alpha, const int32_t* __restrict__ last,
+    const float* __restrict__ g_image, const float* __restrict__ g_alpha, int64_t N, int D, int width, int height,
+    bool deterministic, float* isect_grads, float* g_means2d, float* g_conics, float* g_opac, float* g_feats,
+    float* absgrad) {
+  extern __shared__ float s_partial[];  // deterministic: [kBwdBatch][kWarps][8 + D]
+  __shared__ int32_t s_id[kBwdBatch];
+  __shared__ float2 s_m2[kBwdBatch];
+  __shared__ float3 s_con[kBwdBatch];
+  __shared__ float s_op[kBwdBatch];
+  __shared__ int s_max_last;
+
+  const int tiles_x = (width + kTile - 1) / kTile;
+  const int64_t i = blockIdx.y;
+  const int64_t it = i * gridDim.x + blockIdx.x;
+  const int x = (blockIdx.x % tiles_x) * kTile + threadIdx.x % kTile;
+  const int y = (blockIdx.x / tiles_x) * kTile + threadIdx.x / kTile;
+  const bool inside = x < width && y < height;
+  const float px = float(x) + 0.5f, py = float(y) + 0.5f;
+  const int64_t pix = (i * height + y) * width + x;
+  const int64_t s = tile_offsets[it];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int R = 8 + D;
+
+  float trans = 1.f, sg = 0.f, kk = 0.f, gi[DMAX];
+  int32_t lst = 0;
+  if (inside) {
+    trans = 1.f - alpha[pix];
+    kk = -g_alpha[pix] * trans;
+    lst = last[pix];
+  }
+#pragma unroll
+  for (int d = 0; d < DMAX; ++d) gi[d] = (inside && d < D) ? g_image[pix * D + d] : 0.f;
+  if (threadIdx.x == 0) s_max_last = 0;
+  __syncthreads();
+  atomicMax(&s_max_last, int(lst));
+  __syncthreads();
+  const int64_t end = s + s_max_last;
+
+  for (int64_t top = end; top > s; top -= kBwdBatch) {
+    const int count = int(min(int64_t(kBwdBatch), top - s));
+    __syncthreads();  // the previous batch's shared data is no longer read
+    if (threadIdx.x < count) {
+      const int64_t j = top - 1 - threadIdx.x;  // k-th entry of the batch = j, descending
+      const int64_t g = i * N + flat_ids[j];
+      s_id[threadIdx.x] = int32_t(g - i * N);
+      s_m2[threadIdx.x] = make_float2(means2d[g * 2], means2d[g * 2 + 1]);
+      s_con[threadIdx.x] = make_float3(conics[g * 3], conics[g * 3 + 1], conics[g * 3 + 2]);
+      s_op[threadIdx.x] = opac[g];
+    }
+    __syncthreads();
+    for (int k = 0; k < count; ++k) {
+      const int64_t j = top - 1 - k;
+      const float m2[2] = {s_m2[k].x, s_m2[k].y};
+      const float con[3] = {s_con[k].x, s_con[k].y, s_con[k].z};
+      const float* f = feats + (i * N + s_id[k]) * D;
+      float row[8] = {0, 0, 0, 0, 0, 0, 0, 0}, gf[DMAX];
+#pragma unroll
+      for (int d = 0; d < DMAX; ++d) gf[d] = 0.f;
+      bool hit = false;
+      if (inside && j - s < lst) {
+        float dx, dy, vis;
+        const float raw = gs::gaussian_raw_alpha(m2, con, s_op[k], px, py, dx, dy, vis);
+        if (raw >= kAlphaMin) {
+          hit = true;
+          const float a = fminf(raw, kAlphaMax);
+          const float tj = trans / (1.f - a);
+          float gcol = 0.f;
+#pragma unroll
+          for (int d = 0; d < DMAX; ++d)
+            if (d < D) {
+              gcol += gi[d] * f[d];
+              gf[d] = a * tj * gi[d];
+            }
+          const float g_a = tj * gcol - (sg + kk) / (1.f - a);
+          sg += a * tj * gcol;
+          trans = tj;
+          float gm[2] = {0.f, 0.f}, gc[3] = {0.f, 0.f, 0.f}, go = 0.f;
+          gs::gaussian_alpha_backward(con, s_op[k], dx, dy, vis, g_a, gm, gc, go);
+          row[0] = gm[0]; row[1] = gm[1]; row[2] = gc[0]; row[3] = gc[1]; row[4] = gc[2]; row[5] = go;
+          row[6] = fabsf(gm[0]); row[7] = fabsf(gm[1]);
+        }
+      }
+      if (deterministic) {
+        float* part = s_partial + (k * kWarps + warp) * R;
+#pragma unroll
+        for (int r = 0; r < 8; ++r) {
+          const float v = warp_sum(row[r]);
+          if (lane == 0) part[r] = v;
+        }
+#pragma unroll
+        for (int d = 0; d < DMAX; ++d)
+          if (d < D) {
+            const float v = warp_sum(gf[d]);
+            if (lane == 0) part[8 + d] = v;
+          }
+      } else if (__any_sync(0xffffffffu, hit)) {
+        const int64_t g = i * N + s_id[k];
+        float v[8];
+#pragma unroll
+        for (int r = 0; r < 8; ++r) v[r] = warp_sum(row[r]);
+        if (lane == 0) {
+          atomicAdd(g_means2d + g * 2, v[0]);
+          atomicAdd(g_means2d + g * 2 + 1, v[1]);
+          atomicAdd(g_conics + g * 3, v[2]);
+          atomicAdd(g_conics + g * 3 + 1, v[3]);
+          atomicAdd(g_conics + g * 3 + 2, v[4]);
+          atomicAdd(g_opac + g, v[5]);
+          atomicAdd(absgrad + g * 2, v[6]);
+          atomicAdd(absgrad + g * 2 + 1, v[7]);
+        }
+#pragma unroll
+        for (int d = 0; d < DMAX; ++d)
+          if (d < D) {
+            const float vd = warp_sum(gf[d]);
+            if (lane == 0) atomicAdd(g_feats + g * D + d, vd);
+          }
+      }
+    }
+    if (deterministic) {
+      __syncthreads();
+      // Row of intersection j = sum of the warps' partials in warp order.
+      for (int e = threadIdx.x; e < count * R; e += kThreads) {
+        const int k = e / R, r = e % R;
+        float v = 0.f;
+        for (int w = 0; w < kWarps; ++w) v += s_partial[(k * kWarps + w) * R + r];
+        isect_grads[int64_t(isect_src[top - 1 - k]) * R + r] = v;
+      }
+    }
+  }
+}
+
+// Deterministic mode: gradient of each Gaussian = its intersection rows summed in order.
+__global__ void reduce_isect_grads_kernel(const float* __restrict__ isect_grads,
+                                          const int64_t* __restrict__ gauss_offsets, int64_t n_gauss, int D,
+                                          float* g_means2d, float* g_conics, float* g_opac, float* g_feats,
+                                          float* absgrad) {
+  const int64_t g = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (g >= n_gauss) return;
+  const int R = 8 + D;
+  float row[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  for (int d = 0; d < D; ++d) g_feats[g * D + d] = 0.f;
+  for (int64_t k = gauss_offsets[g]; k < gauss_offsets[g + 1]; ++k) {
+    const float* src = isect_grads + k * R;
+    for (int r = 0; r < 8; ++r) row[r] += src[r];
+    for (int d = 0; d < D; ++d) g_feats[g * D + d] += src[8 + d];
+  }
+  g_means2d[g * 2] = row[0];
+  g_means2d[g * 2 + 1] = row[1];
+  for (int r = 0; r < 3; ++r) g_conics[g * 3 + r] = row[2 + r];
+  g_opac[g] = row[5];
+  absgrad[g * 2] = row[6];
+  absgrad[g * 2 + 1] = row[7];
+}
+
+int bits_for(int64_t n) {  // ceil(log2(n)), at least 1
+  int b = 1;
+  while ((int64_t(1) << b) < n) ++b;
+  return b;
+}
+
+}  // namespace
+
+const char* gs_project_forward_cuda(const float* means, const float* quats, const float* scales,
+                                    const float* opacities, const float* viewmats, const float* Ks, int64_t B,
+                                    int64_t C, int64_t N, int width, int height, float near_plane,
+                                    float far_plane, float eps2d, bool antialiased, float* means2d,
+                                    float* conics, float* depths, float* opac, int32_t* radii, void* stream) {
+  if (B * C * N == 0) return nullptr;
+  project_forward_kernel<<<blocks_for(B * C * N), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+      means, quats, scales, opacities, viewmats, Ks, B, C, N, width, height, near_plane, far_plane, eps2d,
+      antialiased, means2d, conics, depths, opac, radii);
+  return last_error();
+}
+
+const char* gs_project_backward_cuda(const float* means, const float* quats, const float* scales,
+                                     const float* opacities, const float* viewmats, const float* Ks, int64_t B,
+                                     int64_t C, int64_t N, int width, int height, float near_plane,
+                                     float far_plane, float eps2d, bool antialiased, const float* g_means2d,
+                                     const float* g_conics, const float* g_depths, const float* g_opac,
+                                     float* g_means, float* g_quats, float* g_scales, float* g_opacities,
+                                     void* stream) {
+  if (B * N == 0) return nullptr;
+  project_backward_kernel<<<blocks_for(B * N), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+      means, quats, scales, opacities, viewmats, Ks, B, C, N, width, height, near_plane, far_plane, eps2d,
+      antialiased, g_means2d, g_conics, g_depths, g_opac, g_means, g_quats, g_scales, g_opacities);
+  return last_error();
+}
+
+const char* gs_sh_forward_cuda(const float* sh, const float* means, const float* viewmats, int64_t B, int64_t C,
+                               int64_t N, int K, int degree, float* colors, void* stream) {
+  if (B * C * N == 0) return nullptr;
+  sh_forward_kernel<<<blocks_for(B * C * N), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+      sh, means, viewmats, B, C, N, K, degree, colors);
+  return last_error();
+}
+
+const char* gs_sh_backward_cuda(const float* sh, const float* means, const float* viewmats, int64_t B,
+                                int64_t C, int64_t N, int K, int degree, const float* g_colors, float* g_sh,
+                                float* g_means, void* stream) {
+  if (B * N == 0) return nullptr;
+  sh_backward_kernel<<<blocks_for(B * N), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+      sh, means, viewmats, B, C, N, K, degree, g_colors, g_sh, g_means);
+  return last_error();
+}
+
+const char* gs_tiles_per_gaussian_cuda(const float* means2d, const int32_t* radii, int64_t I, int64_t N,
+                                       int width, int height, int64_t* counts, void* stream) {
+  if (I * N == 0) return nullptr;
+  tiles_per_gaussian_kernel<<<blocks_for(I * N), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+      means2d, radii, I * N, width, height, counts);
+  return last_error();
+}
+
+int gs_sort_end_bit(int64_t I, int64_t tiles) { return 32 + bits_for(tiles) + bits_for(I); }
+
+const char* gs_emit_isects_cuda(const float* means2d, const float* depths, const int32_t* radii,
+                                const int64_t* gauss_offsets, int64_t I, int64_t N, int width, int height,
+                                uint64_t* keys, int32_t* vals, void* stream) {
+  if (I * N == 0) return nullptr;
+  const int64_t tiles = int64_t((width + kTile - 1) / kTile) * ((height + kTile - 1) / kTile);
+  if (gs_sort_end_bit(I, tiles) > 64) return "too many images x tiles for a 64-bit sort key";
+  emit_isects_kernel<<<blocks_for(I * N), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+      means2d, depths, radii, gauss_offsets, I, N, width, height, bits_for(tiles), keys, vals);
+  return last_error();
+}
+
+size_t gs_sort_temp_bytes_cuda(int64_t total, int end_bit) {
+  size_t bytes = 0;
+  cub::DeviceRadixSort::SortPairs(nullptr, bytes, static_cast<const uint64_t*>(nullptr),
+                                  static_cast<uint64_t*>(nullptr), static_cast<const int32_t*>(nullptr),
+                                  static_cast<int32_t*>(nullptr), static_cast<int>(total), 0, end_bit);
+  return bytes;
+}
+
+const char* gs_sort_isects_cuda(void* temp, size_t temp_bytes, uint64_t* keys_in, uint64_t* keys_out,
+                                int32_t* vals_in, int32_t* vals_out, int64_t total, int end_bit, void* stream) {
+  if (total == 0) return nullptr;
+  if (total > int64_t(0x7fffffff)) return "more than 2^31 - 1 Gaussian-tile intersections";
+  const cudaError_t err =
+      cub::DeviceRadixSort::SortPairs(temp, temp_bytes, keys_in, keys_out, vals_in, vals_out, static_cast<int>(total),
+                                      0, end_bit, static_cast<cudaStream_t>(stream));
+  if (err != cudaSuccess) return cudaGetErrorString(err);
+  return last_error();
+}
+
+const char* gs_tile_ranges_cuda(const uint64_t* keys, const int32_t* isect_src, const int64_t* gauss_offsets,
+                                int64_t total, int64_t I, int64_t N, int64_t tiles, int64_t* tile_offsets,
+                                int32_t* flat_ids, void* stream) {
+  auto st = static_cast<cudaStream_t>(stream);
+  if (total == 0) {
+    fill_kernel<<<blocks_for(I * tiles + 1), kThreads, 0, st>>>(tile_offsets, I * tiles + 1, 0);
+    return last_error();
+  }
+  tile_ranges_kernel<<<blocks_for(total), kThreads, 0, st>>>(keys, isect_src, gauss_offsets, total, I * N, N, tiles,
+                                                              I * tiles, bits_for(tiles), tile_offsets, flat_ids);
+  return last_error();
+}
+
+namespace {
+
+template <int DMAX>
+const char* launch_forward(const float* means2d, const float* conics, const float* opac, const float* feats,
+                           const int64_t* tile_offsets, const int32_t* flat_ids, int64_t I, int64_t N, int D,
+                           int width, int height, float* image, float* alpha, int32_t* last, cudaStream_t st) {
+  const dim3 grid(unsigned(((width + kTile - 1) / kTile) * ((height + kTile - 1) / kTile)), unsigned(I));
+  rasterize_forward_kernel<DMAX><<<grid, kThreads, 0, st>>>(means2d, conics, opac, feats, tile_offsets, flat_ids,
+                                                             N, D, width, height, image, alpha, last);
+  return last_error();
+}
+
+template <int DMAX>
+const char* launch_backward(const float* means2d, const float* conics, const float* opac, const float* feats,
+                            const int64_t* tile_offsets, const int32_t* flat_ids, const int32_t* isect_src,
+                            const float* alpha, const int32_t* last, const float* g_image, const float* g_alpha,
+                            int64_t I, int64_t N, int D, int width, int height, bool deterministic,
+                            float* isect_grads, float* g_means2d, float* g_conics, float* g_opac, float* g_feats,
+                            float* absgrad, cudaStream_t st) {
+  const dim3 grid(unsigned(((width + kTile - 1) / kTile) * ((height + kTile - 1) / kTile)), unsigned(I));
+  const size_t shmem = deterministic ? size_t(kBwdBatch) * kWarps * (8 + D) * sizeof(float) : 0;
+  if (shmem > 48 * 1024) {
+    const cudaError_t err = cudaFuncSetAttribute(rasterize_backward_kernel<DMAX>,
+                                                 cudaFuncAttributeMaxDynamicSharedMemorySize, int(shmem));
+    if (err != cudaSuccess) return cudaGetErrorString(err);
+  }
+  rasterize_backward_kernel<DMAX><<<grid, kThreads, shmem, st>>>(
+      means2d, conics, opac, feats, tile_offsets, flat_ids, isect_src, alpha, last, g_image, g_alpha, N, D, width,
+      height, deterministic, isect_grads, g_means2d, g_conics, g_opac, g_feats, absgrad);
+  return last_error();
+}
+
+}  // namespace
+
+const char* gs_rasterize_forward_cuda(const float* means2d, const float* conics, const float* opac,
+                                      const float* feats, const int64_t* tile_offsets, const int32_t* flat_ids,
+                                      int64_t I, int64_t N, int D, int width, int height, float* image,
+                                      float* alpha, int32_t* last, void* stream) {
+  if (I == 0) return nullptr;
+  if (I > 65535) return "more than 65535 images in one call (grid y limit)";
+  auto st = static_cast<cudaStream_t>(stream);
+  if (D <= 4) return launch_forward<4>(means2d, conics, opac, feats, tile_offsets, flat_ids, I, N, D, width, height,
+                                       image, alpha, last, st);
+  if (D <= 16) return launch_forward<16>(means2d, conics, opac, feats, tile_offsets, flat_ids, I, N, D, width,
+                                         height, image, alpha, last, st);
+  if (D <= kGsMaxCudaChannels)
+    return launch_forward<kGsMaxCudaChannels>(means2d, conics, opac, feats, tile_offsets, flat_ids, I, N, D, width,
+                                              height, image, alpha, last, st);
+  return "the CUDA rasterizer takes at most 64 channels";
+}
+
+const char* gs_rasterize_backward_cuda(const float* means2d, const float* conics, const float* opac,
+                                       const float* feats, const int64_t* tile_offsets, const int32_t* flat_ids,
+                                       const int32_t* isect_src, const int64_t* gauss_offsets, const float* alpha,
+                                       const int32_t* last, const float* g_image, const float* g_alpha, int64_t I,
+                                       int64_t N, int D, int width, int height, bool deterministic,
+                                       float* isect_grads, float* g_means2d, float* g_conics, float* g_opac,
+                                       float* g_feats, float* absgrad, void* stream) {
+  auto st = static_cast<cudaStream_t>(stream);
+  const int64_t G = I * N;
+  if (G == 0) return nullptr;
+  if (I > 65535) return "more than 65535 images in one call (grid y limit)";
+  if (!deterministic) {  // atomics accumulate into zeroed buffers
+    cudaMemsetAsync(g_means2d, 0, G * 2 * sizeof(float), st);
+    cudaMemsetAsync(g_conics, 0, G * 3 * sizeof(float), st);
+    cudaMemsetAsync(g_opac, 0, G * sizeof(float), st);
+    cudaMemsetAsync(g_feats, 0, G * D * sizeof(float), st);
+    cudaMemsetAsync(absgrad, 0, G * 2 * sizeof(float), st);
+  }
+  const char* err = nullptr;
+  if (D <= 4)
+    err = launch_backward<4>(means2d, conics, opac, feats, tile_offsets, flat_ids, isect_src, alpha, last, g_image,
+                             g_alpha, I, N, D, width, height, deterministic, isect_grads, g_means2d, g_conics,
+                             g_opac, g_feats, absgrad, st);
+  else if (D <= 16)
+    err = launch_backward<16>(means2d, conics, opac, feats, tile_offsets, flat_ids, isect_src, alpha, last, g_image,
+                              g_alpha, I, N, D, width, height, deterministic, isect_grads, g_means2d, g_conics,
+                              g_opac, g_feats, absgrad, st);
+  else if (D <= kGsMaxCudaChannels)
+    err = launch_backward<kGsMaxCudaChannels>(means2d, conics, opac, feats, tile_offsets, flat_ids, isect_src, alpha,
+                                              last, g_image, g_alpha, I, N, D, width, height, deterministic,
+                                              isect_grads, g_means2d, g_conics, g_opac, g_feats, absgrad, st);
+  else
+    return "the CUDA rasterizer takes at most 64 channels";
+  if (err != nullptr || !deterministic) return err;
+  reduce_isect_grads_kernel<<<blocks_for(G), kThreads, 0, st>>>(isect_grads, gauss_offsets, G, D, g_means2d,
+                                                                 g_conics, g_opac, g_feats, absgrad);
+  return last_error();
+}
+
+}  // namespace fast3d

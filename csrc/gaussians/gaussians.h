@@ -1,0 +1,136 @@
+// Launchers of the Gaussian rasterization kernels. No torch types: raw pointers to contiguous
+// buffers and sizes. B scenes, C cameras each, I = B*C images, N Gaussians per scene, D feature
+// channels, K SH coefficients per Gaussian; T tiles per image (kTile x kTile pixels each).
+#pragma once
+
+#include <cstdint>
+
+namespace fast3d {
+
+// --- CPU (float, double) ------------------------------------------------------------------------
+
+// means [B,N,3], quats [B,N,4], scales [B,N,3], opacities [B,N], viewmats [B,C,4,4], Ks [B,C,3,3]
+// -> means2d [B,C,N,2], conics [B,C,N,3], depths [B,C,N], opac [B,C,N], radii [B,C,N,2] (0: culled)
+template <typename T>
+void gs_project_forward_cpu(const T* means, const T* quats, const T* scales, const T* opacities,
+                            const T* viewmats, const T* Ks, int64_t B, int64_t C, int64_t N, int width,
+                            int height, T near_plane, T far_plane, T eps2d, bool antialiased, T* means2d,
+                            T* conics, T* depths, T* opac, int32_t* radii);
+
+// g_means2d [B,C,N,2], g_conics [B,C,N,3], g_depths [B,C,N], g_opac [B,C,N]
+// -> g_means [B,N,3], g_quats [B,N,4], g_scales [B,N,3], g_opacities [B,N] (overwritten)
+template <typename T>
+void gs_project_backward_cpu(const T* means, const T* quats, const T* scales, const T* opacities,
+                             const T* viewmats, const T* Ks, int64_t B, int64_t C, int64_t N, int width,
+                             int height, T near_plane, T far_plane, T eps2d, bool antialiased,
+                             const T* g_means2d, const T* g_conics, const T* g_depths, const T* g_opac,
+                             T* g_means, T* g_quats, T* g_scales, T* g_opacities);
+
+// sh [B,N,K,3], means [B,N,3], viewmats [B,C,4,4] -> colors [B,C,N,3]
+template <typename T>
+void gs_sh_forward_cpu(const T* sh, const T* means, const T* viewmats, int64_t B, int64_t C, int64_t N,
+                       int K, int degree, T* colors);
+
+// g_colors [B,C,N,3] -> g_sh [B,N,K,3], g_means [B,N,3] (overwritten)
+template <typename T>
+void gs_sh_backward_cpu(const T* sh, const T* means, const T* viewmats, int64_t B, int64_t C, int64_t N,
+                        int K, int degree, const T* g_colors, T* g_sh, T* g_means);
+
+// Binning, pass 1: per image the Gaussians with a non-empty pixel rect in depth order (order
+// [I,N], the first n_valid[i] entries used) and per-tile counts tile_counts [I,T].
+template <typename T>
+void gs_bin_count_cpu(const T* means2d, const T* depths, const int32_t* radii, int64_t I, int64_t N,
+                      int width, int height, int32_t* order, int64_t* n_valid, int64_t* tile_counts);
+
+// Binning, pass 2: tile_offsets [I*T+1] (exclusive prefix sum of tile_counts) -> ids [total]:
+// each tile's Gaussians (index within the image) in depth order.
+template <typename T>
+void gs_bin_fill_cpu(const T* means2d, const int32_t* radii, const int32_t* order, const int64_t* n_valid,
+                     const int64_t* tile_offsets, int64_t I, int64_t N, int width, int height, int32_t* ids);
+
+// means2d [I,N,2], conics [I,N,3], opac [I,N], feats [I,N,D], radii [I,N,2] -> image [I,H,W,D],
+// alpha [I,H,W], last [I,H,W] (entries of the pixel's tile list processed, up to the last used)
+template <typename T>
+void gs_rasterize_forward_cpu(const T* means2d, const T* conics, const T* opac, const T* feats,
+                              const int32_t* radii, const int64_t* tile_offsets, const int32_t* ids, int64_t I,
+                              int64_t N, int D, int width, int height, T* image, T* alpha, int32_t* last);
+
+// alpha, last from the forward; g_image [I,H,W,D], g_alpha [I,H,W] -> g_means2d [I,N,2],
+// g_conics [I,N,3], g_opac [I,N], g_feats [I,N,D], absgrad [I,N,2] (all overwritten)
+template <typename T>
+void gs_rasterize_backward_cpu(const T* means2d, const T* conics, const T* opac, const T* feats,
+                               const int32_t* radii, const int64_t* tile_offsets, const int32_t* ids,
+                               const T* alpha, const int32_t* last, const T* g_image, const T* g_alpha, int64_t I,
+                               int64_t N, int D, int width, int height, T* g_means2d, T* g_conics, T* g_opac,
+                               T* g_feats, T* absgrad);
+
+// --- CUDA (float32) ---------------------------------------------------------------------------------
+// Same arguments as the CPU versions plus the stream; each returns nullptr on success or the CUDA
+// error string. The forward pipeline: tiles per Gaussian -> (host: prefix sum, total) -> emit one
+// (key, value) per intersection, key = image | tile | depth bits -> radix sort over the needed bits
+// -> tile ranges -> blend.
+
+const char* gs_project_forward_cuda(const float* means, const float* quats, const float* scales,
+                                    const float* opacities, const float* viewmats, const float* Ks, int64_t B,
+                                    int64_t C, int64_t N, int width, int height, float near_plane,
+                                    float far_plane, float eps2d, bool antialiased, float* means2d,
+                                    float* conics, float* depths, float* opac, int32_t* radii, void* stream);
+
+const char* gs_project_backward_cuda(const float* means, const float* quats, const float* scales,
+                                     const float* opacities, const float* viewmats, const float* Ks, int64_t B,
+                                     int64_t C, int64_t N, int width, int height, float near_plane,
+                                     float far_plane, float eps2d, bool antialiased, const float* g_means2d,
+                                     const float* g_conics, const float* g_depths, const float* g_opac,
+                                     float* g_means, float* g_quats, float* g_scales, float* g_opacities,
+                                     void* stream);
+
+const char* gs_sh_forward_cuda(const float* sh, const float* means, const float* viewmats, int64_t B, int64_t C,
+                               int64_t N, int K, int degree, float* colors, void* stream);
+
+const char* gs_sh_backward_cuda(const float* sh, const float* means, const float* viewmats, int64_t B,
+                                int64_t C, int64_t N, int K, int degree, const float* g_colors, float* g_sh,
+                                float* g_means, void* stream);
+
+// counts [I*N]: tiles each Gaussian touches.
+const char* gs_tiles_per_gaussian_cuda(const float* means2d, const int32_t* radii, int64_t I, int64_t N,
+                                       int width, int height, int64_t* counts, void* stream);
+
+// gauss_offsets [I*N+1] (exclusive prefix sum of counts) -> keys, vals [total]: vals = the
+// intersection's own (pre-sort) index.
+const char* gs_emit_isects_cuda(const float* means2d, const float* depths, const int32_t* radii,
+                                const int64_t* gauss_offsets, int64_t I, int64_t N, int width, int height,
+                                uint64_t* keys, int32_t* vals, void* stream);
+
+// Bits the sort key needs: 32 (depth) + ceil(log2 T) + ceil(log2 I).
+int gs_sort_end_bit(int64_t I, int64_t tiles);
+
+size_t gs_sort_temp_bytes_cuda(int64_t total, int end_bit);
+
+const char* gs_sort_isects_cuda(void* temp, size_t temp_bytes, uint64_t* keys_in, uint64_t* keys_out,
+                                int32_t* vals_in, int32_t* vals_out, int64_t total, int end_bit, void* stream);
+
+// sorted keys / pre-sort indices [total] -> tile_offsets [I*tiles+1], flat_ids [total] (Gaussian
+// index within its image).
+const char* gs_tile_ranges_cuda(const uint64_t* keys, const int32_t* isect_src, const int64_t* gauss_offsets,
+                                int64_t total, int64_t I, int64_t N, int64_t tiles, int64_t* tile_offsets,
+                                int32_t* flat_ids, void* stream);
+
+// D <= 64 channels.
+const char* gs_rasterize_forward_cuda(const float* means2d, const float* conics, const float* opac,
+                                      const float* feats, const int64_t* tile_offsets, const int32_t* flat_ids,
+                                      int64_t I, int64_t N, int D, int width, int height, float* image,
+                                      float* alpha, int32_t* last, void* stream);
+
+// deterministic: isect_grads [total, 8+D] scratch, one row per intersection, summed per Gaussian
+// in intersection order; otherwise warp-reduced atomics.
+const char* gs_rasterize_backward_cuda(const float* means2d, const float* conics, const float* opac,
+                                       const float* feats, const int64_t* tile_offsets, const int32_t* flat_ids,
+                                       const int32_t* isect_src, const int64_t* gauss_offsets, const float* alpha,
+                                       const int32_t* last, const float* g_image, const float* g_alpha, int64_t I,
+                                       int64_t N, int D, int width, int height, bool deterministic,
+                                       float* isect_grads, float* g_means2d, float* g_conics, float* g_opac,
+                                       float* g_feats, float* absgrad, void* stream);
+
+constexpr int kGsMaxCudaChannels = 64;
+
+}  // namespace fast3d

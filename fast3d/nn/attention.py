@@ -1,0 +1,105 @@
+"""A diffusers attention processor that runs self-attention across views with fast3d's fused
+multi-view attention.
+
+Multi-view diffusion UNets and transformers (MVDream, Era3D, multi-view PixArt) keep the views of
+a sample along the batch, ``(B V) L C``, and make the self-attention layers see all views by
+rearranging to ``B (V L) C`` (or, row-wise, ``(B h) (V w) C``) around a standard attention call.
+``MultiViewAttnProcessor`` does that attention directly on the ``(B V)`` layout: the projections
+are viewed as [B*V, L, H, D] (no copies) and handed to :func:`multiview_attention`.
+
+    unet.set_attn_processor(MultiViewAttnProcessor(num_views=4))               # MVDream
+    unet.set_attn_processor(MultiViewAttnProcessor(num_views=6, layout="rows"))  # Era3D
+
+Cross-attention calls (``encoder_hidden_states`` given) stay per view, exactly diffusers'
+``AttnProcessor2_0``, as in those models.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from torch import Tensor
+
+from fast3d.ops.attention import multiview_attention
+
+
+class MultiViewAttnProcessor:
+    """Self-attention across ``num_views`` consecutive batch entries.
+
+    ``layout="views"``: every token attends to all tokens of all views of its sample.
+    ``layout="rows"``: the tokens of a view form an (h, w) grid and a token attends to its row in
+    every view; ``image_size=(h, w)`` fixes the grid, else it comes from a 4-D input
+    [B*V, C, h, w] or, for 3-D inputs, a square grid h = w = sqrt(L) (a UNet's levels differ in
+    size, so one fixed size rarely fits them all). ``view_mask`` (bool [V, V]) restricts which
+    views see which. ``backend`` is passed to :func:`multiview_attention`.
+    """
+
+    def __init__(self, num_views: int, layout: str = "views", image_size: tuple[int, int] | None = None,
+                 view_mask: Tensor | None = None, backend: str = "auto"):
+        if layout not in ("views", "rows"):
+            raise ValueError(f"layout must be 'views' or 'rows'; got {layout!r}")
+        if layout == "views" and image_size is not None:
+            raise ValueError(f"image_size is only used with layout='rows'; got {image_size!r}")
+        self.num_views, self.layout, self.image_size = num_views, layout, image_size
+        self.view_mask, self.backend = view_mask, backend
+        self._cross = AttnProcessor2_0()
+
+    def _grid(self, L: int, hw: tuple[int, int] | None) -> tuple[int, int] | None:
+        if self.layout == "views":
+            return None
+        if self.image_size is not None:
+            return tuple(self.image_size)
+        if hw is not None:
+            return hw
+        side = math.isqrt(L)
+        if side * side != L:
+            raise ValueError(f"MultiViewAttnProcessor(layout='rows') needs image_size=(h, w): a 3-D input of "
+                             f"L = {L} tokens is not a square grid")
+        return side, side
+
+    def __call__(self, attn: Attention,
+                 hidden_states: Tensor,                        # [B*V, L, C] or [B*V, C, h, w]
+                 encoder_hidden_states: Tensor | None = None,  # [B*V, T, C_cross]
+                 attention_mask: Tensor | None = None,
+                 temb: Tensor | None = None,
+                 *args, **kwargs) -> Tensor:
+        if encoder_hidden_states is not None:  # cross-attention: per view, as in the models
+            return self._cross(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+        if attention_mask is not None:
+            raise ValueError("MultiViewAttnProcessor: attention_mask is not supported in multi-view self-attention "
+                             "(restrict views with view_mask)")
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        hw = None
+        if hidden_states.ndim == 4:
+            BV, C, h, w = hidden_states.shape
+            hw = (h, w)
+            hidden_states = hidden_states.view(BV, C, h * w).transpose(1, 2)
+        BV, L, _ = hidden_states.shape
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)                  # [B*V, L, H*D]
+        key = attn.to_k(hidden_states)
+        value = attn.to_v(hidden_states)
+        H = attn.heads
+        D = key.shape[-1] // H
+        query, key, value = (x.view(BV, L, H, D) for x in (query, key, value))   # BMHK views, no copies
+        if attn.norm_q is not None:   # per-head norms act on the last (head) dim
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        out = multiview_attention(query, key, value, self.num_views, self.layout, self._grid(L, hw),
+                                  self.view_mask, scale=attn.scale, backend=self.backend)   # [B*V, L, H, D]
+        hidden_states = out.reshape(BV, L, H * D).to(query.dtype)
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if hw is not None:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(BV, -1, *hw)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor

@@ -1,0 +1,118 @@
+"""fast3d.multiview_attention: attention across the views of multi-view diffusion models, fwd+bwd."""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+from torch import Tensor
+
+from fast3d import backends
+from fast3d.ops import _validate as v_
+from fast3d.ops._profiling import op_range
+
+OP = "multiview_attention"
+LAYOUTS = ("views", "rows")
+
+
+def _positive_int(name: str, x) -> int:
+    if isinstance(x, bool) or not isinstance(x, numbers.Integral) or int(x) < 1:
+        raise ValueError(f"{name} must be a positive integer; got {x!r}")
+    return int(x)
+
+
+def _check_view_mask(view_mask, V: int) -> None:
+    if not isinstance(view_mask, Tensor):
+        raise TypeError(f"view_mask must be a bool torch.Tensor of shape [V, V] or None; got {type(view_mask).__name__}")
+    if view_mask.dtype != torch.bool:
+        raise ValueError(f"view_mask must be a bool tensor; got {str(view_mask.dtype).replace('torch.', '')}")
+    v_.same_shape("view_mask", view_mask, (V, V), "[V, V] with V = num_views")
+    if torch.compiler.is_compiling():  # a data-dependent check would break the graph
+        return
+    empty = (~view_mask.any(1)).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"view_mask row {empty[0]} has no True: query view {empty[0]} would attend to no view "
+                         f"(rows without True: {empty})")
+
+
+def multiview_attention(q: Tensor,                   # [B*V, Lq, H, D]
+                        k: Tensor,                   # [B*V, Lk, H, D]
+                        v: Tensor,                   # [B*V, Lk, H, D]
+                        num_views: int,
+                        layout: str = "views",
+                        image_size: tuple[int, int] | None = None,
+                        view_mask: Tensor | None = None,   # [V, V] bool
+                        scale: float | None = None,
+                        backend: str = "auto") -> Tensor:
+    """Attention across the V views of each sample, in the xformers/diffusers BMHK layout.
+
+    q [B*V, Lq, H, D], k and v [B*V, Lk, H, D], views of one sample consecutive along the batch
+    (the ``(B V)`` of multi-view diffusion models). Returns out [B*V, Lq, H, D].
+
+    * ``layout="views"``: each query attends to the keys of all V views of its sample (MVDream,
+      multi-view PixArt): attention over the concatenation ``B (V L)``.
+    * ``layout="rows"``: the tokens of a view are an ``image_size = (h, w)`` grid (Lq = Lk = h*w);
+      a query in row r attends to the keys of row r in all V views (Era3D's row-wise attention).
+    * ``view_mask`` (bool [V, V]): view i attends to view j only where True; every row needs a
+      True. Masked view pairs are skipped by the kernel, not computed and discarded.
+    * ``scale``: logit scale, default 1/sqrt(D).
+
+    Equals ``F.scaled_dot_product_attention`` on the rearranged tensors with the mask as -inf
+    (``reference.py``); the ``triton`` backend reads the layouts through strides, without copies.
+    """
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        v_.tensor(name, x, dims=4)
+    V = _positive_int("num_views", num_views)
+    BV, Lq, H, D = q.shape
+    if BV % V:
+        raise ValueError(f"num_views={V} must divide the batch of q ([B*V, Lq, H, D] with B*V = {BV})")
+    Lk = k.shape[1]
+    for name, x in (("k", k), ("v", v)):
+        if x.shape[0] != BV:
+            raise ValueError(f"{name} must have the batch B*V = {BV} of q; got shape {tuple(x.shape)}")
+        if x.shape[2] != H:
+            raise ValueError(f"{name} must have the H = {H} heads of q; got shape {tuple(x.shape)}")
+        if x.shape[3] != D:
+            raise ValueError(f"{name} must have the head dim D = {D} of q; got shape {tuple(x.shape)}")
+        if x.device != q.device:
+            raise ValueError(f"{name} is on {x.device} but q is on {q.device}; all inputs must share a device")
+        if x.dtype != q.dtype:
+            raise ValueError(f"{name} has dtype {str(x.dtype).replace('torch.', '')} but q has "
+                             f"{str(q.dtype).replace('torch.', '')}; q, k and v must share a dtype")
+    if v.shape[1] != Lk:
+        raise ValueError(f"v must have the Lk = {Lk} tokens of k; got shape {tuple(v.shape)}")
+    if D < 1:
+        raise ValueError(f"q must have a head dim D >= 1; got shape {tuple(q.shape)}")
+    if Lk < 1 and BV * Lq * H:
+        raise ValueError(f"k must have at least one token (Lk >= 1) for the queries to attend to; got shape {tuple(k.shape)}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}; got {layout!r}")
+    if layout == "views":
+        if image_size is not None:
+            raise ValueError(f"image_size is only used with layout='rows'; got image_size={image_size!r} "
+                             f"with layout='views'")
+    else:
+        if (not isinstance(image_size, (tuple, list)) or len(image_size) != 2
+                or not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) and s >= 1 for s in image_size)):
+            raise ValueError(f"image_size must be (h, w), two positive integers, with layout='rows'; got {image_size!r}")
+        image_size = (int(image_size[0]), int(image_size[1]))
+        h, w = image_size
+        if h * w != Lq:
+            raise ValueError(f"image_size (h, w) = {image_size} must have h*w = Lq = {Lq} tokens of q; got h*w = {h * w}")
+        if Lk != Lq:
+            raise ValueError(f"k must have Lk = Lq = {Lq} tokens (the same (h, w) grid as q) with layout='rows'; "
+                             f"got shape {tuple(k.shape)}")
+    if view_mask is not None:
+        _check_view_mask(view_mask, V)
+    if scale is not None:
+        if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"scale must be a positive finite real number or None; got {scale!r}")
+        scale = float(scale)
+
+    query = backends.Query(device=q.device, dtype=q.dtype,
+                           requires_grad=torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)),
+                           extra=dict(head_dim=D))
+    impl = backends.select(OP, backend, query)
+    with op_range(f"{OP}[{impl.name}]", q.device):
+        return impl.fn(q, k, v, V, layout, image_size, view_mask, scale)

@@ -1,0 +1,232 @@
+"""The `triton` backend of composite: a block of rays per program, samples in tiles.
+
+Transmittance by a running sum of optical depth, T_i = exp(-sum_{j<i} tau_j) (tl.cumsum inside a
+tile plus a carry across tiles): the same quantity as composite_math.h's product of (1 - alpha_j),
+reached by a scan instead of a sequential loop. Rays whose transmittance is already below
+transmittance_eps at a tile's start skip that tile's loads (early termination).
+
+Backward (derivation in csrc/composite/composite_math.h): dL/dtau_k = g_k T_{k+1} - sum_{i>k} g_i w_i
+with g_i = <dcolor, rgb_i> + (dopacity - <dcolor, bg>) + ddepth mid_i + dweights_i. The total
+G = sum_i g_i w_i is read off the saved forward outputs instead of a first pass over the ray:
+G = <dcolor, color> - <dcolor, bg> + dopacity opacity + ddepth depth + <dweights, weights>,
+so the backward is one pass (suffix = G - inclusive prefix).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+BLOCK_R = 16
+BLOCK_S = 32
+
+
+@triton.jit
+def rne(x, dtype: tl.constexpr):
+    """float32 x as `dtype`, rounded to nearest even. For bfloat16 the rounding is done on the bits
+    (add half an ulp of the 16 dropped bits, ties to even, truncate) so that the conversion left
+    is exact: Triton's interpreter truncates float32 -> bfloat16, a GPU rounds; both agree now."""
+    if dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        x = ((bits >> 16) << 16).to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
+def _tile(sigma_ptr, t0_ptr, t1_ptr, rows, mask_r, s0, S, carry, eps, BLOCK_S: tl.constexpr):
+    """One tile of samples: (cols, live mask, dt, mid, tau, T_i, T_{i+1}, w) for [BLOCK_R, BLOCK_S]."""
+    cols = s0 + tl.arange(0, BLOCK_S)
+    # Rays already below the cut-off load nothing more.
+    live_r = mask_r & (tl.exp(-carry) >= eps)
+    m = live_r[:, None] & (cols < S)[None, :]
+    off = rows[:, None].to(tl.int64) * S + cols[None, :]
+    sig = tl.load(sigma_ptr + off, mask=m, other=0.0).to(tl.float32)
+    a = tl.load(t0_ptr + off, mask=m, other=0.0).to(tl.float32)
+    b = tl.load(t1_ptr + off, mask=m, other=0.0).to(tl.float32)
+    dt = b - a
+    tau = sig * dt
+    incl = tl.cumsum(tau, axis=1) + carry[:, None]   # optical depth through sample i
+    T = tl.exp(-(incl - tau))                        # T_i
+    T_next = tl.exp(-incl)                           # T_{i+1}
+    live = m & (T >= eps)
+    alpha = 1.0 - tl.exp(-tau)
+    w = tl.where(live, alpha * T, 0.0)
+    return cols, m, live, off, dt, 0.5 * (a + b), tau, T_next, w
+
+
+@triton.jit
+def _composite_fwd(sigma_ptr, rgb_ptr, t0_ptr, t1_ptr,   # [R, S], [R, S, D], [R, S], [R, S]
+                   bg_ptr, bg_stride,                     # [R, D] (stride D) or [D] (stride 0)
+                   color_ptr, opacity_ptr, depth_ptr, weights_ptr,  # [R, D], [R], [R], [R, S]
+                   R, S, D, eps,
+                   HAS_BG: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask_r = rows < R
+    ds = tl.arange(0, BLOCK_D)
+    mask_d = ds < D
+    carry = tl.zeros([BLOCK_R], dtype=tl.float32)
+    acc_c = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+    acc_o = tl.zeros([BLOCK_R], dtype=tl.float32)
+    acc_z = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for s0 in range(0, S, BLOCK_S):
+        cols, m, live, off, dt, mid, tau, T_next, w = _tile(sigma_ptr, t0_ptr, t1_ptr, rows, mask_r, s0, S,
+                                                            carry, eps, BLOCK_S)
+        tl.store(weights_ptr + off, rne(w, weights_ptr.dtype.element_ty), mask=mask_r[:, None] & (cols < S)[None, :])
+        acc_o += tl.sum(w, axis=1)
+        acc_z += tl.sum(w * mid, axis=1)
+        m3 = live[:, :, None] & mask_d[None, None, :]
+        rgb = tl.load(rgb_ptr + off[:, :, None] * D + ds[None, None, :], mask=m3, other=0.0).to(tl.float32)
+        acc_c += tl.sum(w[:, :, None] * rgb, axis=1)
+        carry += tl.sum(tau, axis=1)
+    md = mask_r[:, None] & mask_d[None, :]
+    if HAS_BG:
+        bg = tl.load(bg_ptr + rows[:, None].to(tl.int64) * bg_stride + ds[None, :], mask=md, other=0.0).to(tl.float32)
+        acc_c += (1.0 - acc_o)[:, None] * bg
+    tl.store(color_ptr + rows[:, None].to(tl.int64) * D + ds[None, :], acc_c.to(color_ptr.dtype.element_ty), mask=md)
+    tl.store(opacity_ptr + rows, acc_o.to(opacity_ptr.dtype.element_ty), mask=mask_r)
+    tl.store(depth_ptr + rows, acc_z.to(depth_ptr.dtype.element_ty), mask=mask_r)
+
+
+@triton.jit
+def _composite_bwd(sigma_ptr, rgb_ptr, t0_ptr, t1_ptr,   # [R, S], [R, S, D], [R, S], [R, S]
+                   g_color_ptr, g_open_ptr, g_depth_ptr,  # [R, D], [R], [R] (float32)
+                   g_weights_ptr, total_ptr,              # [R, S] (if HAS_GW), [R] G of each ray (float32)
+                   g_sigma_ptr, g_rgb_ptr,                # [R, S], [R, S, D]
+                   R, S, D, eps,
+                   HAS_GW: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask_r = rows < R
+    ds = tl.arange(0, BLOCK_D)
+    mask_d = ds < D
+    md = mask_r[:, None] & mask_d[None, :]
+    gc = tl.load(g_color_ptr + rows[:, None].to(tl.int64) * D + ds[None, :], mask=md, other=0.0)
+    g_open = tl.load(g_open_ptr + rows, mask=mask_r, other=0.0)
+    g_depth = tl.load(g_depth_ptr + rows, mask=mask_r, other=0.0)
+    total = tl.load(total_ptr + rows, mask=mask_r, other=0.0)
+    carry = tl.zeros([BLOCK_R], dtype=tl.float32)
+    prefix = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for s0 in range(0, S, BLOCK_S):
+        cols, m, live, off, dt, mid, tau, T_next, w = _tile(sigma_ptr, t0_ptr, t1_ptr, rows, mask_r, s0, S,
+                                                            carry, eps, BLOCK_S)
+        m3 = live[:, :, None] & mask_d[None, None, :]
+        rgb = tl.load(rgb_ptr + off[:, :, None] * D + ds[None, None, :], mask=m3, other=0.0).to(tl.float32)
+        g = tl.sum(gc[:, None, :] * rgb, axis=2) + g_open[:, None] + g_depth[:, None] * mid
+        if HAS_GW:
+            g += tl.load(g_weights_ptr + off, mask=live, other=0.0).to(tl.float32)
+        gw = g * w
+        incl = tl.cumsum(gw, axis=1) + prefix[:, None]   # sum_{i<=k} g_i w_i
+        g_sig = tl.where(live, (g * T_next - (total[:, None] - incl)) * dt, 0.0)
+        store_m = mask_r[:, None] & (cols < S)[None, :]
+        tl.store(g_sigma_ptr + off, rne(g_sig, g_sigma_ptr.dtype.element_ty), mask=store_m)
+        g_rgb = gc[:, None, :] * w[:, :, None]
+        tl.store(g_rgb_ptr + off[:, :, None] * D + ds[None, None, :], rne(g_rgb, g_rgb_ptr.dtype.element_ty),
+                 mask=store_m[:, :, None] & mask_d[None, None, :])
+        prefix += tl.sum(gw, axis=1)
+        carry += tl.sum(tau, axis=1)
+
+
+def _block_d(D: int) -> int:
+    return max(triton.next_power_of_2(D), 1)
+
+
+@torch.library.custom_op("fast3d::composite_triton_fwd", mutates_args=())
+def composite_fwd(sigmas: Tensor, rgbs: Tensor, t_starts: Tensor, t_ends: Tensor, background: Optional[Tensor],
+                  eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    # contiguous inputs -> color [R, D], opacity [R], depth [R] (float32: the backward reads them,
+    # and half-precision rounding of the opacity would bias the background gradient), weights [R, S]
+    R, S, D = rgbs.shape
+    f32 = torch.float32
+    color, opacity, depth = (sigmas.new_empty(R, D, dtype=f32), sigmas.new_empty(R, dtype=f32),
+                             sigmas.new_empty(R, dtype=f32))
+    weights = sigmas.new_empty(R, S)
+    if R == 0:
+        return color, opacity, depth, weights
+    bg_stride = 0 if background is None or background.dim() == 1 else D
+    _composite_fwd[(triton.cdiv(R, BLOCK_R),)](
+        sigmas, rgbs, t_starts, t_ends, background if background is not None else sigmas, bg_stride,
+        color, opacity, depth, weights, R, S, D, eps,
+        HAS_BG=background is not None, BLOCK_R=BLOCK_R, BLOCK_S=BLOCK_S, BLOCK_D=_block_d(D))
+    return color, opacity, depth, weights
+
+
+@composite_fwd.register_fake
+def _(sigmas, rgbs, t_starts, t_ends, background, eps):
+    R, S, D = rgbs.shape
+    f32 = torch.float32
+    return (sigmas.new_empty(R, D, dtype=f32), sigmas.new_empty(R, dtype=f32), sigmas.new_empty(R, dtype=f32),
+            sigmas.new_empty(R, S))
+
+
+@torch.library.custom_op("fast3d::composite_triton_bwd", mutates_args=())
+def composite_bwd(sigmas: Tensor, rgbs: Tensor, t_starts: Tensor, t_ends: Tensor, eps: float,
+                  g_color: Tensor, g_open: Tensor, g_depth: Tensor, g_weights: Optional[Tensor],
+                  total: Tensor) -> tuple[Tensor, Tensor]:
+    # g_color [R, D], g_open, g_depth, total [R] float32; g_weights [R, S] or None
+    # -> g_sigmas [R, S], g_rgbs [R, S, D]
+    R, S, D = rgbs.shape
+    g_sigmas, g_rgbs = torch.empty_like(sigmas), torch.empty_like(rgbs)
+    if R == 0:
+        return g_sigmas, g_rgbs
+    _composite_bwd[(triton.cdiv(R, BLOCK_R),)](
+        sigmas, rgbs, t_starts, t_ends, g_color, g_open, g_depth,
+        g_weights if g_weights is not None else sigmas, total, g_sigmas, g_rgbs, R, S, D, eps,
+        HAS_GW=g_weights is not None, BLOCK_R=BLOCK_R, BLOCK_S=BLOCK_S, BLOCK_D=_block_d(D))
+    return g_sigmas, g_rgbs
+
+
+@composite_bwd.register_fake
+def _(sigmas, rgbs, t_starts, t_ends, eps, g_color, g_open, g_depth, g_weights, total):
+    return torch.empty_like(sigmas), torch.empty_like(rgbs)
+
+
+def _setup_context(ctx, inputs, output):
+    sigmas, rgbs, t_starts, t_ends, background, eps = inputs
+    color, opacity, depth, weights = output
+    ctx.save_for_backward(sigmas, rgbs, t_starts, t_ends, background, color, opacity, depth, weights)
+    ctx.eps = eps
+    ctx.set_materialize_grads(False)  # unused outputs give None, not zero tensors to read
+
+
+def _backward(ctx, g_color, g_opacity, g_depth, g_weights):
+    sigmas, rgbs, t_starts, t_ends, background, color, opacity, depth, weights = ctx.saved_tensors
+    R, S, D = rgbs.shape
+    f32 = torch.float32
+    g_color = sigmas.new_zeros(R, D, dtype=f32) if g_color is None else g_color.to(f32).contiguous()
+    g_opacity = sigmas.new_zeros(R, dtype=f32) if g_opacity is None else g_opacity.to(f32)
+    g_depth = sigmas.new_zeros(R, dtype=f32) if g_depth is None else g_depth.to(f32).contiguous()
+    gc_bg = (g_color * background.to(f32)).sum(-1) if background is not None else 0.0   # <dcolor, bg> [R]
+    g_open = (g_opacity - gc_bg).contiguous()
+    # G = sum_i g_i w_i from the forward's outputs (module docstring).
+    total = (g_color * color).sum(-1) - gc_bg + g_opacity * opacity + g_depth * depth
+    if g_weights is not None:
+        g_weights = g_weights.contiguous()
+        total = total + (g_weights.to(f32) * weights.to(f32)).sum(-1)
+    g_sigmas, g_rgbs = composite_bwd(sigmas, rgbs, t_starts, t_ends, ctx.eps, g_color, g_open, g_depth.contiguous(),
+                                     g_weights, total.contiguous())
+    g_bg = None
+    if background is not None:
+        g_bg = g_color * (1.0 - opacity)[:, None]                            # [R, D] per ray
+        g_bg = (g_bg.sum(0) if background.dim() == 1 else g_bg).to(background.dtype)
+    return g_sigmas, g_rgbs, None, None, g_bg, None
+
+
+composite_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def composite(sigmas: Tensor,            # [R, S]
+              rgbs: Tensor,              # [R, S, D]
+              t_starts: Tensor,          # [R, S]
+              t_ends: Tensor,            # [R, S]
+              background: Optional[Tensor],  # [R, D] or [D]
+              transmittance_eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Same contract as reference.composite; computes in float32, returns the inputs' dtype."""
+    dtype = sigmas.dtype
+    color, opacity, depth, weights = composite_fwd(
+        sigmas.contiguous(), rgbs.contiguous(), t_starts.contiguous(), t_ends.contiguous(),
+        None if background is None else background.contiguous(), float(transmittance_eps))
+    return color.to(dtype), opacity[:, None].to(dtype), depth[:, None].to(dtype), weights

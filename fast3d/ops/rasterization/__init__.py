@@ -1,0 +1,29 @@
+"""3D Gaussian rasterization: api (public function), reference (dense PyTorch twin), native (C++
+CPU and CUDA kernels in csrc/gaussians), bench (workloads and byte/flop model)."""
+
+import torch
+
+from fast3d import backends
+from fast3d.ops.rasterization import bench, native, reference
+from fast3d.ops.rasterization.api import OP, rasterization
+
+_ALL_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+backends.register(OP, "torch", reference.rasterization, devices=("cpu", "cuda"), dtypes=_ALL_FLOATS, priority=0,
+                  features=("antialiased",), doc="PyTorch reference: dense, every Gaussian at every pixel, autograd")
+
+
+def _cuda_check(q: backends.Query) -> list:
+    D = q.extra.get("channels", 0)
+    return [f"{D} channels; the CUDA kernels take at most 64"] if D > 64 else []
+
+
+# cpu/cuda above torch: the dense reference is O(pixels x Gaussians).
+backends.register(OP, "cpu", native.rasterization, devices=("cpu",), dtypes=(torch.float32, torch.float64),
+                  priority=10, features=("antialiased",), available=backends.native_cpu_reason,
+                  doc="C++/OpenMP: exact-extent 16x16 tile binning, hand-written backward")
+backends.register(OP, "cuda", native.rasterization, devices=("cuda",), dtypes=(torch.float32,), priority=20,
+                  features=("antialiased",), available=backends.native_cuda_reason, check=_cuda_check,
+                  doc="CUDA: radix-sorted image|tile|depth keys, per-tile blending, warp-reduced backward")
+
+__all__ = ["rasterization", "reference", "native", "bench"]
