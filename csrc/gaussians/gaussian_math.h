@@ -13,9 +13,11 @@
 namespace fast3d {
 namespace gs {
 
-constexpr float kAlphaMin = 1.0f / 255.0f;  // contributions below this are skipped
-constexpr float kAlphaMax = 0.99f;          // alpha is clamped to this
-constexpr float kTransMin = 1e-4f;          // a pixel stops before T would fall below this
+// Thresholds as doubles, cast to the kernel's T at use (a float constant widened to double would
+// differ from the reference's 0.99 by 1e-8).
+constexpr double kAlphaMin = 1.0 / 255.0;  // contributions below this are skipped
+constexpr double kAlphaMax = 0.99;         // alpha is clamped to this
+constexpr double kTransMin = 1e-4;         // a pixel stops before T would fall below this
 constexpr int kTile = 16;                   // tile side in pixels (CPU and CUDA)
 
 template <typename T>

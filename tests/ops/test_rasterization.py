@@ -464,3 +464,18 @@ def test_cuda_larger_scene_matches_cpu(sh, gen):
     for k in gc:
         rel = (gg[k].cpu() - gc[k]).norm() / (gc[k].norm() + 1e-12)
         assert rel < 1e-2, (k, rel.item())
+
+
+def test_gaussian_renderer_module(gen):
+    """fast3d.nn.gaussians.GaussianRenderer is rasterization with options fixed at construction."""
+    from fast3d.nn.gaussians import GaussianRenderer
+
+    x = make_scene(gen, 2, 2, 23, 19, 15, sh_degree=2)
+    r = GaussianRenderer(19, 15, sh_degree=2, far_plane=100.0, render_mode="RGB+ED")
+    assert "render_mode='RGB+ED'" in repr(r) and not list(r.parameters())
+    out, alpha, meta = r(x["means"], x["quats"], x["scales"], x["opacities"], x["colors"], x["viewmats"], x["Ks"],
+                         x["backgrounds"])
+    ref, ref_alpha, _ = rasterization(x["means"], x["quats"], x["scales"], x["opacities"], x["colors"], x["viewmats"],
+                                      x["Ks"], 19, 15, sh_degree=2, far_plane=100.0, render_mode="RGB+ED",
+                                      backgrounds=x["backgrounds"])
+    assert out.shape == (2, 2, 15, 19, 4) and torch.equal(out, ref) and torch.equal(alpha, ref_alpha)

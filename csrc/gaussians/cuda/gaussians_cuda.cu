@@ -19,10 +19,8 @@
 namespace fast3d {
 namespace {
 
-using gs::kAlphaMax;
-using gs::kAlphaMin;
 using gs::kTile;
-using gs::kTransMin;
+constexpr float kAlphaMin = float(gs::kAlphaMin), kAlphaMax = float(gs::kAlphaMax), kTransMin = float(gs::kTransMin);
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kTile * kTile / 32;

@@ -3,7 +3,8 @@
 Baselines are what the models run today: rearrange q, k, v into ``B (V L)`` groups (contiguous
 copies), PyTorch SDPA with one backend forced (flash / efficient / cudnn / math; the view mask, if
 any, as a dense boolean mask), rearrange the output back. On the CPU the `triton` backend runs
-under TRITON_INTERPRET=1: its times there measure the interpreter, not the kernel.
+under TRITON_INTERPRET=1: its times there measure the interpreter, not the kernel, which is why the
+`--quick` shapes are tiny (a few dozen tile iterations per call).
 """
 
 from __future__ import annotations
@@ -22,25 +23,25 @@ from fast3d.ops.attention.api import multiview_attention
 WORKLOADS = [
     Workload("mvdream", dict(batch=8, views=4, tokens=1024, heads=5, head_dim=64, layout="views", mask="none",
                              dtype="bfloat16"),
-             quick=dict(batch=1, views=4, tokens=64, heads=5, head_dim=64, layout="views", mask="none",
+             quick=dict(batch=1, views=4, tokens=32, heads=2, head_dim=64, layout="views", mask="none",
                         dtype="bfloat16"),
              source="MVDream multi-view self-attention: 4 views x 32x32 latent tokens (4096 per sample), "
                     "5 heads x 64, batch 8, bf16 (DESIGN.md workload `mvdream`)"),
     Workload("mvdream-halfmask", dict(batch=8, views=4, tokens=1024, heads=5, head_dim=64, layout="views",
                                       mask="neighbours", dtype="bfloat16"),
-             quick=dict(batch=1, views=4, tokens=64, heads=5, head_dim=64, layout="views", mask="neighbours",
+             quick=dict(batch=1, views=4, tokens=32, heads=2, head_dim=64, layout="views", mask="neighbours",
                         dtype="bfloat16"),
              source="`mvdream` with a view mask keeping half of the view pairs (each view sees itself and the "
                     "next one): the block-sparse path should take about half the time"),
     Workload("era3d", dict(batch=8, views=6, image=(64, 64), heads=5, head_dim=64, layout="rows", mask="none",
                            dtype="bfloat16"),
-             quick=dict(batch=1, views=6, image=(8, 64), heads=5, head_dim=64, layout="rows", mask="none",
+             quick=dict(batch=1, views=6, image=(2, 16), heads=1, head_dim=64, layout="rows", mask="none",
                         dtype="bfloat16"),
              source="Era3D row-wise multi-view attention: 6 views, 64x64 latent, each row of 64 tokens attends "
                     "to the same row in all views (384 keys), 5 heads x 64, batch 8, bf16 (DESIGN.md `era3d`)"),
     Workload("pixart-mv", dict(batch=8, views=4, tokens=1024, heads=16, head_dim=72, layout="views", mask="none",
                                dtype="bfloat16"),
-             quick=dict(batch=1, views=4, tokens=64, heads=16, head_dim=72, layout="views", mask="none",
+             quick=dict(batch=1, views=4, tokens=32, heads=2, head_dim=72, layout="views", mask="none",
                         dtype="bfloat16"),
              source="Bootstrap3D multi-view PixArt: 2x2 grid of 512 px views -> 4 x 1024 = 4096 tokens, "
                     "16 heads x 72, batch 8, bf16 (DESIGN.md workload `pixart-mv`)"),

@@ -1,0 +1,5 @@
+"""File formats: 3D Gaussian splat PLY files (the layout of the INRIA 3DGS code and its viewers)."""
+
+from fast3d.io.ply import load_ply, save_ply
+
+__all__ = ["load_ply", "save_ply"]

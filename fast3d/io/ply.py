@@ -1,0 +1,183 @@
+"""3D Gaussian splats as PLY files, in the standard 3DGS layout (binary little-endian, one
+``vertex`` element of float properties):
+
+    x y z  nx ny nz  f_dc_0..2  f_rest_0..(3(K-1)-1)  opacity  scale_0..2  rot_0..3
+
+``opacity`` is stored as a logit, ``scale_*`` as logs, ``rot_*`` as a wxyz quaternion, and the
+higher SH bands ``f_rest_*`` channel-major (all of red's K-1 coefficients, then green's, then
+blue's), as the INRIA code writes them, so the files open in the usual splat viewers.
+
+``load_ply`` reads files written by any tool in that layout (properties in any order, extra scalar
+properties ignored) and rejects anything malformed, truncated or hostile with a ValueError that
+says what is wrong, before allocating memory for it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+
+import numpy as np
+import torch
+from torch import Tensor
+
+_TYPES = {"char": "i1", "int8": "i1", "uchar": "u1", "uint8": "u1", "short": "<i2", "int16": "<i2",
+          "ushort": "<u2", "uint16": "<u2", "int": "<i4", "int32": "<i4", "uint": "<u4", "uint32": "<u4",
+          "float": "<f4", "float32": "<f4", "double": "<f8", "float64": "<f8"}
+_MAX_HEADER = 1 << 16
+
+
+def _names(K: int) -> list[str]:
+    return (["x", "y", "z", "nx", "ny", "nz"] + [f"f_dc_{i}" for i in range(3)]
+            + [f"f_rest_{i}" for i in range(3 * (K - 1))] + ["opacity"] + [f"scale_{i}" for i in range(3)]
+            + [f"rot_{i}" for i in range(4)])
+
+
+def save_ply(path: str | os.PathLike,
+             means: Tensor,      # [N, 3]
+             quats: Tensor,      # [N, 4] wxyz
+             scales: Tensor,     # [N, 3] post-activation (> 0)
+             opacities: Tensor,  # [N] post-activation, in (0, 1)
+             sh: Tensor,         # [N, K, 3] SH coefficients, K in {1, 4, 9, 16}
+             ) -> None:
+    """Write one scene. The file appears atomically (written to a temporary name, then renamed)."""
+    for name, x, tail in (("means", means, (3,)), ("quats", quats, (4,)), ("scales", scales, (3,)),
+                          ("opacities", opacities, ()), ("sh", sh, (None, 3))):
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor; got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must be a floating tensor; got {x.dtype}")
+        N = means.shape[0] if means.dim() == 2 else -1
+        if x.dim() != 1 + len(tail) or x.shape[0] != N or any(t is not None and s != t
+                                                                for s, t in zip(x.shape[1:], tail)):
+            desc = "[N" + "".join(f", {t or 'K'}" for t in tail) + "]"
+            raise ValueError(f"{name} must have shape {desc} with N from means; got {tuple(x.shape)}")
+    N, K = means.shape[0], sh.shape[1]
+    if K not in (1, 4, 9, 16):
+        raise ValueError(f"sh must hold 1, 4, 9 or 16 coefficients per channel (degree 0-3); got K={K}")
+    if N and (bool((scales <= 0).any()) or bool(((opacities <= 0) | (opacities >= 1)).any())):
+        raise ValueError("scales must be > 0 and opacities in (0, 1) (they are stored as log / logit)")
+    f = lambda t: t.detach().to("cpu", torch.float64)  # noqa: E731
+    op = f(opacities)
+    cols = [f(means), torch.zeros(N, 3, dtype=torch.float64), f(sh)[:, 0],
+            f(sh)[:, 1:].transpose(1, 2).reshape(N, 3 * (K - 1)), torch.log(op / (1 - op))[:, None],
+            torch.log(f(scales)), f(quats)]
+    data = torch.cat(cols, 1).to(torch.float32).numpy()
+    names = _names(K)
+    header = "ply\nformat binary_little_endian 1.0\n" + f"element vertex {N}\n" + "".join(
+        f"property float {n}\n" for n in names) + "end_header\n"
+    path = os.fspath(path)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-", suffix=".ply")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(header.encode("ascii"))
+            fh.write(np.ascontiguousarray(data, dtype="<f4").tobytes())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _parse_header(raw: bytes) -> tuple[int, list[tuple[str, str]], int]:
+    """-> (vertex count, [(name, numpy dtype)], header length in bytes)."""
+    end = raw.find(b"end_header\n")
+    if end < 0:
+        raise ValueError(f"not a PLY file: no 'end_header' line in the first {_MAX_HEADER} bytes")
+    try:
+        lines = raw[:end].decode("ascii").split("\n")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"PLY header is not ASCII ({e})") from None
+    if not lines or lines[0].strip() != "ply":
+        raise ValueError("not a PLY file: the first line must be 'ply'")
+    fmt, count, props, element = None, None, [], None
+    for ln in lines[1:]:
+        tok = ln.split()
+        if not tok or tok[0] in ("comment", "obj_info"):
+            continue
+        if tok[0] == "format":
+            if tok[1:] != ["binary_little_endian", "1.0"]:
+                raise ValueError(f"unsupported PLY format {' '.join(tok[1:])!r}; need binary_little_endian 1.0")
+            fmt = tok[1]
+        elif tok[0] == "element":
+            if len(tok) != 3:
+                raise ValueError(f"malformed element line {ln!r}")
+            if element is not None:
+                raise ValueError(f"unexpected second element {tok[1]!r}; a splat file has only 'vertex'")
+            if tok[1] != "vertex":
+                raise ValueError(f"unexpected element {tok[1]!r}; a splat file has only 'vertex'")
+            if not tok[2].isdigit():
+                raise ValueError(f"vertex count must be a non-negative integer; got {tok[2]!r}")
+            element, count = tok[1], int(tok[2])
+        elif tok[0] == "property":
+            if element is None:
+                raise ValueError("property before any element")
+            if len(tok) != 3 or tok[1] == "list":
+                raise ValueError(f"unsupported property line {ln!r} (only scalar properties)")
+            if tok[1] not in _TYPES:
+                raise ValueError(f"unknown property type {tok[1]!r} in {ln!r}")
+            if any(n == tok[2] for n, _ in props):
+                raise ValueError(f"duplicate property {tok[2]!r}")
+            props.append((tok[2], _TYPES[tok[1]]))
+        else:
+            raise ValueError(f"unexpected PLY header line {ln!r}")
+    if fmt is None:
+        raise ValueError("PLY header has no format line")
+    if count is None:
+        raise ValueError("PLY header has no 'element vertex' line")
+    return count, props, end + len(b"end_header\n")
+
+
+def load_ply(path: str | os.PathLike) -> dict:
+    """Read a 3DGS PLY file. Returns activated tensors (float32, CPU): means [N, 3], quats [N, 4]
+    (normalised wxyz), scales [N, 3] (exp of the stored logs), opacities [N] (sigmoid of the
+    stored logits), sh [N, K, 3], and sh_degree."""
+    with open(path, "rb") as fh:
+        raw = fh.read(_MAX_HEADER)
+        count, props, hlen = _parse_header(raw)
+        names = [n for n, _ in props]
+        n_rest = sum(1 for n in names if n.startswith("f_rest_"))
+        K = 1 + n_rest // 3
+        degree = round(math.sqrt(K)) - 1
+        if n_rest % 3 or (degree + 1) ** 2 != K or degree > 3:
+            raise ValueError(f"{n_rest} f_rest_* properties: need 3 (K - 1) with K in 1, 4, 9, 16")
+        need = [n for n in _names(K) if n not in ("nx", "ny", "nz")]
+        missing = [n for n in need if n not in names]
+        if missing:
+            raise ValueError(f"missing properties {missing[:6]}{' ...' if len(missing) > 6 else ''}")
+        bad = [n for n, t in props if n in need and t != "<f4"]
+        if bad:
+            raise ValueError(f"properties {bad[:4]} must be float (32-bit)")
+        dtype = np.dtype(props)
+        size = os.fstat(fh.fileno()).st_size
+        expected = hlen + count * dtype.itemsize
+        if size < expected:
+            raise ValueError(f"truncated PLY: {count} vertices of {dtype.itemsize} bytes need {expected} bytes; "
+                             f"the file has {size}")
+        if size > expected:
+            raise ValueError(f"PLY has {size - expected} trailing bytes after {count} vertices")
+        fh.seek(hlen)
+        data = np.frombuffer(fh.read(count * dtype.itemsize), dtype=dtype, count=count)
+
+    def cols(ns):  # -> [count, len(ns)] float32
+        out = torch.empty(count, len(ns))
+        for i, n in enumerate(ns):
+            out[:, i] = torch.from_numpy(data[n].astype(np.float32))
+        return out
+
+    means = cols(["x", "y", "z"])
+    dc = cols([f"f_dc_{i}" for i in range(3)])
+    rest = cols([f"f_rest_{i}" for i in range(n_rest)]).reshape(count, 3, K - 1).transpose(1, 2)  # [N, K-1, 3]
+    logit = cols(["opacity"])[:, 0]
+    log_scales = cols([f"scale_{i}" for i in range(3)])
+    quats = cols([f"rot_{i}" for i in range(4)])
+    for name, t in (("x/y/z", means), ("f_dc/f_rest", torch.cat([dc, rest.reshape(count, 3 * (K - 1))], 1)),
+                    ("opacity", logit), ("scale", log_scales), ("rot", quats)):
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"non-finite values in the {name} properties")
+    norm = quats.norm(dim=-1, keepdim=True)
+    if count and bool((norm == 0).any()):
+        raise ValueError("a rot_* quaternion is zero")
+    return dict(means=means, quats=quats / norm, scales=torch.exp(log_scales), opacities=torch.sigmoid(logit),
+                sh=torch.cat([dc[:, None], rest], 1), sh_degree=degree)
