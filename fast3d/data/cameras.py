@@ -77,7 +77,7 @@ def look_at(eye: Tensor,                  # [..., 3] camera centres, world
     if bool((norm <= 1e-12).any()):
         raise ValueError("eye must differ from target for every camera")
     forward = forward / norm
-    right = torch.linalg.cross(forward, -up_t)                                # camera +x
+    right = torch.linalg.cross(forward, up_t)                                 # camera +x
     rnorm = right.norm(dim=-1, keepdim=True)
     if bool((rnorm <= 1e-9).any()):
         raise ValueError(f"a camera looks along the up axis {up}: its image orientation is undefined")

@@ -36,8 +36,8 @@ def test_look_at_is_a_rigid_opencv_camera(gen):
 
 def test_known_pose_camera_on_plus_x():
     V = cameras.look_at(torch.tensor([[2.0, 0, 0]], dtype=torch.float64))[0]
-    # Looking down -X: camera z = -X, camera x (right) = -Y... seen from +X, +Y is on the left; down = -Z.
-    expected = torch.tensor([[0, -1.0, 0], [0, 0, -1], [-1, 0, 0]], dtype=torch.float64)
+    # Looking down -X with +Z up: right is +Y, down is -Z, forward is -X (rows of R).
+    expected = torch.tensor([[0, 1.0, 0], [0, 0, -1], [-1, 0, 0]], dtype=torch.float64)
     assert_close(V[:3, :3], expected, atol=1e-12, rtol=0, name="R")
 
 
