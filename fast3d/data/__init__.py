@@ -1,6 +1,8 @@
-"""The synthetic multi-view data engine: camera rigs (more to come with issue 6: procedural assets,
-batched rendering, shards and the dataset reader)."""
+"""The synthetic multi-view data engine: camera rigs, multi-view shards and the dataset reader
+(procedural assets and batched rendering land with the rasterizer)."""
 
 from fast3d.data import cameras
+from fast3d.data.dataset import MultiViewDataset
+from fast3d.data.shards import SOURCES, MultiViewSample, ShardWriter
 
-__all__ = ["cameras"]
+__all__ = ["cameras", "MultiViewDataset", "MultiViewSample", "ShardWriter", "SOURCES"]
