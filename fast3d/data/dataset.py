@@ -32,7 +32,7 @@ class MultiViewDataset(IterableDataset):
     Ks [V, 3, 3] (scaled to R), caption, source, quality, elevation (NaN when unknown), key.
 
     `views`: samples with more views give their first `views` (or a random subset, seeded by the
-    sample key, with `random_views=True`); `image2d` samples (one image) are tiled into `views`
+    sample key, `seed` and the epoch of `set_epoch`, with `random_views=True`); `image2d` samples (one image) are tiled into `views`
     identical views (Bootstrap3D); other samples with fewer views are skipped with a warning.
     """
 
@@ -59,6 +59,11 @@ class MultiViewDataset(IterableDataset):
         self.shards, self.views, self.resolution = shards, views, resolution
         self.random_views, self.seed = random_views, seed
         self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw other random view subsets this epoch (call before iterating, as with samplers)."""
+        self.epoch = int(epoch)
 
     def _reader(self) -> tuple[int, int]:
         rank, world = _rank_world(self.rank, self.world_size)
@@ -95,7 +100,8 @@ class MultiViewDataset(IterableDataset):
                 return None
             idx = torch.zeros(self.views, dtype=torch.long)
         elif self.random_views:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(s.key.encode()))
+            g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 4_294_967_311
+                                              + zlib.crc32(s.key.encode()))
             idx = torch.randperm(V, generator=g)[: self.views]
         else:
             idx = torch.arange(self.views)

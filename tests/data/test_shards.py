@@ -66,8 +66,11 @@ def test_resize_scales_intrinsics(tmp_path, gen):
 
 
 def test_view_selection_and_image2d_tiling(tmp_path, gen):
+    many = make_sample(gen, "many", V=6)
+    with ShardWriter(str(tmp_path / "many6")) as w:
+        w.write(many)
     with ShardWriter(str(tmp_path)) as w:
-        w.write(make_sample(gen, "many", V=6))
+        w.write(many)
         w.write(make_sample(gen, "single", V=1, source="image2d", elevation=None))
         w.write(make_sample(gen, "few", V=2))
     with pytest.warns(RuntimeWarning, match=r"skipping sample 'few'.*2 views, fewer than views=4"):
@@ -81,6 +84,12 @@ def test_view_selection_and_image2d_tiling(tmp_path, gen):
     with pytest.warns(RuntimeWarning, match="skipping sample 'few'"):
         r2 = list(MultiViewDataset(str(tmp_path), views=4, resolution=12, random_views=True, seed=1))
     assert torch.equal(r1[0]["viewmats"], r2[0]["viewmats"])  # seeded by the key: reproducible
+    ds = MultiViewDataset(str(tmp_path / "many6"), views=4, resolution=12, random_views=True, seed=1)
+    subsets = set()
+    for epoch in range(8):
+        ds.set_epoch(epoch)
+        subsets.add(tuple(next(iter(ds))["viewmats"][:, 0, 0].tolist()))
+    assert len(subsets) > 1  # other epochs, other subsets
 
 
 def test_webdataset_reads_our_shards(tmp_path, gen):
