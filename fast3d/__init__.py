@@ -3,9 +3,13 @@ generation. Public API; ``fast3d info`` shows which backends this machine can ru
 
 import torch  # noqa: F401  (loads libtorch before the native extension is imported)
 
-from fast3d import backends
+from fast3d import backends, io
+from fast3d.ops.attention import multiview_attention
 from fast3d.ops.composite import composite
+from fast3d.ops.rasterization import rasterization
+from fast3d.ops.triplane import render_triplane, triplane_sample
 
 __version__ = "0.1.0"
 
-__all__ = ["backends", "composite", "__version__"]
+__all__ = ["backends", "io", "composite", "multiview_attention", "rasterization", "render_triplane",
+           "triplane_sample", "__version__"]

@@ -103,6 +103,11 @@ def select(op: str, backend: str, q: Query) -> Backend:
         raise ValueError(f"{op}: backend must be 'auto' or one of {sorted(table)}; got {backend!r}")
     why = {}
     for b in candidates:
+        if backend == "auto" and b.name == "triton" and q.device.type == "cpu":
+            # CPU tensors reach Triton only through its interpreter (TRITON_INTERPRET=1): right,
+            # but slower than any other backend, so `auto` leaves it to an explicit request.
+            why[b.name] = ["Triton on CPU tensors runs in the interpreter: used only when named (backend='triton')"]
+            continue
         reasons = b.not_supported_reasons(q)
         if not reasons:
             return b

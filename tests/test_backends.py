@@ -52,7 +52,8 @@ def test_auto_picks_highest_priority(op, gen):
     prios = random_priorities(gen)
     register_all(op, prios)
     best = by_priority(prios)[0]
-    for q in (Query(CPU, torch.float32), Query(CUDA, torch.float16)):
+    # CUDA queries: on CPU tensors `auto` never picks triton (see the interpreter test below).
+    for q in (Query(CUDA, torch.float32), Query(CUDA, torch.float16)):
         b = backends.select(op, "auto", q)
         assert b.name == best and b.fn() == best and b.op == op
     # Every backend can be named explicitly.
@@ -65,7 +66,7 @@ def test_unavailable_backend_is_skipped_by_auto_and_explains_itself(op, gen):
     best, second = by_priority(prios)[:2]
     reason = f"fake extension missing ({gen.initial_seed()})"
     register_all(op, prios, **{best: dict(available=lambda: reason)})
-    q = Query(CPU, torch.float32)
+    q = Query(CUDA, torch.float32)
     assert backends.select(op, "auto", q).name == second
     assert backends.backends(op)[best].not_supported_reasons(q) == [reason]
     with pytest.raises(ValueError, match=rf"{op}: no backend can serve these inputs \(backend='{best}'\)") as e:
@@ -118,14 +119,14 @@ def test_device_and_dtype_mismatch_both_reported(op):
 def test_feature_mismatch(op):
     backends.register(op, "torch", fake("torch"), devices=("cpu",), dtypes=(torch.float32,), priority=0,
                       features=("packed", "antialiased", "extra"))
-    backends.register(op, "triton", fake("triton"), devices=("cpu",), dtypes=(torch.float32,), priority=30,
+    backends.register(op, "cuda", fake("cuda"), devices=("cpu",), dtypes=(torch.float32,), priority=30,
                       features=("packed",))
-    assert backends.select(op, "auto", Query(CPU, torch.float32, frozenset({"packed"}))).name == "triton"
+    assert backends.select(op, "auto", Query(CPU, torch.float32, frozenset({"packed"}))).name == "cuda"
     q = Query(CPU, torch.float32, frozenset({"packed", "antialiased", "extra"}))
     assert backends.select(op, "auto", q).name == "torch"
-    assert backends.backends(op)["triton"].not_supported_reasons(q) == ["features ['antialiased', 'extra'] not supported"]
-    with pytest.raises(ValueError, match=r"triton: features \['antialiased', 'extra'\] not supported"):
-        backends.select(op, "triton", q)
+    assert backends.backends(op)["cuda"].not_supported_reasons(q) == ["features ['antialiased', 'extra'] not supported"]
+    with pytest.raises(ValueError, match=r"cuda: features \['antialiased', 'extra'\] not supported"):
+        backends.select(op, "cuda", q)
 
 
 def test_check_reasons_are_reported(op, gen):
@@ -206,3 +207,11 @@ def test_register_returns_backend_and_replaces(op):
     # backends() hands out a copy: mutating it does not touch the registry.
     backends.backends(op).clear()
     assert backends.backends(op) == {"cpu": b2}
+
+
+def test_auto_leaves_the_triton_interpreter_to_explicit_requests(op):
+    backends.register(op, "torch", fake("torch"), devices=("cpu", "cuda"), dtypes=(torch.float32,), priority=0)
+    backends.register(op, "triton", fake("triton"), devices=("cpu", "cuda"), dtypes=(torch.float32,), priority=30)
+    assert backends.select(op, "auto", Query(CPU, torch.float32)).name == "torch"
+    assert backends.select(op, "triton", Query(CPU, torch.float32)).name == "triton"
+    assert backends.select(op, "auto", Query(torch.device("cuda"), torch.float32)).name == "triton"

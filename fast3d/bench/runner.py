@@ -77,6 +77,8 @@ def _candidates(spec: BenchSpec, device: torch.device, wanted: list) -> list[tup
         reason = b.available()
         if reason is None and device.type not in b.devices:
             reason = f"runs on {list(b.devices)}, not {device.type}"
+        if reason is None and name == "triton" and device.type == "cpu" and name not in wanted:
+            reason = "Triton on the CPU runs in its interpreter, which is no timing (name --backend triton to run it)"
         out.append((name, reason))
     for name, available in spec.baselines.items():
         out.append((name, available(device)))

@@ -509,15 +509,12 @@ def test_auto_never_picks_the_triton_interpreter():
     """On CPU tensors `auto` skips triton (the interpreter is slow) and names why; an explicit
     backend="triton" is served."""
     require("triton")
-    b = backends.backends(OP)["triton"]
-    cpu = torch.device("cpu")
-    if torch.cuda.is_available():
-        assert b.not_supported_reasons(backends.Query(device=torch.device("cuda"), dtype=torch.float32)) == []
-        return
-    auto = b.not_supported_reasons(backends.Query(device=cpu, dtype=torch.float32, extra={"explicit": False}))
-    assert len(auto) == 1 and "interpreter" in auto[0]
-    assert b.not_supported_reasons(backends.Query(device=cpu, dtype=torch.float32, extra={"explicit": True})) == []
-    assert backends.select(OP, "auto", backends.Query(device=cpu, dtype=torch.float32)).name != "triton"
+    q = backends.Query(device=torch.device("cpu"), dtype=torch.float32)
+    assert backends.select(OP, "auto", q).name != "triton"
+    assert backends.select(OP, "triton", q).name == "triton"
+    with pytest.raises(ValueError, match="interpreter: used only when named"):
+        backends.select(OP, "auto", backends.Query(device=torch.device("cpu"), dtype=torch.bfloat16,
+                                                   features=frozenset({"no-such-feature"})))
 
 
 def test_compile_triton_custom_op_fullgraph_forward_backward(gen):

@@ -30,10 +30,11 @@ TOL = {
     # division in the backward instead of cumprod): measured worst |diff| ~1e-12 on gradients
     # of size ~10-100 (r1 sweep: every mode x SH degree x antialiased).
     torch.float64: (1e-9, 1e-8),
-    # float32 kernels: exp/conic rounding ~1e-6 relative per alpha, carried through up to ~50
-    # blended Gaussians per pixel and summed over ~1000 pixels per Gaussian gradient; measured
-    # worst excess ~2e-4 relative on gradients, so rtol 2e-3, and atol for sums that cancel.
-    torch.float32: (2e-3, 2e-3),
+    # float32 kernels: exp/conic rounding ~1e-6 relative per alpha, carried through the blended
+    # Gaussians of a pixel and summed over the pixels of each Gaussian gradient. Measured (6 seeds
+    # x CASES, ties cleared): worst |diff| / max|ref| 1.3e-6 on images, 1.8e-5 on gradients (quats,
+    # ED mode); atol is applied relative to the largest reference element (see compare), 10x margin.
+    torch.float32: (2e-4, 1e-3),
 }
 
 NATIVE = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.gpu)]
@@ -59,16 +60,16 @@ def make_scene(gen: torch.Generator, B: int, C: int, N: int, W: int, H: int, *, 
     opacities = 0.05 + 0.9 * rand(B, N)
     viewmats, Ks = bench.orbit_cameras(B, C, W, H, gen)
     viewmats, Ks = viewmats.double(), Ks.double()
-    if odd:
+    if odd:  # (positions jittered: Gaussians at one depth would have no defined order)
         eye = -(viewmats[:, 0, :3, :3].transpose(-1, -2) @ viewmats[:, 0, :3, 3:])[..., 0]  # [B, 3]
         for k in range(0, N, 5):
             kind = (k // 5) % 6
             if kind == 0:    # behind the first camera
-                means[:, k] = eye * 1.5
+                means[:, k] = eye * 1.5 + 0.1 * rand(B, 3)
             elif kind == 1:  # past the far plane
-                means[:, k] = -eye * 50
+                means[:, k] = -eye * 50 + rand(B, 3)
             elif kind == 2:  # far outside the frustum (clamped Jacobian)
-                means[:, k] = torch.tensor([4.0, -3.0, 0.5], dtype=torch.float64)
+                means[:, k] = torch.tensor([4.0, -3.0, 0.5], dtype=torch.float64) + 0.3 * rand(B, 3)
             elif kind == 3:  # huge
                 scales[:, k] = 0.8 + rand(B, 3)
             elif kind == 4:  # tiny

@@ -44,6 +44,10 @@ struct Camera {
   }
 };
 
+// Loops shorter than this run on one thread: a parallel region costs a barrier, and on a busy
+// machine a barrier can cost a scheduler tick (~4 ms), more than the loop itself.
+constexpr int64_t kMinParallel = 1 << 14;
+
 inline int tiles_x(int width) { return (width + kTile - 1) / kTile; }
 inline int tiles_y(int height) { return (height + kTile - 1) / kTile; }
 
@@ -54,7 +58,7 @@ void gs_project_forward_cpu(const T* means, const T* quats, const T* scales, con
                             const T* viewmats, const T* Ks, int64_t B, int64_t C, int64_t N, int width,
                             int height, T near_plane, T far_plane, T eps2d, bool antialiased, T* means2d,
                             T* conics, T* depths, T* opac, int32_t* radii) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (B * C * N > kMinParallel)
   for (int64_t idx = 0; idx < B * C * N; ++idx) {
     const int64_t n = idx % N, bc = idx / N, b = bc / C;
     const Camera<T> cam(viewmats + bc * 16, Ks + bc * 9);
@@ -87,7 +91,7 @@ void gs_project_backward_cpu(const T* means, const T* quats, const T* scales, co
                              int height, T near_plane, T far_plane, T eps2d, bool antialiased,
                              const T* g_means2d, const T* g_conics, const T* g_depths, const T* g_opac,
                              T* g_means, T* g_quats, T* g_scales, T* g_opacities) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (B * C * N > kMinParallel)
   for (int64_t g = 0; g < B * N; ++g) {
     const int64_t b = g / N, n = g % N;
     T gm[3] = {0, 0, 0}, gq[4] = {0, 0, 0, 0}, gs_[3] = {0, 0, 0}, go = 0;
@@ -115,7 +119,7 @@ void gs_project_backward_cpu(const T* means, const T* quats, const T* scales, co
 template <typename T>
 void gs_sh_forward_cpu(const T* sh, const T* means, const T* viewmats, int64_t B, int64_t C, int64_t N, int K,
                        int degree, T* colors) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (B * C * N * K > kMinParallel)
   for (int64_t idx = 0; idx < B * C * N; ++idx) {
     const int64_t n = idx % N, bc = idx / N, b = bc / C, g = b * N + n;
     const T* vm = viewmats + bc * 16;
@@ -128,7 +132,7 @@ void gs_sh_forward_cpu(const T* sh, const T* means, const T* viewmats, int64_t B
 template <typename T>
 void gs_sh_backward_cpu(const T* sh, const T* means, const T* viewmats, int64_t B, int64_t C, int64_t N, int K,
                         int degree, const T* g_colors, T* g_sh, T* g_means) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (B * C * N * K > kMinParallel)
   for (int64_t g = 0; g < B * N; ++g) {
     const int64_t b = g / N, n = g % N;
     std::fill(g_sh + g * K * 3, g_sh + (g + 1) * K * 3, T(0));
@@ -166,7 +170,7 @@ template <typename T>
 void gs_bin_count_cpu(const T* means2d, const T* depths, const int32_t* radii, int64_t I, int64_t N, int width,
                       int height, int32_t* order, int64_t* n_valid, int64_t* tile_counts) {
   const int TX = tiles_x(width), TT = TX * tiles_y(height);
-#pragma omp parallel for schedule(dynamic, 1)
+#pragma omp parallel for schedule(dynamic, 1) if (I * N > kMinParallel)
   for (int64_t i = 0; i < I; ++i) {
     std::vector<std::pair<T, int32_t>> keyed;
     int64_t* counts = tile_counts + i * TT;
@@ -188,7 +192,7 @@ template <typename T>
 void gs_bin_fill_cpu(const T* means2d, const int32_t* radii, const int32_t* order, const int64_t* n_valid,
                      const int64_t* tile_offsets, int64_t I, int64_t N, int width, int height, int32_t* ids) {
   const int TX = tiles_x(width), TT = TX * tiles_y(height);
-#pragma omp parallel for schedule(dynamic, 1)
+#pragma omp parallel for schedule(dynamic, 1) if (I * N > kMinParallel)
   for (int64_t i = 0; i < I; ++i) {
     std::vector<int64_t> cursor(tile_offsets + i * TT, tile_offsets + (i + 1) * TT);
     for (int64_t k = 0; k < n_valid[i]; ++k) {

@@ -15,14 +15,6 @@ except ImportError:  # no triton: triton_reason() says so and the backend is nev
 _ALL_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def triton_check(q: backends.Query) -> list:
-    """Triton kernels on CPU tensors run in the interpreter (TRITON_INTERPRET=1): correct but far
-    slower than any other backend, so `auto` never picks them; naming backend="triton" does."""
-    if q.device.type == "cpu" and not q.extra.get("explicit", False):
-        return ["CPU tensors run Triton in the interpreter (slow): used only when named (backend='triton')"]
-    return []
-
-
 def _triton_composite(*args):
     return triton_kernels.composite(*args)
 
@@ -37,7 +29,7 @@ backends.register(OP, "cuda", native.composite, devices=("cuda",), dtypes=(torch
                   doc="CUDA, one thread per ray (same per-ray math as cpu)")
 backends.register(OP, "triton", _triton_composite, devices=backends.triton_devices(),
                   dtypes=(torch.float16, torch.bfloat16, torch.float32), priority=30,
-                  available=backends.triton_reason, check=triton_check,
+                  available=backends.triton_reason,
                   doc="Triton, 16 rays x 32-sample tiles per program, scan transmittance, one-pass backward")
 
 __all__ = ["composite", "reference", "bench"]

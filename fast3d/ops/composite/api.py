@@ -50,8 +50,7 @@ def composite(sigmas: Tensor,                   # [R, S] densities (post-activat
 
     q = backends.Query(device=sigmas.device, dtype=sigmas.dtype,
                        requires_grad=torch.is_grad_enabled() and any(
-                           x is not None and x.requires_grad for x in (sigmas, rgbs, background)),
-                       extra={"explicit": backend != "auto"})  # the Triton interpreter serves only when named
+                           x is not None and x.requires_grad for x in (sigmas, rgbs, background)))
     impl = backends.select(OP, backend, q)
     with op_range(f"{OP}[{impl.name}]", sigmas.device):
         return impl.fn(sigmas, rgbs, t_starts, t_ends, background, transmittance_eps)

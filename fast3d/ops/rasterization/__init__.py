@@ -1,6 +1,8 @@
 """3D Gaussian rasterization: api (public function), reference (dense PyTorch twin), native (C++
 CPU and CUDA kernels in csrc/gaussians), bench (workloads and byte/flop model)."""
 
+import os
+
 import torch
 
 from fast3d import backends
@@ -9,8 +11,28 @@ from fast3d.ops.rasterization.api import OP, rasterization
 
 _ALL_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
+# The dense reference keeps about ten float32 tensors of [images, Gaussians, pixels] for autograd.
+_DENSE_BYTES_PER_ELEMENT = 40
+
+
+def _device_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _reference_check(q: backends.Query) -> list:
+    need = q.extra.get("dense_elements", 0) * _DENSE_BYTES_PER_ELEMENT
+    have = _device_memory(q.device)
+    if need > have // 2:
+        return [f"the dense reference needs ~{need / 2**30:.0f} GiB for these inputs "
+                f"(images x Gaussians x pixels); the {q.device.type} has {have / 2**30:.0f} GiB"]
+    return []
+
+
 backends.register(OP, "torch", reference.rasterization, devices=("cpu", "cuda"), dtypes=_ALL_FLOATS, priority=0,
-                  features=("antialiased",), doc="PyTorch reference: dense, every Gaussian at every pixel, autograd")
+                  features=("antialiased",), check=_reference_check,
+                  doc="PyTorch reference: dense, every Gaussian at every pixel, autograd")
 
 
 def _cuda_check(q: backends.Query) -> list:

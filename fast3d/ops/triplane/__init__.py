@@ -4,7 +4,6 @@ OpenLRM-style), triton (Triton kernels), bench (the `lrm` workload and byte/flop
 import torch
 
 from fast3d import backends
-from fast3d.ops.composite import triton_check
 from fast3d.ops.triplane import bench, reference
 from fast3d.ops.triplane.api import OP_RENDER, OP_SAMPLE, render_triplane, triplane_sample
 
@@ -28,12 +27,12 @@ def _triton_render(*args):
 backends.register(OP_SAMPLE, "torch", reference.triplane_sample, devices=("cpu", "cuda"), dtypes=_ALL_FLOATS,
                   priority=0, doc="PyTorch reference: F.grid_sample per plane, autograd backward")
 backends.register(OP_SAMPLE, "triton", _triton_sample, devices=backends.triton_devices(), dtypes=_TRITON_FLOATS,
-                  priority=30, available=backends.triton_reason, check=triton_check,
+                  priority=30, available=backends.triton_reason,
                   doc="Triton, 64 points x channel tile per program, channels-last gathers, atomic-add backward")
 backends.register(OP_RENDER, "torch", reference.render_triplane, devices=("cpu", "cuda"), dtypes=_ALL_FLOATS,
                   priority=0, doc="PyTorch reference (OpenLRM): grid_sample + MLP + cumprod, sample_pdf")
 backends.register(OP_RENDER, "triton", _triton_render, devices=backends.triton_devices(), dtypes=_TRITON_FLOATS,
-                  priority=30, available=backends.triton_reason, check=triton_check,
+                  priority=30, available=backends.triton_reason,
                   doc="Triton triplane sampler + PyTorch MLP + Triton compositor (not yet one fused kernel)")
 
 __all__ = ["triplane_sample", "render_triplane", "reference", "bench"]

@@ -34,12 +34,10 @@ def _bound(bound) -> float:
     return float(bound)
 
 
-def _query(x: Tensor, backend: str, *needs_grad) -> backends.Query:
-    # extra["explicit"]: the Triton interpreter serves CPU tensors only when named (see __init__).
+def _query(x: Tensor, *needs_grad) -> backends.Query:
     return backends.Query(device=x.device, dtype=x.dtype,
                           requires_grad=torch.is_grad_enabled() and any(
-                              t is not None and t.requires_grad for t in needs_grad),
-                          extra={"explicit": backend != "auto"})
+                              t is not None and t.requires_grad for t in needs_grad))
 
 
 def triplane_sample(planes: Tensor,   # [B, 3, C, H, W] feature planes XY, XZ, YZ
@@ -65,7 +63,7 @@ def triplane_sample(planes: Tensor,   # [B, 3, C, H, W] feature planes XY, XZ, Y
     if points.device != planes.device:
         raise ValueError(f"points is on {points.device} but planes is on {planes.device}; all inputs must share a device")
     v.finite("points", points)
-    impl = backends.select(OP_SAMPLE, backend, _query(planes, backend, planes, points))
+    impl = backends.select(OP_SAMPLE, backend, _query(planes, planes, points))
     with op_range(f"{OP_SAMPLE}[{impl.name}]", planes.device):
         return impl.fn(planes, points, reduce, bound)
 
@@ -145,7 +143,7 @@ def render_triplane(planes: Tensor,                   # [B, 3, C, H, W]
                              "all inputs must share a device")
     bound = _bound(bound)
     transmittance_eps = v.real_in("transmittance_eps", transmittance_eps, 0.0, 1.0)
-    impl = backends.select(OP_RENDER, backend, _query(planes, backend, planes, rays_o, rays_d, background,
+    impl = backends.select(OP_RENDER, backend, _query(planes, planes, rays_o, rays_d, background,
                                                       *decoder.parameters()))
     with op_range(f"{OP_RENDER}[{impl.name}]", planes.device):
         return impl.fn(planes, decoder, rays_o, rays_d, near, far, int(n_samples), int(n_importance), background,
