@@ -13,13 +13,26 @@
 
 namespace fast3d {
 
-template <typename T>
-FAST3D_HD T exp_(T x) {
+// Math functions that resolve to CUDA's device versions under nvcc and to <cmath> on the host.
 #ifdef __CUDA_ARCH__
-  return exp(x);
+#define FAST3D_UNARY(name) \
+  template <typename T>    \
+  FAST3D_HD T name##_(T x) { return name(x); }
 #else
-  return std::exp(x);
+#define FAST3D_UNARY(name) \
+  template <typename T>    \
+  FAST3D_HD T name##_(T x) { return std::name(x); }
 #endif
-}
+FAST3D_UNARY(exp)
+FAST3D_UNARY(log)
+FAST3D_UNARY(sqrt)
+FAST3D_UNARY(floor)
+FAST3D_UNARY(ceil)
+#undef FAST3D_UNARY
+
+template <typename T>
+FAST3D_HD T min_(T a, T b) { return a < b ? a : b; }
+template <typename T>
+FAST3D_HD T max_(T a, T b) { return a > b ? a : b; }
 
 }  // namespace fast3d

@@ -20,47 +20,6 @@ constexpr double kAlphaMax = 0.99;         // alpha is clamped to this
 constexpr double kTransMin = 1e-4;         // a pixel stops before T would fall below this
 constexpr int kTile = 16;                   // tile side in pixels (CPU and CUDA)
 
-template <typename T>
-FAST3D_HD T sqrt_(T x) {
-#ifdef __CUDA_ARCH__
-  return sqrt(x);
-#else
-  return std::sqrt(x);
-#endif
-}
-
-template <typename T>
-FAST3D_HD T log_(T x) {
-#ifdef __CUDA_ARCH__
-  return log(x);
-#else
-  return std::log(x);
-#endif
-}
-
-template <typename T>
-FAST3D_HD T floor_(T x) {
-#ifdef __CUDA_ARCH__
-  return floor(x);
-#else
-  return std::floor(x);
-#endif
-}
-
-template <typename T>
-FAST3D_HD T ceil_(T x) {
-#ifdef __CUDA_ARCH__
-  return ceil(x);
-#else
-  return std::ceil(x);
-#endif
-}
-
-template <typename T>
-FAST3D_HD T min_(T a, T b) { return a < b ? a : b; }
-template <typename T>
-FAST3D_HD T max_(T a, T b) { return a > b ? a : b; }
-
 // Rotation matrix of the normalised quaternion qn = (w, x, y, z); R[3][3] row-major.
 template <typename T>
 FAST3D_HD void quat_to_rotmat(const T qn[4], T R[3][3]) {
