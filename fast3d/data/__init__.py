@@ -1,5 +1,6 @@
-"""The synthetic multi-view data engine: camera rigs, multi-view shards and the dataset reader
-(procedural assets and batched rendering land with the rasterizer)."""
+"""The synthetic multi-view data engine: camera rigs (cameras), procedural Gaussian assets
+(assets), multi-view tar shards and their reader (shards, MultiViewDataset), and the resumable
+`fast3d datagen procedural` generator (procedural)."""
 
 from fast3d.data import cameras
 from fast3d.data.dataset import MultiViewDataset

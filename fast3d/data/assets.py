@@ -108,7 +108,9 @@ def _torus(g, n, dims):
     v = v[:n]
     p = torch.stack([(R + r * torch.cos(v)) * torch.cos(u), (R + r * torch.cos(v)) * torch.sin(u), r * torch.sin(v)], -1)
     normal = torch.stack([torch.cos(v) * torch.cos(u), torch.cos(v) * torch.sin(u), torch.sin(v)], -1)
-    scale = dims / torch.tensor([R + r, R + r, r], dtype=torch.float64)
+    # The ring may be oval, but the tube stays round-ish so it still reads as a torus.
+    xy = dims[:2] / (R + r)
+    scale = torch.cat([xy, xy.mean()[None]])
     return p * scale, _unit(normal / scale), p / (R + r)
 
 
@@ -249,7 +251,7 @@ def make_asset(gen: torch.Generator, n_gaussians: int = 20_000, max_parts: int =
     scales = torch.cat([q[2].expand(len(q[0]), 3) for q in pieces]) * scale * 0.7
     jitter = 1 + 0.2 * torch.rand(len(means), 1, generator=g, dtype=torch.float64)
     return Asset(means=means.float(), quats=_quat_from_frames(torch.cat([q[1] for q in pieces])).float(),
-                 scales=(scales * jitter).float(), opacities=(0.85 + 0.15 * torch.rand(len(means), generator=g)),
+                 scales=(scales * jitter).float(), opacities=(0.85 + 0.14 * torch.rand(len(means), generator=g)),  # < 1: PLY stores logits
                  colors=torch.cat([q[3] for q in pieces]).clamp(0, 1).float(), caption=caption(parts, arrangement),
                  parts=parts)
 
