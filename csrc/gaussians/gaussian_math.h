@@ -291,7 +291,8 @@ FAST3D_HD void sh_basis(int degree, const T d[3], T Y[16], T (*dY)[3]) {
 template <typename T>
 FAST3D_HD void sh_forward(int degree, const T* sh, const T* mean, const T campos[3], T color[3]) {
   T v[3] = {mean[0] - campos[0], mean[1] - campos[1], mean[2] - campos[2]};
-  const T inv = T(1) / sqrt_(v[0] * v[0] + v[1] * v[1] + v[2] * v[2]);
+  const T len = sqrt_(v[0] * v[0] + v[1] * v[1] + v[2] * v[2]);
+  const T inv = len > T(0) ? T(1) / len : T(0);  // a Gaussian at the camera centre: direction 0, not NaN
   const T d[3] = {v[0] * inv, v[1] * inv, v[2] * inv};
   T Y[16];
   sh_basis<T>(degree, d, Y, nullptr);
@@ -308,7 +309,8 @@ template <typename T>
 FAST3D_HD void sh_backward(int degree, const T* sh, const T* mean, const T campos[3], const T g_color[3], T* g_sh,
                            T* g_mean) {
   T v[3] = {mean[0] - campos[0], mean[1] - campos[1], mean[2] - campos[2]};
-  const T inv = T(1) / sqrt_(v[0] * v[0] + v[1] * v[1] + v[2] * v[2]);
+  const T len = sqrt_(v[0] * v[0] + v[1] * v[1] + v[2] * v[2]);
+  const T inv = len > T(0) ? T(1) / len : T(0);  // a Gaussian at the camera centre: direction 0, not NaN
   const T d[3] = {v[0] * inv, v[1] * inv, v[2] * inv};
   T Y[16], dY[16][3];
   sh_basis<T>(degree, d, Y, dY);

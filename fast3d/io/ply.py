@@ -82,8 +82,8 @@ def save_ply(path: str | os.PathLike,
 
 def _parse_header(raw: bytes) -> tuple[int, list[tuple[str, str]], int]:
     """-> (vertex count, [(name, numpy dtype)], header length in bytes)."""
-    end = raw.find(b"end_header\n")
-    if end < 0:
+    end = raw.find(b"\nend_header\n") + 1  # a line of its own, not text inside a comment
+    if end <= 0:
         raise ValueError(f"not a PLY file: no 'end_header' line in the first {_MAX_HEADER} bytes")
     try:
         lines = raw[:end].decode("ascii").split("\n")
@@ -179,5 +179,8 @@ def load_ply(path: str | os.PathLike) -> dict:
     norm = quats.norm(dim=-1, keepdim=True)
     if count and bool((norm == 0).any()):
         raise ValueError("a rot_* quaternion is zero")
-    return dict(means=means, quats=quats / norm, scales=torch.exp(log_scales), opacities=torch.sigmoid(logit),
+    scales = torch.exp(log_scales)
+    if not bool(torch.isfinite(scales).all()):
+        raise ValueError("scale_* properties overflow: exp(log scale) is not finite")
+    return dict(means=means, quats=quats / norm, scales=scales, opacities=torch.sigmoid(logit),
                 sh=torch.cat([dc[:, None], rest], 1), sh_degree=degree)

@@ -171,3 +171,27 @@ def test_save_rejects_bad_input(tmp_path, gen, bad, exc, pattern):
     x.update(bad)
     with pytest.raises(exc, match=pattern):
         save_ply(tmp_path / "x.ply", **x)
+
+
+def test_scales_that_overflow_are_rejected(tmp_path, gen):
+    """A finite stored log-scale whose exp() is inf is hostile input, not a scene."""
+    path = tmp_path / "big.ply"
+    save_ply(path, **_scene(gen, N=3, K=1))
+    raw = bytearray(path.read_bytes())
+    start = raw.index(b"\nend_header\n") + len(b"\nend_header\n")
+    scale0 = _names(1).index("scale_0")               # float32 properties, vertex 0
+    raw[start + 4 * scale0:start + 4 * scale0 + 4] = np.float32(200.0).tobytes()
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="scale_\\* properties overflow"):
+        load_ply(path)
+
+
+def test_a_comment_mentioning_end_header_is_just_a_comment(tmp_path, gen):
+    path = tmp_path / "c.ply"
+    scene = _scene(gen, N=4, K=1)
+    save_ply(path, **scene)
+    raw = path.read_bytes()
+    first = raw.index(b"\n") + 1
+    path.write_bytes(raw[:first] + b"comment a line that ends in end_header\n" + raw[first:])
+    g = load_ply(path)
+    assert torch.allclose(g["means"], scene["means"], atol=1e-6)

@@ -480,3 +480,30 @@ def test_gaussian_renderer_module(gen):
                                       x["Ks"], 19, 15, sh_degree=2, far_plane=100.0, render_mode="RGB+ED",
                                       backgrounds=x["backgrounds"])
     assert out.shape == (2, 2, 15, 19, 4) and torch.equal(out, ref) and torch.equal(alpha, ref_alpha)
+
+
+def test_gaussian_at_a_camera_centre_gives_finite_gradients(gen):
+    """A Gaussian exactly at a camera centre is culled (z < near), and its SH direction is
+    undefined: it must contribute nothing, not NaN, to the gradients (review finding B2)."""
+    N = 5
+    means = (torch.rand(N, 3, generator=gen, dtype=torch.float64) - 0.5) + torch.tensor([0.0, 0.0, 3.0],
+                                                                                      dtype=torch.float64)
+    means[0] = 0.0                                                       # the camera centre
+    quats = torch.randn(N, 4, generator=gen, dtype=torch.float64)
+    scales = torch.rand(N, 3, generator=gen, dtype=torch.float64) * 0.2 + 0.05
+    opac = torch.rand(N, generator=gen, dtype=torch.float64) * 0.5 + 0.4
+    sh = torch.randn(N, 4, 3, generator=gen, dtype=torch.float64) * 0.3
+    viewmats = torch.eye(4, dtype=torch.float64)[None]
+    Ks = torch.tensor([[[20.0, 0, 12], [0, 20, 10], [0, 0, 1]]], dtype=torch.float64)
+    for backend in [b for b, r in backends.availability("rasterization").items() if r is None
+                    and (b != "cuda" or torch.cuda.is_available())]:
+        dev = "cuda" if backend == "cuda" else "cpu"
+        dtype = torch.float32 if backend == "cuda" else torch.float64
+        inputs = [t.to(dev, dtype).requires_grad_() for t in (means, quats, scales, opac, sh)]
+        rgb, alpha, _ = rasterization(*inputs, viewmats.to(dev, dtype), Ks.to(dev, dtype), 24, 20,
+                                             sh_degree=1, backend=backend)
+        assert torch.isfinite(rgb).all() and torch.isfinite(alpha).all(), backend
+        grads = torch.autograd.grad((rgb.sum() + alpha.sum()), inputs)
+        for name, g in zip(("means", "quats", "scales", "opacities", "sh"), grads):
+            assert torch.isfinite(g).all(), f"{backend}: non-finite {name} gradient"
+            assert (g[0] == 0).all(), f"{backend}: the culled Gaussian got a {name} gradient"

@@ -576,7 +576,7 @@ const char* launch_backward(const float* means2d, const float* conics, const flo
                             float* absgrad, cudaStream_t st) {
   const dim3 grid(unsigned(((width + kTile - 1) / kTile) * ((height + kTile - 1) / kTile)), unsigned(I));
   const size_t shmem = deterministic ? size_t(kBwdBatch) * kWarps * (8 + D) * sizeof(float) : 0;
-  if (shmem > 48 * 1024) {
+  if (shmem > 0) {  // opt in whenever used: static shared memory adds to the 48 KB default
     const cudaError_t err = cudaFuncSetAttribute(rasterize_backward_kernel<DMAX>,
                                                  cudaFuncAttributeMaxDynamicSharedMemorySize, int(shmem));
     if (err != cudaSuccess) return cudaGetErrorString(err);

@@ -113,8 +113,8 @@ def _fwd_kernel(Q, K, Vt, O, LSE, KV_VIEWS, KV_COUNT,
 def _delta_kernel(O, DO, DELTA, s_ob, s_ol, s_oh, s_od, s_gb, s_gl, s_gh, s_gd, H, LQ, HEAD_DIM,
                   BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     # delta[bv, hd, t] = sum_d dO * O, for BLOCK_M tokens t of one (bv, hd).
-    mb = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
+    bh = tl.program_id(0).to(tl.int64)    # B*V*H on axis 0: axis 1 is capped at 65535
+    mb = tl.program_id(1).to(tl.int64)
     bv, hd = bh // H, bh % H
     offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -162,7 +162,7 @@ def _dkdv_kernel(Q, K, Vt, DO, LSE, DELTA, DK, DV, Q_VIEWS, Q_COUNT,
         g_base = DO + (b * NV + i) * s_gb + r * SEG_Q * s_gl + hd * s_gh
         stat = ((b * NV + i) * H + hd) * LQ + r * SEG_Q
         for start_m in range(0, SEG_Q, BLOCK_M):
-            m = start_m + offs_m
+            m = (start_m + offs_m).to(tl.int64)                # token offsets may pass 2^31 bytes
             m_ok = m < SEG_Q
             md_ok = m_ok[:, None] & d_ok[None, :]
             q = tl.load(q_base + m[:, None] * s_ql + offs_d[None, :] * s_qd, mask=md_ok, other=0.0)
@@ -241,14 +241,18 @@ def _dq_kernel(Q, K, Vt, DO, LSE, DELTA, DQ, KV_VIEWS, KV_COUNT,
 # --- launch configuration -------------------------------------------------------------------------
 
 
-def _config(seg_q: int, seg_k: int, head_dim: int) -> dict:
+def _config(seg_q: int, seg_k: int, head_dim: int, backward: bool = False) -> dict:
     """Tile sizes: blocks no longer than a segment (rounded up to a power of two, >= 16) so short
-    Era3D rows do not waste half a tile; 128x64 tiles as FlashAttention-2 uses for D <= 128, 64x64
-    above; the interpreter gets 32x32 tiles so small test sizes still run several blocks per segment
-    with masked tails."""
+    Era3D rows do not waste half a tile. Forward: 128x64 for D <= 128, 64x64 above. Backward
+    kernels hold four operand tiles (q, dO and k, v) per stage, so they get 64x64 tiles and two
+    stages (32x32 above D = 128) to stay inside shared memory (~100 KB at bf16, D = 128). These are
+    untuned starting points; the interpreter gets 32x32 tiles so small test sizes still run several
+    blocks per segment with masked tails."""
     block_d = max(16, triton.next_power_of_2(head_dim))
     if backends.triton_interpreted():
         bm, bn, warps, stages = 32, 32, 4, 1
+    elif backward:
+        bm, bn, warps, stages = (64, 64, 4 if block_d <= 64 else 8, 2) if block_d <= 128 else (32, 32, 8, 1)
     elif block_d <= 128:
         bm, bn, warps, stages = 128, 64, 4 if block_d <= 64 else 8, 3
     else:
@@ -329,11 +333,11 @@ def attention_bwd(g_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
     if Lq == 0:  # no query reaches any key
         return dq, dk.zero_(), dv.zero_()
     kv_views, kv_count, q_views, q_count = view_tables(view_mask, V, q.device)
-    cfg = _config(seg_q, seg_k, D)
+    cfg = _config(seg_q, seg_k, D, backward=True)
     common = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
                   num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **_precision(q.dtype))
     delta = torch.empty((BV, H, Lq), dtype=torch.float32, device=q.device)
-    _delta_kernel[(triton.cdiv(Lq, 64), BV * H)](out, g_out, delta, *_strides(out), *_strides(g_out), H, Lq, D,
+    _delta_kernel[(BV * H, triton.cdiv(Lq, 64))](out, g_out, delta, *_strides(out), *_strides(g_out), H, Lq, D,
                                                  BLOCK_M=64, BLOCK_D=cfg["BLOCK_D"])
     groups = (BV // V) * R
     _dkdv_kernel[(triton.cdiv(seg_k, cfg["BLOCK_N"]) * V * H * groups,)](

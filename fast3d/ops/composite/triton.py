@@ -33,7 +33,7 @@ def rne(x, dtype: tl.constexpr):
     if dtype == tl.bfloat16:
         bits = x.to(tl.uint32, bitcast=True)
         bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        x = ((bits >> 16) << 16).to(tl.float32, bitcast=True)
+        x = tl.where(x != x, x, ((bits >> 16) << 16).to(tl.float32, bitcast=True))  # NaN stays NaN
     return x.to(dtype)
 
 

@@ -36,8 +36,11 @@ backends.register(OP, "torch", reference.rasterization, devices=("cpu", "cuda"),
 
 
 def _cuda_check(q: backends.Query) -> list:
-    D = q.extra.get("channels", 0)
-    return [f"{D} channels; the CUDA kernels take at most 64"] if D > 64 else []
+    D, images = q.extra.get("channels", 0), q.extra.get("images", 0)
+    reasons = [f"{D} channels; the CUDA kernels take at most 64"] if D > 64 else []
+    if images > 65535:  # images are grid axis y of the CUDA launches
+        reasons.append(f"{images} images (scenes x cameras); the CUDA kernels take at most 65535 per call")
+    return reasons
 
 
 # cpu/cuda above torch: the dense reference is O(pixels x Gaussians).

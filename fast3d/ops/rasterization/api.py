@@ -142,7 +142,7 @@ def rasterization(means: Tensor,          # [..., N, 3] world positions
     else:
         q = backends.Query(device=means.device, dtype=compute,
                            features=frozenset({"antialiased"} if rasterize_mode == "antialiased" else ()),
-                           extra=dict(channels=channels, dense_elements=B * C * N * width * height),
+                           extra=dict(channels=channels, images=B * C, dense_elements=B * C * N * width * height),
                            requires_grad=torch.is_grad_enabled() and any(
                                x is not None and x.requires_grad for x in (*args[:5], bgs)))
         impl = backends.select(OP, backend, q)

@@ -127,7 +127,7 @@ def sh_colors(sh: Tensor,        # [B, N, K, 3], K >= (degree + 1)^2
     Rc, tc = viewmats[..., :3, :3], viewmats[..., :3, 3]
     campos = -torch.einsum("bcji,bcj->bci", Rc, tc)                           # [B, C, 3]
     dirs = means[:, None] - campos[:, :, None]                                # [B, C, N, 3]
-    basis = sh_basis(dirs / dirs.norm(dim=-1, keepdim=True), degree)          # [B, C, N, K']
+    basis = sh_basis(dirs / dirs.norm(dim=-1, keepdim=True).clamp_min(1e-30), degree)          # [B, C, N, K']
     k = (degree + 1) ** 2
     return torch.clamp_min(torch.einsum("bcnk,bnkd->bcnd", basis, sh[:, :, :k]) + 0.5, 0.0)
 
