@@ -74,7 +74,7 @@ void gs_project_forward_cpu(const T* means, const T* quats, const T* scales, con
       means2d[idx * 2 + 1] = pr.mean2d[1];
       for (int k = 0; k < 3; ++k) conics[idx * 3 + k] = pr.conic[k];
       opac[idx] = pr.opacity;
-    } else {  // finite placeholders, as the reference has
+    } else {  // finite stand-in values, as the reference has
       means2d[idx * 2] = means2d[idx * 2 + 1] = T(0);
       conics[idx * 3] = conics[idx * 3 + 2] = T(1);
       conics[idx * 3 + 1] = T(0);
@@ -102,7 +102,7 @@ void gs_project_backward_cpu(const T* means, const T* quats, const T* scales, co
       gs::project_forward(means + g * 3, quats + g * 4, scales + g * 3, opacities[g], cam.R, cam.t, cam.fx,
                           cam.fy, cam.cx, cam.cy, width, height, near_plane, far_plane, eps2d, antialiased, pr);
       if (!pr.valid) {
-        // Culled: constant placeholders, but depth = z still reads the mean.
+        // Culled: constant stand-in values, but depth = z still reads the mean.
         for (int k = 0; k < 3; ++k) gm[k] += cam.R[2][k] * g_depths[idx];
         continue;
       }

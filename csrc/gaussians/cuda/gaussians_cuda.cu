@@ -92,7 +92,7 @@ __global__ void project_backward_kernel(const float* __restrict__ means, const f
     gs::Projected<float> pr;
     gs::project_forward(means + g * 3, quats + g * 4, scales + g * 3, opacities[g], R, t, fx, fy, cx, cy, width,
                         height, near_plane, far_plane, eps2d, antialiased, pr);
-    if (!pr.valid) {  // constant placeholders; depth = z still reads the mean
+    if (!pr.valid) {  // constant stand-in values; depth = z still reads the mean
       for (int k = 0; k < 3; ++k) gm[k] += R[2][k] * g_depths[idx];
       continue;
     }

@@ -75,7 +75,7 @@ def project(means: Tensor,      # [B, N, 3]
     cov_c = Rc[:, :, None] @ cov[:, None] @ Rc.transpose(-1, -2)[:, :, None]  # [B, C, N, 3, 3]
     x, y, z = p.unbind(-1)                                                    # [B, C, N]
     valid = (z >= near) & (z <= far)
-    z = torch.where(valid, z, torch.ones_like(z))  # placeholders keep invalid entries finite
+    z = torch.where(valid, z, torch.ones_like(z))  # stand-in values keep invalid entries finite
     x, y = torch.where(valid, x, torch.zeros_like(x)), torch.where(valid, y, torch.zeros_like(y))
     fx, fy, cx, cy = (Ks[..., i, j][..., None] for i, j in ((0, 0), (1, 1), (0, 2), (1, 2)))  # [B, C, 1]
     u, v = x / z, y / z
@@ -95,7 +95,7 @@ def project(means: Tensor,      # [B, N, 3]
         r = ((a - eps2d) * (c - eps2d) - b * b) / det
         pos = r > 0
         opac = opac * torch.where(pos, torch.sqrt(torch.where(pos, r, torch.ones_like(r))), torch.zeros_like(r))
-    # Culled Gaussians: placeholders mean2d 0, conic (1, 0, 1), opacity 0 (the native kernels' too).
+    # Culled Gaussians: stand-in values mean2d 0, conic (1, 0, 1), opacity 0 (the native kernels' too).
     means2d = torch.where(valid[..., None], means2d, torch.zeros_like(means2d))
     conics = torch.where(valid[..., None], conics, conics.new_tensor([1.0, 0.0, 1.0]))
     opac = torch.where(valid, opac, torch.zeros_like(opac))
