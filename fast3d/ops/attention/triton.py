@@ -40,6 +40,18 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _program_tile(n_blocks, NV, H, R):
+    """Program id -> (block within the segment, view, head, sample, row group): the one grid
+    order shared by the forward, dK/dV and dQ kernels (blocks fastest, row groups slowest)."""
+    pid = tl.program_id(0).to(tl.int64)
+    blk = pid % n_blocks
+    view = (pid // n_blocks) % NV
+    hd = (pid // (n_blocks * NV)) % H
+    g = pid // (n_blocks * NV * H)
+    return blk, view, hd, g // R, g % R
+
+
+@triton.jit
 def _mm(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     # a @ b with float32 accumulation. UPCAST: the Triton interpreter (3.9) computes bf16 x bf16 dots
     # wrongly, so there the operands go to float32 first; bf16 products are exact in float32, so
@@ -57,13 +69,7 @@ def _fwd_kernel(Q, K, Vt, O, LSE, KV_VIEWS, KV_COUNT,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                 EVEN_N: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     # One program: BLOCK_M queries of query view i, in group g = (b, r), head hd.
-    pid = tl.program_id(0).to(tl.int64)
-    n_mb = tl.cdiv(SEG_Q, BLOCK_M)
-    mb = pid % n_mb
-    i = (pid // n_mb) % NV
-    hd = (pid // (n_mb * NV)) % H
-    g = pid // (n_mb * NV * H)
-    b, r = g // R, g % R
+    mb, i, hd, b, r = _program_tile(tl.cdiv(SEG_Q, BLOCK_M), NV, H, R)
 
     offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)            # positions in the segment
     offs_n = tl.arange(0, BLOCK_N)
@@ -135,13 +141,7 @@ def _dkdv_kernel(Q, K, Vt, DO, LSE, DELTA, DK, DV, Q_VIEWS, Q_COUNT,
     # One program: BLOCK_N keys of key view j in group g, head hd; loops over the query views
     # allowed to see view j. Query rows past the segment load lse = +inf, so P = 0 there; key
     # rows past it are never stored.
-    pid = tl.program_id(0).to(tl.int64)
-    n_nb = tl.cdiv(SEG_K, BLOCK_N)
-    nb = pid % n_nb
-    j = (pid // n_nb) % NV
-    hd = (pid // (n_nb * NV)) % H
-    g = pid // (n_nb * NV * H)
-    b, r = g // R, g % R
+    nb, j, hd, b, r = _program_tile(tl.cdiv(SEG_K, BLOCK_N), NV, H, R)
 
     offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
@@ -192,13 +192,7 @@ def _dq_kernel(Q, K, Vt, DO, LSE, DELTA, DQ, KV_VIEWS, KV_COUNT,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                EVEN_N: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     # One program: BLOCK_M queries of query view i in group g, head hd (the forward's tiling).
-    pid = tl.program_id(0).to(tl.int64)
-    n_mb = tl.cdiv(SEG_Q, BLOCK_M)
-    mb = pid % n_mb
-    i = (pid // n_mb) % NV
-    hd = (pid // (n_mb * NV)) % H
-    g = pid // (n_mb * NV * H)
-    b, r = g // R, g % R
+    mb, i, hd, b, r = _program_tile(tl.cdiv(SEG_Q, BLOCK_M), NV, H, R)
 
     offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)

@@ -58,11 +58,8 @@ def _plane_uv(x, y, z, PLANE: tl.constexpr):
 
 
 @triton.jit
-def _triplane_fwd(planes_ptr,   # [B, 3, H, W, C] channels-last
-                  points_ptr,   # [B, M, 3]
-                  out_ptr,      # [B, M, 3, C] (concat) or [B, M, C]
-                  M, C, H, W, inv_bound,
-                  REDUCE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+def _point_block(points_ptr, M, inv_bound, BLOCK_M: tl.constexpr):
+    """This program's scene b and BLOCK_M points of it, scaled to the planes' [-1, 1] box."""
     b = tl.program_id(1).to(tl.int64)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
@@ -70,6 +67,16 @@ def _triplane_fwd(planes_ptr,   # [B, 3, H, W, C] channels-last
     x = tl.load(pt + 0, mask=mask_m, other=0.0).to(tl.float32) * inv_bound
     y = tl.load(pt + 1, mask=mask_m, other=0.0).to(tl.float32) * inv_bound
     z = tl.load(pt + 2, mask=mask_m, other=0.0).to(tl.float32) * inv_bound
+    return b, offs_m, mask_m, x, y, z
+
+
+@triton.jit
+def _triplane_fwd(planes_ptr,   # [B, 3, H, W, C] channels-last
+                  points_ptr,   # [B, M, 3]
+                  out_ptr,      # [B, M, 3, C] (concat) or [B, M, C]
+                  M, C, H, W, inv_bound,
+                  REDUCE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    b, offs_m, mask_m, x, y, z = _point_block(points_ptr, M, inv_bound, BLOCK_M)
     for c0 in range(0, C, BLOCK_C):
         cc = c0 + tl.arange(0, BLOCK_C)
         mc = mask_m[:, None] & (cc < C)[None, :]
@@ -106,13 +113,7 @@ def _triplane_bwd(planes_ptr,    # [B, 3, H, W, C] channels-last
                   g_points_ptr,  # [B, M, 3] float32
                   M, C, H, W, inv_bound,
                   REDUCE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    b = tl.program_id(1).to(tl.int64)
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < M
-    pt = points_ptr + (b * M + offs_m) * 3
-    x = tl.load(pt + 0, mask=mask_m, other=0.0).to(tl.float32) * inv_bound
-    y = tl.load(pt + 1, mask=mask_m, other=0.0).to(tl.float32) * inv_bound
-    z = tl.load(pt + 2, mask=mask_m, other=0.0).to(tl.float32) * inv_bound
+    b, offs_m, mask_m, x, y, z = _point_block(points_ptr, M, inv_bound, BLOCK_M)
     gx = tl.zeros([BLOCK_M], dtype=tl.float32)
     gy = tl.zeros([BLOCK_M], dtype=tl.float32)
     gz = tl.zeros([BLOCK_M], dtype=tl.float32)
