@@ -148,6 +148,11 @@ def _writer_loop(out: str, jobs: queue.Queue, errors: list) -> None:
             return
 
 
+def _key(i: int) -> str:
+    """The sample key (and asset file name) of object i."""
+    return f"obj{i:08d}"
+
+
 def generate(out: str, cfg: ProceduralConfig, reader: int = 0, readers: int = 1, progress: bool = True,
              device: torch.device | None = None) -> dict:
     """Write this reader's missing shards. Returns counts: shards written / skipped, samples."""
@@ -157,8 +162,11 @@ def generate(out: str, cfg: ProceduralConfig, reader: int = 0, readers: int = 1,
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     mine = list(range(reader, cfg.num_shards, readers))
     done = {j for j in mine if os.path.exists(os.path.join(out, f"{PREFIX}-{j:06d}.tar"))}
-    for j in mine:  # temporary files of a killed run
-        for tmp in glob.glob(os.path.join(out, f".{PREFIX}-{j:06d}.tar.tmp*")):
+    for j in mine:  # temporary files of a killed run: its shards and its assets' PLYs
+        stale = glob.glob(os.path.join(out, f".{PREFIX}-{j:06d}.tar.tmp*"))
+        for i in range(j * cfg.samples_per_shard, min((j + 1) * cfg.samples_per_shard, cfg.num_objects)):
+            stale += glob.glob(os.path.join(out, "assets", f".{_key(i)}.ply.tmp*"))
+        for tmp in stale:
             os.unlink(tmp)
     todo = [j for j in mine if j not in done]
     n_samples = sum(min(cfg.samples_per_shard, cfg.num_objects - j * cfg.samples_per_shard) for j in todo)
@@ -192,7 +200,7 @@ def generate(out: str, cfg: ProceduralConfig, reader: int = 0, readers: int = 1,
                 images, alphas = _render(cfg, objs, device)
                 render_s += time.perf_counter() - tr
                 for k, (i, (asset, rig, _)) in enumerate(zip(batch, objs)):
-                    key = f"obj{i:08d}"
+                    key = _key(i)
                     if cfg.save_ply:
                         save_ply(os.path.join(out, "assets", f"{key}.ply"), asset.means, asset.quats, asset.scales,
                                  asset.opacities, asset.sh)

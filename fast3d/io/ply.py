@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 
 import numpy as np
 import torch
@@ -68,9 +67,10 @@ def save_ply(path: str | os.PathLike,
     header = "ply\nformat binary_little_endian 1.0\n" + f"element vertex {N}\n" + "".join(
         f"property float {n}\n" for n in names) + "end_header\n"
     path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-", suffix=".ply")
+    # the temporary file is named after its target, so a resumed job can find a killed writer's leftovers
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp{os.getpid()}")
     try:
-        with os.fdopen(fd, "wb") as fh:
+        with open(tmp, "wb") as fh:
             fh.write(header.encode("ascii"))
             fh.write(np.ascontiguousarray(data, dtype="<f4").tobytes())
         os.replace(tmp, path)

@@ -66,11 +66,12 @@ def test_rerun_writes_exactly_the_missing_shards(tmp_path, seed):
     kept = os.stat(os.path.join(out, "procedural-000000.tar")).st_mtime_ns
     os.unlink(os.path.join(out, "procedural-000001.tar"))
     open(os.path.join(out, ".procedural-000001.tar.tmp999"), "wb").write(b"half a shard")  # a killed writer's
+    open(os.path.join(out, "assets", ".obj00000002.ply.tmp999"), "wb").write(b"half a PLY")
     (r,) = procedural.run(out, cfg)
     assert (r["shards_written"], r["shards_skipped"], r["samples"]) == (1, 2, 2)
     assert shard_bytes(out) == before
     assert os.stat(os.path.join(out, "procedural-000000.tar")).st_mtime_ns == kept
-    assert not [f for f in os.listdir(out) if ".tmp" in f]
+    assert not [f for f in os.listdir(out) + os.listdir(os.path.join(out, "assets")) if ".tmp" in f]
 
 
 @pytest.mark.slow
