@@ -122,6 +122,37 @@ def camera_centers(viewmats: Tensor) -> Tensor:  # [..., 4, 4] -> [..., 3]
     return -(R.transpose(-1, -2) @ t)[..., 0]
 
 
+def camera_rays(viewmats: Tensor,   # [..., C, 4, 4] world-to-camera, OpenCV
+                Ks: Tensor,         # [..., C, 3, 3]
+                width: int, height: int) -> tuple[Tensor, Tensor]:  # -> 2 x [..., C, H, W, 3]
+    """World-space rays through the pixel centres (+0.5): origins (the camera centres) and unit
+    directions."""
+    if viewmats.shape[-2:] != (4, 4) or Ks.shape[-2:] != (3, 3) or viewmats.shape[:-2] != Ks.shape[:-2]:
+        raise ValueError(f"viewmats [..., C, 4, 4] and Ks [..., C, 3, 3] must share their leading dims; "
+                         f"got {tuple(viewmats.shape)} and {tuple(Ks.shape)}")
+    if width <= 0 or height <= 0:
+        raise ValueError(f"width and height must be positive; got {width}x{height}")
+    dev, dt = viewmats.device, viewmats.dtype
+    v, u = torch.meshgrid(torch.arange(height, device=dev, dtype=dt) + 0.5,
+                          torch.arange(width, device=dev, dtype=dt) + 0.5, indexing="ij")
+    fx, fy = Ks[..., 0, 0, None, None], Ks[..., 1, 1, None, None]
+    cx, cy = Ks[..., 0, 2, None, None], Ks[..., 1, 2, None, None]
+    d_cam = torch.stack([(u - cx) / fx, (v - cy) / fy, torch.ones_like(u).expand_as(fx * u)], -1)
+    R = viewmats[..., :3, :3]
+    d = torch.einsum("...ji,...hwj->...hwi", R, d_cam)  # R^T d: camera to world
+    d = d / d.norm(dim=-1, keepdim=True)
+    o = camera_centers(viewmats)[..., None, None, :].expand_as(d)
+    return o, d
+
+
+def plucker_rays(viewmats: Tensor,  # [..., C, 4, 4]
+                 Ks: Tensor,        # [..., C, 3, 3]
+                 width: int, height: int) -> Tensor:  # -> [..., C, 6, H, W]
+    """The 6-channel Pluecker embedding of each pixel's ray, (o x d, d), channels first (LGM)."""
+    o, d = camera_rays(viewmats, Ks, width, height)
+    return torch.cat([torch.cross(o, d, dim=-1), d], -1).movedim(-1, -3)
+
+
 def _rig(azimuths: Tensor, elevations: Tensor, positions: Tensor, fov_y_deg: float, resolution: int) -> Rig:
     viewmats = look_at(positions.double()).float()
     return Rig(viewmats=viewmats, Ks=intrinsics(fov_y_deg, resolution, resolution, len(azimuths)),

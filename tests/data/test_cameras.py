@@ -120,3 +120,30 @@ def test_random_sphere_is_area_uniform(gen):
 def test_bad_input(call, match, gen):
     with pytest.raises(ValueError, match=match):
         call(gen)
+
+
+def test_camera_rays_hit_the_pixels_they_start_from(gen):
+    rig = cameras.orbit16(gen, resolution=32)
+    o, d = cameras.camera_rays(rig.viewmats, rig.Ks, 32, 24)
+    assert o.shape == d.shape == (16, 24, 32, 3)
+    assert_close(d.norm(dim=-1), torch.ones(16, 24, 32), atol=1e-5, rtol=0, name="|d|")
+    # Project a point along each ray back into its camera: it lands on the pixel centre.
+    p = o + 1.7 * d
+    cam = torch.einsum("cij,chwj->chwi", rig.viewmats[:, :3, :3], p) + rig.viewmats[:, None, None, :3, 3]
+    uv = torch.einsum("cij,chwj->chwi", rig.Ks, cam)
+    uv = uv[..., :2] / uv[..., 2:]
+    v, u = torch.meshgrid(torch.arange(24) + 0.5, torch.arange(32) + 0.5, indexing="ij")
+    assert_close(uv, torch.stack([u, v], -1).expand_as(uv), atol=1e-3, rtol=0, name="reprojected pixel")
+
+
+def test_plucker_rays_are_moment_and_direction(gen):
+    rig = cameras.mvdream(resolution=8)
+    pl = cameras.plucker_rays(rig.viewmats, rig.Ks, 8, 8)
+    assert pl.shape == (4, 6, 8, 8)
+    m, d = pl[:, :3], pl[:, 3:]
+    assert_close((m * d).sum(1), torch.zeros(4, 8, 8), atol=1e-5, rtol=0, name="moment . direction")
+
+
+def test_camera_rays_reject_mismatched_cameras():
+    with pytest.raises(ValueError, match="viewmats"):
+        cameras.camera_rays(torch.eye(4).expand(2, 4, 4), torch.eye(3).expand(3, 3, 3), 4, 4)
