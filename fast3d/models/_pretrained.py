@@ -1,0 +1,92 @@
+"""Saving and loading a model as a directory: ``config.yaml`` (its dataclass config and model type)
+and ``model.safetensors`` (its weights). Loading never unpickles: configs go through
+``yaml.safe_load``, weights through safetensors."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+import yaml
+
+CONFIG_FILE, WEIGHTS_FILE = "config.yaml", "model.safetensors"
+
+
+def config_from_dict(cls, d, what: str = "config"):
+    """Build dataclass ``cls`` from a dict, naming unknown keys (the dataclass checks values)."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{what} must be a mapping; got {type(d).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - set(fields))
+    if unknown:
+        raise ValueError(f"{what}: unknown keys {unknown}; expected some of {sorted(fields)}")
+    # YAML has no tuples: sequences come back as lists, and configs hold tuples
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+def save_pretrained(path: str, model_type: str, config, state_dict: dict) -> None:
+    """Write ``path/config.yaml`` and ``path/model.safetensors`` (atomically, each)."""
+    from safetensors.torch import save_file
+
+    os.makedirs(path, exist_ok=True)
+    cfg = {"model_type": model_type, "config": _plain(dataclasses.asdict(config))}
+    tmp = os.path.join(path, f".{CONFIG_FILE}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        yaml.safe_dump(cfg, f, sort_keys=False)
+    os.replace(tmp, os.path.join(path, CONFIG_FILE))
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    tmp = os.path.join(path, f".{WEIGHTS_FILE}.tmp{os.getpid()}")
+    save_file(tensors, tmp)
+    os.replace(tmp, os.path.join(path, WEIGHTS_FILE))
+
+
+def read_config(path: str, model_type: str, cls):
+    """The dataclass config saved in ``path``; ValueError if it is missing or of another model."""
+    f = os.path.join(path, CONFIG_FILE)
+    if not os.path.isfile(f):
+        raise ValueError(f"checkpoint {path!r} has no {CONFIG_FILE}; expected a directory written by save_pretrained")
+    with open(f) as fh:
+        try:
+            d = yaml.safe_load(fh)
+        except yaml.YAMLError as e:
+            raise ValueError(f"{f}: not valid YAML ({e})") from None
+    if not isinstance(d, dict) or "model_type" not in d or "config" not in d:
+        raise ValueError(f"{f}: expected keys 'model_type' and 'config'")
+    if d["model_type"] != model_type:
+        raise ValueError(f"checkpoint {path!r} holds a {d['model_type']!r} model, not {model_type!r}")
+    return config_from_dict(cls, d["config"], what=f"{f} config")
+
+
+def read_weights(path: str) -> dict:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    f = os.path.join(path, WEIGHTS_FILE)
+    if not os.path.isfile(f):
+        raise ValueError(f"checkpoint {path!r} has no {WEIGHTS_FILE}")
+    try:
+        return load_file(f)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{f}: not a readable safetensors file ({e})") from None
+
+
+def load_state(module: torch.nn.Module, state: dict, path: str) -> None:
+    """Load ``state`` strictly, turning missing/unexpected/mis-shaped keys into one clear error."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        raise ValueError(f"checkpoint {path!r} does not match the model: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}, shape mismatches {shapes[:5]}")
+    module.load_state_dict(state)
+
+
+def _plain(x):
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x
