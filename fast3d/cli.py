@@ -1,4 +1,4 @@
-"""The `fast3d` command: info | bench | report | profile | datagen."""
+"""The `fast3d` command: info | bench | report | profile | datagen | train."""
 
 from __future__ import annotations
 
@@ -112,6 +112,16 @@ def cmd_datagen_procedural(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from fast3d.training import launch
+
+    try:
+        return launch.run(args.recipe, args.config, args.output, max_steps=args.max_steps, resume=args.resume,
+                          ranks=args.ranks)
+    except ValueError as e:
+        return _fail(f"train {args.recipe}", str(e))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fast3d", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -160,6 +170,16 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-ply", action="store_true", help="do not write assets/<key>.ply")
     d.add_argument("--workers", type=int, default=1, help="local processes (each on its share of the threads)")
     d.set_defaults(fn=cmd_datagen_procedural)
+
+    s = sub.add_parser("train", help="train a recipe with DeepSpeed (lgm | lrm | ttr)")
+    s.add_argument("recipe", help="lgm | lrm | ttr (or module:Class)")
+    s.add_argument("--config", required=True, help="run config, e.g. train/configs/lgm_tiny.yaml")
+    s.add_argument("--output", required=True, help="run directory: checkpoints/, metrics.jsonl, tensorboard/")
+    s.add_argument("--max-steps", type=int, help="override the config's max_steps")
+    s.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output")
+    s.add_argument("--ranks", type=int, help="processes to launch (default: the GPUs, or 1 on a CPU machine); "
+                                              "ignored under a launcher")
+    s.set_defaults(fn=cmd_train)
     return p
 
 

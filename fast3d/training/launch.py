@@ -1,0 +1,76 @@
+"""``fast3d train RECIPE``: run a recipe in this process, or start it on N ranks with the DeepSpeed
+launcher (``deepspeed --num_gpus N --module fast3d.cli train ...``; on a machine without a GPU the
+ranks are CPU processes talking over gloo, ``DS_ACCELERATOR=cpu``). For several nodes, call the
+DeepSpeed launcher yourself with a hostfile: ``deepspeed --hostfile H --module fast3d.cli train ...``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import shutil
+import subprocess
+import sys
+
+import torch
+
+from fast3d.training.config import load_config
+
+RECIPES = {
+    "lgm": "fast3d.training.recipes.lgm:LGMRecipe",
+    "lrm": "fast3d.training.recipes.lrm:LRMRecipe",
+    "ttr": "fast3d.training.recipes.ttr:TTRRecipe",
+}
+
+
+def recipe_class(name: str):
+    """A registered recipe name, or ``package.module:Class`` for one defined elsewhere."""
+    spec = RECIPES.get(name, name)
+    if ":" not in spec:
+        raise ValueError(f"recipe must be one of {sorted(RECIPES)} or 'module:Class'; got {name!r}")
+    mod, cls = spec.split(":", 1)
+    try:
+        return getattr(importlib.import_module(mod), cls)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"recipe {name!r}: cannot import {spec} ({e})") from None
+
+
+def _under_launcher() -> bool:
+    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def run(recipe: str, config: str, output: str, max_steps: int | None = None, resume: bool = False,
+        ranks: int | None = None, master_port: int | None = None) -> int:
+    cfg = load_config(config)
+    cls = recipe_class(recipe)
+    if cls.name and cfg.recipe != cls.name:
+        raise ValueError(f"config {config} is for recipe {cfg.recipe!r}, not {recipe!r}")
+    if max_steps is not None:
+        if max_steps <= 0:
+            raise ValueError(f"--max-steps must be positive; got {max_steps}")
+        cfg = cfg.replace(max_steps=max_steps)
+    if ranks is None:
+        ranks = torch.cuda.device_count() or 1
+    if ranks < 1:
+        raise ValueError(f"--ranks must be >= 1; got {ranks}")
+    if _under_launcher() or ranks == 1:
+        from fast3d.training.loop import train
+
+        train(cls(cfg), output, resume=resume)
+        return 0
+    launcher = shutil.which("deepspeed")
+    if launcher is None:
+        raise ValueError("--ranks > 1 needs the DeepSpeed launcher (`deepspeed` on PATH; pip install deepspeed)")
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        env.setdefault("DS_ACCELERATOR", "cpu")
+    from fast3d.training.engine import _free_port
+
+    cmd = [launcher, "--num_gpus", str(ranks), "--master_port", str(master_port or _free_port()), "--module",
+           "--no_local_rank", "fast3d.cli", "train", recipe, "--config", config, "--output", output]
+    if max_steps is not None:
+        cmd += ["--max-steps", str(max_steps)]
+    if resume:
+        cmd.append("--resume")
+    proc = subprocess.run(cmd, env=env)
+    return proc.returncode
