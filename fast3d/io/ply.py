@@ -184,3 +184,44 @@ def load_ply(path: str | os.PathLike) -> dict:
         raise ValueError("scale_* properties overflow: exp(log scale) is not finite")
     return dict(means=means, quats=quats / norm, scales=scales, opacities=torch.sigmoid(logit),
                 sh=torch.cat([dc[:, None], rest], 1), sh_degree=degree)
+
+
+def save_points_ply(path: str | os.PathLike,
+                    points: Tensor,  # [N, 3] positions
+                    colors: Tensor,  # [N, 3] RGB in [0, 1] (clamped), stored as uchar round(255 c)
+                    ) -> None:
+    """Write a coloured point cloud: binary little-endian PLY, one ``vertex`` element with
+    ``float x y z`` and ``uchar red green blue`` (15 bytes a point), the layout point-cloud viewers
+    read. The file appears atomically (written to a temporary name, then renamed)."""
+    for name, x in (("points", points), ("colors", colors)):
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor; got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must be a floating tensor; got {x.dtype}")
+        if x.dim() != 2 or x.shape[1] != 3 or x.shape[0] != points.shape[0]:
+            raise ValueError(f"{name} must have shape [N, 3] with N from points; got {tuple(x.shape)}")
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError(f"{name} must be finite; got {int((~torch.isfinite(x)).sum())} non-finite values")
+    N = points.shape[0]
+    record = np.dtype([("x", "<f4"), ("y", "<f4"), ("z", "<f4"), ("red", "u1"), ("green", "u1"), ("blue", "u1")])
+    data = np.empty(N, dtype=record)
+    xyz = points.detach().to("cpu", torch.float32).numpy()
+    rgb = torch.round(colors.detach().to("cpu", torch.float64).clamp(0, 1) * 255).to(torch.uint8).numpy()
+    for i, n in enumerate(("x", "y", "z")):
+        data[n] = xyz[:, i]
+    for i, n in enumerate(("red", "green", "blue")):
+        data[n] = rgb[:, i]
+    header = ("ply\nformat binary_little_endian 1.0\n" + f"element vertex {N}\n"
+              + "".join(f"property float {n}\n" for n in "xyz")
+              + "".join(f"property uchar {n}\n" for n in ("red", "green", "blue")) + "end_header\n")
+    path = os.fspath(path)
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(header.encode("ascii"))
+            fh.write(data.tobytes())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

@@ -1,0 +1,136 @@
+"""The LGM model: multi-view images + cameras -> one 3D Gaussian per output pixel of each view,
+and the rendering of those Gaussians for supervision."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fast3d.data.cameras import plucker_rays
+from fast3d.models import _pretrained
+from fast3d.models.lgm.config import LGMConfig
+from fast3d.models.lgm.unet import CrossViewAttention, UNet
+from fast3d.ops.rasterization import rasterization
+
+MODEL_TYPE = "lgm"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+GAUSSIAN_KEYS = ("means", "quats", "scales", "opacities", "colors")
+# Activations of the 14 output channels (LGM's, in fast3d's world: objects in the unit box
+# [-0.5, 0.5]^3, cameras at 2.2 with a 49.1 deg field of view):
+# * positions clamp(x, -1, 1): normalisation rotates the unit box, whose corners then reach up to
+#   sqrt(3)/2 = 0.87 from the origin; +-1 keeps a margin for off-centre objects and is about the
+#   half-width the cameras see at the origin (2.2 tan(24.55 deg) = 1.0), so a wider range would
+#   mostly add room outside the views.
+# * scales SCALE_FACTOR * softplus(x), LGM's 0.1 halved: at x = 0 a Gaussian's scale is 0.035,
+#   about the spacing of one view's 32 x 32 grid spread over the unit box (1/32), so the tiny
+#   model's Gaussians start out just touching (with 0.1 each would span ~3 cells); the big
+#   model's 128 x 128 grid learns smaller scales from there.
+# * opacities sigmoid, quaternions normalised (wxyz), colours 0.5 tanh(x) + 0.5.
+SCALE_FACTOR = 0.05
+
+
+def _check_tensor(name: str, x, dims: int, desc: str) -> None:
+    if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() != dims:
+        got = f"shape {tuple(x.shape)}, {x.dtype}" if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"{name} must be a floating tensor of shape {desc}; got {got}")
+
+
+def gaussians_from_features(x: Tensor) -> dict:  # [B, V, 14, p, p] -> Gaussians, N = V p p
+    """LGM's activations of the U-Net's output channels (position 3, opacity 1, scale 3,
+    rotation 4, colour 3), Gaussians ordered by view, then row-major over the p x p grid."""
+    B, V, C, p, _ = x.shape
+    x = x.permute(0, 1, 3, 4, 2).reshape(B, V * p * p, C)
+    pos, opacity, scale, rot, rgb = x.split([3, 1, 3, 4, 3], -1)
+    return dict(means=pos.clamp(-1, 1), quats=F.normalize(rot, dim=-1), scales=SCALE_FACTOR * F.softplus(scale),
+                opacities=torch.sigmoid(opacity[..., 0]), colors=0.5 * torch.tanh(rgb) + 0.5)
+
+
+class LGM(nn.Module):
+    """Large Multi-View Gaussian Model (Tang et al. 2024): an asymmetric U-Net with cross-view
+    attention maps V posed images to V x splat_size^2 Gaussians.
+
+    Cameras are expected in the normalised world of
+    :func:`fast3d.models.lgm.normalize_cameras` (first view at the canonical pose, distance
+    ``config.camera_distance``); the Gaussians come out in that world.
+    """
+
+    def __init__(self, config: LGMConfig):
+        super().__init__()
+        if not isinstance(config, LGMConfig):
+            raise ValueError(f"config must be an LGMConfig; got {type(config).__name__}")
+        self.config = config
+        self.unet = UNet(config)
+        with torch.no_grad():   # identity rotations at initialisation, not a random quaternion near 0
+            self.unet.conv_out.bias[7] = 1.0
+        self.register_buffer("image_mean", torch.tensor(IMAGENET_MEAN).view(3, 1, 1), persistent=False)
+        self.register_buffer("image_std", torch.tensor(IMAGENET_STD).view(3, 1, 1), persistent=False)
+
+    def _check_inputs(self, images: Tensor, viewmats: Tensor, Ks: Tensor) -> None:
+        cfg = self.config
+        _check_tensor("images", images, 5, "[B, V, 3, H, W]")
+        B, V, C, H, W = images.shape
+        if C != 3:
+            raise ValueError(f"images must have 3 (RGB) channels, shape [B, V, 3, H, W]; got {tuple(images.shape)}")
+        if (H, W) != (cfg.input_size, cfg.input_size):
+            raise ValueError(f"images must be {cfg.input_size} x {cfg.input_size} (config.input_size); "
+                             f"got {H} x {W}")
+        if V != cfg.num_input_views:
+            what = "fewer" if V < cfg.num_input_views else "more"
+            raise ValueError(f"images has {what} views than the model needs: expected V = config.num_input_views "
+                             f"= {cfg.num_input_views}; got V = {V} (shape {tuple(images.shape)})")
+        _check_tensor("viewmats", viewmats, 4, "[B, V, 4, 4]")
+        if viewmats.shape != (B, V, 4, 4):
+            raise ValueError(f"viewmats must have shape [B, V, 4, 4] = {(B, V, 4, 4)} to match images; "
+                             f"got {tuple(viewmats.shape)}")
+        _check_tensor("Ks", Ks, 4, "[B, V, 3, 3]")
+        if Ks.shape != (B, V, 3, 3):
+            raise ValueError(f"Ks must have shape [B, V, 3, 3] = {(B, V, 3, 3)} to match images; got {tuple(Ks.shape)}")
+
+    def forward(self, images: Tensor,    # [B, V, 3, H, W] in [0, 1], H = W = config.input_size
+                viewmats: Tensor,        # [B, V, 4, 4] world-to-camera (OpenCV), normalised world
+                Ks: Tensor,              # [B, V, 3, 3] intrinsics of the input images, pixels
+                ) -> dict:  # means [B, N, 3], quats [B, N, 4], scales [B, N, 3], opacities [B, N], colors [B, N, 3]
+        """The Gaussians of each sample, N = V * splat_size^2, in the model's dtype."""
+        self._check_inputs(images, viewmats, Ks)
+        B, V, _, s, _ = images.shape
+        rays = plucker_rays(viewmats.float(), Ks.float(), s, s)                  # [B, V, 6, s, s]
+        rgb = (images.float() - self.image_mean) / self.image_std               # [B, V, 3, s, s]
+        x = torch.cat([rgb, rays], 2).flatten(0, 1).to(self.unet.conv_in.weight.dtype)  # [B*V, 9, s, s]
+        return gaussians_from_features(self.unet(x).unflatten(0, (B, V)))
+
+    @staticmethod
+    def render(gaussians: dict,                   # means [B, N, 3], quats, scales, opacities, colors
+               viewmats: Tensor,                  # [B, C, 4, 4] world-to-camera, OpenCV
+               Ks: Tensor,                        # [B, C, 3, 3]
+               width: int, height: int,
+               backgrounds: Tensor | None = None,  # [B, C, 3]
+               ) -> tuple[Tensor, Tensor]:        # -> images [B, C, 3, H, W], alphas [B, C, 1, H, W]
+        """All scenes and views in one :func:`fast3d.rasterization` call, in float32."""
+        missing = [k for k in GAUSSIAN_KEYS if k not in gaussians]
+        if missing:
+            raise ValueError(f"gaussians must have the keys {list(GAUSSIAN_KEYS)}; missing {missing}")
+        means, quats, scales, opacities, colors = (gaussians[k].float() for k in GAUSSIAN_KEYS)
+        images, alphas, _ = rasterization(means, quats, scales, opacities, colors, viewmats.float(), Ks.float(),
+                                          width, height,
+                                          backgrounds=None if backgrounds is None else backgrounds.float())
+        return images.permute(0, 1, 4, 2, 3), alphas.permute(0, 1, 4, 2, 3)
+
+    def save_pretrained(self, path: str) -> None:
+        """Write ``path/config.yaml`` and ``path/model.safetensors``."""
+        _pretrained.save_pretrained(path, MODEL_TYPE, self.config, self.state_dict())
+
+    @classmethod
+    def from_pretrained(cls, path: str) -> "LGM":
+        """Load a directory written by :meth:`save_pretrained` (ValueError for another model's)."""
+        model = cls(_pretrained.read_config(path, MODEL_TYPE, LGMConfig))
+        _pretrained.load_state(model, _pretrained.read_weights(path), path)
+        return model
+
+
+def lora_target_modules(model: nn.Module) -> list[str]:
+    """Names of the cross-view attention projections (``to_q``, ``to_k``, ``to_v``, ``to_out``)
+    in ``model``, for ``peft.LoraConfig(target_modules=...)``."""
+    return [f"{name}.{proj}" for name, module in model.named_modules() if isinstance(module, CrossViewAttention)
+            for proj in ("to_q", "to_k", "to_v", "to_out")]
