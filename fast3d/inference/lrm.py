@@ -1,0 +1,223 @@
+"""LRM inference and evaluation (``fast3d infer`` / ``fast3d eval`` on an "lrm" checkpoint): one
+image in, a triplane out, exported as a coloured point cloud and a turntable; and held-out-view
+PSNR / SSIM / LPIPS on a multi-view dataset.
+
+The source camera. The LRM recipe trains with the data's true input cameras (fast3d's world:
+objects in [-0.5, 0.5]^3, +Z up; VFusion3D's orbit: any azimuth, elevation in [0, 45] degrees,
+distance 2.2, vertical field of view 49.1 degrees). An image without a camera is taken to be seen
+from the canonical camera ``CANONICAL_CAMERA``: azimuth 0, elevation 20 degrees (inside that
+range), distance 2.2, fov 49.1 degrees, looking at the origin, upright. ``camera`` (a dict, e.g.
+read from ``--cameras FILE.json``) overrides any of those keys (``azimuth_deg``, ``elevation_deg``,
+``distance``, ``fov_y_deg``), or gives the camera itself as LGM's cameras files do:
+``{"viewmats": [1 x 4 x 4], "Ks": [1 x 3 x 3]}`` (OpenCV world-to-camera, intrinsics in pixels of
+the image). The turntable circles the origin at the source camera's elevation, distance and field
+of view, from azimuth 0.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import os
+import time
+
+import torch
+from torch import Tensor
+
+from fast3d.data import cameras
+from fast3d.inference.common import (StageTimer, load_image, model_type, orbit_cameras, resolve_checkpoint,
+                                     write_turntable)
+from fast3d.models.lrm import LRM
+
+CANONICAL_CAMERA = {"azimuth_deg": 0.0, "elevation_deg": 20.0, "distance": cameras.DEFAULT_DISTANCE,
+                    "fov_y_deg": cameras.DEFAULT_FOV_Y_DEG}
+POINT_GRID = 128           # default extract_points grid: 128^3 density queries over the triplane box
+DENSITY_THRESHOLD = 3.0    # OpenLRM's surface threshold on the density
+TURNTABLE_CHUNK = 8        # views per render call
+
+
+def _device(device) -> torch.device:
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def load_model(model_dir: str, device: torch.device) -> tuple[LRM, str]:
+    """The LRM of a model, checkpoint or run directory (EMA weights preferred), in eval mode."""
+    path = resolve_checkpoint(model_dir)
+    kind = model_type(path)
+    if kind != "lrm":
+        raise ValueError(f"checkpoint {model_dir!r} holds a {kind!r} model; LRM inference needs an 'lrm' checkpoint")
+    return LRM.from_pretrained(path).to(device).eval(), path
+
+
+def _posed_camera(camera: dict, size: int) -> tuple[Tensor, Tensor, dict]:
+    """{"viewmats": [1 x 4 x 4], "Ks": [1 x 3 x 3]} (LGM's cameras file with one view) -> viewmat,
+    K and the spherical description of the camera (for the turntable)."""
+    if set(camera) != {"viewmats", "Ks"}:
+        raise ValueError(f"camera: a posed camera has exactly the keys ['Ks', 'viewmats']; got {sorted(camera)}")
+    try:
+        viewmat, K = (torch.tensor(camera[k], dtype=torch.float32) for k in ("viewmats", "Ks"))
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"camera: viewmats and Ks must be numeric matrices ({e})") from None
+    if viewmat.shape != (1, 4, 4) or K.shape != (1, 3, 3):
+        raise ValueError(f"camera: viewmats must be [1, 4, 4] and Ks [1, 3, 3] (one image); got "
+                         f"{list(viewmat.shape)} and {list(K.shape)}")
+    if not (torch.isfinite(viewmat).all() and torch.isfinite(K).all()) or not K[0, 1, 1] > 0:
+        raise ValueError("camera: viewmats and Ks must be finite, with a positive focal length")
+    x, y, z = cameras.camera_centers(viewmat.double())[0].tolist()
+    d = math.sqrt(x * x + y * y + z * z)
+    cam = {"azimuth_deg": math.degrees(math.atan2(y, x)), "elevation_deg": math.degrees(math.asin(z / d)),
+           "distance": d, "fov_y_deg": math.degrees(2 * math.atan(size / 2 / float(K[0, 1, 1])))}
+    return viewmat, K, cam
+
+
+def source_camera(camera: dict | None, size: int) -> tuple[Tensor, Tensor, dict]:  # -> [1, 4, 4], [1, 3, 3], camera
+    """The input camera (module docstring) for a size x size image: viewmat, K in its pixels, and
+    its azimuth, elevation, distance and field of view."""
+    if camera is not None and not isinstance(camera, dict):
+        raise ValueError(f"camera must be a dict; got {type(camera).__name__}")
+    if camera is not None and ("viewmats" in camera or "Ks" in camera):
+        return _posed_camera(camera, size)
+    cam = dict(CANONICAL_CAMERA)
+    if camera is not None:
+        unknown = sorted(set(camera) - set(CANONICAL_CAMERA))
+        if unknown:
+            raise ValueError(f"camera: unknown keys {unknown}; expected some of {sorted(CANONICAL_CAMERA)}, "
+                             f"or viewmats and Ks")
+        cam.update(camera)
+    for k, v in cam.items():
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+            raise ValueError(f"camera.{k} must be a finite number; got {v!r}")
+    if not -90 < cam["elevation_deg"] < 90:
+        raise ValueError(f"camera.elevation_deg must be in (-90, 90); got {cam['elevation_deg']}")
+    if not cam["distance"] > 0:
+        raise ValueError(f"camera.distance must be positive; got {cam['distance']}")
+    if not 0 < cam["fov_y_deg"] < 180:
+        raise ValueError(f"camera.fov_y_deg must be in (0, 180); got {cam['fov_y_deg']}")
+    az, el = (torch.tensor([math.radians(cam[k])], dtype=torch.float64) for k in ("azimuth_deg", "elevation_deg"))
+    viewmat = cameras.look_at(cameras.spherical_to_position(az, el, float(cam["distance"]))).float()
+    return viewmat, cameras.intrinsics(float(cam["fov_y_deg"]), size, size, 1), {k: float(v) for k, v in cam.items()}
+
+
+def _planes(model: LRM, image: Tensor,  # [1, 3, H, W]
+            viewmat: Tensor,             # [1, 4, 4]
+            K: Tensor,                   # [1, 3, 3]
+            timer: StageTimer) -> Tensor:  # -> [1, 3, C, h, w]
+    """model(image, viewmat, K), timed as "encode" (the DINOv2 encoder, between hooks on it) and
+    "planes" (the rest: camera embedding, triplane transformer, upsampling)."""
+    marks = {}
+
+    def mark(name):
+        def hook(*_):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            marks[name] = time.perf_counter()
+        return hook
+
+    handles = [model.encoder.register_forward_pre_hook(mark("start")), model.encoder.register_forward_hook(mark("end"))]
+    try:
+        with timer("planes"):
+            planes = model(image, viewmat, K)
+    finally:
+        for h in handles:
+            h.remove()
+    total = timer.stages.pop("planes")
+    timer.stages["encode"] = (marks["end"] - marks["start"]) * 1e3
+    timer.stages["planes"] = total - timer.stages["encode"]
+    return planes
+
+
+@torch.no_grad()
+def infer(model_dir: str, image_path: str, out_dir: str, camera: dict | None = None, device=None,
+          turntable_frames: int = 36, resolution: int | None = None, point_grid: int = POINT_GRID) -> dict:
+    """One square image to ``out_dir/points.ply`` (the surface voxels of a point_grid^3 grid whose
+    density is above the threshold, coloured) and ``out_dir/turntable.gif`` (``turntable_frames``
+    views of ``resolution`` px, default the model's input size). Prints and returns the stage
+    latencies (ms)."""
+    from fast3d.io import save_points_ply
+
+    if isinstance(turntable_frames, bool) or not isinstance(turntable_frames, int) or turntable_frames < 1:
+        raise ValueError(f"turntable_frames must be a positive integer; got {turntable_frames!r}")
+    if resolution is not None and (isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 1):
+        raise ValueError(f"resolution must be a positive integer or None; got {resolution!r}")
+    if isinstance(point_grid, bool) or not isinstance(point_grid, int) or point_grid < 2:
+        raise ValueError(f"point_grid must be an integer >= 2; got {point_grid!r}")
+    dev = _device(device)
+    timer = StageTimer()
+    with timer("load"):
+        model, path = load_model(model_dir, dev)
+        image = load_image(image_path)                                          # [3, H, W]
+        if image.shape[1] != image.shape[2]:
+            raise ValueError(f"image {image_path!r} is {image.shape[2]}x{image.shape[1]}; LRM takes a square image "
+                             f"(crop or pad it around the object)")
+        viewmat, K, cam = source_camera(camera, image.shape[-1])
+    planes = _planes(model, image[None].to(dev), viewmat.to(dev), K.to(dev), timer)
+    os.makedirs(out_dir, exist_ok=True)
+    ply = os.path.join(out_dir, "points.ply")
+    with timer("export"):
+        points, colors = model.extract_points(planes[0], point_grid, DENSITY_THRESHOLD)
+        save_points_ply(ply, points, colors)
+    res = resolution or model.config.image_size
+    with timer("turntable"):
+        tv, tK = orbit_cameras(turntable_frames, res, cam["elevation_deg"], cam["distance"], cam["fov_y_deg"])
+        white = torch.ones(3, device=dev)
+        frames = [model.render(planes, tv[None, i:i + TURNTABLE_CHUNK].to(dev), tK[None, i:i + TURNTABLE_CHUNK].to(dev),
+                               res, res, background=white)["images"][0]
+                  for i in range(0, turntable_frames, TURNTABLE_CHUNK)]
+        gif = write_turntable(torch.cat(frames).float(), os.path.join(out_dir, "turntable.gif"))
+    note = "" if len(points) else f" (no voxel above density {DENSITY_THRESHOLD}: an untrained or failed model?)"
+    print(f"fast3d infer (LRM {path}, {dev}):\n{timer.report()}\nwrote {ply} ({len(points)} points{note})\n"
+          f"wrote {gif}")
+    return {"points": ply, "num_points": len(points), "turntable": gif, "camera": cam,
+            "latency_ms": dict(timer.stages)}
+
+
+@torch.no_grad()
+def evaluate(model_dir: str, data_path: str, out_json: str, views: int = 4, resolution: int | None = None,
+             lpips_backbone: str = "imagenet", device=None, max_samples: int | None = None) -> dict:
+    """Reconstruct each sample of ``data_path`` from its first view (with its true camera) and
+    score renders of its next ``views - 1`` views, at ``resolution`` px (default: the model's input
+    size), over the sample's own background: PSNR, SSIM and LPIPS (``lpips_random`` with the
+    random stand-in backbone) per sample and averaged; written to ``out_json``."""
+    from fast3d.data.dataset import MultiViewDataset
+    from fast3d.evaluation.image_metrics import load_lpips, psnr, ssim
+    from fast3d.training.recipes.lrm import background_color
+
+    if isinstance(views, bool) or not isinstance(views, int) or views < 2:
+        raise ValueError(f"views must be an integer >= 2 (the input and at least one held-out view); got {views!r}")
+    if max_samples is not None and (isinstance(max_samples, bool) or not isinstance(max_samples, int)
+                                    or max_samples < 1):
+        raise ValueError(f"max_samples must be a positive integer or None; got {max_samples!r}")
+    dev = _device(device)
+    model, path = load_model(model_dir, dev)
+    R = resolution or model.config.image_size
+    if isinstance(R, bool) or not isinstance(R, int) or R < 11:
+        raise ValueError(f"resolution must be an integer >= 11 (SSIM's window); got {R!r}")
+    lp = load_lpips(lpips_backbone, dev)
+    lp_name = "lpips_random" if lpips_backbone == "random" else "lpips"
+    rows = []
+    for s in MultiViewDataset(data_path, views=views, resolution=R, rank=0, world_size=1):
+        if max_samples is not None and len(rows) >= max_samples:
+            break
+        if s["source"] == "image2d":  # one image tiled: no held-out view
+            continue
+        images, alphas = s["images"][None].to(dev), s["alphas"][None].to(dev)  # [1, V, 3, R, R], [1, V, 1, R, R]
+        viewmats, Ks = s["viewmats"][None].to(dev), s["Ks"][None].to(dev)      # [1, V, 4, 4], [1, V, 3, 3]
+        planes = model(images[:, 0], viewmats[:, 0], Ks[:, 0])
+        out = model.render(planes, viewmats[:, 1:], Ks[:, 1:], R, R, background=background_color(images, alphas))
+        pred, gt = out["images"][0].float().clamp(0, 1), images[0, 1:]
+        rows.append({"key": s["key"], "psnr": float(psnr(pred, gt).mean()), "ssim": float(ssim(pred, gt).mean()),
+                     lp_name: float(lp(pred, gt).mean())})
+    if not rows:
+        raise ValueError(f"data_path {data_path!r} yielded no multi-view sample with {views} views")
+    mean = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0] if k != "key"}
+    report = {"model": os.path.abspath(path), "data": os.path.abspath(data_path), "samples": len(rows),
+              "input_view": 0, "held_out_views": list(range(1, views)), "resolution": R,
+              "lpips_backbone": lpips_backbone, "mean": mean, "per_sample": rows}
+    os.makedirs(os.path.dirname(os.path.abspath(out_json)), exist_ok=True)
+    tmp = f"{out_json}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(report, f, indent=1)
+    os.replace(tmp, out_json)
+    print(f"fast3d eval (LRM {path}): {len(rows)} samples, " + ", ".join(f"{k} {v:.4f}" for k, v in mean.items()))
+    return report
