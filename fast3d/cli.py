@@ -1,9 +1,10 @@
-"""The `fast3d` command: info | bench | report | profile | datagen | train."""
+"""The `fast3d` command: info | bench | report | profile | datagen | train | infer | eval | sample | demo."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -116,10 +117,99 @@ def cmd_train(args) -> int:
     from fast3d.training import launch
 
     try:
+        if args.recipe != "ttr-extract" and not args.output:
+            raise ValueError("--output is required")
+        if args.recipe == "ttr-extract":
+            from fast3d.training.config import load_config
+            from fast3d.training.recipes.ttr import extract_features
+
+            rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+            r = extract_features(load_config(args.config, recipe="ttr"), args.output, rank, world)
+            print(json.dumps(r))
+            return 0
         return launch.run(args.recipe, args.config, args.output, max_steps=args.max_steps, resume=args.resume,
-                          ranks=args.ranks)
+                          ranks=args.ranks, lora=args.lora)
     except ValueError as e:
         return _fail(f"train {args.recipe}", str(e))
+
+
+def _model_kind(cmd: str, checkpoint: str):
+    from fast3d.inference import common
+
+    model_dir = common.resolve_checkpoint(checkpoint)
+    kind = common.model_type(model_dir)
+    if kind not in ("lgm", "lrm"):
+        raise ValueError(f"--checkpoint {checkpoint!r} holds a {kind!r} model; fast3d {cmd} takes LGM or LRM")
+    return model_dir, kind
+
+
+def cmd_infer(args) -> int:
+    try:
+        model_dir, kind = _model_kind("infer", args.checkpoint)
+        if kind == "lgm":
+            from fast3d.inference import lgm
+
+            lgm.infer(model_dir, args.images, args.out, cameras_json=args.cameras, device=args.device,
+                      turntable_frames=args.frames, resolution=args.resolution)
+        else:
+            from fast3d.inference import lrm
+
+            if len(args.images) != 1:
+                raise ValueError(f"--images: an LRM takes one image; got {len(args.images)}")
+            camera = None
+            if args.cameras:
+                with open(args.cameras) as f:
+                    camera = json.load(f)
+            lrm.infer(model_dir, args.images[0], args.out, camera=camera, device=args.device,
+                      turntable_frames=args.frames, resolution=args.resolution, point_grid=args.point_grid)
+    except ValueError as e:
+        return _fail("infer", str(e))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    try:
+        model_dir, kind = _model_kind("eval", args.checkpoint)
+        if kind == "lgm":
+            from fast3d.inference import lgm
+
+            r = lgm.evaluate(model_dir, args.data, args.out, resolution=args.resolution,
+                             lpips_backbone=args.lpips_backbone, device=args.device, max_samples=args.max_samples)
+        else:
+            from fast3d.inference import lrm
+
+            r = lrm.evaluate(model_dir, args.data, args.out, resolution=args.resolution,
+                             lpips_backbone=args.lpips_backbone, device=args.device, max_samples=args.max_samples)
+    except ValueError as e:
+        return _fail("eval", str(e))
+    print(json.dumps({"samples": r["samples"], "mean": r["mean"]}, indent=1))
+    return 0
+
+
+def cmd_sample_ttr(args) -> int:
+    from fast3d.inference.common import resolve_checkpoint
+    from fast3d.training.ttr_sample import sample
+
+    try:
+        paths = sample(resolve_checkpoint(args.checkpoint), args.prompt, args.out, steps=args.steps,
+                       guidance_scale=args.guidance_scale, seed=args.seed, device=args.device)
+    except ValueError as e:
+        return _fail("sample ttr", str(e))
+    print("\n".join(f"wrote {p}" for p in paths))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from fast3d import demo
+
+    try:
+        demo.run(args.out, config=args.config, steps=args.steps, ranks=args.ranks, train_objects=args.objects)
+    except ValueError as e:
+        return _fail("demo", str(e))
+    except RuntimeError as e:
+        print(f"fast3d demo: failed: {e}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -172,14 +262,61 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(fn=cmd_datagen_procedural)
 
     s = sub.add_parser("train", help="train a recipe with DeepSpeed (lgm | lrm | ttr)")
-    s.add_argument("recipe", help="lgm | lrm | ttr (or module:Class)")
+    s.add_argument("recipe", help="lgm | lrm | ttr (or module:Class); ttr-extract: encode the config's "
+                                  "data.raw into its feature cache (VAE latents, T5 embeddings)")
     s.add_argument("--config", required=True, help="run config, e.g. train/configs/lgm_tiny.yaml")
-    s.add_argument("--output", required=True, help="run directory: checkpoints/, metrics.jsonl, tensorboard/")
+    s.add_argument("--output", help="run directory: checkpoints/, metrics.jsonl, tensorboard/ "
+                                    "(ttr-extract: the cache directory, default the config's data.cache)")
     s.add_argument("--max-steps", type=int, help="override the config's max_steps")
     s.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output")
     s.add_argument("--ranks", type=int, help="processes to launch (default: the GPUs, or 1 on a CPU machine); "
                                               "ignored under a launcher")
+    s.add_argument("--lora", type=int, help="lgm: train LoRA adapters of this rank on the cross-view attention "
+                                             "(MVBoost), from the config's model.init_from")
     s.set_defaults(fn=cmd_train)
+
+    s = sub.add_parser("infer", help="image(s) to 3D with a trained LGM (4 posed views) or LRM (1 view)")
+    s.add_argument("--checkpoint", required=True, help="model dir, checkpoint dir or training run dir")
+    s.add_argument("--images", nargs="+", required=True, help="input images (PNG/JPEG, square, same size)")
+    s.add_argument("--cameras", help="JSON cameras of the inputs (default: the model's canonical input rig): "
+                                     "{viewmats|c2w, Ks}; an LRM also takes {azimuth_deg, elevation_deg, "
+                                     "distance, fov_y_deg}")
+    s.add_argument("--point-grid", type=int, default=128, help="LRM: density grid of the point export")
+    s.add_argument("--out", required=True, help="output dir: gaussians.ply / points.ply, turntable.gif")
+    s.add_argument("--frames", type=int, default=36, help="turntable frames")
+    s.add_argument("--resolution", type=int, help="turntable resolution (default: the model's render size)")
+    s.add_argument("--device", help="cuda | cpu (default: cuda when there is one)")
+    s.set_defaults(fn=cmd_infer)
+
+    s = sub.add_parser("eval", help="held-out-view PSNR/SSIM/LPIPS (+ Chamfer/F-score for LGM) on a dataset")
+    s.add_argument("--checkpoint", required=True, help="model dir, checkpoint dir or training run dir")
+    s.add_argument("--data", required=True, help="multi-view shard directory")
+    s.add_argument("--out", required=True, help="report JSON path")
+    s.add_argument("--resolution", type=int, help="evaluation resolution (default: the model's render size)")
+    s.add_argument("--lpips-backbone", default="imagenet", help="imagenet | random | VGG-16 weights file")
+    s.add_argument("--max-samples", type=int, help="evaluate at most this many samples")
+    s.add_argument("--device", help="cuda | cpu")
+    s.set_defaults(fn=cmd_eval)
+
+    s = sub.add_parser("sample", help="sample a trained multi-view diffusion model")
+    ssub = s.add_subparsers(dest="sample_cmd", required=True)
+    t = ssub.add_parser("ttr", help="4 views (a 2x2 grid) from a prompt with a TTR-trained transformer")
+    t.add_argument("--checkpoint", required=True, help="model dir, checkpoint dir or training run dir")
+    t.add_argument("--prompt", required=True)
+    t.add_argument("--out", required=True, help="grid PNG path (the 4 views are written beside it)")
+    t.add_argument("--steps", type=int, default=20)
+    t.add_argument("--guidance-scale", type=float, default=4.5)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", help="cuda | cpu")
+    t.set_defaults(fn=cmd_sample_ttr)
+
+    s = sub.add_parser("demo", help="end to end: data, DeepSpeed training of a tiny LGM, evaluation, turntable")
+    s.add_argument("--out", default="demo_out", help="output directory (default: demo_out)")
+    s.add_argument("--config", default="train/configs/lgm_tiny.yaml", help="base LGM run config")
+    s.add_argument("--steps", type=int, help="training steps (default: 300 on CPU, 2000 on GPU)")
+    s.add_argument("--ranks", type=int, help="DeepSpeed ranks (default: 2 on CPU, every GPU)")
+    s.add_argument("--objects", type=int, help="training objects (default: 64 on CPU, 512 on GPU)")
+    s.set_defaults(fn=cmd_demo)
     return p
 
 

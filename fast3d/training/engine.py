@@ -71,7 +71,7 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
     fill(params, "betas", list(cfg.betas))
     sched = ds.setdefault("scheduler", {"type": "WarmupLR", "params": {}})
     sp = sched.setdefault("params", {})
-    fill(sp, "warmup_min_lr", 0.0)
+    fill(sp, "warmup_min_lr", cfg.lr / max(1, cfg.warmup_steps))  # step 1 learns too (0 would waste it)
     fill(sp, "warmup_max_lr", cfg.lr)
     fill(sp, "warmup_num_steps", max(1, cfg.warmup_steps))
     fill(sp, "warmup_type", "linear")

@@ -40,7 +40,7 @@ def _under_launcher() -> bool:
 
 
 def run(recipe: str, config: str, output: str, max_steps: int | None = None, resume: bool = False,
-        ranks: int | None = None, master_port: int | None = None) -> int:
+        ranks: int | None = None, lora: int | None = None, master_port: int | None = None) -> int:
     cfg = load_config(config)
     cls = recipe_class(recipe)
     if cls.name and cfg.recipe != cls.name:
@@ -49,6 +49,10 @@ def run(recipe: str, config: str, output: str, max_steps: int | None = None, res
         if max_steps <= 0:
             raise ValueError(f"--max-steps must be positive; got {max_steps}")
         cfg = cfg.replace(max_steps=max_steps)
+    if lora is not None:
+        if cfg.recipe != "lgm" or lora <= 0:
+            raise ValueError(f"--lora takes a positive rank and the lgm recipe; got {lora} for {cfg.recipe!r}")
+        cfg = cfg.replace(model={**cfg.model, "lora_rank": lora})
     if ranks is None:
         ranks = torch.cuda.device_count() or 1
     if ranks < 1:
@@ -72,5 +76,7 @@ def run(recipe: str, config: str, output: str, max_steps: int | None = None, res
         cmd += ["--max-steps", str(max_steps)]
     if resume:
         cmd.append("--resume")
+    if lora is not None:
+        cmd += ["--lora", str(lora)]
     proc = subprocess.run(cmd, env=env)
     return proc.returncode

@@ -62,6 +62,11 @@ class Recipe:
         """-> (scalar loss, {metric name: float or 0-dim tensor}) for this rank's micro batch."""
         raise NotImplementedError
 
+    def lr_factor(self, step: int) -> float:
+        """Multiplier on the scheduler's learning rate for step ``step`` (1-based), e.g. a training
+        stage's warm-up restart."""
+        return 1.0
+
     def export(self, module: torch.nn.Module, path: str) -> None:
         """Write the weights for inference (``save_pretrained``) to ``path`` (rank 0 only)."""
         raise NotImplementedError
@@ -145,7 +150,7 @@ def train(recipe: Recipe, out: str, resume: bool = False, progress: bool = True)
     if resume and checkpoint.latest_tag(out) is not None:
         tag, state, meta = checkpoint.read_rank_state(out, rank, world)
         saved = meta.get("config", {})
-        for k in ("recipe", "model"):
+        for k in ("recipe", "model", "data", "loss"):  # what the weights and the data position depend on
             if saved.get(k) != cfg.to_dict()[k]:
                 raise ValueError(f"--resume: checkpoint {tag} in {out} was trained with {k}={saved.get(k)!r}; "
                                  f"this config has {k}={cfg.to_dict()[k]!r}")
@@ -187,6 +192,11 @@ def train(recipe: Recipe, out: str, resume: bool = False, progress: bool = True)
     engine.train()
     step = start
     while step < cfg.max_steps:
+        f = recipe.lr_factor(step + 1)
+        if f != 1.0:  # on the scheduler's rate for this step, recomputed each time: never compounds
+            for g, lr in zip(engine.optimizer.param_groups, engine.lr_scheduler.get_lr()):
+                g["lr"] = lr * f
+        lr_now = float(engine.optimizer.param_groups[0]["lr"])  # the rate this step applies
         for _ in range(cfg.grad_accum):
             batch = batches.next()
             ctx = StepContext(step, dev, dtype, gen, rank, world)
@@ -208,7 +218,7 @@ def train(recipe: Recipe, out: str, resume: bool = False, progress: bool = True)
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             dt = time.perf_counter() - t_log
             row = {"step": step, **_reduce_mean({k: v / n_acc for k, v in acc.items()}, world),
-                   "lr": float(engine.get_lr()[0]),
+                   "lr": lr_now,
                    "samples_per_s": n_acc * cfg.batch_size * world / max(dt, 1e-9),
                    "epoch": batches.epoch}
             metrics.write(row)

@@ -65,7 +65,7 @@ def test_forward_shapes_and_value_ranges(cfg, seed, gen):
     assert shapes == dict(means=(B, N, 3), quats=(B, N, 4), scales=(B, N, 3), opacities=(B, N), colors=(B, N, 3))
     for k, v in g.items():
         assert torch.isfinite(v).all(), k
-    assert g["means"].abs().max() <= 1.0
+    assert g["means"].abs().max() <= 2.0  # anchor (within the views: |.| <= 1) + offset in [-1, 1]
     assert_close(g["quats"].norm(dim=-1), torch.ones(B, N), atol=1e-5, rtol=0, name="|quat|")
     assert (g["scales"] > 0).all()
     assert ((g["opacities"] > 0) & (g["opacities"] < 1)).all()
@@ -302,3 +302,22 @@ def test_lora_targets_are_the_attention_projections():
     assert len(attention) == 4 and len(names) == 4 * len(attention)
     assert {n.rsplit(".", 1)[1] for n in names} == {"to_q", "to_k", "to_v", "to_out"}
     assert all(isinstance(modules[n], torch.nn.Linear) for n in names)
+
+
+def test_gaussians_start_pixel_aligned(gen):
+    """With zero position offsets, each view's Gaussians sit on their own pixels' rays."""
+    from fast3d.models.lgm.model import pixel_anchors
+
+    rig = cameras.orbit16(gen, resolution=TINY.input_size)
+    vm, K = rig.viewmats[None, :4], rig.Ks[None, :4]
+    p = TINY.splat_size
+    a = pixel_anchors(vm, K, TINY.input_size, p).unflatten(1, (4, p, p))        # [1, 4, p, p, 3]
+    cam = torch.einsum("vij,vhwj->vhwi", vm[0, :, :3, :3], a[0]) + vm[0, :, None, None, :3, 3]
+    Ks = K[0].clone()
+    Ks[:, :2] *= p / TINY.input_size
+    uv = torch.einsum("vij,vhwj->vhwi", Ks, cam)
+    uv = uv[..., :2] / uv[..., 2:]
+    v, u = torch.meshgrid(torch.arange(p) + 0.5, torch.arange(p) + 0.5, indexing="ij")
+    assert_close(uv, torch.stack([u, v], -1).expand_as(uv), atol=1e-3, rtol=0, name="anchor pixel")
+    assert_close((a[0] * (a[0] - cameras.camera_centers(vm[0])[:, None, None])).sum(-1), torch.zeros(4, p, p),
+                 atol=1e-5, rtol=0, name="anchor is the ray's closest point to the origin")

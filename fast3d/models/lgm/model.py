@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fast3d.data.cameras import plucker_rays
+from fast3d.data.cameras import camera_rays, plucker_rays
 from fast3d.models import _pretrained
 from fast3d.models.lgm.config import LGMConfig
 from fast3d.models.lgm.unet import CrossViewAttention, UNet
@@ -19,10 +19,14 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 GAUSSIAN_KEYS = ("means", "quats", "scales", "opacities", "colors")
 # Activations of the 14 output channels (LGM's, in fast3d's world: objects in the unit box
 # [-0.5, 0.5]^3, cameras at 2.2 with a 49.1 deg field of view):
-# * positions clamp(x, -1, 1): normalisation rotates the unit box, whose corners then reach up to
-#   sqrt(3)/2 = 0.87 from the origin; +-1 keeps a margin for off-centre objects and is about the
-#   half-width the cameras see at the origin (2.2 tan(24.55 deg) = 1.0), so a wider range would
-#   mostly add room outside the views.
+# * positions: a pixel-aligned anchor plus clamp(x, -1, 1). The anchor of an output pixel is the
+#   point of its ray closest to the origin (the object's centre), so at initialisation each view's
+#   Gaussians tile the plane through the centre facing that camera and take their colour from the
+#   pixel they sit on; the offset then moves them into depth. LGM regresses absolute positions in
+#   [-1, 1]; anchoring them learns the same output space far faster (colour and silhouette are
+#   right from the first steps, as in pixel-aligned models such as Splatter Image). +-1 covers the
+#   unit box (corners at 0.87 from the centre) from any anchor in the views (2.2 tan(24.55 deg) =
+#   1.0 is the half-width the cameras see at the centre).
 # * scales SCALE_FACTOR * softplus(x), LGM's 0.1 halved: at x = 0 a Gaussian's scale is 0.035,
 #   about the spacing of one view's 32 x 32 grid spread over the unit box (1/32), so the tiny
 #   model's Gaussians start out just touching (with 0.1 each would span ~3 cells); the big
@@ -37,14 +41,28 @@ def _check_tensor(name: str, x, dims: int, desc: str) -> None:
         raise ValueError(f"{name} must be a floating tensor of shape {desc}; got {got}")
 
 
-def gaussians_from_features(x: Tensor) -> dict:  # [B, V, 14, p, p] -> Gaussians, N = V p p
+def pixel_anchors(viewmats: Tensor,  # [B, V, 4, 4]
+                  Ks: Tensor,        # [B, V, 3, 3] pixels of the input images
+                  input_size: int, splat_size: int) -> Tensor:  # -> [B, V * p * p, 3]
+    """For each output pixel, the point of its ray closest to the origin: o + d (-o . d)."""
+    K = Ks.float().clone()
+    K[..., :2, :] *= splat_size / input_size
+    o, d = camera_rays(viewmats.float(), K, splat_size, splat_size)      # [B, V, p, p, 3]
+    t = -(o * d).sum(-1, keepdim=True)
+    return (o + d * t).flatten(1, 3)
+
+
+def gaussians_from_features(x: Tensor,        # [B, V, 14, p, p]
+                            anchors: Tensor,  # [B, V * p * p, 3]
+                            ) -> dict:        # Gaussians, N = V p p
     """LGM's activations of the U-Net's output channels (position 3, opacity 1, scale 3,
     rotation 4, colour 3), Gaussians ordered by view, then row-major over the p x p grid."""
     B, V, C, p, _ = x.shape
     x = x.permute(0, 1, 3, 4, 2).reshape(B, V * p * p, C)
     pos, opacity, scale, rot, rgb = x.split([3, 1, 3, 4, 3], -1)
-    return dict(means=pos.clamp(-1, 1), quats=F.normalize(rot, dim=-1), scales=SCALE_FACTOR * F.softplus(scale),
-                opacities=torch.sigmoid(opacity[..., 0]), colors=0.5 * torch.tanh(rgb) + 0.5)
+    return dict(means=anchors.to(pos.dtype) + pos.clamp(-1, 1), quats=F.normalize(rot, dim=-1),
+                scales=SCALE_FACTOR * F.softplus(scale), opacities=torch.sigmoid(opacity[..., 0]),
+                colors=0.5 * torch.tanh(rgb) + 0.5)
 
 
 class LGM(nn.Module):
@@ -98,7 +116,8 @@ class LGM(nn.Module):
         rays = plucker_rays(viewmats.float(), Ks.float(), s, s)                  # [B, V, 6, s, s]
         rgb = (images.float() - self.image_mean) / self.image_std               # [B, V, 3, s, s]
         x = torch.cat([rgb, rays], 2).flatten(0, 1).to(self.unet.conv_in.weight.dtype)  # [B*V, 9, s, s]
-        return gaussians_from_features(self.unet(x).unflatten(0, (B, V)))
+        anchors = pixel_anchors(viewmats, Ks, s, self.config.splat_size)
+        return gaussians_from_features(self.unet(x).unflatten(0, (B, V)), anchors)
 
     @staticmethod
     def render(gaussians: dict,                   # means [B, N, 3], quats, scales, opacities, colors

@@ -1,0 +1,122 @@
+"""What the inference pipelines share: finding a checkpoint's weights, reading input images,
+turntable cameras and files, and per-stage latency."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+import yaml
+from torch import Tensor
+
+from fast3d.data import cameras
+from fast3d.models._pretrained import CONFIG_FILE
+
+
+def resolve_checkpoint(path: str, prefer_ema: bool = True) -> str:
+    """A model directory (``config.yaml`` + ``model.safetensors``) from: such a directory, a
+    checkpoint directory (``.../checkpoints/stepN``), or a training run's output directory (its
+    newest checkpoint). The EMA weights are preferred when the run kept them."""
+    if not os.path.isdir(path):
+        raise ValueError(f"--checkpoint {path!r} is not a directory")
+    if os.path.isfile(os.path.join(path, CONFIG_FILE)):
+        return path
+    from fast3d.training.checkpoint import checkpoint_root, latest_tag
+
+    if os.path.isfile(os.path.join(path, "checkpoints", "latest")):
+        path = os.path.join(checkpoint_root(path), latest_tag(path))
+    for name in (("model_ema", "model") if prefer_ema else ("model",)):
+        if os.path.isfile(os.path.join(path, name, CONFIG_FILE)):
+            return os.path.join(path, name)
+    raise ValueError(f"--checkpoint {path!r} holds no model: expected config.yaml + model.safetensors, a "
+                     f"checkpoint directory with model/, or a training run with checkpoints/latest")
+
+
+def model_type(model_dir: str) -> str:
+    with open(os.path.join(model_dir, CONFIG_FILE)) as f:
+        d = yaml.safe_load(f)
+    if not isinstance(d, dict) or not isinstance(d.get("model_type"), str):
+        raise ValueError(f"{model_dir}/{CONFIG_FILE} names no model_type")
+    return d["model_type"]
+
+
+def load_image(path: str, size: int | None = None, background: float = 1.0) -> Tensor:  # -> [3, H, W] in [0, 1]
+    """An RGB(A) image file as a float tensor; RGBA is composited over ``background`` (white)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        img = Image.open(path)
+        img.load()
+    except (OSError, UnidentifiedImageError) as e:
+        raise ValueError(f"image {path!r} cannot be read ({e})") from None
+    if size is not None and img.size != (size, size):
+        if img.size[0] != img.size[1]:
+            raise ValueError(f"image {path!r} is {img.size[0]}x{img.size[1]}; expected a square image")
+        img = img.resize((size, size), Image.BICUBIC)
+    a = np.asarray(img.convert("RGBA"), dtype=np.float32) / 255.0
+    rgb, alpha = a[..., :3], a[..., 3:]
+    return torch.from_numpy(rgb * alpha + background * (1 - alpha)).permute(2, 0, 1).contiguous()
+
+
+def load_images(paths: list[str], size: int | None = None) -> Tensor:  # -> [V, 3, H, W]
+    imgs = [load_image(p, size) for p in paths]
+    shapes = {tuple(i.shape) for i in imgs}
+    if len(shapes) > 1:
+        raise ValueError(f"--images have different sizes: {', '.join(f'{p}: {tuple(i.shape[1:])}' for p, i in zip(paths, imgs))}")
+    return torch.stack(imgs)
+
+
+def save_image(img: Tensor,  # [3, H, W] in [0, 1]
+               path: str) -> None:
+    from PIL import Image
+
+    Image.fromarray((img.detach().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255 + 0.5).astype(np.uint8)).save(path)
+
+
+def orbit_cameras(n: int, resolution: int, elevation_deg: float = 20.0, distance: float = cameras.DEFAULT_DISTANCE,
+                  fov_y_deg: float = cameras.DEFAULT_FOV_Y_DEG) -> tuple[Tensor, Tensor]:
+    """``n`` cameras evenly around the +Z axis at one elevation: (viewmats [n, 4, 4], Ks [n, 3, 3])."""
+    az = torch.arange(n, dtype=torch.float64) * (2 * math.pi / n)
+    el = torch.full_like(az, math.radians(elevation_deg))
+    eye = cameras.spherical_to_position(az, el, distance)
+    return cameras.look_at(eye).float(), cameras.intrinsics(fov_y_deg, resolution, resolution, n)
+
+
+def write_turntable(frames: Tensor,  # [N, 3, H, W] in [0, 1]
+                    path: str, fps: int = 12) -> str:
+    """An animated GIF (``.gif``) of the frames, written atomically. Returns the path."""
+    from PIL import Image
+
+    if not path.endswith(".gif"):
+        raise ValueError(f"turntable path must end in .gif; got {path!r}")
+    arr = (frames.detach().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255 + 0.5).astype(np.uint8)
+    imgs = [Image.fromarray(a) for a in arr]
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp{os.getpid()}")
+    imgs[0].save(tmp, format="GIF", save_all=True, append_images=imgs[1:], duration=int(1000 / fps), loop=0)
+    os.replace(tmp, path)
+    return path
+
+
+class StageTimer:
+    """Wall-clock latency of named stages (synchronising the GPU around each)."""
+
+    def __init__(self):
+        self.stages: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        yield
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.stages[name] = self.stages.get(name, 0.0) + (time.perf_counter() - t) * 1e3
+
+    def report(self) -> str:
+        total = sum(self.stages.values())
+        return "\n".join([f"  {k:<14} {v:9.1f} ms" for k, v in self.stages.items()] + [f"  {'total':<14} {total:9.1f} ms"])

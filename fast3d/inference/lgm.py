@@ -1,0 +1,174 @@
+"""LGM inference and evaluation: posed images in, 3D Gaussians out (a 3DGS PLY and a turntable),
+and held-out-view / geometry metrics on a multi-view dataset (``fast3d infer`` / ``fast3d eval``).
+
+Without a cameras file the inputs are taken to be LGM's: 4 views at azimuths 0, 90, 180, 270
+degrees, elevation 0, distance ``config.camera_distance``, vertical field of view
+``config.fov_y_deg``. A cameras file is JSON: ``{"viewmats": [V x 4 x 4], "Ks": [V x 3 x 3]}``
+(OpenCV world-to-camera, intrinsics in pixels of the given images), or with ``"c2w"`` (OpenGL /
+Blender camera-to-world, ``"world_up": "y" | "z"``) instead of ``"viewmats"``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fast3d.data import cameras as cams
+from fast3d.inference.common import StageTimer, load_images, orbit_cameras, write_turntable
+from fast3d.models.lgm import LGM, apply_transform_to_gaussians, normalize_cameras
+
+SH_C0 = 0.28209479177387814  # the degree-0 spherical-harmonic basis constant
+
+
+def reconstruct(model: LGM,
+                images: Tensor,    # [B, V, 3, R, R] in [0, 1]
+                viewmats: Tensor,  # [B, V, 4, 4] world-to-camera, OpenCV
+                Ks: Tensor,        # [B, V, 3, 3] pixels of the R x R images
+                ) -> tuple[dict, Tensor]:  # -> Gaussians in the normalised world, transform [B, 4, 4]
+    """The model's Gaussians for posed images of any square size (resized to its input size)."""
+    cfg = model.config
+    B, V, _, R, _ = images.shape
+    s = cfg.input_size
+    dev = next(model.parameters()).device
+    x = images.float().flatten(0, 1)
+    if R != s:
+        x = F.interpolate(x, size=(s, s), mode="bilinear", antialias=True, align_corners=False)
+    K = Ks.float().clone()
+    K[..., :2, :] *= s / R
+    vm, T = normalize_cameras(viewmats.float(), cfg.camera_distance)
+    with torch.no_grad():
+        g = model(x.unflatten(0, (B, V)).to(dev), vm.to(dev), K.to(dev))
+    return {k: v.float() for k, v in g.items()}, T.to(dev)
+
+
+def default_input_cameras(cfg, resolution: int) -> tuple[Tensor, Tensor]:  # -> [V, 4, 4], [V, 3, 3]
+    V = cfg.num_input_views
+    az = torch.arange(V, dtype=torch.float64) * (2 * math.pi / V)
+    eye = cams.spherical_to_position(az, torch.zeros_like(az), cfg.camera_distance)
+    return cams.look_at(eye).float(), cams.intrinsics(cfg.fov_y_deg, resolution, resolution, V)
+
+
+def read_cameras(path: str, n: int, resolution: int) -> tuple[Tensor, Tensor]:
+    """A cameras JSON file (module docstring) for ``n`` images of ``resolution`` px."""
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"--cameras {path!r} cannot be read as JSON ({e})") from None
+    if not isinstance(d, dict) or "Ks" not in d or ("viewmats" in d) == ("c2w" in d):
+        raise ValueError(f"--cameras {path}: expected an object with 'Ks' and one of 'viewmats' or 'c2w'")
+    try:
+        Ks = torch.tensor(d["Ks"], dtype=torch.float32)
+        if "viewmats" in d:
+            vm = torch.tensor(d["viewmats"], dtype=torch.float32)
+        else:
+            vm = cams.viewmat_from_opengl_c2w(torch.tensor(d["c2w"], dtype=torch.float32), d.get("world_up", "z"))
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"--cameras {path}: not numeric matrices ({e})") from None
+    if vm.shape != (n, 4, 4) or Ks.shape != (n, 3, 3):
+        raise ValueError(f"--cameras {path} does not match the {n} images: expected viewmats/c2w [{n}, 4, 4] and "
+                         f"Ks [{n}, 3, 3]; got {tuple(vm.shape)} and {tuple(Ks.shape)}")
+    if not (torch.isfinite(vm).all() and torch.isfinite(Ks).all()):
+        raise ValueError(f"--cameras {path} holds non-finite numbers")
+    return vm, Ks
+
+
+def _sh_from_rgb(rgb: Tensor) -> Tensor:  # [N, 3] -> [N, 1, 3]: the rasterizer's colour = SH0 C0 + 0.5
+    return ((rgb - 0.5) / SH_C0)[:, None, :]
+
+
+def infer(model_dir: str, image_paths: list[str], out_dir: str, cameras_json: str | None = None,
+          device: str | None = None, turntable_frames: int = 36, resolution: int | None = None) -> dict:
+    """Images to ``out_dir/gaussians.ply`` and ``out_dir/turntable.gif``; returns stage latencies (ms)."""
+    from fast3d.io import save_ply
+
+    timer = StageTimer()
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    with timer("load model"):
+        model = LGM.from_pretrained(model_dir).to(dev).eval()
+    cfg = model.config
+    if len(image_paths) != cfg.num_input_views:
+        raise ValueError(f"--images: the model takes {cfg.num_input_views} views; got {len(image_paths)}")
+    with timer("read inputs"):
+        imgs = load_images(image_paths)                                     # [V, 3, R, R]
+        if imgs.shape[-1] != imgs.shape[-2]:
+            raise ValueError(f"--images must be square; got {imgs.shape[-1]}x{imgs.shape[-2]}")
+        R = imgs.shape[-1]
+        vm, Ks = read_cameras(cameras_json, len(image_paths), R) if cameras_json else default_input_cameras(cfg, R)
+    with timer("model"):
+        g, T = reconstruct(model, imgs[None], vm[None], Ks[None])
+        world = apply_transform_to_gaussians(g, torch.linalg.inv(T.double()).float())
+    os.makedirs(out_dir, exist_ok=True)
+    ply = os.path.join(out_dir, "gaussians.ply")
+    with timer("write ply"):
+        save_ply(ply, world["means"][0], world["quats"][0], world["scales"][0],
+                 world["opacities"][0].clamp(1e-6, 1 - 1e-6), _sh_from_rgb(world["colors"][0]))
+    res = resolution or cfg.render_size
+    with timer("turntable"):
+        tv, tK = orbit_cameras(turntable_frames, res, 20.0, float(cams.camera_centers(vm).norm(dim=-1).mean()),
+                               cfg.fov_y_deg)
+        frames = []
+        for i in range(0, turntable_frames, 12):
+            rgb, _ = LGM.render(world, tv[None, i:i + 12].to(dev), tK[None, i:i + 12].to(dev), res, res,
+                                backgrounds=torch.ones(1, min(12, turntable_frames - i), 3, device=dev))
+            frames.append(rgb[0])
+        gif = write_turntable(torch.cat(frames), os.path.join(out_dir, "turntable.gif"))
+    print(f"fast3d infer (LGM, {cfg.num_gaussians} Gaussians, {dev}):\n{timer.report()}\n"
+          f"wrote {ply}\nwrote {gif}")
+    return {"ply": ply, "turntable": gif, "latency_ms": dict(timer.stages)}
+
+
+def evaluate(model_dir: str, data_path: str, out_json: str, input_views=(0, 4, 8, 12), views: int = 16,
+             resolution: int | None = None, lpips_backbone: str = "imagenet", device: str | None = None,
+             max_samples: int | None = None) -> dict:
+    """PSNR/SSIM/LPIPS on the views that are not inputs, and Chamfer/F-score of the opacity-weighted
+    Gaussian centres against the asset's Gaussians (``data_path/assets/<key>.ply``), per sample
+    and averaged; written to ``out_json``."""
+    from fast3d.data.dataset import MultiViewDataset
+    from fast3d.evaluation.geometry_metrics import chamfer_fscore
+    from fast3d.evaluation.image_metrics import load_lpips, psnr, ssim
+    from fast3d.io import load_ply
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = LGM.from_pretrained(model_dir).to(dev).eval()
+    cfg = model.config
+    if len(input_views) != cfg.num_input_views:
+        raise ValueError(f"input_views must list {cfg.num_input_views} views; got {list(input_views)}")
+    R = resolution or cfg.render_size
+    lp = load_lpips(lpips_backbone, dev)
+    held = [i for i in range(views) if i not in input_views]
+    lp_name = "lpips_random" if lpips_backbone == "random" else "lpips"  # a stand-in is not the metric
+    rows = []
+    for s in MultiViewDataset(data_path, views=views, resolution=R, rank=0, world_size=1):
+        if max_samples is not None and len(rows) >= max_samples:
+            break
+        idx = list(input_views)
+        g, T = reconstruct(model, s["images"][idx][None], s["viewmats"][idx][None], s["Ks"][idx][None])
+        world = apply_transform_to_gaussians(g, torch.linalg.inv(T.double()).float())
+        with torch.no_grad():
+            rgb, _ = LGM.render(world, s["viewmats"][held][None].to(dev), s["Ks"][held][None].to(dev), R, R,
+                                backgrounds=torch.ones(1, len(held), 3, device=dev))
+        gt = s["images"][held].to(dev)
+        row = {"key": s["key"], "psnr": float(psnr(rgb[0], gt).mean()), "ssim": float(ssim(rgb[0], gt).mean()),
+               lp_name: float(lp(rgb[0], gt).mean())}
+        asset = os.path.join(data_path, "assets", f"{s['key']}.ply")
+        if os.path.isfile(asset):
+            ref = load_ply(asset)
+            row.update(chamfer_fscore(world["means"][0], ref["means"], world["opacities"][0]))
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"--data {data_path!r} yielded no samples with {views} views")
+    keys = [k for k in rows[0] if k != "key"]
+    mean = {k: sum(r[k] for r in rows if k in r) / sum(1 for r in rows if k in r) for k in keys}
+    report = {"model": os.path.abspath(model_dir), "data": os.path.abspath(data_path), "samples": len(rows),
+              "held_out_views": held, "resolution": R, "lpips_backbone": lpips_backbone, "mean": mean,
+              "per_sample": rows}
+    os.makedirs(os.path.dirname(os.path.abspath(out_json)), exist_ok=True)
+    with open(out_json, "w") as f:
+        json.dump(report, f, indent=1)
+    return report

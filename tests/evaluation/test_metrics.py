@@ -1,0 +1,63 @@
+"""Image and geometry metrics against hand-computed values."""
+
+import math
+
+import pytest
+import torch
+
+from fast3d.evaluation.geometry_metrics import chamfer_fscore
+from fast3d.evaluation.image_metrics import load_lpips, psnr, ssim
+
+
+def test_psnr_of_a_known_error(gen):
+    a = torch.rand(2, 3, 16, 16, generator=gen)
+    b = a + 0.1  # MSE 0.01 -> 20 dB
+    assert torch.allclose(psnr(b, a), torch.full((2,), 20.0), atol=1e-3)
+
+
+def test_ssim_is_one_for_equal_images_and_drops_with_noise(gen):
+    a = torch.rand(3, 32, 32, generator=gen)
+    assert abs(float(ssim(a, a)) - 1.0) < 1e-6
+    noisy = (a + 0.2 * torch.randn(3, 32, 32, generator=gen)).clamp(0, 1)
+    assert float(ssim(noisy, a)) < 0.9
+    with pytest.raises(ValueError, match="at least 11x11"):
+        ssim(a[:, :8, :8], a[:, :8, :8])
+
+
+def test_ssim_of_a_constant_shift_matches_the_formula():
+    a = torch.full((3, 16, 16), 0.5)
+    b = torch.full((3, 16, 16), 0.6)
+    c1 = 0.01 ** 2
+    expected = (2 * 0.5 * 0.6 + c1) / (0.5 ** 2 + 0.6 ** 2 + c1)  # the variances are 0: only luminance
+    assert abs(float(ssim(b, a)) - expected) < 1e-4  # float32 cancellation in E[x^2] - E[x]^2
+
+
+def test_lpips_random_backbone_is_zero_on_equal_images_and_positive_otherwise(gen):
+    m = load_lpips("random")
+    a, b = torch.rand(2, 3, 32, 32, generator=gen), torch.rand(2, 3, 32, 32, generator=gen)
+    assert m(a, a).abs().max() < 1e-6 and (m(a, b) > 0).all()
+    with pytest.raises(ValueError, match="backbone must be"):
+        load_lpips("vgg19")
+
+
+def test_chamfer_and_fscore_of_known_point_sets(gen):
+    ref = torch.rand(500, 3, generator=gen)
+    same = chamfer_fscore(ref, ref)
+    assert same["chamfer"] == 0 and same["fscore"] == 1.0
+    shifted = chamfer_fscore(ref + torch.tensor([0.01, 0, 0]), ref, threshold=0.02)
+    assert shifted["chamfer"] <= 0.01 + 1e-6 and shifted["fscore"] == 1.0
+    far = chamfer_fscore(ref + torch.tensor([0.5, 0, 0]), ref, threshold=0.02)
+    assert far["fscore"] < 0.2
+
+
+def test_chamfer_weights_ignore_transparent_outliers(gen):
+    ref = torch.rand(200, 3, generator=gen)
+    outliers = torch.full((50, 3), 10.0)
+    pred = torch.cat([ref, outliers])
+    w = torch.cat([torch.ones(200), torch.zeros(50)])
+    r = chamfer_fscore(pred, ref, weights=w)
+    assert r["chamfer"] == 0 and r["precision"] == 1.0
+    assert chamfer_fscore(pred, ref)["chamfer"] > 1.0  # unweighted, the outliers count
+    with pytest.raises(ValueError, match="point sets"):
+        chamfer_fscore(pred[:, :2], ref)
+    assert math.isinf(chamfer_fscore(pred, ref, weights=torch.zeros(250))["chamfer"])
