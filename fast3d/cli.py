@@ -150,7 +150,8 @@ def cmd_infer(args) -> int:
             from fast3d.inference import lgm
 
             lgm.infer(model_dir, args.images, args.out, cameras_json=args.cameras, device=args.device,
-                      turntable_frames=args.frames, resolution=args.resolution)
+                      turntable_frames=args.frames, resolution=args.resolution,
+                      refine_pose_steps=args.refine_pose, lpips_backbone=args.lpips_backbone)
         else:
             from fast3d.inference import lrm
 
@@ -282,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      "{viewmats|c2w, Ks}; an LRM also takes {azimuth_deg, elevation_deg, "
                                      "distance, fov_y_deg}")
     s.add_argument("--point-grid", type=int, default=128, help="LRM: density grid of the point export")
+    s.add_argument("--refine-pose", type=int, default=0, metavar="STEPS",
+                   help="LGM: refine the input cameras by this many LPIPS steps (MVBoost)")
+    s.add_argument("--lpips-backbone", default="imagenet", help="imagenet | random | VGG-16 weights file")
     s.add_argument("--out", required=True, help="output dir: gaussians.ply / points.ply, turntable.gif")
     s.add_argument("--frames", type=int, default=36, help="turntable frames")
     s.add_argument("--resolution", type=int, help="turntable resolution (default: the model's render size)")

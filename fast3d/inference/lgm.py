@@ -78,13 +78,65 @@ def read_cameras(path: str, n: int, resolution: int) -> tuple[Tensor, Tensor]:
     return vm, Ks
 
 
+def _se3(xi: Tensor) -> Tensor:  # [V, 6] (axis-angle, translation) -> [V, 4, 4] rigid, differentiable
+    w, t = xi[:, :3], xi[:, 3:]
+    skew = torch.zeros(xi.shape[0], 3, 3, dtype=xi.dtype, device=xi.device)
+    skew[:, 0, 1], skew[:, 0, 2], skew[:, 1, 2] = -w[:, 2], w[:, 1], -w[:, 0]
+    skew = skew - skew.transpose(1, 2)
+    T = torch.eye(4, dtype=xi.dtype, device=xi.device).repeat(xi.shape[0], 1, 1)
+    T[:, :3, :3] = torch.linalg.matrix_exp(skew)
+    T[:, :3, 3] = t
+    return T
+
+
+def refine_input_poses(gaussians: dict,   # one scene, world frame: means [1, N, 3], ...
+                       images: Tensor,    # [V, 3, R, R] the input images, in [0, 1]
+                       viewmats: Tensor,  # [V, 4, 4] their cameras
+                       Ks: Tensor,        # [V, 3, 3]
+                       lpips: torch.nn.Module, steps: int = 100, lr: float = 3e-3,
+                       ) -> tuple[Tensor, Tensor, Tensor]:  # -> viewmats [V, 4, 4], LPIPS before [V], after [V]
+    """MVBoost's input-view pose refinement: each input camera moves by the rigid motion that
+    minimises LPIPS between the reconstruction's render and its image. The rasterizer has no
+    camera gradients, so the motion ``M`` is applied to the Gaussians instead (rendering ``M G``
+    from ``V`` equals rendering ``G`` from ``V M``); the refined camera is ``V M``."""
+    V, _, R, _ = images.shape
+    dev = gaussians["means"].device
+    g = {k: v.detach().expand(V, *v.shape[1:]) for k, v in gaussians.items()}
+    xi = torch.zeros(V, 6, device=dev, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.Adam([xi], lr=lr)
+    target, vm, K = images.to(dev), viewmats[:, None].to(dev), Ks[:, None].to(dev)
+    white = torch.ones(V, 1, 3, device=dev)
+
+    def loss_of(xi_):
+        moved = apply_transform_to_gaussians(g, _se3(xi_).float())
+        rgb, _ = LGM.render(moved, vm, K, R, R, backgrounds=white)
+        return lpips(rgb[:, 0], target)                                       # [V]
+
+    with torch.no_grad():
+        before = loss_of(xi)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss_of(xi).sum().backward()
+        opt.step()
+    with torch.no_grad():
+        after = loss_of(xi)
+        keep = after < before  # a view whose loss did not improve keeps its camera
+        T = _se3(xi.detach())
+        T[~keep] = torch.eye(4, dtype=T.dtype, device=dev)
+        refined = (viewmats.double().to(dev) @ T).float()
+    return refined.cpu(), before.cpu(), torch.where(keep, after, before).cpu()
+
+
 def _sh_from_rgb(rgb: Tensor) -> Tensor:  # [N, 3] -> [N, 1, 3]: the rasterizer's colour = SH0 C0 + 0.5
     return ((rgb - 0.5) / SH_C0)[:, None, :]
 
 
 def infer(model_dir: str, image_paths: list[str], out_dir: str, cameras_json: str | None = None,
-          device: str | None = None, turntable_frames: int = 36, resolution: int | None = None) -> dict:
-    """Images to ``out_dir/gaussians.ply`` and ``out_dir/turntable.gif``; returns stage latencies (ms)."""
+          device: str | None = None, turntable_frames: int = 36, resolution: int | None = None,
+          refine_pose_steps: int = 0, lpips_backbone: str = "imagenet") -> dict:
+    """Images to ``out_dir/gaussians.ply`` and ``out_dir/turntable.gif``; returns stage latencies (ms).
+    ``refine_pose_steps > 0`` also refines the input cameras (MVBoost; :func:`refine_input_poses`)
+    and writes them to ``out_dir/cameras_refined.json`` with the LPIPS before and after."""
     from fast3d.io import save_ply
 
     timer = StageTimer()
@@ -108,6 +160,18 @@ def infer(model_dir: str, image_paths: list[str], out_dir: str, cameras_json: st
     with timer("write ply"):
         save_ply(ply, world["means"][0], world["quats"][0], world["scales"][0],
                  world["opacities"][0].clamp(1e-6, 1 - 1e-6), _sh_from_rgb(world["colors"][0]))
+    result = {}
+    if refine_pose_steps > 0:
+        from fast3d.evaluation.image_metrics import load_lpips
+
+        with timer("refine poses"):
+            refined, before, after = refine_input_poses(world, imgs, vm, Ks, load_lpips(lpips_backbone, dev),
+                                                        steps=refine_pose_steps)
+        cams_out = os.path.join(out_dir, "cameras_refined.json")
+        with open(cams_out, "w") as f:
+            json.dump({"viewmats": refined.tolist(), "Ks": Ks.tolist(), "lpips_backbone": lpips_backbone,
+                       "lpips_before": before.tolist(), "lpips_after": after.tolist()}, f, indent=1)
+        result.update(cameras_refined=cams_out, lpips_before=before.tolist(), lpips_after=after.tolist())
     res = resolution or cfg.render_size
     with timer("turntable"):
         tv, tK = orbit_cameras(turntable_frames, res, 20.0, float(cams.camera_centers(vm).norm(dim=-1).mean()),
@@ -120,7 +184,7 @@ def infer(model_dir: str, image_paths: list[str], out_dir: str, cameras_json: st
         gif = write_turntable(torch.cat(frames), os.path.join(out_dir, "turntable.gif"))
     print(f"fast3d infer (LGM, {cfg.num_gaussians} Gaussians, {dev}):\n{timer.report()}\n"
           f"wrote {ply}\nwrote {gif}")
-    return {"ply": ply, "turntable": gif, "latency_ms": dict(timer.stages)}
+    return {"ply": ply, "turntable": gif, "latency_ms": dict(timer.stages), **result}
 
 
 def evaluate(model_dir: str, data_path: str, out_json: str, input_views=(0, 4, 8, 12), views: int = 16,

@@ -31,7 +31,11 @@ GAUSSIAN_KEYS = ("means", "quats", "scales", "opacities", "colors")
 #   about the spacing of one view's 32 x 32 grid spread over the unit box (1/32), so the tiny
 #   model's Gaussians start out just touching (with 0.1 each would span ~3 cells); the big
 #   model's 128 x 128 grid learns smaller scales from there.
-# * opacities sigmoid, quaternions normalised (wxyz), colours 0.5 tanh(x) + 0.5.
+# * opacities sigmoid, quaternions normalised (wxyz).
+# * colours sigmoid(logit(c) + x), c the input colour under the Gaussian (area-averaged to the
+#   splat grid): LGM's head predicts colour outright (0.5 tanh(x) + 0.5, the same range); starting
+#   each Gaussian at its pixel's colour is the pixel-aligned prior, without which a small model's
+#   renders first fade every Gaussian out and learn colour slowly.
 SCALE_FACTOR = 0.05
 
 
@@ -54,6 +58,7 @@ def pixel_anchors(viewmats: Tensor,  # [B, V, 4, 4]
 
 def gaussians_from_features(x: Tensor,        # [B, V, 14, p, p]
                             anchors: Tensor,  # [B, V * p * p, 3]
+                            pixels: Tensor,   # [B, V * p * p, 3] the input colour under each Gaussian, [0, 1]
                             ) -> dict:        # Gaussians, N = V p p
     """LGM's activations of the U-Net's output channels (position 3, opacity 1, scale 3,
     rotation 4, colour 3), Gaussians ordered by view, then row-major over the p x p grid."""
@@ -62,7 +67,7 @@ def gaussians_from_features(x: Tensor,        # [B, V, 14, p, p]
     pos, opacity, scale, rot, rgb = x.split([3, 1, 3, 4, 3], -1)
     return dict(means=anchors.to(pos.dtype) + pos.clamp(-1, 1), quats=F.normalize(rot, dim=-1),
                 scales=SCALE_FACTOR * F.softplus(scale), opacities=torch.sigmoid(opacity[..., 0]),
-                colors=0.5 * torch.tanh(rgb) + 0.5)
+                colors=torch.sigmoid(torch.logit(pixels.to(rgb.dtype), eps=1e-3) + rgb))
 
 
 class LGM(nn.Module):
@@ -116,8 +121,11 @@ class LGM(nn.Module):
         rays = plucker_rays(viewmats.float(), Ks.float(), s, s)                  # [B, V, 6, s, s]
         rgb = (images.float() - self.image_mean) / self.image_std               # [B, V, 3, s, s]
         x = torch.cat([rgb, rays], 2).flatten(0, 1).to(self.unet.conv_in.weight.dtype)  # [B*V, 9, s, s]
-        anchors = pixel_anchors(viewmats, Ks, s, self.config.splat_size)
-        return gaussians_from_features(self.unet(x).unflatten(0, (B, V)), anchors)
+        p = self.config.splat_size
+        anchors = pixel_anchors(viewmats, Ks, s, p)
+        pixels = F.interpolate(images.float().flatten(0, 1), size=(p, p), mode="area")     # [B*V, 3, p, p]
+        pixels = pixels.unflatten(0, (B, V)).permute(0, 1, 3, 4, 2).reshape(B, V * p * p, 3)
+        return gaussians_from_features(self.unet(x).unflatten(0, (B, V)), anchors, pixels)
 
     @staticmethod
     def render(gaussians: dict,                   # means [B, N, 3], quats, scales, opacities, colors
