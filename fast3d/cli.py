@@ -213,6 +213,18 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_datagen_train_filter(args) -> int:
+    from fast3d.data.quality import train_filter
+
+    try:
+        m = train_filter(args.data, args.labels, args.out, dinov2=args.dinov2, threshold=args.threshold,
+                         elevation=not args.no_elevation, seed=args.seed, views=args.views)
+    except ValueError as e:
+        return _fail("datagen train-filter", str(e))
+    print(json.dumps(m, indent=1))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fast3d", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -261,6 +273,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-ply", action="store_true", help="do not write assets/<key>.ply")
     d.add_argument("--workers", type=int, default=1, help="local processes (each on its share of the threads)")
     d.set_defaults(fn=cmd_datagen_procedural)
+    d = dsub.add_parser("train-filter", help="VFusion3D's quality filter (DINOv2 features + linear SVM) and "
+                                             "elevation MLP, from labelled multi-view samples")
+    d.add_argument("--data", nargs="+", required=True, help="multi-view shard directories")
+    d.add_argument("--labels", required=True, help="JSON {key: 0|1} or CSV key,label")
+    d.add_argument("--out", required=True, help="output directory for the filter and the elevation MLP")
+    d.add_argument("--dinov2", default="random-tiny", help="local DINOv2 directory (random-tiny: tests only)")
+    d.add_argument("--threshold", type=float, default=0.0, help="keep samples scoring above this")
+    d.add_argument("--views", type=int, default=4, help="frames averaged per sample")
+    d.add_argument("--no-elevation", action="store_true", help="skip the elevation MLP")
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(fn=cmd_datagen_train_filter)
 
     s = sub.add_parser("train", help="train a recipe with DeepSpeed (lgm | lrm | ttr)")
     s.add_argument("recipe", help="lgm | lrm | ttr (or module:Class); ttr-extract: encode the config's "

@@ -82,6 +82,7 @@ def run(out: str, config: str = "train/configs/lgm_tiny.yaml", steps: int | None
     from fast3d.training.recipes.lgm import LGMRecipe
 
     t0 = time.perf_counter()
+    base = load_config(find_config(config), recipe="lgm")  # a bad config fails before any work
     o = defaults(torch.cuda.is_available())
     o.update({k: v for k, v in dict(steps=steps, ranks=ranks, train_objects=train_objects).items() if v is not None})
     out = os.path.abspath(out)
@@ -91,7 +92,6 @@ def run(out: str, config: str = "train/configs/lgm_tiny.yaml", steps: int | None
     _datagen(data_train, o["train_objects"], seed, o)
     _datagen(data_eval, o["eval_objects"], seed + 1_000_003, o)
 
-    base = load_config(find_config(config), recipe="lgm")
     cfg_dict = base.to_dict()
     cfg_dict.pop("source")
     cfg_dict.update(max_steps=o["steps"], seed=seed, deepspeed=base.path(base.deepspeed),

@@ -53,6 +53,13 @@ def test_info_table_lists_every_op_and_reason():
     (["bench", "--pass", "nope"], "unknown pass 'nope'; valid: forward, backward, forward+backward"),
     (["profile", "nope"], "unknown workload 'nope'; valid: composite:lrm"),
     (["profile", "lrm", "--op", "nope"], "unknown op 'nope'; valid: "),
+    (["train", "lgm", "--config", "nope.yaml", "--output", "o"], "config 'nope.yaml' does not exist"),
+    (["train", "lgm", "--config", "train/configs/ttr_tiny.yaml", "--output", "o"], "is for recipe 'ttr', not 'lgm'"),
+    (["infer", "--checkpoint", "/nonexistent", "--images", "a.png", "--out", "o"], "is not a directory"),
+    (["eval", "--checkpoint", "/nonexistent", "--data", "d", "--out", "o.json"], "is not a directory"),
+    (["sample", "ttr", "--checkpoint", "/nonexistent", "--prompt", "x", "--out", "g.png"], "is not a directory"),
+    (["datagen", "train-filter", "--data", "d", "--labels", "/nonexistent.json", "--out", "o"], "does not exist"),
+    (["demo", "--config", "nope.yaml", "--out", "/nonexistent/demo"], "--config 'nope.yaml' not found"),
 ])
 def test_unknown_names_exit_2_with_one_line(args, what):
     r = cli(*args, check=False)

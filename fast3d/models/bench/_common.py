@@ -1,0 +1,119 @@
+"""What the model-level workloads of ``fast3d bench`` share: the one cached model, the backend
+mirroring, orbit cameras, flop counting and the out-of-memory guard.
+
+Nothing here imports a model at import time: ``import fast3d`` registers these workloads, and
+the models (diffusers, transformers) load only when a workload runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from fast3d import backends
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# One model at a time: a workload's input sets and backends share it; the next op's model
+# replaces it (big models of three ops would not fit a GPU together with their gradients).
+_CACHE: dict = {}
+
+
+def dtype_of(p: dict) -> torch.dtype:
+    return DTYPES[p["dtype"]]
+
+
+def cached_model(key: tuple, build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+    """The model for ``key`` (built by ``build`` with torch's global seed fixed at 0, the caller's
+    random state untouched), replacing any other cached model."""
+    if key not in _CACHE:
+        clear_cache()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            _CACHE[key] = build()
+    return _CACHE[key]
+
+
+def clear_cache() -> None:
+    _CACHE.clear()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # a no-op unless CUDA was initialised
+
+
+def mirror_backends(op: str, of: str, doc: str) -> None:
+    """Registers for the model-level ``op`` one backend per backend of the kernel op ``of``, with
+    its devices, dtypes, priority and availability: backend X of ``op`` runs the whole model step
+    with ``of`` on backend X (the registry's names are the kernel backends; the checks of ``of``
+    run inside the step, where a refusal skips the backend with its reason)."""
+    for name, b in backends.backends(of).items():
+        backends.register(op, name, functools.partial(_not_a_function, op, name), devices=b.devices,
+                          dtypes=b.dtypes, priority=b.priority, features=b.features, available=b.available,
+                          doc=f"{doc} on {of}[{name}]: {b.doc}")
+
+
+def _not_a_function(op: str, name: str, *args, **kwargs):
+    raise ValueError(f"{op} is a benchmark workload, not an op: run it with `fast3d bench {op} --backend {name}`")
+
+
+def orbit_cameras(B: int, V: int, resolution: int, gen: torch.Generator, *, distance: float, fov_y_deg: float,
+                  orthogonal: int = 0) -> tuple[Tensor, Tensor]:
+    """V cameras per sample around the unit box (fast3d's world, +Z up) looking at the origin, at
+    ``distance``, elevations in [-11, 34] degrees; the first ``orthogonal`` views at evenly spaced
+    azimuths (LGM's 4 orthogonal inputs), the others at random azimuths.
+    Returns viewmats [B, V, 4, 4], Ks [B, V, 3, 3] (pixels of a resolution^2 image), float32."""
+    from fast3d.data import cameras
+
+    az = torch.rand(B, V, generator=gen, dtype=torch.float64) * (2 * math.pi)
+    if orthogonal:
+        az[:, :orthogonal] = az[:, :1] + torch.arange(orthogonal, dtype=torch.float64) * (2 * math.pi / orthogonal)
+    el = torch.rand(B, V, generator=gen, dtype=torch.float64) * 0.8 - 0.2
+    viewmats = cameras.look_at(cameras.spherical_to_position(az, el, distance)).float()
+    Ks = cameras.intrinsics(fov_y_deg, resolution, resolution, B * V).view(B, V, 3, 3)
+    return viewmats, Ks
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """Flops of ``fn()`` as torch.utils.flop_counter counts them (matmuls, convolutions, attention)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def param_bytes(model: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def split_passes(pass_: str, fwd: tuple[int, int], bwd: tuple[int, int]) -> tuple[int, int]:
+    """(bytes, flops) of a pass from those of the forward and of the backward."""
+    if pass_ == "forward":
+        return fwd
+    if pass_ == "backward":
+        return bwd
+    return fwd[0] + bwd[0], fwd[1] + bwd[1]
+
+
+@contextlib.contextmanager
+def oom_as_value_error(what: str):
+    """An out-of-memory error inside becomes a ValueError naming the workload: the harness then
+    skips the backend with that reason (first call) or reports the measurement as failed."""
+    try:
+        yield
+    except torch.OutOfMemoryError as e:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        raise ValueError(f"{what}: out of memory ({str(e).splitlines()[0][:200]})") from None
+
+
+def device_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
