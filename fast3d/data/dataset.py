@@ -27,6 +27,14 @@ def _rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
     return 0, 1
 
 
+def reader_index(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
+    """(this reader, all readers): one reader per DataLoader worker of each distributed rank."""
+    rank, world = _rank_world(rank, world_size)
+    info = get_worker_info()
+    wid, nworkers = (info.id, info.num_workers) if info else (0, 1)
+    return rank * nworkers + wid, world * nworkers
+
+
 class MultiViewDataset(IterableDataset):
     """Yields dicts: images [V, 3, R, R] in [0, 1], alphas [V, 1, R, R], viewmats [V, 4, 4],
     Ks [V, 3, 3] (scaled to R), caption, source, quality, elevation (NaN when unknown), key.
@@ -66,10 +74,7 @@ class MultiViewDataset(IterableDataset):
         self.epoch = int(epoch)
 
     def _reader(self) -> tuple[int, int]:
-        rank, world = _rank_world(self.rank, self.world_size)
-        info = get_worker_info()
-        wid, nworkers = (info.id, info.num_workers) if info else (0, 1)
-        return rank * nworkers + wid, world * nworkers
+        return reader_index(self.rank, self.world_size)
 
     def __iter__(self):
         reader, readers = self._reader()

@@ -45,9 +45,9 @@ import time
 
 import torch
 from torch import Tensor
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset
 
-from fast3d.data.dataset import MultiViewDataset, _rank_world
+from fast3d.data.dataset import MultiViewDataset, reader_index
 from fast3d.data.shards import SOURCES, SampleError, iter_tar_groups
 from fast3d.models.mvdit import MVDiTConfig, build_text_encoder, build_vae, encode_prompts, fingerprint, make_grid
 
@@ -423,10 +423,7 @@ class FeatureCacheDataset(IterableDataset):
                     key=key)
 
     def _reader(self) -> tuple[int, int]:
-        rank, world = _rank_world(self.rank, self.world_size)
-        info = get_worker_info()
-        wid, nworkers = (info.id, info.num_workers) if info else (0, 1)
-        return rank * nworkers + wid, world * nworkers
+        return reader_index(self.rank, self.world_size)
 
     def __iter__(self):
         reader, readers = self._reader()
