@@ -209,15 +209,15 @@ def train(recipe: Recipe, out: str, resume: bool = False, progress: bool = True)
                                          f"checkpoint ({checkpoint.latest_tag(out)}) is intact")
             engine.backward(loss)
             engine.step()
-            for k, v in m.items():
-                acc[k] = acc.get(k, 0.0) + float(v)
+            for k, v in m.items():  # tensors stay on the device until the logging step (no sync per step)
+                acc[k] = acc.get(k, 0.0) + (v.detach().float() if torch.is_tensor(v) else float(v))
             n_acc += 1
         step += 1
         if ema is not None:
             ema.update()
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             dt = time.perf_counter() - t_log
-            row = {"step": step, **_reduce_mean({k: v / n_acc for k, v in acc.items()}, world),
+            row = {"step": step, **_reduce_mean({k: float(v) / n_acc for k, v in acc.items()}, world),
                    "lr": lr_now,
                    "samples_per_s": n_acc * cfg.batch_size * world / max(dt, 1e-9),
                    "epoch": batches.epoch}
