@@ -57,6 +57,12 @@ def save_ply(path: str | os.PathLike,
         raise ValueError(f"sh must hold 1, 4, 9 or 16 coefficients per channel (degree 0-3); got K={K}")
     if N and (bool((scales <= 0).any()) or bool(((opacities <= 0) | (opacities >= 1)).any())):
         raise ValueError("scales must be > 0 and opacities in (0, 1) (they are stored as log / logit)")
+    for name, x in (("means", means), ("quats", quats), ("scales", scales), ("opacities", opacities), ("sh", sh)):
+        if N and not bool(torch.isfinite(x).all()):
+            bad = (~torch.isfinite(x)).reshape(N, -1).any(1).nonzero()[:5, 0].tolist()
+            raise ValueError(f"{name} holds NaN or infinite values (first rows: {bad}); a PLY must hold finite numbers")
+    if N and bool((quats.norm(dim=-1) == 0).any()):
+        raise ValueError("quats has zero-length rows: a rotation quaternion needs a non-zero norm")
     f = lambda t: t.detach().to("cpu", torch.float64)  # noqa: E731
     op = f(opacities)
     cols = [f(means), torch.zeros(N, 3, dtype=torch.float64), f(sh)[:, 0],

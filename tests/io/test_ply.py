@@ -165,6 +165,9 @@ def test_fuzz_truncations_and_byte_flips(tmp_path, gen):
     (dict(scales=torch.zeros(37, 3)), ValueError, r"scales must be > 0"),
     (dict(means=torch.zeros(36, 3)), ValueError, r"must have shape"),
     (dict(quats=torch.zeros(37, 4, dtype=torch.int32)), TypeError, r"quats must be a floating tensor"),
+    (dict(means=torch.full((37, 3), float("nan"))), ValueError, r"means holds NaN or infinite values"),
+    (dict(sh=torch.full((37, 4, 3), float("inf"))), ValueError, r"sh holds NaN or infinite"),
+    (dict(quats=torch.zeros(37, 4)), ValueError, r"zero-length rows"),
 ])
 def test_save_rejects_bad_input(tmp_path, gen, bad, exc, pattern):
     x = _scene(gen, 37, bad.pop("K", 4))
