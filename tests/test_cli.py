@@ -93,7 +93,7 @@ def test_quick_bench_writes_every_op_workload_backend_pass(quick_run):
             for b in runnable:
                 for p in PASSES:
                     match = [r for r in rows if (r["op"], r["workload"], r["backend"], r["pass"]) == (op, w.name, b, p)]
-                    assert len(match) == 1, (op, w.name, b, p)
+                    assert len(match) == (1 if p in spec.passes else 0), (op, w.name, b, p)
     assert "median ms" in stdout
 
 

@@ -145,7 +145,7 @@ def _bench_workload(cfg: BenchConfig, spec: BenchSpec, w, runnable: list, device
         except ValueError as e:  # the registry says this backend cannot serve these inputs
             log(f"  {spec.op}/{w.name}: skipping backend {name}: {e}")
             continue
-        for p in cfg.passes:
+        for p in [p for p in cfg.passes if p in spec.passes]:
             where = f"{spec.op}/{w.name}/{name}/{p}"
             try:
                 t = time_pass(p, call, sets, grads, device, budget_s=budget, min_iters=3 if cfg.quick else 5)

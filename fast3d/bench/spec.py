@@ -37,6 +37,8 @@ class BenchSpec:
     # Extra implementations to time beside the registry's backends (a peer library, torch.compile
     # of the reference): name -> (available() -> reason or None).
     baselines: dict = field(default_factory=dict)
+    # The passes the op has: ("forward",) for work with no backward (data generation).
+    passes: tuple = PASSES
 
     def workload(self, name: str) -> Workload:
         for w in self.workloads:
