@@ -213,6 +213,20 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_datagen_pipeline(args) -> int:
+    from fast3d.data.pipeline import run_config
+
+    try:
+        results = run_config(args.config, args.out, workers=args.workers)
+    except ValueError as e:
+        return _fail("datagen pipeline", str(e))
+    n = sum(r["samples"] for r in results)
+    print(f"wrote {n} samples ({sum(r['kept'] for r in results)} kept, {sum(r['rejected'] for r in results)} "
+          f"rejected by the filter) in {sum(r['shards_written'] for r in results)} shards to {args.out}; "
+          f"{sum(r['shards_skipped'] for r in results)} complete shards kept")
+    return 0
+
+
 def cmd_datagen_train_filter(args) -> int:
     from fast3d.data.quality import train_filter
 
@@ -273,6 +287,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-ply", action="store_true", help="do not write assets/<key>.ply")
     d.add_argument("--workers", type=int, default=1, help="local processes (each on its share of the threads)")
     d.set_defaults(fn=cmd_datagen_procedural)
+    d = dsub.add_parser("pipeline", help="pretrained models: prompts -> text-to-image -> image-to-multi-view -> "
+                                         "quality filter -> recaption -> synthetic shards (resumable)")
+    d.add_argument("--config", required=True, help="pipeline YAML, e.g. train/configs/datagen_pipeline.yaml")
+    d.add_argument("--out", required=True, help="output directory (shards, dataset.json)")
+    d.add_argument("--workers", type=int, default=1, help="local processes")
+    d.set_defaults(fn=cmd_datagen_pipeline)
     d = dsub.add_parser("train-filter", help="VFusion3D's quality filter (DINOv2 features + linear SVM) and "
                                              "elevation MLP, from labelled multi-view samples")
     d.add_argument("--data", nargs="+", required=True, help="multi-view shard directories")

@@ -58,6 +58,7 @@ def test_info_table_lists_every_op_and_reason():
     (["infer", "--checkpoint", "/nonexistent", "--images", "a.png", "--out", "o"], "is not a directory"),
     (["eval", "--checkpoint", "/nonexistent", "--data", "d", "--out", "o.json"], "is not a directory"),
     (["sample", "ttr", "--checkpoint", "/nonexistent", "--prompt", "x", "--out", "g.png"], "is not a directory"),
+    (["datagen", "pipeline", "--config", "nope.yaml", "--out", "o"], "nope.yaml"),
     (["datagen", "train-filter", "--data", "d", "--labels", "/nonexistent.json", "--out", "o"], "does not exist"),
     (["demo", "--config", "nope.yaml", "--out", "/nonexistent/demo"], "--config 'nope.yaml' not found"),
 ])

@@ -1,0 +1,223 @@
+"""Running the pipeline resumably: prompts -> text-to-image -> image-to-multi-view -> quality filter ->
+optional recaption -> shards ``synthetic-NNNNNN.tar`` with ``source=synthetic``.
+
+The design is :mod:`fast3d.data.procedural`'s: item i is a pure function of (config, i); shard j
+(items j*S .. j*S+S-1) is the unit of work and of resumption; readers (local worker processes x
+RANK/WORLD_SIZE) take shards j = reader, reader + readers, ...; a shard appears only once complete
+(temporary file, then rename), so a rerun removes a killed run's temporary files and writes exactly
+the missing shards. A shard whose items the filter all rejects is an empty tar, so it counts as done.
+``dataset.json`` records the configuration; another configuration in the same directory is refused.
+
+Each sample: the V generated frames, alpha 1 (generated images are not matted), the orbit cameras of
+``mv`` (uniform azimuths from 0 at ``mv.elevation_deg``), the prompt or its recaption of the first
+frame (the prompt when the recaption comes out empty), the filter's
+score as quality (1.0 without a filter), and the elevation in radians.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import json
+import math
+import os
+import sys
+import tarfile
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from fast3d.data import cameras
+from fast3d.data.pipeline import stages as st
+from fast3d.data.pipeline.config import PipelineConfig, item
+from fast3d.data.procedural import reader_from_env
+from fast3d.data.shards import MultiViewSample, ShardWriter
+
+PREFIX = "synthetic"
+MANIFEST = "dataset.json"
+
+
+@dataclass
+class Stages:
+    """The plug-ins one run calls; replace any with a callable of the same signature."""
+    t2i: Callable            # (prompts, seeds) -> images [N, 3, R, R]
+    mv: Callable             # (images [N, 3, R, R], seeds) -> views [N, V, 3, R', R']
+    filter: Callable | None  # views [N, V, 3, R', R'] -> (keep [N] bool, score [N]); None keeps all
+    recaption: Callable | None  # images [N, 3, R', R'] -> N captions; None keeps the prompts
+
+
+def build_stages(cfg: PipelineConfig, device: torch.device) -> Stages:
+    t, m = cfg.t2i, cfg.mv
+    return Stages(
+        t2i=st.TextToImage(t.model, t.resolution, t.steps, t.guidance, device),
+        mv=st.ImageToMultiView(m.model, m.views, m.resolution, m.steps, m.min_guidance, m.max_guidance, device),
+        filter=None if cfg.filter.dir is None else st.Filter(cfg.filter.dir, cfg.filter.threshold, device),
+        recaption=None if cfg.recaption.model is None else st.Recaptioner(cfg.recaption.model,
+                                                                          cfg.recaption.max_tokens, device))
+
+
+def resolve_device(spec: str, worker: int = 0, workers: int = 1) -> torch.device:
+    """``auto``: CUDA when there is one, else the CPU; ``auto``/``cuda`` spread local workers of this
+    node (LOCAL_RANK x workers + worker) over its GPUs."""
+    if spec == "cpu" or (spec == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if spec in ("auto", "cuda"):
+        slot = int(os.environ.get("LOCAL_RANK", 0)) * workers + worker
+        return torch.device("cuda", slot % max(1, torch.cuda.device_count()))
+    return torch.device(spec)
+
+
+def manifest_of(cfg: PipelineConfig) -> dict:
+    """Everything that changes the samples (``device`` only changes where they are computed)."""
+    config = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "device"}
+    if cfg.prompts.file is not None:  # the prompts themselves, not only the file's name
+        with open(cfg.prompts.file, "rb") as f:
+            config["prompts"]["file_sha256"] = hashlib.sha256(f.read()).hexdigest()
+    return json.loads(json.dumps({"kind": "pipeline", "config": config}))
+
+
+def prepare_output(out: str, cfg: PipelineConfig) -> None:
+    """Check the configuration, then create `out` for it or check that it holds this same dataset."""
+    cfg.validate()
+    mine = manifest_of(cfg)
+    manifest = os.path.join(out, MANIFEST)
+    if os.path.exists(manifest):
+        try:
+            with open(manifest) as f:
+                theirs = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{manifest} is unreadable ({e}); refusing to write into {out}") from None
+        if theirs != mine:
+            raise ValueError(f"out {out!r} holds another dataset ({manifest} records {theirs}, this config is "
+                             f"{mine}); use another out directory or the same config")
+        return
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"out must be a directory; got {out!r}, which is a file")
+    os.makedirs(out, exist_ok=True)
+    foreign = [n for n in os.listdir(out) if not n.startswith((f"{PREFIX}-", f".{PREFIX}-"))]
+    if foreign:
+        raise ValueError(f"out {out!r} is not empty and holds no {MANIFEST} (found {sorted(foreign)[:5]}); "
+                         f"refusing to mix datasets")
+    tmp = f"{manifest}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(mine, f, indent=1)
+    os.replace(tmp, manifest)
+
+
+def orbit(cfg: PipelineConfig) -> cameras.Rig:
+    """The cameras of the generated frames: V uniform azimuths from 0 (the input view) at one elevation."""
+    m = cfg.mv
+    az = torch.arange(m.views, dtype=torch.float64) * (2 * math.pi / m.views)
+    el = torch.full((m.views,), math.radians(m.elevation_deg), dtype=torch.float64)
+    viewmats = cameras.look_at(cameras.spherical_to_position(az, el, m.distance)).float()
+    return cameras.Rig(viewmats=viewmats, Ks=cameras.intrinsics(m.fov_deg, m.resolution, m.resolution, m.views),
+                       azimuths=az.float(), elevations=el.float(), width=m.resolution, height=m.resolution)
+
+
+def _key(i: int) -> str:
+    return f"syn{i:08d}"
+
+
+def _shard_path(out: str, j: int) -> str:
+    return os.path.join(out, f"{PREFIX}-{j:06d}.tar")
+
+
+def make_shard(cfg: PipelineConfig, stages: Stages, j: int) -> tuple[list[MultiViewSample], int]:
+    """The samples of shard j that pass the filter, and how many it rejected."""
+    S = cfg.shards.samples_per_shard
+    indices = list(range(j * S, min((j + 1) * S, cfg.num_items)))
+    items = [item(cfg, i) for i in indices]
+    images = []
+    for b in range(0, len(items), cfg.t2i.batch_size):
+        batch = items[b:b + cfg.t2i.batch_size]
+        images.append(stages.t2i([p for p, _, _ in batch], [s for _, s, _ in batch]))
+    views = stages.mv(torch.cat(images), [s for _, _, s in items])                  # [N, V, 3, R, R]
+    if stages.filter is None:
+        keep, scores = torch.ones(len(items), dtype=torch.bool), torch.ones(len(items), dtype=torch.float64)
+    else:
+        keep, scores = stages.filter(views)
+    kept = [k for k in range(len(items)) if bool(keep[k])]
+    captions = [items[k][0] for k in kept]
+    if stages.recaption is not None and kept:
+        new = stages.recaption(views[kept, 0])
+        captions = [c or p for c, p in zip(new, captions)]  # an empty caption keeps the prompt
+    rig = orbit(cfg)
+    samples = [MultiViewSample(key=_key(indices[k]), images=views[k], alphas=torch.ones_like(views[k][:, :1]),
+                               viewmats=rig.viewmats, Ks=rig.Ks, caption=c, source="synthetic",
+                               quality=float(scores[k]), elevation=math.radians(cfg.mv.elevation_deg))
+               for k, c in zip(kept, captions)]
+    return samples, len(items) - len(kept)
+
+
+def _write_shard(out: str, j: int, samples: list[MultiViewSample]) -> None:
+    if samples:
+        with ShardWriter(out, prefix=PREFIX, samples_per_shard=len(samples), start_index=j) as w:
+            for s in samples:
+                w.write(s)
+        return
+    tmp = os.path.join(out, f".{PREFIX}-{j:06d}.tar.tmp{os.getpid()}")  # all rejected: an empty shard
+    with tarfile.open(tmp, "w"):
+        pass
+    os.replace(tmp, _shard_path(out, j))
+
+
+def generate(out: str, cfg: PipelineConfig, reader: int = 0, readers: int = 1, progress: bool = True,
+             device: torch.device | None = None, stages: Stages | None = None) -> dict:
+    """Write this reader's missing shards (models are loaded only when some are missing). Returns
+    counts: shards written / skipped, samples generated / kept / rejected, seconds."""
+    prepare_output(out, cfg)
+    mine = list(range(reader, cfg.num_shards, readers))
+    done = {j for j in mine if os.path.exists(_shard_path(out, j))}
+    for j in mine:  # temporary files of a killed run
+        for tmp in glob.glob(os.path.join(out, f".{PREFIX}-{j:06d}.tar.tmp*")):
+            os.unlink(tmp)
+    todo = [j for j in mine if j not in done]
+    S = cfg.shards.samples_per_shard
+    n_items = sum(min(S, cfg.num_items - j * S) for j in todo)
+    t0, kept, rejected = time.perf_counter(), 0, 0
+    if todo and stages is None:
+        stages = build_stages(cfg, device or resolve_device(cfg.device))
+    bar = None
+    if progress and todo:
+        from tqdm import tqdm
+
+        bar = tqdm(total=n_items, unit="sample", desc=f"pipeline[{reader}/{readers}]", position=reader,
+                   file=sys.stderr, dynamic_ncols=True)
+    try:
+        for j in todo:
+            samples, r = make_shard(cfg, stages, j)
+            _write_shard(out, j, samples)
+            kept, rejected = kept + len(samples), rejected + r
+            if bar is not None:
+                bar.update(len(samples) + r)
+    finally:
+        if bar is not None:
+            bar.close()
+    return {"shards_written": len(todo), "shards_skipped": len(done), "samples": n_items, "kept": kept,
+            "rejected": rejected, "seconds": time.perf_counter() - t0}
+
+
+def _worker(worker: int, out: str, cfg: PipelineConfig, workers: int, threads: int, results) -> None:
+    torch.set_num_threads(threads)
+    reader, readers = reader_from_env(worker, workers)
+    results[worker] = generate(out, cfg, reader, readers, device=resolve_device(cfg.device, worker, workers))
+
+
+def run(out: str, cfg: PipelineConfig, workers: int = 1) -> list[dict]:
+    """`fast3d datagen pipeline`: generate with `workers` local processes on this rank (RANK /
+    WORLD_SIZE), each on its share of the CPU threads and, with CUDA, its GPU. One dict per worker."""
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers <= 0:
+        raise ValueError(f"workers must be a positive int; got {workers!r}")
+    prepare_output(out, cfg)
+    if workers == 1:
+        return [generate(out, cfg, *reader_from_env(0, 1))]
+    import torch.multiprocessing as mp
+
+    threads = max(1, torch.get_num_threads() // workers)
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_worker, args=(out, cfg, workers, threads, results), nprocs=workers, join=True)
+        return [results[w] for w in range(workers)]
