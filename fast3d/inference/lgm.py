@@ -223,11 +223,13 @@ def evaluate(model_dir: str, data_path: str, out_json: str, input_views=(0, 4, 8
         asset = os.path.join(data_path, "assets", f"{s['key']}.ply")
         if os.path.isfile(asset):
             ref = load_ply(asset)
-            row.update(chamfer_fscore(world["means"][0], ref["means"], world["opacities"][0]))
+            geo = chamfer_fscore(world["means"][0], ref["means"], world["opacities"][0])
+            if math.isfinite(geo["chamfer"]):  # inf: no Gaussian opaque enough to count
+                row.update(geo)
         rows.append(row)
     if not rows:
         raise ValueError(f"--data {data_path!r} yielded no samples with {views} views")
-    keys = [k for k in rows[0] if k != "key"]
+    keys = dict.fromkeys(k for r in rows for k in r if k != "key")  # a key of any row (geometry may be absent)
     mean = {k: sum(r[k] for r in rows if k in r) / sum(1 for r in rows if k in r) for k in keys}
     report = {"model": os.path.abspath(model_dir), "data": os.path.abspath(data_path), "samples": len(rows),
               "held_out_views": held, "resolution": R, "lpips_backbone": lpips_backbone, "mean": mean,

@@ -174,13 +174,19 @@ def infer(model_dir: str, image_path: str, out_dir: str, camera: dict | None = N
 
 @torch.no_grad()
 def evaluate(model_dir: str, data_path: str, out_json: str, views: int = 4, resolution: int | None = None,
-             lpips_backbone: str = "imagenet", device=None, max_samples: int | None = None) -> dict:
+             lpips_backbone: str = "imagenet", device=None, max_samples: int | None = None,
+             point_grid: int = 64) -> dict:
     """Reconstruct each sample of ``data_path`` from its first view (with its true camera) and
     score renders of its next ``views - 1`` views, at ``resolution`` px (default: the model's input
     size), over the sample's own background: PSNR, SSIM and LPIPS (``lpips_random`` with the
-    random stand-in backbone) per sample and averaged; written to ``out_json``."""
+    random stand-in backbone) per sample and averaged; written to ``out_json``. Where the dataset
+    has the asset (``assets/<key>.ply``), also Chamfer distance / F-score between the surface
+    points of the predicted density (``extract_points`` on a ``point_grid``^3 grid) and the asset's
+    Gaussian centres (samples whose density has no surface get none)."""
     from fast3d.data.dataset import MultiViewDataset
+    from fast3d.evaluation.geometry_metrics import chamfer_fscore
     from fast3d.evaluation.image_metrics import load_lpips, psnr, ssim
+    from fast3d.io import load_ply
     from fast3d.training.recipes.lrm import background_color
 
     if isinstance(views, bool) or not isinstance(views, int) or views < 2:
@@ -206,11 +212,18 @@ def evaluate(model_dir: str, data_path: str, out_json: str, views: int = 4, reso
         planes = model(images[:, 0], viewmats[:, 0], Ks[:, 0])
         out = model.render(planes, viewmats[:, 1:], Ks[:, 1:], R, R, background=background_color(images, alphas))
         pred, gt = out["images"][0].float().clamp(0, 1), images[0, 1:]
-        rows.append({"key": s["key"], "psnr": float(psnr(pred, gt).mean()), "ssim": float(ssim(pred, gt).mean()),
-                     lp_name: float(lp(pred, gt).mean())})
+        row = {"key": s["key"], "psnr": float(psnr(pred, gt).mean()), "ssim": float(ssim(pred, gt).mean()),
+               lp_name: float(lp(pred, gt).mean())}
+        asset = os.path.join(data_path, "assets", f"{s['key']}.ply")
+        if point_grid and os.path.isfile(asset):
+            points, _ = model.extract_points(planes[0].float(), resolution=point_grid)
+            if len(points):
+                row.update(chamfer_fscore(points.cpu(), load_ply(asset)["means"]))
+        rows.append(row)
     if not rows:
         raise ValueError(f"data_path {data_path!r} yielded no multi-view sample with {views} views")
-    mean = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0] if k != "key"}
+    keys = dict.fromkeys(k for r in rows for k in r if k != "key")
+    mean = {k: sum(r[k] for r in rows if k in r) / sum(1 for r in rows if k in r) for k in keys}
     report = {"model": os.path.abspath(path), "data": os.path.abspath(data_path), "samples": len(rows),
               "input_view": 0, "held_out_views": list(range(1, views)), "resolution": R,
               "lpips_backbone": lpips_backbone, "mean": mean, "per_sample": rows}

@@ -87,7 +87,7 @@ def test_evaluate_reports_finite_metrics_per_sample(model_dir, tmp_path):
                                                      gaussians_per_object=600, samples_per_shard=2, batch_size=2))
     out = str(tmp_path / "report" / "eval.json")
     r = lrm_infer.evaluate(model_dir, data, out, views=3, resolution=16, lpips_backbone="random", device="cpu",
-                           max_samples=2)
+                           max_samples=2, point_grid=0)
     assert json.load(open(out)) == r
     assert r["samples"] == 2 and r["held_out_views"] == [1, 2] and r["lpips_backbone"] == "random"
     assert [row["key"] for row in r["per_sample"]] == ["obj00000000", "obj00000001"]
@@ -96,6 +96,37 @@ def test_evaluate_reports_finite_metrics_per_sample(model_dir, tmp_path):
         assert 0 < row["psnr"] < 100 and -1 <= row["ssim"] <= 1 and 0 <= row["lpips_random"] < 10, row
     for k in ("psnr", "ssim", "lpips_random"):
         assert math.isclose(r["mean"][k], sum(row[k] for row in r["per_sample"]) / 2, rel_tol=1e-9)
+
+
+def test_evaluate_scores_geometry_against_the_asset(model_dir, tmp_path, monkeypatch):
+    """With a density whose surface is exactly the asset's Gaussian centres, Chamfer is 0 and F 1."""
+    from fast3d.io import load_ply
+    from fast3d.models.lrm import LRM
+
+    data = str(tmp_path / "data")
+    procedural.run(data, procedural.ProceduralConfig(num_objects=2, views=3, rig="orbit16", resolution=24,
+                                                     gaussians_per_object=600, samples_per_shard=2, batch_size=2))
+    current = {}
+
+    def perfect(self, planes, resolution=64, threshold=3.0, chunk=1 << 18):
+        means = load_ply(os.path.join(data, "assets", f"{current['key']}.ply"))["means"]
+        return means, torch.zeros_like(means)
+
+    from fast3d.data import dataset as ds_module
+
+    real_prepare = ds_module.MultiViewDataset._prepare
+
+    def remember(self, s):
+        current["key"] = s.key
+        return real_prepare(self, s)
+
+    monkeypatch.setattr(LRM, "extract_points", perfect)
+    monkeypatch.setattr(ds_module.MultiViewDataset, "_prepare", remember)
+    r = lrm_infer.evaluate(model_dir, data, str(tmp_path / "eval.json"), views=3, resolution=16,
+                           lpips_backbone="random", device="cpu", point_grid=8)
+    for row in r["per_sample"]:
+        assert row["chamfer"] == 0 and row["fscore"] == 1.0, row
+    assert r["mean"]["chamfer"] == 0
 
 
 def test_bad_inputs_are_named(model_dir, image, tmp_path, gen):
