@@ -19,8 +19,8 @@ same directory is refused rather than mixing two datasets.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
-import json
 import os
 import queue
 import sys
@@ -31,10 +31,9 @@ from dataclasses import dataclass
 import torch
 
 from fast3d.data import assets, cameras
-from fast3d.data.shards import MultiViewSample, ShardWriter
+from fast3d.data.shards import MultiViewSample, ShardWriter, claim_output
 
 PREFIX = "procedural"
-MANIFEST = "dataset.json"
 FIXED_VIEWS = {"zero123pp": 6, "mvdream": 4}
 
 
@@ -90,30 +89,9 @@ def make_rig(cfg: ProceduralConfig, gen: torch.Generator) -> cameras.Rig:
 def prepare_output(out: str, cfg: ProceduralConfig) -> None:
     """Create `out` for this configuration, or check that it holds this same dataset."""
     cfg.validate()
-    os.makedirs(out, exist_ok=True)
-    manifest = os.path.join(out, MANIFEST)
     # Everything that changes the samples; batch_size only changes how they are computed.
     mine = {"kind": "procedural", "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "batch_size"}}
-    if os.path.exists(manifest):
-        try:
-            with open(manifest) as f:
-                theirs = json.load(f)
-        except (OSError, ValueError) as e:
-            raise ValueError(f"{manifest} is unreadable ({e}); refusing to write into {out}") from None
-        if theirs != mine:
-            raise ValueError(f"{out} holds another dataset ({manifest} records {theirs}); "
-                             f"use another --out or the same settings")
-        return
-    ours = {MANIFEST, "assets"}
-    foreign = [n for n in os.listdir(out) if n not in ours and not n.startswith(f"{PREFIX}-")
-               and not n.startswith(f".{PREFIX}-")]
-    if foreign:
-        raise ValueError(f"{out} is not empty and holds no {MANIFEST} (found {sorted(foreign)[:5]}); "
-                         "refusing to mix datasets")
-    tmp = manifest + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(mine, f, indent=1)
-    os.replace(tmp, manifest)
+    claim_output(out, mine, PREFIX, also_ours=("assets",))
 
 
 def _render(cfg: ProceduralConfig, objs: list, device: torch.device) -> tuple:
@@ -234,10 +212,28 @@ def reader_from_env(worker: int, workers: int) -> tuple[int, int]:
     return rank * workers + worker, world * workers
 
 
-def _worker(worker: int, out: str, cfg: ProceduralConfig, workers: int, threads: int, results) -> None:
+def run_workers(job, workers: int) -> list[dict]:
+    """``job(worker, reader, readers) -> dict`` in ``workers`` local processes (one in-process when
+    1), each on its share of the CPU threads, readers counted over RANK / WORLD_SIZE too. ``job``
+    must pickle (a module-level function or a ``functools.partial`` of one). One dict per worker."""
+    if workers == 1:
+        return [job(0, *reader_from_env(0, 1))]
+    import torch.multiprocessing as mp
+
+    threads = max(1, torch.get_num_threads() // workers)
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_spawned, args=(job, workers, threads, results), nprocs=workers, join=True)
+        return [results[w] for w in range(workers)]
+
+
+def _spawned(worker: int, job, workers: int, threads: int, results) -> None:
     torch.set_num_threads(threads)
-    reader, readers = reader_from_env(worker, workers)
-    results[worker] = generate(out, cfg, reader, readers)
+    results[worker] = job(worker, *reader_from_env(worker, workers))
+
+
+def _job(out: str, cfg: ProceduralConfig, worker: int, reader: int, readers: int) -> dict:
+    return generate(out, cfg, reader, readers)
 
 
 def run(out: str, cfg: ProceduralConfig, workers: int = 1) -> list[dict]:
@@ -245,12 +241,4 @@ def run(out: str, cfg: ProceduralConfig, workers: int = 1) -> list[dict]:
     if workers <= 0:
         raise ValueError(f"workers must be positive; got {workers}")
     prepare_output(out, cfg)
-    if workers == 1:
-        return [generate(out, cfg, *reader_from_env(0, 1))]
-    import torch.multiprocessing as mp
-
-    threads = max(1, torch.get_num_threads() // workers)
-    with mp.Manager() as manager:
-        results = manager.dict()
-        mp.spawn(_worker, args=(out, cfg, workers, threads, results), nprocs=workers, join=True)
-        return [results[w] for w in range(workers)]
+    return run_workers(functools.partial(_job, out, cfg), workers)

@@ -28,6 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from fast3d._yaml import load_yaml
 from fast3d.data.dataset import MultiViewDataset
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -364,11 +365,7 @@ def _load(directory: str, name: str, keys: tuple[str, ...]) -> tuple[dict[str, T
     for p in (cfg_path, st_path):
         if not os.path.isfile(p):
             raise ValueError(f"{p} does not exist (save a {name} into {directory!r} first)")
-    with open(cfg_path) as f:
-        try:
-            config = yaml.safe_load(f)
-        except yaml.YAMLError as e:
-            raise ValueError(f"{cfg_path} is not valid YAML: {e}") from None
+    config = load_yaml(cfg_path)
     if not isinstance(config, dict):
         raise ValueError(f"{cfg_path} must hold a mapping; got {type(config).__name__}")
     missing = [k for k in ("kind", "version", *keys) if k not in config]

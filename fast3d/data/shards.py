@@ -270,3 +270,36 @@ def decode_sample(key: str, group: dict[str, bytes]) -> MultiViewSample:
 
 def warn_skipped(what: str, why: str) -> None:
     warnings.warn(f"fast3d.data: skipping {what}: {why}", RuntimeWarning, stacklevel=3)
+
+
+DATASET_MANIFEST = "dataset.json"
+
+
+def claim_output(out: str, manifest: dict, prefix: str, also_ours: tuple = ()) -> None:
+    """Make directory ``out`` hold the dataset that ``manifest`` (JSON-able) describes, or check that it
+    already does: a generator's rerun continues its own dataset and never mixes in another. The
+    manifest is written to ``out/dataset.json`` atomically; a directory without one must hold only
+    the generator's shards (``prefix-*``, their temporary files) and ``also_ours``."""
+    path = os.path.join(out, DATASET_MANIFEST)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"out must be a directory; got {out!r}, which is a file")
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                theirs = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{path} is unreadable ({e}); refusing to write into {out}") from None
+        if theirs != manifest:
+            raise ValueError(f"out {out!r} holds another dataset ({path} records {theirs}, this configuration is "
+                             f"{manifest}); use another output directory or the same configuration")
+        return
+    os.makedirs(out, exist_ok=True)
+    foreign = [n for n in os.listdir(out)
+               if n not in also_ours and not n.startswith((f"{prefix}-", f".{prefix}-"))]
+    if foreign:
+        raise ValueError(f"out {out!r} is not empty and holds no {DATASET_MANIFEST} (found {sorted(foreign)[:5]}); "
+                         f"refusing to mix datasets")
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(manifest, f, indent=1)
+    os.replace(tmp, path)

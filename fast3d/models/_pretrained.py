@@ -10,6 +10,8 @@ import os
 import torch
 import yaml
 
+from fast3d._yaml import load_yaml
+
 CONFIG_FILE, WEIGHTS_FILE = "config.yaml", "model.safetensors"
 
 
@@ -46,11 +48,7 @@ def read_config(path: str, model_type: str, cls):
     f = os.path.join(path, CONFIG_FILE)
     if not os.path.isfile(f):
         raise ValueError(f"checkpoint {path!r} has no {CONFIG_FILE}; expected a directory written by save_pretrained")
-    with open(f) as fh:
-        try:
-            d = yaml.safe_load(fh)
-        except yaml.YAMLError as e:
-            raise ValueError(f"{f}: not valid YAML ({e})") from None
+    d = load_yaml(f)
     if not isinstance(d, dict) or "model_type" not in d or "config" not in d:
         raise ValueError(f"{f}: expected keys 'model_type' and 'config'")
     if d["model_type"] != model_type:

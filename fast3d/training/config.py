@@ -14,7 +14,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
-import yaml
+from fast3d._yaml import load_yaml
 
 PRECISIONS = ("bf16", "fp16", "fp32")
 
@@ -84,12 +84,7 @@ def load_config(path: str, recipe: str | None = None) -> RunConfig:
     """Read and validate a run's YAML; ``recipe``, when given, must match the file's."""
     if not os.path.isfile(path):
         raise ValueError(f"config {path!r} does not exist")
-    with open(path) as f:
-        try:
-            d = yaml.safe_load(f)
-        except yaml.YAMLError as e:
-            raise ValueError(f"config {path}: not valid YAML ({e})") from None
-    return config_from_dict(d, source=path, recipe=recipe)
+    return config_from_dict(load_yaml(path), source=path, recipe=recipe)
 
 
 def config_from_dict(d, source: str = "", recipe: str | None = None) -> RunConfig:

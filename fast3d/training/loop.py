@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import time
+from abc import ABC, abstractmethod
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -37,39 +38,39 @@ class StepContext:
     world_size: int
 
 
-class Recipe:
-    """Base of the training recipes. Subclasses set ``name`` and implement the methods below."""
+class Recipe(ABC):
+    """Base of the training recipes. Subclasses set ``name`` and implement the abstract methods."""
     name = ""
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
 
+    @abstractmethod
     def build_model(self) -> torch.nn.Module:
         """The module DeepSpeed trains (frozen parts belong to ``prepare``, outside ZeRO)."""
-        raise NotImplementedError
 
     def prepare(self, device: torch.device) -> None:
         """Load frozen parts (encoders, LPIPS) and check the data before the first step."""
 
+    @abstractmethod
     def dataset(self, rank: int, world: int):
         """An iterable dataset of samples for this rank; ``set_epoch`` is called on it if present."""
-        raise NotImplementedError
 
     def collate(self, samples: list):
         return torch.utils.data.default_collate(samples)
 
+    @abstractmethod
     def loss(self, model, batch, ctx: StepContext) -> tuple[torch.Tensor, dict]:
         """-> (scalar loss, {metric name: float or 0-dim tensor}) for this rank's micro batch."""
-        raise NotImplementedError
 
     def lr_factor(self, step: int) -> float:
         """Multiplier on the scheduler's learning rate for step ``step`` (1-based), e.g. a training
         stage's warm-up restart."""
         return 1.0
 
+    @abstractmethod
     def export(self, module: torch.nn.Module, path: str) -> None:
         """Write the weights for inference (``save_pretrained``) to ``path`` (rank 0 only)."""
-        raise NotImplementedError
 
     def batch_keys(self, batch) -> list:
         return list(batch.get("key", [])) if isinstance(batch, dict) else []

@@ -16,8 +16,8 @@ import string
 from dataclasses import dataclass, field
 
 import torch
-import yaml
 
+from fast3d._yaml import load_yaml
 from fast3d.data.cameras import DEFAULT_DISTANCE, DEFAULT_FOV_Y_DEG
 from fast3d.models._pretrained import config_from_dict
 
@@ -150,12 +150,7 @@ def load_config(path: str) -> PipelineConfig:
     """A validated PipelineConfig from a YAML file."""
     if not os.path.isfile(path):
         raise ValueError(f"config must be a YAML file; got {path!r}, which is not a file")
-    with open(path) as f:
-        try:
-            d = yaml.safe_load(f)
-        except yaml.YAMLError as e:
-            raise ValueError(f"config {path!r}: not valid YAML ({e})") from None
-    return PipelineConfig.from_dict(d)
+    return PipelineConfig.from_dict(load_yaml(path))
 
 
 def item_generator(cfg: PipelineConfig, index: int) -> torch.Generator:

@@ -17,6 +17,7 @@ score as quality (1.0 without a filter), and the elevation in radians.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import hashlib
 import json
@@ -33,11 +34,10 @@ import torch
 from fast3d.data import cameras
 from fast3d.data.pipeline import stages as st
 from fast3d.data.pipeline.config import PipelineConfig, item
-from fast3d.data.procedural import reader_from_env
-from fast3d.data.shards import MultiViewSample, ShardWriter
+from fast3d.data.procedural import run_workers
+from fast3d.data.shards import MultiViewSample, ShardWriter, claim_output
 
 PREFIX = "synthetic"
-MANIFEST = "dataset.json"
 
 
 @dataclass
@@ -82,29 +82,7 @@ def manifest_of(cfg: PipelineConfig) -> dict:
 def prepare_output(out: str, cfg: PipelineConfig) -> None:
     """Check the configuration, then create `out` for it or check that it holds this same dataset."""
     cfg.validate()
-    mine = manifest_of(cfg)
-    manifest = os.path.join(out, MANIFEST)
-    if os.path.exists(manifest):
-        try:
-            with open(manifest) as f:
-                theirs = json.load(f)
-        except (OSError, ValueError) as e:
-            raise ValueError(f"{manifest} is unreadable ({e}); refusing to write into {out}") from None
-        if theirs != mine:
-            raise ValueError(f"out {out!r} holds another dataset ({manifest} records {theirs}, this config is "
-                             f"{mine}); use another out directory or the same config")
-        return
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise ValueError(f"out must be a directory; got {out!r}, which is a file")
-    os.makedirs(out, exist_ok=True)
-    foreign = [n for n in os.listdir(out) if not n.startswith((f"{PREFIX}-", f".{PREFIX}-"))]
-    if foreign:
-        raise ValueError(f"out {out!r} is not empty and holds no {MANIFEST} (found {sorted(foreign)[:5]}); "
-                         f"refusing to mix datasets")
-    tmp = f"{manifest}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(mine, f, indent=1)
-    os.replace(tmp, manifest)
+    claim_output(out, manifest_of(cfg), PREFIX)
 
 
 def orbit(cfg: PipelineConfig) -> cameras.Rig:
@@ -200,10 +178,8 @@ def generate(out: str, cfg: PipelineConfig, reader: int = 0, readers: int = 1, p
             "rejected": rejected, "seconds": time.perf_counter() - t0}
 
 
-def _worker(worker: int, out: str, cfg: PipelineConfig, workers: int, threads: int, results) -> None:
-    torch.set_num_threads(threads)
-    reader, readers = reader_from_env(worker, workers)
-    results[worker] = generate(out, cfg, reader, readers, device=resolve_device(cfg.device, worker, workers))
+def _job(out: str, cfg: PipelineConfig, workers: int, worker: int, reader: int, readers: int) -> dict:
+    return generate(out, cfg, reader, readers, device=resolve_device(cfg.device, worker, workers))
 
 
 def run(out: str, cfg: PipelineConfig, workers: int = 1) -> list[dict]:
@@ -212,12 +188,4 @@ def run(out: str, cfg: PipelineConfig, workers: int = 1) -> list[dict]:
     if isinstance(workers, bool) or not isinstance(workers, int) or workers <= 0:
         raise ValueError(f"workers must be a positive int; got {workers!r}")
     prepare_output(out, cfg)
-    if workers == 1:
-        return [generate(out, cfg, *reader_from_env(0, 1))]
-    import torch.multiprocessing as mp
-
-    threads = max(1, torch.get_num_threads() // workers)
-    with mp.Manager() as manager:
-        results = manager.dict()
-        mp.spawn(_worker, args=(out, cfg, workers, threads, results), nprocs=workers, join=True)
-        return [results[w] for w in range(workers)]
+    return run_workers(functools.partial(_job, out, cfg, workers), workers)
