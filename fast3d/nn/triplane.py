@@ -6,13 +6,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+# EG3D's output activations, shared with the fused Triton marcher (fast3d/ops/triplane/march.py).
+RGB_PAD = 0.001            # rgb = sigmoid(x) (1 + 2 RGB_PAD) - RGB_PAD
+SOFTPLUS_THRESHOLD = 20.0  # F.softplus's default: linear above it
+
 
 class TriplaneMLP(nn.Module):
     """OpenLRM / EG3D's OSGDecoder: concatenated triplane features [..., 3C] -> ``n_layers``
     linear layers (ReLU between) -> density sigma [...] and colour rgb [..., 3].
 
     sigma = softplus(x_0 + density_bias) (EG3D's shifted softplus: empty space at init);
-    rgb = sigmoid(x_1:4) (1 + 2 * 0.001) - 0.001 (EG3D's widened sigmoid, so 0 and 1 are reachable).
+    rgb = sigmoid(x_1:4) (1 + 2 RGB_PAD) - RGB_PAD (EG3D's widened sigmoid, so 0 and 1 are reachable).
     """
 
     def __init__(self, n_features: int, hidden: int = 64, n_layers: int = 4, density_bias: float = -1.0):
@@ -32,8 +36,8 @@ class TriplaneMLP(nn.Module):
             x = layer(x)
             if i + 1 < len(self.layers):
                 x = F.relu(x)
-        sigma = F.softplus(x[..., 0] + self.density_bias)
-        rgb = torch.sigmoid(x[..., 1:]) * (1 + 2 * 0.001) - 0.001
+        sigma = F.softplus(x[..., 0] + self.density_bias, threshold=SOFTPLUS_THRESHOLD)
+        rgb = torch.sigmoid(x[..., 1:]) * (1 + 2 * RGB_PAD) - RGB_PAD
         return sigma, rgb
 
 

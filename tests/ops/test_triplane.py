@@ -265,6 +265,53 @@ def test_render_float32_matches_reference(B, R, C, N, bg, gen):
                    tol=RENDER_TOL[torch.float32], gen=gen)
 
 
+@pytest.mark.parametrize("layers, hidden, C, B, R", [(2, 16, 3, 1, 5), (4, 24, 20, 2, 50), (5, 40, 17, 1, 9)],
+                         ids=lambda v: str(v))
+def test_render_fused_decoder_shapes(layers, hidden, C, B, R, gen):
+    """The fused marcher's MLP: no middle layer, two and three (their inputs recomputed from the
+    first layer's output in the backward), hidden widths padded to a power of two, channel counts
+    past one 16-channel gather; (2, 50) rays are 8 ray blocks over 3 persistent backward programs
+    (several blocks per program, weight gradients summed over the programs' rows)."""
+    require("render_triplane")
+    planes, dec, o, d = make_scene(gen, B, R, C, 7, hidden=hidden, layers=layers, miss=R // 5)
+    compare_render(planes, dec, o, d, bg=torch.rand(3, generator=gen).to(DEVICE), tol=RENDER_TOL[torch.float32],
+                   gen=gen)
+
+
+def test_render_fused_saves_no_per_sample_activations(gen):
+    """What autograd keeps for the backward: the fused marcher saves the sample positions
+    ([B, R, S] floats) and per-ray outputs, never a per-sample feature or activation tensor; the
+    reference keeps the [B, R*S, 3C] features and the MLP's activations."""
+    require("render_triplane")
+    B, R, C, S = 1, 20, 8, 12 + 6
+    planes, dec, o, d = make_scene(gen, B, R, C, 6, hidden=32, layers=4)
+    planes.requires_grad_(True)
+    saved = {}
+    for backend in ("triton", "torch"):
+        sizes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda x: sizes.append(x.numel()) or x, lambda x: x):
+            out = render_triplane(planes, dec, o, d, 0.5, 3.5, n_samples=12, n_importance=6, deterministic=True,
+                                  backend=backend)
+        out["color"].sum().backward()
+        saved[backend] = sizes
+    per_sample_features = B * R * S * 3 * C
+    assert max(saved["triton"]) <= max(B * R * S, planes.numel(), sum(p.numel() for p in dec.parameters()))
+    assert sum(saved["torch"]) >= per_sample_features
+    assert sum(saved["torch"]) > 10 * sum(saved["triton"])
+
+
+def test_render_fused_falls_back_for_unsupported_decoders(gen):
+    """A one-layer decoder has no hidden layer for the fused kernel: `auto` on CUDA and an explicit
+    request name the reason; the torch reference still renders it."""
+    planes, _, o, d = make_scene(gen, 1, 4, 3, 5)
+    dec = TriplaneMLP(3, 16, 1).to(DEVICE)
+    if backends.availability("render_triplane")["triton"] is None:
+        with pytest.raises(ValueError, match=r"triton: decoder has 1 layer"):
+            render_triplane(planes, dec, o, d, 0.5, 3.5, n_samples=4, n_importance=0, backend="triton")
+    out = render_triplane(planes, dec, o, d, 0.5, 3.5, n_samples=4, n_importance=0, backend="auto")
+    assert out["color"].shape == (1, 4, 3)
+
+
 def test_render_bf16_planes(gen):
     """bf16 planes: bf16 features, and their gradient reaches the sampler rounded to bf16 too.
     The outputs match the float64 reference to bf16 rounding. The gradients sum many rounded

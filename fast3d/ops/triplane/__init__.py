@@ -1,5 +1,6 @@
 """Triplane sampling and volume rendering: api (public functions), reference (PyTorch twins,
-OpenLRM-style), triton (Triton kernels), bench (the `lrm` workload and byte/flop models)."""
+OpenLRM-style), triton (the triplane_sample kernels), march (the fused render_triplane kernels),
+bench (the `lrm` workload and byte/flop models)."""
 
 import torch
 
@@ -8,9 +9,10 @@ from fast3d.ops.triplane import bench, reference
 from fast3d.ops.triplane.api import OP_RENDER, OP_SAMPLE, render_triplane, triplane_sample
 
 try:
+    from fast3d.ops.triplane import march
     from fast3d.ops.triplane import triton as triton_kernels
 except ImportError:  # no triton: triton_reason() says so and the backends are never called
-    triton_kernels = None
+    march = triton_kernels = None
 
 _ALL_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _TRITON_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
@@ -21,7 +23,13 @@ def _triton_sample(*args):
 
 
 def _triton_render(*args):
-    return triton_kernels.render_triplane(*args)
+    return march.render_triplane(*args)
+
+
+def _triton_render_check(q: backends.Query) -> list:
+    if march is None:
+        return []
+    return march.unsupported_decoder(q.extra["decoder_layers"], q.extra["decoder_hidden"], q.extra["decoder_dtype"])
 
 
 backends.register(OP_SAMPLE, "torch", reference.triplane_sample, devices=("cpu", "cuda"), dtypes=_ALL_FLOATS,
@@ -32,7 +40,8 @@ backends.register(OP_SAMPLE, "triton", _triton_sample, devices=backends.triton_d
 backends.register(OP_RENDER, "torch", reference.render_triplane, devices=("cpu", "cuda"), dtypes=_ALL_FLOATS,
                   priority=0, doc="PyTorch reference (OpenLRM): grid_sample + MLP + cumprod, sample_pdf")
 backends.register(OP_RENDER, "triton", _triton_render, devices=backends.triton_devices(), dtypes=_TRITON_FLOATS,
-                  priority=30, available=backends.triton_reason,
-                  doc="Triton triplane sampler + PyTorch MLP + Triton compositor (not yet one fused kernel)")
+                  priority=30, available=backends.triton_reason, check=_triton_render_check,
+                  doc="fused Triton ray marcher: sampling + decoder MLP + compositing per tile, recomputed in "
+                      "the backward (no per-sample tensors)")
 
 __all__ = ["triplane_sample", "render_triplane", "reference", "bench"]

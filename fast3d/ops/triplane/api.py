@@ -143,8 +143,10 @@ def render_triplane(planes: Tensor,                   # [B, 3, C, H, W]
                              "all inputs must share a device")
     bound = _bound(bound)
     transmittance_eps = v.real_in("transmittance_eps", transmittance_eps, 0.0, 1.0)
-    impl = backends.select(OP_RENDER, backend, _query(planes, planes, rays_o, rays_d, background,
-                                                      *decoder.parameters()))
+    q = _query(planes, planes, rays_o, rays_d, background, *decoder.parameters())
+    q.extra.update(decoder_layers=len(decoder.layers), decoder_hidden=decoder.hidden,
+                   decoder_dtype=next(decoder.parameters()).dtype)
+    impl = backends.select(OP_RENDER, backend, q)
     with op_range(f"{OP_RENDER}[{impl.name}]", planes.device):
         return impl.fn(planes, decoder, rays_o, rays_d, near, far, int(n_samples), int(n_importance), background,
                        bound, bool(deterministic), generator, transmittance_eps)

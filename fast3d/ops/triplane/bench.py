@@ -67,21 +67,24 @@ def run_sample(backend: str, x: dict) -> tuple:
 
 
 def render_model(p: dict, pass_: str) -> tuple[int, int]:
-    """Fused floor (float32): planes read once (forward) and their gradient written once
-    (backward), rays and outputs once; no per-sample tensor touches memory. Flops per sample:
-    3 planes x 4 corners x C bilinear MACs (24C), the MLP (2 x weights), compositing (~20);
-    every sample is decoded once (the coarse outputs are reused in the final composite), so
-    S = samples + importance decodes. Backward: recompute plus ~2x forward, 3x in all."""
+    """The fused marcher's floor (float32): planes read once (forward) and their gradient written
+    once (backward), rays, outputs and the sorted sample positions ([B, R, S] floats, written by the
+    sort and read by the kernel) once; no other per-sample tensor touches memory. Flops per decoded
+    sample: 3 planes x 4 corners x C bilinear MACs (24C), the MLP (2 x weights), compositing (~20).
+    The forward decodes the coarse samples twice (the no-grad pass that places the importance
+    samples, then the final pass over all S), 2 S_c + S_f decodes; the backward recomputes the
+    final pass and runs ~2x its flops backwards, 3 S decodes' worth."""
     B, R, C, N = p["batch"], p["rays"], p["channels"], p["res"]
     S = p["samples"] + p["importance"]
     h, L = p["hidden"], p["layers"]
     e = 4
     mlp = 3 * C * h + (L - 2) * h * h + h * 4
+    per_decode = 24 * C + 2 * mlp + 20
     planes = B * 3 * C * N * N * e
     rays = B * R * (6 + 5) * e
-    fwd_flops = B * R * S * (24 * C + 2 * mlp + 20)
-    fwd = (planes + rays, fwd_flops)
-    bwd = (2 * planes + rays + B * R * 6 * e, 3 * fwd_flops)
+    samples = B * R * S * e
+    fwd = (planes + rays + 2 * samples, B * R * (S + p["samples"]) * per_decode)
+    bwd = (2 * planes + rays + samples + B * R * 6 * e, 3 * B * R * S * per_decode)
     if pass_ == "forward":
         return fwd
     if pass_ == "backward":

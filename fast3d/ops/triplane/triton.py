@@ -12,8 +12,8 @@ Backward, per point and plane, with corner values P_yx and fractions fx, fy:
     dL/diy    = sum_c g_c ((P_10 - P_00)(1 - fx) + (P_11 - P_01) fx)
 and dix/du = W / (2 bound), diy/dv = H / (2 bound); u, v are (x, y), (x, z), (y, z) for planes 0-2.
 
-render_triplane (this backend): the reference's sampling and compositing schedule with these
-kernels (sampling) and the Triton compositor; the decoder MLP runs in PyTorch.
+render_triplane's `triton` backend is the fused marcher in march.py (it reuses _corners and
+_plane_uv).
 """
 
 from __future__ import annotations
@@ -23,9 +23,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fast3d.ops.composite import triton as composite_triton
 from fast3d.ops.composite.triton import rne
-from fast3d.ops.triplane import reference
 
 BLOCK_M = 64
 _REDUCE = {"concat": 0, "sum": 1, "mean": 2}
@@ -235,10 +233,3 @@ def triplane_sample(planes: Tensor,   # [B, 3, C, H, W]
     """Same contract as reference.triplane_sample; float32 arithmetic, planes' dtype out."""
     return triplane_fwd(planes, points, reduce, float(bound))
 
-
-def render_triplane(planes, decoder, rays_o, rays_d, near, far, n_samples, n_importance, background, bound,
-                    deterministic, generator, transmittance_eps) -> dict:
-    """Same contract as reference.render_triplane, with the Triton sampler and compositor."""
-    return reference.render_triplane(planes, decoder, rays_o, rays_d, near, far, n_samples, n_importance,
-                                     background, bound, deterministic, generator, transmittance_eps,
-                                     sample_fn=triplane_sample, composite_fn=composite_triton.composite)
