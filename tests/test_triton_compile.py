@@ -39,6 +39,10 @@ def _run_ops(gen) -> None:
         rgb = torch.rand(R, S, 3, generator=gen).to(dtype).requires_grad_()
         t = torch.sort(torch.rand(R, S + 1, generator=gen), -1).values.to(dtype)
         backward(*fast3d.composite(sig, rgb, t[:, :-1], t[:, 1:], backend="triton")[:3])
+        wide = torch.rand(R * S, 20, generator=gen).to(dtype).requires_grad_()   # packed, two channel chunks
+        ri = torch.arange(R).repeat_interleave(S)
+        backward(*fast3d.composite(sig.reshape(-1), wide, t[:, :-1].reshape(-1), t[:, 1:].reshape(-1),
+                                   ray_indices=ri, backend="triton")[:3])
 
         planes = torch.randn(2, 3, 20, 6, 7, generator=gen).to(dtype).requires_grad_()
         pts = (torch.rand(2, 11, 3, generator=gen) * 2 - 1).requires_grad_()

@@ -206,6 +206,17 @@ def test_native_float32_matches_reference(backend, shape, bg, eps, gen):
     compare_with_reference(backend, x, eps, gen, tol=TOL[torch.float32])
 
 
+@pytest.mark.parametrize("bg", BACKGROUNDS)
+@pytest.mark.parametrize("D", [17, 40])
+def test_triton_wide_features_in_channel_chunks(D, bg, gen):
+    """Feature rendering (D > 16): the Triton kernels walk the channels in 16-wide chunks (the
+    forward recomputes the weights per chunk, the backward sums <dcolor, rgb> over them)."""
+    require("triton")
+    x = clear_of_cutoff(make_inputs(gen, 21, 45, D, background=bg), 1e-4)
+    x = {k: None if v is None else v.to(device_of("triton")) for k, v in x.items()}
+    compare_with_reference("triton", x, 1e-4, gen, tol=TOL[torch.float32])
+
+
 @pytest.mark.parametrize("eps", EPSILONS)
 @pytest.mark.parametrize("bg", BACKGROUNDS)
 @pytest.mark.parametrize("shape", SHAPES[1:4], ids=lambda s: "R{}-S{}-D{}".format(*s))

@@ -7,7 +7,8 @@ import torch
 import fast3d
 from helpers import assert_close
 
-BACKENDS = [b for b in ("torch", "cpu") if fast3d.backends.availability("composite")[b] is None]
+# `triton` composites the packed samples in place (interpreter on CPU tensors); the others pad.
+BACKENDS = [b for b in ("torch", "cpu", "triton") if fast3d.backends.availability("composite")[b] is None]
 
 
 def packed_rays(gen, counts, D=3):
@@ -25,7 +26,7 @@ def test_packed_equals_each_ray_composited_alone(gen, backend):
     sig, rgb, t0, t1 = packed_rays(gen, counts)
     bg = torch.rand(3, generator=gen, dtype=torch.float64).requires_grad_()
     ri = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
-    if backend == "cpu":  # the native CPU kernels are float32
+    if backend in ("cpu", "triton"):  # float32 kernels
         sig, rgb, t0, t1, bg = (x.detach().float().requires_grad_(x.requires_grad) for x in (sig, rgb, t0, t1, bg))
     out = fast3d.composite(sig, rgb, t0, t1, bg, ray_indices=ri, backend=backend)
     up = [torch.rand(o.shape, generator=gen, dtype=o.dtype) for o in out]
@@ -44,25 +45,34 @@ def test_packed_equals_each_ray_composited_alone(gen, backend):
         st += n
     ref = [torch.cat(x) for x in ref_out]
     ref_g = torch.autograd.grad(sum((o * u).sum() for o, u in zip(ref, up)), (sig, rgb, bg))
-    tol = dict(atol=1e-5, rtol=1e-5) if backend == "cpu" else dict(atol=1e-12, rtol=1e-12)  # float32 kernels
+    tol = dict(atol=1e-5, rtol=1e-5) if backend in ("cpu", "triton") else dict(atol=1e-12, rtol=1e-12)
     for name, a, b in zip(("color", "opacity", "depth", "weights"), out, ref):
         assert_close(a, b, name=name, **tol)
     for name, a, b in zip(("d sigmas", "d rgbs", "d background"), g, ref_g):
         assert_close(a, b, name=name, **tol)
 
 
-def test_packed_info_in_any_ray_order_equals_ray_indices(gen):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_packed_info_in_any_ray_order_equals_ray_indices(gen, backend):
+    """Rays listed in another order; the last sample belongs to no ray (weight and gradients 0)."""
     counts = [3, 1, 4, 0, 2]
-    sig, rgb, t0, t1 = packed_rays(gen, counts)
+    sig, rgb, t0, t1 = packed_rays(gen, counts + [1])
+    if backend in ("cpu", "triton"):  # float32 kernels
+        sig, rgb = (x.detach().float().requires_grad_() for x in (sig, rgb))
+        t0, t1 = t0.float(), t1.float()
     ri = torch.repeat_interleave(torch.arange(5), torch.tensor(counts))
-    a = fast3d.composite(sig, rgb, t0, t1, ray_indices=ri, backend="torch")
+    a = fast3d.composite(sig[:10], rgb[:10], t0[:10], t1[:10], ray_indices=ri, backend="torch")
     starts = torch.tensor([0, 3, 4, 8, 8])
     order = torch.tensor([2, 0, 4, 1, 3])  # the same rays listed in another order
     info = torch.stack([starts[order], torch.tensor(counts)[order]], 1)
-    b = fast3d.composite(sig, rgb, t0, t1, packed_info=info, backend="torch")
+    b = fast3d.composite(sig, rgb, t0, t1, packed_info=info, backend=backend)
+    exact = dict(atol=0, rtol=0) if backend == "torch" else dict(atol=1e-6, rtol=1e-5)
     for name, x, y in zip(("color", "opacity", "depth"), a[:3], b[:3]):
-        assert_close(y, x[order], atol=0, rtol=0, name=name)
-    assert_close(b[3], a[3], atol=0, rtol=0, name="weights (flat, same order as the samples)")
+        assert_close(y, x[order], name=name, **exact)
+    assert_close(b[3][:10], a[3], name="weights (flat, same order as the samples)", **exact)
+    assert b[3][10] == 0
+    g_sig, g_rgb = torch.autograd.grad(b[0].sum() + b[3].sum(), (sig, rgb))
+    assert g_sig[10] == 0 and (g_rgb[10] == 0).all()
 
 
 @pytest.mark.parametrize("kw, match", [

@@ -49,7 +49,16 @@ def composite(sigmas: Tensor,                   # [R, S] densities (post-activat
     v.same_shape("t_starts", t_starts, (R, S), "[R, S] of sigmas")
     v.tensor("t_ends", t_ends, dims=2)
     v.same_shape("t_ends", t_ends, (R, S), "[R, S] of sigmas")
-    D = rgbs.shape[2]
+    transmittance_eps = _check_common(sigmas, rgbs, t_starts, t_ends, background, R, transmittance_eps)
+    impl = _select(backend, sigmas, rgbs, background)
+    with op_range(f"{OP}[{impl.name}]", sigmas.device):
+        return impl.fn(sigmas, rgbs, t_starts, t_ends, background, transmittance_eps)
+
+
+def _check_common(sigmas, rgbs, t_starts, t_ends, background, R: int, transmittance_eps) -> float:
+    """Background shape, one device and dtype, finite intervals, eps in (0, 1): the checks the
+    dense and packed forms share. Returns eps as a float."""
+    D = rgbs.shape[-1]
     if background is not None:
         v.tensor("background", background)
         if tuple(background.shape) not in ((D,), (R, D)):
@@ -59,13 +68,14 @@ def composite(sigmas: Tensor,                   # [R, S] densities (post-activat
     transmittance_eps = v.real_in("transmittance_eps", transmittance_eps, 0.0, 1.0)
     v.finite("t_starts", t_starts)
     v.finite("t_ends", t_ends)
+    return transmittance_eps
 
+
+def _select(backend: str, sigmas: Tensor, rgbs: Tensor, background: Tensor | None) -> backends.Backend:
     q = backends.Query(device=sigmas.device, dtype=sigmas.dtype,
                        requires_grad=torch.is_grad_enabled() and any(
                            x is not None and x.requires_grad for x in (sigmas, rgbs, background)))
-    impl = backends.select(OP, backend, q)
-    with op_range(f"{OP}[{impl.name}]", sigmas.device):
-        return impl.fn(sigmas, rgbs, t_starts, t_ends, background, transmittance_eps)
+    return backends.select(OP, backend, q)
 
 
 def _composite_packed(sigmas, rgbs, t_starts, t_ends, background, transmittance_eps, backend,
@@ -89,7 +99,17 @@ def _composite_packed(sigmas, rgbs, t_starts, t_ends, background, transmittance_
         if n_rays is not None:
             raise ValueError("n_rays goes with ray_indices; packed_info already gives R")
         info = packed.check_packed_info(packed_info, M)
-    mask, index, (s, c, t0, t1) = packed.pad(info.to(sigmas.device), sigmas, rgbs, t_starts, t_ends)
-    color, opacity, depth, w = composite(s, c, t0, t1, background, transmittance_eps, backend)
+    info = info.to(sigmas.device)
+    R = info.shape[0]
+    transmittance_eps = _check_common(sigmas, rgbs, t_starts, t_ends, background, R, transmittance_eps)
+    impl = _select(backend, sigmas, rgbs, background)
+    if impl.name == "triton":   # walks each ray's own sample range: no padded block
+        from fast3d.ops.composite import triton as composite_triton
+
+        with op_range(f"{OP}[packed, {impl.name}]", sigmas.device):
+            return composite_triton.composite_packed(sigmas, rgbs, t_starts, t_ends, info, background,
+                                                     transmittance_eps)
+    mask, index, (s, c, t0, t1) = packed.pad(info, sigmas, rgbs, t_starts, t_ends)
+    color, opacity, depth, w = composite(s, c, t0, t1, background, transmittance_eps, impl.name)
     weights = w.new_zeros(M).index_put((index[mask],), w[mask])
     return color, opacity, depth, weights

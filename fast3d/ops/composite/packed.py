@@ -2,10 +2,10 @@
 flat array, ray r's samples contiguous and in front-to-back order, described by ``ray_indices``
 (the ray of each sample, non-decreasing) or ``packed_info`` (per ray: first sample, count).
 
-The samples are scattered into a zero-padded [R, S_max] block and composited by the dense op, so
-every backend serves the packed form; a padded slot has zero density over a zero-length interval,
-which adds nothing to any output or gradient. The block costs R x S_max elements: for very uneven
-rays a native packed kernel would save that memory (not written yet).
+The `triton` backend composites the packed samples in place (each program walks its rays' own
+ranges). For the other backends the samples are scattered into a zero-padded [R, S_max] block and
+composited by the dense op; a padded slot has zero density over a zero-length interval, which adds
+nothing to any output or gradient, and the block costs R x S_max elements.
 """
 
 from __future__ import annotations
