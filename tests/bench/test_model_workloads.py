@@ -18,8 +18,8 @@ from fast3d.bench.spec import PASSES, specs
 from fast3d.models.bench import _common, lgm, lrm, ttr
 
 CPU = torch.device("cpu")
-MODEL_OPS = {"lgm-step": ["big", "big-render"], "lgm-infer": ["big"], "lrm-step": ["large-128", "large-384"],
-             "ttr-step": ["xl-512"]}
+MODEL_OPS = {"lgm-step": ["big", "big-render"], "lgm-infer": ["big"],
+             "lrm-step": [f"large-{r}" for r in (128, 192, 256, 320, 384)], "ttr-step": ["xl-512"]}
 KERNEL_OP = {"lgm-step": "rasterization", "lgm-infer": "multiview_attention", "lrm-step": "render_triplane",
              "ttr-step": "multiview_attention"}
 FAKE_PEAKS = dict(peak_gbps=10.0, peak_tflops=0.5, peak_how="test stub")
@@ -131,7 +131,7 @@ def test_torch_renderer_is_skipped_where_it_cannot_hold_the_samples(tmp_path, qu
 def test_torch_renderer_estimate_at_full_size():
     large_128, large_384 = (lrm.SPEC.workload(n).params for n in ("large-128", "large-384"))
     assert lrm.sample_points(large_128) == 4 * 4 * 128 ** 2 * 128
-    assert lrm.sample_points(large_384) == 1 * 4 * 384 ** 2 * 128
+    assert lrm.sample_points(large_384) == 16 * 4 * 384 ** 2 * 128
     per_channel, other = lrm.TORCH_RENDER_BYTES_PER_POINT
     assert lrm.torch_render_bytes(large_128) == lrm.sample_points(large_128) * (per_channel * 80 // 2 + other)
     # 80 GiB: the 128 px stage fits the PyTorch renderer, the 384 px one does not.
