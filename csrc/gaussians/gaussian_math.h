@@ -8,6 +8,8 @@
 // the inverse 2D covariance, q = A dx^2 + 2 B dx dy + C dy^2.
 #pragma once
 
+#include <cstdint>
+
 #include "common/hd.h"
 
 namespace fast3d {
@@ -18,7 +20,15 @@ namespace gs {
 constexpr double kAlphaMin = 1.0 / 255.0;  // contributions below this are skipped
 constexpr double kAlphaMax = 0.99;         // alpha is clamped to this
 constexpr double kTransMin = 1e-4;         // a pixel stops before T would fall below this
-constexpr int kTile = 16;                   // tile side in pixels (CPU and CUDA)
+// Tile side in pixels, CPU and CUDA (the one definition; Python's twin is reference.TILE, tied to
+// it by a test through the binding's gs_tile).
+constexpr int kTile = 16;
+
+// Screen radii saturate here: any radius past the image bins the same (reference.RADIUS_MAX).
+constexpr int kRadiusMax = 1 << 24;
+
+// Tiles along an image side of `pixels` pixels (no overflow up to INT_MAX).
+FAST3D_HD int tiles_along(int pixels) { return pixels / kTile + (pixels % kTile != 0); }
 
 // Rotation matrix of the normalised quaternion qn = (w, x, y, z); R[3][3] row-major.
 template <typename T>
@@ -124,7 +134,7 @@ FAST3D_HD void screen_radii(const Projected<T>& pr, int r[2]) {
   r[0] = r[1] = 0;
   if (!pr.valid || !(pr.opacity * T(255) > T(1))) return;
   const T t = T(2) * log_(pr.opacity * T(255));
-  const T big = T(1 << 24);  // huge Gaussians: any radius past the image is the same
+  const T big = T(kRadiusMax);
   r[0] = int(min_(sqrt_(t * pr.a) * T(1.0001) + T(1), big));
   r[1] = int(min_(sqrt_(t * pr.c) * T(1.0001) + T(1), big));
 }
@@ -143,6 +153,22 @@ FAST3D_HD void pixel_rect(T mx, T my, const int r[2], int width, int height, int
   rect[1] = min_(int(floor_(hx)) + 1, width);
   rect[2] = max_(int(ceil_(ly)), 0);
   rect[3] = min_(int(floor_(hy)) + 1, height);
+}
+
+// Tile rect [tx0, tx1) x [ty0, ty1) of a Gaussian's pixel rect (m2 [2], radii r [2]); false when
+// it misses the image. The Gaussian's intersections are its (tx1 - tx0) (ty1 - ty0) tiles: the
+// count the CPU binning, the CUDA sort and the reference's n_intersections all use.
+template <typename T>
+FAST3D_HD bool tile_rect(const T* m2, const int32_t* r, int width, int height, int trect[4]) {
+  if (r[0] <= 0 || r[1] <= 0) return false;
+  int rect[4];
+  pixel_rect(m2[0], m2[1], r, width, height, rect);
+  if (rect[0] >= rect[1] || rect[2] >= rect[3]) return false;
+  trect[0] = rect[0] / kTile;
+  trect[1] = (rect[1] - 1) / kTile + 1;
+  trect[2] = rect[2] / kTile;
+  trect[3] = (rect[3] - 1) / kTile + 1;
+  return true;
 }
 
 // Backward of project_forward for one (camera, Gaussian) given dL/d(mean2d, conic, depth,

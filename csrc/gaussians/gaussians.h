@@ -4,8 +4,63 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
+
+#include "gaussians/gaussian_math.h"
 
 namespace fast3d {
+
+// --- limits (host code both builds compile; the bindings check them before allocating) -------
+
+// Gaussian-tile intersections one call can bin: the CUDA radix sort counts its items in int and
+// the intersection indices (vals, isect_src) are int32. The CPU binning keeps the same limit, so a
+// scene renders on both native backends or fails on both with the same message.
+constexpr int64_t kGsMaxIntersections = 2147483647;
+constexpr int kGsMaxCudaChannels = 64;   // D of the CUDA blend kernels (per-thread registers)
+constexpr int64_t kGsMaxCudaImages = 65535;  // images are grid axis y of the CUDA launches
+
+// Tiles of one width x height image.
+inline int64_t gs_tiles(int width, int height) {
+  return int64_t(gs::tiles_along(width)) * gs::tiles_along(height);
+}
+
+// "I images of W x H pixels = T tiles of kTile x kTile each" for the messages below.
+inline std::string gs_images_str(int64_t I, int width, int height) {
+  return std::to_string(I) + (I == 1 ? " image" : " images") + " of " + std::to_string(width) + "x" +
+         std::to_string(height) + " pixels = " + std::to_string(gs_tiles(width, height)) + " tiles of " +
+         std::to_string(gs::kTile) + "x" + std::to_string(gs::kTile) + " each";
+}
+
+// "" when `count` Gaussian-tile intersections of I images of width x height, N Gaussians each,
+// fit the int32 index range; otherwise the error, naming the count, the images and the Gaussians.
+inline std::string gs_intersections_error(int64_t count, int64_t I, int64_t N, int width, int height) {
+  if (count <= kGsMaxIntersections) return "";
+  return std::to_string(count) + " Gaussian-tile intersections (" + gs_images_str(I, width, height) + ", " +
+         std::to_string(N) + " Gaussians per image) exceed the limit of " + std::to_string(kGsMaxIntersections) +
+         " (int32 intersection indices); use fewer or smaller Gaussians, a smaller image, or fewer cameras per call";
+}
+
+// ceil(log2 n), at least 1.
+inline int gs_bits_for(int64_t n) {
+  int b = 1;
+  while (b < 63 && (int64_t(1) << b) < n) ++b;
+  return b;
+}
+
+// Bits of the CUDA sort key image | tile | depth: ceil(log2 I) + ceil(log2 tiles) + 32 (the
+// depth's float bits).
+inline int gs_sort_end_bit(int64_t I, int64_t tiles) { return gs_bits_for(I) + gs_bits_for(tiles) + 32; }
+
+// "" when the image and tile indices fit the 32 bits of the 64-bit sort key above the depth;
+// otherwise the error.
+inline std::string gs_sort_key_error(int64_t I, int width, int height) {
+  const int64_t tiles = gs_tiles(width, height);
+  const int bits = gs_sort_end_bit(I, tiles);
+  if (bits <= 64) return "";
+  return "the sort key image | tile | depth needs " + std::to_string(gs_bits_for(I)) + " + " +
+         std::to_string(gs_bits_for(tiles)) + " + 32 = " + std::to_string(bits) + " bits for " +
+         gs_images_str(I, width, height) + "; at most 64 fit: render fewer cameras per call or a smaller image";
+}
 
 // --- CPU (float, double) ------------------------------------------------------------------------
 
@@ -66,9 +121,14 @@ void gs_rasterize_backward_cpu(const T* means2d, const T* conics, const T* opac,
 
 // --- CUDA (float32) ---------------------------------------------------------------------------------
 // Same arguments as the CPU versions plus the stream; each returns nullptr on success or the CUDA
-// error string. The forward pipeline: tiles per Gaussian -> (host: prefix sum, total) -> emit one
-// (key, value) per intersection, key = image | tile | depth bits -> radix sort over the needed bits
-// -> tile ranges -> blend.
+// error string. The forward pipeline: tiles per Gaussian -> prefix sum (gauss_offsets, on the
+// device) -> emit one (key, value) per intersection, key = image | tile | depth bits -> radix sort
+// over the needed bits -> tile ranges -> blend.
+//
+// The binning buffers hold `capacity` intersections. The caller either reads the true count n =
+// gauss_offsets[I*N] back to the host and passes capacity = n, or passes a fixed capacity and
+// never synchronises (CUDA graph capture): the kernels read n on the device, intersections past the
+// capacity are dropped (their tiles render without them) and the slots past n hold sentinels.
 
 const char* gs_project_forward_cuda(const float* means, const float* quats, const float* scales,
                                     const float* opacities, const float* viewmats, const float* Ks, int64_t B,
@@ -95,42 +155,37 @@ const char* gs_sh_backward_cuda(const float* sh, const float* means, const float
 const char* gs_tiles_per_gaussian_cuda(const float* means2d, const int32_t* radii, int64_t I, int64_t N,
                                        int width, int height, int64_t* counts, void* stream);
 
-// gauss_offsets [I*N+1] (exclusive prefix sum of counts) -> keys, vals [total]: vals = the
-// intersection's own (pre-sort) index.
+// gauss_offsets [I*N+1] (exclusive prefix sum of counts) -> keys, vals [capacity]: vals = the
+// intersection's own (pre-sort) index; slots [n, capacity) get keys that sort after every real one.
 const char* gs_emit_isects_cuda(const float* means2d, const float* depths, const int32_t* radii,
                                 const int64_t* gauss_offsets, int64_t I, int64_t N, int width, int height,
-                                uint64_t* keys, int32_t* vals, void* stream);
-
-// Bits the sort key needs: 32 (depth) + ceil(log2 T) + ceil(log2 I).
-int gs_sort_end_bit(int64_t I, int64_t tiles);
+                                int64_t capacity, uint64_t* keys, int32_t* vals, void* stream);
 
 size_t gs_sort_temp_bytes_cuda(int64_t total, int end_bit);
 
 const char* gs_sort_isects_cuda(void* temp, size_t temp_bytes, uint64_t* keys_in, uint64_t* keys_out,
                                 int32_t* vals_in, int32_t* vals_out, int64_t total, int end_bit, void* stream);
 
-// sorted keys / pre-sort indices [total] -> tile_offsets [I*tiles+1], flat_ids [total] (Gaussian
-// index within its image).
+// sorted keys / pre-sort indices [capacity] -> tile_offsets [I*tiles+1], flat_ids [capacity]
+// (Gaussian index within its image; the first min(n, capacity) entries written).
 const char* gs_tile_ranges_cuda(const uint64_t* keys, const int32_t* isect_src, const int64_t* gauss_offsets,
-                                int64_t total, int64_t I, int64_t N, int64_t tiles, int64_t* tile_offsets,
+                                int64_t capacity, int64_t I, int64_t N, int64_t tiles, int64_t* tile_offsets,
                                 int32_t* flat_ids, void* stream);
 
-// D <= 64 channels.
+// D <= kGsMaxCudaChannels, I <= kGsMaxCudaImages.
 const char* gs_rasterize_forward_cuda(const float* means2d, const float* conics, const float* opac,
                                       const float* feats, const int64_t* tile_offsets, const int32_t* flat_ids,
                                       int64_t I, int64_t N, int D, int width, int height, float* image,
                                       float* alpha, int32_t* last, void* stream);
 
-// deterministic: isect_grads [total, 8+D] scratch, one row per intersection, summed per Gaussian
-// in intersection order; otherwise warp-reduced atomics.
+// deterministic: isect_grads [capacity, 8+D] scratch, one row per intersection, summed per
+// Gaussian in intersection order; otherwise warp-reduced atomics.
 const char* gs_rasterize_backward_cuda(const float* means2d, const float* conics, const float* opac,
                                        const float* feats, const int64_t* tile_offsets, const int32_t* flat_ids,
                                        const int32_t* isect_src, const int64_t* gauss_offsets, const float* alpha,
                                        const int32_t* last, const float* g_image, const float* g_alpha, int64_t I,
-                                       int64_t N, int D, int width, int height, bool deterministic,
+                                       int64_t N, int D, int width, int height, int64_t capacity, bool deterministic,
                                        float* isect_grads, float* g_means2d, float* g_conics, float* g_opac,
                                        float* g_feats, float* absgrad, void* stream);
-
-constexpr int kGsMaxCudaChannels = 64;
 
 }  // namespace fast3d

@@ -7,8 +7,10 @@ upstream gradients. Scenes mix ordinary Gaussians with ones behind the camera, b
 plane, outside the frustum, huge, tiny and nearly opaque; odd image sizes, several B and C, SH
 degrees 0-3, every render mode, antialiased. Also: exact screen extents (no alpha >= 1/255 pixel
 outside a Gaussian's radii), absgrad, determinism, empty scenes, batch shapes, half precision,
-torch.compile, input validation, and a cross-check of the reference against gsplat's own PyTorch
-implementation when gsplat is installed. Every test draws fresh inputs from the `gen` fixture.
+torch.compile, input validation (of the public function, and of the native entry points called
+directly), and a cross-check of the reference against gsplat's own PyTorch implementation when
+gsplat is installed. Every test draws fresh inputs from the `gen` fixture. The intersection count,
+the capacity mode and the int32 intersection guard: test_rasterization_capacity.py.
 """
 
 from __future__ import annotations
@@ -507,3 +509,157 @@ def test_gaussian_at_a_camera_centre_gives_finite_gradients(gen):
         for name, g in zip(("means", "quats", "scales", "opacities", "sh"), grads):
             assert torch.isfinite(g).all(), f"{backend}: non-finite {name} gradient"
             assert (g[0] == 0).all(), f"{backend}: the culled Gaussian got a {name} gradient"
+
+
+# --- the native entry points, called directly --------------------------------------------------
+# fast3d._C's gs_* functions (and the fast3d::gs_* torch ops over them) are reachable without the
+# Python API's validation: each must reject a bad tensor with a RuntimeError naming it, before any
+# pointer is read.
+
+
+def _native_valid(gen) -> dict:
+    """Valid positional arguments of every gs_* binding, as native.py passes them (B=2, C=3,
+    N=7, 9x8 pixels, float32 on the CPU)."""
+    from fast3d import _native
+
+    m = _native.module()
+    x = _valid(gen)
+    B, N, C, W, H = 2, 7, 3, x["width"], x["height"]
+    I = B * C
+    scene = dict(means=x["means"], quats=x["quats"], scales=x["scales"], opacities=x["opacities"],
+                 viewmats=x["viewmats"], Ks=x["Ks"])
+    planes = dict(width=W, height=H, near_plane=0.01, far_plane=100.0, eps2d=0.3, antialiased=False)
+    means2d, conics, depths, opac, radii = m.gs_project_forward(*scene.values(), *planes.values())
+    sh = torch.rand(B, N, 4, 3, generator=gen)
+    images = dict(means2d=means2d.view(I, N, 2), conics=conics.view(I, N, 3), opac=opac.view(I, N),
+                  feats=torch.rand(I, N, 3, generator=gen))
+    fwd = m.gs_rasterize_forward(*images.values(), depths.view(I, N), radii.view(I, N, 2), W, H, None)
+    image, alpha, last, tile_offsets, flat_ids, isect_src, gauss_offsets, _ = fwd
+    return {
+        "gs_project_forward": dict(**scene, **planes),
+        "gs_project_backward": dict(**scene, **planes, g_means2d=torch.rand(B, C, N, 2),
+                                    g_conics=torch.rand(B, C, N, 3), g_depths=torch.rand(B, C, N),
+                                    g_opac=torch.rand(B, C, N)),
+        "gs_sh_forward": dict(sh=sh, means=x["means"], viewmats=x["viewmats"], degree=1),
+        "gs_sh_backward": dict(sh=sh, means=x["means"], viewmats=x["viewmats"], degree=1,
+                               g_colors=torch.rand(B, C, N, 3)),
+        "gs_rasterize_forward": dict(**images, depths=depths.view(I, N), radii=radii.view(I, N, 2), width=W,
+                                     height=H, capacity=None),
+        "gs_rasterize_backward": dict(**images, radii=radii.view(I, N, 2), tile_offsets=tile_offsets,
+                                      flat_ids=flat_ids, isect_src=isect_src, gauss_offsets=gauss_offsets,
+                                      alpha=alpha, last=last, g_image=torch.rand(image.shape),
+                                      g_alpha=torch.rand(alpha.shape), width=W, height=H, deterministic=False),
+    }
+
+
+P, PB = "gs_project_forward", "gs_project_backward"
+S, SB = "gs_sh_forward", "gs_sh_backward"
+R, RB = "gs_rasterize_forward", "gs_rasterize_backward"
+
+
+def META(t: torch.Tensor) -> torch.Tensor:  # a device other than the CPU, without a GPU
+    return t.to("meta")
+
+
+NATIVE_BAD = {  # case: (function, argument, new value from the valid one, expected message fragment)
+    "project-means-rank": (P, "means", lambda t: t[0], f"{P}: means must have shape [B, N, 3] (3 dims); got [7, 3]"),
+    "project-means-int": (P, "means", lambda t: t.int(), "means has dtype Int, expected Float or Double"),
+    "project-means-meta": (P, "means", META, "means is on meta, expected a CPU or CUDA tensor"),
+    "project-quats-N": (P, "quats", lambda t: t[:, :6], "quats must have shape [B, N, 4] = [2, 7, 4]; got [2, 6, 4]"),
+    "project-scales-dtype": (P, "scales", lambda t: t.double(), "scales has dtype Double, expected Float"),
+    "project-opacities-trailing": (P, "opacities", lambda t: t[..., None],
+                                   "opacities must have shape [B, N] = [2, 7]; got [2, 7, 1]"),
+    "project-viewmats-rank": (P, "viewmats", lambda t: t[0],
+                              "viewmats must have shape [B, C, 4, 4] (4 dims); got [3, 4, 4]"),
+    "project-viewmats-3x4": (P, "viewmats", lambda t: t[..., :3, :],
+                             "viewmats must have shape [B, C, 4, 4] = [2, 3, 4, 4]; got [2, 3, 3, 4]"),
+    "project-Ks-C": (P, "Ks", lambda t: t[:, :2], "Ks must have shape [B, C, 3, 3] = [2, 3, 3, 3]"),
+    "project-Ks-device": (P, "Ks", META, "Ks is on meta, expected cpu (the device of means)"),
+    "project-width": (P, "width", lambda w: 0, "width must be a positive int32; got 0"),
+    "project-height": (P, "height", lambda h: -4, "height must be a positive int32; got -4"),
+    "project-near": (P, "near_plane", lambda v: 0.0, "near_plane must be > 0; got 0"),
+    "project-bwd-g-conics": (PB, "g_conics", lambda t: t[..., :2],
+                             f"{PB}: g_conics must have shape [B, C, N, 3] = [2, 3, 7, 3]"),
+    "project-bwd-g-depths-device": (PB, "g_depths", META, "g_depths is on meta, expected cpu (the device of means)"),
+    "project-bwd-g-opac-dtype": (PB, "g_opac", lambda t: t.double(), "g_opac has dtype Double, expected Float"),
+    "project-bwd-quats-B": (PB, "quats", lambda t: t[:1], "quats must have shape [B, N, 4] = [2, 7, 4]"),
+    "sh-K": (S, "sh", lambda t: t[:, :, :3], f"{S}: sh holds K = 3 coefficients per Gaussian; degree 1 needs K >= 4"),
+    "sh-degree": (S, "degree", lambda d: 4, "degree must be in 0..3; got 4"),
+    "sh-means-N": (S, "means", lambda t: t[:, :5], "means must have shape [B, N, 3] = [2, 7, 3]"),
+    "sh-viewmats-B": (S, "viewmats", lambda t: t[:1],
+                      "viewmats must have shape [B, C, 4, 4] = [2, 3, 4, 4]; got [1, 3, 4, 4]"),
+    "sh-rank": (S, "sh", lambda t: t[..., 0], "sh must have shape [B, N, K, 3] (4 dims)"),
+    "sh-bwd-K": (SB, "sh", lambda t: t[:, :, :2], f"{SB}: sh holds K = 2 coefficients per Gaussian; degree 1 needs K >= 4"),
+    "sh-bwd-g-colors": (SB, "g_colors", lambda t: t[:, :, :, :2], "g_colors must have shape [B, C, N, 3] = [2, 3, 7, 3]"),
+    "sh-bwd-means-device": (SB, "means", META, "means is on meta, expected cpu (the device of sh)"),
+    "raster-radii-device": (R, "radii", META, f"{R}: radii is on meta, expected cpu (the device of feats)"),
+    "raster-radii-dtype": (R, "radii", lambda t: t.long(), "radii has dtype Long, expected Int"),
+    "raster-radii-N": (R, "radii", lambda t: t[:, :6], "radii must have shape [I, N, 2] = [6, 7, 2]"),
+    "raster-means2d-N": (R, "means2d", lambda t: t[:, :4], "means2d must have shape [I, N, 2] = [6, 7, 2]; got [6, 4, 2]"),
+    "raster-conics-I": (R, "conics", lambda t: t[:5], "conics must have shape [I, N, 3] = [6, 7, 3]"),
+    "raster-opac-dtype": (R, "opac", lambda t: t.double(), "opac has dtype Double, expected Float"),
+    "raster-depths": (R, "depths", lambda t: t[..., None], "depths must have shape [I, N] = [6, 7]"),
+    "raster-feats-rank": (R, "feats", lambda t: t[..., 0], "feats must have shape [I, N, D] (3 dims)"),
+    "raster-feats-empty": (R, "feats", lambda t: t[..., :0], "feats must have at least one channel; got shape [6, 7, 0]"),
+    "raster-width": (R, "width", lambda w: 0, "width must be a positive int32; got 0"),
+    "raster-width-int32": (R, "width", lambda w: 2**31, "width must be a positive int32"),
+    "raster-capacity": (R, "capacity", lambda c: 0, "capacity must be None or in [1, 2147483647]; got 0"),
+    "raster-bwd-tile-offsets": (RB, "tile_offsets", lambda t: t[:-1],
+                                f"{RB}: tile_offsets must have shape [I * tiles + 1] = [7]"),
+    "raster-bwd-tile-offsets-dtype": (RB, "tile_offsets", lambda t: t.int(), "tile_offsets has dtype Int, expected Long"),
+    "raster-bwd-flat-ids-rank": (RB, "flat_ids", lambda t: t[None], "flat_ids must have shape [n] (1 dims)"),
+    "raster-bwd-flat-ids-dtype": (RB, "flat_ids", lambda t: t.long(), "flat_ids has dtype Long, expected Int"),
+    "raster-bwd-isect-src": (RB, "isect_src", lambda t: torch.zeros(3, dtype=torch.int32),
+                             "isect_src must have shape [0] = [0]; got [3]"),
+    "raster-bwd-gauss-offsets-dtype": (RB, "gauss_offsets", lambda t: t.int(),
+                                       "gauss_offsets has dtype Int, expected Long"),
+    "raster-bwd-alpha": (RB, "alpha", lambda t: t[:, :, :-1], "alpha must have shape [I, H, W] = [6, 8, 9]; got [6, 8, 8]"),
+    "raster-bwd-last-dtype": (RB, "last", lambda t: t.float(), "last has dtype Float, expected Int"),
+    "raster-bwd-g-image-D": (RB, "g_image", lambda t: t[..., :2], "g_image must have shape [I, H, W, D] = [6, 8, 9, 3]"),
+    "raster-bwd-g-alpha-device": (RB, "g_alpha", META, "g_alpha is on meta, expected cpu (the device of feats)"),
+    "raster-bwd-radii-device": (RB, "radii", META, "radii is on meta, expected cpu (the device of feats)"),
+    "raster-bwd-height": (RB, "height", lambda h: h + 16, "tile_offsets must have shape [I * tiles + 1] = [13]"),
+}
+
+
+@pytest.mark.parametrize("case", list(NATIVE_BAD))
+def test_native_bindings_reject_bad_tensors(case, gen):
+    require("cpu")
+    from fast3d import _native
+
+    fn, arg, change, message = NATIVE_BAD[case]
+    args = _native_valid(gen)[fn]
+    args[arg] = change(args[arg])
+    with pytest.raises(RuntimeError) as info:
+        getattr(_native.module(), fn)(*args.values())
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize("fn", ["gs_project_forward", "gs_project_backward", "gs_sh_forward", "gs_sh_backward",
+                                "gs_rasterize_forward", "gs_rasterize_backward"])
+def test_native_bindings_take_non_contiguous_tensors(fn, gen):
+    """Non-contiguous inputs are made contiguous, not read with the wrong strides."""
+    require("cpu")
+    from fast3d import _native
+
+    args = _native_valid(gen)[fn]
+    strided = {k: v.transpose(0, -1).contiguous().transpose(0, -1) if isinstance(v, torch.Tensor) and v.dim() > 1
+               else v for k, v in args.items()}
+    assert any(isinstance(v, torch.Tensor) and not v.is_contiguous() for v in strided.values())
+    f = getattr(_native.module(), fn)
+    got, want = f(*strided.values()), f(*args.values())
+    for a, b in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
+        assert torch.equal(a, b)
+
+
+def test_native_constants_match_python():
+    """The tile size, the radius cap and the intersection limit have one definition in C++
+    (gaussian_math.h, gaussians.h); the Python twins that run without the extension agree."""
+    require("cpu")
+    from fast3d import _native
+    from fast3d.ops.rasterization import api
+
+    m = _native.module()
+    assert reference.TILE == m.gs_tile == 16
+    assert reference.RADIUS_MAX == m.gs_radius_max
+    assert api.MAX_CAPACITY == m.gs_max_intersections == 2**31 - 1

@@ -48,8 +48,7 @@ struct Camera {
 // machine a barrier can cost a scheduler tick (~4 ms), more than the loop itself.
 constexpr int64_t kMinParallel = 1 << 14;
 
-inline int tiles_x(int width) { return (width + kTile - 1) / kTile; }
-inline int tiles_y(int height) { return (height + kTile - 1) / kTile; }
+using gs::tiles_along;
 
 }  // namespace
 
@@ -149,35 +148,18 @@ void gs_sh_backward_cpu(const T* sh, const T* means, const T* viewmats, int64_t 
   }
 }
 
-namespace {
-
-// Tile rect [tx0, tx1) x [ty0, ty1) of a Gaussian's pixel rect; false when it misses the image.
-template <typename T>
-bool tile_rect(const T* m2, const int32_t* r, int width, int height, int rect[4], int trect[4]) {
-  if (r[0] <= 0 || r[1] <= 0) return false;
-  gs::pixel_rect(m2[0], m2[1], r, width, height, rect);
-  if (rect[0] >= rect[1] || rect[2] >= rect[3]) return false;
-  trect[0] = rect[0] / kTile;
-  trect[1] = (rect[1] - 1) / kTile + 1;
-  trect[2] = rect[2] / kTile;
-  trect[3] = (rect[3] - 1) / kTile + 1;
-  return true;
-}
-
-}  // namespace
-
 template <typename T>
 void gs_bin_count_cpu(const T* means2d, const T* depths, const int32_t* radii, int64_t I, int64_t N, int width,
                       int height, int32_t* order, int64_t* n_valid, int64_t* tile_counts) {
-  const int TX = tiles_x(width), TT = TX * tiles_y(height);
+  const int TX = tiles_along(width), TT = TX * tiles_along(height);
 #pragma omp parallel for schedule(dynamic, 1) if (I * N > kMinParallel)
   for (int64_t i = 0; i < I; ++i) {
     std::vector<std::pair<T, int32_t>> keyed;
     int64_t* counts = tile_counts + i * TT;
     std::fill(counts, counts + TT, int64_t(0));
     for (int64_t n = 0; n < N; ++n) {
-      int rect[4], tr[4];
-      if (!tile_rect(means2d + (i * N + n) * 2, radii + (i * N + n) * 2, width, height, rect, tr)) continue;
+      int tr[4];
+      if (!gs::tile_rect(means2d + (i * N + n) * 2, radii + (i * N + n) * 2, width, height, tr)) continue;
       keyed.emplace_back(depths[i * N + n], int32_t(n));
       for (int ty = tr[2]; ty < tr[3]; ++ty)
         for (int tx = tr[0]; tx < tr[1]; ++tx) ++counts[ty * TX + tx];
@@ -191,14 +173,14 @@ void gs_bin_count_cpu(const T* means2d, const T* depths, const int32_t* radii, i
 template <typename T>
 void gs_bin_fill_cpu(const T* means2d, const int32_t* radii, const int32_t* order, const int64_t* n_valid,
                      const int64_t* tile_offsets, int64_t I, int64_t N, int width, int height, int32_t* ids) {
-  const int TX = tiles_x(width), TT = TX * tiles_y(height);
+  const int TX = tiles_along(width), TT = TX * tiles_along(height);
 #pragma omp parallel for schedule(dynamic, 1) if (I * N > kMinParallel)
   for (int64_t i = 0; i < I; ++i) {
     std::vector<int64_t> cursor(tile_offsets + i * TT, tile_offsets + (i + 1) * TT);
     for (int64_t k = 0; k < n_valid[i]; ++k) {
       const int32_t n = order[i * N + k];
-      int rect[4], tr[4];
-      tile_rect(means2d + (i * N + n) * 2, radii + (i * N + n) * 2, width, height, rect, tr);
+      int tr[4];
+      gs::tile_rect(means2d + (i * N + n) * 2, radii + (i * N + n) * 2, width, height, tr);
       for (int ty = tr[2]; ty < tr[3]; ++ty)
         for (int tx = tr[0]; tx < tr[1]; ++tx) ids[cursor[ty * TX + tx]++] = n;
     }
@@ -209,7 +191,7 @@ template <typename T>
 void gs_rasterize_forward_cpu(const T* means2d, const T* conics, const T* opac, const T* feats,
                               const int32_t* radii, const int64_t* tile_offsets, const int32_t* ids, int64_t I,
                               int64_t N, int D, int width, int height, T* image, T* alpha, int32_t* last) {
-  const int TX = tiles_x(width), TT = TX * tiles_y(height);
+  const int TX = tiles_along(width), TT = TX * tiles_along(height);
 #pragma omp parallel
   {
     std::vector<T> trans(kTile * kTile), acc(kTile * kTile * D);
@@ -278,7 +260,7 @@ void backward_tile(const T* means2d, const T* conics, const T* opac, const T* fe
                    const T* g_image, const T* g_alpha, int64_t i, int tile, int64_t N, int D, int width,
                    int height, T* g_m2, T* g_con, T* g_op, T* g_f, T* g_abs, std::vector<T>& trans,
                    std::vector<T>& sg, std::vector<T>& kk, std::vector<T>& gfeat) {
-  const int TX = tiles_x(width), TT = TX * tiles_y(height);
+  const int TX = tiles_along(width), TT = TX * tiles_along(height);
   const int x0 = (tile % TX) * kTile, y0 = (tile / TX) * kTile;
   const int tw = std::min(kTile, width - x0), th = std::min(kTile, height - y0);
   const int64_t s = tile_offsets[i * TT + tile];
@@ -352,7 +334,7 @@ void gs_rasterize_backward_cpu(const T* means2d, const T* conics, const T* opac,
                                const T* alpha, const int32_t* last, const T* g_image, const T* g_alpha, int64_t I,
                                int64_t N, int D, int width, int height, T* g_means2d, T* g_conics, T* g_opac,
                                T* g_feats, T* absgrad) {
-  const int TT = tiles_x(width) * tiles_y(height);
+  const int TT = tiles_along(width) * tiles_along(height);
   std::fill(g_means2d, g_means2d + I * N * 2, T(0));
   std::fill(g_conics, g_conics + I * N * 3, T(0));
   std::fill(g_opac, g_opac + I * N, T(0));

@@ -2,9 +2,11 @@
 //
 // Forward: project (one thread per camera x Gaussian) -> count tiles per Gaussian -> emit one
 // (key, value) per (Gaussian, tile) with key = image | tile | depth bits -> cub radix sort over
-// only the bits the key needs -> per-tile ranges -> blend: one 16x16 block per (image, tile), the
-// tile's Gaussians staged through shared memory in batches, each thread one pixel front to back,
-// the block leaving as soon as every pixel is done.
+// only the bits the key needs -> per-tile ranges -> blend: one kTile x kTile block per (image,
+// tile), the tile's Gaussians staged through shared memory in batches, each thread one pixel front
+// to back, the block leaving as soon as every pixel is done. The binning buffers have a capacity
+// fixed by the host (the true count, or the caller's bound); the kernels read the true count from
+// the prefix sum on the device, so nothing here synchronises with the host (see gaussians.h).
 // Backward: the same tiles back to front; per Gaussian, the 32 pixels of a warp reduce their
 // gradient by shuffles before one atomic add per warp, or (deterministic) write per-warp partials
 // to shared memory that are summed in warp order into one row per intersection, then summed per
@@ -20,10 +22,12 @@ namespace fast3d {
 namespace {
 
 using gs::kTile;
+using gs::tiles_along;
 constexpr float kAlphaMin = float(gs::kAlphaMin), kAlphaMax = float(gs::kAlphaMax), kTransMin = float(gs::kTransMin);
 
-constexpr int kThreads = 256;
-constexpr int kWarps = kTile * kTile / 32;
+constexpr int kThreads = 256;                   // block size of the one-thread-per-item kernels
+constexpr int kTilePixels = kTile * kTile;      // block size of the blend kernels: a thread per pixel
+constexpr int kWarps = kTilePixels / 32;
 constexpr int kBwdBatch = 32;  // Gaussians per shared-memory batch in the backward
 
 const char* last_error() {
@@ -138,56 +142,69 @@ __global__ void sh_backward_kernel(const float* __restrict__ sh, const float* __
   for (int k = 0; k < 3; ++k) g_means[g * 3 + k] = gm[k];
 }
 
-// Tile rect of a Gaussian's exact pixel rect; false when it misses the image.
-__device__ bool tile_rect(const float* m2, const int32_t* r, int width, int height, int tr[4]) {
-  if (r[0] <= 0 || r[1] <= 0) return false;
-  int rect[4];
-  gs::pixel_rect(m2[0], m2[1], r, width, height, rect);
-  if (rect[0] >= rect[1] || rect[2] >= rect[3]) return false;
-  tr[0] = rect[0] / kTile;
-  tr[1] = (rect[1] - 1) / kTile + 1;
-  tr[2] = rect[2] / kTile;
-  tr[3] = (rect[3] - 1) / kTile + 1;
-  return true;
-}
-
 __global__ void tiles_per_gaussian_kernel(const float* __restrict__ means2d, const int32_t* __restrict__ radii,
                                           int64_t total, int width, int height, int64_t* counts) {
   const int64_t g = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (g >= total) return;
   int tr[4];
-  counts[g] = tile_rect(means2d + g * 2, radii + g * 2, width, height, tr)
+  counts[g] = gs::tile_rect(means2d + g * 2, radii + g * 2, width, height, tr)
                   ? int64_t(tr[1] - tr[0]) * (tr[3] - tr[2])
                   : 0;
 }
 
+// Intersections binned: the true count n = gauss_offsets[n_gauss], capped at the buffers' capacity.
+__device__ __forceinline__ int64_t binned_count(const int64_t* gauss_offsets, int64_t n_gauss, int64_t capacity) {
+  return min(gauss_offsets[n_gauss], capacity);
+}
+
+// One thread per Gaussian: its intersections k = gauss_offsets[g] ... in row-major tile order,
+// those with k >= capacity dropped.
 __global__ void emit_isects_kernel(const float* __restrict__ means2d, const float* __restrict__ depths,
                                    const int32_t* __restrict__ radii, const int64_t* __restrict__ gauss_offsets,
-                                   int64_t I, int64_t N, int width, int height, int tile_bits, uint64_t* keys,
-                                   int32_t* vals) {
+                                   int64_t I, int64_t N, int width, int height, int tile_bits, int64_t capacity,
+                                   uint64_t* keys, int32_t* vals) {
   const int64_t g = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (g >= I * N) return;
   int tr[4];
-  if (!tile_rect(means2d + g * 2, radii + g * 2, width, height, tr)) return;
-  const int tx_count = (width + kTile - 1) / kTile;
+  if (!gs::tile_rect(means2d + g * 2, radii + g * 2, width, height, tr)) return;
+  const int tx_count = tiles_along(width);
   // Valid depths are >= near_plane > 0: their float bits sort as the floats do.
   const uint64_t head = (uint64_t(g / N) << (32 + tile_bits)) | uint64_t(__float_as_uint(depths[g]));
   int64_t k = gauss_offsets[g];
   for (int ty = tr[2]; ty < tr[3]; ++ty)
     for (int tx = tr[0]; tx < tr[1]; ++tx, ++k) {
+      if (k >= capacity) return;
       keys[k] = head | (uint64_t(ty * tx_count + tx) << 32);
       vals[k] = int32_t(k);
     }
 }
 
-// tile_offsets[t] = first sorted intersection of global tile t (= image * tiles + tile);
-// flat_ids[j] = the Gaussian (within its image) of sorted intersection j.
+// Slots [n, capacity) of a buffer larger than the count: all key bits set, which sorts after every
+// real key (a real key's depth field is the bit pattern of a positive finite float, < 0xffffffff).
+__global__ void pad_isects_kernel(const int64_t* __restrict__ gauss_offsets, int64_t n_gauss, int64_t capacity,
+                                  uint64_t* keys, int32_t* vals) {
+  const int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (k >= capacity || k < binned_count(gauss_offsets, n_gauss, capacity)) return;
+  keys[k] = ~uint64_t(0);
+  vals[k] = int32_t(k);
+}
+
+// tile_offsets[t] = n for every global tile t (= image * tiles + tile): the end of the list,
+// before tile_ranges_kernel writes the starts of the tiles that have intersections.
+__global__ void fill_tile_offsets_kernel(const int64_t* __restrict__ gauss_offsets, int64_t n_gauss,
+                                         int64_t capacity, int64_t n_tiles, int64_t* tile_offsets) {
+  const int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (t <= n_tiles) tile_offsets[t] = binned_count(gauss_offsets, n_gauss, capacity);
+}
+
+// Per sorted intersection j < n: tile_offsets[t] = j for the tiles t in (tile of j - 1, tile of j]
+// (so empty tiles get empty ranges); flat_ids[j] = the Gaussian (within its image) of j.
 __global__ void tile_ranges_kernel(const uint64_t* __restrict__ keys, const int32_t* __restrict__ isect_src,
-                                   const int64_t* __restrict__ gauss_offsets, int64_t total, int64_t n_gauss,
-                                   int64_t N, int64_t tiles, int64_t n_tiles, int tile_bits, int64_t* tile_offsets,
+                                   const int64_t* __restrict__ gauss_offsets, int64_t capacity, int64_t n_gauss,
+                                   int64_t N, int64_t tiles, int tile_bits, int64_t* tile_offsets,
                                    int32_t* flat_ids) {
   const int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (j >= total) return;
+  if (j >= binned_count(gauss_offsets, n_gauss, capacity)) return;
   const uint64_t mask = (uint64_t(1) << tile_bits) - 1;
   const uint64_t hi_j = keys[j] >> 32;
   const int64_t cur = int64_t(hi_j >> tile_bits) * tiles + int64_t(hi_j & mask);
@@ -197,8 +214,6 @@ __global__ void tile_ranges_kernel(const uint64_t* __restrict__ keys, const int3
     prev = int64_t(hi_p >> tile_bits) * tiles + int64_t(hi_p & mask);
   }
   for (int64_t t = prev + 1; t <= cur; ++t) tile_offsets[t] = j;
-  if (j == total - 1)
-    for (int64_t t = cur + 1; t <= n_tiles; ++t) tile_offsets[t] = total;
   // The Gaussian of this intersection: the last g with gauss_offsets[g] <= src (upper bound - 1).
   const int64_t src = isect_src[j];
   int64_t lo = 0, hi = n_gauss + 1;
@@ -209,19 +224,14 @@ __global__ void tile_ranges_kernel(const uint64_t* __restrict__ keys, const int3
   flat_ids[j] = int32_t((lo - 1) % N);
 }
 
-__global__ void fill_kernel(int64_t* p, int64_t n, int64_t value) {
-  const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (i < n) p[i] = value;
-}
-
 // Blend one (image, tile): blockIdx.x = tile, blockIdx.y = image; thread = pixel. DMAX >= D
 // bounds the per-thread accumulator so it stays in registers.
 template <int DMAX>
-__global__ void __launch_bounds__(kThreads) rasterize_forward_kernel(
+__global__ void __launch_bounds__(kTilePixels) rasterize_forward_kernel(
     const float* __restrict__ means2d, const float* __restrict__ conics, const float* __restrict__ opac,
     const float* __restrict__ feats, const int64_t* __restrict__ tile_offsets, const int32_t* __restrict__ flat_ids,
     int64_t N, int D, int width, int height, float* image, float* alpha, int32_t* last) {
-  const int tiles_x = (width + kTile - 1) / kTile;
+  const int tiles_x = tiles_along(width);
   const int64_t i = blockIdx.y;
   const int64_t it = i * gridDim.x + blockIdx.x;
   const int x = (blockIdx.x % tiles_x) * kTile + threadIdx.x % kTile;
@@ -230,19 +240,19 @@ __global__ void __launch_bounds__(kThreads) rasterize_forward_kernel(
   const float px = float(x) + 0.5f, py = float(y) + 0.5f;
   const int64_t s = tile_offsets[it], e = tile_offsets[it + 1];
 
-  __shared__ int32_t s_id[kThreads];
-  __shared__ float2 s_m2[kThreads];
-  __shared__ float3 s_con[kThreads];
-  __shared__ float s_op[kThreads];
+  __shared__ int32_t s_id[kTilePixels];
+  __shared__ float2 s_m2[kTilePixels];
+  __shared__ float3 s_con[kTilePixels];
+  __shared__ float s_op[kTilePixels];
 
   float trans = 1.f, acc[DMAX];
 #pragma unroll
   for (int d = 0; d < DMAX; ++d) acc[d] = 0.f;
   int32_t lst = 0;
   bool done = !inside;
-  for (int64_t base = s; base < e; base += kThreads) {
+  for (int64_t base = s; base < e; base += kTilePixels) {
     // Every pixel of the block done: stop loading (the count is block-wide, so all leave together).
-    if (__syncthreads_count(done) == kThreads) break;
+    if (__syncthreads_count(done) == kTilePixels) break;
     const int64_t j = base + threadIdx.x;
     if (j < e) {
       const int64_t g = i * N + flat_ids[j];
@@ -252,7 +262,7 @@ __global__ void __launch_bounds__(kThreads) rasterize_forward_kernel(
       s_op[threadIdx.x] = opac[g];
     }
     __syncthreads();
-    const int count = int(min(int64_t(kThreads), e - base));
+    const int count = int(min(int64_t(kTilePixels), e - base));
     for (int k = 0; k < count && !done; ++k) {
       const float m2[2] = {s_m2[k].x, s_m2[k].y};
       const float con[3] = {s_con[k].x, s_con[k].y, s_con[k].z};
@@ -294,7 +304,7 @@ __device__ __forceinline__ float warp_sum(float v) {
 // adds it atomically to the Gaussian's gradients, or (deterministic) stores the warp partial in
 // shared memory; the partials are then summed in warp order into the intersection's row.
 template <int DMAX>
-__global__ void __launch_bounds__(kThreads) rasterize_backward_kernel(
+__global__ void __launch_bounds__(kTilePixels) rasterize_backward_kernel(
     const float* __restrict__ means2d, const float* __restrict__ conics, const float* __restrict__ opac,
     const float* __restrict__ feats, const int64_t* __restrict__ tile_offsets, const int32_t* __restrict__ flat_ids,
     const int32_t* __restrict__ isect_src, const float* __restrict__ alpha, const int32_t* __restrict__ last,
@@ -308,7 +318,7 @@ __global__ void __launch_bounds__(kThreads) rasterize_backward_kernel(
   __shared__ float s_op[kBwdBatch];
   __shared__ int s_max_last;
 
-  const int tiles_x = (width + kTile - 1) / kTile;
+  const int tiles_x = tiles_along(width);
   const int64_t i = blockIdx.y;
   const int64_t it = i * gridDim.x + blockIdx.x;
   const int x = (blockIdx.x % tiles_x) * kTile + threadIdx.x % kTile;
@@ -418,7 +428,7 @@ __global__ void __launch_bounds__(kThreads) rasterize_backward_kernel(
     if (deterministic) {
       __syncthreads();
       // Row of intersection j = sum of the warps' partials in warp order.
-      for (int e = threadIdx.x; e < count * R; e += kThreads) {
+      for (int e = threadIdx.x; e < count * R; e += kTilePixels) {
         const int k = e / R, r = e % R;
         float v = 0.f;
         for (int w = 0; w < kWarps; ++w) v += s_partial[(k * kWarps + w) * R + r];
@@ -428,17 +438,19 @@ __global__ void __launch_bounds__(kThreads) rasterize_backward_kernel(
   }
 }
 
-// Deterministic mode: gradient of each Gaussian = its intersection rows summed in order.
+// Deterministic mode: gradient of each Gaussian = its intersection rows summed in order (those
+// binned: k < capacity).
 __global__ void reduce_isect_grads_kernel(const float* __restrict__ isect_grads,
                                           const int64_t* __restrict__ gauss_offsets, int64_t n_gauss, int D,
-                                          float* g_means2d, float* g_conics, float* g_opac, float* g_feats,
-                                          float* absgrad) {
+                                          int64_t capacity, float* g_means2d, float* g_conics, float* g_opac,
+                                          float* g_feats, float* absgrad) {
   const int64_t g = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (g >= n_gauss) return;
   const int R = 8 + D;
   float row[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   for (int d = 0; d < D; ++d) g_feats[g * D + d] = 0.f;
-  for (int64_t k = gauss_offsets[g]; k < gauss_offsets[g + 1]; ++k) {
+  const int64_t end = min(gauss_offsets[g + 1], capacity);
+  for (int64_t k = gauss_offsets[g]; k < end; ++k) {
     const float* src = isect_grads + k * R;
     for (int r = 0; r < 8; ++r) row[r] += src[r];
     for (int d = 0; d < D; ++d) g_feats[g * D + d] += src[8 + d];
@@ -449,12 +461,6 @@ __global__ void reduce_isect_grads_kernel(const float* __restrict__ isect_grads,
   g_opac[g] = row[5];
   absgrad[g * 2] = row[6];
   absgrad[g * 2 + 1] = row[7];
-}
-
-int bits_for(int64_t n) {  // ceil(log2(n)), at least 1
-  int b = 1;
-  while ((int64_t(1) << b) < n) ++b;
-  return b;
 }
 
 }  // namespace
@@ -510,16 +516,18 @@ const char* gs_tiles_per_gaussian_cuda(const float* means2d, const int32_t* radi
   return last_error();
 }
 
-int gs_sort_end_bit(int64_t I, int64_t tiles) { return 32 + bits_for(tiles) + bits_for(I); }
-
 const char* gs_emit_isects_cuda(const float* means2d, const float* depths, const int32_t* radii,
                                 const int64_t* gauss_offsets, int64_t I, int64_t N, int width, int height,
-                                uint64_t* keys, int32_t* vals, void* stream) {
-  if (I * N == 0) return nullptr;
-  const int64_t tiles = int64_t((width + kTile - 1) / kTile) * ((height + kTile - 1) / kTile);
-  if (gs_sort_end_bit(I, tiles) > 64) return "too many images x tiles for a 64-bit sort key";
-  emit_isects_kernel<<<blocks_for(I * N), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
-      means2d, depths, radii, gauss_offsets, I, N, width, height, bits_for(tiles), keys, vals);
+                                int64_t capacity, uint64_t* keys, int32_t* vals, void* stream) {
+  if (gs_sort_end_bit(I, gs_tiles(width, height)) > 64) return "too many images x tiles for a 64-bit sort key";
+  if (capacity > kGsMaxIntersections) return "capacity past the int32 intersection indices";
+  auto st = static_cast<cudaStream_t>(stream);
+  if (I * N > 0)
+    emit_isects_kernel<<<blocks_for(I * N), kThreads, 0, st>>>(means2d, depths, radii, gauss_offsets, I, N, width,
+                                                                height, gs_bits_for(gs_tiles(width, height)),
+                                                                capacity, keys, vals);
+  if (capacity > 0)
+    pad_isects_kernel<<<blocks_for(capacity), kThreads, 0, st>>>(gauss_offsets, I * N, capacity, keys, vals);
   return last_error();
 }
 
@@ -534,7 +542,7 @@ size_t gs_sort_temp_bytes_cuda(int64_t total, int end_bit) {
 const char* gs_sort_isects_cuda(void* temp, size_t temp_bytes, uint64_t* keys_in, uint64_t* keys_out,
                                 int32_t* vals_in, int32_t* vals_out, int64_t total, int end_bit, void* stream) {
   if (total == 0) return nullptr;
-  if (total > int64_t(0x7fffffff)) return "more than 2^31 - 1 Gaussian-tile intersections";
+  if (total > kGsMaxIntersections) return "more than 2^31 - 1 Gaussian-tile intersections";
   const cudaError_t err =
       cub::DeviceRadixSort::SortPairs(temp, temp_bytes, keys_in, keys_out, vals_in, vals_out, static_cast<int>(total),
                                       0, end_bit, static_cast<cudaStream_t>(stream));
@@ -543,15 +551,14 @@ const char* gs_sort_isects_cuda(void* temp, size_t temp_bytes, uint64_t* keys_in
 }
 
 const char* gs_tile_ranges_cuda(const uint64_t* keys, const int32_t* isect_src, const int64_t* gauss_offsets,
-                                int64_t total, int64_t I, int64_t N, int64_t tiles, int64_t* tile_offsets,
+                                int64_t capacity, int64_t I, int64_t N, int64_t tiles, int64_t* tile_offsets,
                                 int32_t* flat_ids, void* stream) {
   auto st = static_cast<cudaStream_t>(stream);
-  if (total == 0) {
-    fill_kernel<<<blocks_for(I * tiles + 1), kThreads, 0, st>>>(tile_offsets, I * tiles + 1, 0);
-    return last_error();
-  }
-  tile_ranges_kernel<<<blocks_for(total), kThreads, 0, st>>>(keys, isect_src, gauss_offsets, total, I * N, N, tiles,
-                                                              I * tiles, bits_for(tiles), tile_offsets, flat_ids);
+  fill_tile_offsets_kernel<<<blocks_for(I * tiles + 1), kThreads, 0, st>>>(gauss_offsets, I * N, capacity, I * tiles,
+                                                                            tile_offsets);
+  if (capacity > 0)
+    tile_ranges_kernel<<<blocks_for(capacity), kThreads, 0, st>>>(keys, isect_src, gauss_offsets, capacity, I * N, N,
+                                                                   tiles, gs_bits_for(tiles), tile_offsets, flat_ids);
   return last_error();
 }
 
@@ -561,8 +568,8 @@ template <int DMAX>
 const char* launch_forward(const float* means2d, const float* conics, const float* opac, const float* feats,
                            const int64_t* tile_offsets, const int32_t* flat_ids, int64_t I, int64_t N, int D,
                            int width, int height, float* image, float* alpha, int32_t* last, cudaStream_t st) {
-  const dim3 grid(unsigned(((width + kTile - 1) / kTile) * ((height + kTile - 1) / kTile)), unsigned(I));
-  rasterize_forward_kernel<DMAX><<<grid, kThreads, 0, st>>>(means2d, conics, opac, feats, tile_offsets, flat_ids,
+  const dim3 grid(unsigned(gs_tiles(width, height)), unsigned(I));
+  rasterize_forward_kernel<DMAX><<<grid, kTilePixels, 0, st>>>(means2d, conics, opac, feats, tile_offsets, flat_ids,
                                                              N, D, width, height, image, alpha, last);
   return last_error();
 }
@@ -574,14 +581,14 @@ const char* launch_backward(const float* means2d, const float* conics, const flo
                             int64_t I, int64_t N, int D, int width, int height, bool deterministic,
                             float* isect_grads, float* g_means2d, float* g_conics, float* g_opac, float* g_feats,
                             float* absgrad, cudaStream_t st) {
-  const dim3 grid(unsigned(((width + kTile - 1) / kTile) * ((height + kTile - 1) / kTile)), unsigned(I));
+  const dim3 grid(unsigned(gs_tiles(width, height)), unsigned(I));
   const size_t shmem = deterministic ? size_t(kBwdBatch) * kWarps * (8 + D) * sizeof(float) : 0;
   if (shmem > 0) {  // opt in whenever used: static shared memory adds to the 48 KB default
     const cudaError_t err = cudaFuncSetAttribute(rasterize_backward_kernel<DMAX>,
                                                  cudaFuncAttributeMaxDynamicSharedMemorySize, int(shmem));
     if (err != cudaSuccess) return cudaGetErrorString(err);
   }
-  rasterize_backward_kernel<DMAX><<<grid, kThreads, shmem, st>>>(
+  rasterize_backward_kernel<DMAX><<<grid, kTilePixels, shmem, st>>>(
       means2d, conics, opac, feats, tile_offsets, flat_ids, isect_src, alpha, last, g_image, g_alpha, N, D, width,
       height, deterministic, isect_grads, g_means2d, g_conics, g_opac, g_feats, absgrad);
   return last_error();
@@ -594,7 +601,7 @@ const char* gs_rasterize_forward_cuda(const float* means2d, const float* conics,
                                       int64_t I, int64_t N, int D, int width, int height, float* image,
                                       float* alpha, int32_t* last, void* stream) {
   if (I == 0) return nullptr;
-  if (I > 65535) return "more than 65535 images in one call (grid y limit)";
+  if (I > kGsMaxCudaImages) return "more than 65535 images in one call (grid y limit)";
   auto st = static_cast<cudaStream_t>(stream);
   if (D <= 4) return launch_forward<4>(means2d, conics, opac, feats, tile_offsets, flat_ids, I, N, D, width, height,
                                        image, alpha, last, st);
@@ -610,13 +617,13 @@ const char* gs_rasterize_backward_cuda(const float* means2d, const float* conics
                                        const float* feats, const int64_t* tile_offsets, const int32_t* flat_ids,
                                        const int32_t* isect_src, const int64_t* gauss_offsets, const float* alpha,
                                        const int32_t* last, const float* g_image, const float* g_alpha, int64_t I,
-                                       int64_t N, int D, int width, int height, bool deterministic,
-                                       float* isect_grads, float* g_means2d, float* g_conics, float* g_opac,
-                                       float* g_feats, float* absgrad, void* stream) {
+                                       int64_t N, int D, int width, int height, int64_t capacity,
+                                       bool deterministic, float* isect_grads, float* g_means2d, float* g_conics,
+                                       float* g_opac, float* g_feats, float* absgrad, void* stream) {
   auto st = static_cast<cudaStream_t>(stream);
   const int64_t G = I * N;
   if (G == 0) return nullptr;
-  if (I > 65535) return "more than 65535 images in one call (grid y limit)";
+  if (I > kGsMaxCudaImages) return "more than 65535 images in one call (grid y limit)";
   if (!deterministic) {  // atomics accumulate into zeroed buffers
     cudaMemsetAsync(g_means2d, 0, G * 2 * sizeof(float), st);
     cudaMemsetAsync(g_conics, 0, G * 3 * sizeof(float), st);
@@ -640,8 +647,8 @@ const char* gs_rasterize_backward_cuda(const float* means2d, const float* conics
   else
     return "the CUDA rasterizer takes at most 64 channels";
   if (err != nullptr || !deterministic) return err;
-  reduce_isect_grads_kernel<<<blocks_for(G), kThreads, 0, st>>>(isect_grads, gauss_offsets, G, D, g_means2d,
-                                                                 g_conics, g_opac, g_feats, absgrad);
+  reduce_isect_grads_kernel<<<blocks_for(G), kThreads, 0, st>>>(isect_grads, gauss_offsets, G, D, capacity,
+                                                                 g_means2d, g_conics, g_opac, g_feats, absgrad);
   return last_error();
 }
 

@@ -5,9 +5,9 @@ import os
 
 import torch
 
-from fast3d import backends
+from fast3d import _native, backends
 from fast3d.ops.rasterization import bench, native, reference
-from fast3d.ops.rasterization.api import OP, rasterization
+from fast3d.ops.rasterization.api import OP, check_overflow, rasterization
 
 _ALL_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -35,11 +35,12 @@ backends.register(OP, "torch", reference.rasterization, devices=("cpu", "cuda"),
                   doc="PyTorch reference: dense, every Gaussian at every pixel, autograd")
 
 
-def _cuda_check(q: backends.Query) -> list:
+def _cuda_check(q: backends.Query) -> list:  # runs only where the extension loaded
     D, images = q.extra.get("channels", 0), q.extra.get("images", 0)
-    reasons = [f"{D} channels; the CUDA kernels take at most 64"] if D > 64 else []
-    if images > 65535:  # images are grid axis y of the CUDA launches
-        reasons.append(f"{images} images (scenes x cameras); the CUDA kernels take at most 65535 per call")
+    max_d, max_images = _native.module().gs_max_cuda_channels, _native.module().gs_max_cuda_images
+    reasons = [f"{D} channels; the CUDA kernels take at most {max_d}"] if D > max_d else []
+    if images > max_images:  # images are grid axis y of the CUDA launches
+        reasons.append(f"{images} images (scenes x cameras); the CUDA kernels take at most {max_images} per call")
     return reasons
 
 
@@ -51,4 +52,4 @@ backends.register(OP, "cuda", native.rasterization, devices=("cuda",), dtypes=(t
                   features=("antialiased",), available=backends.native_cuda_reason, check=_cuda_check,
                   doc="CUDA: radix-sorted image|tile|depth keys, per-tile blending, warp-reduced backward")
 
-__all__ = ["rasterization", "reference", "native", "bench"]
+__all__ = ["rasterization", "check_overflow", "reference", "native", "bench"]

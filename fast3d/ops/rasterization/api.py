@@ -15,6 +15,7 @@ from fast3d.ops._profiling import op_range
 OP = "rasterization"
 RENDER_MODES = ("RGB", "D", "ED", "RGB+D", "RGB+ED")
 RASTERIZE_MODES = ("classic", "antialiased")
+MAX_CAPACITY = 2**31 - 1  # intersection indices are int32 (gaussians.h: kGsMaxIntersections)
 
 
 def _lead(name: str, x: Tensor, batch: tuple, tail: tuple, desc: str) -> None:
@@ -51,6 +52,7 @@ def rasterization(means: Tensor,          # [..., N, 3] world positions
                   render_mode: str = "RGB",
                   rasterize_mode: str = "classic",
                   deterministic: bool = False, absgrad: bool = False, backend: str = "auto",
+                  capacity: int | None = None,
                   ) -> tuple[Tensor, Tensor, dict]:
     """Render B x C images of B scenes of N Gaussians, C cameras each (the leading ``...`` are
     the batch dims), in one call. Semantics (projection, SH, compositing) are those of gsplat and
@@ -60,9 +62,22 @@ def rasterization(means: Tensor,          # [..., N, 3] world positions
     "RGB+D"/"RGB+ED": both), ``alphas`` [..., C, H, W, 1], and ``meta``: means2d [..., C, N, 2],
     conics [..., C, N, 3], depths [..., C, N], opacities [..., C, N] (after antialiasing
     compensation), colors [..., C, N, D] (after SH), radii [..., C, N, 2] (int32 pixel half-extents,
-    0 for culled Gaussians; None from the dense torch backend), backend (the one that ran),
-    width, height. With ``absgrad=True``, after backward ``meta["means2d"].absgrad`` holds the
-    summed absolute per-pixel gradients of the 2D means [..., C, N, 2].
+    0 for culled Gaussians), n_intersections (0-dim int64 tensor on the device: the number of
+    (Gaussian, 16x16 tile) pairs binned, over all images of the call), overflow (0-dim bool tensor:
+    n_intersections > capacity), capacity, backend (the one that ran), width, height. With
+    ``absgrad=True``, after backward ``meta["means2d"].absgrad`` holds the summed absolute
+    per-pixel gradients of the 2D means [..., C, N, 2].
+
+    ``capacity``: None (default) sizes the CUDA binning buffers by the true intersection count,
+    which is read back to the host: one synchronisation per call. An int bounds the buffers to
+    that many intersections up front, so the CUDA path never synchronises and a whole training
+    step can be captured in a CUDA graph. Intersections are numbered image by image, Gaussian by
+    Gaussian (in input order); if there are more than ``capacity``, those numbered past it are not
+    rendered (the last images lose Gaussians on some of their tiles, in the forward and the
+    backward alike) and ``meta["overflow"]`` is set: check it outside capture with
+    :func:`check_overflow`. The buffers (and the sort) cost ``capacity``, not the true count. The
+    torch and cpu backends report n_intersections and overflow the same way but always render
+    every Gaussian.
 
     Gradients flow to means, quats, scales, opacities, colors/SH and backgrounds; viewmats and Ks
     are constants. bf16/fp16 inputs are computed in float32 and the outputs cast back.
@@ -121,6 +136,11 @@ def rasterization(means: Tensor,          # [..., N, 3] world positions
     for name, flag in (("deterministic", deterministic), ("absgrad", absgrad)):
         if not isinstance(flag, bool):
             raise ValueError(f"{name} must be a bool; got {flag!r}")
+    if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, numbers.Integral)
+                                 or not 1 <= capacity <= MAX_CAPACITY):
+        raise ValueError(f"capacity must be None or an integer in [1, {MAX_CAPACITY}] (the number of "
+                         f"Gaussian-tile intersections to allocate for); got {capacity!r}")
+    capacity = None if capacity is None else int(capacity)
     v.finite("means", means)
     v.finite("scales", scales)
 
@@ -149,7 +169,7 @@ def rasterization(means: Tensor,          # [..., N, 3] world positions
         with op_range(f"{OP}[{impl.name}]", means.device):
             render, alpha, meta = impl.fn(*args, width, height, near_plane, far_plane, eps2d, sh_degree, bgs,
                                           use_colors, with_depth, rasterize_mode == "antialiased", absgrad,
-                                          deterministic)
+                                          deterministic, capacity)
         meta["backend"] = impl.name
     if render_mode in ("ED", "RGB+ED"):
         render = torch.cat([render[..., :-1], render[..., -1:] / alpha.clamp_min(1e-10)], -1)
@@ -157,8 +177,11 @@ def rasterization(means: Tensor,          # [..., N, 3] world positions
     alpha = alpha.reshape(*batch, C, height, width, 1).to(dtype)
     out_meta = {"width": width, "height": height, "backend": meta.get("backend", "none")}
     for key in ("means2d", "conics", "depths", "opacities", "colors", "radii"):
-        t = meta.get(key)
-        out_meta[key] = None if t is None else t.reshape(*batch, *t.shape[1:])
+        t = meta[key]
+        out_meta[key] = t.reshape(*batch, *t.shape[1:])
+    n_isect = meta["n_intersections"]  # [] int64, on the device: reading it would synchronise
+    overflow = n_isect > capacity if capacity is not None else torch.zeros_like(n_isect, dtype=torch.bool)
+    out_meta.update(n_intersections=n_isect, overflow=overflow, capacity=capacity)
     if absgrad and meta.get("absgrad") is not None:
         # A buffer the backward fills (overwrites) with the summed |per-pixel grad| of each mean2d.
         out_meta["means2d"].absgrad = meta["absgrad"].reshape(*batch, C, N, 2)
@@ -176,5 +199,19 @@ def _empty(args, bgs, B, C, N, D, width, height, channels, with_depth):
     meta = dict(means2d=means.new_zeros(B, C, N, 2), conics=means.new_zeros(B, C, N, 3),
                 depths=means.new_zeros(B, C, N), opacities=means.new_zeros(B, C, N),
                 colors=means.new_zeros(B, C, N, D), radii=torch.zeros(B, C, N, 2, dtype=torch.int32,
-                                                                       device=means.device))
+                                                                       device=means.device),
+                n_intersections=torch.zeros((), dtype=torch.int64, device=means.device))
     return render, alpha, meta
+
+
+def check_overflow(meta: dict) -> None:
+    """Raise RuntimeError if a call with ``capacity`` had more Gaussian-tile intersections than
+    the capacity (its CUDA render then lacks the ones past it). Reads two device scalars: a host
+    synchronisation, so call it outside CUDA graph capture (after a replay, say)."""
+    if bool(meta["overflow"]):
+        n = int(meta["n_intersections"])
+        dropped = ("the intersections past it were not rendered" if meta["backend"] == "cuda" else
+                   f"the {meta['backend']} backend rendered them all, the cuda backend would drop those past it")
+        raise RuntimeError(f"rasterization: {n} Gaussian-tile intersections exceeded capacity={meta['capacity']} "
+                           f"({dropped}); pass capacity >= {n}, with headroom for the scene to change, or "
+                           f"capacity=None to size the buffers on every call")

@@ -112,26 +112,30 @@ gs_sh.register_autograd(_sh_backward, setup_context=_sh_setup)
 
 @torch.library.custom_op("fast3d::gs_rasterize", mutates_args=())
 def gs_rasterize(means2d: Tensor, conics: Tensor, opac: Tensor, feats: Tensor, depths: Tensor, radii: Tensor,
-                 width: int, height: int, deterministic: bool,
-                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                 width: int, height: int, deterministic: bool, capacity: Optional[int],
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     # [I,N,...] -> image [I,H,W,D], alpha [I,H,W], then what the backward reuses: last [I,H,W],
-    # tile_offsets [I*T+1], flat_ids [n_isect], isect_src, gauss_offsets (CUDA only; empty on CPU),
-    # and absgrad [I,N,2], which the backward fills. `deterministic` selects the backward's reduction.
-    outs = _native.module().gs_rasterize_forward(means2d, conics, opac, feats, depths, radii, width, height)
+    # tile_offsets [I*T+1], flat_ids [n], isect_src [n], gauss_offsets [I*N+1] (the last two CUDA
+    # only; empty on CPU); n_isect [] int64, the true number of Gaussian-tile intersections; and
+    # absgrad [I,N,2], which the backward fills. n = capacity on CUDA when one is given (no host
+    # synchronisation), else n_isect. `deterministic` selects the backward's reduction.
+    outs = _native.module().gs_rasterize_forward(means2d, conics, opac, feats, depths, radii, width, height,
+                                                 capacity)
     return (*outs, torch.zeros_like(means2d))
 
 
 @gs_rasterize.register_fake
-def _(means2d, conics, opac, feats, depths, radii, width, height, deterministic):
+def _(means2d, conics, opac, feats, depths, radii, width, height, deterministic, capacity):
     I, N, D = feats.shape
-    tiles = ((width + 15) // 16) * ((height + 15) // 16)
-    n = torch.library.get_ctx().new_dynamic_size()
+    tile = _native.module().gs_tile
+    tiles = -(-width // tile) * -(-height // tile)
     cuda = feats.device.type == "cuda"
+    n = capacity if cuda and capacity is not None else torch.library.get_ctx().new_dynamic_size()
     i32, i64 = dict(dtype=torch.int32), dict(dtype=torch.int64)
     return (feats.new_empty(I, height, width, D), feats.new_empty(I, height, width),
             feats.new_empty(I, height, width, **i32), feats.new_empty(I * tiles + 1, **i64), feats.new_empty(n, **i32),
             feats.new_empty(n if cuda else 0, **i32), feats.new_empty(I * N + 1 if cuda else 0, **i64),
-            torch.empty_like(means2d))
+            feats.new_empty((), **i64), torch.empty_like(means2d))
 
 
 @torch.library.custom_op("fast3d::gs_rasterize_bwd", mutates_args=())
@@ -152,8 +156,8 @@ def _(means2d, conics, opac, feats, *rest):
 
 
 def _rasterize_setup(ctx, inputs, output):
-    means2d, conics, opac, feats, depths, radii, width, height, deterministic = inputs
-    image, alpha, last, tile_offsets, flat_ids, isect_src, gauss_offsets, absgrad = output
+    means2d, conics, opac, feats, depths, radii, width, height, deterministic, capacity = inputs
+    image, alpha, last, tile_offsets, flat_ids, isect_src, gauss_offsets, n_isect, absgrad = output
     ctx.save_for_backward(means2d, conics, opac, feats, radii, tile_offsets, flat_ids, isect_src, gauss_offsets,
                           alpha, last)
     ctx.args = (width, height, deterministic)
@@ -170,7 +174,7 @@ def _rasterize_backward(ctx, g_image, g_alpha, *unused):
                                                         *ctx.args)
     if not torch.compiler.is_compiling():
         ctx.absgrad.copy_(absgrad)
-    return g_m2, g_con, g_op, g_f, None, None, None, None, None
+    return g_m2, g_con, g_op, g_f, None, None, None, None, None, None
 
 
 gs_rasterize.register_autograd(_rasterize_backward, setup_context=_rasterize_setup)
@@ -185,8 +189,11 @@ def rasterization(means: Tensor,        # [B, N, 3]
                   Ks: Tensor,           # [B, C, 3, 3]
                   width: int, height: int, near: float, far: float, eps2d: float, sh_degree: Optional[int],
                   backgrounds: Optional[Tensor],  # [B, C, D]
-                  use_colors: bool, with_depth: bool, antialiased: bool, absgrad: bool, deterministic: bool):
-    """Same contract as reference.rasterization (float32, or float64 on the CPU)."""
+                  use_colors: bool, with_depth: bool, antialiased: bool, absgrad: bool, deterministic: bool,
+                  capacity: Optional[int]):
+    """Same contract as reference.rasterization (float32, or float64 on the CPU). With a capacity,
+    CUDA bins at most that many intersections and never synchronises with the host; the CPU
+    ignores it (it always bins and renders every intersection)."""
     B, N = means.shape[:2]
     C = viewmats.shape[1]
     viewmats, Ks = viewmats.detach().contiguous(), Ks.detach().contiguous()
@@ -196,14 +203,14 @@ def rasterization(means: Tensor,        # [B, N, 3]
     cols = gs_sh(colors.contiguous(), means, viewmats, sh_degree) if sh_degree is not None else colors
     feats = torch.cat(([cols] if use_colors else []) + ([depths[..., None]] if with_depth else []), -1)
     I = B * C
-    image, alpha, *_, absgrad_buf = gs_rasterize(
+    image, alpha, *_, n_isect, absgrad_buf = gs_rasterize(
         means2d.view(I, N, 2), conics.view(I, N, 3), opac.view(I, N), feats.reshape(I, N, -1).contiguous(),
-        depths.view(I, N), radii.view(I, N, 2), width, height, deterministic)
+        depths.view(I, N), radii.view(I, N, 2), width, height, deterministic, capacity)
     image = image.view(B, C, height, width, -1)
     alpha = alpha.view(B, C, height, width, 1)
     if backgrounds is not None:
         bg = torch.cat([backgrounds, backgrounds.new_zeros(B, C, 1)], -1) if with_depth else backgrounds
         image = image + (1 - alpha) * bg[:, :, None, None, :]
     meta = dict(means2d=means2d, conics=conics, depths=depths, opacities=opac, colors=cols, radii=radii,
-                absgrad=absgrad_buf.view(B, C, N, 2) if absgrad else None)
+                n_intersections=n_isect, absgrad=absgrad_buf.view(B, C, N, 2) if absgrad else None)
     return image, alpha, meta

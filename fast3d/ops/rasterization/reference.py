@@ -31,6 +31,15 @@ Compositing at pixel centres c = (x + 0.5, y + 0.5), Gaussians in increasing dep
 
 The selection masks are piecewise constant: no gradient flows through them. Cameras (viewmats,
 Ks) are constants. absgrad: the per-pixel gradients of each mean2d, summed in absolute value.
+
+Screen extents and tile intersections (what the native backends bin; the dense composite needs
+neither, but reports them so every backend's meta agrees):
+
+    radii   = trunc(min(sqrt(2 ln(255 o) Sigma2d_kk) * 1.0001 + 1, 2^24)), k = x, y, for valid
+              Gaussians with 255 o > 1 (where alpha >= 1/255 can hold; exact, plus a margin), else 0
+    rect    = pixels whose centre lies within radii of mean2d, clipped to the image
+    n_intersections = sum over images and Gaussians with a non-empty rect of the number of
+              TILE x TILE tiles the rect touches
 """
 
 from __future__ import annotations
@@ -41,6 +50,8 @@ from torch import Tensor
 ALPHA_MIN = 1.0 / 255.0
 ALPHA_MAX = 0.99
 T_MIN = 1e-4
+TILE = 16  # tile side in pixels: gs::kTile of csrc/gaussians/gaussian_math.h (a test ties the two)
+RADIUS_MAX = 2 ** 24  # radii saturate here: gs::kRadiusMax (tested equal, as TILE)
 
 SH_C0 = 0.28209479177387814
 SH_C1 = 0.4886025119029199
@@ -170,6 +181,38 @@ def composite_dense(means2d: Tensor,  # [I, N, 2]
     return image.view(I, height, width, D), acc.view(I, height, width, 1)
 
 
+def screen_radii(conics: Tensor,  # [..., N, 3]
+                 opac: Tensor,    # [..., N]
+                 valid: Tensor,   # [..., N] bool
+                 ) -> Tensor:     # [..., N, 2] int32
+    """Pixel half-extents (x, y) of the region where alpha >= 1/255 can hold: o exp(-q/2) >= 1/255
+    iff q <= t = 2 ln(255 o), and {d : d^T Sigma2d^-1 d <= t} has half-widths sqrt(t Sigma2d_xx),
+    sqrt(t Sigma2d_yy), with Sigma2d recovered from the conic. Same rounding as the kernels'."""
+    A, B, C = conics.unbind(-1)
+    inv_det = A * C - B * B                                                   # 1 / det(Sigma2d)
+    sigma = torch.stack([C / inv_det, A / inv_det], -1)                       # Sigma2d_xx, Sigma2d_yy
+    live = valid & (opac * 255 > 1)
+    t = 2 * torch.log(torch.where(live, opac * 255, torch.ones_like(opac)))
+    r = torch.clamp(torch.sqrt(t[..., None] * sigma) * 1.0001 + 1, max=RADIUS_MAX).trunc()
+    return torch.where(live[..., None], r, torch.zeros_like(r)).to(torch.int32)
+
+
+def tile_intersections(means2d: Tensor,  # [..., N, 2]
+                       radii: Tensor,    # [..., N, 2] int32
+                       width: int, height: int) -> Tensor:  # [..., N] int64
+    """Number of TILE x TILE tiles each Gaussian's pixel rect touches (0 when it misses the
+    image): centres x + 0.5 with |x + 0.5 - mx| <= r, i.e. ceil(mx - r - 0.5) <= x <= floor(mx + r
+    - 0.5), clipped to the image."""
+    size = means2d.new_tensor([width, height])
+    r = radii.to(means2d.dtype)
+    lo = torch.minimum(torch.clamp(means2d - r - 0.5, min=-1), size).ceil().clamp(min=0).long()      # first pixel
+    hi = torch.minimum(torch.clamp(means2d + r - 0.5, min=-1), size).floor().long() + 1              # past the last
+    hi = torch.minimum(hi, size.long())
+    hit = (radii > 0).all(-1) & (hi > lo).all(-1)
+    tiles = (torch.div(hi - 1, TILE, rounding_mode="floor") + 1 - torch.div(lo, TILE, rounding_mode="floor")).prod(-1)
+    return torch.where(hit, tiles, torch.zeros_like(tiles))
+
+
 def rasterization(means: Tensor,        # [B, N, 3]
                   quats: Tensor,        # [B, N, 4]
                   scales: Tensor,       # [B, N, 3]
@@ -179,12 +222,15 @@ def rasterization(means: Tensor,        # [B, N, 3]
                   Ks: Tensor,           # [B, C, 3, 3]
                   width: int, height: int, near: float, far: float, eps2d: float, sh_degree: int | None,
                   backgrounds: Tensor | None,  # [B, C, D]
-                  use_colors: bool, with_depth: bool, antialiased: bool, absgrad: bool, deterministic: bool):
+                  use_colors: bool, with_depth: bool, antialiased: bool, absgrad: bool, deterministic: bool,
+                  capacity: int | None):
     """The backend contract (inputs validated and flattened to one batch dim by the API).
 
     Returns render [B, C, H, W, D'] (the colour channels if use_colors, then accumulated depth if
-    with_depth), alpha [B, C, H, W, 1] and meta (means2d, conics, depths, opacities, colors, radii
-    None: the dense reference has no screen extents)."""
+    with_depth), alpha [B, C, H, W, 1] and meta (means2d, conics, depths, opacities, colors, radii,
+    n_intersections: the Gaussian-tile pairs the native backends bin, a 0-dim int64 tensor). The
+    dense composite renders every Gaussian whatever the capacity: only CUDA drops intersections
+    past it."""
     B, N = means.shape[:2]
     C = viewmats.shape[1]
     means2d, conics, depths, opac, valid = project(means, quats, scales, opacities, viewmats, Ks, width, height,
@@ -203,6 +249,8 @@ def rasterization(means: Tensor,        # [B, N, 3]
         if with_depth:
             bg = torch.cat([bg, bg.new_zeros(B, C, 1)], -1)
         image = image + (1 - alpha) * bg[:, :, None, None, :]
-    meta = dict(means2d=means2d, conics=conics, depths=depths, opacities=opac, colors=cols, valid=valid,
-                absgrad=None if absgrad_buf is None else absgrad_buf.view(B, C, N, 2))
+    radii = screen_radii(conics.detach(), opac.detach(), valid)
+    n_isect = tile_intersections(means2d.detach(), radii, width, height).sum()
+    meta = dict(means2d=means2d, conics=conics, depths=depths, opacities=opac, colors=cols, valid=valid, radii=radii,
+                n_intersections=n_isect, absgrad=None if absgrad_buf is None else absgrad_buf.view(B, C, N, 2))
     return image, alpha, meta
