@@ -12,18 +12,20 @@ class GaussianRenderer(nn.Module):
 
     The image size and rendering options are fixed at construction; ``forward`` takes the
     Gaussians and cameras and returns ``(colors [..., C, H, W, D(+1)], alphas [..., C, H, W, 1],
-    meta)`` exactly as :func:`fast3d.rasterization` does. No parameters or buffers.
+    meta)`` exactly as :func:`fast3d.rasterization` does. No parameters or buffers. ``capacity``
+    (an intersection bound) makes a CUDA render free of host synchronisation, for CUDA graph
+    capture; check ``meta["overflow"]`` (or ``fast3d.ops.rasterization.check_overflow(meta)``).
     """
 
     def __init__(self, width: int, height: int, *, sh_degree: int | None = None, near_plane: float = 0.01,
                  far_plane: float = 1e10, eps2d: float = 0.3, render_mode: str = "RGB",
                  rasterize_mode: str = "classic", deterministic: bool = False, absgrad: bool = False,
-                 backend: str = "auto"):
+                 capacity: int | None = None, backend: str = "auto"):
         super().__init__()
         self.width, self.height = width, height
         self.options = dict(sh_degree=sh_degree, near_plane=near_plane, far_plane=far_plane, eps2d=eps2d,
                             render_mode=render_mode, rasterize_mode=rasterize_mode, deterministic=deterministic,
-                            absgrad=absgrad, backend=backend)
+                            absgrad=absgrad, capacity=capacity, backend=backend)
 
     def forward(self, means: Tensor,      # [..., N, 3]
                 quats: Tensor,            # [..., N, 4]

@@ -482,6 +482,10 @@ def test_gaussian_renderer_module(gen):
                                       x["Ks"], 19, 15, sh_degree=2, far_plane=100.0, render_mode="RGB+ED",
                                       backgrounds=x["backgrounds"])
     assert out.shape == (2, 2, 15, 19, 4) and torch.equal(out, ref) and torch.equal(alpha, ref_alpha)
+    # A capacity bound passes through: the count and overflow flag of the call come back in meta.
+    bounded = GaussianRenderer(19, 15, sh_degree=2, far_plane=100.0, capacity=1)
+    meta = bounded(x["means"], x["quats"], x["scales"], x["opacities"], x["colors"], x["viewmats"], x["Ks"])[2]
+    assert meta["capacity"] == 1 and bool(meta["overflow"]) == (int(meta["n_intersections"]) > 1)
 
 
 def test_gaussian_at_a_camera_centre_gives_finite_gradients(gen):
