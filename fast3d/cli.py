@@ -162,7 +162,8 @@ def cmd_infer(args) -> int:
                 with open(args.cameras) as f:
                     camera = json.load(f)
             lrm.infer(model_dir, args.images[0], args.out, camera=camera, device=args.device,
-                      turntable_frames=args.frames, resolution=args.resolution, point_grid=args.point_grid)
+                      turntable_frames=args.frames, resolution=args.resolution, point_grid=args.point_grid,
+                      mesh_grid=args.mesh_grid)
     except ValueError as e:
         return _fail("infer", str(e))
     return 0
@@ -326,6 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "{viewmats|c2w, Ks}; an LRM also takes {azimuth_deg, elevation_deg, "
                                      "distance, fov_y_deg}")
     s.add_argument("--point-grid", type=int, default=128, help="LRM: density grid of the point export")
+    s.add_argument("--mesh-grid", type=int, default=128, help="LRM: density grid of the marching-cubes mesh.ply "
+                                                              "(0: no mesh)")
     s.add_argument("--refine-pose", type=int, default=0, metavar="STEPS",
                    help="LGM: refine the input cameras by this many LPIPS steps (MVBoost)")
     s.add_argument("--lpips-backbone", default="imagenet", help="imagenet | random | VGG-16 weights file")

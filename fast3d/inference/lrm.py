@@ -1,6 +1,6 @@
 """LRM inference and evaluation (``fast3d infer`` / ``fast3d eval`` on an "lrm" checkpoint): one
-image in, a triplane out, exported as a coloured point cloud and a turntable; and held-out-view
-PSNR / SSIM / LPIPS on a multi-view dataset.
+image in, a triplane out, exported as a coloured point cloud, a vertex-coloured mesh (marching
+cubes on the density) and a turntable; and held-out-view PSNR / SSIM / LPIPS on a multi-view dataset.
 
 The source camera. The LRM recipe trains with the data's true input cameras (fast3d's world:
 objects in [-0.5, 0.5]^3, +Z up; VFusion3D's orbit: any azimuth, elevation in [0, 45] degrees,
@@ -21,7 +21,9 @@ import math
 import numbers
 import os
 import time
+from typing import Callable
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -29,11 +31,14 @@ from fast3d.data import cameras
 from fast3d.inference.common import (StageTimer, load_image, model_type, orbit_cameras, resolve_checkpoint,
                                      write_turntable)
 from fast3d.models.lrm import LRM
+from fast3d.ops.triplane.api import triplane_sample
 
 CANONICAL_CAMERA = {"azimuth_deg": 0.0, "elevation_deg": 20.0, "distance": cameras.DEFAULT_DISTANCE,
                     "fov_y_deg": cameras.DEFAULT_FOV_Y_DEG}
 POINT_GRID = 128           # default extract_points grid: 128^3 density queries over the triplane box
+MESH_GRID = 128            # default extract_mesh grid: 128^3 density samples, box corners included
 DENSITY_THRESHOLD = 3.0    # OpenLRM's surface threshold on the density
+QUERY_CHUNK = 1 << 18      # decoder queries per call (bounds the memory of the mesh export)
 TURNTABLE_CHUNK = 8        # views per render call
 
 
@@ -127,14 +132,93 @@ def _planes(model: LRM, image: Tensor,  # [1, 3, H, W]
     return planes
 
 
+def _check_mesh_args(grid, threshold, chunk) -> None:
+    if isinstance(grid, bool) or not isinstance(grid, numbers.Integral) or grid < 2:
+        raise ValueError(f"grid must be an integer >= 2; got {grid!r}")
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not math.isfinite(threshold):
+        raise ValueError(f"threshold must be a finite real number; got {threshold!r}")
+    if isinstance(chunk, bool) or not isinstance(chunk, numbers.Integral) or chunk < 1:
+        raise ValueError(f"chunk must be a positive integer; got {chunk!r}")
+
+
+def density_mesh(density: Callable[[Tensor], Tensor],  # world points [M, 3] -> density [M]
+                 bound: float, grid: int = MESH_GRID, threshold: float = DENSITY_THRESHOLD,
+                 chunk: int = QUERY_CHUNK, device=None) -> tuple[Tensor, Tensor]:  # -> [V, 3], [F, 3]
+    """Marching cubes (``skimage.measure.marching_cubes``, as OpenLRM) on the level ``threshold``
+    of ``density`` sampled at the grid^3 nodes spanning [-bound, bound]^3 (spacing 2 bound /
+    (grid - 1)), queried ``chunk`` points at a time. Returns vertices (world coordinates,
+    float32) and triangles (int64) whose normals point out of the region density > threshold.
+    The samples are padded with one empty layer, so the surface is closed where that region
+    meets the box, on the box faces; an empty mesh (V = F = 0) where density never exceeds
+    ``threshold``."""
+    _check_mesh_args(grid, threshold, chunk)
+    bound, grid, chunk = float(bound), int(grid), int(chunk)
+    if not (math.isfinite(bound) and bound > 0):
+        raise ValueError(f"bound must be a positive finite number; got {bound!r}")
+    axis = torch.linspace(-bound, bound, grid, device=device)                  # [G]
+    volume = np.empty(grid ** 3, dtype=np.float32)                            # index i G^2 + j G + k: (x_i, y_j, z_k)
+    for s in range(0, grid ** 3, chunk):
+        idx = torch.arange(s, min(s + chunk, grid ** 3), device=device)      # [M]
+        points = axis[torch.stack([idx // grid ** 2, idx // grid % grid, idx % grid], -1)]  # [M, 3]
+        sigma = density(points)
+        if not isinstance(sigma, Tensor) or sigma.shape != idx.shape:
+            raise ValueError(f"density must map points [M, 3] to a tensor [M]; got "
+                             f"{tuple(sigma.shape) if isinstance(sigma, Tensor) else type(sigma).__name__}")
+        volume[s:s + len(idx)] = sigma.detach().float().cpu().numpy()
+    if not np.isfinite(volume).all():
+        raise ValueError(f"density is NaN or infinite at {int((~np.isfinite(volume)).sum())} of {grid}^3 grid points")
+    if not (volume > threshold).any():
+        return torch.zeros(0, 3), torch.zeros(0, 3, dtype=torch.int64)
+    try:
+        from skimage.measure import marching_cubes
+    except ImportError as e:
+        raise ImportError("the mesh export needs scikit-image (pip install 'fast3d[train]'); or skip it "
+                          "(mesh_grid=0, fast3d infer --mesh-grid 0)") from e
+
+    padded = np.pad(volume.reshape(grid, grid, grid), 1, constant_values=threshold - 1 - abs(threshold))
+    # axis 0 of the volume is x, 1 is y, 2 is z (not skimage's z, y, x): index space maps to world
+    # axes in order, so the handedness (and with "ascent" the outward normals) carries over
+    verts, faces, _, _ = marching_cubes(padded, level=threshold, gradient_direction="ascent")
+    h = 2 * bound / (grid - 1)
+    world = np.clip((verts.astype(np.float64) - 1) * h - bound, -bound, bound)  # pad-layer vertices onto the box
+    return torch.from_numpy(world.astype(np.float32)), torch.from_numpy(faces.astype(np.int64))
+
+
+def _decode(model: LRM, planes: Tensor,  # [3, C, h, w] one sample's planes
+            points: Tensor,              # [M, 3] world points
+            ) -> tuple[Tensor, Tensor]:  # -> density [M], rgb [M, 3]
+    """The renderer's decoder at points (what the volume renderer integrates)."""
+    sigma, rgb = model.renderer.decoder(triplane_sample(planes[None], points[None], "concat", model.config.bound))
+    return sigma[0], rgb[0]
+
+
+@torch.no_grad()
+def extract_mesh(model: LRM, planes: Tensor,  # [3, C, 2 token_res, 2 token_res] one sample's planes
+                 grid: int = MESH_GRID, threshold: float = DENSITY_THRESHOLD, chunk: int = QUERY_CHUNK,
+                 ) -> tuple[Tensor, Tensor, Tensor]:  # -> vertices [V, 3], faces [F, 3], colors [V, 3]
+    """The surface density = threshold of one triplane as a vertex-coloured triangle mesh
+    (``density_mesh`` over the triplane box [-bound, bound]^3, each vertex coloured by the
+    decoder's rgb there, in [0, 1]). CPU tensors; empty (V = F = 0) where the density never
+    exceeds ``threshold``."""
+    planes = model._check_planes(planes, batch=False)
+    _check_mesh_args(grid, threshold, chunk)
+    vertices, faces = density_mesh(lambda p: _decode(model, planes, p)[0], model.config.bound, grid, threshold,
+                                   chunk, device=planes.device)
+    colors = torch.cat([_decode(model, planes, vertices[i:i + chunk].to(planes.device))[1].float().cpu()
+                        for i in range(0, len(vertices), chunk)]) if len(vertices) else torch.zeros(0, 3)
+    return vertices, faces, colors.clamp(0, 1)
+
+
 @torch.no_grad()
 def infer(model_dir: str, image_path: str, out_dir: str, camera: dict | None = None, device=None,
-          turntable_frames: int = 36, resolution: int | None = None, point_grid: int = POINT_GRID) -> dict:
+          turntable_frames: int = 36, resolution: int | None = None, point_grid: int = POINT_GRID,
+          mesh_grid: int = MESH_GRID) -> dict:
     """One square image to ``out_dir/points.ply`` (the surface voxels of a point_grid^3 grid whose
-    density is above the threshold, coloured) and ``out_dir/turntable.gif`` (``turntable_frames``
+    density is above the threshold, coloured), ``out_dir/mesh.ply`` (``extract_mesh`` on a
+    mesh_grid^3 grid; mesh_grid 0: none) and ``out_dir/turntable.gif`` (``turntable_frames``
     views of ``resolution`` px, default the model's input size). Prints and returns the stage
     latencies (ms)."""
-    from fast3d.io import save_points_ply
+    from fast3d.io import save_mesh_ply, save_points_ply
 
     if isinstance(turntable_frames, bool) or not isinstance(turntable_frames, int) or turntable_frames < 1:
         raise ValueError(f"turntable_frames must be a positive integer; got {turntable_frames!r}")
@@ -142,6 +226,8 @@ def infer(model_dir: str, image_path: str, out_dir: str, camera: dict | None = N
         raise ValueError(f"resolution must be a positive integer or None; got {resolution!r}")
     if isinstance(point_grid, bool) or not isinstance(point_grid, int) or point_grid < 2:
         raise ValueError(f"point_grid must be an integer >= 2; got {point_grid!r}")
+    if isinstance(mesh_grid, bool) or not isinstance(mesh_grid, int) or mesh_grid < 0 or mesh_grid == 1:
+        raise ValueError(f"mesh_grid must be 0 (no mesh) or an integer >= 2; got {mesh_grid!r}")
     dev = _device(device)
     timer = StageTimer()
     with timer("load"):
@@ -157,6 +243,12 @@ def infer(model_dir: str, image_path: str, out_dir: str, camera: dict | None = N
     with timer("export"):
         points, colors = model.extract_points(planes[0], point_grid, DENSITY_THRESHOLD)
         save_points_ply(ply, points, colors)
+    mesh, vertices, faces = None, (), ()
+    if mesh_grid:
+        mesh = os.path.join(out_dir, "mesh.ply")
+        with timer("mesh"):
+            vertices, faces, vcolors = extract_mesh(model, planes[0], mesh_grid, DENSITY_THRESHOLD)
+            save_mesh_ply(mesh, vertices, faces, vcolors)
     res = resolution or model.config.image_size
     with timer("turntable"):
         tv, tK = orbit_cameras(turntable_frames, res, cam["elevation_deg"], cam["distance"], cam["fov_y_deg"])
@@ -166,10 +258,14 @@ def infer(model_dir: str, image_path: str, out_dir: str, camera: dict | None = N
                   for i in range(0, turntable_frames, TURNTABLE_CHUNK)]
         gif = write_turntable(torch.cat(frames).float(), os.path.join(out_dir, "turntable.gif"))
     note = "" if len(points) else f" (no voxel above density {DENSITY_THRESHOLD}: an untrained or failed model?)"
-    print(f"fast3d infer (LRM {path}, {dev}):\n{timer.report()}\nwrote {ply} ({len(points)} points{note})\n"
-          f"wrote {gif}")
-    return {"points": ply, "num_points": len(points), "turntable": gif, "camera": cam,
-            "latency_ms": dict(timer.stages)}
+    lines = [f"wrote {ply} ({len(points)} points{note})"]
+    if mesh is not None:
+        lines.append(f"wrote {mesh} ({len(vertices)} vertices, {len(faces)} triangles)" if len(faces) else
+                     f"wrote {mesh}: EMPTY mesh, the density never exceeds {DENSITY_THRESHOLD} on the "
+                     f"{mesh_grid}^3 grid (an untrained or failed model?)")
+    print(f"fast3d infer (LRM {path}, {dev}):\n{timer.report()}\n" + "\n".join(lines) + f"\nwrote {gif}")
+    return {"points": ply, "num_points": len(points), "mesh": mesh, "num_vertices": len(vertices),
+            "num_faces": len(faces), "turntable": gif, "camera": cam, "latency_ms": dict(timer.stages)}
 
 
 @torch.no_grad()

@@ -72,13 +72,18 @@ def save_ply(path: str | os.PathLike,
     names = _names(K)
     header = "ply\nformat binary_little_endian 1.0\n" + f"element vertex {N}\n" + "".join(
         f"property float {n}\n" for n in names) + "end_header\n"
+    write_atomic(path, header.encode("ascii"), np.ascontiguousarray(data, dtype="<f4").tobytes())
+
+
+def write_atomic(path: str | os.PathLike, *parts: bytes) -> None:
+    """Write `parts` to `path` so that the file appears whole or not at all: into a temporary file
+    named after the target (a resumed job can find a killed writer's leftovers), then renamed."""
     path = os.fspath(path)
-    # the temporary file is named after its target, so a resumed job can find a killed writer's leftovers
     tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as fh:
-            fh.write(header.encode("ascii"))
-            fh.write(np.ascontiguousarray(data, dtype="<f4").tobytes())
+            for part in parts:
+                fh.write(part)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -220,14 +225,4 @@ def save_points_ply(path: str | os.PathLike,
     header = ("ply\nformat binary_little_endian 1.0\n" + f"element vertex {N}\n"
               + "".join(f"property float {n}\n" for n in "xyz")
               + "".join(f"property uchar {n}\n" for n in ("red", "green", "blue")) + "end_header\n")
-    path = os.fspath(path)
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(header.encode("ascii"))
-            fh.write(data.tobytes())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_atomic(path, header.encode("ascii"), data.tobytes())

@@ -51,13 +51,15 @@ def read_points_ply(path):
 
 def test_infer_writes_points_turntable_and_latencies(model_dir, image, tmp_path, capsys):
     out = tmp_path / "out"
-    r = lrm_infer.infer(model_dir, image, str(out), device="cpu", turntable_frames=5, resolution=16, point_grid=12)
+    r = lrm_infer.infer(model_dir, image, str(out), device="cpu", turntable_frames=5, resolution=16, point_grid=12,
+                        mesh_grid=8)
     n, xyz = read_points_ply(out / "points.ply")
     assert n == r["num_points"] == 12 ** 3 - 10 ** 3, "the grid's outer shell of voxels"
     assert np.abs(xyz).max() <= 0.6, "points inside the triplane box [-bound, bound]^3"
     gif = Image.open(out / "turntable.gif")
     assert gif.size == (16, 16) and gif.n_frames == 5
-    assert list(r["latency_ms"]) == ["load", "encode", "planes", "export", "turntable"]
+    assert r["mesh"] == str(out / "mesh.ply") and (r["num_vertices"], r["num_faces"]) == (6 * 8 ** 2, 12 * 8 ** 2 - 4)
+    assert list(r["latency_ms"]) == ["load", "encode", "planes", "export", "mesh", "turntable"]
     assert all(v > 0 for v in r["latency_ms"].values()), r["latency_ms"]
     printed = capsys.readouterr().out
     assert "encode" in printed and "turntable" in printed and "total" in printed
@@ -66,7 +68,7 @@ def test_infer_writes_points_turntable_and_latencies(model_dir, image, tmp_path,
 
 def test_camera_overrides_the_canonical_source_camera(model_dir, image, tmp_path):
     r = lrm_infer.infer(model_dir, image, str(tmp_path / "out"), camera={"elevation_deg": 5, "distance": 2.5},
-                        device="cpu", turntable_frames=1, resolution=16, point_grid=4)
+                        device="cpu", turntable_frames=1, resolution=16, point_grid=4, mesh_grid=4)
     assert r["camera"] == dict(lrm_infer.CANONICAL_CAMERA, elevation_deg=5.0, distance=2.5)
     vm, K, _ = lrm_infer.source_camera({"azimuth_deg": 90}, 40)
     centre = -(vm[0, :3, :3].T @ vm[0, :3, 3])

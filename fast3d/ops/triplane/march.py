@@ -37,7 +37,7 @@ from torch import Tensor
 
 from fast3d.nn import triplane as _mlp
 from fast3d.ops.triplane import reference
-from fast3d.ops.triplane.triton import _corners, _plane_uv
+from fast3d.ops.triplane.triton import _add_plane_grad, _corner_values, _corners, _lerp2, _lerp2_bwd, _plane_uv
 
 # Tile shapes and warps, chosen by the static register use of the sm_90 build (no GPU has timed
 # them yet): the forward at 16 x 8 samples, 8 warps spills 72 bytes a thread; the backward, which
@@ -57,23 +57,6 @@ SOFTPLUS_THRESHOLD = tl.constexpr(_mlp.SOFTPLUS_THRESHOLD)
 
 
 @triton.jit
-def _corner_values(base, x0, y0, vx0, vx1, vy0, vy1, cc, mask_n, C, W):
-    """Offsets (corner 00) and masks of a [N, BC] channel tile's four bilinear corners in one
-    channels-last plane ([H, W, C] at `base`), and their values in float32."""
-    mc = mask_n[:, None] & (cc < C)[None, :]
-    off = ((y0 * W + x0).to(tl.int64) * C)[:, None] + cc[None, :]
-    m00 = mc & (vy0 & vx0)[:, None]
-    m01 = mc & (vy0 & vx1)[:, None]
-    m10 = mc & (vy1 & vx0)[:, None]
-    m11 = mc & (vy1 & vx1)[:, None]
-    v00 = tl.load(base + off, mask=m00, other=0.0).to(tl.float32)
-    v01 = tl.load(base + off + C, mask=m01, other=0.0).to(tl.float32)
-    v10 = tl.load(base + off + W * C, mask=m10, other=0.0).to(tl.float32)
-    v11 = tl.load(base + off + W * C + C, mask=m11, other=0.0).to(tl.float32)
-    return off, m00, m01, m10, m11, v00, v01, v10, v11
-
-
-@triton.jit
 def _layer0(planes_ptr, w0_ptr, b0_ptr, b, x, y, z, mask_n, C, H, W, HID,
             BLOCK_N: tl.constexpr, BC: tl.constexpr, HP: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
     """First layer's pre-activation [N, HP]: b0 + sum over planes and channel tiles of
@@ -89,7 +72,7 @@ def _layer0(planes_ptr, w0_ptr, b0_ptr, b, x, y, z, mask_n, C, H, W, HID,
         for c0 in range(0, C, BC):
             cc = c0 + tl.arange(0, BC)
             _, _, _, _, _, v00, v01, v10, v11 = _corner_values(base, x0, y0, vx0, vx1, vy0, vy1, cc, mask_n, C, W)
-            f = (v00 * (1.0 - fx2) + v01 * fx2) * (1.0 - fy2) + (v10 * (1.0 - fx2) + v11 * fx2) * fy2
+            f = _lerp2(v00, v01, v10, v11, fx2, fy2)
             wt = tl.load(w0_ptr + (PLANE * C + cc)[:, None] * HID + hs[None, :],
                          mask=(cc < C)[:, None] & (hs < HID)[None, :], other=0.0)
             acc += tl.dot(f.to(DT), wt.to(DT), input_precision=PREC)
@@ -344,7 +327,7 @@ def _march_bwd(planes_ptr, rays_o_ptr, rays_d_ptr, t_ptr, far_ptr,    # as _marc
                     cc = c0 + tl.arange(0, BC)
                     off0, m00, m01, m10, m11, v00, v01, v10, v11 = _corner_values(
                         planes_ptr + base, x0, y0, vx0, vx1, vy0, vy1, cc, mask_n, C, W)
-                    f = (v00 * (1.0 - fx2) + v01 * fx2) * (1.0 - fy2) + (v10 * (1.0 - fx2) + v11 * fx2) * fy2
+                    f = _lerp2(v00, v01, v10, v11, fx2, fy2)
                     rows_w = PLANE * C + cc
                     m_w = (cc < C)[:, None] & mh[None, :]
                     tl.atomic_add(gp + rows_w[:, None] * HID + hs[None, :],
@@ -352,25 +335,11 @@ def _march_bwd(planes_ptr, rays_o_ptr, rays_d_ptr, t_ptr, far_ptr,    # as _marc
                     w0_t = tl.load(w0_ptr + rows_w[None, :] * HID + hs[:, None],
                                    mask=mh[:, None] & (cc < C)[None, :], other=0.0)                # W0^T [HP, BC]
                     g_f = tl.dot(g_pre0.to(DT), w0_t.to(DT), input_precision=PREC)                 # [N, BC]
-                    gb = g_planes_ptr + base + off0
-                    tl.atomic_add(gb, g_f * (1.0 - fx2) * (1.0 - fy2), mask=m00)
-                    tl.atomic_add(gb + C, g_f * fx2 * (1.0 - fy2), mask=m01)
-                    tl.atomic_add(gb + W * C, g_f * (1.0 - fx2) * fy2, mask=m10)
-                    tl.atomic_add(gb + W * C + C, g_f * fx2 * fy2, mask=m11)
-                    gix += tl.sum(g_f * ((v01 - v00) * (1.0 - fy2) + (v11 - v10) * fy2), axis=1)
-                    giy += tl.sum(g_f * ((v10 - v00) * (1.0 - fx2) + (v11 - v01) * fx2), axis=1)
-                # d(ix)/du = W / 2, d(u)/d(point) = 1 / bound (u, v are the scaled coordinates).
-                gu = gix * (0.5 * W) * inv_bound
-                gv = giy * (0.5 * H) * inv_bound
-                if PLANE == 0:
-                    gpx += gu
-                    gpy += gv
-                elif PLANE == 1:
-                    gpx += gu
-                    gpz += gv
-                else:
-                    gpy += gu
-                    gpz += gv
+                    dix, diy = _lerp2_bwd(g_planes_ptr + base, off0, m00, m01, m10, m11, v00, v01, v10, v11,
+                                          fx2, fy2, g_f, C, W)
+                    gix += dix
+                    giy += diy
+                gpx, gpy, gpz = _add_plane_grad(gpx, gpy, gpz, gix, giy, W, H, inv_bound, PLANE)
             gpx2 = tl.reshape(gpx, [BLOCK_R, BLOCK_S])
             gpy2 = tl.reshape(gpy, [BLOCK_R, BLOCK_S])
             gpz2 = tl.reshape(gpz, [BLOCK_R, BLOCK_S])

@@ -60,6 +60,56 @@ def _plane_uv(x, y, z, PLANE: tl.constexpr):
 
 
 @triton.jit
+def _corner_values(base, x0, y0, vx0, vx1, vy0, vy1, cc, mask_n, C, W):
+    """Offsets (of corner 00) and masks of a [N, BC] channel tile's four bilinear corners in one
+    channels-last plane ([H, W, C] at `base`), and their values in float32."""
+    mc = mask_n[:, None] & (cc < C)[None, :]
+    off = ((y0 * W + x0).to(tl.int64) * C)[:, None] + cc[None, :]
+    m00 = mc & (vy0 & vx0)[:, None]
+    m01 = mc & (vy0 & vx1)[:, None]
+    m10 = mc & (vy1 & vx0)[:, None]
+    m11 = mc & (vy1 & vx1)[:, None]
+    v00 = tl.load(base + off, mask=m00, other=0.0).to(tl.float32)
+    v01 = tl.load(base + off + C, mask=m01, other=0.0).to(tl.float32)
+    v10 = tl.load(base + off + W * C, mask=m10, other=0.0).to(tl.float32)
+    v11 = tl.load(base + off + W * C + C, mask=m11, other=0.0).to(tl.float32)
+    return off, m00, m01, m10, m11, v00, v01, v10, v11
+
+
+@triton.jit
+def _lerp2(v00, v01, v10, v11, fx2, fy2):
+    """Bilinear value from the corner values [N, BC] and fractions [N, 1]."""
+    return (v00 * (1.0 - fx2) + v01 * fx2) * (1.0 - fy2) + (v10 * (1.0 - fx2) + v11 * fx2) * fy2
+
+
+@triton.jit
+def _lerp2_bwd(g_base, off, m00, m01, m10, m11, v00, v01, v10, v11, fx2, fy2, g, C, W):
+    """Backward of _lerp2 for the feature gradient g [N, BC]: atomic adds into the plane gradient
+    at g_base (channels-last, float32), and d/d(ix), d/d(iy) summed over the tile's channels [N]."""
+    tl.atomic_add(g_base + off, g * (1.0 - fx2) * (1.0 - fy2), mask=m00)
+    tl.atomic_add(g_base + off + C, g * fx2 * (1.0 - fy2), mask=m01)
+    tl.atomic_add(g_base + off + W * C, g * (1.0 - fx2) * fy2, mask=m10)
+    tl.atomic_add(g_base + off + W * C + C, g * fx2 * fy2, mask=m11)
+    gix = tl.sum(g * ((v01 - v00) * (1.0 - fy2) + (v11 - v10) * fy2), axis=1)
+    giy = tl.sum(g * ((v10 - v00) * (1.0 - fx2) + (v11 - v01) * fx2), axis=1)
+    return gix, giy
+
+
+@triton.jit
+def _add_plane_grad(gx, gy, gz, gix, giy, W, H, inv_bound, PLANE: tl.constexpr):
+    """Add one plane's pixel-coordinate gradient to the point's (x, y, z) gradient:
+    d(ix)/du = W / 2, d(iy)/dv = H / 2, d(u, v)/d(point) = 1 / bound on the plane's two axes."""
+    gu = gix * (0.5 * W) * inv_bound
+    gv = giy * (0.5 * H) * inv_bound
+    if PLANE == 0:
+        return gx + gu, gy + gv, gz
+    elif PLANE == 1:
+        return gx + gu, gy, gz + gv
+    else:
+        return gx, gy + gu, gz + gv
+
+
+@triton.jit
 def _point_block(points_ptr, M, inv_bound, BLOCK_M: tl.constexpr):
     """This program's scene b and BLOCK_M points of it, scaled to the planes' [-1, 1] box."""
     b = tl.program_id(1).to(tl.int64)
@@ -87,14 +137,8 @@ def _triplane_fwd(planes_ptr,   # [B, 3, H, W, C] channels-last
             u, v = _plane_uv(x, y, z, PLANE)
             x0, y0, fx, fy, vx0, vx1, vy0, vy1 = _corners(u, v, W, H)
             base = planes_ptr + (b * 3 + PLANE) * H * W * C
-            p00 = base + ((y0 * W + x0).to(tl.int64) * C)[:, None] + cc[None, :]
-            v00 = tl.load(p00, mask=mc & (vy0 & vx0)[:, None], other=0.0).to(tl.float32)
-            v01 = tl.load(p00 + C, mask=mc & (vy0 & vx1)[:, None], other=0.0).to(tl.float32)
-            v10 = tl.load(p00 + W * C, mask=mc & (vy1 & vx0)[:, None], other=0.0).to(tl.float32)
-            v11 = tl.load(p00 + W * C + C, mask=mc & (vy1 & vx1)[:, None], other=0.0).to(tl.float32)
-            fx2 = fx[:, None]
-            fy2 = fy[:, None]
-            val = (v00 * (1.0 - fx2) + v01 * fx2) * (1.0 - fy2) + (v10 * (1.0 - fx2) + v11 * fx2) * fy2
+            _, _, _, _, _, v00, v01, v10, v11 = _corner_values(base, x0, y0, vx0, vx1, vy0, vy1, cc, mask_m, C, W)
+            val = _lerp2(v00, v01, v10, v11, fx[:, None], fy[:, None])
             if REDUCE == 0:
                 o = out_ptr + ((b * M + offs_m) * 3 + PLANE)[:, None] * C + cc[None, :]
                 tl.store(o, rne(val, out_ptr.dtype.element_ty), mask=mc)
@@ -136,32 +180,14 @@ def _triplane_bwd(planes_ptr,    # [B, 3, H, W, C] channels-last
             g = tl.load(go, mask=mc, other=0.0).to(tl.float32)
             if REDUCE == 2:
                 g = g * (1.0 / 3.0)
-            off00 = (b * 3 + PLANE) * H * W * C + ((y0 * W + x0).to(tl.int64) * C)[:, None] + cc[None, :]
-            m00 = mc & (vy0 & vx0)[:, None]
-            m01 = mc & (vy0 & vx1)[:, None]
-            m10 = mc & (vy1 & vx0)[:, None]
-            m11 = mc & (vy1 & vx1)[:, None]
-            v00 = tl.load(planes_ptr + off00, mask=m00, other=0.0).to(tl.float32)
-            v01 = tl.load(planes_ptr + off00 + C, mask=m01, other=0.0).to(tl.float32)
-            v10 = tl.load(planes_ptr + off00 + W * C, mask=m10, other=0.0).to(tl.float32)
-            v11 = tl.load(planes_ptr + off00 + W * C + C, mask=m11, other=0.0).to(tl.float32)
-            tl.atomic_add(g_planes_ptr + off00, g * (1.0 - fx2) * (1.0 - fy2), mask=m00)
-            tl.atomic_add(g_planes_ptr + off00 + C, g * fx2 * (1.0 - fy2), mask=m01)
-            tl.atomic_add(g_planes_ptr + off00 + W * C, g * (1.0 - fx2) * fy2, mask=m10)
-            tl.atomic_add(g_planes_ptr + off00 + W * C + C, g * fx2 * fy2, mask=m11)
-            gix += tl.sum(g * ((v01 - v00) * (1.0 - fy2) + (v11 - v10) * fy2), axis=1)
-            giy += tl.sum(g * ((v10 - v00) * (1.0 - fx2) + (v11 - v01) * fx2), axis=1)
-        gu = gix * (0.5 * W) * inv_bound
-        gv = giy * (0.5 * H) * inv_bound
-        if PLANE == 0:
-            gx += gu
-            gy += gv
-        elif PLANE == 1:
-            gx += gu
-            gz += gv
-        else:
-            gy += gu
-            gz += gv
+            plane = (b * 3 + PLANE) * H * W * C
+            off, m00, m01, m10, m11, v00, v01, v10, v11 = _corner_values(planes_ptr + plane, x0, y0, vx0, vx1, vy0,
+                                                                         vy1, cc, mask_m, C, W)
+            dix, diy = _lerp2_bwd(g_planes_ptr + plane, off, m00, m01, m10, m11, v00, v01, v10, v11, fx2, fy2, g,
+                                  C, W)
+            gix += dix
+            giy += diy
+        gx, gy, gz = _add_plane_grad(gx, gy, gz, gix, giy, W, H, inv_bound, PLANE)
     gp = g_points_ptr + (b * M + offs_m) * 3
     tl.store(gp + 0, gx, mask=mask_m)
     tl.store(gp + 1, gy, mask=mask_m)
