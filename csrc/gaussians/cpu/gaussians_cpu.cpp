@@ -8,11 +8,17 @@
 // stops for good before the Gaussian that would take it below 1e-4. The backward walks the same
 // lists back to front (the INRIA way: T recovered by division, a running suffix of weighted
 // colours), summing each Gaussian's gradient over its pixels before one write.
+// Both keep a tile's per-pixel state as structure of arrays and apply a Gaussian to the whole rows
+// of its rect in one branch-free loop (masks pick the pixels it changes) that the compiler
+// vectorises; rows at either end of the rect that no pixel needs are skipped.
 #include <omp.h>
 
 #include <algorithm>
+#include <bit>
+#include <cmath>
 #include <cstring>
 #include <utility>
+#include <type_traits>
 #include <vector>
 
 #include "gaussians/gaussian_math.h"
@@ -187,142 +193,315 @@ void gs_bin_fill_cpu(const T* means2d, const int32_t* radii, const int32_t* orde
   }
 }
 
+namespace {
+
+// c ? a : b, computed on the bits. Written as a conditional, a select in a pixel loop may become a
+// branch (jump threading folds a constant into one side; a float operation that may trap is then
+// not executed speculatively), which keeps the loop from vectorising; on the bits it cannot.
+template <typename T>
+inline T pick(bool c, T a, T b) {
+  using U = std::conditional_t<sizeof(T) == 8, uint64_t, uint32_t>;
+  const U m = U(0) - U(c);
+  return std::bit_cast<T>(U((std::bit_cast<U>(a) & m) | (std::bit_cast<U>(b) & ~m)));
+}
+
+// e^x with plain arithmetic, so that the pixel loops calling it vectorise (std::exp is a library
+// call, which keeps a loop scalar). float: Cephes' expf, within ~1 ulp: x = n ln2 + r with
+// n = round(x / ln2) (adding and subtracting 1.5 * 2^23 rounds to an integer) and |r| <= ln2 / 2
+// (ln2 in two parts, the first exact in a product with n), e^r by a degree-6 polynomial, times 2^n
+// built in the exponent bits. x is clamped to [-87.3, 88.3] so that 2^n stays a normal float (the
+// loops only compare the e^x < 1.2e-38 of a clamped x with 1/255); NaN stays NaN. double: std::exp,
+// the accurate path.
+inline float exp_vec(float x) {
+  x = pick(x < -87.3f, -87.3f, x);
+  x = pick(x > 88.3f, 88.3f, x);
+  const float n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;
+  const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.f;
+  const int32_t e = int32_t(pick(n == n, n, 0.f)) + 127;  // NaN: any exponent (p is NaN)
+  return p * std::bit_cast<float>(e << 23);
+}
+inline double exp_vec(double x) { return std::exp(x); }
+
+// The tile kernels are compiled for x86-64's baseline (SSE2: 4 floats a vector), AVX2 (8) and
+// AVX-512 (16), and the loader picks the best one the CPU runs (function multiversioning). The
+// AVX-512 version may fuse multiply-adds, so its results can differ from the others' in the last
+// bits (each is deterministic). Elsewhere, the baseline only.
+#if defined(__x86_64__) && defined(__GNUC__)
+#define FAST3D_TILE_KERNEL __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define FAST3D_TILE_KERNEL
+#endif
+
+constexpr int kTilePixels = kTile * kTile;
+
+// A Gaussian's pixel rect clipped to the tile at (x0, y0) of tw x th pixels, in tile coordinates:
+// columns [xa, xb), rows [ya, yb).
+struct TileRect {
+  int xa, xb, ya, yb;
+  template <typename T>
+  TileRect(T mx, T my, const int32_t* radii, int width, int height, int x0, int y0, int tw, int th) {
+    int rect[4];
+    gs::pixel_rect(mx, my, radii, width, height, rect);
+    xa = std::max(rect[0], x0) - x0;
+    xb = std::min(rect[1], x0 + tw) - x0;
+    ya = std::max(rect[2], y0) - y0;
+    yb = std::min(rect[3], y0 + th) - y0;
+  }
+  bool empty() const { return xa >= xb || ya >= yb; }
+  // The loops walk whole rows of the tile, row-major indices [first(), first() + count()), and mask
+  // off the columns outside [xa, xb): a multiple of 16 pixels leaves no scalar remainder at any
+  // vector width. They count k from 0 with the arrays offset by first(): such a counter vectorises
+  // also where signed overflow is defined (-fwrapv, in Python's build flags).
+  int first() const { return ya * kTile; }
+  int count() const { return (yb - ya) * kTile; }
+  bool inside(int p) const { return ((p & (kTile - 1)) >= xa) & ((p & (kTile - 1)) < xb); }
+};
+
+// Per-thread scratch of forward_tile. Per pixel of the tile, as structure of arrays (row-major,
+// kTile pixels a row): the pixel centre, transmittance, features accumulated (channel-major), the
+// count of Gaussians up to the last one blended, whether the pixel still blends, and the current
+// Gaussian's blending weight.
+template <typename T>
+struct ForwardScratch {
+  std::vector<T> px, py, trans, acc, w;
+  std::vector<int32_t> lst, live;
+  int row_live[kTile];  // pixels of each row still blending
+  explicit ForwardScratch(int D)
+      : px(kTilePixels), py(kTilePixels), trans(kTilePixels), acc(size_t(D) * kTilePixels), w(kTilePixels),
+        lst(kTilePixels), live(kTilePixels) {}
+};
+
+// Pixel centres of the tile at (x0, y0).
+template <typename T>
+void pixel_centres(int x0, int y0, T* px, T* py) {
+  for (int p = 0; p < kTilePixels; ++p) {
+    px[p] = T(x0 + p % kTile) + T(0.5);
+    py[p] = T(y0 + p / kTile) + T(0.5);
+  }
+}
+
+// Front-to-back blending of one tile of image i (`it` = i * tiles + tile).
+template <typename T>
+FAST3D_TILE_KERNEL void forward_tile(const T* means2d, const T* conics, const T* opac, const T* feats,
+                                     const int32_t* radii, const int64_t* tile_offsets, const int32_t* ids,
+                                     int64_t it, int64_t N, int D, int width, int height, T* image, T* alpha,
+                                     int32_t* last, ForwardScratch<T>& sc) {
+  const int TX = tiles_along(width), TT = TX * tiles_along(height);
+  const int64_t i = it / TT;
+  const int tile = int(it % TT), x0 = (tile % TX) * kTile, y0 = (tile / TX) * kTile;
+  const int tw = std::min(kTile, width - x0), th = std::min(kTile, height - y0);
+  const T* px = sc.px.data();
+  const T* py = sc.py.data();
+  T* trans = sc.trans.data();
+  T* w = sc.w.data();
+  int32_t* lst = sc.lst.data();
+  int32_t* live = sc.live.data();
+  pixel_centres(x0, y0, sc.px.data(), sc.py.data());
+  std::fill(sc.trans.begin(), sc.trans.end(), T(1));
+  std::fill(sc.acc.begin(), sc.acc.end(), T(0));
+  std::fill(sc.lst.begin(), sc.lst.end(), 0);
+  std::fill(sc.live.begin(), sc.live.end(), 1);
+  for (int y = 0; y < kTile; ++y) sc.row_live[y] = y < th ? tw : 0;
+  int active = tw * th;
+  const int64_t s = tile_offsets[it], e = tile_offsets[it + 1];
+  for (int64_t j = s; j < e && active > 0; ++j) {
+    const int64_t g = i * N + ids[j];
+    const T mx = means2d[g * 2], my = means2d[g * 2 + 1];
+    const T A = conics[g * 3], B = conics[g * 3 + 1], C = conics[g * 3 + 2], o = opac[g];
+    const T* f = feats + g * D;
+    const int32_t count = int32_t(j - s + 1);
+    TileRect r(mx, my, radii + g * 2, width, height, x0, y0, tw, th);
+    if (r.empty()) continue;
+    while (r.ya < r.yb && sc.row_live[r.ya] == 0) ++r.ya;  // rows already done at either end
+    while (r.ya < r.yb && sc.row_live[r.yb - 1] == 0) --r.yb;
+    if (r.ya >= r.yb) continue;
+    const int p0 = r.first(), np = r.count();
+    const T *pxr = px + p0, *pyr = py + p0;
+    T *tr = trans + p0, *wr = w + p0;
+    int32_t *ls = lst + p0, *lv = live + p0;
+    int stopped = 0;
+#pragma omp simd reduction(+ : stopped)
+    for (int k = 0; k < np; ++k) {
+      // gs::gaussian_raw_alpha at the pixel centre
+      const T dx = pxr[k] - mx, dy = pyr[k] - my;
+      const T raw = o * exp_vec(T(-0.5) * (A * dx * dx + T(2) * B * dx * dy + C * dy * dy));
+      const T a = pick(T(kAlphaMax) < raw, T(kAlphaMax), raw);  // std::min
+      const T next = tr[k] * (T(1) - a);
+      // The pixel meets the Gaussian (in its rect, still blending, alpha >= 1/255), then either
+      // stops for good (T would fall below 1e-4) or blends it.
+      const bool hit = r.inside(p0 + k) & (lv[k] != 0) & !(raw < T(kAlphaMin));
+      const bool stop = hit & (next < T(kTransMin));
+      const bool blend = hit & !stop;
+      wr[k] = pick(blend, a * tr[k], T(0));
+      tr[k] = pick(blend, next, tr[k]);
+      ls[k] = pick(blend, count, ls[k]);
+      lv[k] = pick(stop, 0, lv[k]);
+      stopped += stop;
+    }
+    for (int d = 0; d < D; ++d) {
+      T* acc = sc.acc.data() + d * kTilePixels + p0;
+      const T fd = f[d];
+#pragma omp simd
+      for (int k = 0; k < np; ++k) acc[k] += wr[k] * fd;
+    }
+    if (stopped > 0) {  // at most once per pixel: recount the rows
+      active -= stopped;
+      for (int y = r.ya; y < r.yb; ++y) {
+        int n_live = 0;
+        for (int x = 0; x < tw; ++x) n_live += live[y * kTile + x] != 0;
+        sc.row_live[y] = n_live;
+      }
+    }
+  }
+  for (int y = 0; y < th; ++y)
+    for (int x = 0; x < tw; ++x) {
+      const int p = y * kTile + x;
+      const int64_t pix = (i * height + y0 + y) * width + x0 + x;
+      for (int d = 0; d < D; ++d) image[pix * D + d] = sc.acc[d * kTilePixels + p];
+      alpha[pix] = T(1) - trans[p];
+      last[pix] = lst[p];
+    }
+}
+
+}  // namespace
+
 template <typename T>
 void gs_rasterize_forward_cpu(const T* means2d, const T* conics, const T* opac, const T* feats,
                               const int32_t* radii, const int64_t* tile_offsets, const int32_t* ids, int64_t I,
                               int64_t N, int D, int width, int height, T* image, T* alpha, int32_t* last) {
-  const int TX = tiles_along(width), TT = TX * tiles_along(height);
+  const int64_t TT = tiles_along(width) * tiles_along(height);
 #pragma omp parallel
   {
-    std::vector<T> trans(kTile * kTile), acc(kTile * kTile * D);
-    std::vector<int32_t> lst(kTile * kTile);
-    std::vector<char> done(kTile * kTile);
+    ForwardScratch<T> sc(D);
 #pragma omp for schedule(dynamic, 4)
-    for (int64_t it = 0; it < I * TT; ++it) {
-      const int64_t i = it / TT;
-      const int tile = int(it % TT), x0 = (tile % TX) * kTile, y0 = (tile / TX) * kTile;
-      const int tw = std::min(kTile, width - x0), th = std::min(kTile, height - y0);
-      std::fill(trans.begin(), trans.end(), T(1));
-      std::fill(acc.begin(), acc.end(), T(0));
-      std::fill(lst.begin(), lst.end(), 0);
-      std::fill(done.begin(), done.end(), 0);
-      int active = tw * th;
-      const int64_t s = tile_offsets[it], e = tile_offsets[it + 1];
-      for (int64_t j = s; j < e && active > 0; ++j) {
-        const int64_t g = i * N + ids[j];
-        const T* m2 = means2d + g * 2;
-        const T* con = conics + g * 3;
-        const T o = opac[g];
-        int rect[4];
-        gs::pixel_rect(m2[0], m2[1], radii + g * 2, width, height, rect);
-        const int px0 = std::max(rect[0], x0), px1 = std::min(rect[1], x0 + tw);
-        const int py0 = std::max(rect[2], y0), py1 = std::min(rect[3], y0 + th);
-        for (int y = py0; y < py1; ++y)
-          for (int x = px0; x < px1; ++x) {
-            const int p = (y - y0) * kTile + (x - x0);
-            if (done[p]) continue;
-            T dx, dy, vis;
-            const T raw = gs::gaussian_raw_alpha(m2, con, o, T(x) + T(0.5), T(y) + T(0.5), dx, dy, vis);
-            if (raw < T(kAlphaMin)) continue;
-            const T a = std::min(raw, T(kAlphaMax));
-            const T next = trans[p] * (T(1) - a);
-            if (next < T(kTransMin)) {
-              done[p] = 1;
-              --active;
-              continue;
-            }
-            const T w = a * trans[p];
-            const T* f = feats + g * D;
-            for (int d = 0; d < D; ++d) acc[p * D + d] += w * f[d];
-            trans[p] = next;
-            lst[p] = int32_t(j - s + 1);
-          }
-      }
-      for (int y = 0; y < th; ++y)
-        for (int x = 0; x < tw; ++x) {
-          const int p = y * kTile + x;
-          const int64_t pix = (i * height + y0 + y) * width + x0 + x;
-          for (int d = 0; d < D; ++d) image[pix * D + d] = acc[p * D + d];
-          alpha[pix] = T(1) - trans[p];
-          last[pix] = lst[p];
-        }
-    }
+    for (int64_t it = 0; it < I * TT; ++it)
+      forward_tile(means2d, conics, opac, feats, radii, tile_offsets, ids, it, N, D, width, height, image, alpha, last,
+                   sc);
   }
 }
 
 namespace {
 
+// Per-thread scratch of backward_tile.
+template <typename T>
+struct BackwardScratch {
+  // Per pixel (structure of arrays, as in the forward): the pixel centre, T in front of the current
+  // Gaussian, the sum over later Gaussians of w_k <g_image, f_k>, the alpha output's share, the
+  // forward's last count, g_image (channel-major); <g_image, f> and w of the current Gaussian.
+  std::vector<T> px, py, trans, sg, kk, gi, gcol, w;
+  std::vector<int32_t> lst;
+  int row_last[kTile];  // the largest last count of each row
+  explicit BackwardScratch(int D)
+      : px(kTilePixels), py(kTilePixels), trans(kTilePixels), sg(kTilePixels), kk(kTilePixels),
+        gi(size_t(D) * kTilePixels), gcol(kTilePixels), w(kTilePixels), lst(kTilePixels) {}
+};
+
 // Backward of one tile of image i; gradients of the image's Gaussians ADDED into the given
 // per-image buffers (g_m2 [N,2], g_con [N,3], g_op [N], g_f [N,D], g_abs [N,2]).
 template <typename T>
-void backward_tile(const T* means2d, const T* conics, const T* opac, const T* feats, const int32_t* radii,
+FAST3D_TILE_KERNEL void backward_tile(const T* means2d, const T* conics, const T* opac, const T* feats, const int32_t* radii,
                    const int64_t* tile_offsets, const int32_t* ids, const T* alpha, const int32_t* last,
                    const T* g_image, const T* g_alpha, int64_t i, int tile, int64_t N, int D, int width,
-                   int height, T* g_m2, T* g_con, T* g_op, T* g_f, T* g_abs, std::vector<T>& trans,
-                   std::vector<T>& sg, std::vector<T>& kk, std::vector<T>& gfeat) {
+                   int height, T* g_m2, T* g_con, T* g_op, T* g_f, T* g_abs, BackwardScratch<T>& sc) {
   const int TX = tiles_along(width), TT = TX * tiles_along(height);
   const int x0 = (tile % TX) * kTile, y0 = (tile / TX) * kTile;
   const int tw = std::min(kTile, width - x0), th = std::min(kTile, height - y0);
   const int64_t s = tile_offsets[i * TT + tile];
+  T* trans = sc.trans.data();
+  T* sg = sc.sg.data();
+  T* kk = sc.kk.data();
+  T* gcol = sc.gcol.data();
+  T* w = sc.w.data();
+  int32_t* lst = sc.lst.data();
+  pixel_centres(x0, y0, sc.px.data(), sc.py.data());
   int max_last = 0;
-  for (int y = 0; y < th; ++y)
-    for (int x = 0; x < tw; ++x) {
+  for (int y = 0; y < kTile; ++y) {
+    sc.row_last[y] = 0;
+    for (int x = 0; x < kTile; ++x) {
       const int p = y * kTile + x;
+      const bool in = y < th && x < tw;
       const int64_t pix = (i * height + y0 + y) * width + x0 + x;
-      trans[p] = T(1) - alpha[pix];          // T_final
-      sg[p] = T(0);                          // sum over later Gaussians of w_k <g_image, f_k>
-      kk[p] = -g_alpha[pix] * trans[p];      // the alpha output's share: dA/da_j = T_final / (1 - a_j)
-      max_last = std::max(max_last, int(last[pix]));
+      trans[p] = in ? T(1) - alpha[pix] : T(1);     // T_final
+      sg[p] = T(0);                                 // sum over later Gaussians of w_k <g_image, f_k>
+      kk[p] = in ? -g_alpha[pix] * trans[p] : T(0);  // the alpha output's share: dA/da_j = T_final / (1 - a_j)
+      lst[p] = in ? last[pix] : 0;
+      for (int d = 0; d < D; ++d) sc.gi[d * kTilePixels + p] = in ? g_image[pix * D + d] : T(0);
+      sc.row_last[y] = std::max(sc.row_last[y], int(lst[p]));
     }
+    max_last = std::max(max_last, sc.row_last[y]);
+  }
   for (int64_t j = s + max_last - 1; j >= s; --j) {
     const int64_t n = ids[j], g = i * N + n;
-    const T* m2 = means2d + g * 2;
-    const T* con = conics + g * 3;
+    const T mx = means2d[g * 2], my = means2d[g * 2 + 1];
+    const T A = conics[g * 3], B = conics[g * 3 + 1], C = conics[g * 3 + 2], o = opac[g];
     const T* f = feats + g * D;
-    const T o = opac[g];
-    int rect[4];
-    gs::pixel_rect(m2[0], m2[1], radii + g * 2, width, height, rect);
-    const int px0 = std::max(rect[0], x0), px1 = std::min(rect[1], x0 + tw);
-    const int py0 = std::max(rect[2], y0), py1 = std::min(rect[3], y0 + th);
-    T gm[2] = {0, 0}, gc[3] = {0, 0, 0}, go = 0, ga2[2] = {0, 0};
-    bool touched = false;
-    std::fill(gfeat.begin(), gfeat.end(), T(0));
-    for (int y = py0; y < py1; ++y)
-      for (int x = px0; x < px1; ++x) {
-        const int p = (y - y0) * kTile + (x - x0);
-        const int64_t pix = (i * height + y) * width + x;
-        if (j - s >= last[pix]) continue;
-        T dx, dy, vis;
-        const T raw = gs::gaussian_raw_alpha(m2, con, o, T(x) + T(0.5), T(y) + T(0.5), dx, dy, vis);
-        if (raw < T(kAlphaMin)) continue;
-        touched = true;
-        const T a = std::min(raw, T(kAlphaMax));
-        const T tj = trans[p] / (T(1) - a);  // transmittance in front of this Gaussian
-        const T* gi = g_image + pix * D;
-        T gcol = 0;
-        for (int d = 0; d < D; ++d) {
-          gcol += gi[d] * f[d];
-          gfeat[d] += a * tj * gi[d];
-        }
-        // dL/da_j = T_j <g, f_j> - (sum_{k>j} w_k <g, f_k> + K) / (1 - a_j)
-        const T g_a = tj * gcol - (sg[p] + kk[p]) / (T(1) - a);
-        sg[p] += a * tj * gcol;
-        trans[p] = tj;
-        T pm[2] = {0, 0};
-        gs::gaussian_alpha_backward(con, o, dx, dy, vis, g_a, pm, gc, go);
-        gm[0] += pm[0];
-        gm[1] += pm[1];
-        ga2[0] += std::abs(pm[0]);
-        ga2[1] += std::abs(pm[1]);
-      }
-    if (!touched) continue;
-    g_m2[n * 2] += gm[0];
-    g_m2[n * 2 + 1] += gm[1];
-    for (int k = 0; k < 3; ++k) g_con[n * 3 + k] += gc[k];
+    const int32_t idx = int32_t(j - s);  // pixels with last > idx blended this Gaussian
+    TileRect r(mx, my, radii + g * 2, width, height, x0, y0, tw, th);
+    if (r.empty()) continue;
+    while (r.ya < r.yb && idx >= sc.row_last[r.ya]) ++r.ya;  // rows that stopped before it at either end
+    while (r.ya < r.yb && idx >= sc.row_last[r.yb - 1]) --r.yb;
+    if (r.ya >= r.yb) continue;
+    const int p0 = r.first(), np = r.count();
+    const T *pxr = sc.px.data() + p0, *pyr = sc.py.data() + p0, *kkr = kk + p0;
+    T *tr = trans + p0, *sgr = sg + p0, *gc = gcol + p0, *wr = w + p0;
+    const int32_t* ls = lst + p0;
+    for (int k = 0; k < np; ++k) gc[k] = T(0);
+    for (int d = 0; d < D; ++d) {
+      const T* gi = sc.gi.data() + d * kTilePixels + p0;
+      const T fd = f[d];
+#pragma omp simd
+      for (int k = 0; k < np; ++k) gc[k] += gi[k] * fd;  // <g_image, f>
+    }
+    T gm0 = 0, gm1 = 0, ga0 = 0, ga1 = 0, gc0 = 0, gc1 = 0, gc2 = 0, go = 0;
+#pragma omp simd reduction(+ : gm0, gm1, ga0, ga1, gc0, gc1, gc2, go)
+    for (int k = 0; k < np; ++k) {
+      const T dx = pxr[k] - mx, dy = pyr[k] - my;
+      const T vis = exp_vec(T(-0.5) * (A * dx * dx + T(2) * B * dx * dy + C * dy * dy));
+      const T raw = o * vis;
+      const bool hit = r.inside(p0 + k) & (idx < ls[k]) & !(raw < T(kAlphaMin));
+      const T a = pick(T(kAlphaMax) < raw, T(kAlphaMax), raw);  // std::min
+      const T inv = T(1) / (T(1) - a);
+      const T tj = tr[k] * inv;  // transmittance in front of this Gaussian
+      // dL/da_j = T_j <g, f_j> - (sum_{k>j} w_k <g, f_k> + K) / (1 - a_j)
+      const T g_a = tj * gc[k] - (sgr[k] + kkr[k]) * inv;
+      wr[k] = pick(hit, a * tj, T(0));
+      sgr[k] += wr[k] * gc[k];
+      tr[k] = pick(hit, tj, tr[k]);
+      // gs::gaussian_alpha_backward: no gradient where the clamp is active (raw > 0.99)
+      const T g_al = pick(hit & !(raw > T(kAlphaMax)), g_a, T(0));
+      go += g_al * vis;
+      const T g_q = T(-0.5) * g_al * o * vis;  // dL/dq
+      gc0 += g_q * dx * dx;
+      gc1 += g_q * T(2) * dx * dy;
+      gc2 += g_q * dy * dy;
+      const T pm0 = g_q * T(-2) * (A * dx + B * dy), pm1 = g_q * T(-2) * (B * dx + C * dy);
+      gm0 += pm0;
+      gm1 += pm1;
+      ga0 += std::abs(pm0);
+      ga1 += std::abs(pm1);
+    }
+    for (int d = 0; d < D; ++d) {
+      const T* gi = sc.gi.data() + d * kTilePixels + p0;
+      T sum = 0;
+#pragma omp simd reduction(+ : sum)
+      for (int k = 0; k < np; ++k) sum += wr[k] * gi[k];
+      g_f[n * D + d] += sum;
+    }
+    g_m2[n * 2] += gm0;
+    g_m2[n * 2 + 1] += gm1;
+    g_con[n * 3] += gc0;
+    g_con[n * 3 + 1] += gc1;
+    g_con[n * 3 + 2] += gc2;
     g_op[n] += go;
-    for (int d = 0; d < D; ++d) g_f[n * D + d] += gfeat[d];
-    g_abs[n * 2] += ga2[0];
-    g_abs[n * 2 + 1] += ga2[1];
+    g_abs[n * 2] += ga0;
+    g_abs[n * 2 + 1] += ga1;
   }
 }
 
@@ -345,13 +524,13 @@ void gs_rasterize_backward_cpu(const T* means2d, const T* conics, const T* opac,
     // One image per iteration: each writes only its own slice of the gradients.
 #pragma omp parallel
     {
-      std::vector<T> trans(kTile * kTile), sg(kTile * kTile), kk(kTile * kTile), gfeat(D);
+      BackwardScratch<T> sc(D);
 #pragma omp for schedule(dynamic, 1)
       for (int64_t i = 0; i < I; ++i)
         for (int tile = 0; tile < TT; ++tile)
           backward_tile(means2d, conics, opac, feats, radii, tile_offsets, ids, alpha, last, g_image, g_alpha, i,
                         tile, N, D, width, height, g_means2d + i * N * 2, g_conics + i * N * 3, g_opac + i * N,
-                        g_feats + i * N * D, absgrad + i * N * 2, trans, sg, kk, gfeat);
+                        g_feats + i * N * D, absgrad + i * N * 2, sc);
     }
     return;
   }
@@ -364,11 +543,11 @@ void gs_rasterize_backward_cpu(const T* means2d, const T* conics, const T* opac,
 #pragma omp parallel
     {
       T* b = buf.data() + omp_get_thread_num() * per;
-      std::vector<T> trans(kTile * kTile), sg(kTile * kTile), kk(kTile * kTile), gfeat(D);
+      BackwardScratch<T> sc(D);
 #pragma omp for schedule(dynamic, 2)
       for (int tile = 0; tile < TT; ++tile)
         backward_tile(means2d, conics, opac, feats, radii, tile_offsets, ids, alpha, last, g_image, g_alpha, i, tile,
-                      N, D, width, height, b, b + 2 * N, b + 5 * N, b + 6 * N, b + (6 + D) * N, trans, sg, kk, gfeat);
+                      N, D, width, height, b, b + 2 * N, b + 5 * N, b + 6 * N, b + (6 + D) * N, sc);
     }
     T* outs[5] = {g_means2d + i * N * 2, g_conics + i * N * 3, g_opac + i * N, g_feats + i * N * D,
                   absgrad + i * N * 2};

@@ -23,10 +23,9 @@ WORKLOADS = [
                     "(DESIGN.md workload `scene`)"),
     # A CPU yardstick (issue 3): a single-threaded CPU port of gsplat (OpenSplat's) was measured on
     # a 2-core machine of this project's kind at ~0.5 s forward + ~0.3 s backward on this scene.
-    # Small enough to run as is in --quick.
     Workload("cpu-65k", dict(scenes=1, cameras=1, gaussians=65536, width=512, height=512, sh_degree=None,
                              render_mode="RGB"),
-             quick=dict(scenes=1, cameras=1, gaussians=65536, width=512, height=512, sh_degree=None,
+             quick=dict(scenes=1, cameras=1, gaussians=2048, width=96, height=96, sh_degree=None,
                         render_mode="RGB"),
              source="65,536 Gaussians in a unit cube (scales 0.01-0.03), one 512x512 RGB view, 30-degree field "
                     "of view, camera at distance 3: the CPU comparison scene of issue 3 (OpenSplat's "
