@@ -6,6 +6,7 @@ that never unpickles code.
 from __future__ import annotations
 
 import copy
+import glob
 import os
 
 import torch
@@ -38,6 +39,25 @@ def init_distributed() -> tuple[int, int]:
     else:  # ranks share the cores; oversubscribing them makes every rank slower
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", world)))))
     return rank, world
+
+
+# DeepSpeed's CPU all-reduce (its shm_comm op) maps one shared-memory segment per rank,
+# /dev/shm/deepspeed_allreduce_buffer_{uid}_{master addr}_{master port}_{rank} (~64 MiB each), and
+# never unlinks it: every CPU run, and every killed one, would leave them behind until /dev/shm fills.
+_SHM_BUFFERS = "/dev/shm/deepspeed_allreduce_buffer_{uid}_*_{port}_*"
+
+
+def release_cpu_comm_buffers(port: int | str) -> int:
+    """Unlink the DeepSpeed CPU all-reduce segments of the run on master port `port` (call once
+    every rank has exited). Returns how many were removed."""
+    removed = 0
+    for path in glob.glob(_SHM_BUFFERS.format(uid=os.getuid(), port=int(port))):
+        try:
+            os.unlink(path)
+            removed += 1
+        except FileNotFoundError:
+            pass
+    return removed
 
 
 def _free_port() -> int:

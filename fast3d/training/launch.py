@@ -57,10 +57,22 @@ def run(recipe: str, config: str, output: str, max_steps: int | None = None, res
         ranks = torch.cuda.device_count() or 1
     if ranks < 1:
         raise ValueError(f"--ranks must be >= 1; got {ranks}")
-    if _under_launcher() or ranks == 1:
+    from fast3d.training.engine import _free_port, release_cpu_comm_buffers
+
+    if _under_launcher():
         from fast3d.training.loop import train
 
         train(cls(cfg), output, resume=resume)
+        return 0
+    port = master_port or int(os.environ.get("MASTER_PORT", 0)) or _free_port()
+    if ranks == 1:
+        from fast3d.training.loop import train
+
+        os.environ.setdefault("MASTER_PORT", str(port))
+        try:
+            train(cls(cfg), output, resume=resume)
+        finally:
+            release_cpu_comm_buffers(os.environ["MASTER_PORT"])
         return 0
     launcher = shutil.which("deepspeed")
     if launcher is None:
@@ -68,9 +80,7 @@ def run(recipe: str, config: str, output: str, max_steps: int | None = None, res
     env = dict(os.environ)
     if not torch.cuda.is_available():
         env.setdefault("DS_ACCELERATOR", "cpu")
-    from fast3d.training.engine import _free_port
-
-    cmd = [launcher, "--num_gpus", str(ranks), "--master_port", str(master_port or _free_port()), "--module",
+    cmd = [launcher, "--num_gpus", str(ranks), "--master_port", str(port), "--module",
            "--no_local_rank", "fast3d.cli", "train", recipe, "--config", config, "--output", output]
     if max_steps is not None:
         cmd += ["--max-steps", str(max_steps)]
@@ -78,5 +88,7 @@ def run(recipe: str, config: str, output: str, max_steps: int | None = None, res
         cmd.append("--resume")
     if lora is not None:
         cmd += ["--lora", str(lora)]
-    proc = subprocess.run(cmd, env=env)
-    return proc.returncode
+    try:
+        return subprocess.run(cmd, env=env).returncode
+    finally:  # every rank has exited, cleanly or not
+        release_cpu_comm_buffers(port)

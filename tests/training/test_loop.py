@@ -1,6 +1,7 @@
 """The shared training loop: DeepSpeed on 2 CPU ranks, exact resume after a kill, ZeRO-3 with EMA,
 NaN guard, config checks, checkpoint safety. The recipe is tests/training/toy_recipe.py."""
 
+import glob
 import json
 import os
 import pickle
@@ -42,12 +43,19 @@ def losses(out):
     return [(r["step"], r["loss"], r["noise"], r["lr"]) for r in read_metrics(str(out))]
 
 
+def shm_buffers() -> set:
+    return set(glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*"))
+
+
 @pytest.mark.slow
 def test_killed_and_resumed_run_computes_the_same_losses(tmp_path):
     cfg = write_config(tmp_path)
+    before = shm_buffers()
     train(cfg, tmp_path / "whole")
     p = train(cfg, tmp_path / "killed", env={"TOY_KILL_AT": "6"}, check=False)
     assert p.returncode != 0, "the run should have died at step 6"
+    # DeepSpeed's CPU all-reduce segments of both runs, the killed one's included, are gone.
+    assert shm_buffers() <= before
     assert open(tmp_path / "killed" / "checkpoints" / "latest").read() == "step00000004"
     train(cfg, tmp_path / "killed", "--resume")
     whole, resumed = losses(tmp_path / "whole"), losses(tmp_path / "killed")
