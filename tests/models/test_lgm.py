@@ -15,6 +15,7 @@ from fast3d.models import _pretrained
 from fast3d.models.lgm import (LGM, CrossViewAttention, LGMConfig, apply_transform_to_gaussians,
                                apply_transform_to_viewmats, canonical_viewmat, lora_target_modules,
                                normalize_cameras)
+from fast3d.models.lgm.model import pixel_anchors
 from fast3d.models.lgm.normalize import rotmat_to_quat
 from fast3d.ops.rasterization.reference import quat_to_rotmat
 from helpers import assert_close
@@ -57,15 +58,22 @@ def _inputs(cfg: LGMConfig, B: int, gen: torch.Generator):
 @pytest.mark.parametrize("cfg", [TINY, DEEP], ids=["tiny", "deep"])
 def test_forward_shapes_and_value_ranges(cfg, seed, gen):
     B = 2
+    images, viewmats, Ks = _inputs(cfg, B, gen)
     with torch.no_grad():
-        g = _model(cfg, seed)(*_inputs(cfg, B, gen))
+        g = _model(cfg, seed)(images, viewmats, Ks)
     N = cfg.num_input_views * cfg.splat_size ** 2
     assert N == cfg.num_gaussians
     shapes = {k: tuple(v.shape) for k, v in g.items()}
     assert shapes == dict(means=(B, N, 3), quats=(B, N, 4), scales=(B, N, 3), opacities=(B, N), colors=(B, N, 3))
     for k, v in g.items():
         assert torch.isfinite(v).all(), k
-    assert g["means"].abs().max() <= 2.0  # anchor (within the views: |.| <= 1) + offset in [-1, 1]
+    # Each mean is its pixel's anchor plus an offset in [-1, 1]; an anchor lies on the plane through
+    # the centre facing its camera, within the view's half-diagonal there (distance x the tangent of
+    # the half-diagonal field of view: ~1.4 for 49.1 degrees at 2.2).
+    anchors = pixel_anchors(viewmats, Ks, cfg.input_size, cfg.splat_size)
+    assert (g["means"] - anchors).abs().max() <= 1.0 + 1e-6
+    half_diag = cfg.camera_distance * math.sqrt(2) * math.tan(math.radians(cameras.DEFAULT_FOV_Y_DEG) / 2)
+    assert anchors.norm(dim=-1).max() <= half_diag * 1.001
     assert_close(g["quats"].norm(dim=-1), torch.ones(B, N), atol=1e-5, rtol=0, name="|quat|")
     assert (g["scales"] > 0).all()
     assert ((g["opacities"] > 0) & (g["opacities"] < 1)).all()
