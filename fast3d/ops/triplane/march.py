@@ -5,8 +5,8 @@ triplane sampling (bilinear, channels-last planes, BC channels at a time), the d
 (TriplaneMLP: Linear 3C -> HID, ReLU, N_MID x (Linear HID -> HID, ReLU), Linear HID -> 4, as
 tl.dot over the N rows), the output activations and NeRF compositing (transmittance by a cumulative
 sum of optical depth inside the tile plus a carry across tiles, as the composite kernel). Nothing
-per sample is written: the forward keeps three sums per ray; a tile loop stops once every ray of the
-block is below the transmittance cut-off.
+per sample is written: the forward keeps its colour, opacity and depth sums per ray; a tile loop
+stops once every ray of the block is below the transmittance cut-off.
 
 The backward recomputes instead of storing activations. Per tile it re-runs the forward, then:
 
