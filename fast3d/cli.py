@@ -332,7 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--refine-pose", type=int, default=0, metavar="STEPS",
                    help="LGM: refine the input cameras by this many LPIPS steps (MVBoost)")
     s.add_argument("--lpips-backbone", default="imagenet", help="imagenet | random | VGG-16 weights file")
-    s.add_argument("--out", required=True, help="output dir: gaussians.ply (LGM) or points.ply + mesh.ply (LRM), turntable.gif")
+    s.add_argument("--out", required=True,
+                   help="output dir: gaussians.ply (LGM) or points.ply + mesh.ply (LRM), turntable.gif")
     s.add_argument("--frames", type=int, default=36, help="turntable frames")
     s.add_argument("--resolution", type=int, help="turntable resolution (default: the model's render size)")
     s.add_argument("--device", help="cuda | cpu (default: cuda when there is one)")
