@@ -278,6 +278,23 @@ def test_render_fused_decoder_shapes(layers, hidden, C, B, R, gen):
                    gen=gen)
 
 
+def test_render_fused_bf16_decoder(gen):
+    """A bf16 decoder (what bf16 training runs): the fused kernel multiplies in bf16 with float32
+    accumulation, as torch's bf16 Linear does, and keeps activations in float32 between layers.
+    Outputs within bf16 rounding of the float64 reference of the same (bf16-valued) weights; each
+    gradient, a sum of many rounded terms, no further from float64 than twice the torch backend's
+    on the same bf16 decoder (plus 1%), as in test_render_bf16_planes."""
+    require("render_triplane")
+    planes, dec, o, d = make_scene(gen, 1, 11, 6, 7, hidden=32, layers=3)
+    dec = dec.to(torch.bfloat16)
+    seed = int(torch.randint(0, 2**31, (1,), generator=gen))
+    names = ["planes", "rays_o", "rays_d"] + [n for n, _ in dec.named_parameters()]
+    ref = compare_render(planes, dec, o, d, tol=RENDER_TOL[torch.bfloat16], gen=torch.Generator().manual_seed(seed),
+                         normwise=dict.fromkeys(names, math.inf), backend="torch")[2]
+    compare_render(planes, dec, o, d, tol=RENDER_TOL[torch.bfloat16], gen=torch.Generator().manual_seed(seed),
+                   normwise={k: 2 * v + 1e-2 for k, v in ref.items()})
+
+
 def test_render_fused_saves_no_per_sample_activations(gen):
     """What autograd keeps for the backward: the fused marcher saves the sample positions
     ([B, R, S] floats) and per-ray outputs, never a per-sample feature or activation tensor; the

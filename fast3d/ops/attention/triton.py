@@ -35,6 +35,7 @@ import triton.language as tl
 from torch import Tensor
 
 from fast3d import backends
+from fast3d.ops._triton_math import mm, upcast
 
 LOG2E = 1.4426950408889634
 
@@ -49,16 +50,6 @@ def _program_tile(n_blocks, NV, H, R):
     hd = (pid // (n_blocks * NV)) % H
     g = pid // (n_blocks * NV * H)
     return blk, view, hd, g // R, g % R
-
-
-@triton.jit
-def _mm(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    # a @ b with float32 accumulation. UPCAST: the Triton interpreter (3.9) computes bf16 x bf16 dots
-    # wrongly, so there the operands go to float32 first; bf16 products are exact in float32, so
-    # this is the tensor-core result up to the order of the accumulation.
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b, input_precision=PRECISION)
 
 
 @triton.jit
@@ -93,7 +84,7 @@ def _fwd_kernel(Q, K, Vt, O, LSE, KV_VIEWS, KV_COUNT,
             n_ok = n < SEG_K
             kt = tl.load(k_base + n[None, :] * s_kl + offs_d[:, None] * s_kd,
                          mask=n_ok[None, :] & d_ok[:, None], other=0.0)       # [BLOCK_D, BLOCK_N]
-            s = _mm(q, kt, PRECISION, UPCAST) * qk_scale          # log2-scaled logits
+            s = mm(q, kt, PRECISION, UPCAST) * qk_scale          # log2-scaled logits
             if not EVEN_N:
                 s = tl.where(n_ok[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -105,7 +96,7 @@ def _fwd_kernel(Q, K, Vt, O, LSE, KV_VIEWS, KV_COUNT,
             p = tl.math.exp2(s - m_new[:, None]).to(vb.dtype)
             alpha = tl.math.exp2(m_i - m_new)                                # rescales the old sums
             l_i = l_i * alpha + tl.sum(p.to(tl.float32), 1)
-            acc = acc * alpha[:, None] + _mm(p, vb, PRECISION, UPCAST)
+            acc = acc * alpha[:, None] + mm(p, vb, PRECISION, UPCAST)
             m_i = m_new
 
     out = acc / l_i[:, None]
@@ -170,12 +161,12 @@ def _dkdv_kernel(Q, K, Vt, DO, LSE, DELTA, DK, DV, Q_VIEWS, Q_COUNT,
             lse = tl.load(LSE + stat + m, mask=m_ok, other=float("inf"))
             delta = tl.load(DELTA + stat + m, mask=m_ok, other=0.0)
             # Transposed scores, [BLOCK_N, BLOCK_M], so dK and dV come out without transposing P.
-            st = _mm(k, tl.trans(q), PRECISION, UPCAST) * qk_scale
+            st = mm(k, tl.trans(q), PRECISION, UPCAST) * qk_scale
             pt = tl.math.exp2(st - lse[None, :])
-            dv += _mm(pt.to(do.dtype), do, PRECISION, UPCAST)
-            dpt = _mm(vb, tl.trans(do), PRECISION, UPCAST)     # <dO_t, v_s>, [BLOCK_N, BLOCK_M]
+            dv += mm(pt.to(do.dtype), do, PRECISION, UPCAST)
+            dpt = mm(vb, tl.trans(do), PRECISION, UPCAST)     # <dO_t, v_s>, [BLOCK_N, BLOCK_M]
             dst = pt * (dpt - delta[None, :])
-            dk += _mm(dst.to(q.dtype), q, PRECISION, UPCAST)
+            dk += mm(dst.to(q.dtype), q, PRECISION, UPCAST)
 
     dk = dk * sm_scale
     tl.store(DK + (b * NV + j) * s_dkb + row_k * s_dkl + hd * s_dkh + offs_d[None, :] * s_dkd,
@@ -219,13 +210,13 @@ def _dq_kernel(Q, K, Vt, DO, LSE, DELTA, DQ, KV_VIEWS, KV_COUNT,
             nd_ok = n_ok[:, None] & d_ok[None, :]
             k = tl.load(k_base + n[:, None] * s_kl + offs_d[None, :] * s_kd, mask=nd_ok, other=0.0)
             vb = tl.load(v_base + n[:, None] * s_vl + offs_d[None, :] * s_vd, mask=nd_ok, other=0.0)
-            s = _mm(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
+            s = mm(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
             p = tl.math.exp2(s - lse[:, None])
             if not EVEN_N:
                 p = tl.where(n_ok[None, :], p, 0.0)
-            dp = _mm(do, tl.trans(vb), PRECISION, UPCAST)
+            dp = mm(do, tl.trans(vb), PRECISION, UPCAST)
             ds = p * (dp - delta[:, None])
-            dq += _mm(ds.to(k.dtype), k, PRECISION, UPCAST)
+            dq += mm(ds.to(k.dtype), k, PRECISION, UPCAST)
 
     dq = dq * sm_scale
     tl.store(DQ + (b * NV + i) * s_dqb + row_q * s_dql + hd * s_dqh + offs_d[None, :] * s_dqd,
@@ -274,8 +265,7 @@ def view_tables(view_mask: Optional[Tensor],   # [V, V] bool or None
 
 def _precision(dtype: torch.dtype) -> dict:
     # float32 inputs stay IEEE float32 (matches SDPA's fp32 math); tf32 would cost ~1e-3 relative.
-    return dict(PRECISION="ieee" if dtype == torch.float32 else "tf32",
-                UPCAST=dtype == torch.bfloat16 and backends.triton_interpreted())
+    return dict(PRECISION="ieee" if dtype == torch.float32 else "tf32", UPCAST=upcast(dtype))
 
 
 def _strides(x: Tensor) -> tuple:

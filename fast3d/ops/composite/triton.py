@@ -26,21 +26,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from fast3d.ops._triton_math import rne
+
 BLOCK_R = 16
 BLOCK_S = 32
 MAX_BLOCK_D = 16   # wider rgbs are walked in chunks of 16 channels: registers stay bounded for any D
-
-
-@triton.jit
-def rne(x, dtype: tl.constexpr):
-    """float32 x as `dtype`, rounded to nearest even. For bfloat16 the rounding is done on the bits
-    (add half an ulp of the 16 dropped bits, ties to even, truncate) so that the conversion left
-    is exact: Triton's interpreter truncates float32 -> bfloat16, a GPU rounds; both agree now."""
-    if dtype == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        x = tl.where(x != x, x, ((bits >> 16) << 16).to(tl.float32, bitcast=True))  # NaN stays NaN
-    return x.to(dtype)
 
 
 @triton.jit
@@ -99,18 +89,22 @@ def _composite_fwd(sigma_ptr, rgb_ptr, t0_ptr, t1_ptr,   # [M], [M, D], [M], [M]
         first = d0 == 0
         carry = tl.zeros([BLOCK_R], dtype=tl.float32)
         acc_c = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
-        acc_o = tl.zeros([BLOCK_R], dtype=tl.float32)
+        t_end = tl.full([BLOCK_R], 1.0, dtype=tl.float32)   # T after the last live sample
         acc_z = tl.zeros([BLOCK_R], dtype=tl.float32)
         for s0 in range(0, longest, BLOCK_S):
             in_range, live, off, dt, mid, tau, T_next, w = _tile(sigma_ptr, t0_ptr, t1_ptr, mask_r, start, count,
                                                                  s0, carry, eps, BLOCK_S)
             tl.store(weights_ptr + off, rne(w, weights_ptr.dtype.element_ty), mask=in_range & first)
-            acc_o += tl.sum(w, axis=1)
+            t_end = tl.minimum(t_end, tl.min(tl.where(live, T_next, 1.0), axis=1))
             acc_z += tl.sum(w * mid, axis=1)
             m3 = live[:, :, None] & mask_d[None, None, :]
             rgb = tl.load(rgb_ptr + off[:, :, None] * D + ds[None, None, :], mask=m3, other=0.0).to(tl.float32)
             acc_c += tl.sum(w[:, :, None] * rgb, axis=1)
             carry += tl.sum(tau, axis=1)
+        # opacity = sum_i w_i = 1 - T_{k+1} (k the last live sample; the live samples are a prefix):
+        # read off the transmittance rather than summed, so an opaque ray's is 1 to the rounding of
+        # one exp, not of S float32 additions (the background's weight 1 - opacity is then 0 too).
+        acc_o = 1.0 - t_end
         md = mask_r[:, None] & mask_d[None, :]
         if HAS_BG:
             bg = tl.load(bg_ptr + rows[:, None].to(tl.int64) * bg_stride + ds[None, :], mask=md,

@@ -36,6 +36,7 @@ import triton.language as tl
 from torch import Tensor
 
 from fast3d.nn import triplane as _mlp
+from fast3d.ops._triton_math import mm, upcast
 from fast3d.ops.triplane import reference
 from fast3d.ops.triplane.triton import _add_plane_grad, _corner_values, _corners, _lerp2, _lerp2_bwd, _plane_uv
 
@@ -58,11 +59,13 @@ SOFTPLUS_THRESHOLD = tl.constexpr(_mlp.SOFTPLUS_THRESHOLD)
 
 @triton.jit
 def _layer0(planes_ptr, w0_ptr, b0_ptr, b, x, y, z, mask_n, C, H, W, HID,
-            BLOCK_N: tl.constexpr, BC: tl.constexpr, HP: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+            BLOCK_N: tl.constexpr, BC: tl.constexpr, HP: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+            UPCAST: tl.constexpr):
     """First layer's pre-activation [N, HP]: b0 + sum over planes and channel tiles of
     features [N, BC] @ W0[plane's rows] [BC, HP]."""
     hs = tl.arange(0, HP)
-    acc = tl.zeros([BLOCK_N, HP], dtype=tl.float32) + tl.load(b0_ptr + hs, mask=hs < HID, other=0.0).to(tl.float32)[None, :]
+    b0 = tl.load(b0_ptr + hs, mask=hs < HID, other=0.0).to(tl.float32)
+    acc = tl.zeros([BLOCK_N, HP], dtype=tl.float32) + b0[None, :]
     for PLANE in tl.static_range(3):
         u, v = _plane_uv(x, y, z, PLANE)
         x0, y0, fx, fy, vx0, vx1, vy0, vy1 = _corners(u, v, W, H)
@@ -75,18 +78,19 @@ def _layer0(planes_ptr, w0_ptr, b0_ptr, b, x, y, z, mask_n, C, H, W, HID,
             f = _lerp2(v00, v01, v10, v11, fx2, fy2)
             wt = tl.load(w0_ptr + (PLANE * C + cc)[:, None] * HID + hs[None, :],
                          mask=(cc < C)[:, None] & (hs < HID)[None, :], other=0.0)
-            acc += tl.dot(f.to(DT), wt.to(DT), input_precision=PREC)
+            acc += mm(f.to(DT), wt.to(DT), PREC, UPCAST)
     return acc
 
 
 @triton.jit
-def _dense(a, w_ptr, b_ptr, HID, HP: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+def _dense(a, w_ptr, b_ptr, HID, HP: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+           UPCAST: tl.constexpr):
     """relu(a [N, HP] @ W [HID, HID] + b): one middle layer."""
     hs = tl.arange(0, HP)
     mh = hs < HID
     w = tl.load(w_ptr + hs[:, None] * HID + hs[None, :], mask=mh[:, None] & mh[None, :], other=0.0)
     bias = tl.load(b_ptr + hs, mask=mh, other=0.0).to(tl.float32)
-    return tl.maximum(tl.dot(a.to(DT), w.to(DT), input_precision=PREC) + bias[None, :], 0.0)
+    return tl.maximum(mm(a.to(DT), w.to(DT), PREC, UPCAST) + bias[None, :], 0.0)
 
 
 @triton.jit
@@ -124,7 +128,7 @@ def _tile(planes_ptr, t_ptr, w0_ptr, b0_ptr, wm_ptr, bm_ptr, wo_ptr, bo_ptr,
           b, rows, mask_r, ox, oy, oz, dx, dy, dz, far, carry, s0,
           S, C, H, W, HID, N_MID, inv_bound, density_bias, eps,
           BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BC: tl.constexpr, HP: tl.constexpr,
-          OUT_P: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+          OUT_P: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     """The forward of one tile. Sample i of a ray spans [t_i, t_{i+1}) (the last ends at far).
     [BLOCK_R, BLOCK_S] tensors are per sample; [N, .] ones are the MLP's rows (ray-major)."""
     BLOCK_N: tl.constexpr = BLOCK_R * BLOCK_S
@@ -141,14 +145,14 @@ def _tile(planes_ptr, t_ptr, w0_ptr, b0_ptr, wm_ptr, bm_ptr, wo_ptr, bo_ptr,
     mask_n = tl.reshape(m, [BLOCK_N])
 
     a0 = tl.maximum(_layer0(planes_ptr, w0_ptr, b0_ptr, b, px, py, pz, mask_n, C, H, W, HID,
-                            BLOCK_N, BC, HP, DT, PREC), 0.0)
+                            BLOCK_N, BC, HP, DT, PREC, UPCAST), 0.0)
     a = a0
     for l in range(N_MID):
-        a = _dense(a, wm_ptr + l * HID * HID, bm_ptr + l * HID, HID, HP, DT, PREC)
+        a = _dense(a, wm_ptr + l * HID * HID, bm_ptr + l * HID, HID, HP, DT, PREC, UPCAST)
     hs = tl.arange(0, HP)
     js = tl.arange(0, OUT_P)
     wo = tl.load(wo_ptr + hs[:, None] * 4 + js[None, :], mask=(hs < HID)[:, None] & (js < 4)[None, :], other=0.0)
-    out = tl.dot(a.to(DT), wo.to(DT), input_precision=PREC) + \
+    out = mm(a.to(DT), wo.to(DT), PREC, UPCAST) + \
         tl.load(bo_ptr + js, mask=js < 4, other=0.0).to(tl.float32)[None, :]
 
     x_sig = tl.reshape(_column(out, 0, OUT_P), [BLOCK_R, BLOCK_S]) + density_bias
@@ -180,7 +184,8 @@ def _march_fwd(planes_ptr,            # [B, 3, H, W, C] channels-last, planes' d
                weights_ptr,           # [B * R, S] float32, zero-initialised (if STORE_W)
                R, S, C, H, W, HID, N_MID, inv_bound, density_bias, eps,
                STORE_W: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BC: tl.constexpr,
-               HP: tl.constexpr, OUT_P: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+               HP: tl.constexpr, OUT_P: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+               UPCAST: tl.constexpr):
     b = tl.program_id(1).to(tl.int64)
     rows, mask_r, ox, oy, oz, dx, dy, dz, far = _ray_block(rays_o_ptr, rays_d_ptr, far_ptr, b, tl.program_id(0), R,
                                                            BLOCK_R)
@@ -188,7 +193,7 @@ def _march_fwd(planes_ptr,            # [B, 3, H, W, C] channels-last, planes' d
     acc_r = tl.zeros([BLOCK_R], dtype=tl.float32)
     acc_g = tl.zeros([BLOCK_R], dtype=tl.float32)
     acc_b = tl.zeros([BLOCK_R], dtype=tl.float32)
-    acc_o = tl.zeros([BLOCK_R], dtype=tl.float32)
+    t_end = tl.full([BLOCK_R], 1.0, dtype=tl.float32)   # T after the last live sample
     acc_z = tl.zeros([BLOCK_R], dtype=tl.float32)
     s0 = tl.program_id(0) * 0
     n_live = tl.sum(mask_r.to(tl.int32))
@@ -197,14 +202,14 @@ def _march_fwd(planes_ptr,            # [B, 3, H, W, C] channels-last, planes' d
          tau, T_next, w) = _tile(planes_ptr, t_ptr, w0_ptr, b0_ptr, wm_ptr, bm_ptr, wo_ptr, bo_ptr,
                                  b, rows, mask_r, ox, oy, oz, dx, dy, dz, far, carry, s0,
                                  S, C, H, W, HID, N_MID, inv_bound, density_bias, eps,
-                                 BLOCK_R, BLOCK_S, BC, HP, OUT_P, DT, PREC)
+                                 BLOCK_R, BLOCK_S, BC, HP, OUT_P, DT, PREC, UPCAST)
         if STORE_W:
             tl.store(weights_ptr + off, w, mask=m)
         scale = 1.0 + 2.0 * RGB_PAD
         acc_r += tl.sum(w * (s_r * scale - RGB_PAD), axis=1)
         acc_g += tl.sum(w * (s_g * scale - RGB_PAD), axis=1)
         acc_b += tl.sum(w * (s_b * scale - RGB_PAD), axis=1)
-        acc_o += tl.sum(w, axis=1)
+        t_end = tl.minimum(t_end, tl.min(tl.where(live, T_next, 1.0), axis=1))
         acc_z += tl.sum(w * mid, axis=1)
         carry += tl.sum(tau, axis=1)
         s0 += BLOCK_S
@@ -212,7 +217,7 @@ def _march_fwd(planes_ptr,            # [B, 3, H, W, C] channels-last, planes' d
     tl.store(color_ptr + rows * 3, acc_r, mask=mask_r)
     tl.store(color_ptr + rows * 3 + 1, acc_g, mask=mask_r)
     tl.store(color_ptr + rows * 3 + 2, acc_b, mask=mask_r)
-    tl.store(opacity_ptr + rows, acc_o, mask=mask_r)
+    tl.store(opacity_ptr + rows, 1.0 - t_end, mask=mask_r)   # = sum of the weights (composite's kernel)
     tl.store(depth_ptr + rows, acc_z, mask=mask_r)
 
 
@@ -226,7 +231,8 @@ def _march_bwd(planes_ptr, rays_o_ptr, rays_d_ptr, t_ptr, far_ptr,    # as _marc
                g_params_ptr,                             # [programs, P] float32, zero-initialised
                R, S, C, H, W, HID, N_MID, inv_bound, density_bias, eps, n_rblocks, n_blocks, P,
                BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BC: tl.constexpr,
-               HP: tl.constexpr, OUT_P: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+               HP: tl.constexpr, OUT_P: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+               UPCAST: tl.constexpr):
     BLOCK_N: tl.constexpr = BLOCK_R * BLOCK_S
     hs = tl.arange(0, HP)
     mh = hs < HID
@@ -268,7 +274,7 @@ def _march_bwd(planes_ptr, rays_o_ptr, rays_d_ptr, t_ptr, far_ptr,    # as _marc
              tau, T_next, w) = _tile(planes_ptr, t_ptr, w0_ptr, b0_ptr, wm_ptr, bm_ptr, wo_ptr, bo_ptr,
                                      b, rows, mask_r, ox, oy, oz, dx, dy, dz, far, carry, s0,
                                      S, C, H, W, HID, N_MID, inv_bound, density_bias, eps,
-                                     BLOCK_R, BLOCK_S, BC, HP, OUT_P, DT, PREC)
+                                     BLOCK_R, BLOCK_S, BC, HP, OUT_P, DT, PREC, UPCAST)
             scale = 1.0 + 2.0 * RGB_PAD
             # Compositing (module docstring): per-sample g, then dL/dtau by the suffix G - prefix.
             g = (gc_r[:, None] * (s_r * scale - RGB_PAD) + gc_g[:, None] * (s_g * scale - RGB_PAD)
@@ -291,22 +297,22 @@ def _march_bwd(planes_ptr, rays_o_ptr, rays_d_ptr, t_ptr, far_ptr,    # as _marc
             # Output layer, then the middle layers from the last to the first.
             m_wo = mh[:, None] & (js < 4)[None, :]
             tl.atomic_add(gp + OFF_WO + hs[:, None] * 4 + js[None, :],
-                          tl.dot(tl.trans(a_last.to(DT)), g_out.to(DT), input_precision=PREC), mask=m_wo)
+                          mm(tl.trans(a_last.to(DT)), g_out.to(DT), PREC, UPCAST), mask=m_wo)
             tl.atomic_add(gp + OFF_BO + js, tl.sum(g_out, axis=0), mask=js < 4)
-            g_a = tl.dot(g_out.to(DT), wo_t.to(DT), input_precision=PREC)                     # [N, HP]
+            g_a = mm(g_out.to(DT), wo_t.to(DT), PREC, UPCAST)                     # [N, HP]
             a_out = a_last
             for i in range(N_MID):
                 layer = N_MID - 1 - i
                 a_in = a0
                 for j in range(layer):
-                    a_in = _dense(a_in, wm_ptr + j * HID * HID, bm_ptr + j * HID, HID, HP, DT, PREC)
+                    a_in = _dense(a_in, wm_ptr + j * HID * HID, bm_ptr + j * HID, HID, HP, DT, PREC, UPCAST)
                 g_pre = tl.where(a_out > 0.0, g_a, 0.0)
                 m_hh = mh[:, None] & mh[None, :]
                 tl.atomic_add(gp + OFF_WM + layer * HID * HID + hs[:, None] * HID + hs[None, :],
-                              tl.dot(tl.trans(a_in.to(DT)), g_pre.to(DT), input_precision=PREC), mask=m_hh)
+                              mm(tl.trans(a_in.to(DT)), g_pre.to(DT), PREC, UPCAST), mask=m_hh)
                 tl.atomic_add(gp + OFF_BM + layer * HID + hs, tl.sum(g_pre, axis=0), mask=mh)
                 w_t = tl.load(wm_ptr + layer * HID * HID + hs[None, :] * HID + hs[:, None], mask=m_hh, other=0.0)
-                g_a = tl.dot(g_pre.to(DT), w_t.to(DT), input_precision=PREC)
+                g_a = mm(g_pre.to(DT), w_t.to(DT), PREC, UPCAST)
                 a_out = a_in
             g_pre0 = tl.where(a0 > 0.0, g_a, 0.0)                                             # [N, HP]
             tl.atomic_add(gp + OFF_B0 + hs, tl.sum(g_pre0, axis=0), mask=mh)
@@ -331,10 +337,10 @@ def _march_bwd(planes_ptr, rays_o_ptr, rays_d_ptr, t_ptr, far_ptr,    # as _marc
                     rows_w = PLANE * C + cc
                     m_w = (cc < C)[:, None] & mh[None, :]
                     tl.atomic_add(gp + rows_w[:, None] * HID + hs[None, :],
-                                  tl.dot(tl.trans(f.to(DT)), g_pre0.to(DT), input_precision=PREC), mask=m_w)
+                                  mm(tl.trans(f.to(DT)), g_pre0.to(DT), PREC, UPCAST), mask=m_w)
                     w0_t = tl.load(w0_ptr + rows_w[None, :] * HID + hs[:, None],
                                    mask=mh[:, None] & (cc < C)[None, :], other=0.0)                # W0^T [HP, BC]
-                    g_f = tl.dot(g_pre0.to(DT), w0_t.to(DT), input_precision=PREC)                 # [N, BC]
+                    g_f = mm(g_pre0.to(DT), w0_t.to(DT), PREC, UPCAST)                 # [N, BC]
                     dix, diy = _lerp2_bwd(g_planes_ptr + base, off0, m00, m01, m10, m11, v00, v01, v10, v11,
                                           fx2, fy2, g_f, C, W)
                     gix += dix
@@ -381,9 +387,10 @@ def _meta(planes: Tensor, w0: Tensor, block_s: int) -> dict:
     """Compile-time parameters. fp32 decoders multiply in tf32 where torch's matmuls would
     (torch.backends.cuda.matmul.allow_tf32), else in full fp32."""
     hid = w0.shape[1]
-    prec = "tf32" if (w0.dtype == torch.float32 and planes.is_cuda and torch.backends.cuda.matmul.allow_tf32) else "ieee"
+    tf32 = w0.dtype == torch.float32 and planes.is_cuda and torch.backends.cuda.matmul.allow_tf32
+    prec = "tf32" if tf32 else "ieee"
     return dict(BLOCK_R=BLOCK_R, BLOCK_S=block_s, BC=BC, HP=max(16, triton.next_power_of_2(hid)), OUT_P=OUT_P,
-                DT=_TL_DTYPE[w0.dtype], PREC=prec)
+                DT=_TL_DTYPE[w0.dtype], PREC=prec, UPCAST=upcast(w0.dtype))
 
 
 def _n_params(C: int, hid: int, n_mid: int) -> int:

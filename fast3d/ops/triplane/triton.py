@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fast3d.ops.composite.triton import rne
+from fast3d.ops._triton_math import rne
 
 BLOCK_M = 64
 # Channels per gather. Chosen by the sm_90 build's static register use (fast3d.triton_aot; no GPU
