@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fast3d.io.ply import _MAX_HEADER, _TYPES, write_atomic
+from fast3d.io.ply import _MAX_HEADER, _TYPES, header_lines, write_atomic
 
 _RGB = ("red", "green", "blue")
 _INDEX_NAMES = ("vertex_indices", "vertex_index")
@@ -74,18 +74,10 @@ def save_mesh_ply(path: str | os.PathLike,
 def _parse_header(raw: bytes) -> tuple[int, list[tuple[str, str]], int, tuple[str, str], int]:
     """-> (vertex count, [(name, numpy dtype)] of a vertex, face count, (count dtype, index
     dtype) of a face's list, header length in bytes)."""
-    end = raw.find(b"\nend_header\n") + 1  # a line of its own, not text inside a comment
-    if end <= 0:
-        raise ValueError(f"not a PLY file: no 'end_header' line in the first {_MAX_HEADER} bytes")
-    try:
-        lines = raw[:end].decode("ascii").split("\n")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"PLY header is not ASCII ({e})") from None
-    if lines[0].strip() != "ply":
-        raise ValueError("not a PLY file: the first line must be 'ply'")
+    lines, end = header_lines(raw)
     fmt, counts, vprops, flist = None, {}, [], None
     element = None
-    for ln in lines[1:]:
+    for ln in lines:
         tok = ln.split()
         if not tok or tok[0] in ("comment", "obj_info"):
             continue

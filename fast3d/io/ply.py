@@ -91,8 +91,9 @@ def write_atomic(path: str | os.PathLike, *parts: bytes) -> None:
         raise
 
 
-def _parse_header(raw: bytes) -> tuple[int, list[tuple[str, str]], int]:
-    """-> (vertex count, [(name, numpy dtype)], header length in bytes)."""
+def header_lines(raw: bytes) -> tuple[list[str], int]:
+    """The lines of a PLY header after its 'ply' line, and the header's length in bytes; raw is
+    the file's first _MAX_HEADER bytes. ValueError if there is no ASCII header ending in 'end_header'."""
     end = raw.find(b"\nend_header\n") + 1  # a line of its own, not text inside a comment
     if end <= 0:
         raise ValueError(f"not a PLY file: no 'end_header' line in the first {_MAX_HEADER} bytes")
@@ -102,8 +103,14 @@ def _parse_header(raw: bytes) -> tuple[int, list[tuple[str, str]], int]:
         raise ValueError(f"PLY header is not ASCII ({e})") from None
     if not lines or lines[0].strip() != "ply":
         raise ValueError("not a PLY file: the first line must be 'ply'")
+    return lines[1:], end
+
+
+def _parse_header(raw: bytes) -> tuple[int, list[tuple[str, str]], int]:
+    """-> (vertex count, [(name, numpy dtype)], header length in bytes)."""
+    lines, end = header_lines(raw)
     fmt, count, props, element = None, None, [], None
-    for ln in lines[1:]:
+    for ln in lines:
         tok = ln.split()
         if not tok or tok[0] in ("comment", "obj_info"):
             continue
