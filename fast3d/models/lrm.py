@@ -127,8 +127,8 @@ def ray_box_bounds(rays_o: Tensor,  # [..., 3] ray origins
                    rays_d: Tensor,  # [..., 3] ray directions
                    bound: float) -> tuple[Tensor, Tensor, Tensor]:  # -> near, far [...], hit [...] bool
     """Where each ray is inside the box [-bound, bound]^3 (slab test), starting no closer than
-    NEAR_MIN. Rays that miss get the valid but empty-space interval [NEAR_MIN, NEAR_MIN + 1] (the renderer
-    needs near < far; they sample only zero-padded features and show the background) and hit False."""
+    NEAR_MIN. Rays that miss get hit False and the interval [NEAR_MIN, NEAR_MIN + 1], only so that
+    the renderer's near < far holds: LRM.render overwrites their outputs with the background."""
     d = torch.where(rays_d.abs() < 1e-12, torch.copysign(torch.full_like(rays_d, 1e-12), rays_d), rays_d)
     t1, t2 = (-bound - rays_o) / d, (bound - rays_o) / d
     near = torch.minimum(t1, t2).amax(-1).clamp_min(NEAR_MIN)
