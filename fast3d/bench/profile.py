@@ -32,16 +32,38 @@ def targets(workload: str, op: str | None) -> list:
     return found
 
 
+def plan(workload: str, op: str | None = None, backend: str = "auto") -> list[tuple]:
+    """(spec, workload, backend name) for each op that defines WORKLOAD, on this machine's device.
+    ``auto`` is the backend the registry would pick (Triton's interpreter only when named); a named
+    backend or baseline must be able to run here. ValueError (the CLI's exit code 2) otherwise."""
+    from fast3d.bench.runner import _candidates
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    out = []
+    for spec, w in targets(workload, op):
+        cands = dict(_candidates(spec, device, [] if backend == "auto" else [backend]))
+        if backend == "auto":
+            order = sorted(backends.backends(spec.backend_op).values(), key=lambda b: -b.priority)
+            runnable = [b.name for b in order if cands.get(b.name, "absent") is None]
+            if not runnable:
+                why = "; ".join(f"{n}: {r}" for n, r in cands.items())
+                raise ValueError(f"no backend of {spec.op} can run on {device.type} ({why})")
+            out.append((spec, w, runnable[0]))
+        elif backend not in cands:
+            valid = sorted(n for n, _ in _candidates(spec, device, []))
+            raise ValueError(f"unknown backend {backend!r} for {spec.op}; valid: {', '.join(valid)}")
+        elif cands[backend] is not None:
+            raise ValueError(f"backend {backend!r} cannot run {spec.op} on {device.type}: {cands[backend]}")
+        else:
+            out.append((spec, w, backend))
+    return out
+
+
 def profile_workload(workload: str, op: str | None = None, backend: str = "auto", quick: bool = False,
                      out: str = DEFAULT_TRACES, iters: int = 3, top: int = 10, log=print) -> list[str]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     paths = []
-    for spec, w in targets(workload, op):
-        name = backend
-        if name == "auto":  # the backend `auto` would pick for this device
-            runnable = [b for b in backends.backends(spec.op).values()
-                        if b.available() is None and device.type in b.devices]
-            name = max(runnable, key=lambda b: b.priority).name
+    for spec, w, name in plan(workload, op, backend):
         params = w.quick if quick else w.params
         gen = torch.Generator().manual_seed(0)
         x = spec.make_inputs(params, device, gen)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import time
 import uuid
 from dataclasses import dataclass, field
 
@@ -26,9 +27,10 @@ DEFAULT_OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.pa
 
 
 def n_input_sets(set_bytes: int) -> int:
-    """How many input sets to rotate among: enough that a set is evicted from the last-level
-    cache (tens of MB) before it is used again, but never more than ~1 GiB of inputs in total; a
-    set larger than any cache needs no rotation."""
+    """How many input sets to rotate among (at most 4, and ~1 GiB of inputs in total): sets of
+    tens of MB are evicted from the last-level cache before their next use; a set larger than any
+    cache needs no rotation. Four sets of a few MB can all stay cached (an H100's L2 is 50 MB):
+    at those sizes launches, not bytes, set the time."""
     if set_bytes >= 256 * 2**20:
         return 1
     return max(1, min(4, (2**30) // max(set_bytes, 1)))
@@ -73,7 +75,7 @@ def validate(cfg: BenchConfig) -> None:
 def _candidates(spec: BenchSpec, device: torch.device, wanted: list) -> list[tuple[str, str | None]]:
     """(name, reason it cannot run here or None) for the op's backends and baselines."""
     out = []
-    for name, b in sorted(backends.backends(spec.op).items(), key=lambda kv: kv[1].priority):
+    for name, b in sorted(backends.backends(spec.backend_op).items(), key=lambda kv: kv[1].priority):
         reason = b.available()
         if reason is None and device.type not in b.devices:
             reason = f"runs on {list(b.devices)}, not {device.type}"
@@ -92,6 +94,7 @@ def _log(msg: str) -> None:
 def run(cfg: BenchConfig, log=_log) -> tuple[list[dict], int]:
     """Runs the benchmark; returns (rows, number of failed measurements)."""
     validate(cfg)
+    t0 = time.monotonic()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     budget = cfg.budget_s if cfg.budget_s is not None else (0.3 if cfg.quick else 2.0)
     vers = env.versions()
@@ -124,7 +127,8 @@ def run(cfg: BenchConfig, log=_log) -> tuple[list[dict], int]:
                 failures += failed
     if rows:
         log(format_table(rows))
-        log(f"appended {len(rows)} rows under {os.path.join(cfg.out, common['device_slug'])}/")
+        log(f"appended {len(rows)} rows under {os.path.join(cfg.out, common['device_slug'])}/ "
+            f"(the run took {time.monotonic() - t0:.0f} s)")
     return rows, failures
 
 
@@ -134,8 +138,14 @@ def _bench_workload(cfg: BenchConfig, spec: BenchSpec, w, runnable: list, device
     against the baselines measured here."""
     params = w.quick if cfg.quick else w.params
     gen = torch.Generator().manual_seed(cfg.seed)
-    first = spec.make_inputs(params, device, gen)
-    sets = [first] + [spec.make_inputs(params, device, gen) for _ in range(n_input_sets(_tensor_bytes(first)) - 1)]
+    try:
+        first = spec.make_inputs(params, device, gen)
+        sets = [first] + [spec.make_inputs(params, device, gen)
+                          for _ in range(n_input_sets(_tensor_bytes(first)) - 1)]
+    except Exception as e:  # a missing package, out of memory: report, count, go on with the next workload
+        log(f"  {spec.op}/{w.name}: FAILED making the inputs: {type(e).__name__}: {e}")
+        _release(device)
+        return [], 1
     measured: dict[tuple[str, str], dict] = {}
     failures = 0
     for name in runnable:
@@ -145,6 +155,11 @@ def _bench_workload(cfg: BenchConfig, spec: BenchSpec, w, runnable: list, device
         except ValueError as e:  # the registry says this backend cannot serve these inputs
             log(f"  {spec.op}/{w.name}: skipping backend {name}: {e}")
             continue
+        except Exception as e:  # out of memory, a failing baseline: report, count, go on with the next backend
+            failures += 1
+            log(f"  {spec.op}/{w.name}/{name}: FAILED: {type(e).__name__}: {e}")
+            _release(device)
+            continue
         for p in [p for p in cfg.passes if p in spec.passes]:
             where = f"{spec.op}/{w.name}/{name}/{p}"
             try:
@@ -152,6 +167,7 @@ def _bench_workload(cfg: BenchConfig, spec: BenchSpec, w, runnable: list, device
             except Exception as e:  # report, count, go on with the other measurements
                 failures += 1
                 log(f"  {where}: FAILED: {type(e).__name__}: {e}")
+                _release(device)
                 continue
             noisy = (t.p80_ms - t.p20_ms) > 0.5 * t.median_ms
             log(f"  {where}: {t.median_ms:.3f} ms median of {t.iters}"
@@ -169,6 +185,12 @@ def _bench_workload(cfg: BenchConfig, spec: BenchSpec, w, runnable: list, device
             if b != name and (b, p) in measured:
                 row["speedup_vs"][b] = measured[(b, p)]["median_ms"] / row["median_ms"]
     return list(measured.values()), failures
+
+
+def _release(device: torch.device) -> None:
+    """After a failure (out of memory, say), give the allocator's cache back before going on."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def write_rows(rows: list[dict], out: str) -> None:

@@ -39,6 +39,14 @@ class BenchSpec:
     baselines: dict = field(default_factory=dict)
     # The passes the op has: ("forward",) for work with no backward (data generation).
     passes: tuple = PASSES
+    # A model-level workload (a training step, data generation) is no op of the registry: it runs
+    # on the backends of its hot kernel's op, named here; backend X runs the step with that op on X.
+    kernel_op: str = ""
+
+    @property
+    def backend_op(self) -> str:
+        """The registry op whose backends this workload is timed on."""
+        return self.kernel_op or self.op
 
     def workload(self, name: str) -> Workload:
         for w in self.workloads:

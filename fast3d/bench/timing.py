@@ -40,9 +40,14 @@ def _leaves(inputs: dict) -> list[Tensor]:
 
 
 def upstream_grads(run: Callable[[dict], tuple], inputs: dict, gen: torch.Generator) -> list[Tensor]:
-    """Random upstream gradients for every differentiable output (fixed per input set)."""
+    """Random upstream gradients for every differentiable output (fixed per input set), drawn on
+    the output's device (a GPU workload's gradients may not fit in host memory)."""
     outs = _float_outputs(run(inputs))
-    return [torch.randn(o.shape, generator=gen).to(o.device, o.dtype) for o in outs]
+    grads = []
+    for o in outs:
+        g = torch.Generator(o.device).manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))
+        grads.append(torch.randn(o.shape, generator=g, device=o.device, dtype=o.dtype))
+    return grads
 
 
 def _percentile(sorted_ms: list[float], q: float) -> float:

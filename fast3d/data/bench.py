@@ -16,7 +16,6 @@ from __future__ import annotations
 import torch
 
 from fast3d.bench.spec import BenchSpec, Workload, register_bench
-from fast3d.models.bench._common import mirror_backends
 
 OP = "datagen"
 
@@ -76,6 +75,4 @@ def model(p: dict, pass_: str) -> tuple[int, int]:
 
 
 SPEC = register_bench(BenchSpec(op=OP, workloads=WORKLOADS, make_inputs=make_inputs, run=run, model=model,
-                                passes=("forward",)))
-
-mirror_backends(OP, "rasterization", "procedural data generation with its rasterizer")
+                                passes=("forward",), kernel_op="rasterization"))

@@ -85,3 +85,30 @@ def test_cpu_peaks_are_measured():
 def test_device_slug_is_a_folder_name():
     s = env.device_slug(CPU)
     assert s.startswith("cpu-") and all(c.isalnum() or c == "-" for c in s)
+
+
+def test_a_failing_workload_is_reported_and_the_run_goes_on(tmp_path, monkeypatch):
+    """A workload whose inputs cannot be made (a missing package, out of memory) or whose backend
+    fails on its first call is logged and counted; the other workloads and ops are still timed."""
+    from fast3d.bench.spec import specs
+
+    monkeypatch.setattr(env, "measure_peaks", lambda device: dict(peak_gbps=10.0, peak_tflops=0.5, peak_how="stub"))
+    composite, sample = specs()["composite"], specs()["triplane_sample"]
+
+    def no_inputs(params, device, gen):
+        raise ImportError("No module named 'transformers'")
+
+    def fails(backend, x):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 128.00 GiB")
+
+    monkeypatch.setattr(composite, "make_inputs", no_inputs)
+    monkeypatch.setattr(sample, "run", fails)
+    logs = []
+    cfg = runner.BenchConfig(ops=["composite", "render_triplane", "triplane_sample"], backends=["torch"],
+                             passes=["forward"], quick=True, out=str(tmp_path), budget_s=0.01)
+    rows, failures = runner.run(cfg, log=logs.append)
+    log = "\n".join(logs)
+    assert "composite/nerf: FAILED making the inputs: ImportError: No module named 'transformers'" in log
+    assert "triplane_sample/lrm/torch: FAILED: OutOfMemoryError" in log
+    assert {r["op"] for r in rows} == {"render_triplane"}
+    assert failures == len(composite.workloads) + len(sample.workloads)

@@ -1,5 +1,5 @@
-"""What the model-level workloads of ``fast3d bench`` share: the one cached model, the backend
-mirroring, orbit cameras, flop counting and the out-of-memory guard.
+"""What the model-level workloads of ``fast3d bench`` share: the one cached model, orbit
+cameras, flop counting and the out-of-memory guard.
 
 Nothing here imports a model at import time: ``import fast3d`` registers these workloads, and
 the models (diffusers, transformers) load only when a workload runs.
@@ -8,14 +8,12 @@ the models (diffusers, transformers) load only when a workload runs.
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 from typing import Callable
 
 import torch
 from torch import Tensor
 
-from fast3d import backends
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -43,21 +41,6 @@ def clear_cache() -> None:
     _CACHE.clear()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()  # a no-op unless CUDA was initialised
-
-
-def mirror_backends(op: str, of: str, doc: str) -> None:
-    """Registers for the model-level ``op`` one backend per backend of the kernel op ``of``, with
-    its devices, dtypes, priority and availability: backend X of ``op`` runs the whole model step
-    with ``of`` on backend X (the registry's names are the kernel backends; the checks of ``of``
-    run inside the step, where a refusal skips the backend with its reason)."""
-    for name, b in backends.backends(of).items():
-        backends.register(op, name, functools.partial(_not_a_function, op, name), devices=b.devices,
-                          dtypes=b.dtypes, priority=b.priority, features=b.features, available=b.available,
-                          doc=f"{doc} on {of}[{name}]: {b.doc}")
-
-
-def _not_a_function(op: str, name: str, *args, **kwargs):
-    raise ValueError(f"{op} is a benchmark workload, not an op: run it with `fast3d bench {op} --backend {name}`")
 
 
 def orbit_cameras(B: int, V: int, resolution: int, gen: torch.Generator, *, distance: float, fov_y_deg: float,

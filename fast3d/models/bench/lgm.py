@@ -217,7 +217,8 @@ def _weights(p: dict) -> int:
 
 STEP_SPEC = register_bench(BenchSpec(
     op=STEP_OP, workloads=STEP_WORKLOADS, make_inputs=make_step_inputs, run=run_step, model=step_model,
-    baselines={"gsplat": raster_bench.gsplat_available, "gsplat-packed": raster_bench.gsplat_available}))
+    baselines={"gsplat": raster_bench.gsplat_available, "gsplat-packed": raster_bench.gsplat_available},
+    kernel_op="rasterization"))
 
 
 # --- lgm-infer ------------------------------------------------------------------------------------
@@ -271,7 +272,4 @@ def infer_model(p: dict, pass_: str) -> tuple[int, int]:
 
 
 INFER_SPEC = register_bench(BenchSpec(op=INFER_OP, workloads=INFER_WORKLOADS, make_inputs=make_infer_inputs,
-                                      run=run_infer, model=infer_model))
-
-c.mirror_backends(STEP_OP, "rasterization", "the LGM training step with its rasterization")
-c.mirror_backends(INFER_OP, "multiview_attention", "LGM inference with its cross-view attention")
+                                      run=run_infer, model=infer_model, kernel_op="multiview_attention"))

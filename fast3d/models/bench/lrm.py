@@ -168,6 +168,5 @@ def _weights_of(cfg) -> int:
     return _WEIGHTS[cfg]
 
 
-SPEC = register_bench(BenchSpec(op=OP, workloads=WORKLOADS, make_inputs=make_inputs, run=run, model=model))
-
-c.mirror_backends(OP, "render_triplane", "the LRM training step with its triplane renderer")
+SPEC = register_bench(BenchSpec(op=OP, workloads=WORKLOADS, make_inputs=make_inputs, run=run, model=model,
+                                kernel_op="render_triplane"))

@@ -131,6 +131,4 @@ def diffusers_available(device: torch.device) -> str | None:
 
 
 SPEC = register_bench(BenchSpec(op=OP, workloads=WORKLOADS, make_inputs=make_inputs, run=run, model=model,
-                                baselines={DIFFUSERS: diffusers_available}))
-
-c.mirror_backends(OP, "multiview_attention", "the multi-view DiT training step with its self-attention")
+                                baselines={DIFFUSERS: diffusers_available}, kernel_op="multiview_attention"))

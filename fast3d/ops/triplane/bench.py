@@ -19,9 +19,12 @@ RENDER_WORKLOADS = [
              source=_LRM_SRC),
 ]
 SAMPLE_WORKLOADS = [
-    Workload("lrm", dict(batch=16, points=4 * 128 * 128 * 128, channels=80, res=64),
+    # One coarse pass of one view a sample: the render workload's 4 views x 128 samples would be
+    # 134M points and 129 GB of sampled features, more than any GPU holds.
+    Workload("lrm", dict(batch=16, points=128 * 128 * 64, channels=80, res=64),
              quick=dict(batch=1, points=8192, channels=80, res=64),
-             source="the sampling step of " + _LRM_SRC),
+             source="the sampling step of one coarse pass (1 view x 128x128 rays x 64 samples a sample) of "
+                    + _LRM_SRC),
 ]
 
 
