@@ -13,12 +13,18 @@ def _fail(cmd: str, msg: str) -> int:
     return 2
 
 
+NOT_IMPLEMENTED = "no such backend of this op (not implemented)"
+
+
 def cmd_info(args) -> int:
     from fast3d import _native, backends
     from fast3d.bench import environment as env
 
-    ops = {op: {name: {"available": reason is None, "reason": reason}
-                for name, reason in backends.availability(op).items()} for op in backends.ops()}
+    ops = {}
+    for op in backends.ops():
+        avail = backends.availability(op)
+        ops[op] = {name: {"available": avail.get(name, NOT_IMPLEMENTED) is None,
+                          "reason": avail.get(name, NOT_IMPLEMENTED)} for name in backends.BACKEND_NAMES}
     info = {"versions": env.versions(), "build": _native.build_info(), "ops": ops}
     if args.json:
         print(json.dumps(info, indent=1))
@@ -32,14 +38,17 @@ def cmd_info(args) -> int:
             if b.get("cuda") else f"no CUDA kernels ({b.get('cuda_how', 'build info missing')})")
     native = _native.unavailable_reason() or f"fast3d._C loaded; {cuda}"
     print(f"  {'native':<13} {native}")
-    names = [n for n in backends.BACKEND_NAMES if any(n in o for o in ops.values())]
+    names = backends.BACKEND_NAMES
     print()
     width = max(len(op) for op in ops) if ops else 2
     print(f"{'op':<{width}}  " + "  ".join(f"{n:<9}" for n in names))
     for op, table in ops.items():
-        cells = ["-" if n not in table else ("yes" if table[n]["available"] else "no") for n in names]
+        cells = ["-" if table[n]["reason"] == NOT_IMPLEMENTED else ("yes" if table[n]["available"] else "no")
+                 for n in names]
         print(f"{op:<{width}}  " + "  ".join(f"{c:<9}" for c in cells))
-    reasons = [(op, n, t["reason"]) for op, table in ops.items() for n, t in table.items() if t["reason"]]
+    print(f"(-: {NOT_IMPLEMENTED})")
+    reasons = [(op, n, t["reason"]) for op, table in ops.items() for n, t in table.items()
+               if t["reason"] and t["reason"] != NOT_IMPLEMENTED]
     if reasons:
         print("\nunavailable:")
         for op, n, r in reasons:
@@ -83,7 +92,7 @@ def cmd_profile(args) -> int:
     from fast3d.bench import profile
 
     try:
-        profile.targets(args.workload, args.op)
+        profile.plan(args.workload, args.op, args.backend)
     except ValueError as e:
         return _fail("profile", str(e))
     profile.profile_workload(args.workload, op=args.op, backend=args.backend, quick=args.quick,
@@ -128,7 +137,7 @@ def cmd_train(args) -> int:
             print(json.dumps(r))
             return 0
         return launch.run(args.recipe, args.config, args.output, max_steps=args.max_steps, resume=args.resume,
-                          ranks=args.ranks, lora=args.lora)
+                          ranks=args.ranks, lora=args.lora, init_from=args.init_from)
     except ValueError as e:
         return _fail(f"train {args.recipe}", str(e))
 
@@ -317,7 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ranks", type=int, help="processes to launch (default: the GPUs, or 1 on a CPU machine); "
                                               "ignored under a launcher")
     s.add_argument("--lora", type=int, help="lgm: train LoRA adapters of this rank on the cross-view attention "
-                                             "(MVBoost), from the config's model.init_from")
+                                             "(MVBoost), from the base weights of --init-from or model.init_from")
+    s.add_argument("--init-from", metavar="DIR", help="lgm: start from these weights (a model, checkpoint or "
+                                                      "training run directory); overrides model.init_from")
     s.set_defaults(fn=cmd_train)
 
     s = sub.add_parser("infer", help="image(s) to 3D with a trained LGM (4 posed views) or LRM (1 view)")
@@ -373,7 +384,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return args.fn(args)
+    try:
+        return args.fn(args)
+    except BrokenPipeError:  # `fast3d info | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":
