@@ -88,3 +88,29 @@ def test_installed_extension_matches_its_build_info():
     if info["cuda"]:
         assert set(info["cuda_objects_bytes"]) == set(info["cuda_sources"])
         assert all(v > 0 for v in info["cuda_objects_bytes"].values())
+
+
+def test_only_the_bindings_include_torch():
+    """Kernels take raw pointers (DESIGN.md): no torch, ATen, c10 or pybind11 header outside
+    csrc/bindings.cpp, so a .cu file compiles in seconds and the kernels stay reusable."""
+    import glob
+    import re
+
+    found = []
+    for path in glob.glob(os.path.join(ROOT, "csrc", "**", "*"), recursive=True):
+        if os.path.isfile(path) and not path.endswith("bindings.cpp"):
+            for n, line in enumerate(open(path, encoding="utf-8"), 1):
+                if re.match(r'\s*#\s*include\s*[<"](torch|ATen|c10|pybind11)/', line):
+                    found.append(f"{os.path.relpath(path, ROOT)}:{n}: {line.strip()}")
+    assert not found, "\n".join(found)
+    assert glob.glob(os.path.join(ROOT, "csrc", "**", "*.cu"), recursive=True)
+
+
+def test_gpu_session_script_refuses_what_it_cannot_run(tmp_path):
+    """profiling/gpu_session.sh checks its STAGES before anything else, and stops at once where
+    there is no GPU (its GPU work is run on a lent machine: see the closing notes)."""
+    script = os.path.join(ROOT, "profiling", "gpu_session.sh")
+    env = dict(os.environ, STAGES="tests nope", OUT=str(tmp_path / "out"))
+    r = subprocess.run([script], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "unknown stage 'nope' in STAGES" in r.stderr, r.stderr
+    assert not (tmp_path / "out").exists()

@@ -28,7 +28,7 @@ def test_info_json_schema():
         assert key in info["versions"]
     assert set(info["ops"]) == set(fast3d.backends.ops())
     for op, table in info["ops"].items():
-        assert table, op
+        assert list(table) == list(fast3d.backends.BACKEND_NAMES), op  # every backend: available, or why not
         for name, entry in table.items():
             assert set(entry) == {"available", "reason"}
             assert entry["available"] == (entry["reason"] is None)
@@ -53,8 +53,13 @@ def test_info_table_lists_every_op_and_reason():
     (["bench", "--pass", "nope"], "unknown pass 'nope'; valid: forward, backward, forward+backward"),
     (["profile", "nope"], "unknown workload 'nope'; valid: composite:lrm"),
     (["profile", "lrm", "--op", "nope"], "unknown op 'nope'; valid: "),
+    (["profile", "composite:lrm", "--backend", "nope"], "unknown backend 'nope' for composite; valid: cpu, cuda, "),
     (["train", "lgm", "--config", "nope.yaml", "--output", "o"], "config 'nope.yaml' does not exist"),
     (["train", "lgm", "--config", "train/configs/ttr_tiny.yaml", "--output", "o"], "is for recipe 'ttr', not 'lgm'"),
+    (["train", "lrm", "--config", "train/configs/lrm_tiny.yaml", "--output", "o", "--init-from", "x"],
+     "--init-from takes the lgm recipe; got 'lrm'"),
+    (["train", "lgm", "--config", "train/configs/lgm_tiny.yaml", "--output", "o", "--init-from", "/nonexistent"],
+     "model.init_from '/nonexistent' is not a directory"),
     (["infer", "--checkpoint", "/nonexistent", "--images", "a.png", "--out", "o"], "is not a directory"),
     (["eval", "--checkpoint", "/nonexistent", "--data", "d", "--out", "o.json"], "is not a directory"),
     (["sample", "ttr", "--checkpoint", "/nonexistent", "--prompt", "x", "--out", "g.png"], "is not a directory"),
@@ -88,7 +93,7 @@ def test_quick_bench_writes_every_op_workload_backend_pass(quick_run):
 
     for op, spec in specs().items():
         # Triton on the CPU is its interpreter: the bench leaves it out unless named.
-        runnable = [n for n, r in fast3d.backends.availability(op).items()
+        runnable = [n for n, r in fast3d.backends.availability(spec.backend_op).items()
                     if r is None and not (n == "triton" and not torch.cuda.is_available())]
         for w in spec.workloads:
             for b in runnable:
@@ -136,6 +141,21 @@ def test_profile_writes_a_chrome_trace(tmp_path):
     names = {e.get("name") for e in trace["traceEvents"]}
     assert any(n and n.startswith("fast3d.composite[") for n in names)  # the op's named range
     assert "Self CPU" in r.stdout or "Self CUDA" in r.stdout
+
+
+def test_profile_auto_is_what_the_registry_picks():
+    """`auto` profiles the backend a user's call would get: never Triton's interpreter (which the
+    test session enables), and a named backend that cannot run here is an error, not a crash."""
+    from fast3d.bench import profile
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for spec, w, name in profile.plan("lrm"):
+        assert name != "triton" or device == "cuda", (spec.op, name)
+        b = fast3d.backends.backends(spec.op)[name]
+        assert b.available() is None and device in b.devices
+    if device == "cpu":
+        r = cli("profile", "composite:nerf", "--quick", "--backend", "cuda", check=False)
+        assert r.returncode == 2 and "backend 'cuda' cannot run composite on cpu" in r.stderr
 
 
 def test_bench_list_names_every_workload():

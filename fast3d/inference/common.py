@@ -17,12 +17,13 @@ from fast3d.data import cameras
 from fast3d.models._pretrained import CONFIG_FILE
 
 
-def resolve_checkpoint(path: str, prefer_ema: bool = True) -> str:
+def resolve_checkpoint(path: str, prefer_ema: bool = True, what: str = "--checkpoint") -> str:
     """A model directory (``config.yaml`` + ``model.safetensors``) from: such a directory, a
     checkpoint directory (``.../checkpoints/stepN``), or a training run's output directory (its
-    newest checkpoint). The EMA weights are preferred when the run kept them."""
+    newest checkpoint). The EMA weights are preferred when the run kept them. ``what`` names the
+    argument in errors."""
     if not os.path.isdir(path):
-        raise ValueError(f"--checkpoint {path!r} is not a directory")
+        raise ValueError(f"{what} {path!r} is not a directory")
     if os.path.isfile(os.path.join(path, CONFIG_FILE)):
         return path
     from fast3d.training.checkpoint import checkpoint_root, latest_tag
@@ -32,7 +33,7 @@ def resolve_checkpoint(path: str, prefer_ema: bool = True) -> str:
     for name in (("model_ema", "model") if prefer_ema else ("model",)):
         if os.path.isfile(os.path.join(path, name, CONFIG_FILE)):
             return os.path.join(path, name)
-    raise ValueError(f"--checkpoint {path!r} holds no model: expected config.yaml + model.safetensors, a "
+    raise ValueError(f"{what} {path!r} holds no model: expected config.yaml + model.safetensors, a "
                      f"checkpoint directory with model/, or a training run with checkpoints/latest")
 
 

@@ -40,7 +40,8 @@ def _under_launcher() -> bool:
 
 
 def run(recipe: str, config: str, output: str, max_steps: int | None = None, resume: bool = False,
-        ranks: int | None = None, lora: int | None = None, master_port: int | None = None) -> int:
+        ranks: int | None = None, lora: int | None = None, init_from: str | None = None,
+        master_port: int | None = None) -> int:
     cfg = load_config(config)
     cls = recipe_class(recipe)
     if cls.name and cfg.recipe != cls.name:
@@ -53,6 +54,11 @@ def run(recipe: str, config: str, output: str, max_steps: int | None = None, res
         if cfg.recipe != "lgm" or lora <= 0:
             raise ValueError(f"--lora takes a positive rank and the lgm recipe; got {lora} for {cfg.recipe!r}")
         cfg = cfg.replace(model={**cfg.model, "lora_rank": lora})
+    if init_from is not None:
+        if cfg.recipe != "lgm":
+            raise ValueError(f"--init-from takes the lgm recipe; got {cfg.recipe!r}")
+        # relative to the working directory here (model.init_from in the YAML is relative to the YAML)
+        cfg = cfg.replace(model={**cfg.model, "init_from": os.path.abspath(init_from)})
     if ranks is None:
         ranks = torch.cuda.device_count() or 1
     if ranks < 1:
@@ -88,6 +94,8 @@ def run(recipe: str, config: str, output: str, max_steps: int | None = None, res
         cmd.append("--resume")
     if lora is not None:
         cmd += ["--lora", str(lora)]
+    if init_from is not None:
+        cmd += ["--init-from", os.path.abspath(init_from)]
     try:
         return subprocess.run(cmd, env=env).returncode
     finally:  # every rank has exited, cleanly or not

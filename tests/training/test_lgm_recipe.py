@@ -78,6 +78,20 @@ def test_lora_boost_changes_only_the_cross_view_attention(tmp_path, data):
     assert all(".attn" in k and k.rsplit(".", 2)[-2] in ("to_q", "to_k", "to_v", "to_out") for k in changed), changed
 
 
+def test_init_from_takes_a_training_run_and_finds_its_newest_weights(tmp_path, data):
+    """model.init_from (and `--init-from`) takes what `fast3d infer --checkpoint` takes: a training
+    run's directory means its newest checkpoint's EMA weights where it kept them."""
+    run = tmp_path / "run"
+    for step, which in ((2, "model"), (4, "model"), (4, "model_ema")):
+        LGM(LGMRecipe(config_from_dict(run_config(data))).lgm).save_pretrained(
+            str(run / "checkpoints" / f"step{step:08d}" / which))
+    (run / "checkpoints" / "latest").write_text("step00000004")
+    r = LGMRecipe(config_from_dict(run_config(data, model={"preset": "tiny", "init_from": str(run), "lora_rank": 2})))
+    assert r.init_dir == str(run / "checkpoints" / "step00000004" / "model_ema")
+    with pytest.raises(ValueError, match="model.init_from .* holds no model"):
+        LGMRecipe(config_from_dict(run_config(data, model={"preset": "tiny", "init_from": str(tmp_path)})))
+
+
 def test_loss_is_finite_and_reports_its_terms(data, gen):
     r = LGMRecipe(config_from_dict(run_config(data)))
     model = r.build_model()

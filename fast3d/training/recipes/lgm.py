@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from fast3d.data.dataset import MultiViewDataset
 from fast3d.evaluation.image_metrics import load_lpips, psnr
+from fast3d.inference.common import resolve_checkpoint
 from fast3d.models._pretrained import config_from_dict
 from fast3d.models.lgm import LGM, LGMConfig, apply_transform_to_viewmats, lora_target_modules, normalize_cameras
 from fast3d.training import augment
@@ -36,7 +37,7 @@ from fast3d.training.loop import Recipe, StepContext
 class ModelSection:
     preset: str = "tiny"
     overrides: dict = dataclasses.field(default_factory=dict)  # LGMConfig fields
-    init_from: str = ""            # a model directory (config.yaml + model.safetensors) to start from
+    init_from: str = ""            # weights to start from: a model, checkpoint or training run directory
     lora_rank: int = 0             # > 0: train LoRA adapters on the cross-view attention only
     lora_alpha: float = 0.0        # 0: equal to the rank
 
@@ -93,12 +94,15 @@ class LGMRecipe(Recipe):
         if self.m.lora_rank < 0 or (self.m.lora_rank > 0 and not self.m.init_from):
             raise ValueError(f"model.lora_rank must be >= 0, and LoRA needs model.init_from (the base weights); "
                              f"got lora_rank={self.m.lora_rank}, init_from={self.m.init_from!r}")
+        # the model directory, found before anything is written (a run directory means its newest weights)
+        self.init_dir = resolve_checkpoint(self.cfg.path(self.m.init_from), what="model.init_from") \
+            if self.m.init_from else None
         self.lpips = None
 
     def build_model(self) -> torch.nn.Module:
         torch.manual_seed(self.cfg.seed)
         if self.m.init_from:
-            model = LGM.from_pretrained(self.cfg.path(self.m.init_from))
+            model = LGM.from_pretrained(self.init_dir)
             if dataclasses.replace(model.config, activation_checkpointing=False) != \
                     dataclasses.replace(self.lgm, activation_checkpointing=False):
                 raise ValueError(f"model.init_from {self.m.init_from!r} holds another LGM configuration "

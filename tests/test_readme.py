@@ -1,0 +1,207 @@
+"""Every command in README.md runs somewhere, and does what the README says.
+
+CI runs the commands after a `<!-- ci:NAME -->` marker (`.ci/run` reads them from the README).
+This file runs every other command of the README's ```bash blocks, in README order, as a user on
+this machine would, and checks its exit code:
+
+* `fast3d ...` runs in a fresh folder holding a copy of `train/` (the configs' relative data
+  paths), so it reads and writes `data/`, `runs/`, `out/` there; commands that act on the checkout
+  itself (`python -m pytest`, `profiling/*.sh`) run in the repository root.
+* A user's own files are not here: STAND_INS makes each one before the first command that names it.
+* A command naming pretrained weights no test machine has (NEEDS_WEIGHTS) must stop at once with
+  exit code 2 and a one-line error naming the missing path.
+* SHRINK lists the only other changes made to a command, each with its reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+FAST3D = shutil.which("fast3d")
+
+# argv prefix -> (arguments appended, why). The longest matching prefix applies.
+SHRINK = {
+    ("fast3d", "train", "lgm"): (["--max-steps", "2"], "300 steps are `fast3d demo`'s job, which CI runs; "
+                                                       "2 run every part of the loop and write a checkpoint"),
+    ("fast3d", "train", "ttr"): (["--max-steps", "2"], "as for lgm"),
+    ("fast3d", "bench"): (["--out", "{tmp}/results"], "rows go to the test's folder, not the committed results"),
+    ("fast3d", "profile"): (["--out", "{tmp}/traces"], "traces go to the test's folder, not the checkout"),
+}
+
+# A placeholder for pretrained weights -> what the error must name (the first path the run misses).
+NEEDS_WEIGHTS = {
+    "/path/to/dinov2": "/path/to/dinov2",
+    "train/configs/datagen_pipeline.yaml": "/data/prompts.txt",
+}
+
+# Commands that are a GPU machine's job: where there is no NVIDIA GPU they run, and must say so.
+# exit code and what the output must hold, without a GPU
+GPU_ONLY = {
+    ("python", "-m", "pytest", "-m", "gpu"): (0, "skipped"),
+    ("profiling/gpu_session.sh",): (2, "no NVIDIA GPU here"),
+}
+
+
+def _input_views(tmp: Path) -> None:
+    """a.png .. d.png: views 0, 4, 8, 12 of the first held-out object (the LGM's input rig), and
+    their cameras as cams.json."""
+    import numpy as np
+    from PIL import Image
+
+    from fast3d.data import MultiViewDataset
+
+    sample = next(iter(MultiViewDataset(str(tmp / "data/heldout"), views=16, resolution=64)))
+    idx = [0, 4, 8, 12]
+    for name, v in zip("abcd", idx):
+        rgb = (sample["images"][v].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        Image.fromarray(rgb).save(tmp / f"{name}.png")
+    cams = {"viewmats": sample["viewmats"][idx].tolist(), "Ks": sample["Ks"][idx].tolist()}
+    (tmp / "cams.json").write_text(json.dumps(cams))
+
+
+def _labelled(tmp: Path) -> None:
+    """data/labelled and labels.csv: 8 procedural objects, every other one labelled good."""
+    _run(["fast3d", "datagen", "procedural", "--out", "data/labelled", "--num-objects", "8", "--views", "4",
+          "--resolution", "32", "--seed", "2"], tmp, expect=0)
+    (tmp / "labels.csv").write_text("".join(f"obj{i:08d},{i % 2}\n" for i in range(8)))
+
+
+STAND_INS = {name: _input_views for name in ("a.png", "b.png", "c.png", "d.png", "cams.json")}
+STAND_INS.update({"data/labelled": _labelled, "labels.csv": _labelled})
+
+
+def readme_blocks(text: str | None = None) -> list[tuple[str | None, list[list[str]]]]:
+    """(ci marker or None, [argv, ...]) for each ```bash block, in order. Continuation lines are
+    joined; comments and blank lines dropped."""
+    lines = (README.read_text() if text is None else text).splitlines()
+    blocks, marker, i = [], None, 0
+    while i < len(lines):
+        line = lines[i]
+        m = re.fullmatch(r"<!-- ci:(\w+) -->", line.strip())
+        if m:
+            marker = m.group(1)
+        elif line.strip() == "```bash":
+            body = []
+            i += 1
+            while lines[i].strip() != "```":
+                body.append(lines[i])
+                i += 1
+            joined = "\n".join(body).replace("\\\n", " ")
+            cmds = [argv for argv in (shlex.split(c, comments=True) for c in joined.splitlines()) if argv]
+            blocks.append((marker, cmds))
+            marker = None
+        elif line.strip():
+            marker = None  # a marker names the block right after it
+        i += 1
+    return blocks
+
+
+def _prefix_match(table: dict, argv: list[str]):
+    keys = [k for k in table if tuple(argv[:len(k)]) == k]
+    return table[max(keys, key=len)] if keys else None
+
+
+def _run(argv: list[str], tmp: Path, expect: int | None = None) -> subprocess.CompletedProcess:
+    cwd = tmp if argv[0] == "fast3d" else ROOT
+    # the CPU walkthrough everywhere, in a user's environment (not the test session's Triton interpreter)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
+    if argv[0].startswith("profiling/"):
+        argv = [str(ROOT / argv[0]), *argv[1:]]
+    r = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    if expect is not None and r.returncode != expect:
+        raise AssertionError(f"`{shlex.join(argv)}` (in {cwd}) exited {r.returncode}, expected {expect}:\n"
+                             f"{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    return r
+
+
+def _has_gpu() -> bool:
+    return shutil.which("nvidia-smi") is not None and \
+        subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode == 0
+
+
+def test_readme_blocks_parse_markers_continuations_and_comments():
+    text = ("<!-- ci:setup -->\n```bash\npip install a \\\n  b   # two\n```\n\ntext\n"
+            "```bash\n# only a comment\nfast3d x --p 'a b'\n\nfast3d y\n```\n<!-- ci:x -->\nprose\n```bash\nz\n```\n")
+    assert readme_blocks(text) == [("setup", [["pip", "install", "a", "b"]]),
+                                   (None, [["fast3d", "x", "--p", "a b"], ["fast3d", "y"]]),
+                                   (None, [["z"]])]
+
+
+def test_ci_runs_every_marked_command():
+    """The markers in the README are exactly the commands .ci/run reads and runs."""
+    marked = {m for m, _ in readme_blocks() if m}
+    ci = (ROOT / ".ci/run").read_text()
+    m = re.search(r"^for name in ([\w ]+); do", ci, re.M)
+    assert m, ".ci/run no longer lists the README commands it runs"
+    assert marked == set(m.group(1).split())
+    for name in marked:
+        assert f'"$cmd_{name}"' in ci, f".ci/run reads ci:{name} but never runs it"
+
+
+def test_inline_commands_are_in_blocks():
+    """A command with options written inline in prose is not run by anything: it belongs in a block
+    (spans with `...` or an upper-case placeholder are shapes of a command, not commands)."""
+    run = {shlex.join(argv) for _, cmds in readme_blocks() for argv in cmds}
+    for span in re.findall(r"`([^`\n]+)`", README.read_text()):
+        if re.match(r"(fast3d|python -m|deepspeed|profiling/\S+\.sh)\b.* -", span) and "..." not in span \
+                and not re.search(r"\b[A-Z]{1,4}\b", span):
+            assert shlex.join(shlex.split(span)) in run, f"README command `{span}` is inline only: put it in a block"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(FAST3D is None, reason="the fast3d console script is not installed (pip install -e .)")
+def test_every_readme_command_runs(tmp_path):
+    shutil.copytree(ROOT / "train", tmp_path / "train")
+    gpu = _has_gpu()
+    ran = []
+    for marker, cmds in readme_blocks():
+        if marker:
+            continue  # .ci/run's
+        for argv in cmds:
+            for token in argv:
+                if token in STAND_INS and not (tmp_path / token).exists():
+                    STAND_INS[token](tmp_path)
+            weights = [NEEDS_WEIGHTS[t] for t in argv if t in NEEDS_WEIGHTS]
+            gpu_only = _prefix_match(GPU_ONLY, argv)
+            if gpu_only and gpu:
+                continue  # on a GPU machine these are the GPU session itself
+            shrink = _prefix_match(SHRINK, argv)
+            full = argv + [a.format(tmp=tmp_path) for a in shrink[0]] if shrink else argv
+            t0 = time.monotonic()
+            if weights:
+                r = _run(full, tmp_path, expect=2)
+                err = r.stderr.strip().splitlines()
+                assert len(err) == 1 and weights[0] in err[0], f"`{shlex.join(full)}`:\n{r.stderr[-3000:]}"
+            elif gpu_only:
+                r = _run(full, tmp_path, expect=gpu_only[0])
+                assert gpu_only[1] in r.stdout + r.stderr, f"`{shlex.join(full)}`:\n{r.stdout[-2000:]}{r.stderr}"
+            else:
+                _run(full, tmp_path, expect=0)
+            ran.append(f"{time.monotonic() - t0:6.1f} s  {shlex.join(full)}")
+    print("\n".join(ran))
+
+    # what the README says the commands leave behind
+    from fast3d.io import load_mesh_ply, load_ply
+
+    assert load_ply(str(tmp_path / "out/lgm/gaussians.ply"))["means"].shape[0] > 0
+    assert (tmp_path / "out/lgm_posed/gaussians.ply").is_file()
+    for f in ("points.ply", "mesh.ply", "turntable.gif"):
+        assert (tmp_path / "out/lrm" / f).is_file(), f
+    load_mesh_ply(str(tmp_path / "out/lrm/mesh.ply"))
+    assert json.loads((tmp_path / "report.json").read_text())["mean"]["psnr"] > 0
+    assert (tmp_path / "grid.png").is_file()
+    assert json.loads((tmp_path / "runs/boost/config.json").read_text())["model"]["lora_rank"] == 8
+    assert list((tmp_path / "results").glob("*/composite.jsonl"))
+    assert list((tmp_path / "traces").rglob("*.json"))
