@@ -69,6 +69,18 @@ def find_cuda_home():
                         return root, f"wrapper {nvcc} -> {token}"
         except OSError:
             pass
+        # A wrapper that builds the path (a variable, a module system): ask nvcc itself, whose
+        # dry run names its toolkit ("#$ TOP=<root>/bin/..").
+        try:
+            r = subprocess.run([nvcc, "-dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+                               capture_output=True, text=True, timeout=60)
+            for line in (r.stdout + r.stderr).splitlines():
+                if line.startswith("#$ TOP="):
+                    root = os.path.normpath(line.split("=", 1)[1].strip().strip('"'))
+                    if _real_toolkit(root):
+                        return root, f"wrapper {nvcc} (its dry run: TOP={root})"
+        except (OSError, subprocess.SubprocessError):
+            pass
     candidates = ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True) + ["/opt/cuda"]
     for root in candidates:
         if _real_toolkit(root):

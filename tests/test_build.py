@@ -28,7 +28,8 @@ def _fake_toolkit(root):
     os.makedirs(os.path.join(root, "include"))
     open(os.path.join(root, "include", "cuda_runtime.h"), "w").close()
     nvcc = os.path.join(root, "bin", "nvcc")
-    open(nvcc, "w").write("#!/bin/sh\necho 'Cuda compilation tools, release 99.1, V99.1'\n")
+    open(nvcc, "w").write(f"#!/bin/sh\nif [ \"$1\" = -dryrun ]; then echo '#$ TOP={root}/bin/..' >&2; exit 0; fi\n"
+                          "echo 'Cuda compilation tools, release 99.1, V99.1'\n")
     os.chmod(nvcc, os.stat(nvcc).st_mode | stat.S_IEXEC)
     return root
 
@@ -46,6 +47,20 @@ def test_toolkit_found_through_wrapper_script(setup_module, tmp_path, monkeypatc
     assert root == toolkit, how
     assert "wrapper" in how
     assert setup_module.nvcc_version(root) == "99.1"
+
+
+def test_toolkit_found_through_a_wrapper_that_builds_the_path(setup_module, tmp_path, monkeypatch):
+    """A wrapper whose text names no nvcc path (the path is in a variable): nvcc's dry run says."""
+    toolkit = _fake_toolkit(str(tmp_path / "cuda-99.1"))
+    wrap = tmp_path / "wrapbin"
+    wrap.mkdir()
+    (wrap / "nvcc").write_text(f'#!/bin/sh\nX={toolkit}\nexec "$X/bin/nvcc" "$@"\n')
+    (wrap / "nvcc").chmod(0o755)
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.setenv("PATH", f"{wrap}:/usr/bin:/bin")
+    root, how = setup_module.find_cuda_home()
+    assert root == toolkit and "dry run" in how, how
 
 
 def test_cuda_home_that_is_not_a_toolkit_is_reported(setup_module, tmp_path, monkeypatch):
