@@ -34,33 +34,23 @@ def _fake_toolkit(root):
     return root
 
 
-def test_toolkit_found_through_wrapper_script(setup_module, tmp_path, monkeypatch):
+@pytest.mark.parametrize("body, how", [
+    ('exec {toolkit}/bin/nvcc "$@"', "wrapper"),                      # the path is in its text
+    ('X={toolkit}\nexec "$X/bin/nvcc" "$@"', "dry run"),              # built at run time: nvcc says
+])
+def test_toolkit_found_through_a_wrapper_script(setup_module, tmp_path, monkeypatch, body, how):
+    """An `nvcc` on PATH that is a script exec'ing the toolkit's, not the toolkit's own."""
     toolkit = _fake_toolkit(str(tmp_path / "cuda-99.1"))
     wrap = tmp_path / "wrapbin"
     wrap.mkdir()
-    (wrap / "nvcc").write_text(f'#!/bin/sh\nexec {toolkit}/bin/nvcc "$@"\n')
+    (wrap / "nvcc").write_text("#!/bin/sh\n" + body.format(toolkit=toolkit) + "\n")
     (wrap / "nvcc").chmod(0o755)
     monkeypatch.delenv("CUDA_HOME", raising=False)
     monkeypatch.delenv("CUDA_PATH", raising=False)
     monkeypatch.setenv("PATH", f"{wrap}:/usr/bin:/bin")
-    root, how = setup_module.find_cuda_home()
-    assert root == toolkit, how
-    assert "wrapper" in how
+    root, found = setup_module.find_cuda_home()
+    assert root == toolkit and how in found, found
     assert setup_module.nvcc_version(root) == "99.1"
-
-
-def test_toolkit_found_through_a_wrapper_that_builds_the_path(setup_module, tmp_path, monkeypatch):
-    """A wrapper whose text names no nvcc path (the path is in a variable): nvcc's dry run says."""
-    toolkit = _fake_toolkit(str(tmp_path / "cuda-99.1"))
-    wrap = tmp_path / "wrapbin"
-    wrap.mkdir()
-    (wrap / "nvcc").write_text(f'#!/bin/sh\nX={toolkit}\nexec "$X/bin/nvcc" "$@"\n')
-    (wrap / "nvcc").chmod(0o755)
-    monkeypatch.delenv("CUDA_HOME", raising=False)
-    monkeypatch.delenv("CUDA_PATH", raising=False)
-    monkeypatch.setenv("PATH", f"{wrap}:/usr/bin:/bin")
-    root, how = setup_module.find_cuda_home()
-    assert root == toolkit and "dry run" in how, how
 
 
 def test_cuda_home_that_is_not_a_toolkit_is_reported(setup_module, tmp_path, monkeypatch):
