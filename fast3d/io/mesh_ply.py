@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fast3d.io.ply import _MAX_HEADER, _TYPES, header_lines, write_atomic
+from fast3d.io.ply import _MAX_HEADER, _TYPES, header_records, scalar_property, write_atomic
 
 _RGB = ("red", "green", "blue")
 _INDEX_NAMES = ("vertex_indices", "vertex_index")
@@ -74,58 +74,38 @@ def save_mesh_ply(path: str | os.PathLike,
 def _parse_header(raw: bytes) -> tuple[int, list[tuple[str, str]], int, tuple[str, str], int]:
     """-> (vertex count, [(name, numpy dtype)] of a vertex, face count, (count dtype, index
     dtype) of a face's list, header length in bytes)."""
-    lines, end = header_lines(raw)
-    fmt, counts, vprops, flist = None, {}, [], None
+    records, hlen = header_records(raw)
+    counts, vprops, flist = {}, [], None
     element = None
-    for ln in lines:
-        tok = ln.split()
-        if not tok or tok[0] in ("comment", "obj_info"):
-            continue
-        if tok[0] == "format":
-            if tok[1:] != ["binary_little_endian", "1.0"]:
-                raise ValueError(f"unsupported PLY format {' '.join(tok[1:])!r}; need binary_little_endian 1.0")
-            fmt = tok[1]
-        elif tok[0] == "element":
-            if len(tok) != 3:
-                raise ValueError(f"malformed element line {ln!r}")
+    for tok, ln in records:
+        if tok[0] == "element":
             expected = "vertex" if element is None else "face" if element == "vertex" else None
             if tok[1] != expected:
                 raise ValueError(f"unexpected element {tok[1]!r}; a mesh file has 'vertex' then 'face', nothing else")
             if not tok[2].isdigit():
                 raise ValueError(f"{tok[1]} count must be a non-negative integer; got {tok[2]!r}")
             element, counts[tok[1]] = tok[1], int(tok[2])
-        elif tok[0] == "property":
-            if element is None:
-                raise ValueError("property before any element")
-            if element == "vertex":
-                if len(tok) != 3 or tok[1] == "list":
-                    raise ValueError(f"unsupported vertex property line {ln!r} (only scalar properties)")
-                if tok[1] not in _TYPES:
-                    raise ValueError(f"unknown property type {tok[1]!r} in {ln!r}")
-                if any(n == tok[2] for n, _ in vprops):
-                    raise ValueError(f"duplicate vertex property {tok[2]!r}")
-                vprops.append((tok[2], _TYPES[tok[1]]))
-            else:
-                if flist is not None:
-                    raise ValueError(f"unexpected face property line {ln!r}; a face has only its index list")
-                if len(tok) != 5 or tok[1] != "list" or tok[4] not in _INDEX_NAMES:
-                    raise ValueError(f"unsupported face property line {ln!r}; need 'property list uchar int "
-                                     f"vertex_indices'")
-                ctype, itype = _TYPES.get(tok[2]), _TYPES.get(tok[3])
-                if ctype != "u1" or itype not in ("<i4", "<u4"):
-                    raise ValueError(f"face list {tok[2]} {tok[3]!r}: need a uchar count and int or uint indices")
-                flist = (ctype, itype)
+        elif element is None:
+            raise ValueError("property before any element")
+        elif element == "vertex":
+            vprops.append(scalar_property(tok, ln, vprops, "vertex "))
         else:
-            raise ValueError(f"unexpected PLY header line {ln!r}")
-    if fmt is None:
-        raise ValueError("PLY header has no format line")
+            if flist is not None:
+                raise ValueError(f"unexpected face property line {ln!r}; a face has only its index list")
+            if len(tok) != 5 or tok[1] != "list" or tok[4] not in _INDEX_NAMES:
+                raise ValueError(f"unsupported face property line {ln!r}; need 'property list uchar int "
+                                 f"vertex_indices'")
+            ctype, itype = _TYPES.get(tok[2]), _TYPES.get(tok[3])
+            if ctype != "u1" or itype not in ("<i4", "<u4"):
+                raise ValueError(f"face list {tok[2]} {tok[3]!r}: need a uchar count and int or uint indices")
+            flist = (ctype, itype)
     if "vertex" not in counts:
         raise ValueError("PLY header has no 'element vertex' line")
     if "face" not in counts:
         raise ValueError("PLY header has no 'element face' line: a point cloud, not a mesh")
     if flist is None:
         raise ValueError("PLY header declares faces but no 'property list uchar int vertex_indices'")
-    return counts["vertex"], vprops, counts["face"], flist, end + len(b"end_header\n")
+    return counts["vertex"], vprops, counts["face"], flist, hlen
 
 
 def load_mesh_ply(path: str | os.PathLike) -> dict:

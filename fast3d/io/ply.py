@@ -91,9 +91,11 @@ def write_atomic(path: str | os.PathLike, *parts: bytes) -> None:
         raise
 
 
-def header_lines(raw: bytes) -> tuple[list[str], int]:
-    """The lines of a PLY header after its 'ply' line, and the header's length in bytes; raw is
-    the file's first _MAX_HEADER bytes. ValueError if there is no ASCII header ending in 'end_header'."""
+def header_records(raw: bytes) -> tuple[list[tuple[list[str], str]], int]:
+    """The element and property lines of a PLY header as (tokens, line), and the header's length
+    in bytes; raw is the file's first _MAX_HEADER bytes. Checks what every reader here needs: an
+    ASCII header from a 'ply' line to an 'end_header' line, one binary_little_endian 1.0 format
+    line, well-formed element lines; comments skipped; ValueError for anything else."""
     end = raw.find(b"\nend_header\n") + 1  # a line of its own, not text inside a comment
     if end <= 0:
         raise ValueError(f"not a PLY file: no 'end_header' line in the first {_MAX_HEADER} bytes")
@@ -103,14 +105,8 @@ def header_lines(raw: bytes) -> tuple[list[str], int]:
         raise ValueError(f"PLY header is not ASCII ({e})") from None
     if not lines or lines[0].strip() != "ply":
         raise ValueError("not a PLY file: the first line must be 'ply'")
-    return lines[1:], end
-
-
-def _parse_header(raw: bytes) -> tuple[int, list[tuple[str, str]], int]:
-    """-> (vertex count, [(name, numpy dtype)], header length in bytes)."""
-    lines, end = header_lines(raw)
-    fmt, count, props, element = None, None, [], None
-    for ln in lines:
+    fmt, records = None, []
+    for ln in lines[1:]:
         tok = ln.split()
         if not tok or tok[0] in ("comment", "obj_info"):
             continue
@@ -118,9 +114,34 @@ def _parse_header(raw: bytes) -> tuple[int, list[tuple[str, str]], int]:
             if tok[1:] != ["binary_little_endian", "1.0"]:
                 raise ValueError(f"unsupported PLY format {' '.join(tok[1:])!r}; need binary_little_endian 1.0")
             fmt = tok[1]
-        elif tok[0] == "element":
-            if len(tok) != 3:
-                raise ValueError(f"malformed element line {ln!r}")
+        elif tok[0] == "element" and len(tok) != 3:
+            raise ValueError(f"malformed element line {ln!r}")
+        elif tok[0] in ("element", "property"):
+            records.append((tok, ln))
+        else:
+            raise ValueError(f"unexpected PLY header line {ln!r}")
+    if fmt is None:
+        raise ValueError("PLY header has no format line")
+    return records, end + len(b"end_header\n")
+
+
+def scalar_property(tok: list[str], ln: str, props: list[tuple[str, str]], what: str = "") -> tuple[str, str]:
+    """(name, numpy dtype) of a 'property TYPE NAME' line; ``what`` ("vertex ") names it in errors."""
+    if len(tok) != 3 or tok[1] == "list":
+        raise ValueError(f"unsupported {what}property line {ln!r} (only scalar properties)")
+    if tok[1] not in _TYPES:
+        raise ValueError(f"unknown property type {tok[1]!r} in {ln!r}")
+    if any(n == tok[2] for n, _ in props):
+        raise ValueError(f"duplicate {what}property {tok[2]!r}")
+    return tok[2], _TYPES[tok[1]]
+
+
+def _parse_header(raw: bytes) -> tuple[int, list[tuple[str, str]], int]:
+    """-> (vertex count, [(name, numpy dtype)], header length in bytes)."""
+    records, hlen = header_records(raw)
+    count, props, element = None, [], None
+    for tok, ln in records:
+        if tok[0] == "element":
             if element is not None:
                 raise ValueError(f"unexpected second element {tok[1]!r}; a splat file has only 'vertex'")
             if tok[1] != "vertex":
@@ -128,23 +149,13 @@ def _parse_header(raw: bytes) -> tuple[int, list[tuple[str, str]], int]:
             if not tok[2].isdigit():
                 raise ValueError(f"vertex count must be a non-negative integer; got {tok[2]!r}")
             element, count = tok[1], int(tok[2])
-        elif tok[0] == "property":
+        else:
             if element is None:
                 raise ValueError("property before any element")
-            if len(tok) != 3 or tok[1] == "list":
-                raise ValueError(f"unsupported property line {ln!r} (only scalar properties)")
-            if tok[1] not in _TYPES:
-                raise ValueError(f"unknown property type {tok[1]!r} in {ln!r}")
-            if any(n == tok[2] for n, _ in props):
-                raise ValueError(f"duplicate property {tok[2]!r}")
-            props.append((tok[2], _TYPES[tok[1]]))
-        else:
-            raise ValueError(f"unexpected PLY header line {ln!r}")
-    if fmt is None:
-        raise ValueError("PLY header has no format line")
+            props.append(scalar_property(tok, ln, props))
     if count is None:
         raise ValueError("PLY header has no 'element vertex' line")
-    return count, props, end + len(b"end_header\n")
+    return count, props, hlen
 
 
 def load_ply(path: str | os.PathLike) -> dict:
