@@ -12,7 +12,7 @@
 #   STAGES=bench profiling/gpu_session.sh rasterization composite triplane_sample render_triplane
 set -uo pipefail
 cd "$(dirname "$0")/.."
-STAGES=${STAGES:-tests memcheck bench}
+STAGES=${STAGES-tests memcheck bench}   # set but empty: the build alone
 for s in $STAGES; do
   case $s in tests|memcheck|bench) ;; *) echo "gpu_session.sh: unknown stage '$s' in STAGES; valid: tests memcheck bench" >&2; exit 2;; esac
 done
@@ -39,18 +39,23 @@ python3 -m fast3d.cli info | tee "$OUT/info.txt"
 
 stage() { [[ " $STAGES " == *" $1 "* ]]; }
 
+status=0   # the first failing stage's exit code, returned at the end
 if stage tests; then
   python3 -m pytest -m gpu -q -p no:cacheprovider 2>&1 | tee "$OUT/gpu-tests.log"
+  rc=${PIPESTATUS[0]}; [ "$status" -ne 0 ] || status=$rc
 fi
 if stage memcheck; then
   # memcheck over every op's GPU tests (slow under the sanitizer: bounded by timeout).
   timeout 300 compute-sanitizer --tool memcheck --error-exitcode 1 \
       python3 -m pytest -m gpu -q -p no:cacheprovider -x -k "not compile" \
       > "$OUT/memcheck.log" 2>&1
-  echo "memcheck exit code: $? (124: stopped at the time limit; log: memcheck.log)" | tee -a "$OUT/gpu-tests.log"
+  rc=$?; [ "$status" -ne 0 ] || status=$rc
+  echo "memcheck exit code: $rc (124: stopped at the time limit; log: memcheck.log)" | tee -a "$OUT/gpu-tests.log"
 fi
 if stage bench; then
   python3 -m fast3d.cli bench "$@" --out "$OUT/results" 2>&1 | tee "$OUT/bench.log"
+  rc=${PIPESTATUS[0]}; [ "$status" -ne 0 ] || status=$rc
   python3 -m fast3d.cli report --results "$OUT/results" > /dev/null
   tail -40 "$OUT/bench.log"
 fi
+exit "$status"

@@ -35,7 +35,7 @@ def _fake_toolkit(root):
 
 
 @pytest.mark.parametrize("body, how", [
-    ('exec {toolkit}/bin/nvcc "$@"', "wrapper"),                      # the path is in its text
+    ('exec {toolkit}/bin/nvcc "$@"', " -> "),                         # the path is in its text
     ('X={toolkit}\nexec "$X/bin/nvcc" "$@"', "dry run"),              # built at run time: nvcc says
 ])
 def test_toolkit_found_through_a_wrapper_script(setup_module, tmp_path, monkeypatch, body, how):

@@ -151,7 +151,7 @@ def test_profile_auto_is_what_the_registry_picks():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     for spec, w, name in profile.plan("lrm"):
         assert name != "triton" or device == "cuda", (spec.op, name)
-        b = fast3d.backends.backends(spec.op)[name]
+        b = fast3d.backends.backends(spec.backend_op)[name]
         assert b.available() is None and device in b.devices
     if device == "cpu":
         r = cli("profile", "composite:nerf", "--quick", "--backend", "cuda", check=False)

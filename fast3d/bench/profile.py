@@ -32,15 +32,21 @@ def targets(workload: str, op: str | None) -> list:
     return found
 
 
-def plan(workload: str, op: str | None = None, backend: str = "auto") -> list[tuple]:
+def plan(workload: str, op: str | None = None, backend: str = "auto", log=None) -> list[tuple]:
     """(spec, workload, backend name) for each op that defines WORKLOAD, on this machine's device.
     ``auto`` is the backend the registry would pick (Triton's interpreter only when named); a named
-    backend or baseline must be able to run here. ValueError (the CLI's exit code 2) otherwise."""
+    backend or baseline must be able to run here; ops of the workload that do not have it are
+    skipped (and logged). ValueError (the CLI's exit code 2) otherwise."""
     from fast3d.bench.runner import _candidates
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    out = []
-    for spec, w in targets(workload, op):
+    found = targets(workload, op)
+    out, skipped = [], []
+
+    def valid_anywhere(this_op: str) -> set:  # a backend another op of the workload has: skip, not fail
+        return {n for s, _ in found if s.op != this_op for n, _ in _candidates(s, device, [])}
+
+    for spec, w in found:
         cands = dict(_candidates(spec, device, [] if backend == "auto" else [backend]))
         if backend == "auto":
             order = sorted(backends.backends(spec.backend_op).values(), key=lambda b: -b.priority)
@@ -51,11 +57,18 @@ def plan(workload: str, op: str | None = None, backend: str = "auto") -> list[tu
             out.append((spec, w, runnable[0]))
         elif backend not in cands:
             valid = sorted(n for n, _ in _candidates(spec, device, []))
+            if backend in valid_anywhere(spec.op):
+                skipped.append(f"{spec.op} has no {backend!r} backend (valid: {', '.join(valid)})")
+                continue
             raise ValueError(f"unknown backend {backend!r} for {spec.op}; valid: {', '.join(valid)}")
         elif cands[backend] is not None:
             raise ValueError(f"backend {backend!r} cannot run {spec.op} on {device.type}: {cands[backend]}")
         else:
             out.append((spec, w, backend))
+    if not out:
+        raise ValueError("; ".join(skipped))
+    for s in skipped if log else ():
+        log(f"skipping {s}")
     return out
 
 
@@ -63,7 +76,7 @@ def profile_workload(workload: str, op: str | None = None, backend: str = "auto"
                      out: str = DEFAULT_TRACES, iters: int = 3, top: int = 10, log=print) -> list[str]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     paths = []
-    for spec, w, name in plan(workload, op, backend):
+    for spec, w, name in plan(workload, op, backend, log=log):
         params = w.quick if quick else w.params
         gen = torch.Generator().manual_seed(0)
         x = spec.make_inputs(params, device, gen)

@@ -144,6 +144,8 @@ def _bench_workload(cfg: BenchConfig, spec: BenchSpec, w, runnable: list, device
                           for _ in range(n_input_sets(_tensor_bytes(first)) - 1)]
     except Exception as e:  # a missing package, out of memory: report, count, go on with the next workload
         log(f"  {spec.op}/{w.name}: FAILED making the inputs: {type(e).__name__}: {e}")
+        sets = None
+    if sets is None:  # out of the except block, whose traceback held the partial inputs
         _release(device)
         return [], 1
     measured: dict[tuple[str, str], dict] = {}
@@ -158,6 +160,8 @@ def _bench_workload(cfg: BenchConfig, spec: BenchSpec, w, runnable: list, device
         except Exception as e:  # out of memory, a failing baseline: report, count, go on with the next backend
             failures += 1
             log(f"  {spec.op}/{w.name}/{name}: FAILED: {type(e).__name__}: {e}")
+            grads = None
+        if grads is None:
             _release(device)
             continue
         for p in [p for p in cfg.passes if p in spec.passes]:
@@ -167,6 +171,8 @@ def _bench_workload(cfg: BenchConfig, spec: BenchSpec, w, runnable: list, device
             except Exception as e:  # report, count, go on with the other measurements
                 failures += 1
                 log(f"  {where}: FAILED: {type(e).__name__}: {e}")
+                t = None
+            if t is None:
                 _release(device)
                 continue
             noisy = (t.p80_ms - t.p20_ms) > 0.5 * t.median_ms
@@ -188,7 +194,8 @@ def _bench_workload(cfg: BenchConfig, spec: BenchSpec, w, runnable: list, device
 
 
 def _release(device: torch.device) -> None:
-    """After a failure (out of memory, say), give the allocator's cache back before going on."""
+    """After a failure (out of memory, say), give the allocator's cache back before going on; called
+    outside the except block, whose traceback would keep the failed call's tensors alive."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
 

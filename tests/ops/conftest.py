@@ -3,7 +3,9 @@ the call so unwritten elements fail"). The ops allocate their outputs themselves
 the bindings, torch.empty before a Triton launch), so the poison goes into the allocator:
 `fill_uninitialized_memory` makes torch.empty return NaN (floats) or the largest value (integers)
 while deterministic algorithms are on. `warn_only` keeps ops that have no deterministic variant
-running (with a warning), so the tests still see the kernels they test."""
+running (with a warning), so the tests still see the kernels they test. One side effect: torch
+ops that have a deterministic variant (index_add_ and scatter on CUDA, say) use it here, in the
+reference twins too; fast3d's own kernels have no such switch."""
 
 import pytest
 import torch

@@ -88,6 +88,7 @@ def test_init_from_takes_a_training_run_and_finds_its_newest_weights(tmp_path, d
     (run / "checkpoints" / "latest").write_text("step00000004")
     r = LGMRecipe(config_from_dict(run_config(data, model={"preset": "tiny", "init_from": str(run), "lora_rank": 2})))
     assert r.init_dir == str(run / "checkpoints" / "step00000004" / "model_ema")
+    assert r.cfg.model["init_from"] == r.init_dir  # config.json names the weights the run started from
     with pytest.raises(ValueError, match="model.init_from .* holds no model"):
         LGMRecipe(config_from_dict(run_config(data, model={"preset": "tiny", "init_from": str(tmp_path)})))
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 from dataclasses import dataclass
 
 import torch
@@ -94,9 +95,13 @@ class LGMRecipe(Recipe):
         if self.m.lora_rank < 0 or (self.m.lora_rank > 0 and not self.m.init_from):
             raise ValueError(f"model.lora_rank must be >= 0, and LoRA needs model.init_from (the base weights); "
                              f"got lora_rank={self.m.lora_rank}, init_from={self.m.init_from!r}")
-        # the model directory, found before anything is written (a run directory means its newest weights)
-        self.init_dir = resolve_checkpoint(self.cfg.path(self.m.init_from), what="model.init_from") \
-            if self.m.init_from else None
+        # The model directory, found before anything is written (a run directory means its newest
+        # weights) and pinned in the run's config, so config.json names the weights it started from
+        # and a resume refuses other ones.
+        self.init_dir = None
+        if self.m.init_from:
+            self.init_dir = resolve_checkpoint(self.cfg.path(self.m.init_from), what="model.init_from")
+            self.cfg = self.cfg.replace(model={**self.cfg.model, "init_from": os.path.abspath(self.init_dir)})
         self.lpips = None
 
     def build_model(self) -> torch.nn.Module:

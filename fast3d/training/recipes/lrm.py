@@ -273,8 +273,8 @@ class LRMRecipe(Recipe):
         if self.m.init_from:
             from fast3d.inference.common import resolve_checkpoint
 
+            src = resolve_checkpoint(self.cfg.path(self.m.init_from), what="model.init_from")
             try:
-                src = resolve_checkpoint(self.cfg.path(self.m.init_from))
                 saved = _pretrained.read_config(src, "lrm", LRMConfig)
             except ValueError as e:
                 raise ValueError(f"model.init_from: {e}") from None
