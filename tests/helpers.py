@@ -6,8 +6,20 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
+
+
+def byte_flips(raw: bytes, gen: torch.Generator, count: int):
+    """``count`` copies of ``raw`` with 1 to 3 random bytes overwritten (drawn from ``gen``): fuzz
+    inputs for the file readers, which must load them or raise ValueError."""
+    rng = np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    for _ in range(count):
+        b = bytearray(raw)
+        for pos in rng.integers(0, len(b), size=rng.integers(1, 4)):
+            b[pos] = int(rng.integers(0, 256))
+        yield bytes(b)
 
 
 def assert_close(actual: Tensor, expected: Tensor, *, atol: float, rtol: float, name: str = "tensor",

@@ -10,7 +10,6 @@ import importlib
 import os
 import shutil
 import subprocess
-import sys
 
 import torch
 
@@ -58,7 +57,8 @@ def run(recipe: str, config: str, output: str, max_steps: int | None = None, res
         if cfg.recipe != "lgm":
             raise ValueError(f"--init-from takes the lgm recipe; got {cfg.recipe!r}")
         # relative to the working directory here (model.init_from in the YAML is relative to the YAML)
-        cfg = cfg.replace(model={**cfg.model, "init_from": os.path.abspath(init_from)})
+        init_from = os.path.abspath(init_from)
+        cfg = cfg.replace(model={**cfg.model, "init_from": init_from})
     if ranks is None:
         ranks = torch.cuda.device_count() or 1
     if ranks < 1:
@@ -95,7 +95,7 @@ def run(recipe: str, config: str, output: str, max_steps: int | None = None, res
     if lora is not None:
         cmd += ["--lora", str(lora)]
     if init_from is not None:
-        cmd += ["--init-from", os.path.abspath(init_from)]
+        cmd += ["--init-from", init_from]
     try:
         return subprocess.run(cmd, env=env).returncode
     finally:  # every rank has exited, cleanly or not

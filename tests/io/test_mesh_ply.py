@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from fast3d.io import load_mesh_ply, save_mesh_ply
+from helpers import byte_flips
 
 
 def _mesh(gen, V=7, F=9):
@@ -127,13 +128,9 @@ def test_fuzz_truncations_and_byte_flips(tmp_path, gen):
         path.write_bytes(raw[:cut])
         with pytest.raises(ValueError):
             load_mesh_ply(path)
-    rng = np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=gen)))
     ok = 0
-    for _ in range(1000):
-        b = bytearray(raw)
-        for pos in rng.integers(0, len(b), size=rng.integers(1, 4)):
-            b[pos] = int(rng.integers(0, 256))
-        path.write_bytes(bytes(b))
+    for flipped in byte_flips(raw, gen, 1000):
+        path.write_bytes(flipped)
         try:
             out = load_mesh_ply(path)
         except ValueError:

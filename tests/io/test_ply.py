@@ -13,6 +13,7 @@ import torch
 
 from fast3d.io import load_ply, save_ply
 from fast3d.io.ply import _names
+from helpers import byte_flips
 
 
 def _scene(gen, N=37, K=16):
@@ -143,13 +144,9 @@ def test_fuzz_truncations_and_byte_flips(tmp_path, gen):
         path.write_bytes(raw[:cut])
         with pytest.raises(ValueError):
             load_ply(path)
-    rng = np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=gen)))
     ok = 0
-    for _ in range(300):
-        b = bytearray(raw)
-        for pos in rng.integers(0, len(b), size=rng.integers(1, 4)):
-            b[pos] = int(rng.integers(0, 256))
-        path.write_bytes(bytes(b))
+    for flipped in byte_flips(raw, gen, 300):
+        path.write_bytes(flipped)
         try:
             out = load_ply(path)
             assert out["means"].shape[1] == 3
