@@ -17,6 +17,7 @@ for every candidate, the reasons it cannot serve (in the style of xformers' not_
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
@@ -148,7 +149,43 @@ def native_cuda_reason() -> str | None:
 
 
 def triton_interpreted() -> bool:
+    """Triton kernels run in its interpreter (TRITON_INTERPRET=1): as Python, on CPU tensors too."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# Per-block shared memory a kernel may opt into, by compute capability (CUDA programming guide,
+# "Technical Specifications per Compute Capability"); the build targets every arch listed here.
+SHARED_MEMORY_OPTIN = {80: 166_912, 86: 101_376, 89: 101_376, 90: 232_448}
+
+_gpu_launch_configs = False
+
+
+@contextlib.contextmanager
+def gpu_launch_configs():
+    """Inside this block, the Triton ops choose the tile / warp / stage configurations and the dot
+    operand types a GPU launch would, even under the interpreter. The compile test
+    (fast3d.triton_aot) records launches this way, so what it compiles is what a GPU runs."""
+    global _gpu_launch_configs
+    previous, _gpu_launch_configs = _gpu_launch_configs, True
+    try:
+        yield
+    finally:
+        _gpu_launch_configs = previous
+
+
+def triton_interpreter_configs() -> bool:
+    """Choose the interpreter's configurations (small tiles, one stage, bf16 dots upcast): true under
+    TRITON_INTERPRET=1 unless :func:`gpu_launch_configs` asks for a GPU's."""
+    return triton_interpreted() and not _gpu_launch_configs
+
+
+def shared_memory_limit(device: torch.device) -> int:
+    """Bytes of shared memory one block may use on ``device`` (the opt-in maximum). Under the
+    interpreter, or while recording GPU configurations without a GPU, the smallest limit of the
+    architectures the build targets, so a configuration chosen here launches on all of them."""
+    if device.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+    return min(SHARED_MEMORY_OPTIN.values())
 
 
 @torch.compiler.assume_constant_result

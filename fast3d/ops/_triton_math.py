@@ -34,4 +34,4 @@ def mm(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 def upcast(dtype: torch.dtype) -> bool:
     """mm's UPCAST for operands of `dtype` in this process."""
-    return dtype == torch.bfloat16 and backends.triton_interpreted()
+    return dtype == torch.bfloat16 and backends.triton_interpreter_configs()

@@ -234,7 +234,7 @@ def _config(seg_q: int, seg_k: int, head_dim: int, backward: bool = False) -> di
     untuned starting points; the interpreter gets 32x32 tiles so small test sizes still run several
     blocks per segment with masked tails."""
     block_d = max(16, triton.next_power_of_2(head_dim))
-    if backends.triton_interpreted():
+    if backends.triton_interpreter_configs():
         bm, bn, warps, stages = 32, 32, 4, 1
     elif backward:
         bm, bn, warps, stages = (64, 64, 4 if block_d <= 64 else 8, 2) if block_d <= 128 else (32, 32, 8, 1)
