@@ -123,6 +123,54 @@ class MVDiTConfig:
     def num_tokens(self) -> int:
         return (self.latent_size // self.patch_size) ** 2
 
+    def forward_flops(self, batch_size: int) -> int:
+        """FLOPs of one forward of the transformer on ``batch_size`` grids with captions of
+        ``max_caption_tokens`` tokens: its matmuls and attention, 2 FLOPs per multiply-accumulate
+        (norms, activations, softmax and the sinusoidal timestep features are left out).
+
+        With N = ``num_tokens``, D = ``width``, L = ``num_layers``, T = ``max_caption_tokens``,
+        E = ``caption_channels``, C = ``latent_channels``, P = ``patch_size``**2 and
+        O = C x (2 if ``learn_sigma`` else 1), the multiply-accumulates per grid are::
+
+            block = 4 N D^2 + 2 N^2 D            self-attention: q, k, v, out; scores QK^T and weights x V
+                  + 2 N D^2 + 2 T D^2 + 2 N T D  cross-attention: q, out on tokens; k, v on the caption;
+                                                 scores and weights x V over the T caption keys
+                  + 8 N D^2                      feed-forward D -> 4D -> D
+            embed = N C P D                      patch embedding (a P-pixel conv per token)
+                  + T (E D + D^2)                caption projection E -> D -> D
+                  + 256 D + D^2 + 6 D^2          timestep MLP 256 -> D -> D, adaLN-single D -> 6D
+                  + N D P O                      output projection D -> P x O per token
+
+        and forward_flops = 2 x batch_size x (L x block + embed).
+
+        Args:
+            batch_size: grids per forward, a positive int.
+        Returns:
+            The FLOPs, an int.
+        """
+        _positive_int("batch_size", batch_size)
+        N, D, L, T = self.num_tokens, self.width, self.num_layers, self.max_caption_tokens
+        E, C, P = self.caption_channels, self.latent_channels, self.patch_size ** 2
+        O = C * (2 if self.learn_sigma else 1)
+        block = (4 * N * D * D + 2 * N * N * D
+                 + 2 * N * D * D + 2 * T * D * D + 2 * N * T * D
+                 + 8 * N * D * D)
+        embed = N * C * P * D + T * (E * D + D * D) + 256 * D + D * D + 6 * D * D + N * D * P * O
+        return 2 * batch_size * (L * block + embed)
+
+    def step_flops(self, batch_size: int) -> int:
+        """FLOPs of one training step on ``batch_size`` grids: the forward and the backward, which
+        computes two matmuls (the gradients of both operands) per forward matmul, so 3 x
+        :meth:`forward_flops`. This is the numerator of the MFU that ``fast3d bench ttr-step``
+        reports.
+
+        Args:
+            batch_size: grids per step, a positive int.
+        Returns:
+            The FLOPs, an int.
+        """
+        return 3 * self.forward_flops(batch_size)
+
 
 def _positive_int(name: str, x) -> None:
     if isinstance(x, bool) or not isinstance(x, int) or x < 1:

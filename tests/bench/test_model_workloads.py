@@ -1,7 +1,7 @@
 """The model-level workloads of `fast3d bench` (fast3d.models.bench): lgm-step, lgm-infer, lrm-step,
 ttr-step. Each quick variant runs through the real runner on the CPU; the full sizes are checked
 for presence (`--list`), their baselines for a reason where they cannot run, the flop model of
-ttr-step against the recipe's step_flops."""
+ttr-step against the model config's step_flops."""
 
 from __future__ import annotations
 
@@ -167,24 +167,20 @@ def test_diffusers_baseline_swaps_the_self_attention_processor():
 
 @pytest.mark.parametrize("which", ["params", "quick"])
 def test_ttr_flop_model_is_step_flops(which):
-    from fast3d.training.recipes.ttr import step_flops
-
     w = ttr.SPEC.workload("xl-512")
     p = getattr(w, which)
-    flops = step_flops(ttr.config(p), p["batch"])
+    flops = ttr.config(p).step_flops(p["batch"])
     assert ttr.SPEC.model(p, "forward+backward")[1] == flops
     assert ttr.SPEC.model(p, "forward")[1] + ttr.SPEC.model(p, "backward")[1] == pytest.approx(flops)
     assert ttr.SPEC.model(p, "forward")[1] == pytest.approx(flops / 3)
 
 
 def test_ttr_row_mfu_is_step_flops_over_time_over_peak(tmp_path, quick_peaks):
-    from fast3d.training.recipes.ttr import step_flops
-
     rows, failures, log = _bench(tmp_path, ["ttr-step"])
     assert failures == 0 and len(rows) == 1, log
     r = rows[0]
     p = r["params"]
-    mfu = step_flops(ttr.config(p), p["batch"]) / (r["median_ms"] / 1e3) / (FAKE_PEAKS["peak_tflops"] * 1e12)
+    mfu = ttr.config(p).step_flops(p["batch"]) / (r["median_ms"] / 1e3) / (FAKE_PEAKS["peak_tflops"] * 1e12)
     assert r["frac_peak_flops"] == pytest.approx(mfu)
 
 

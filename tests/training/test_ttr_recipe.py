@@ -2,7 +2,7 @@
 that resume exactly and log per-source and per-bucket losses, ZeRO-3 with EMA and activation
 checkpointing, refusal of a cache of another VAE or lacking a source of the mix, TTR timesteps by
 source, the noise-prediction loss, caption dropout, the mixed data stream, the export that
-``ttr_sample.sample`` loads, and step_flops.
+``ttr_sample.sample`` loads, and the FLOP model (MVDiTConfig.step_flops) against the executed model.
 
 The data (procedural rendered3d objects plus hand-written synthetic and image2d shards) and its
 feature cache are built once per module from fixed seeds: their content is not what is tested."""
@@ -298,18 +298,64 @@ def test_export_loads_and_samples(work, tmp_path):
     assert [Image.open(p).size for p in paths] == [(64, 64)] + [(32, 32)] * 4
 
 
-def test_step_flops_is_three_forwards_of_matmuls_and_attention(work, gen):
-    from diffusers.models.attention_processor import AttnProcessor2_0
-    from torch.utils.flop_counter import FlopCounterMode
+def _executed_macs(model, inputs: dict) -> int:
+    """Multiply-accumulates of one forward of ``model`` as it runs: every ``nn.Linear`` (in x out per
+    row it is applied to) and ``nn.Conv2d`` (in / groups x kernel area per output element), and every
+    attention module's scores and weighted values (2 x queries x keys x inner width), read from the
+    shapes the modules are called with, not from the config."""
+    from diffusers.models.attention_processor import Attention
 
-    cfg = mvdit.MVDiTConfig.preset("tiny", num_layers=3, max_caption_tokens=24)
-    model = mvdit.build_transformer(cfg)
-    model.set_attn_processor(AttnProcessor2_0())   # SDPA, which the FLOP counter sees
-    B = 3
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(torch.randn(B, 4, 8, 8, generator=gen), encoder_hidden_states=torch.randn(B, 24, 32, generator=gen),
-              encoder_attention_mask=torch.ones(B, 24), timestep=torch.randint(1000, (B,), generator=gen),
-              added_cond_kwargs={"resolution": None, "aspect_ratio": None})
-    assert recipe_ttr.step_flops(cfg, B) == 3 * counter.get_total_flops()
+    macs = []
+
+    def linear(m, args, out):
+        macs.append(args[0].numel() // m.in_features * m.in_features * m.out_features)
+
+    def conv(m, args, out):
+        kh, kw = m.kernel_size
+        macs.append(out.numel() * m.in_channels // m.groups * kh * kw)
+
+    def attention(m, args, kwargs):
+        x = args[0] if args else kwargs["hidden_states"]             # [B, Nq, D]
+        ctx = kwargs.get("encoder_hidden_states")                     # [B, Nk, Dctx] or None
+        keys = x.shape[1] if ctx is None else ctx.shape[1]
+        macs.append(2 * x.shape[0] * x.shape[1] * keys * m.inner_dim)
+
+    hooks = []
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear):
+            hooks.append(m.register_forward_hook(linear))
+        elif isinstance(m, torch.nn.Conv2d):
+            hooks.append(m.register_forward_hook(conv))
+        elif isinstance(m, Attention):
+            hooks.append(m.register_forward_pre_hook(attention, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return sum(macs)
+
+
+@pytest.mark.parametrize("learn_sigma", [True, False])
+def test_step_flops_is_three_forwards_of_the_executed_matmuls_and_attention(gen, learn_sigma):
+    """The analytic FLOP model behind the ttr-step MFU against the matmuls and attention the built
+    transformer actually executes (counted by hooks on its modules), at a shape whose token count,
+    caption length, width and caption channels all differ (16, 24, 64, 40), 3 layers."""
+    cfg = mvdit.MVDiTConfig.preset("tiny", num_layers=3, max_caption_tokens=24, grid_size=64, caption_channels=40,
+                                   learn_sigma=learn_sigma)
+    model = mvdit.build_transformer(cfg, attention_backend="torch")
+    B, T = 3, cfg.max_caption_tokens
+    s = cfg.latent_size
+    inputs = dict(hidden_states=torch.randn(B, cfg.latent_channels, s, s, generator=gen),   # [B, C, h, w]
+                  encoder_hidden_states=torch.randn(B, T, cfg.caption_channels, generator=gen),  # [B, T, E]
+                  encoder_attention_mask=torch.ones(B, T),                                   # [B, T]
+                  timestep=torch.randint(1000, (B,), generator=gen),                         # [B]
+                  added_cond_kwargs={"resolution": None, "aspect_ratio": None})
+    executed = 2 * _executed_macs(model, inputs)
+    assert cfg.forward_flops(B) == executed
+    assert cfg.step_flops(B) == 3 * executed
     with pytest.raises(ValueError, match="batch_size must be a positive int; got 0"):
-        recipe_ttr.step_flops(cfg, 0)
+        cfg.step_flops(0)
+    with pytest.raises(ValueError, match="batch_size must be a positive int; got True"):
+        cfg.forward_flops(True)

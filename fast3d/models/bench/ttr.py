@@ -4,7 +4,7 @@
 caption embeddings, MSE between the noise and the first ``latent_channels`` output channels.
 ``forward+backward`` is the step (no optimizer step), ``forward`` the same under ``no_grad``.
 
-MFU: the byte/flop model gives :func:`fast3d.training.recipes.ttr.step_flops` for
+MFU: the byte/flop model gives :meth:`fast3d.models.mvdit.MVDiTConfig.step_flops` for
 ``forward+backward`` (a third of it forward, two thirds backward), so a row's ``tflops`` is the
 achieved rate and ``frac_peak_flops`` is the MFU against the device's measured matmul peak (bf16
 on a GPU). Samples/s = ``params["batch"]`` / median.
@@ -91,14 +91,12 @@ def run(backend: str, x: dict) -> tuple:
 
 
 def model(p: dict, pass_: str) -> tuple[int, int]:
-    """Flops: step_flops (forward + backward = 3 forwards of the matmuls and attention), a third
-    forward. Bytes: the weights read forward, read and their gradients written backward, the
+    """Flops: the config's step_flops (forward + backward = 3 forwards of the matmuls and attention),
+    a third forward. Bytes: the weights read forward, read and their gradients written backward, the
     latents and caption embeddings read."""
-    from fast3d.training.recipes.ttr import step_flops
-
     cfg = config(p)
     B, e = p["batch"], torch.finfo(c.dtype_of(p)).bits // 8
-    total = step_flops(cfg, B)
+    total = cfg.step_flops(B)
     weights = _weights_of(cfg) * e
     inputs = B * (2 * cfg.latent_channels * cfg.latent_size ** 2 + cfg.max_caption_tokens * cfg.caption_channels) * e
     fwd = total / 3

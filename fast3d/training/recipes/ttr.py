@@ -125,26 +125,6 @@ def extract_features(cfg: RunConfig, out: str | None = None, rank: int = 0, worl
                                  rank=rank, world_size=world_size, progress=progress)
 
 
-def step_flops(model_cfg: MVDiTConfig, batch_size: int) -> float:
-    """FLOPs of one training step (forward + backward = 3x the forward's matmul and attention FLOPs)
-    of the transformer on ``batch_size`` grids with captions of ``max_caption_tokens`` tokens."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int; got {batch_size!r}")
-    c = model_cfg
-    N, D, Lc, P = c.num_tokens, c.width, c.max_caption_tokens, c.patch_size ** 2
-    out_channels = c.latent_channels * (2 if c.learn_sigma else 1)
-    # multiply-accumulates per grid, then 2 FLOPs each
-    block = (4 * N * D * D + 2 * N * N * D               # self-attention: q, k, v, out; scores and values
-             + 2 * N * D * D + 2 * Lc * D * D + 2 * N * Lc * D   # cross-attention: q, out; k, v; attention
-             + 8 * N * D * D)                            # feed-forward, 4x wide
-    embed = (N * c.latent_channels * P * D               # patch embedding
-             + Lc * (c.caption_channels * D + D * D)     # caption projection (2 layers)
-             + 256 * D + D * D + 6 * D * D               # timestep embedding and adaLN-single
-             + N * D * P * out_channels)                 # output projection
-    forward = 2.0 * (c.num_layers * block + embed) * batch_size
-    return 3.0 * forward
-
-
 def _check_mix(cache: str, manifest: dict, ttr: TTRConfig) -> list[str]:
     """The sources the mix draws (positive weight); ValueError if the cache has no samples of one."""
     counts = {s: int(manifest["sources"].get(s, 0)) for s in SOURCES}
