@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fast3d import checks
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -52,9 +54,5 @@ def finite(name: str, x: Tensor) -> None:
 
 
 def real_in(name: str, x, lo: float, hi: float) -> float:
-    """A real number in [lo, hi) (bools are not numbers here)."""
-    import numbers
-
-    if isinstance(x, bool) or not isinstance(x, numbers.Real) or not lo <= float(x) < hi:
-        raise ValueError(f"{name} must be a real number in [{lo:g}, {hi:g}); got {x!r}")
-    return float(x)
+    """A real number in [lo, hi) (bools are not numbers here); :func:`fast3d.checks.real`."""
+    return checks.real(name, x, lo, hi, hi_open=True)
