@@ -8,8 +8,6 @@ from fast3d.ops.attention import multiview_attention
 from fast3d.ops.composite import composite
 from fast3d.ops.rasterization import rasterization
 from fast3d.ops.triplane import render_triplane, triplane_sample
-from fast3d.models import bench as _model_bench  # noqa: F401
-from fast3d.data import bench as _datagen_bench  # noqa: F401  (registers the datagen bench workloads)
 
 __version__ = "0.1.0"
 

@@ -58,7 +58,7 @@ def cmd_info(args) -> int:
 
 def cmd_bench(args) -> int:
     from fast3d.bench import runner
-    from fast3d.bench.spec import specs
+    from fast3d.bench.workloads import specs
 
     if args.list:
         for op, spec in specs().items():
@@ -101,7 +101,7 @@ def cmd_profile(args) -> int:
 
 
 def cmd_datagen_procedural(args) -> int:
-    from fast3d.data import procedural
+    from fast3d.datagen import procedural
 
     cfg = procedural.ProceduralConfig(
         num_objects=args.num_objects, views=args.views, rig=args.rig, resolution=args.resolution, seed=args.seed,
@@ -143,10 +143,10 @@ def cmd_train(args) -> int:
 
 
 def _model_kind(cmd: str, checkpoint: str):
-    from fast3d.inference import common
+    from fast3d.models import checkpoints
 
-    model_dir = common.resolve_checkpoint(checkpoint)
-    kind = common.model_type(model_dir)
+    model_dir = checkpoints.resolve_checkpoint(checkpoint)
+    kind = checkpoints.model_type(model_dir)
     if kind not in ("lgm", "lrm"):
         raise ValueError(f"--checkpoint {checkpoint!r} holds a {kind!r} model; fast3d {cmd} takes LGM or LRM")
     return model_dir, kind
@@ -198,8 +198,8 @@ def cmd_eval(args) -> int:
 
 
 def cmd_sample_ttr(args) -> int:
-    from fast3d.inference.common import resolve_checkpoint
-    from fast3d.training.ttr_sample import sample
+    from fast3d.models.checkpoints import resolve_checkpoint
+    from fast3d.inference.ttr import sample
 
     try:
         paths = sample(resolve_checkpoint(args.checkpoint), args.prompt, args.out, steps=args.steps,
@@ -224,7 +224,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_datagen_pipeline(args) -> int:
-    from fast3d.data.pipeline import run_config
+    from fast3d.datagen.pipeline import run_config
 
     try:
         results = run_config(args.config, args.out, workers=args.workers)
@@ -238,7 +238,7 @@ def cmd_datagen_pipeline(args) -> int:
 
 
 def cmd_datagen_train_filter(args) -> int:
-    from fast3d.data.quality import train_filter
+    from fast3d.datagen.quality import train_filter
 
     try:
         m = train_filter(args.data, args.labels, args.out, dinov2=args.dinov2, threshold=args.threshold,

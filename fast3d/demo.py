@@ -46,7 +46,7 @@ def _say(msg: str) -> None:
 
 
 def _datagen(out: str, n: int, seed: int, o: dict) -> None:
-    from fast3d.data import procedural
+    from fast3d.datagen import procedural
 
     cfg = procedural.ProceduralConfig(num_objects=n, views=16, rig="orbit16", resolution=o["resolution"], seed=seed,
                                       gaussians_per_object=o["gaussians"], samples_per_shard=4, batch_size=4)
@@ -75,7 +75,8 @@ def run(out: str, config: str = "train/configs/lgm_tiny.yaml", steps: int | None
     import yaml
 
     from fast3d.inference import lgm as lgm_infer
-    from fast3d.inference.common import resolve_checkpoint, save_image
+    from fast3d.inference.common import save_image
+    from fast3d.models.checkpoints import resolve_checkpoint
     from fast3d.training import launch
     from fast3d.training.config import load_config
     from fast3d.training.metrics import read_metrics

@@ -89,7 +89,7 @@ def _rows(out):
 def test_quick_bench_writes_every_op_workload_backend_pass(quick_run):
     out, stdout = quick_run
     rows = _rows(out)
-    from fast3d.bench.spec import specs
+    from fast3d.bench.workloads import specs
 
     for op, spec in specs().items():
         # Triton on the CPU is its interpreter: the bench leaves it out unless named.

@@ -6,6 +6,6 @@ import os
 # per-session log lines (read when it first starts) out of the output unless the user asks.
 os.environ.setdefault("KINETO_LOG_LEVEL", "6")
 
-from fast3d.bench.spec import PASSES, BenchSpec, Workload, register_bench, specs
+from fast3d.bench.spec import PASSES, BenchSpec, Workload, register_bench
 
-__all__ = ["PASSES", "BenchSpec", "Workload", "register_bench", "specs"]
+__all__ = ["PASSES", "BenchSpec", "Workload", "register_bench"]

@@ -18,7 +18,8 @@ import torch
 
 from fast3d import backends
 from fast3d.bench import environment as env
-from fast3d.bench.spec import PASSES, BenchSpec, specs
+from fast3d.bench.spec import PASSES, BenchSpec
+from fast3d.bench.workloads import specs
 from fast3d.bench.timing import time_pass, upstream_grads
 
 REFERENCE = "torch"

@@ -1,5 +1,8 @@
 """How an op registers itself with the benchmark harness.
 
+This module is the vocabulary the ops (layer 1) register into, so it imports nothing of fast3d;
+fast3d.bench.workloads loads every workload when the bench runs.
+
 An op gives its named workloads (shapes from real models), a way to build one input set, a way to
 run one backend on it, and its byte/flop model: the fewest bytes each pass must move through memory
 and the flops it must do (the physical floor that achieved GB/s and TFLOP/s are measured against).
@@ -63,7 +66,7 @@ def register_bench(spec: BenchSpec) -> BenchSpec:
     return spec
 
 
-def specs() -> dict[str, BenchSpec]:
-    import fast3d  # noqa: F401  (importing the package registers every op)
-
+def registered() -> dict[str, BenchSpec]:
+    """The specs registered so far, by op name, sorted. fast3d.bench.workloads.specs() registers
+    them all first."""
     return dict(sorted(_SPECS.items()))

@@ -1,9 +1,9 @@
-"""The synthetic multi-view data engine: camera rigs (cameras), procedural Gaussian assets
-(assets), multi-view tar shards and their reader (shards, MultiViewDataset), and the resumable
-`fast3d datagen procedural` generator (procedural)."""
+"""Multi-view data at rest: the tar shard format (shards: samples, the atomic ShardWriter, the
+background colour the views were composited over) and its reader (MultiViewDataset). Camera
+geometry is fast3d.cameras; what writes shards (procedural assets, the pretrained pipeline, the
+quality filter) is fast3d.datagen."""
 
-from fast3d.data import cameras
 from fast3d.data.dataset import MultiViewDataset
 from fast3d.data.shards import SOURCES, MultiViewSample, ShardWriter
 
-__all__ = ["cameras", "MultiViewDataset", "MultiViewSample", "ShardWriter", "SOURCES"]
+__all__ = ["MultiViewDataset", "MultiViewSample", "ShardWriter", "SOURCES"]

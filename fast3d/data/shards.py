@@ -11,6 +11,10 @@ WebDataset groups them):
     <key>.meta.json                                {"source": "synthetic"|"rendered3d"|"image2d",
                                                     "quality": float, "elevation": float|null}
 
+The RGB views are composited over one background colour per sample (the procedural generator's:
+white, or one random colour per object); :func:`background_color` reads it back from the empty
+pixels.
+
 A shard is written to a hidden temporary file and renamed into place when complete, so a crash
 never leaves a half-written shard under a shard's name. The reader treats every file as untrusted:
 a malformed sample or shard is skipped with a warning that names it, and counted.
@@ -35,6 +39,7 @@ SOURCES = ("synthetic", "rendered3d", "image2d")
 MAX_MEMBER_BYTES = 64 * 2**20     # one PNG or JSON member; larger is treated as hostile
 MAX_IMAGE_SIDE = 8192
 MAX_VIEWS = 256
+EMPTY_ALPHA = 0.01                # pixels with less alpha than this show the background alone
 _KEY = re.compile(r"^[A-Za-z0-9_\-]{1,128}$")
 
 
@@ -266,6 +271,17 @@ def decode_sample(key: str, group: dict[str, bytes]) -> MultiViewSample:
                            viewmats=_matrix_list(cams.get("viewmats"), "viewmats", V, 4),
                            Ks=_matrix_list(cams.get("Ks"), "Ks", V, 3), caption=caption, source=source,
                            quality=float(quality), elevation=None if elevation is None else float(elevation))
+
+
+def background_color(images: Tensor,   # [B, V, 3, H, W] composited over one colour per sample
+                     alphas: Tensor,   # [B, V, 1, H, W]
+                     ) -> Tensor:      # -> [B, 3]
+    """The colour each sample's views were composited over: the mean of its empty pixels (alpha
+    below EMPTY_ALPHA), white where no pixel is empty."""
+    empty = (alphas < EMPTY_ALPHA).to(images.dtype)
+    n = empty.sum((1, 3, 4))                                                   # [B, 1]
+    total = (images * empty).sum((1, 3, 4))                                    # [B, 3]
+    return torch.where(n > 0, total / n.clamp_min(1), torch.ones_like(total))
 
 
 def warn_skipped(what: str, why: str) -> None:

@@ -1,3 +1,4 @@
-"""Inference of the reconstruction models (``fast3d infer``): images in, Gaussians or a triplane
-out, with a turntable video and stage latencies. ``common`` holds what every model shares;
-``lgm`` and ``lrm`` the model-specific pipelines, chosen by the checkpoint's ``model_type``."""
+"""Inference of the trained models. ``lgm`` and ``lrm`` (``fast3d infer`` / ``fast3d eval``):
+images in, Gaussians or a triplane out, with a turntable video and stage latencies, chosen by the
+checkpoint's ``model_type``; ``ttr`` (``fast3d sample``): multi-view images from the TTR-trained
+DiT; ``common`` holds what they share."""

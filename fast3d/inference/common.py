@@ -1,4 +1,4 @@
-"""What the inference pipelines share: finding a checkpoint's weights, reading input images,
+"""What the inference pipelines share: reading input images,
 turntable cameras and files, and per-stage latency."""
 
 from __future__ import annotations
@@ -10,39 +10,9 @@ from contextlib import contextmanager
 
 import numpy as np
 import torch
-import yaml
 from torch import Tensor
 
-from fast3d.data import cameras
-from fast3d.models._pretrained import CONFIG_FILE
-
-
-def resolve_checkpoint(path: str, prefer_ema: bool = True, what: str = "--checkpoint") -> str:
-    """A model directory (``config.yaml`` + ``model.safetensors``) from: such a directory, a
-    checkpoint directory (``.../checkpoints/stepN``), or a training run's output directory (its
-    newest checkpoint). The EMA weights are preferred when the run kept them. ``what`` names the
-    argument in errors."""
-    if not os.path.isdir(path):
-        raise ValueError(f"{what} {path!r} is not a directory")
-    if os.path.isfile(os.path.join(path, CONFIG_FILE)):
-        return path
-    from fast3d.training.checkpoint import checkpoint_root, latest_tag
-
-    if os.path.isfile(os.path.join(path, "checkpoints", "latest")):
-        path = os.path.join(checkpoint_root(path), latest_tag(path))
-    for name in (("model_ema", "model") if prefer_ema else ("model",)):
-        if os.path.isfile(os.path.join(path, name, CONFIG_FILE)):
-            return os.path.join(path, name)
-    raise ValueError(f"{what} {path!r} holds no model: expected config.yaml + model.safetensors, a "
-                     f"checkpoint directory with model/, or a training run with checkpoints/latest")
-
-
-def model_type(model_dir: str) -> str:
-    with open(os.path.join(model_dir, CONFIG_FILE)) as f:
-        d = yaml.safe_load(f)
-    if not isinstance(d, dict) or not isinstance(d.get("model_type"), str):
-        raise ValueError(f"{model_dir}/{CONFIG_FILE} names no model_type")
-    return d["model_type"]
+from fast3d import cameras
 
 
 def load_image(path: str, size: int | None = None, background: float = 1.0) -> Tensor:  # -> [3, H, W] in [0, 1]

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fast3d.data import cameras as cams
+from fast3d import cameras as cams
 from fast3d.inference.common import StageTimer, load_images, orbit_cameras, write_turntable
 from fast3d.models.lgm import LGM, apply_transform_to_gaussians, normalize_cameras
 

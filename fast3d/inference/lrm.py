@@ -27,9 +27,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fast3d.data import cameras
-from fast3d.inference.common import (StageTimer, load_image, model_type, orbit_cameras, resolve_checkpoint,
-                                     write_turntable)
+from fast3d import cameras
+from fast3d.data.shards import background_color
+from fast3d.inference.common import StageTimer, load_image, orbit_cameras, write_turntable
+from fast3d.models.checkpoints import model_type, resolve_checkpoint
 from fast3d.models.lrm import LRM
 from fast3d.ops.triplane.api import triplane_sample
 
@@ -283,7 +284,6 @@ def evaluate(model_dir: str, data_path: str, out_json: str, views: int = 4, reso
     from fast3d.evaluation.geometry_metrics import chamfer_fscore
     from fast3d.evaluation.image_metrics import load_lpips, psnr, ssim
     from fast3d.io import load_ply
-    from fast3d.training.recipes.lrm import background_color
 
     if isinstance(views, bool) or not isinstance(views, int) or views < 2:
         raise ValueError(f"views must be an integer >= 2 (the input and at least one held-out view); got {views!r}")

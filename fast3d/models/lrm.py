@@ -12,7 +12,7 @@ the DINOv2 encoder is transformers' ``Dinov2Model`` (OpenLRM used the variant wi
 tokens), and the image tokens are projected to the decoder width once, before the layers (OpenLRM
 gives every cross-attention its own key/value input width).
 
-World and cameras are fast3d's (``fast3d.data.cameras``): objects in the unit box [-0.5, 0.5]^3,
+World and cameras are fast3d's (``fast3d.cameras``): objects in the unit box [-0.5, 0.5]^3,
 +Z up, OpenCV world-to-camera viewmats. The triplane spans [-bound, bound]^3 (bound 0.6: a margin
 past the object box, so the half-texel fade at the plane border never reaches the object); rays
 are marched only inside that box (near/far from the ray-box intersection, as OpenLRM's "auto" ray
@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from fast3d.data.cameras import camera_rays
-from fast3d.models import _pretrained
+from fast3d.cameras import camera_rays
+from fast3d.models import checkpoints
 from fast3d.ops import _validate
 from fast3d.nn.triplane import TriplaneRenderer
 from fast3d.ops.triplane.api import triplane_sample
@@ -383,12 +383,12 @@ class LRM(nn.Module):
     def save_pretrained(self, path: str) -> None:
         """``path/config.yaml`` + ``path/model.safetensors``; the encoder's weights are in the
         latter, so the saved config drops ``encoder_path``."""
-        _pretrained.save_pretrained(path, MODEL_TYPE, dataclasses.replace(self.config, encoder_path=None),
+        checkpoints.save_pretrained(path, MODEL_TYPE, dataclasses.replace(self.config, encoder_path=None),
                                     self.state_dict())
 
     @classmethod
     def from_pretrained(cls, path: str) -> "LRM":
-        config = _pretrained.read_config(path, MODEL_TYPE, LRMConfig)
+        config = checkpoints.read_config(path, MODEL_TYPE, LRMConfig)
         model = cls(dataclasses.replace(config, encoder_path=None))
-        _pretrained.load_state(model, _pretrained.read_weights(path), path)
+        checkpoints.load_state(model, checkpoints.read_weights(path), path)
         return model

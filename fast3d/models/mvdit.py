@@ -7,7 +7,7 @@ generates the 4 views of an object as one 2x2 grid image, fine-tuned from PixArt
   runs on fast3d's fused attention), :func:`build_vae`, :func:`build_text_encoder`,
   :func:`encode_prompts`; :func:`make_grid` / :func:`split_grid` between views and the grid;
   :func:`fingerprint` tells one VAE or text encoder from another; :func:`save_transformer` /
-  :func:`load_transformer` store a trained transformer (``fast3d.models._pretrained``).
+  :func:`load_transformer` store a trained transformer (``fast3d.models.checkpoints``).
 
 Self-attention: the grid is *one* image of (2h/p)(2w/p) patch tokens in raster order over the whole
 grid, so the tokens of the 4 views are interleaved (a grid row holds tokens of two views), and every
@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from fast3d.models import _pretrained
+from fast3d.models import checkpoints
 
 MODEL_TYPE = "mvdit"
 RANDOM_TINY = "random-tiny"
@@ -105,7 +105,7 @@ class MVDiTConfig:
         run names them: ``preset("xl-512", vae=path, text_encoder=path, transformer_init=path)``."""
         if name not in PRESETS:
             raise ValueError(f"preset must be one of {sorted(PRESETS)}; got {name!r}")
-        return _pretrained.config_from_dict(cls, {**PRESETS[name], **overrides}, what=f"preset {name!r}")
+        return checkpoints.dataclass_from_dict(cls, {**PRESETS[name], **overrides}, what=f"preset {name!r}")
 
     @property
     def width(self) -> int:
@@ -229,7 +229,7 @@ def build_transformer(cfg: MVDiTConfig, attention_backend: str = "auto"):
         path = _local(cfg.transformer_init, "transformer_init", "transformer")
         state = PixArtTransformer2DModel.from_pretrained(path, local_files_only=True,
                                                          torch_dtype=torch.float32).state_dict()
-        _pretrained.load_state(model, state, path)
+        checkpoints.load_state(model, state, path)
     return model.eval()
 
 
@@ -240,14 +240,14 @@ def save_transformer(path: str, cfg: MVDiTConfig, transformer) -> None:
     if got != want:
         diff = {k: (got[k], want[k]) for k in want if got[k] != want[k]}
         raise ValueError(f"transformer does not match cfg: (model, cfg) differ in {diff}")
-    _pretrained.save_pretrained(path, MODEL_TYPE, cfg, transformer.state_dict())
+    checkpoints.save_pretrained(path, MODEL_TYPE, cfg, transformer.state_dict())
 
 
 def load_transformer(path: str, attention_backend: str = "auto"):
     """(cfg, transformer) from a directory written by :func:`save_transformer`; ValueError if it is not one."""
-    cfg = _pretrained.read_config(path, MODEL_TYPE, MVDiTConfig)
+    cfg = checkpoints.read_config(path, MODEL_TYPE, MVDiTConfig)
     model = _new_transformer(cfg, attention_backend)
-    _pretrained.load_state(model, _pretrained.read_weights(path), path)
+    checkpoints.load_state(model, checkpoints.read_weights(path), path)
     return cfg, model.eval()
 
 

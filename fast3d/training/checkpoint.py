@@ -8,7 +8,8 @@
 
 A kill at any moment leaves ``latest`` naming a complete checkpoint, so a resumed run loses at
 most the steps since it. Nothing here is unpickled: fast3d's files are safetensors, DeepSpeed's are
-read with ``weights_only=True`` (fast3d.training.engine).
+read with ``weights_only=True`` (fast3d.training.engine). The layout itself (and how a reader finds
+the newest model in it) is fast3d.models.checkpoints'.
 """
 
 from __future__ import annotations
@@ -20,26 +21,7 @@ import shutil
 import torch
 from torch import Tensor
 
-LATEST = "latest"
-
-
-def checkpoint_root(out: str) -> str:
-    return os.path.join(out, "checkpoints")
-
-
-def tag_of(step: int) -> str:
-    return f"step{step:08d}"
-
-
-def latest_tag(out: str) -> str | None:
-    f = os.path.join(checkpoint_root(out), LATEST)
-    if not os.path.isfile(f):
-        return None
-    tag = open(f).read().strip()
-    if not tag.startswith("step") or not os.path.isdir(os.path.join(checkpoint_root(out), tag)):
-        raise ValueError(f"{f} names {tag!r}, which is not a checkpoint directory beside it")
-    return tag
-
+from fast3d.models.checkpoints import LATEST, checkpoint_root, latest_tag, tag_of
 
 def _rank_file(out: str, tag: str, rank: int) -> str:
     return os.path.join(checkpoint_root(out), tag, f"rank{rank:05d}.safetensors")

@@ -84,10 +84,10 @@ def load_config(path: str, recipe: str | None = None) -> RunConfig:
     """Read and validate a run's YAML; ``recipe``, when given, must match the file's."""
     if not os.path.isfile(path):
         raise ValueError(f"config {path!r} does not exist")
-    return config_from_dict(load_yaml(path), source=path, recipe=recipe)
+    return run_config_from_dict(load_yaml(path), source=path, recipe=recipe)
 
 
-def config_from_dict(d, source: str = "", recipe: str | None = None) -> RunConfig:
+def run_config_from_dict(d, source: str = "", recipe: str | None = None) -> RunConfig:
     if not isinstance(d, dict):
         raise ValueError(f"config {source or '<dict>'}: expected a mapping at the top level; got {type(d).__name__}")
     known = {f.name for f in dataclasses.fields(RunConfig)} - {"source"}

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-SOURCES = ("synthetic", "rendered3d", "image2d")
+from fast3d.data.shards import SOURCES  # the source tags a shard sample carries
 
 
 @dataclass(frozen=True)

@@ -90,7 +90,7 @@ def test_device_slug_is_a_folder_name():
 def test_a_failing_workload_is_reported_and_the_run_goes_on(tmp_path, monkeypatch):
     """A workload whose inputs cannot be made (a missing package, out of memory) or whose backend
     fails on its first call is logged and counted; the other workloads and ops are still timed."""
-    from fast3d.bench.spec import specs
+    from fast3d.bench.workloads import specs
 
     monkeypatch.setattr(env, "measure_peaks", lambda device: dict(peak_gbps=10.0, peak_tflops=0.5, peak_how="stub"))
     composite, sample = specs()["composite"], specs()["triplane_sample"]

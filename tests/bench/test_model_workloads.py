@@ -1,4 +1,4 @@
-"""The model-level workloads of `fast3d bench` (fast3d.models.bench): lgm-step, lgm-infer, lrm-step,
+"""The model-level workloads of `fast3d bench` (fast3d.bench.workloads): lgm-step, lgm-infer, lrm-step,
 ttr-step. Each quick variant runs through the real runner on the CPU; the full sizes are checked
 for presence (`--list`), their baselines for a reason where they cannot run, the flop model of
 ttr-step against the model config's step_flops."""
@@ -14,8 +14,9 @@ import torch
 import fast3d
 from fast3d import backends
 from fast3d.bench import runner
-from fast3d.bench.spec import PASSES, specs
-from fast3d.models.bench import _common, lgm, lrm, ttr
+from fast3d.bench.spec import PASSES
+from fast3d.bench.workloads import specs
+from fast3d.bench.workloads import _common, lgm, lrm, ttr
 
 CPU = torch.device("cpu")
 MODEL_OPS = {"lgm-step": ["big", "big-render"], "lgm-infer": ["big"],

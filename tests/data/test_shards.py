@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fast3d.data import MultiViewDataset, MultiViewSample, ShardWriter
-from fast3d.data.shards import decode_sample, encode_sample, iter_tar_groups
+from fast3d.data.shards import background_color, decode_sample, encode_sample, iter_tar_groups
 from helpers import assert_close
 
 # 8-bit PNG quantisation: at most half a step of 1/255 (plus float rounding).
@@ -246,3 +246,13 @@ def test_missing_path_and_empty_dir(tmp_path):
         MultiViewDataset(str(tmp_path / "nope"))
     with pytest.raises(ValueError, match=r"no \.tar shards under"):
         MultiViewDataset(str(tmp_path))
+
+
+def test_background_color_is_what_the_views_were_composited_over(gen):
+    colour = torch.rand(2, 3, generator=gen)
+    alphas = torch.rand(2, 3, 1, 8, 8, generator=gen).clamp_min(0.5)
+    alphas[0, :, :, :2] = 0                                            # sample 0 has empty pixels; sample 1 none
+    images = torch.rand(2, 3, 3, 8, 8, generator=gen) * alphas + colour[:, None, :, None, None] * (1 - alphas)
+    got = background_color(images, alphas)
+    assert_close(got[0], colour[0], atol=1e-6, rtol=0, name="estimated background")
+    assert_close(got[1], torch.ones(3), atol=0, rtol=0, name="no empty pixel: white")

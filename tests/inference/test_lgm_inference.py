@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from fast3d.data import procedural
+from fast3d.datagen import procedural
 from fast3d.data.dataset import MultiViewDataset
 from fast3d.inference import common, lgm
 from fast3d.io import load_ply
@@ -84,7 +84,7 @@ def test_evaluate_reports_image_and_geometry_metrics(setup, tmp_path):
 
 
 def test_cli_refuses_a_checkpoint_of_another_model(setup, tmp_path):
-    from fast3d.models._pretrained import save_pretrained
+    from fast3d.models.checkpoints import save_pretrained
     from fast3d.training.config import RunConfig
 
     save_pretrained(str(tmp_path / "other"), "mvdit", RunConfig(recipe="ttr"), {"w": torch.ones(1)})
@@ -99,7 +99,7 @@ def test_cli_refuses_a_checkpoint_of_another_model(setup, tmp_path):
 
 def test_pose_refinement_recovers_a_perturbed_camera(gen):
     """Render a scene from a camera, perturb the camera, refine: LPIPS falls and the camera moves back."""
-    from fast3d.data import cameras
+    from fast3d import cameras
     from fast3d.evaluation.image_metrics import load_lpips
     from fast3d.training import augment
 

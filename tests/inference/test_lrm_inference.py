@@ -10,10 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from fast3d.data import procedural
+from fast3d.datagen import procedural
 from fast3d.inference import lrm as lrm_infer
 from fast3d.inference.common import save_image
-from fast3d.models import _pretrained
+from fast3d.models import checkpoints
 from fast3d.models.lrm import LRM, LRMConfig
 
 
@@ -140,7 +140,7 @@ def test_bad_inputs_are_named(model_dir, image, tmp_path, gen):
     with pytest.raises(ValueError, match="is 32x24; LRM takes a square image"):
         lrm_infer.infer(model_dir, wide, out, device="cpu")
     other = str(tmp_path / "lgm")
-    _pretrained.save_pretrained(other, "lgm", LRMConfig.preset("tiny"), {})
+    checkpoints.save_pretrained(other, "lgm", LRMConfig.preset("tiny"), {})
     with pytest.raises(ValueError, match="holds a 'lgm' model; LRM inference needs an 'lrm' checkpoint"):
         lrm_infer.infer(other, image, out, device="cpu")
     with pytest.raises(ValueError, match="holds a 'lgm' model"):

@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fast3d.data import cameras
-from fast3d.models import _pretrained
+from fast3d import cameras
+from fast3d.models import checkpoints
 from fast3d.models.lgm import (LGM, CrossViewAttention, LGMConfig, apply_transform_to_gaussians,
                                apply_transform_to_viewmats, canonical_viewmat, lora_target_modules,
                                normalize_cameras)
@@ -235,7 +235,7 @@ def test_save_load_roundtrip_gives_identical_outputs(tmp_path, seed, gen):
 
 
 def test_loading_another_models_checkpoint_fails_clearly(tmp_path):
-    _pretrained.save_pretrained(str(tmp_path), "lrm", TINY, {})
+    checkpoints.save_pretrained(str(tmp_path), "lrm", TINY, {})
     with pytest.raises(ValueError, match="'lrm' model, not 'lgm'"):
         LGM.from_pretrained(str(tmp_path))
     with pytest.raises(ValueError, match="config.yaml"):

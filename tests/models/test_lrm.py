@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from helpers import assert_close
 
-from fast3d.data import cameras
-from fast3d.models import _pretrained
+from fast3d import cameras
+from fast3d.models import checkpoints
 from fast3d.models.lrm import LRM, NEAR_MIN, LRMConfig, ray_box_bounds
 from fast3d.ops.triplane.api import triplane_sample
 
@@ -166,10 +166,10 @@ def test_save_load_round_trip(tmp_path, gen, seed):
 
 
 def test_checkpoints_of_other_models_fail_clearly(tmp_path, tiny):
-    _pretrained.save_pretrained(str(tmp_path / "lgm"), "lgm", TINY, {})
+    checkpoints.save_pretrained(str(tmp_path / "lgm"), "lgm", TINY, {})
     with pytest.raises(ValueError, match="holds a 'lgm' model, not 'lrm'"):
         LRM.from_pretrained(str(tmp_path / "lgm"))
-    _pretrained.save_pretrained(str(tmp_path / "wide"), "lrm", dataclasses.replace(TINY, plane_channels=4),
+    checkpoints.save_pretrained(str(tmp_path / "wide"), "lrm", dataclasses.replace(TINY, plane_channels=4),
                                 tiny.state_dict())
     with pytest.raises(ValueError, match="does not match the model"):
         LRM.from_pretrained(str(tmp_path / "wide"))

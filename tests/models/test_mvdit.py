@@ -1,4 +1,4 @@
-"""fast3d.models.mvdit and fast3d.training.ttr_sample: config presets and validation, the transformer
+"""fast3d.models.mvdit and fast3d.inference.ttr: config presets and validation, the transformer
 with fast3d's attention equal to diffusers' default, grids, prompt encoding as PixArt's pipeline does
 it, fingerprints, checkpoints (ours and PixArt-alpha's), and sampling a tiny checkpoint to PNGs.
 Every model is a tiny random one built from a config (no weights can be downloaded here)."""
@@ -232,7 +232,7 @@ def test_local_text_encoder_loads_in_float32_with_the_same_fingerprint(tmp_path)
 
 
 def test_sampling_a_tiny_checkpoint_writes_the_grid_and_views(tmp_path, seed):
-    from fast3d.training.ttr_sample import sample
+    from fast3d.inference.ttr import sample
 
     mvdit.save_transformer(str(tmp_path / "ckpt"), TINY, mvdit.build_transformer(TINY))
     out = str(tmp_path / "out" / "cube.png")

@@ -19,7 +19,8 @@ import torch
 from safetensors.torch import load, save
 from torch.utils.data import DataLoader
 
-from fast3d.data import MultiViewDataset, procedural
+from fast3d.data import MultiViewDataset
+from fast3d.datagen import procedural
 from fast3d.models.mvdit import (MVDiTConfig, build_text_encoder, build_vae, encode_prompts, fingerprint,
                                  make_grid)
 from fast3d.training import feature_cache

@@ -9,10 +9,10 @@ import sys
 import pytest
 import torch
 
-from fast3d.data import procedural
+from fast3d.datagen import procedural
 from fast3d.models.lgm import LGM
 from fast3d.training import augment
-from fast3d.training.config import config_from_dict
+from fast3d.training.config import run_config_from_dict
 from fast3d.training.loop import StepContext
 from fast3d.training.metrics import read_metrics
 from fast3d.training.recipes.lgm import LGMRecipe
@@ -68,7 +68,7 @@ def test_two_rank_training_resumes_to_the_same_losses(tmp_path, data):
 @pytest.mark.slow
 def test_lora_boost_changes_only_the_cross_view_attention(tmp_path, data):
     torch.manual_seed(0)
-    base = LGM(LGMRecipe(config_from_dict(run_config(data))).lgm)
+    base = LGM(LGMRecipe(run_config_from_dict(run_config(data))).lgm)
     base.save_pretrained(str(tmp_path / "base"))
     cfg = write(tmp_path, run_config(data, max_steps=2, model={"preset": "tiny", "init_from": str(tmp_path / "base")}))
     train(cfg, tmp_path / "boost", "--lora", "4", ranks=1)
@@ -83,18 +83,18 @@ def test_init_from_takes_a_training_run_and_finds_its_newest_weights(tmp_path, d
     run's directory means its newest checkpoint's EMA weights where it kept them."""
     run = tmp_path / "run"
     for step, which in ((2, "model"), (4, "model"), (4, "model_ema")):
-        LGM(LGMRecipe(config_from_dict(run_config(data))).lgm).save_pretrained(
+        LGM(LGMRecipe(run_config_from_dict(run_config(data))).lgm).save_pretrained(
             str(run / "checkpoints" / f"step{step:08d}" / which))
     (run / "checkpoints" / "latest").write_text("step00000004")
-    r = LGMRecipe(config_from_dict(run_config(data, model={"preset": "tiny", "init_from": str(run), "lora_rank": 2})))
+    r = LGMRecipe(run_config_from_dict(run_config(data, model={"preset": "tiny", "init_from": str(run), "lora_rank": 2})))
     assert r.init_dir == str(run / "checkpoints" / "step00000004" / "model_ema")
     assert r.cfg.model["init_from"] == r.init_dir  # config.json names the weights the run started from
     with pytest.raises(ValueError, match="model.init_from .* holds no model"):
-        LGMRecipe(config_from_dict(run_config(data, model={"preset": "tiny", "init_from": str(tmp_path)})))
+        LGMRecipe(run_config_from_dict(run_config(data, model={"preset": "tiny", "init_from": str(tmp_path)})))
 
 
 def test_loss_is_finite_and_reports_its_terms(data, gen):
-    r = LGMRecipe(config_from_dict(run_config(data)))
+    r = LGMRecipe(run_config_from_dict(run_config(data)))
     model = r.build_model()
     r.prepare(torch.device("cpu"))
     batch = r.collate([s for s, _ in zip(r.dataset(0, 1), range(2))])
@@ -115,7 +115,7 @@ def test_loss_is_finite_and_reports_its_terms(data, gen):
 ])
 def test_config_errors_name_the_key(change, match):
     with pytest.raises(ValueError, match=match):
-        LGMRecipe(config_from_dict(dict(run_config("x"), **change)))
+        LGMRecipe(run_config_from_dict(dict(run_config("x"), **change)))
 
 
 def test_recomposite_swaps_the_background_exactly(gen):
@@ -127,7 +127,7 @@ def test_recomposite_swaps_the_background_exactly(gen):
 
 
 def test_camera_jitter_is_rigid_and_small(gen):
-    from fast3d.data import cameras
+    from fast3d import cameras
 
     vm = cameras.orbit16(gen).viewmats
     j = augment.camera_jitter(vm, gen, max_deg=3.0, max_shift=0.02)
@@ -138,7 +138,7 @@ def test_camera_jitter_is_rigid_and_small(gen):
 
 
 def test_camera_noise_stays_within_its_amount(gen):
-    from fast3d.data import cameras
+    from fast3d import cameras
 
     rig = cameras.mvdream(resolution=64)
     vm, K = augment.camera_noise(rig.viewmats, rig.Ks, gen, amount=0.02, size=64)

@@ -133,7 +133,7 @@ def test_deepspeed_config_names_a_batch_size_that_does_not_add_up(tmp_path):
 ])
 def test_config_errors_name_the_key(tmp_path, bad, match):
     with pytest.raises(ValueError, match=match):
-        run_config.config_from_dict(dict(TOY, **bad))
+        run_config.run_config_from_dict(dict(TOY, **bad))
 
 
 def test_config_of_another_recipe_or_missing_file_is_refused(tmp_path):

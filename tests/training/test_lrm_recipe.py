@@ -13,13 +13,14 @@ import pytest
 import torch
 import yaml
 
-from fast3d.data import cameras, procedural
+from fast3d import cameras
+from fast3d.datagen import procedural
 from fast3d.evaluation.image_metrics import load_lpips
 from fast3d.models.lrm import LRM, LRMConfig
-from fast3d.training.config import config_from_dict, load_config
+from fast3d.training.config import load_config, run_config_from_dict
 from fast3d.training.loop import StepContext
 from fast3d.training.metrics import read_metrics
-from fast3d.training.recipes.lrm import LRMRecipe, SourceFiltered, background_color
+from fast3d.training.recipes.lrm import LRMRecipe, SourceFiltered
 from helpers import assert_close
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -49,7 +50,7 @@ def tiny_dict(train="unused", **sections) -> dict:
 
 def recipe(run: dict | None = None, **sections) -> LRMRecipe:
     """LRMRecipe of lrm_tiny with top-level keys ``run`` and section keys replaced."""
-    return LRMRecipe(config_from_dict({**tiny_dict(**sections), **(run or {})}))
+    return LRMRecipe(run_config_from_dict({**tiny_dict(**sections), **(run or {})}))
 
 
 @pytest.fixture(scope="module")
@@ -188,16 +189,6 @@ def test_patch_and_random_background(gen, tiny_lrm):
     bg = call["background"]
     assert bg.shape == (4, 3) and not torch.allclose(bg, torch.ones(4, 3)), "backgrounds should be random colours"
     assert torch.isfinite(loss) and math.isfinite(m["psnr"])
-
-
-def test_background_color_is_what_the_views_were_composited_over(gen):
-    colour = torch.rand(2, 3, generator=gen)
-    alphas = torch.rand(2, 3, 1, 8, 8, generator=gen).clamp_min(0.5)
-    alphas[0, :, :, :2] = 0                                            # sample 0 has empty pixels; sample 1 none
-    images = torch.rand(2, 3, 3, 8, 8, generator=gen) * alphas + colour[:, None, :, None, None] * (1 - alphas)
-    got = background_color(images, alphas)
-    assert_close(got[0], colour[0], atol=1e-6, rtol=0, name="estimated background")
-    assert_close(got[1], torch.ones(3), atol=0, rtol=0, name="no empty pixel: white")
 
 
 def test_a_dataset_without_the_requested_source_fails_before_training(data):

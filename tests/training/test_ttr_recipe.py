@@ -2,7 +2,7 @@
 that resume exactly and log per-source and per-bucket losses, ZeRO-3 with EMA and activation
 checkpointing, refusal of a cache of another VAE or lacking a source of the mix, TTR timesteps by
 source, the noise-prediction loss, caption dropout, the mixed data stream, the export that
-``ttr_sample.sample`` loads, and the FLOP model (MVDiTConfig.step_flops) against the executed model.
+``fast3d.inference.ttr.sample`` loads, and the FLOP model (MVDiTConfig.step_flops) against the executed model.
 
 The data (procedural rendered3d objects plus hand-written synthetic and image2d shards) and its
 feature cache are built once per module from fixed seeds: their content is not what is tested."""
@@ -22,11 +22,11 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from fast3d.data import procedural
+from fast3d.datagen import procedural
 from fast3d.data.shards import MultiViewSample, ShardWriter
 from fast3d.models import mvdit
 from fast3d.training import config as run_config
-from fast3d.training import ttr_sample
+from fast3d.inference import ttr as ttr_inference
 from fast3d.training.loop import StepContext
 from fast3d.training.metrics import read_metrics
 from fast3d.training.recipes import ttr as recipe_ttr
@@ -292,7 +292,7 @@ def test_export_loads_and_samples(work, tmp_path):
     assert cfg == recipe.model_cfg
     for (n, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a, b), n
-    paths = ttr_sample.sample(str(tmp_path / "model"), "a red chair", str(tmp_path / "s" / "chair.png"), steps=2)
+    paths = ttr_inference.sample(str(tmp_path / "model"), "a red chair", str(tmp_path / "s" / "chair.png"), steps=2)
     from PIL import Image
 
     assert [Image.open(p).size for p in paths] == [(64, 64)] + [(32, 32)] * 4

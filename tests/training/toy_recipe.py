@@ -49,7 +49,7 @@ class ToyRecipe(Recipe):
         return loss, {"loss": loss.detach(), "noise": noise.abs().mean()}
 
     def export(self, module, path):
-        from fast3d.models._pretrained import save_pretrained
+        from fast3d.models.checkpoints import save_pretrained
         from fast3d.training.config import RunConfig
 
         save_pretrained(path, "toy", RunConfig(recipe="toy"), module.state_dict())

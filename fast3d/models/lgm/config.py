@@ -6,7 +6,7 @@ import math
 import numbers
 from dataclasses import dataclass
 
-from fast3d.data.cameras import DEFAULT_DISTANCE, DEFAULT_FOV_Y_DEG
+from fast3d.cameras import DEFAULT_DISTANCE, DEFAULT_FOV_Y_DEG
 
 
 def _positive_int(name: str, x) -> None:

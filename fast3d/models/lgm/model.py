@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fast3d.data.cameras import camera_rays, plucker_rays
-from fast3d.models import _pretrained
+from fast3d.cameras import camera_rays, plucker_rays
+from fast3d.models import checkpoints
 from fast3d.models.lgm.config import LGMConfig
 from fast3d.models.lgm.unet import CrossViewAttention, UNet
 from fast3d.ops.rasterization import rasterization
@@ -146,13 +146,13 @@ class LGM(nn.Module):
 
     def save_pretrained(self, path: str) -> None:
         """Write ``path/config.yaml`` and ``path/model.safetensors``."""
-        _pretrained.save_pretrained(path, MODEL_TYPE, self.config, self.state_dict())
+        checkpoints.save_pretrained(path, MODEL_TYPE, self.config, self.state_dict())
 
     @classmethod
     def from_pretrained(cls, path: str) -> "LGM":
         """Load a directory written by :meth:`save_pretrained` (ValueError for another model's)."""
-        model = cls(_pretrained.read_config(path, MODEL_TYPE, LGMConfig))
-        _pretrained.load_state(model, _pretrained.read_weights(path), path)
+        model = cls(checkpoints.read_config(path, MODEL_TYPE, LGMConfig))
+        checkpoints.load_state(model, checkpoints.read_weights(path), path)
         return model
 
 

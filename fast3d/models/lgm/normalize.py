@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fast3d.data.cameras import DEFAULT_DISTANCE, look_at
+from fast3d.cameras import DEFAULT_DISTANCE, look_at
 
 # R R^T = I, det R = 1 and the last row (0, 0, 0, 1), to this tolerance; checked on CPU tensors only
 RIGID_ATOL = 1e-3

@@ -27,8 +27,8 @@ import torch.nn.functional as F
 
 from fast3d.data.dataset import MultiViewDataset
 from fast3d.evaluation.image_metrics import load_lpips, psnr
-from fast3d.inference.common import resolve_checkpoint
-from fast3d.models._pretrained import config_from_dict
+from fast3d.models.checkpoints import resolve_checkpoint
+from fast3d.models.checkpoints import dataclass_from_dict
 from fast3d.models.lgm import LGM, LGMConfig, apply_transform_to_viewmats, lora_target_modules, normalize_cameras
 from fast3d.training import augment
 from fast3d.training.loop import Recipe, StepContext
@@ -78,9 +78,9 @@ class LGMRecipe(Recipe):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        self.m = config_from_dict(ModelSection, cfg.model, "model")
-        self.d = config_from_dict(DataSection, cfg.data, "data")
-        self.l = config_from_dict(LossSection, cfg.loss, "loss")
+        self.m = dataclass_from_dict(ModelSection, cfg.model, "model")
+        self.d = dataclass_from_dict(DataSection, cfg.data, "data")
+        self.l = dataclass_from_dict(LossSection, cfg.loss, "loss")
         self.lgm = self.m.lgm_config(cfg.activation_checkpointing)
         if not self.d.train:
             raise ValueError("data.train must name a shard directory")

@@ -58,14 +58,13 @@ from torch import Tensor
 from torch.utils.data import IterableDataset
 
 from fast3d.data.dataset import MultiViewDataset
-from fast3d.data.shards import SOURCES
+from fast3d.data.shards import SOURCES, background_color
 from fast3d.evaluation.image_metrics import load_lpips, psnr
-from fast3d.models import _pretrained
+from fast3d.models import checkpoints
 from fast3d.models.lrm import LRM, LRMConfig
 from fast3d.training import augment
 from fast3d.training.loop import Recipe, StepContext
 
-EMPTY_ALPHA = 0.01    # pixels with less alpha than this show the background alone
 LPIPS_MIN_SIZE = 16   # LPIPS-VGG pools 4 times: smaller images vanish
 
 
@@ -159,17 +158,6 @@ class LossSection:
                              f"times); the smallest stage resolution or patch is {smallest}")
 
 
-def background_color(images: Tensor,   # [B, V, 3, H, W] composited over one colour per sample
-                     alphas: Tensor,   # [B, V, 1, H, W]
-                     ) -> Tensor:      # -> [B, 3]
-    """The colour each sample's views were composited over: the mean of its empty pixels (alpha
-    below EMPTY_ALPHA), white where no pixel is empty."""
-    empty = (alphas < EMPTY_ALPHA).to(images.dtype)
-    n = empty.sum((1, 3, 4))                                                   # [B, 1]
-    total = (images * empty).sum((1, 3, 4))                                    # [B, 3]
-    return torch.where(n > 0, total / n.clamp_min(1), torch.ones_like(total))
-
-
 def _shard_sources(shard: str, wanted: set) -> set:
     """The sources of the samples in a shard, read from their meta.json members alone; stops at
     the first source in ``wanted``. An unreadable shard has none (training would skip it too)."""
@@ -235,9 +223,9 @@ class LRMRecipe(Recipe):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        self.m = _pretrained.config_from_dict(ModelSection, cfg.model, "model")
-        self.d = _pretrained.config_from_dict(DataSection, cfg.data, "data")
-        self.l = _pretrained.config_from_dict(LossSection, cfg.loss, "loss")
+        self.m = checkpoints.dataclass_from_dict(ModelSection, cfg.model, "model")
+        self.d = checkpoints.dataclass_from_dict(DataSection, cfg.data, "data")
+        self.l = checkpoints.dataclass_from_dict(LossSection, cfg.loss, "loss")
         self.lrm = self.m.lrm_config(cfg.activation_checkpointing)
         self.stages = [(s["resolution"], s["steps"]) for s in self.l.stages]
         self.resolution = self.d.resolution or max(r for r, _ in self.stages)
@@ -271,11 +259,11 @@ class LRMRecipe(Recipe):
     def build_model(self) -> torch.nn.Module:
         src = None
         if self.m.init_from:
-            from fast3d.inference.common import resolve_checkpoint
+            from fast3d.models.checkpoints import resolve_checkpoint
 
             src = resolve_checkpoint(self.cfg.path(self.m.init_from), what="model.init_from")
             try:
-                saved = _pretrained.read_config(src, "lrm", LRMConfig)
+                saved = checkpoints.read_config(src, "lrm", LRMConfig)
             except ValueError as e:
                 raise ValueError(f"model.init_from: {e}") from None
             ignore = dict(grad_checkpointing=False, encoder_path=None)
@@ -285,7 +273,7 @@ class LRMRecipe(Recipe):
         torch.manual_seed(self.cfg.seed)
         model = LRM(self.lrm)
         if src is not None:
-            _pretrained.load_state(model, _pretrained.read_weights(src), src)
+            checkpoints.load_state(model, checkpoints.read_weights(src), src)
         return model
 
     def prepare(self, device: torch.device) -> None:

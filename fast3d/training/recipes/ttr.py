@@ -47,7 +47,7 @@ import torch
 from torch import Tensor
 
 from fast3d.models import mvdit
-from fast3d.models._pretrained import config_from_dict
+from fast3d.models.checkpoints import dataclass_from_dict
 from fast3d.models.mvdit import MVDiTConfig
 from fast3d.training import feature_cache
 from fast3d.training.config import RunConfig
@@ -81,7 +81,7 @@ class LossSection:
 
 def _sections(cfg: RunConfig) -> tuple[MVDiTConfig, DataSection, LossSection, TTRConfig]:
     """The parsed and checked model, data and loss sections of a ``ttr`` run config."""
-    m = config_from_dict(ModelSection, cfg.model, "model")
+    m = dataclass_from_dict(ModelSection, cfg.model, "model")
     if not isinstance(m.overrides, dict):
         raise ValueError(f"model.overrides must be a mapping of MVDiTConfig fields; got {m.overrides!r}")
     overrides = {k: cfg.path(v) if k in _SOURCE_FIELDS and isinstance(v, str) and v not in _RANDOM_SOURCES else v
@@ -90,12 +90,12 @@ def _sections(cfg: RunConfig) -> tuple[MVDiTConfig, DataSection, LossSection, TT
         model = MVDiTConfig.preset(m.preset, **overrides)
     except ValueError as e:
         raise ValueError(f"model: {e}") from None
-    d = config_from_dict(DataSection, cfg.data, "data")
+    d = dataclass_from_dict(DataSection, cfg.data, "data")
     if not isinstance(d.cache, str) or not d.cache:
         raise ValueError(f"data.cache must name the feature-cache directory; got {d.cache!r}")
     if isinstance(d.shuffle_buffer, bool) or not isinstance(d.shuffle_buffer, int) or d.shuffle_buffer < 1:
         raise ValueError(f"data.shuffle_buffer must be a positive int; got {d.shuffle_buffer!r}")
-    loss = config_from_dict(LossSection, cfg.loss, "loss")
+    loss = dataclass_from_dict(LossSection, cfg.loss, "loss")
     if not isinstance(loss.ttr, dict):
         raise ValueError(f"loss.ttr must be a mapping of TTRConfig fields; got {loss.ttr!r}")
     ttr = TTRConfig.from_dict(loss.ttr)

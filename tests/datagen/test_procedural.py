@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import fast3d
-from fast3d.data import MultiViewDataset, procedural
+from fast3d.data import MultiViewDataset
+from fast3d.datagen import procedural
 from fast3d.data.shards import decode_sample, iter_tar_groups
 from helpers import assert_close
 

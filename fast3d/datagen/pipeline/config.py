@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 import torch
 
 from fast3d._yaml import load_yaml
-from fast3d.data.cameras import DEFAULT_DISTANCE, DEFAULT_FOV_Y_DEG
-from fast3d.models._pretrained import config_from_dict
+from fast3d.cameras import DEFAULT_DISTANCE, DEFAULT_FOV_Y_DEG
+from fast3d.models.checkpoints import dataclass_from_dict
 
 RANDOM_TINY = "random-tiny"
 
@@ -95,7 +95,7 @@ class PipelineConfig:
         kwargs = {k: v for k, v in d.items() if k not in sections}
         for name, section in sections.items():
             value = {} if d.get(name) is None else d[name]
-            kwargs[name] = config_from_dict(section, value, what=f"pipeline config {name!r}")
+            kwargs[name] = dataclass_from_dict(section, value, what=f"pipeline config {name!r}")
         cfg = cls(**kwargs)
         cfg.validate()
         return cfg
@@ -136,7 +136,7 @@ class PipelineConfig:
             raise ValueError(f"mv.fov_deg must be in (0, 180); got {m.fov_deg!r}")
         if self.filter.threshold is not None:
             _number("filter.threshold", self.filter.threshold)
-        from fast3d.data.pipeline.stages import check_model_source, load_filter
+        from fast3d.datagen.pipeline.stages import check_model_source, load_filter
 
         check_model_source("t2i.model", t.model)
         check_model_source("mv.model", m.model)

@@ -30,7 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
-from fast3d.data import assets, cameras
+from fast3d import cameras
+from fast3d.datagen import assets
 from fast3d.data.shards import MultiViewSample, ShardWriter, claim_output
 
 PREFIX = "procedural"

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from fast3d.bench.spec import BenchSpec, Workload, register_bench
-from fast3d.models.bench import _common as c
+from fast3d.bench.workloads import _common as c
 
 OP = "ttr-step"
 DIFFUSERS = "diffusers"

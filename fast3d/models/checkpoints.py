@@ -1,6 +1,12 @@
-"""Saving and loading a model as a directory: ``config.yaml`` (its dataclass config and model type)
-and ``model.safetensors`` (its weights). Loading never unpickles: configs go through
-``yaml.safe_load``, weights through safetensors."""
+"""Model directories and where training runs keep them; the one place that knows both layouts.
+
+A model directory holds ``config.yaml`` (its dataclass config and model type) and
+``model.safetensors`` (its weights). A training run keeps its checkpoints under
+``OUT/checkpoints/``: ``latest`` names the newest complete one, ``stepNNNNNNNN/`` holds it, with the
+inference weights in ``model/`` (and ``model_ema/`` when the run keeps an EMA). Training writes that
+layout (fast3d.training.checkpoint); inference and ``--init-from`` read it through
+:func:`resolve_checkpoint`. Loading never unpickles: configs go through ``yaml.safe_load``, weights
+through safetensors."""
 
 from __future__ import annotations
 
@@ -13,9 +19,65 @@ import yaml
 from fast3d._yaml import load_yaml
 
 CONFIG_FILE, WEIGHTS_FILE = "config.yaml", "model.safetensors"
+LATEST = "latest"
 
 
-def config_from_dict(cls, d, what: str = "config"):
+def checkpoint_root(out: str) -> str:
+    """The checkpoints folder of training run ``out``."""
+    return os.path.join(out, "checkpoints")
+
+
+def tag_of(step: int) -> str:
+    """The checkpoint directory name of step ``step``."""
+    return f"step{step:08d}"
+
+
+def latest_tag(out: str) -> str | None:
+    """The tag ``OUT/checkpoints/latest`` names, or None when the run has no checkpoint yet."""
+    f = os.path.join(checkpoint_root(out), LATEST)
+    if not os.path.isfile(f):
+        return None
+    tag = open(f).read().strip()
+    if not tag.startswith("step") or not os.path.isdir(os.path.join(checkpoint_root(out), tag)):
+        raise ValueError(f"{f} names {tag!r}, which is not a checkpoint directory beside it")
+    return tag
+
+
+def resolve_checkpoint(path: str, prefer_ema: bool = True, what: str = "--checkpoint") -> str:
+    """Find the model directory a user means.
+
+    Args:
+        path: a model directory (``config.yaml`` + ``model.safetensors``), a checkpoint directory
+            (``.../checkpoints/stepN``) or a training run's output directory (its newest checkpoint).
+        prefer_ema: take the EMA weights when the checkpoint kept them.
+        what: the argument's name in error messages.
+
+    Returns:
+        The model directory.
+    """
+    if not os.path.isdir(path):
+        raise ValueError(f"{what} {path!r} is not a directory")
+    if os.path.isfile(os.path.join(path, CONFIG_FILE)):
+        return path
+    if os.path.isfile(os.path.join(checkpoint_root(path), LATEST)):
+        path = os.path.join(checkpoint_root(path), latest_tag(path))
+    for name in (("model_ema", "model") if prefer_ema else ("model",)):
+        if os.path.isfile(os.path.join(path, name, CONFIG_FILE)):
+            return os.path.join(path, name)
+    raise ValueError(f"{what} {path!r} holds no model: expected config.yaml + model.safetensors, a "
+                     f"checkpoint directory with model/, or a training run with checkpoints/latest")
+
+
+def model_type(model_dir: str) -> str:
+    """The ``model_type`` a model directory's ``config.yaml`` names."""
+    with open(os.path.join(model_dir, CONFIG_FILE)) as f:
+        d = yaml.safe_load(f)
+    if not isinstance(d, dict) or not isinstance(d.get("model_type"), str):
+        raise ValueError(f"{model_dir}/{CONFIG_FILE} names no model_type")
+    return d["model_type"]
+
+
+def dataclass_from_dict(cls, d, what: str = "config"):
     """Build dataclass ``cls`` from a dict, naming unknown keys (the dataclass checks values)."""
     if not isinstance(d, dict):
         raise ValueError(f"{what} must be a mapping; got {type(d).__name__}")
@@ -53,7 +115,7 @@ def read_config(path: str, model_type: str, cls):
         raise ValueError(f"{f}: expected keys 'model_type' and 'config'")
     if d["model_type"] != model_type:
         raise ValueError(f"checkpoint {path!r} holds a {d['model_type']!r} model, not {model_type!r}")
-    return config_from_dict(cls, d["config"], what=f"{f} config")
+    return dataclass_from_dict(cls, d["config"], what=f"{f} config")
 
 
 def read_weights(path: str) -> dict:

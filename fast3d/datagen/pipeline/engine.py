@@ -1,7 +1,7 @@
 """Running the pipeline resumably: prompts -> text-to-image -> image-to-multi-view -> quality filter ->
 optional recaption -> shards ``synthetic-NNNNNN.tar`` with ``source=synthetic``.
 
-The design is :mod:`fast3d.data.procedural`'s: item i is a pure function of (config, i); shard j
+The design is :mod:`fast3d.datagen.procedural`'s: item i is a pure function of (config, i); shard j
 (items j*S .. j*S+S-1) is the unit of work and of resumption; readers (local worker processes x
 RANK/WORLD_SIZE) take shards j = reader, reader + readers, ...; a shard appears only once complete
 (temporary file, then rename), so a rerun removes a killed run's temporary files and writes exactly
@@ -31,10 +31,10 @@ from typing import Callable
 
 import torch
 
-from fast3d.data import cameras
-from fast3d.data.pipeline import stages as st
-from fast3d.data.pipeline.config import PipelineConfig, item
-from fast3d.data.procedural import run_workers
+from fast3d import cameras
+from fast3d.datagen.pipeline import stages as st
+from fast3d.datagen.pipeline.config import PipelineConfig, item
+from fast3d.datagen.procedural import run_workers
 from fast3d.data.shards import MultiViewSample, ShardWriter, claim_output
 
 PREFIX = "synthetic"

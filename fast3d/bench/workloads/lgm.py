@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from fast3d.bench.spec import BenchSpec, Workload, register_bench
-from fast3d.models.bench import _common as c
+from fast3d.bench.workloads import _common as c
 from fast3d.ops.rasterization import bench as raster_bench
 
 STEP_OP = "lgm-step"

@@ -1,7 +1,7 @@
 """What the model-level workloads of ``fast3d bench`` share: the one cached model, orbit
 cameras, flop counting and the out-of-memory guard.
 
-Nothing here imports a model at import time: ``import fast3d`` registers these workloads, and
+Nothing here imports a model at import time: the bench registers these workloads when it runs, and
 the models (diffusers, transformers) load only when a workload runs.
 """
 
@@ -49,7 +49,7 @@ def orbit_cameras(B: int, V: int, resolution: int, gen: torch.Generator, *, dist
     ``distance``, elevations in [-11, 34] degrees; the first ``orthogonal`` views at evenly spaced
     azimuths (LGM's 4 orthogonal inputs), the others at random azimuths.
     Returns viewmats [B, V, 4, 4], Ks [B, V, 3, 3] (pixels of a resolution^2 image), float32."""
-    from fast3d.data import cameras
+    from fast3d import cameras
 
     az = torch.rand(B, V, generator=gen, dtype=torch.float64) * (2 * math.pi)
     if orthogonal:

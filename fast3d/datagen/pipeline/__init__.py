@@ -6,19 +6,19 @@ DINOv2 features) -> optional recaption (transformers BLIP) -> shards with ``sour
 :class:`fast3d.data.MultiViewDataset` reads. Every model is a local directory named in the config
 (never downloaded) or ``random-tiny``.
 
-* :mod:`~fast3d.data.pipeline.config`: :class:`PipelineConfig`, :func:`load_config`, per-item prompts
+* :mod:`~fast3d.datagen.pipeline.config`: :class:`PipelineConfig`, :func:`load_config`, per-item prompts
   and seeds;
-* :mod:`~fast3d.data.pipeline.stages`: the stage plug-ins;
-* :mod:`~fast3d.data.pipeline.engine`: the resumable, split-independent run.
+* :mod:`~fast3d.datagen.pipeline.stages`: the stage plug-ins;
+* :mod:`~fast3d.datagen.pipeline.engine`: the resumable, split-independent run.
 
 The CLI calls :func:`run_config` (config path, output directory, local worker processes).
 """
 
 from __future__ import annotations
 
-from fast3d.data.pipeline.config import PipelineConfig, item, load_config
-from fast3d.data.pipeline.engine import Stages, build_stages, generate, orbit, run
-from fast3d.data.pipeline.stages import Filter, ImageToMultiView, Recaptioner, TextToImage
+from fast3d.datagen.pipeline.config import PipelineConfig, item, load_config
+from fast3d.datagen.pipeline.engine import Stages, build_stages, generate, orbit, run
+from fast3d.datagen.pipeline.stages import Filter, ImageToMultiView, Recaptioner, TextToImage
 
 __all__ = ["PipelineConfig", "load_config", "item", "Stages", "build_stages", "generate", "orbit", "run", "run_config",
            "TextToImage", "ImageToMultiView", "Filter", "Recaptioner"]

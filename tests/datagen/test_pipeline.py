@@ -12,9 +12,9 @@ import torch
 import yaml
 
 from fast3d.data import MultiViewDataset
-from fast3d.data.pipeline import PipelineConfig, build_stages, generate, item, load_config, orbit, run_config
-from fast3d.data.pipeline import engine
-from fast3d.data.quality import QualityFilter
+from fast3d.datagen.pipeline import PipelineConfig, build_stages, generate, item, load_config, orbit, run_config
+from fast3d.datagen.pipeline import engine
+from fast3d.datagen.quality import QualityFilter
 from helpers import assert_close
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "..", "train", "configs")

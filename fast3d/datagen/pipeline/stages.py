@@ -6,7 +6,7 @@
   ``StableVideoDiffusionPipeline`` (SV3D is a fine-tuned Stable Video Diffusion whose frames are an
   orbit; VFusion3D's video model likewise) loaded from a local directory, or a random tiny one.
 * :class:`Filter`: views -> (keep, score), VFusion3D's SVM on DINOv2 features
-  (:mod:`fast3d.data.quality`); without a filter directory everything is kept with quality 1.0.
+  (:mod:`fast3d.datagen.quality`); without a filter directory everything is kept with quality 1.0.
 * :class:`Recaptioner`: images -> captions, a transformers BLIP (``BlipForConditionalGeneration``
   + ``BlipProcessor``) from a local directory, or a random tiny one.
 
@@ -153,7 +153,7 @@ class Filter:
     the one saved with the filter when given."""
 
     def __init__(self, directory: str, threshold: float | None, device: torch.device):
-        from fast3d.data.quality import FeatureExtractor
+        from fast3d.datagen.quality import FeatureExtractor
 
         self.quality = load_filter(directory)
         if threshold is not None:
@@ -170,7 +170,7 @@ class Filter:
 
 def load_filter(directory: str):
     """The QualityFilter in ``directory``; ValueError naming ``filter.dir`` when it is not one."""
-    from fast3d.data.quality import QualityFilter
+    from fast3d.datagen.quality import QualityFilter
 
     if not isinstance(directory, str) or not os.path.isdir(directory):
         raise ValueError(f"filter.dir must be null or a directory written by `fast3d datagen train-filter`; "

@@ -31,7 +31,8 @@ WORKLOADS = [
 
 
 def make_inputs(p: dict, device: torch.device, gen: torch.Generator) -> dict:
-    from fast3d.data import assets, cameras
+    from fast3d import cameras
+    from fast3d.datagen import assets
 
     seed = int(torch.randint(0, 2 ** 31 - 1, (1,), generator=gen))
     objs = []

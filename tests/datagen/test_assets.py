@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fast3d.data import assets
+from fast3d.datagen import assets
 
 
 def test_same_seed_same_asset_other_seed_other_asset(seed):

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from fast3d.bench.spec import BenchSpec, Workload, register_bench
-from fast3d.models.bench import _common as c
+from fast3d.bench.workloads import _common as c
 
 OP = "lrm-step"
 
@@ -76,7 +76,7 @@ def torch_render_bytes(p: dict) -> int:
 def make_inputs(p: dict, device: torch.device, gen: torch.Generator) -> dict:
     """The input view at the encoder's resolution, V random orbit views (the input first) with RGB
     and alpha targets at the stage's resolution, and the background colour of each sample."""
-    from fast3d.data.cameras import DEFAULT_DISTANCE, DEFAULT_FOV_Y_DEG
+    from fast3d.cameras import DEFAULT_DISTANCE, DEFAULT_FOV_Y_DEG
 
     cfg = config(p)
     B, V, R, s = p["batch"], p["views"], p["resolution"], cfg.image_size

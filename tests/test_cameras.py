@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from fast3d.data import cameras
+from fast3d import cameras
 from helpers import assert_close
 
 

@@ -9,8 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from fast3d.data import MultiViewDataset, procedural
-from fast3d.data.quality import (ELEVATION_NAME, FILTER_NAME, ElevationEstimator, FeatureExtractor, QualityFilter,
+from fast3d.data import MultiViewDataset
+from fast3d.datagen import procedural
+from fast3d.datagen.quality import (ELEVATION_NAME, FILTER_NAME, ElevationEstimator, FeatureExtractor, QualityFilter,
                                  apply_filter, train_filter)
 from helpers import assert_close
 
