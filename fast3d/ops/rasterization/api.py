@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 from torch import Tensor
 
-from fast3d import backends
+from fast3d import backends, checks
+from fast3d.checks import check_shape
 from fast3d.ops import _validate as v
 from fast3d.ops._profiling import op_range
 
@@ -16,26 +16,6 @@ OP = "rasterization"
 RENDER_MODES = ("RGB", "D", "ED", "RGB+D", "RGB+ED")
 RASTERIZE_MODES = ("classic", "antialiased")
 MAX_CAPACITY = 2**31 - 1  # intersection indices are int32 (gaussians.h: kGsMaxIntersections)
-
-
-def _lead(name: str, x: Tensor, batch: tuple, tail: tuple, desc: str) -> None:
-    """x must have shape batch + tail (tail entries None: any size)."""
-    ok = x.dim() == len(batch) + len(tail) and tuple(x.shape[:len(batch)]) == batch and all(
-        t is None or s == t for s, t in zip(x.shape[len(batch):], tail))
-    if not ok:
-        raise ValueError(f"{name} must have shape {desc} with [...] = {list(batch)}; got {tuple(x.shape)}")
-
-
-def _positive_int(name: str, x) -> int:
-    if isinstance(x, bool) or not isinstance(x, numbers.Integral) or x <= 0:
-        raise ValueError(f"{name} must be a positive integer; got {x!r}")
-    return int(x)
-
-
-def _real(name: str, x, lo: float, hi: float = math.inf) -> float:
-    if isinstance(x, bool) or not isinstance(x, numbers.Real) or not lo <= float(x) < hi:
-        raise ValueError(f"{name} must be a real number in [{lo:g}, {hi:g}); got {x!r}")
-    return float(x)
 
 
 def rasterization(means: Tensor,          # [..., N, 3] world positions
@@ -54,93 +34,139 @@ def rasterization(means: Tensor,          # [..., N, 3] world positions
                   deterministic: bool = False, absgrad: bool = False, backend: str = "auto",
                   capacity: int | None = None,
                   ) -> tuple[Tensor, Tensor, dict]:
-    """Render B x C images of B scenes of N Gaussians, C cameras each (the leading ``...`` are
-    the batch dims), in one call. Semantics (projection, SH, compositing) are those of gsplat and
-    the INRIA rasterizer; see :mod:`fast3d.ops.rasterization.reference` for the math.
+    """Rasterize 3D Gaussians to images: B scenes of N Gaussians, C cameras each, in one call.
 
-    Returns ``colors`` [..., C, H, W, D(+1)] ("RGB": D colour channels; "D"/"ED": 1 depth channel;
-    "RGB+D"/"RGB+ED": both), ``alphas`` [..., C, H, W, 1], and ``meta``: means2d [..., C, N, 2],
-    conics [..., C, N, 3], depths [..., C, N], opacities [..., C, N] (after antialiasing
-    compensation), colors [..., C, N, D] (after SH), radii [..., C, N, 2] (int32 pixel half-extents,
-    0 for culled Gaussians), n_intersections (0-dim int64 tensor on the device: the number of
-    (Gaussian, 16x16 tile) pairs binned, over all images of the call), overflow (0-dim bool tensor:
-    n_intersections > capacity), capacity, backend (the one that ran), width, height. With
-    ``absgrad=True``, after backward ``meta["means2d"].absgrad`` holds the summed absolute
-    per-pixel gradients of the 2D means [..., C, N, 2].
+    The projection, spherical harmonics and compositing are those of gsplat and the INRIA
+    rasterizer; :mod:`fast3d.ops.rasterization.reference` states the math and is the
+    specification every backend is tested against.
 
-    ``capacity``: None (default) sizes the CUDA binning buffers by the true intersection count,
-    which is read back to the host: one synchronisation per call. An int bounds the buffers to
-    that many intersections up front, so the CUDA path never synchronises and a whole training
-    step can be captured in a CUDA graph. Intersections are numbered image by image, Gaussian by
-    Gaussian (in input order); if there are more than ``capacity``, those numbered past it are not
-    rendered (the last images lose Gaussians on some of their tiles, in the forward and the
-    backward alike) and ``meta["overflow"]`` is set: check it outside capture with
-    :func:`check_overflow`. The buffers (and the sort) cost ``capacity``, not the true count. The
-    torch and cpu backends report n_intersections and overflow the same way but always render
-    every Gaussian.
+    .. note::
+        **Batching.** The leading dims ``...`` (B scenes, any number of dims, possibly none) are
+        shared by every tensor argument; all B x C images render in one launch.
 
-    Gradients flow to means, quats, scales, opacities, colors/SH and backgrounds; viewmats and Ks
-    are constants. bf16/fp16 inputs are computed in float32 and the outputs cast back.
+    .. note::
+        **Colours.** ``colors`` holds D channels per Gaussian ``[..., N, D]`` (the same for every
+        camera) or per camera and Gaussian ``[..., C, N, D]``. With ``sh_degree`` set it holds
+        spherical-harmonics coefficients ``[..., N, K, 3]``, K >= (sh_degree + 1)^2, evaluated per
+        camera at the direction from the camera centre to the Gaussian (D = 3).
+
+    .. note::
+        **Render modes.** "RGB": the D colour channels; "D": the accumulated depth sum_i w_i z_i;
+        "ED": the expected depth (D divided by alpha); "RGB+D" / "RGB+ED": both, depth last.
+        ``backgrounds`` fill the colour channels where alpha < 1.
+
+    .. note::
+        **Antialiasing.** ``rasterize_mode="antialiased"`` scales each opacity by
+        sqrt(det(Sigma2d - eps2d I) / det(Sigma2d)), compensating the eps2d blur (Mip-Splatting's
+        2D filter, as gsplat's "antialiased" mode).
+
+    .. note::
+        **Densification statistics.** With ``absgrad=True``, after backward
+        ``meta["means2d"].absgrad`` holds the per-pixel gradients of each 2D mean summed in absolute
+        value, [..., C, N, 2] (AbsGS / gsplat's absgrad).
+
+    .. note::
+        **CUDA graphs.** ``capacity=None`` sizes the CUDA binning buffers by the true number of
+        (Gaussian, 16x16 tile) intersections, read back to the host: one synchronisation per call.
+        An int bounds the buffers up front, so the CUDA path never synchronises and a training step
+        can be captured. Intersections are numbered image by image, Gaussian by Gaussian in input
+        order; those past ``capacity`` are not rendered by the cuda backend (forward and backward
+        alike) and ``meta["overflow"]`` is set: check it outside capture with
+        :func:`check_overflow`. The buffers and the sort cost ``capacity``, not the true count. The
+        torch and cpu backends report n_intersections and overflow the same way but always render
+        every Gaussian.
+
+    .. note::
+        **Precision and gradients.** bf16/fp16 inputs are computed in float32 and the outputs cast
+        back. Gradients flow to means, quats, scales, opacities, colors (or SH) and backgrounds;
+        viewmats and Ks are constants.
+
+    Args:
+        means: Gaussian centres in world space. [..., N, 3]
+        quats: rotations as wxyz quaternions, normalised inside. [..., N, 4]
+        scales: axis scales, post-activation. [..., N, 3]
+        opacities: post-activation, in [0, 1]. [..., N]
+        colors: [..., N, D] or [..., C, N, D], or SH coefficients [..., N, K, 3] (see the notes).
+        viewmats: world-to-camera matrices, OpenCV axes (x right, y down, z forward). [..., C, 4, 4]
+        Ks: pinhole intrinsics, pixel centres at +0.5. [..., C, 3, 3]
+        width, height: image size in pixels (positive integers).
+        near_plane, far_plane: Gaussians with camera depth outside [near_plane, far_plane] are
+            culled; 0 < near_plane < far_plane. Default 0.01 and 1e10.
+        eps2d: added to the diagonal of each 2D covariance, in pixels^2: a low-pass filter that
+            keeps tiny Gaussians at least about a pixel wide. Default 0.3.
+        sh_degree: None (colors are colours) or the SH degree 0..3 to evaluate. Default None.
+        backgrounds: per-image background colour, or None for black. [..., C, D]
+        render_mode: "RGB", "D", "ED", "RGB+D" or "RGB+ED". Default "RGB".
+        rasterize_mode: "classic" or "antialiased". Default "classic".
+        deterministic: make the native backward sum each Gaussian's per-tile gradients in a
+            fixed order (one row per intersection, csrc/gaussians/isect_rows.h) instead of by
+            atomic adds: bit-identical gradients from run to run, at some cost in speed and
+            memory. Default False.
+        absgrad: record ``meta["means2d"].absgrad`` in the backward. Default False.
+        backend: "auto" (the fastest that serves the inputs), "torch", "cpu" or "cuda".
+        capacity: None, or the number of Gaussian-tile intersections to allocate for (see the
+            notes), in [1, 2^31 - 1].
+
+    Returns:
+        A tuple:
+
+        - **colors**: the rendered channels, [..., C, H, W, X]: X = D for "RGB", 1 for "D"/"ED",
+          D + 1 for "RGB+D"/"RGB+ED".
+        - **alphas**: accumulated opacity, [..., C, H, W, 1].
+        - **meta**: a dict: ``means2d`` [..., C, N, 2], ``conics`` [..., C, N, 3] (xx, xy, yy of
+          the inverse 2D covariance), ``depths`` [..., C, N], ``opacities`` [..., C, N] (after the
+          antialiasing compensation), ``colors`` [..., C, N, D] (after SH), ``radii`` [..., C, N, 2]
+          (int32 pixel half-extents, 0 for culled Gaussians), ``n_intersections`` (0-dim int64 on
+          the device, over all images of the call), ``overflow`` (0-dim bool: n_intersections >
+          capacity), ``capacity``, ``backend`` (the one that ran), ``width``, ``height``.
     """
     for name, x in (("means", means), ("quats", quats), ("scales", scales), ("opacities", opacities),
                     ("colors", colors), ("viewmats", viewmats), ("Ks", Ks)):
         v.tensor(name, x)
     v.tensor("means", means, last=3)
-    if means.dim() < 2:
-        raise ValueError(f"means must have shape [..., N, 3]; got {tuple(means.shape)}")
-    batch, N = tuple(means.shape[:-2]), means.shape[-2]
-    _lead("quats", quats, batch, (N, 4), "[..., N, 4]")
-    _lead("scales", scales, batch, (N, 3), "[..., N, 3]")
-    _lead("opacities", opacities, batch, (N,), "[..., N]")
-    _lead("viewmats", viewmats, batch, (None, 4, 4), "[..., C, 4, 4]")
-    C = viewmats.shape[-3]
-    _lead("Ks", Ks, batch, (C, 3, 3), "[..., C, 3, 3]")
+    d = check_shape(means, "[..., N, 3]", "means")
+    d = check_shape(quats, "[..., N, 4]", "quats", d)
+    d = check_shape(scales, "[..., N, 3]", "scales", d)
+    d = check_shape(opacities, "[..., N]", "opacities", d)
+    d = check_shape(viewmats, "[..., C, 4, 4]", "viewmats", d)
+    d = check_shape(Ks, "[..., C, 3, 3]", "Ks", d)
+    batch, N, C = d["..."], d["N"], d["C"]
+    sh_degree = checks.integer("sh_degree", sh_degree, 0, 3, optional=True)
     if sh_degree is not None:
-        if isinstance(sh_degree, bool) or not isinstance(sh_degree, numbers.Integral) or not 0 <= sh_degree <= 3:
-            raise ValueError(f"sh_degree must be None or an integer in 0..3; got {sh_degree!r}")
-        _lead("colors", colors, batch, (N, None, 3), "[..., N, K, 3] (SH coefficients)")
-        if colors.shape[-2] < (sh_degree + 1) ** 2:
-            raise ValueError(f"colors holds {colors.shape[-2]} SH coefficients; sh_degree={sh_degree} needs "
+        d = check_shape(colors, "[..., N, K, 3]", "colors", d)
+        if d["K"] < (sh_degree + 1) ** 2:
+            raise ValueError(f"colors holds {d['K']} SH coefficients; sh_degree={sh_degree} needs "
                              f"K >= {(sh_degree + 1) ** 2}")
-        D = 3
-    elif colors.dim() == len(batch) + 2:
-        _lead("colors", colors, batch, (N, None), "[..., N, D] or [..., C, N, D]")
-        D = colors.shape[-1]
+        d["D"] = 3
+    elif colors.dim() == len(batch) + 3:
+        d = check_shape(colors, "[..., C, N, D]", "colors", d)
     else:
-        _lead("colors", colors, batch, (C, N, None), "[..., N, D] or [..., C, N, D]")
-        D = colors.shape[-1]
+        d = check_shape(colors, "[..., N, D]", "colors", d)
+    D = d["D"]
     if D == 0:
         raise ValueError(f"colors must have at least one channel; got shape {tuple(colors.shape)}")
-    if render_mode not in RENDER_MODES:
-        raise ValueError(f"render_mode must be one of {list(RENDER_MODES)}; got {render_mode!r}")
-    if rasterize_mode not in RASTERIZE_MODES:
-        raise ValueError(f"rasterize_mode must be one of {list(RASTERIZE_MODES)}; got {rasterize_mode!r}")
+    checks.one_of("render_mode", render_mode, RENDER_MODES)
+    checks.one_of("rasterize_mode", rasterize_mode, RASTERIZE_MODES)
     use_colors = render_mode.startswith("RGB")
     with_depth = render_mode != "RGB"
     if backgrounds is not None:
         v.tensor("backgrounds", backgrounds)
         if not use_colors:
             raise ValueError(f"backgrounds apply to colour channels; render_mode={render_mode!r} has none")
-        _lead("backgrounds", backgrounds, batch, (C, D), f"[..., C, D] with C={C}, D={D}")
+        check_shape(backgrounds, "[..., C, D]", "backgrounds", d)
     v.same_device_dtype("means", means, quats=quats, scales=scales, opacities=opacities, colors=colors,
                         viewmats=viewmats, Ks=Ks, backgrounds=backgrounds)
-    width = _positive_int("width", width)
-    height = _positive_int("height", height)
-    near_plane = _real("near_plane", near_plane, 0.0)
-    if near_plane <= 0:
-        raise ValueError(f"near_plane must be positive; got {near_plane!r}")
-    far_plane = _real("far_plane", far_plane, 0.0, math.inf)
+    width = checks.positive_int("width", width)
+    height = checks.positive_int("height", height)
+    near_plane = checks.real("near_plane", near_plane, 0.0, lo_open=True)
+    far_plane = checks.real("far_plane", far_plane)
     if far_plane <= near_plane:
         raise ValueError(f"far_plane must exceed near_plane={near_plane:g}; got {far_plane!r}")
-    eps2d = _real("eps2d", eps2d, 0.0)
-    for name, flag in (("deterministic", deterministic), ("absgrad", absgrad)):
-        if not isinstance(flag, bool):
-            raise ValueError(f"{name} must be a bool; got {flag!r}")
-    if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, numbers.Integral)
-                                 or not 1 <= capacity <= MAX_CAPACITY):
-        raise ValueError(f"capacity must be None or an integer in [1, {MAX_CAPACITY}] (the number of "
-                         f"Gaussian-tile intersections to allocate for); got {capacity!r}")
-    capacity = None if capacity is None else int(capacity)
+    eps2d = checks.real("eps2d", eps2d, 0.0)
+    checks.boolean("deterministic", deterministic)
+    checks.boolean("absgrad", absgrad)
+    capacity = checks.integer("capacity", capacity, 1, MAX_CAPACITY, optional=True,
+                              note="the number of Gaussian-tile intersections to allocate for")
     v.finite("means", means)
     v.finite("scales", scales)
 
