@@ -26,14 +26,34 @@ from fast3d.ops.attention import multiview_attention
 
 
 class MultiViewAttnProcessor:
-    """Self-attention across ``num_views`` consecutive batch entries.
+    """A diffusers attention processor: self-attention across ``num_views`` consecutive batch
+    entries, by :func:`fast3d.multiview_attention`, without rearranging to ``B (V L) C``.
 
-    ``layout="views"``: every token attends to all tokens of all views of its sample.
-    ``layout="rows"``: the tokens of a view form an (h, w) grid and a token attends to its row in
-    every view; ``image_size=(h, w)`` fixes the grid, else it comes from a 4-D input
-    [B*V, C, h, w] or, for 3-D inputs, a square grid h = w = sqrt(L) (a UNet's levels differ in
-    size, so one fixed size rarely fits them all). ``view_mask`` (bool [V, V]) restricts which
-    views see which. ``backend`` is passed to :func:`multiview_attention`.
+    .. note::
+        **Layouts.** ``"views"``: every token attends to all tokens of all views of its sample
+        (MVDream, multi-view PixArt). ``"rows"``: the tokens of a view form an (h, w) grid and a
+        token attends to its own row in every view (Era3D).
+
+    .. note::
+        **Grid size** (``"rows"`` only). ``image_size=(h, w)`` fixes it; without it, a 4-D input
+        [B*V, C, h, w] gives its own, and a 3-D input [B*V, L, C] is taken as a square grid
+        h = w = sqrt(L) (a UNet's levels differ in size, so one fixed size rarely fits them all).
+
+    .. note::
+        **Cross-attention** calls (``encoder_hidden_states`` given) stay per view, exactly
+        diffusers' ``AttnProcessor2_0``, as in those models. ``attention_mask`` is refused in
+        self-attention: restrict which views see which with ``view_mask``.
+
+    Args:
+        num_views: V, the views of one sample (consecutive along the batch).
+        layout: ``"views"`` or ``"rows"``. Default ``"views"``.
+        image_size: (h, w) token grid of a view for ``"rows"``; None otherwise or to infer it.
+        view_mask: bool [V, V]: view i attends to view j only where True; None for all.
+        backend: passed to :func:`fast3d.multiview_attention`. Default ``"auto"``.
+
+    Example::
+
+        unet.set_attn_processor(MultiViewAttnProcessor(num_views=4))
     """
 
     def __init__(self, num_views: int, layout: str = "views", image_size: tuple[int, int] | None = None,
@@ -65,6 +85,20 @@ class MultiViewAttnProcessor:
                  attention_mask: Tensor | None = None,
                  temb: Tensor | None = None,
                  *args, **kwargs) -> Tensor:
+        """Run one attention layer of diffusers' ``Attention`` (its projections, norms, output
+        projection, residual and rescaling) with multi-view self-attention.
+
+        Args:
+            attn: the diffusers ``Attention`` module calling this processor.
+            hidden_states: tokens, [B*V, L, C] or [B*V, C, h, w].
+            encoder_hidden_states: text or image tokens for cross-attention, [B*V, T, C_cross];
+                None for self-attention.
+            attention_mask: must be None in self-attention (use ``view_mask``).
+            temb: the time embedding, for a spatial norm.
+
+        Returns:
+            The layer's output, the shape of ``hidden_states``.
+        """
         if encoder_hidden_states is not None:  # cross-attention: per view, as in the models
             return self._cross(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
         if attention_mask is not None:

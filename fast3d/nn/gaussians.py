@@ -8,13 +8,26 @@ from fast3d.ops.rasterization import rasterization
 
 
 class GaussianRenderer(nn.Module):
-    """Renders B scenes of N Gaussians from C cameras each (all images in one call).
+    """:func:`fast3d.rasterization` as an ``nn.Module``, for models that predict Gaussians.
 
-    The image size and rendering options are fixed at construction; ``forward`` takes the
-    Gaussians and cameras and returns ``(colors [..., C, H, W, D(+1)], alphas [..., C, H, W, 1],
-    meta)`` exactly as :func:`fast3d.rasterization` does. No parameters or buffers. ``capacity``
-    (an intersection bound) makes a CUDA render free of host synchronisation, for CUDA graph
-    capture; check ``meta["overflow"]`` (or ``fast3d.ops.rasterization.check_overflow(meta)``).
+    The image size and the rendering options are fixed at construction; ``forward`` takes the
+    Gaussians and cameras. It has no parameters or buffers (adds nothing to a ``state_dict``).
+
+    .. note::
+        **CUDA graphs.** ``capacity`` (a bound on the Gaussian-tile intersections) makes a CUDA
+        render free of host synchronisation, so a training step can be captured; check
+        ``meta["overflow"]`` outside capture (:func:`fast3d.ops.rasterization.check_overflow`).
+
+    Args:
+        width, height: image size in pixels.
+        sh_degree, near_plane, far_plane, eps2d, render_mode, rasterize_mode, deterministic,
+            absgrad, capacity, backend: as :func:`fast3d.rasterization`, with its defaults;
+            checked on every call.
+
+    Example::
+
+        renderer = GaussianRenderer(256, 256, render_mode="RGB+D")
+        colors, alphas, meta = renderer(means, quats, scales, opacities, rgb, viewmats, Ks)
     """
 
     def __init__(self, width: int, height: int, *, sh_degree: int | None = None, near_plane: float = 0.01,
@@ -36,6 +49,16 @@ class GaussianRenderer(nn.Module):
                 Ks: Tensor,               # [..., C, 3, 3]
                 backgrounds: Tensor | None = None,  # [..., C, D]
                 ) -> tuple[Tensor, Tensor, dict]:
+        """Render every camera of every scene.
+
+        Args:
+            means, quats, scales, opacities, colors, viewmats, Ks, backgrounds: as
+                :func:`fast3d.rasterization` (shapes in the signature's comments).
+
+        Returns:
+            ``(colors [..., C, H, W, X], alphas [..., C, H, W, 1], meta)`` exactly as
+            :func:`fast3d.rasterization` returns them.
+        """
         return rasterization(means, quats, scales, opacities, colors, viewmats, Ks, self.width, self.height,
                              backgrounds=backgrounds, **self.options)
 
