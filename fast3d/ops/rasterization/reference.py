@@ -114,6 +114,8 @@ def project(means: Tensor,      # [B, N, 3]
 
 
 def sh_basis(dirs: Tensor, degree: int) -> Tensor:  # [..., 3] unit -> [..., (degree + 1)^2]
+    """Real spherical-harmonics basis Y_k(dir) of degrees 0..degree, in the gsplat/INRIA order and
+    sign convention (the constants SH_C*)."""
     x, y, z = dirs.unbind(-1)
     out = [torch.full_like(x, SH_C0)]
     if degree >= 1:
@@ -134,6 +136,8 @@ def sh_colors(sh: Tensor,        # [B, N, K, 3], K >= (degree + 1)^2
               means: Tensor,     # [B, N, 3]
               viewmats: Tensor,  # [B, C, 4, 4]
               ) -> Tensor:       # [B, C, N, 3]
+    """Colours seen from each camera: max(sum_k Y_k(dir) sh_k + 0.5, 0), dir the unit vector from
+    the camera centre (-R^T t) to the mean; the first (degree + 1)^2 coefficients are used."""
     viewmats = viewmats.detach()
     Rc, tc = viewmats[..., :3, :3], viewmats[..., :3, 3]
     campos = -torch.einsum("bcji,bcj->bci", Rc, tc)                           # [B, C, 3]
@@ -152,6 +156,8 @@ def composite_dense(means2d: Tensor,  # [I, N, 2]
                     width: int, height: int,
                     absgrad_out: Tensor | None = None,  # [I, N, 2] float64 buffer filled during backward
                     ) -> tuple[Tensor, Tensor]:         # image [I, H, W, D], alpha [I, H, W, 1]
+    """Front-to-back alpha compositing of every Gaussian at every pixel centre of I images (the
+    module docstring's rules), depth-sorted (stable); invalid Gaussians sort last and never blend."""
     I, N, D = colors.shape
     order = torch.argsort(torch.where(valid, depths, torch.full_like(depths, float("inf"))), dim=-1, stable=True)
     take = lambda t: torch.gather(t, 1, order.view(I, N, *[1] * (t.dim() - 2)).expand_as(t))  # noqa: E731
@@ -224,13 +230,32 @@ def rasterization(means: Tensor,        # [B, N, 3]
                   backgrounds: Tensor | None,  # [B, C, D]
                   use_colors: bool, with_depth: bool, antialiased: bool, absgrad: bool, deterministic: bool,
                   capacity: int | None):
-    """The backend contract (inputs validated and flattened to one batch dim by the API).
+    """The backend contract: every rasterization backend has this signature and these results.
 
-    Returns render [B, C, H, W, D'] (the colour channels if use_colors, then accumulated depth if
-    with_depth), alpha [B, C, H, W, 1] and meta (means2d, conics, depths, opacities, colors, radii,
-    n_intersections: the Gaussian-tile pairs the native backends bin, a 0-dim int64 tensor). The
-    dense composite renders every Gaussian whatever the capacity: only CUDA drops intersections
-    past it."""
+    :func:`fast3d.rasterization` validates the inputs, flattens the batch dims to one (B), expands
+    per-Gaussian colours to per camera and casts to the compute dtype before calling a backend.
+
+    Args:
+        means, quats, scales, opacities, colors, viewmats, Ks: as above (shapes in the comments).
+        width, height: image size in pixels.
+        near, far: depth range kept by the projection.
+        eps2d: added to the 2D covariances' diagonal.
+        sh_degree: None (colors are colours) or the SH degree of ``colors``.
+        backgrounds: per-image colour, blended in with weight 1 - alpha, or None.
+        use_colors, with_depth: which channels to render (colours, then depth).
+        antialiased: scale opacities by the eps2d compensation (see the module docstring).
+        absgrad: fill ``meta["absgrad"]`` during the backward.
+        deterministic, capacity: for the native backends; the dense composite is deterministic
+            and renders every Gaussian whatever the capacity (only CUDA drops intersections past
+            it).
+
+    Returns:
+        render [B, C, H, W, D'] (the colour channels if use_colors, then accumulated depth if
+        with_depth), alpha [B, C, H, W, 1] and meta: means2d [B, C, N, 2], conics [B, C, N, 3],
+        depths [B, C, N], opacities [B, C, N], colors [B, C, N, D], valid [B, C, N] bool, radii
+        [B, C, N, 2] int32, n_intersections (0-dim int64: the Gaussian-tile pairs the native
+        backends bin), absgrad ([B, C, N, 2] buffer or None).
+    """
     B, N = means.shape[:2]
     C = viewmats.shape[1]
     means2d, conics, depths, opac, valid = project(means, quats, scales, opacities, viewmats, Ks, width, height,
