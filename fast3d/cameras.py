@@ -1,6 +1,6 @@
 """Camera rigs of the multi-view papers, and conversions into fast3d's one camera convention.
 
-fast3d's convention (DESIGN.md): world-to-camera ``viewmats [..., C, 4, 4]`` and pinhole
+fast3d's convention (docs/design.md#names-and-shapes): world-to-camera ``viewmats [..., C, 4, 4]`` and pinhole
 ``Ks [..., C, 3, 3]`` with OpenCV axes (x right, y down, z forward), pixel centres at +0.5.
 
 The rigs place cameras around an object normalised to the unit box ``[-0.5, 0.5]^3`` at the origin,

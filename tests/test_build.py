@@ -96,7 +96,7 @@ def test_installed_extension_matches_its_build_info():
 
 
 def test_only_the_bindings_include_torch():
-    """Kernels take raw pointers (DESIGN.md): no torch, ATen, c10 or pybind11 header outside
+    """Kernels take raw pointers (docs/design.md#anatomy-of-an-op): no torch, ATen, c10 or pybind11 header outside
     csrc/bindings.cpp, so a .cu file compiles in seconds and the kernels stay reusable."""
     import glob
     import re

@@ -1,6 +1,7 @@
-"""Op tests run with every fresh allocation poisoned (DESIGN.md: "outputs poisoned with NaN before
-the call so unwritten elements fail"). The ops allocate their outputs themselves (torch::empty in
-the bindings, torch.empty before a Triton launch), so the poison goes into the allocator:
+"""Op tests run with every fresh allocation poisoned (docs/design.md#tests-and-tolerances: "outputs
+poisoned with NaN before the call so unwritten elements fail"). The ops allocate their outputs
+themselves (torch::empty in the bindings, torch.empty before a Triton launch), so the poison goes
+into the allocator:
 `fill_uninitialized_memory` makes torch.empty return NaN (floats) or the largest value (integers)
 while deterministic algorithms are on. `warn_only` keeps ops that have no deterministic variant
 running (with a warning), so the tests still see the kernels they test. One side effect: torch

@@ -12,7 +12,7 @@ WORKLOADS = [
     Workload("lrm", dict(rays=16 * 4 * 128 * 128, samples=128, channels=3),
              quick=dict(rays=8192, samples=128, channels=3),
              source="LRM/OpenLRM renderer: batch 16 x 4 views x 128x128 rays, 64 stratified + 64 importance "
-                    "samples, RGB (DESIGN.md workload `lrm`)"),
+                    "samples, RGB (docs/design.md#named-workloads `lrm`)"),
     Workload("nerf", dict(rays=4096, samples=192, channels=3),
              quick=dict(rays=1024, samples=192, channels=3),
              source="NeRF training step: 4096 rays, 64 coarse + 128 fine samples, RGB"),

@@ -15,12 +15,12 @@ WORKLOADS = [
              quick=dict(scenes=1, cameras=2, gaussians=256, width=48, height=48, sh_degree=None,
                         render_mode="RGB+D"),
              source="LGM training step: 8 scenes x 8 views, 65,536 Gaussians (4 views x 128x128 pixels), "
-                    "512x512 RGB + alpha + depth (DESIGN.md workload `lgm`)"),
+                    "512x512 RGB + alpha + depth (docs/design.md#named-workloads `lgm`)"),
     Workload("scene", dict(scenes=1, cameras=1, gaussians=1_000_000, width=1920, height=1080, sh_degree=3,
                            render_mode="RGB"),
              quick=dict(scenes=1, cameras=1, gaussians=512, width=64, height=36, sh_degree=3, render_mode="RGB"),
              source="3DGS scene optimisation step: 1 camera, 1M Gaussians, 1920x1080, SH degree 3 "
-                    "(DESIGN.md workload `scene`)"),
+                    "(docs/design.md#named-workloads `scene`)"),
     # A CPU yardstick (issue 3): a single-threaded CPU port of gsplat (OpenSplat's) was measured on
     # a 2-core machine of this project's kind at ~0.5 s forward + ~0.3 s backward on this scene.
     Workload("cpu-65k", dict(scenes=1, cameras=1, gaussians=65536, width=512, height=512, sh_degree=None,

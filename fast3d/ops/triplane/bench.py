@@ -9,7 +9,7 @@ from fast3d.ops.triplane import reference
 from fast3d.ops.triplane.api import render_triplane, triplane_sample
 
 _LRM_SRC = ("LRM/OpenLRM renderer: planes 3x80x64x64, 64 stratified + 64 importance samples, 4-layer 64-wide "
-            "MLP, batch 16 x 4 views x 128x128 rays (DESIGN.md workload `lrm`)")
+            "MLP, batch 16 x 4 views x 128x128 rays (docs/design.md#named-workloads `lrm`)")
 # --quick shapes run the reference on the CPU in seconds; Triton on the CPU runs in the interpreter,
 # whose times are not timings.
 RENDER_WORKLOADS = [
