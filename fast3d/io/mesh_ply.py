@@ -18,23 +18,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fast3d.io.ply import _MAX_HEADER, _TYPES, header_records, scalar_property, write_atomic
+from fast3d.checks import check_shape
+from fast3d.io.ply import _MAX_HEADER, _TYPES, float_tensor, header_records, scalar_property, write_atomic
 
 _RGB = ("red", "green", "blue")
 _INDEX_NAMES = ("vertex_indices", "vertex_index")
 _MAX_INDEX = 2 ** 31 - 1  # faces are stored as int32
-
-
-def _check_float(name: str, x, n: int | None) -> None:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor; got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating tensor; got {x.dtype}")
-    if x.dim() != 2 or x.shape[1] != 3 or (n is not None and x.shape[0] != n):
-        raise ValueError(f"{name} must have shape [V, 3]{' with V from vertices' if n is not None else ''}; "
-                         f"got {tuple(x.shape)}")
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{name} must be finite; got {int((~torch.isfinite(x)).sum())} non-finite values")
 
 
 def save_mesh_ply(path: str | os.PathLike,
@@ -44,15 +33,12 @@ def save_mesh_ply(path: str | os.PathLike,
                   ) -> None:
     """Write a vertex-coloured triangle mesh (layout in the module docstring: 15 bytes a vertex,
     13 a face). The file appears atomically (written to a temporary name, then renamed)."""
-    _check_float("vertices", vertices, None)
-    V = vertices.shape[0]
-    _check_float("colors", colors, V)
-    if not isinstance(faces, Tensor):
-        raise TypeError(f"faces must be a torch.Tensor; got {type(faces).__name__}")
+    d = float_tensor("vertices", vertices, "[V, 3]")
+    d = float_tensor("colors", colors, "[V, 3]", d)
+    check_shape(faces, "[F, 3]", "faces")
     if faces.is_floating_point() or faces.is_complex() or faces.dtype == torch.bool:
         raise TypeError(f"faces must be an integer tensor; got {faces.dtype}")
-    if faces.dim() != 2 or faces.shape[1] != 3:
-        raise ValueError(f"faces must have shape [F, 3] (triangles); got {tuple(faces.shape)}")
+    V = d["V"]
     if V > _MAX_INDEX + 1:
         raise ValueError(f"vertices: {V} vertices do not fit the file's int32 face indices")
     if faces.numel() and (int(faces.min()) < 0 or int(faces.max()) >= V):

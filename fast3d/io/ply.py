@@ -21,10 +21,24 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fast3d.checks import check_shape
+
 _TYPES = {"char": "i1", "int8": "i1", "uchar": "u1", "uint8": "u1", "short": "<i2", "int16": "<i2",
           "ushort": "<u2", "uint16": "<u2", "int": "<i4", "int32": "<i4", "uint": "<u4", "uint32": "<u4",
           "float": "<f4", "float32": "<f4", "double": "<f8", "float64": "<f8"}
 _MAX_HEADER = 1 << 16
+
+
+def float_tensor(name: str, x, shape: str, dims: dict | None = None, *, finite: bool = True) -> dict:
+    """Check that a writer's argument is a floating tensor of ``shape`` (see
+    :func:`fast3d.checks.check_shape`, which binds and returns the named dims) and, if asked, finite.
+    TypeError for a non-tensor or a non-floating dtype, ValueError otherwise."""
+    dims = check_shape(x, shape, name, dims)
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor; got {x.dtype}")
+    if finite and not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} must be finite; got {int((~torch.isfinite(x)).sum())} non-finite values")
+    return dims
 
 
 def _names(K: int) -> list[str]:
@@ -41,18 +55,12 @@ def save_ply(path: str | os.PathLike,
              sh: Tensor,         # [N, K, 3] SH coefficients, K in {1, 4, 9, 16}
              ) -> None:
     """Write one scene. The file appears atomically (written to a temporary name, then renamed)."""
-    for name, x, tail in (("means", means, (3,)), ("quats", quats, (4,)), ("scales", scales, (3,)),
-                          ("opacities", opacities, ()), ("sh", sh, (None, 3))):
-        if not isinstance(x, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor; got {type(x).__name__}")
-        if not x.is_floating_point():
-            raise TypeError(f"{name} must be a floating tensor; got {x.dtype}")
-        N = means.shape[0] if means.dim() == 2 else -1
-        if x.dim() != 1 + len(tail) or x.shape[0] != N or any(t is not None and s != t
-                                                                for s, t in zip(x.shape[1:], tail)):
-            desc = "[N" + "".join(f", {t or 'K'}" for t in tail) + "]"
-            raise ValueError(f"{name} must have shape {desc} with N from means; got {tuple(x.shape)}")
-    N, K = means.shape[0], sh.shape[1]
+    d = float_tensor("means", means, "[N, 3]", finite=False)
+    d = float_tensor("quats", quats, "[N, 4]", d, finite=False)
+    d = float_tensor("scales", scales, "[N, 3]", d, finite=False)
+    d = float_tensor("opacities", opacities, "[N]", d, finite=False)
+    d = float_tensor("sh", sh, "[N, K, 3]", d, finite=False)
+    N, K = d["N"], d["K"]
     if K not in (1, 4, 9, 16):
         raise ValueError(f"sh must hold 1, 4, 9 or 16 coefficients per channel (degree 0-3); got K={K}")
     if N and (bool((scales <= 0).any()) or bool(((opacities <= 0) | (opacities >= 1)).any())):
@@ -222,15 +230,7 @@ def save_points_ply(path: str | os.PathLike,
     """Write a coloured point cloud: binary little-endian PLY, one ``vertex`` element with
     ``float x y z`` and ``uchar red green blue`` (15 bytes a point), the layout point-cloud viewers
     read. The file appears atomically (written to a temporary name, then renamed)."""
-    for name, x in (("points", points), ("colors", colors)):
-        if not isinstance(x, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor; got {type(x).__name__}")
-        if not x.is_floating_point():
-            raise TypeError(f"{name} must be a floating tensor; got {x.dtype}")
-        if x.dim() != 2 or x.shape[1] != 3 or x.shape[0] != points.shape[0]:
-            raise ValueError(f"{name} must have shape [N, 3] with N from points; got {tuple(x.shape)}")
-        if not bool(torch.isfinite(x).all()):
-            raise ValueError(f"{name} must be finite; got {int((~torch.isfinite(x)).sum())} non-finite values")
+    float_tensor("colors", colors, "[N, 3]", float_tensor("points", points, "[N, 3]"))
     N = points.shape[0]
     record = np.dtype([("x", "<f4"), ("y", "<f4"), ("z", "<f4"), ("red", "u1"), ("green", "u1"), ("blue", "u1")])
     data = np.empty(N, dtype=record)

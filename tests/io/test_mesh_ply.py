@@ -147,7 +147,7 @@ def test_fuzz_truncations_and_byte_flips(tmp_path, gen):
 
 @pytest.mark.parametrize("bad, exc, match", [
     (dict(vertices=torch.zeros(7, 2)), ValueError, r"vertices must have shape \[V, 3\]"),
-    (dict(colors=torch.zeros(6, 3)), ValueError, r"colors must have shape \[V, 3\] with V from vertices"),
+    (dict(colors=torch.zeros(6, 3)), ValueError, r"colors must have shape \[V, 3\] with V = 7; got \[6, 3\] float32 on cpu"),
     (dict(faces=torch.zeros(9, 4, dtype=torch.long)), ValueError, r"faces must have shape \[F, 3\]"),
     (dict(faces=torch.zeros(9, 3)), TypeError, r"faces must be an integer tensor"),
     (dict(faces=torch.full((9, 3), 7)), ValueError, r"faces must index vertices in \[0, 7\)"),

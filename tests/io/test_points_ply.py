@@ -52,7 +52,7 @@ def test_replaces_an_existing_file(tmp_path, gen):
     (dict(points=torch.tensor([[0.0, 0.0, float("inf")]])), "points must be finite"),
     (dict(colors=torch.tensor([[float("nan"), 0.0, 0.0]])), "colors must be finite"),
     (dict(points=torch.zeros(1, 2)), r"points must have shape \[N, 3\]"),
-    (dict(colors=torch.zeros(2, 3)), r"colors must have shape \[N, 3\] with N from points"),
+    (dict(colors=torch.zeros(2, 3)), r"colors must have shape \[N, 3\] with N = 1; got \[2, 3\] float32 on cpu"),
 ])
 def test_rejects_bad_input(tmp_path, bad, match):
     args = dict(points=torch.zeros(1, 3), colors=torch.zeros(1, 3))
