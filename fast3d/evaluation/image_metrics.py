@@ -107,7 +107,7 @@ class _Scaled(torch.nn.Module):
 
     def __init__(self, m):
         super().__init__()
-        self.m = m
+        self.lpips = m
 
     def forward(self, pred: Tensor, target: Tensor) -> Tensor:  # [N, 3, H, W] x2 -> [N]
-        return self.m(pred * 2 - 1, target * 2 - 1, normalize=False).flatten()
+        return self.lpips(pred * 2 - 1, target * 2 - 1, normalize=False).flatten()

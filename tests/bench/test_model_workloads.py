@@ -11,12 +11,10 @@ import sys
 import pytest
 import torch
 
-import fast3d
 from fast3d import backends
 from fast3d.bench import runner
 from fast3d.bench.spec import PASSES
-from fast3d.bench.workloads import specs
-from fast3d.bench.workloads import _common, lgm, lrm, ttr
+from fast3d.bench.workloads import _common, lgm, lrm, specs, ttr
 
 CPU = torch.device("cpu")
 MODEL_OPS = {"lgm-step": ["big", "big-render"], "lgm-infer": ["big"],
@@ -196,6 +194,4 @@ def test_lgm_infer_outputs_are_ply_ready():
     assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in (means, quats, scales, opacities, sh))
     assert bool(((opacities > 0) & (opacities < 1)).all())
     # The attention backend is put back after the call.
-    from fast3d.models.lgm import unet
-
-    assert unet.multiview_attention is fast3d.multiview_attention
+    assert x["model"].attention_backend == "auto"

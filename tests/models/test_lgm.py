@@ -136,6 +136,19 @@ def test_cross_view_attention_mixes_views(seed, gen):
     assert (after[2] - before[2]).abs().max() > 1e-4
 
 
+def test_attention_backend_argument_reaches_every_cross_view_attention(seed, gen):
+    images, viewmats, Ks = _inputs(DEEP, 1, gen)
+    torch.manual_seed(seed)
+    model = LGM(DEEP, attention_backend="torch").eval()
+    layers = [m for m in model.modules() if isinstance(m, CrossViewAttention)]
+    assert len(layers) > 1 and all(m.backend == "torch" for m in layers) and model.attention_backend == "torch"
+    model.set_attention_backend("no-such-backend")   # the op, called with it, names the bad backend
+    with pytest.raises(ValueError, match="multiview_attention: backend must be .*'no-such-backend'"), torch.no_grad():
+        model(images, viewmats, Ks)
+    with pytest.raises(ValueError, match="attention_backend must be a backend name"):
+        LGM(TINY, attention_backend=None)
+
+
 def test_cross_view_attention_equals_sdpa_on_rearranged_tokens(gen):
     B, V, C, heads, h, w = 2, 3, 16, 2, 3, 5
     attn = CrossViewAttention(C, heads, groups=4, num_views=V)

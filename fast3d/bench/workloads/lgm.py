@@ -32,7 +32,6 @@ import dataclasses
 import functools
 
 import torch
-import torch.nn.functional as F
 
 from fast3d.bench.spec import BenchSpec, Workload, register_bench
 from fast3d.bench.workloads import _common as c
@@ -88,17 +87,15 @@ def _model(p: dict, device: torch.device):
 
 
 @contextlib.contextmanager
-def attention_backend(name: str):
-    """The LGM U-Net's cross-view attention on ``fast3d.multiview_attention``'s backend ``name``
-    (``auto`` elsewhere) while inside."""
-    from fast3d.models.lgm import unet
-
-    original = unet.multiview_attention
-    unet.multiview_attention = functools.partial(original, backend=name)
+def attention_backend(model, name: str):
+    """``model``'s cross-view attention on ``fast3d.multiview_attention``'s backend ``name`` while
+    inside (the cached model is shared by the backends of a run)."""
+    before = model.attention_backend
+    model.set_attention_backend(name)
     try:
         yield
     finally:
-        unet.multiview_attention = original
+        model.set_attention_backend(before)
 
 
 # --- flops ----------------------------------------------------------------------------------------
@@ -111,7 +108,7 @@ def _network_flops(p: dict, model, x: dict) -> int:
     it can count), memoised per shape."""
     key = (p["preset"], p["input_size"], p["batch"])
     if key not in _NET_FLOPS:
-        with torch.no_grad(), attention_backend("torch"):
+        with torch.no_grad(), attention_backend(model, "torch"):
             _NET_FLOPS[key] = c.count_flops(lambda: model(x["images"], x["vm_in"], x["K_in"]))
     return _NET_FLOPS[key]
 
@@ -171,6 +168,8 @@ def render(backend: str, g: dict, viewmats, Ks, size: int, backgrounds) -> tuple
 
 
 def run_step(backend: str, x: dict) -> tuple:
+    from fast3d.training.recipes.lgm import LossSection, render_loss
+
     p, model = x["params"], x["model"]
     with c.oom_as_value_error(f"{STEP_OP} {p['preset']} batch {p['batch']} on {backend}"):
         if p["part"] == "render":
@@ -180,7 +179,8 @@ def run_step(backend: str, x: dict) -> tuple:
             model.zero_grad(set_to_none=True)  # the step's zero_grad: gradients are not accumulated
             g = model(x["images"], x["vm_in"], x["K_in"])
         rgb, alpha = render(backend, g, x["vm_sup"], x["K_sup"], config(p).render_size, x["backgrounds"])
-        loss = F.mse_loss(rgb, x["target"]) + F.mse_loss(alpha, x["alphas"])
+        # the recipe's loss without its LPIPS term (mse and alpha at the default weights, 1 and 1)
+        loss, _ = render_loss(rgb, alpha, x["target"], x["alphas"], LossSection(lpips=0.0))
     return (loss,)
 
 
@@ -249,7 +249,7 @@ def run_infer(backend: str, x: dict) -> tuple:
     model.eval()
     model.zero_grad(set_to_none=True)
     with c.oom_as_value_error(f"{INFER_OP} {p['preset']} batch {p['batch']} on {backend}"), \
-            attention_backend(backend):
+            attention_backend(model, backend):
         vm, T = normalize_cameras(x["viewmats"], model.config.camera_distance)
         g = model(x["images"], vm, x["Ks"])
         g = apply_transform_to_gaussians({k: v.float() for k, v in g.items()}, torch.linalg.inv(T.double()).float())

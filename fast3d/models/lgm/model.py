@@ -77,18 +77,40 @@ class LGM(nn.Module):
     Cameras are expected in the normalised world of
     :func:`fast3d.models.lgm.normalize_cameras` (first view at the canonical pose, distance
     ``config.camera_distance``); the Gaussians come out in that world.
+
+    Args:
+        config: the architecture.
+        attention_backend: the :func:`fast3d.multiview_attention` backend of the U-Net's
+            cross-view attention (``"auto"``, ``"torch"``, ``"triton"``, ...); a runtime choice,
+            not saved with the weights (see :meth:`set_attention_backend`).
     """
 
-    def __init__(self, config: LGMConfig):
+    def __init__(self, config: LGMConfig, attention_backend: str = "auto"):
         super().__init__()
         if not isinstance(config, LGMConfig):
             raise ValueError(f"config must be an LGMConfig; got {type(config).__name__}")
         self.config = config
         self.unet = UNet(config)
+        self.set_attention_backend(attention_backend)
         with torch.no_grad():   # identity rotations at initialisation, not a random quaternion near 0
             self.unet.conv_out.bias[7] = 1.0
         self.register_buffer("image_mean", torch.tensor(IMAGENET_MEAN).view(3, 1, 1), persistent=False)
         self.register_buffer("image_std", torch.tensor(IMAGENET_STD).view(3, 1, 1), persistent=False)
+
+    def set_attention_backend(self, backend: str) -> None:
+        """Run every cross-view attention of the U-Net on :func:`fast3d.multiview_attention`'s
+        ``backend`` from now on (the backend checks the inputs it gets when called)."""
+        if not isinstance(backend, str) or not backend:
+            raise ValueError(f"attention_backend must be a backend name of fast3d.multiview_attention "
+                             f"(e.g. 'auto'); got {backend!r}")
+        for m in self.modules():
+            if isinstance(m, CrossViewAttention):
+                m.backend = backend
+
+    @property
+    def attention_backend(self) -> str:
+        """The backend the cross-view attention runs on ("auto" when the U-Net has no attention level)."""
+        return next((m.backend for m in self.modules() if isinstance(m, CrossViewAttention)), "auto")
 
     def _check_inputs(self, images: Tensor, viewmats: Tensor, Ks: Tensor) -> None:
         cfg = self.config

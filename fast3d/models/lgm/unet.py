@@ -39,11 +39,12 @@ class ResnetBlock(nn.Module):
 class CrossViewAttention(nn.Module):
     """Self-attention over the tokens of all ``num_views`` views of a sample (LGM's MVAttention):
     pre-GroupNorm, ``to_q``/``to_k``/``to_v`` (no bias, as LGM), attention across the views,
-    ``to_out``, scaled residual. The projections are plain Linear layers, for LoRA to target."""
+    ``to_out``, scaled residual. The projections are plain Linear layers, for LoRA to target.
+    ``backend`` is the :func:`fast3d.multiview_attention` backend it runs on (``LGM`` sets it)."""
 
-    def __init__(self, dim: int, heads: int, groups: int, num_views: int):
+    def __init__(self, dim: int, heads: int, groups: int, num_views: int, backend: str = "auto"):
         super().__init__()
-        self.heads, self.num_views = heads, num_views
+        self.heads, self.num_views, self.backend = heads, num_views, backend
         self.norm = nn.GroupNorm(groups, dim, eps=1e-5)
         self.to_q = nn.Linear(dim, dim, bias=False)
         self.to_k = nn.Linear(dim, dim, bias=False)
@@ -55,7 +56,7 @@ class CrossViewAttention(nn.Module):
         tokens = self.norm(x).flatten(2).transpose(1, 2)                         # [B*V, L, C]
         q, k, v = (p(tokens).unflatten(-1, (self.heads, C // self.heads))       # [B*V, L, H, Dh]
                    for p in (self.to_q, self.to_k, self.to_v))
-        out = multiview_attention(q, k, v, num_views=self.num_views, layout="views")
+        out = multiview_attention(q, k, v, num_views=self.num_views, layout="views", backend=self.backend)
         out = self.to_out(out.flatten(2).to(tokens.dtype))                       # [B*V, L, C]
         return (out.transpose(1, 2).reshape(BV, C, h, w) + x) * SKIP_SCALE
 

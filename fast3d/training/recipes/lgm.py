@@ -24,11 +24,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from fast3d.data.dataset import MultiViewDataset
 from fast3d.evaluation.image_metrics import load_lpips, psnr
-from fast3d.models.checkpoints import resolve_checkpoint
-from fast3d.models.checkpoints import dataclass_from_dict
+from fast3d.models.checkpoints import dataclass_from_dict, resolve_checkpoint
 from fast3d.models.lgm import LGM, LGMConfig, apply_transform_to_viewmats, lora_target_modules, normalize_cameras
 from fast3d.training import augment
 from fast3d.training.loop import Recipe, StepContext
@@ -73,62 +73,97 @@ class LossSection:
     lpips_resolution: int = 256
 
 
+def render_loss(rgb: Tensor,        # [B, S, 3, R, R] rendered supervision views
+                alpha: Tensor,      # [B, S, 1, R, R] their alpha
+                gt: Tensor,         # [B, S, 3, R, R] target views over the same backgrounds
+                gt_alpha: Tensor,   # [B, S, 1, R, R]
+                weights: LossSection, lpips=None) -> tuple[Tensor, dict]:
+    """LGM's loss on the rendered supervision views.
+
+    Args:
+        rgb, alpha: the renders of the predicted Gaussians.
+        gt, gt_alpha: the targets.
+        weights: the loss section (``mse``, ``alpha``, ``lpips`` weights; ``lpips_resolution``).
+        lpips: the LPIPS network (fast3d.evaluation.image_metrics.load_lpips), or None for no
+            LPIPS term; renders above ``weights.lpips_resolution`` are resized down first (LGM's
+            256 px).
+
+    Returns:
+        (loss, parts): the weighted sum, and its detached terms ``loss_mse``, ``loss_alpha`` and,
+        with LPIPS, ``loss_lpips``.
+    """
+    l_rgb = F.mse_loss(rgb, gt)
+    l_alpha = F.mse_loss(alpha, gt_alpha)
+    loss = weights.mse * l_rgb + weights.alpha * l_alpha
+    parts = {"loss_mse": l_rgb.detach(), "loss_alpha": l_alpha.detach()}
+    if lpips is not None:
+        p, t = rgb.flatten(0, 1), gt.flatten(0, 1)
+        if rgb.shape[-1] > weights.lpips_resolution:
+            r = weights.lpips_resolution
+            p = F.interpolate(p, size=(r, r), mode="bilinear", antialias=True, align_corners=False)
+            t = F.interpolate(t, size=(r, r), mode="bilinear", antialias=True, align_corners=False)
+        l_lp = lpips(p, t).mean()
+        loss = loss + weights.lpips * l_lp
+        parts["loss_lpips"] = l_lp.detach()
+    return loss, parts
+
+
 class LGMRecipe(Recipe):
     name = "lgm"
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        self.m = dataclass_from_dict(ModelSection, cfg.model, "model")
-        self.d = dataclass_from_dict(DataSection, cfg.data, "data")
-        self.l = dataclass_from_dict(LossSection, cfg.loss, "loss")
-        self.lgm = self.m.lgm_config(cfg.activation_checkpointing)
-        if not self.d.train:
+        self.model_section = dataclass_from_dict(ModelSection, cfg.model, "model")
+        self.data_section = dataclass_from_dict(DataSection, cfg.data, "data")
+        self.loss_section = dataclass_from_dict(LossSection, cfg.loss, "loss")
+        self.lgm = self.model_section.lgm_config(cfg.activation_checkpointing)
+        if not self.data_section.train:
             raise ValueError("data.train must name a shard directory")
         n_in = self.lgm.num_input_views
-        if len(self.d.input_views) != n_in or len(set(self.d.input_views)) != n_in or \
-                not all(0 <= i < self.d.views for i in self.d.input_views):
-            raise ValueError(f"data.input_views must be {n_in} distinct indices in [0, data.views={self.d.views}); "
-                             f"got {list(self.d.input_views)}")
-        if self.lgm.num_sup_views < n_in or self.lgm.num_sup_views > self.d.views:
+        if len(self.data_section.input_views) != n_in or len(set(self.data_section.input_views)) != n_in or \
+                not all(0 <= i < self.data_section.views for i in self.data_section.input_views):
+            raise ValueError(f"data.input_views must be {n_in} distinct indices in [0, data.views={self.data_section.views}); "
+                             f"got {list(self.data_section.input_views)}")
+        if self.lgm.num_sup_views < n_in or self.lgm.num_sup_views > self.data_section.views:
             raise ValueError(f"the model's num_sup_views ({self.lgm.num_sup_views}) must be in "
-                             f"[{n_in}, data.views={self.d.views}]")
-        if self.m.lora_rank < 0 or (self.m.lora_rank > 0 and not self.m.init_from):
+                             f"[{n_in}, data.views={self.data_section.views}]")
+        if self.model_section.lora_rank < 0 or (self.model_section.lora_rank > 0 and not self.model_section.init_from):
             raise ValueError(f"model.lora_rank must be >= 0, and LoRA needs model.init_from (the base weights); "
-                             f"got lora_rank={self.m.lora_rank}, init_from={self.m.init_from!r}")
+                             f"got lora_rank={self.model_section.lora_rank}, init_from={self.model_section.init_from!r}")
         # The model directory, found before anything is written (a run directory means its newest
         # weights) and pinned in the run's config, so config.json names the weights it started from
         # and a resume refuses other ones.
         self.init_dir = None
-        if self.m.init_from:
-            self.init_dir = resolve_checkpoint(self.cfg.path(self.m.init_from), what="model.init_from")
+        if self.model_section.init_from:
+            self.init_dir = resolve_checkpoint(self.cfg.path(self.model_section.init_from), what="model.init_from")
             self.cfg = self.cfg.replace(model={**self.cfg.model, "init_from": os.path.abspath(self.init_dir)})
         self.lpips = None
 
     def build_model(self) -> torch.nn.Module:
         torch.manual_seed(self.cfg.seed)
-        if self.m.init_from:
+        if self.model_section.init_from:
             model = LGM.from_pretrained(self.init_dir)
             if dataclasses.replace(model.config, activation_checkpointing=False) != \
                     dataclasses.replace(self.lgm, activation_checkpointing=False):
-                raise ValueError(f"model.init_from {self.m.init_from!r} holds another LGM configuration "
+                raise ValueError(f"model.init_from {self.model_section.init_from!r} holds another LGM configuration "
                                  f"({model.config}) than model.preset/overrides ({self.lgm})")
             model.config = self.lgm
         else:
             model = LGM(self.lgm)
-        if self.m.lora_rank > 0:
+        if self.model_section.lora_rank > 0:
             from peft import LoraConfig, get_peft_model
 
-            lora = LoraConfig(r=self.m.lora_rank, lora_alpha=self.m.lora_alpha or self.m.lora_rank,
+            lora = LoraConfig(r=self.model_section.lora_rank, lora_alpha=self.model_section.lora_alpha or self.model_section.lora_rank,
                               target_modules=lora_target_modules(model), lora_dropout=0.0)
             model = get_peft_model(model, lora)
         return model
 
     def prepare(self, device: torch.device) -> None:
-        if self.l.lpips > 0:
-            self.lpips = load_lpips(self.l.lpips_backbone, device)
+        if self.loss_section.lpips > 0:
+            self.lpips = load_lpips(self.loss_section.lpips_backbone, device)
 
     def dataset(self, rank: int, world: int):
-        return MultiViewDataset(self.cfg.path(self.d.train), views=self.d.views, resolution=self.lgm.render_size,
+        return MultiViewDataset(self.cfg.path(self.data_section.train), views=self.data_section.views, resolution=self.lgm.render_size,
                                 seed=self.cfg.seed, rank=rank, world_size=world)
 
     def collate(self, samples: list) -> dict:
@@ -137,21 +172,21 @@ class LGMRecipe(Recipe):
 
     def _views(self, B: int, gen: torch.Generator) -> torch.Tensor:  # -> [B, num_sup_views] indices
         """The inputs, then random other views, per sample."""
-        inputs = torch.tensor(self.d.input_views)
-        rest = torch.tensor([i for i in range(self.d.views) if i not in self.d.input_views])
+        inputs = torch.tensor(self.data_section.input_views)
+        rest = torch.tensor([i for i in range(self.data_section.views) if i not in self.data_section.input_views])
         extra = self.lgm.num_sup_views - len(inputs)
         rows = [torch.cat([inputs, rest[torch.randperm(len(rest), generator=gen)[:extra]]]) for _ in range(B)]
         return torch.stack(rows)
 
     def loss(self, model, batch: dict, ctx: StepContext):
-        cfg, d, dev = self.lgm, self.d, ctx.device
+        cfg, data, dev = self.lgm, self.data_section, ctx.device
         images, alphas = batch["images"], batch["alphas"]       # [B, V, 3, R, R], [B, V, 1, R, R]
         viewmats, Ks = batch["viewmats"].float(), batch["Ks"].float()
         B, R = images.shape[0], cfg.render_size
         idx = self._views(B, ctx.generator)                     # [B, S]
         take = lambda t: torch.stack([t[b, idx[b]] for b in range(B)])  # noqa: E731
         images, alphas, viewmats, Ks = take(images), take(alphas), take(viewmats), take(Ks)
-        bg = torch.rand(B, 3, generator=ctx.generator) if d.random_background else torch.ones(B, 3)
+        bg = torch.rand(B, 3, generator=ctx.generator) if data.random_background else torch.ones(B, 3)
         S = images.shape[1]
         gt = augment.recomposite(images, alphas, bg[:, None].expand(B, S, 3))   # [B, S, 3, R, R]
 
@@ -161,37 +196,27 @@ class LGMRecipe(Recipe):
         K_in = Ks[:, :n_in].clone()
         K_in[..., :2, :] *= s / R
         vm_in, T = normalize_cameras(viewmats[:, :n_in], cfg.camera_distance)
-        distort = torch.rand(B, generator=ctx.generator) < d.grid_distortion
-        jitter = torch.rand(B, generator=ctx.generator) < d.camera_jitter
+        distort = torch.rand(B, generator=ctx.generator) < data.grid_distortion
+        jitter = torch.rand(B, generator=ctx.generator) < data.camera_jitter
         for b in range(B):
             if distort[b]:
                 x[b, 1:] = augment.grid_distortion(x[b, 1:], ctx.generator)
             if jitter[b]:
-                vm_in[b, 1:] = augment.camera_jitter(vm_in[b, 1:], ctx.generator, d.jitter_deg, d.jitter_shift)
+                vm_in[b, 1:] = augment.camera_jitter(vm_in[b, 1:], ctx.generator, data.jitter_deg, data.jitter_shift)
 
         g = model(x.to(dev, ctx.dtype), vm_in.to(dev), K_in.to(dev))
         vm_sup = apply_transform_to_viewmats(viewmats, T).to(dev)
         rgb, a = LGM.render(g, vm_sup, Ks.to(dev), R, R, backgrounds=bg[:, None].expand(B, S, 3).to(dev))
         gt, alphas = gt.to(dev), alphas.to(dev)
-        l_rgb = F.mse_loss(rgb, gt)
-        l_alpha = F.mse_loss(a, alphas)
-        loss = self.l.mse * l_rgb + self.l.alpha * l_alpha
-        m = {"loss_mse": l_rgb.detach(), "loss_alpha": l_alpha.detach(),
-             "psnr": psnr(rgb.detach(), gt).mean()}
-        if self.lpips is not None:
-            p, t = rgb.flatten(0, 1), gt.flatten(0, 1)
-            if R > self.l.lpips_resolution:
-                r = self.l.lpips_resolution
-                p = F.interpolate(p, size=(r, r), mode="bilinear", antialias=True, align_corners=False)
-                t = F.interpolate(t, size=(r, r), mode="bilinear", antialias=True, align_corners=False)
-            l_lp = self.lpips(p, t).mean()
-            loss = loss + self.l.lpips * l_lp
-            m["loss_lpips"] = l_lp.detach()
+        loss, parts = render_loss(rgb, a, gt, alphas, self.loss_section, self.lpips)
+        m = {"loss_mse": parts["loss_mse"], "loss_alpha": parts["loss_alpha"], "psnr": psnr(rgb.detach(), gt).mean()}
+        if "loss_lpips" in parts:
+            m["loss_lpips"] = parts["loss_lpips"]
         m["loss"] = loss.detach()
         return loss, m
 
     def export(self, module: torch.nn.Module, path: str) -> None:
-        if self.m.lora_rank > 0:  # merged into a copy: inference loads a plain LGM
+        if self.model_section.lora_rank > 0:  # merged into a copy: inference loads a plain LGM
             module = copy.deepcopy(module).merge_and_unload()
         module.save_pretrained(path)
 

@@ -223,21 +223,21 @@ class LRMRecipe(Recipe):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        self.m = checkpoints.dataclass_from_dict(ModelSection, cfg.model, "model")
-        self.d = checkpoints.dataclass_from_dict(DataSection, cfg.data, "data")
-        self.l = checkpoints.dataclass_from_dict(LossSection, cfg.loss, "loss")
-        self.lrm = self.m.lrm_config(cfg.activation_checkpointing)
-        self.stages = [(s["resolution"], s["steps"]) for s in self.l.stages]
-        self.resolution = self.d.resolution or max(r for r, _ in self.stages)
+        self.model_section = checkpoints.dataclass_from_dict(ModelSection, cfg.model, "model")
+        self.data_section = checkpoints.dataclass_from_dict(DataSection, cfg.data, "data")
+        self.loss_section = checkpoints.dataclass_from_dict(LossSection, cfg.loss, "loss")
+        self.lrm = self.model_section.lrm_config(cfg.activation_checkpointing)
+        self.stages = [(s["resolution"], s["steps"]) for s in self.loss_section.stages]
+        self.resolution = self.data_section.resolution or max(r for r, _ in self.stages)
         if self.resolution < max(r for r, _ in self.stages):
             raise ValueError(f"data.resolution ({self.resolution}) must be at least the largest stage resolution "
                              f"({max(r for r, _ in self.stages)}): targets are not upsampled")
         self.restart_step = None
-        if self.l.lr_reset_after is not None:
+        if self.loss_section.lr_reset_after is not None:
             end = 0
             for res, steps in self.stages:
                 end += steps
-                if res == self.l.lr_reset_after:
+                if res == self.loss_section.lr_reset_after:
                     self.restart_step = end
                     break
         self.lpips = None
@@ -258,17 +258,17 @@ class LRMRecipe(Recipe):
 
     def build_model(self) -> torch.nn.Module:
         src = None
-        if self.m.init_from:
+        if self.model_section.init_from:
             from fast3d.models.checkpoints import resolve_checkpoint
 
-            src = resolve_checkpoint(self.cfg.path(self.m.init_from), what="model.init_from")
+            src = resolve_checkpoint(self.cfg.path(self.model_section.init_from), what="model.init_from")
             try:
                 saved = checkpoints.read_config(src, "lrm", LRMConfig)
             except ValueError as e:
                 raise ValueError(f"model.init_from: {e}") from None
             ignore = dict(grad_checkpointing=False, encoder_path=None)
             if dataclasses.replace(saved, **ignore) != dataclasses.replace(self.lrm, **ignore):
-                raise ValueError(f"model.init_from {self.m.init_from!r} holds another LRM configuration ({saved}) "
+                raise ValueError(f"model.init_from {self.model_section.init_from!r} holds another LRM configuration ({saved}) "
                                  f"than model.preset/overrides ({self.lrm})")
         torch.manual_seed(self.cfg.seed)
         model = LRM(self.lrm)
@@ -277,18 +277,18 @@ class LRMRecipe(Recipe):
         return model
 
     def prepare(self, device: torch.device) -> None:
-        check_sources([self.cfg.path(p) for p in self.d.paths], self.d.sources)
-        if self.l.lpips_weight > 0:
-            self.lpips = load_lpips(self.l.lpips_backbone, device)
+        check_sources([self.cfg.path(p) for p in self.data_section.paths], self.data_section.sources)
+        if self.loss_section.lpips_weight > 0:
+            self.lpips = load_lpips(self.loss_section.lpips_backbone, device)
 
     def dataset(self, rank: int, world: int):
-        data = MultiViewDataset([self.cfg.path(p) for p in self.d.paths], views=self.d.views,
+        data = MultiViewDataset([self.cfg.path(p) for p in self.data_section.paths], views=self.data_section.views,
                                 resolution=self.resolution, random_views=True, seed=self.cfg.seed,
                                 rank=rank, world_size=world)
-        return SourceFiltered(data, self.d.sources)
+        return SourceFiltered(data, self.data_section.sources)
 
     def loss(self, model, batch: dict, ctx: StepContext) -> tuple[Tensor, dict]:
-        l, dev, gen = self.l, ctx.device, ctx.generator
+        losses, dev, gen = self.loss_section, ctx.device, ctx.generator
         lrm = getattr(model, "module", model)                                     # the DeepSpeed engine's LRM
         images, alphas = batch["images"].float(), batch["alphas"].float()        # [B, V, 3, R, R], [B, V, 1, R, R]
         viewmats, Ks = batch["viewmats"].float(), batch["Ks"].float()            # [B, V, 4, 4], [B, V, 3, 3]
@@ -296,8 +296,8 @@ class LRMRecipe(Recipe):
         res = self.stage_resolution(ctx.step + 1)
 
         vm_in, K_in = viewmats[:, 0], Ks[:, 0]
-        if l.camera_noise > 0:
-            vm_in, K_in = augment.camera_noise(vm_in, K_in, gen, l.camera_noise, R)
+        if losses.camera_noise > 0:
+            vm_in, K_in = augment.camera_noise(vm_in, K_in, gen, losses.camera_noise, R)
         planes = model(images[:, 0].to(dev, ctx.dtype), vm_in.to(dev), K_in.to(dev))
 
         bg = background_color(images, alphas)                                    # [B, 3]
@@ -305,30 +305,30 @@ class LRMRecipe(Recipe):
             images, alphas = _resize(images, res), _resize(alphas, res)
             Ks = Ks.clone()
             Ks[..., :2, :] *= res / R
-        if l.random_background:
+        if losses.random_background:
             new = torch.rand(B, 3, generator=gen)
             images = images + (1 - alphas) * (new - bg)[:, None, :, None, None]
             bg = new
         patch = None
-        if l.patch is not None:
-            y0, x0 = (int(v) for v in torch.randint(0, res - l.patch + 1, (2,), generator=gen))
-            patch = (y0, x0, l.patch)
-            images, alphas = (x[..., y0:y0 + l.patch, x0:x0 + l.patch] for x in (images, alphas))
+        if losses.patch is not None:
+            y0, x0 = (int(v) for v in torch.randint(0, res - losses.patch + 1, (2,), generator=gen))
+            patch = (y0, x0, losses.patch)
+            images, alphas = (x[..., y0:y0 + losses.patch, x0:x0 + losses.patch] for x in (images, alphas))
         out = lrm.render(planes, viewmats.to(dev), Ks.to(dev), res, res, background=bg.to(dev), patch=patch,
                          generator=gen)
         pred, opacity = out["images"].float(), out["opacity"].float()           # [B, V, 3, h, w], [B, V, 1, h, w]
         target, alphas = images.to(dev), alphas.to(dev)
 
         l_opacity = F.mse_loss(opacity, alphas)
-        loss = l.opacity_weight * l_opacity
+        loss = losses.opacity_weight * l_opacity
         m = {"loss_opacity": l_opacity.detach()}
-        if not l.image_level:
+        if not losses.image_level:
             l_mse = F.mse_loss(pred, target)
             loss = loss + l_mse
             m["loss_mse"] = l_mse.detach()
         if self.lpips is not None:
             l_lpips = self.lpips(pred.flatten(0, 1), target.flatten(0, 1)).mean()
-            loss = loss + l.lpips_weight * l_lpips
+            loss = loss + losses.lpips_weight * l_lpips
             m["loss_lpips"] = l_lpips.detach()
         m.update(loss=loss.detach(), psnr=psnr(pred.detach(), target).mean(), render_resolution=float(res))
         return loss, m

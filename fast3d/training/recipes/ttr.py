@@ -248,9 +248,9 @@ class TTRRecipe(Recipe):
 
     def __init__(self, cfg: RunConfig):
         super().__init__(cfg)
-        self.model_cfg, self.d, self.l, ttr = _sections(cfg)
+        self.model_cfg, self.data_section, self.loss_section, ttr = _sections(cfg)
         self.sampler = TTRSampler(ttr)
-        self.cache = cfg.path(self.d.cache)
+        self.cache = cfg.path(self.data_section.cache)
         try:
             self.manifest = m = FeatureCacheDataset(self.cache, None, None).manifest
         except FeatureCacheError as e:
@@ -305,7 +305,7 @@ class TTRRecipe(Recipe):
     def dataset(self, rank: int, world: int) -> MixedCacheStream:
         if self.fingerprints is None:
             raise ValueError("TTRRecipe.dataset: call prepare() first (it checks the cache's encoders)")
-        return MixedCacheStream(self.cache, *self.fingerprints, self.sampler, self.cfg.seed, self.d.shuffle_buffer,
+        return MixedCacheStream(self.cache, *self.fingerprints, self.sampler, self.cfg.seed, self.data_section.shuffle_buffer,
                                 rank, world)
 
     def collate(self, samples: list) -> dict:
@@ -323,7 +323,7 @@ class TTRRecipe(Recipe):
         t = self.sampler.sample_timesteps(sources, gen)                   # [B] int64
         eps = torch.randn(mean.shape, generator=gen)
         noise = torch.randn(mean.shape, generator=gen)
-        drop = torch.rand(B, generator=gen) < self.l.caption_dropout
+        drop = torch.rand(B, generator=gen) < self.loss_section.caption_dropout
         null_embeds, null_mask = self.null_caption
         embeds = torch.where(drop[:, None, None], null_embeds, embeds)
         mask = torch.where(drop[:, None], null_mask, mask)
@@ -347,7 +347,7 @@ class TTRRecipe(Recipe):
                 m[f"loss_{s}"] = per_sample[ids == i].mean()
         for s in self.mixed:
             m[f"share_{s}"] = (ids == SOURCES.index(s)).float().mean()
-        edges = self.l.timestep_buckets
+        edges = self.loss_section.timestep_buckets
         for lo, hi in zip(edges, edges[1:]):
             sel = (t >= lo) & (t < hi)
             if sel.any():
