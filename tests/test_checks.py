@@ -132,3 +132,44 @@ def test_check_shape_bad_arguments():
     for spec in ("N, 3", "[N, 3.5]", "[..., N, ...]", "[-1]"):
         with pytest.raises(ValueError, match=r"^shape"):
             checks.check_shape(torch.empty(2, 3), spec, "x")
+
+
+def test_check_shape_random_specs(gen):
+    """Random specs: a tensor built to match passes and binds its sizes; one dim changed fails."""
+    def draw(n):
+        return int(torch.randint(0, n, (), generator=gen))
+
+    for _ in range(200):
+        names = ["A", "B", "C"]
+        tokens, sizes, bound = [], [], {}
+        for _ in range(draw(4)):
+            kind = draw(3)
+            if kind == 0:                       # a literal
+                s = draw(5)
+                tokens.append(str(s))
+            else:                               # a name, maybe seen before
+                nm = names[draw(3)]
+                bound.setdefault(nm, 1 + draw(4))
+                s = bound[nm]
+                tokens.append(nm)
+            sizes.append(s)
+        batch = tuple(1 + draw(3) for _ in range(draw(3)))
+        at = draw(len(tokens) + 1)             # where "..." goes
+        spec = "[" + ", ".join(tokens[:at] + ["..."] + tokens[at:]) + "]"
+        shape = sizes[:at] + list(batch) + sizes[at:]
+        d = checks.check_shape(torch.empty(shape), spec, "x")
+        assert d == dict(bound, **{"...": batch})
+        # Change one non-batch dim: the named size no longer agrees, or the literal differs.
+        if tokens:
+            i = draw(len(tokens))
+            nm = tokens[i]
+            recurs = tokens.count(nm) > 1
+            if nm.isdigit() or recurs:
+                bad = list(shape)
+                j = i if i < at else i + len(batch)
+                bad[j] += 1
+                with pytest.raises(ValueError, match=r"^x must have shape " + re.escape(spec)):
+                    checks.check_shape(torch.empty(bad), spec, "x")
+            else:
+                with pytest.raises(ValueError, match=re.escape(f"with {nm} = {bound[nm] + 1}")):
+                    checks.check_shape(torch.empty(shape), spec, "x", {nm: bound[nm] + 1})
