@@ -174,7 +174,8 @@ def _fmt_dim(value) -> str:
     return str(list(value)) if isinstance(value, tuple) else str(value)
 
 
-def check_shape(x, shape: str, name: str, dims: Mapping[str, int | tuple[int, ...]] | None = None
+def check_shape(x,             # a torch.Tensor of the shape `shape` describes (anything else: TypeError)
+                shape: str, name: str, dims: Mapping[str, int | tuple[int, ...]] | None = None,
                 ) -> dict[str, int | tuple[int, ...]]:
     """Check a tensor's shape against a shape string and bind its named dims.
 
@@ -202,12 +203,12 @@ def check_shape(x, shape: str, name: str, dims: Mapping[str, int | tuple[int, ..
         ValueError: the shape differs; the message prints ``shape`` with the values bound before
             this check, and the received shape, dtype and device.
     """
-    dims = dict(dims or {})
+    dims = dims or {}
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape {shape}; got {type(x).__name__}")
     tokens = _parse_shape(shape)
     got = tuple(x.shape)
-    bound = dict(dims)
+    bound = dict(dims)  # dims plus what this shape binds (dims, unchanged, is what the message shows)
     ok = x.dim() == len(tokens) if "..." not in tokens else x.dim() >= len(tokens) - 1
     if ok:
         # Match the dims before "..." at the front and those after it at the back.
