@@ -37,6 +37,10 @@ SHRINK = {
     ("fast3d", "train", "ttr"): (["--max-steps", "2"], "as for lgm"),
     ("fast3d", "bench"): (["--out", "{tmp}/results"], "rows go to the test's folder, not the committed results"),
     ("fast3d", "profile"): (["--out", "{tmp}/traces"], "traces go to the test's folder, not the checkout"),
+    ("profiling/gpu_prepare.sh",): (["--dry-run"], "its gsplat build takes hours on 2 cores: the dry run reads the "
+                                                   "plan and the cache without a registry"),
+    (".ci/latest",): (["--dry-run"], "a fresh venv with the newest torch is GBs and ~15 minutes of installing, "
+                                     "then the whole suite: the dry run checks the unconstrained set-up it runs"),
 }
 
 # A placeholder for pretrained weights -> what the error must name (the first path the run misses).
