@@ -21,117 +21,10 @@ namespace {
 
 using torch::Tensor;
 
-void check(const Tensor& t, const char* name, const Tensor& like) {
-  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
-  TORCH_CHECK(t.device() == like.device(), name, " is on ", t.device(), ", expected ", like.device());
-  TORCH_CHECK(t.scalar_type() == like.scalar_type(), name, " has dtype ", t.scalar_type(),
-              ", expected ", like.scalar_type());
-}
-
 template <typename T>
 const T* ptr_or_null(const std::optional<Tensor>& t) {
   return t.has_value() ? t->data_ptr<T>() : nullptr;
 }
-
-// sigmas, t_starts, t_ends [R, S]; rgbs [R, S, D]; background [R, D] or [D] or None.
-// Returns color [R, D], opacity [R], depth [R], weights [R, S].
-std::tuple<Tensor, Tensor, Tensor, Tensor> composite_forward(
-    const Tensor& sigmas, const Tensor& rgbs, const Tensor& t_starts, const Tensor& t_ends,
-    const std::optional<Tensor>& background, double eps) {
-  check(sigmas, "sigmas", sigmas);
-  check(rgbs, "rgbs", sigmas);
-  check(t_starts, "t_starts", sigmas);
-  check(t_ends, "t_ends", sigmas);
-  if (background) check(*background, "background", sigmas);
-  TORCH_CHECK(sigmas.dim() == 2 && rgbs.dim() == 3, "sigmas must be [R, S] and rgbs [R, S, D]");
-  const int64_t R = sigmas.size(0), S = sigmas.size(1), D = rgbs.size(2);
-  const int64_t bg_stride = (background && background->dim() == 2) ? D : 0;
-  auto color = torch::empty({R, D}, sigmas.options());
-  auto opacity = torch::empty({R}, sigmas.options());
-  auto depth = torch::empty({R}, sigmas.options());
-  auto weights = torch::empty({R, S}, sigmas.options());
-  if (sigmas.is_cuda()) {
-#ifdef FAST3D_WITH_CUDA
-    TORCH_CHECK(sigmas.scalar_type() == torch::kFloat32, "the CUDA compositor takes float32");
-    const c10::cuda::CUDAGuard guard(sigmas.device());
-    const char* err = fast3d::composite_forward_cuda(
-        sigmas.data_ptr<float>(), rgbs.data_ptr<float>(), t_starts.data_ptr<float>(),
-        t_ends.data_ptr<float>(), ptr_or_null<float>(background), bg_stride, R, S, D,
-        static_cast<float>(eps), color.data_ptr<float>(), opacity.data_ptr<float>(),
-        depth.data_ptr<float>(), weights.data_ptr<float>(),
-        c10::cuda::getCurrentCUDAStream().stream());
-    TORCH_CHECK(err == nullptr, "composite_forward_cuda: ", err);
-#else
-    TORCH_CHECK(false, "fast3d._C was built without CUDA");
-#endif
-  } else {
-    AT_DISPATCH_FLOATING_TYPES(sigmas.scalar_type(), "composite_forward_cpu", [&] {
-      fast3d::composite_forward_cpu<scalar_t>(
-          sigmas.data_ptr<scalar_t>(), rgbs.data_ptr<scalar_t>(), t_starts.data_ptr<scalar_t>(),
-          t_ends.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(background), bg_stride, R, S, D,
-          static_cast<scalar_t>(eps), color.data_ptr<scalar_t>(), opacity.data_ptr<scalar_t>(),
-          depth.data_ptr<scalar_t>(), weights.data_ptr<scalar_t>());
-    });
-  }
-  return {color, opacity, depth, weights};
-}
-
-// opacity [R]; g_color [R, D]; g_opacity, g_depth [R]; g_weights [R, S] or None.
-// Returns g_sigmas [R, S], g_rgbs [R, S, D], g_background [R, D] (per ray; empty without one).
-std::tuple<Tensor, Tensor, Tensor> composite_backward(
-    const Tensor& sigmas, const Tensor& rgbs, const Tensor& t_starts, const Tensor& t_ends,
-    const std::optional<Tensor>& background, double eps, const Tensor& opacity,
-    const Tensor& g_color, const Tensor& g_opacity, const Tensor& g_depth,
-    const std::optional<Tensor>& g_weights) {
-  for (auto [t, name] : {std::pair{&rgbs, "rgbs"}, {&t_starts, "t_starts"}, {&t_ends, "t_ends"},
-                         {&opacity, "opacity"}, {&g_color, "g_color"}, {&g_opacity, "g_opacity"},
-                         {&g_depth, "g_depth"}})
-    check(*t, name, sigmas);
-  if (background) check(*background, "background", sigmas);
-  if (g_weights) check(*g_weights, "g_weights", sigmas);
-  const int64_t R = sigmas.size(0), S = sigmas.size(1), D = rgbs.size(2);
-  const int64_t bg_stride = (background && background->dim() == 2) ? D : 0;
-  auto g_sigmas = torch::empty_like(sigmas);
-  auto g_rgbs = torch::empty_like(rgbs);
-  auto g_bg = background ? torch::empty({R, D}, sigmas.options()) : torch::empty({0}, sigmas.options());
-  if (sigmas.is_cuda()) {
-#ifdef FAST3D_WITH_CUDA
-    TORCH_CHECK(sigmas.scalar_type() == torch::kFloat32, "the CUDA compositor takes float32");
-    const c10::cuda::CUDAGuard guard(sigmas.device());
-    const char* err = fast3d::composite_backward_cuda(
-        sigmas.data_ptr<float>(), rgbs.data_ptr<float>(), t_starts.data_ptr<float>(),
-        t_ends.data_ptr<float>(), ptr_or_null<float>(background), bg_stride, R, S, D,
-        static_cast<float>(eps), opacity.data_ptr<float>(), g_color.data_ptr<float>(),
-        g_opacity.data_ptr<float>(), g_depth.data_ptr<float>(), ptr_or_null<float>(g_weights),
-        g_sigmas.data_ptr<float>(), g_rgbs.data_ptr<float>(),
-        background ? g_bg.data_ptr<float>() : nullptr, c10::cuda::getCurrentCUDAStream().stream());
-    TORCH_CHECK(err == nullptr, "composite_backward_cuda: ", err);
-#else
-    TORCH_CHECK(false, "fast3d._C was built without CUDA");
-#endif
-  } else {
-    AT_DISPATCH_FLOATING_TYPES(sigmas.scalar_type(), "composite_backward_cpu", [&] {
-      fast3d::composite_backward_cpu<scalar_t>(
-          sigmas.data_ptr<scalar_t>(), rgbs.data_ptr<scalar_t>(), t_starts.data_ptr<scalar_t>(),
-          t_ends.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(background), bg_stride, R, S, D,
-          static_cast<scalar_t>(eps), opacity.data_ptr<scalar_t>(), g_color.data_ptr<scalar_t>(),
-          g_opacity.data_ptr<scalar_t>(), g_depth.data_ptr<scalar_t>(),
-          ptr_or_null<scalar_t>(g_weights), g_sigmas.data_ptr<scalar_t>(),
-          g_rgbs.data_ptr<scalar_t>(), background ? g_bg.data_ptr<scalar_t>() : nullptr);
-    });
-  }
-  return {g_sigmas, g_rgbs, g_bg};
-}
-
-// --- Gaussian rasterization (csrc/gaussians) -----------------------------------------------------
-// Shapes: means [B,N,3], quats [B,N,4], scales [B,N,3], opacities [B,N], viewmats [B,C,4,4],
-// Ks [B,C,3,3]; per image (I = B*C) tensors are [B,C,N,...] = [I,N,...].
-//
-// These functions are reachable directly (fast3d._C, and the fast3d::gs_* torch ops), so each one
-// checks every tensor's rank, sizes (consistent with each other), dtype and device before reading
-// a pointer, and makes its inputs contiguous. The contents of the binning tensors the backward
-// takes (tile_offsets, flat_ids, isect_src, gauss_offsets) are trusted: pass what
-// gs_rasterize_forward returned for the same inputs.
 
 Tensor i32(const Tensor& like, c10::IntArrayRef shape) {
   return torch::empty(shape, like.options().dtype(torch::kInt32));
@@ -148,16 +41,20 @@ std::string shape_str(const std::vector<int64_t>& shape) {
 }
 
 // The argument checks of one call: `op` starts every message; the tensor `ref` (named ref_name)
-// fixes the device and the floating dtype of the others.
-class GsArgs {
+// fixes the device and the floating dtype of the others; `cuda_kernel` names the float32-only CUDA
+// kernels in the dtype message.
+constexpr const char* kRasterizer = "the CUDA rasterizer";
+
+class Args {
  public:
-  GsArgs(const char* op, const Tensor& ref, const char* ref_name) : op_(op), ref_(ref), ref_name_(ref_name) {
+  Args(const char* op, const Tensor& ref, const char* ref_name, const char* cuda_kernel)
+      : op_(op), ref_(ref), ref_name_(ref_name) {
     TORCH_CHECK(ref.is_cpu() || ref.is_cuda(), op, ": ", ref_name, " is on ", ref.device(),
                 ", expected a CPU or CUDA tensor");
     const auto dt = ref.scalar_type();
     if (ref.is_cuda()) {
       TORCH_CHECK(dt == torch::kFloat32, op, ": ", ref_name, " has dtype ", dt,
-                  ", expected Float (the CUDA rasterizer takes float32)");
+                  ", expected Float (", cuda_kernel, " takes float32)");
     } else {
       TORCH_CHECK(dt == torch::kFloat32 || dt == torch::kFloat64, op, ": ", ref_name, " has dtype ", dt,
                   ", expected Float or Double");
@@ -205,13 +102,138 @@ class GsArgs {
   const char* ref_name_;
 };
 
+// --- NeRF compositing (csrc/composite) ------------------------------------------------------------
+
+// The checked compositing inputs: sigmas, t_starts, t_ends [R, S]; rgbs [R, S, D]; background
+// [R, D] (bg_stride = D), [D] (bg_stride = 0) or none.
+struct CompositeRays {
+  Tensor sigmas, rgbs, t_starts, t_ends;
+  std::optional<Tensor> background;
+  int64_t R, S, D, bg_stride;
+};
+
+CompositeRays composite_rays(const Args& a, const Tensor& sigmas, const Tensor& rgbs, const Tensor& t_starts,
+                             const Tensor& t_ends, const std::optional<Tensor>& background) {
+  a.rank(sigmas, "sigmas", 2, "[R, S]");
+  a.rank(rgbs, "rgbs", 3, "[R, S, D]");
+  const int64_t R = sigmas.size(0), S = sigmas.size(1), D = rgbs.size(2);
+  TORCH_CHECK(S <= INT32_MAX && D <= INT32_MAX, a.op(), ": rgbs has shape ", rgbs.sizes(),
+              "; the kernels take at most ", INT32_MAX, " samples S and channels D");
+  CompositeRays c{a(sigmas, "sigmas", {R, S}, "[R, S]"), a(rgbs, "rgbs", {R, S, D}, "[R, S, D]"),
+                  a(t_starts, "t_starts", {R, S}, "[R, S]"), a(t_ends, "t_ends", {R, S}, "[R, S]"),
+                  std::nullopt, R, S, D, 0};
+  if (background) {
+    const bool per_ray = background->dim() == 2;
+    TORCH_CHECK(per_ray || background->dim() == 1, a.op(), ": background must have shape [R, D] = ",
+                shape_str({R, D}), " or [D] = ", shape_str({D}), "; got ", background->sizes());
+    c.background = per_ray ? a(*background, "background", {R, D}, "[R, D]") : a(*background, "background", {D}, "[D]");
+    c.bg_stride = per_ray ? D : 0;
+  }
+  return c;
+}
+
+// sigmas, t_starts, t_ends [R, S]; rgbs [R, S, D]; background [R, D] or [D] or None.
+// Returns color [R, D], opacity [R], depth [R], weights [R, S].
+std::tuple<Tensor, Tensor, Tensor, Tensor> composite_forward(const Tensor& sigmas_, const Tensor& rgbs_,
+                                                             const Tensor& t_starts_, const Tensor& t_ends_,
+                                                             const std::optional<Tensor>& background_, double eps) {
+  const Args a("composite_forward", sigmas_, "sigmas", "the CUDA compositor");
+  const auto [sigmas, rgbs, t_starts, t_ends, background, R, S, D, bg_stride] =
+      composite_rays(a, sigmas_, rgbs_, t_starts_, t_ends_, background_);
+  auto color = torch::empty({R, D}, sigmas.options());
+  auto opacity = torch::empty({R}, sigmas.options());
+  auto depth = torch::empty({R}, sigmas.options());
+  auto weights = torch::empty({R, S}, sigmas.options());
+  if (sigmas.is_cuda()) {
+#ifdef FAST3D_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(sigmas.device());
+    const char* err = fast3d::composite_forward_cuda(
+        sigmas.data_ptr<float>(), rgbs.data_ptr<float>(), t_starts.data_ptr<float>(), t_ends.data_ptr<float>(),
+        ptr_or_null<float>(background), bg_stride, R, int(S), int(D), static_cast<float>(eps),
+        color.data_ptr<float>(), opacity.data_ptr<float>(), depth.data_ptr<float>(), weights.data_ptr<float>(),
+        c10::cuda::getCurrentCUDAStream().stream());
+    TORCH_CHECK(err == nullptr, "composite_forward_cuda: ", err);
+#else
+    TORCH_CHECK(false, "fast3d._C was built without CUDA");
+#endif
+  } else {
+    AT_DISPATCH_FLOATING_TYPES(sigmas.scalar_type(), "composite_forward_cpu", [&] {
+      fast3d::composite_forward_cpu<scalar_t>(
+          sigmas.data_ptr<scalar_t>(), rgbs.data_ptr<scalar_t>(), t_starts.data_ptr<scalar_t>(),
+          t_ends.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(background), bg_stride, R, int(S), int(D),
+          static_cast<scalar_t>(eps), color.data_ptr<scalar_t>(), opacity.data_ptr<scalar_t>(),
+          depth.data_ptr<scalar_t>(), weights.data_ptr<scalar_t>());
+    });
+  }
+  return {color, opacity, depth, weights};
+}
+
+// The forward's inputs; opacity [R] (its output); g_color [R, D]; g_opacity, g_depth [R];
+// g_weights [R, S] or None. Returns g_sigmas [R, S], g_rgbs [R, S, D], g_background [R, D] (per
+// ray; [0] without a background).
+std::tuple<Tensor, Tensor, Tensor> composite_backward(const Tensor& sigmas_, const Tensor& rgbs_,
+                                                      const Tensor& t_starts_, const Tensor& t_ends_,
+                                                      const std::optional<Tensor>& background_, double eps,
+                                                      const Tensor& opacity_, const Tensor& g_color_,
+                                                      const Tensor& g_opacity_, const Tensor& g_depth_,
+                                                      const std::optional<Tensor>& g_weights_) {
+  const Args a("composite_backward", sigmas_, "sigmas", "the CUDA compositor");
+  const auto [sigmas, rgbs, t_starts, t_ends, background, R, S, D, bg_stride] =
+      composite_rays(a, sigmas_, rgbs_, t_starts_, t_ends_, background_);
+  const Tensor opacity = a(opacity_, "opacity", {R}, "[R]");
+  const Tensor g_color = a(g_color_, "g_color", {R, D}, "[R, D]");
+  const Tensor g_opacity = a(g_opacity_, "g_opacity", {R}, "[R]");
+  const Tensor g_depth = a(g_depth_, "g_depth", {R}, "[R]");
+  std::optional<Tensor> g_weights;
+  if (g_weights_) g_weights = a(*g_weights_, "g_weights", {R, S}, "[R, S]");
+  auto g_sigmas = torch::empty_like(sigmas);
+  auto g_rgbs = torch::empty_like(rgbs);
+  auto g_bg = background ? torch::empty({R, D}, sigmas.options()) : torch::empty({0}, sigmas.options());
+  if (sigmas.is_cuda()) {
+#ifdef FAST3D_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(sigmas.device());
+    const char* err = fast3d::composite_backward_cuda(
+        sigmas.data_ptr<float>(), rgbs.data_ptr<float>(), t_starts.data_ptr<float>(), t_ends.data_ptr<float>(),
+        ptr_or_null<float>(background), bg_stride, R, int(S), int(D), static_cast<float>(eps),
+        opacity.data_ptr<float>(), g_color.data_ptr<float>(), g_opacity.data_ptr<float>(),
+        g_depth.data_ptr<float>(), ptr_or_null<float>(g_weights), g_sigmas.data_ptr<float>(),
+        g_rgbs.data_ptr<float>(), background ? g_bg.data_ptr<float>() : nullptr,
+        c10::cuda::getCurrentCUDAStream().stream());
+    TORCH_CHECK(err == nullptr, "composite_backward_cuda: ", err);
+#else
+    TORCH_CHECK(false, "fast3d._C was built without CUDA");
+#endif
+  } else {
+    AT_DISPATCH_FLOATING_TYPES(sigmas.scalar_type(), "composite_backward_cpu", [&] {
+      fast3d::composite_backward_cpu<scalar_t>(
+          sigmas.data_ptr<scalar_t>(), rgbs.data_ptr<scalar_t>(), t_starts.data_ptr<scalar_t>(),
+          t_ends.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(background), bg_stride, R, int(S), int(D),
+          static_cast<scalar_t>(eps), opacity.data_ptr<scalar_t>(), g_color.data_ptr<scalar_t>(),
+          g_opacity.data_ptr<scalar_t>(), g_depth.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(g_weights),
+          g_sigmas.data_ptr<scalar_t>(), g_rgbs.data_ptr<scalar_t>(),
+          background ? g_bg.data_ptr<scalar_t>() : nullptr);
+    });
+  }
+  return {g_sigmas, g_rgbs, g_bg};
+}
+
+// --- Gaussian rasterization (csrc/gaussians) -----------------------------------------------------
+// Shapes: means [B,N,3], quats [B,N,4], scales [B,N,3], opacities [B,N], viewmats [B,C,4,4],
+// Ks [B,C,3,3]; per image (I = B*C) tensors are [B,C,N,...] = [I,N,...].
+//
+// These functions are reachable directly (fast3d._C, and the fast3d::gs_* torch ops), so each one
+// checks every tensor's rank, sizes (consistent with each other), dtype and device before reading
+// a pointer, and makes its inputs contiguous. The contents of the binning tensors the backward
+// takes (tile_offsets, flat_ids, isect_src, gauss_offsets) are trusted: pass what
+// gs_rasterize_forward returned for the same inputs.
+
 // The checked (contiguous) scene inputs of the projection, and their sizes.
 struct GsScene {
   Tensor means, quats, scales, opacities, viewmats, Ks;  // [B,N,3], [B,N,4], [B,N,3], [B,N], [B,C,4,4], [B,C,3,3]
   int64_t B, C, N;
 };
 
-GsScene gs_scene(const GsArgs& a, const Tensor& means, const Tensor& quats, const Tensor& scales,
+GsScene gs_scene(const Args& a, const Tensor& means, const Tensor& quats, const Tensor& scales,
                  const Tensor& opacities, const Tensor& viewmats, const Tensor& Ks) {
   a.rank(means, "means", 3, "[B, N, 3]");
   a.rank(viewmats, "viewmats", 4, "[B, C, 4, 4]");
@@ -226,7 +248,7 @@ GsScene gs_scene(const GsArgs& a, const Tensor& means, const Tensor& quats, cons
 }
 
 // I images with D channels: the limits of the CUDA kernels.
-void check_cuda_sizes(const GsArgs& a, int64_t I, int64_t D) {
+void check_cuda_sizes(const Args& a, int64_t I, int64_t D) {
   TORCH_CHECK(D <= fast3d::kGsMaxCudaChannels, a.op(), ": feats has D = ", D,
               " channels; the CUDA rasterizer takes at most ", fast3d::kGsMaxCudaChannels);
   TORCH_CHECK(I <= fast3d::kGsMaxCudaImages, a.op(), ": ", I, " images (B x C); the CUDA rasterizer takes at most ",
@@ -246,7 +268,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gs_project_forward(
     const Tensor& means_, const Tensor& quats_, const Tensor& scales_, const Tensor& opacities_,
     const Tensor& viewmats_, const Tensor& Ks_, int64_t width, int64_t height, double near_plane,
     double far_plane, double eps2d, bool antialiased) {
-  const GsArgs a("gs_project_forward", means_, "means");
+  const Args a("gs_project_forward", means_, "means", kRasterizer);
   const auto [means, quats, scales, opacities, viewmats, Ks, B, C, N] =
       gs_scene(a, means_, quats_, scales_, opacities_, viewmats_, Ks_);
   a.image(width, height);
@@ -284,7 +306,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gs_project_backward(
     const Tensor& viewmats_, const Tensor& Ks_, int64_t width, int64_t height, double near_plane,
     double far_plane, double eps2d, bool antialiased, const Tensor& g_means2d_, const Tensor& g_conics_,
     const Tensor& g_depths_, const Tensor& g_opac_) {
-  const GsArgs a("gs_project_backward", means_, "means");
+  const Args a("gs_project_backward", means_, "means", kRasterizer);
   const auto [means, quats, scales, opacities, viewmats, Ks, B, C, N] =
       gs_scene(a, means_, quats_, scales_, opacities_, viewmats_, Ks_);
   a.image(width, height);
@@ -328,7 +350,7 @@ struct GsSh {
   int64_t B, C, N, K;
 };
 
-GsSh gs_sh_args(const GsArgs& a, const Tensor& sh, const Tensor& means, const Tensor& viewmats, int64_t degree) {
+GsSh gs_sh_args(const Args& a, const Tensor& sh, const Tensor& means, const Tensor& viewmats, int64_t degree) {
   a.rank(sh, "sh", 4, "[B, N, K, 3]");
   a.rank(viewmats, "viewmats", 4, "[B, C, 4, 4]");
   const int64_t B = sh.size(0), N = sh.size(1), K = sh.size(2), C = viewmats.size(1);
@@ -341,7 +363,7 @@ GsSh gs_sh_args(const GsArgs& a, const Tensor& sh, const Tensor& means, const Te
 
 // sh [B,N,K,3] -> colors [B,C,N,3]
 Tensor gs_sh_forward(const Tensor& sh_, const Tensor& means_, const Tensor& viewmats_, int64_t degree) {
-  const GsArgs a("gs_sh_forward", sh_, "sh");
+  const Args a("gs_sh_forward", sh_, "sh", kRasterizer);
   const auto [sh, means, viewmats, B, C, N, K] = gs_sh_args(a, sh_, means_, viewmats_, degree);
   auto colors = torch::empty({B, C, N, 3}, sh.options());
   if (sh.is_cuda()) {
@@ -366,7 +388,7 @@ Tensor gs_sh_forward(const Tensor& sh_, const Tensor& means_, const Tensor& view
 // g_colors [B,C,N,3] -> g_sh [B,N,K,3], g_means [B,N,3]
 std::tuple<Tensor, Tensor> gs_sh_backward(const Tensor& sh_, const Tensor& means_, const Tensor& viewmats_,
                                           int64_t degree, const Tensor& g_colors_) {
-  const GsArgs a("gs_sh_backward", sh_, "sh");
+  const Args a("gs_sh_backward", sh_, "sh", kRasterizer);
   const auto [sh, means, viewmats, B, C, N, K] = gs_sh_args(a, sh_, means_, viewmats_, degree);
   const Tensor g_colors = a(g_colors_, "g_colors", {B, C, N, 3}, "[B, C, N, 3]");
   auto g_sh = torch::empty_like(sh), g_means = torch::empty_like(means);
@@ -398,7 +420,7 @@ struct GsImages {
   int64_t I, N, D;
 };
 
-GsImages gs_images(const GsArgs& a, const Tensor& means2d, const Tensor& conics, const Tensor& opac,
+GsImages gs_images(const Args& a, const Tensor& means2d, const Tensor& conics, const Tensor& opac,
                    const Tensor& feats, const Tensor& radii) {
   a.rank(feats, "feats", 3, "[I, N, D]");
   const int64_t I = feats.size(0), N = feats.size(1), D = feats.size(2);
@@ -423,7 +445,7 @@ GsImages gs_images(const GsArgs& a, const Tensor& means2d, const Tensor& conics,
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gs_rasterize_forward(
     const Tensor& means2d_, const Tensor& conics_, const Tensor& opac_, const Tensor& feats_, const Tensor& depths_,
     const Tensor& radii_, int64_t width, int64_t height, std::optional<int64_t> capacity) {
-  const GsArgs a("gs_rasterize_forward", feats_, "feats");
+  const Args a("gs_rasterize_forward", feats_, "feats", kRasterizer);
   const auto [means2d, conics, opac, feats, radii, I, N, D] = gs_images(a, means2d_, conics_, opac_, feats_, radii_);
   const Tensor depths = a(depths_, "depths", {I, N}, "[I, N]");
   a.image(width, height);
@@ -517,14 +539,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gs_ra
 }
 
 // The forward's inputs and binning, alpha [I,H,W], last [I,H,W], g_image [I,H,W,D],
-// g_alpha [I,H,W]. Returns g_means2d [I,N,2], g_conics [I,N,3], g_opac [I,N], g_feats [I,N,D],
+// g_alpha [I,H,W]; pass_rows: None, or (CUDA, deterministic) the sorted intersections per pass of
+// the reduction (default: as many as kGsDeterministicRowBytes of rows hold). Returns g_means2d [I,N,2], g_conics [I,N,3], g_opac [I,N], g_feats [I,N,D],
 // absgrad [I,N,2].
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gs_rasterize_backward(
     const Tensor& means2d_, const Tensor& conics_, const Tensor& opac_, const Tensor& feats_, const Tensor& radii_,
     const Tensor& tile_offsets_, const Tensor& flat_ids_, const Tensor& isect_src_, const Tensor& gauss_offsets_,
     const Tensor& alpha_, const Tensor& last_, const Tensor& g_image_, const Tensor& g_alpha_, int64_t width,
-    int64_t height, bool deterministic) {
-  const GsArgs a("gs_rasterize_backward", feats_, "feats");
+    int64_t height, bool deterministic, std::optional<int64_t> pass_rows_) {
+  const Args a("gs_rasterize_backward", feats_, "feats", kRasterizer);
   const auto [means2d, conics, opac, feats, radii, I, N, D] = gs_images(a, means2d_, conics_, opac_, feats_, radii_);
   a.image(width, height);
   const int W = int(width), H = int(height);
@@ -545,21 +568,24 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gs_rasterize_backward(
   const Tensor last = a(last_, "last", {I, H, W}, "[I, H, W]", torch::kInt32);
   const Tensor g_image = a(g_image_, "g_image", {I, H, W, D}, "[I, H, W, D]");
   const Tensor g_alpha = a(g_alpha_, "g_alpha", {I, H, W}, "[I, H, W]");
+  TORCH_CHECK(!pass_rows_ || *pass_rows_ >= 1, a.op(), ": pass_rows must be None or >= 1; got ", *pass_rows_);
   auto g_means2d = torch::empty_like(means2d), g_conics = torch::empty_like(conics);
   auto g_opac = torch::empty_like(opac), g_feats = torch::empty_like(feats), absgrad = torch::empty_like(means2d);
   if (cuda) {
 #ifdef FAST3D_WITH_CUDA
     const c10::cuda::CUDAGuard guard(feats.device());
-    // Deterministic: one gradient row per intersection (zero where no pixel used it), summed per
-    // Gaussian in a fixed order.
-    auto isect_grads = deterministic ? torch::zeros({n, 8 + D}, feats.options()) : torch::empty({0}, feats.options());
+    // Deterministic: the intersections' gradient rows are reduced per Gaussian in a fixed order,
+    // in passes whose rows take at most kGsDeterministicRowBytes (isect_rows.h).
+    const int64_t pass_rows = !deterministic ? 0 : std::min(n, pass_rows_.value_or(fast3d::gs_deterministic_pass_rows(n, int(D))));
+    auto sorted_of = i32(feats, {deterministic ? n : 0});
+    auto rows = torch::empty({pass_rows, fast3d::gs::isect_row_size(int(D))}, feats.options());
     FAST3D_CUDA_CALL(fast3d::gs_rasterize_backward_cuda(
         means2d.data_ptr<float>(), conics.data_ptr<float>(), opac.data_ptr<float>(), feats.data_ptr<float>(),
         tile_offsets.data_ptr<int64_t>(), flat_ids.data_ptr<int32_t>(), isect_src.data_ptr<int32_t>(),
         gauss_offsets.data_ptr<int64_t>(), alpha.data_ptr<float>(), last.data_ptr<int32_t>(),
-        g_image.data_ptr<float>(), g_alpha.data_ptr<float>(), I, N, int(D), W, H, n, deterministic,
-        deterministic ? isect_grads.data_ptr<float>() : nullptr, g_means2d.data_ptr<float>(),
-        g_conics.data_ptr<float>(), g_opac.data_ptr<float>(), g_feats.data_ptr<float>(),
+        g_image.data_ptr<float>(), g_alpha.data_ptr<float>(), I, N, int(D), W, H, n, deterministic, pass_rows,
+        deterministic ? sorted_of.data_ptr<int32_t>() : nullptr, deterministic ? rows.data_ptr<float>() : nullptr,
+        g_means2d.data_ptr<float>(), g_conics.data_ptr<float>(), g_opac.data_ptr<float>(), g_feats.data_ptr<float>(),
         absgrad.data_ptr<float>(), FAST3D_STREAM));
 #else
     TORCH_CHECK(false, "fast3d._C was built without CUDA");
@@ -576,6 +602,54 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gs_rasterize_backward(
     });
   }
   return {g_means2d, g_conics, g_opac, g_feats, absgrad};
+}
+
+// The deterministic CUDA backward's reduction (isect_rows.h), run on the CPU so that tests check
+// it without a GPU: rows [n, 8 + D] (row j: the gradients of sorted intersection j), isect_src [n]
+// (int32, pre-sort index of sorted j: a permutation of 0..n-1, each Gaussian's intersections in
+// increasing sorted order), gauss_offsets [G + 1] (int64, non-decreasing, from 0 to n), pass_rows
+// >= 1 (None: what the CUDA backward uses). Returns g_means2d [G, 2], g_conics [G, 3], g_opac [G],
+// g_feats [G, D], absgrad [G, 2].
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gs_reduce_isect_rows(const Tensor& rows_,
+                                                                        const Tensor& isect_src_,
+                                                                        const Tensor& gauss_offsets_,
+                                                                        std::optional<int64_t> pass_rows) {
+  const Args a("gs_reduce_isect_rows", rows_, "rows", kRasterizer);
+  TORCH_CHECK(rows_.is_cpu(), a.op(), ": rows is on ", rows_.device(), ", expected cpu (the CUDA backward runs its own)");
+  a.rank(rows_, "rows", 2, "[n, 8 + D]");
+  a.rank(gauss_offsets_, "gauss_offsets", 1, "[G + 1]");
+  const int64_t n = rows_.size(0), D = rows_.size(1) - 8, G = gauss_offsets_.size(0) - 1;
+  TORCH_CHECK(D >= 0 && G >= 0 && n <= fast3d::kGsMaxIntersections, a.op(), ": rows must have shape [n, 8 + D] ",
+              "with n <= ", fast3d::kGsMaxIntersections, " and gauss_offsets [G + 1]; got ", rows_.sizes(), " and ",
+              gauss_offsets_.sizes());
+  const Tensor rows = a(rows_, "rows", {n, 8 + D}, "[n, 8 + D]");
+  const Tensor isect_src = a(isect_src_, "isect_src", {n}, "[n] (n = rows.size(0))", torch::kInt32);
+  const Tensor gauss_offsets = a(gauss_offsets_, "gauss_offsets", {G + 1}, "[G + 1]", torch::kInt64);
+  const int64_t pass = pass_rows.value_or(fast3d::gs_deterministic_pass_rows(n, int(D)));
+  TORCH_CHECK(pass >= 1 || n == 0, a.op(), ": pass_rows must be >= 1; got ", pass);
+  const auto sorted = std::get<0>(isect_src.sort());
+  TORCH_CHECK(sorted.equal(torch::arange(n, isect_src.options())), a.op(),
+              ": isect_src must be a permutation of 0..", n - 1);
+  const int64_t* go = gauss_offsets.data_ptr<int64_t>();
+  for (int64_t g = 0; g <= G; ++g)
+    TORCH_CHECK((g == 0 ? go[0] == 0 : go[g] >= go[g - 1]) && (g < G || go[G] == n), a.op(),
+                ": gauss_offsets must rise from 0 to n = ", n, "; got ", gauss_offsets.sizes(), " not so at ", g);
+  const auto o = rows.options();
+  auto g_means2d = torch::empty({G, 2}, o), g_conics = torch::empty({G, 3}, o), g_opac = torch::empty({G}, o);
+  auto g_feats = torch::empty({G, D}, o), absgrad = torch::empty({G, 2}, o);
+  AT_DISPATCH_FLOATING_TYPES(rows.scalar_type(), "gs_reduce_isect_rows_cpu", [&] {
+    fast3d::gs_reduce_isect_rows_cpu<scalar_t>(rows.data_ptr<scalar_t>(), isect_src.data_ptr<int32_t>(), go, n, G,
+                                               int(D), pass, g_means2d.data_ptr<scalar_t>(),
+                                               g_conics.data_ptr<scalar_t>(), g_opac.data_ptr<scalar_t>(),
+                                               g_feats.data_ptr<scalar_t>(), absgrad.data_ptr<scalar_t>());
+  });
+  return {g_means2d, g_conics, g_opac, g_feats, absgrad};
+}
+
+int64_t gs_deterministic_pass_rows(int64_t n, int64_t D) {
+  TORCH_CHECK(n >= 0 && D >= 0 && D <= INT32_MAX, "gs_deterministic_pass_rows: n and D must be >= 0; got ", n,
+              " and ", D);
+  return fast3d::gs_deterministic_pass_rows(n, int(D));
 }
 
 bool with_cuda() {
@@ -599,6 +673,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gs_sh_backward", &gs_sh_backward, "spherical harmonics colours, backward");
   m.def("gs_rasterize_forward", &gs_rasterize_forward, "tile binning and front-to-back blending");
   m.def("gs_rasterize_backward", &gs_rasterize_backward, "blending backward");
+  m.def("gs_reduce_isect_rows", &gs_reduce_isect_rows,
+        "the deterministic CUDA backward's per-Gaussian reduction of intersection rows, on the CPU");
+  m.def("gs_deterministic_pass_rows", &gs_deterministic_pass_rows,
+        "sorted intersections per pass of the deterministic CUDA backward, for n intersections of D channels");
+  m.attr("gs_deterministic_row_bytes") = fast3d::kGsDeterministicRowBytes;
   m.attr("gs_tile") = fast3d::gs::kTile;
   m.attr("gs_radius_max") = fast3d::gs::kRadiusMax;
   m.attr("gs_max_intersections") = fast3d::kGsMaxIntersections;

@@ -119,3 +119,40 @@ def test_gpu_session_script_refuses_what_it_cannot_run(tmp_path):
     r = subprocess.run([script], env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "unknown stage 'nope' in STAGES" in r.stderr, r.stderr
     assert not (tmp_path / "out").exists()
+
+
+# Registers per thread the blend kernels of csrc/gaussians/cuda may use on sm_90 (65,536 registers
+# per SM, blocks of 256 threads): the D <= 64 bucket of the backward held 231 (one block per SM,
+# 12.5% occupancy) for every D in 17..64 before the 32-channel bucket and the register-free feature
+# gradients; now at most 128 (two blocks, 25%) for D 33..64 and 64 (four blocks, 50%) for D 17..32.
+MAX_REGISTERS_SM90 = {
+    "rasterize_backward_kernel<64>": 128,
+    "rasterize_backward_kernel<32>": 64,
+    "rasterize_forward_kernel<64>": 128,
+    "rasterize_forward_kernel<32>": 64,
+}
+
+
+def test_blend_kernels_fit_their_register_budget(setup_module, tmp_path):
+    """ptxas's register counts of the blend kernels for sm_90, compiled as setup.py compiles them."""
+    import re
+
+    root, how = setup_module.find_cuda_home()
+    if root is None:
+        pytest.skip(f"no CUDA toolkit: {how}")
+    nvcc = os.path.join(root, "bin", "nvcc")
+    src = os.path.join(ROOT, "csrc", "gaussians", "cuda", "gaussians_cuda.cu")
+    cmd = [nvcc, *setup_module.NVCC_FLAGS, "-gencode=arch=compute_90,code=sm_90", "-Xptxas", "-v",
+           f"-I{os.path.join(ROOT, 'csrc')}", "-c", src, "-o", str(tmp_path / "g.o")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    used, entry = {}, None
+    for line in r.stderr.splitlines():
+        m = re.search(r"Compiling entry function '\S*?(rasterize_(?:backward|forward)_kernel)ILi(\d+)E", line)
+        if m:
+            entry = f"{m.group(1)}<{m.group(2)}>"
+        elif entry and (m := re.search(r"Used (\d+) registers", line)):
+            used[entry], entry = int(m.group(1)), None
+    assert set(MAX_REGISTERS_SM90) <= set(used), used
+    over = {k: (used[k], limit) for k, limit in MAX_REGISTERS_SM90.items() if used[k] > limit}
+    assert not over, f"registers (used, budget): {over}"

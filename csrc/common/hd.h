@@ -24,6 +24,7 @@ namespace fast3d {
   FAST3D_HD T name##_(T x) { return std::name(x); }
 #endif
 FAST3D_UNARY(exp)
+FAST3D_UNARY(expm1)  // e^x - 1, accurate near 0 (not a fast-math intrinsic under nvcc)
 FAST3D_UNARY(log)
 FAST3D_UNARY(sqrt)
 FAST3D_UNARY(floor)

@@ -364,6 +364,9 @@ FAST3D_HD void sh_backward(int degree, const T* sh, const T* mean, const T campo
 // --- per-pixel alpha -------------------------------------------------------------------------------
 
 // raw = o exp(-q/2) at pixel centre (px, py); alpha = min(0.99, raw). Returns raw; vis = exp(-q/2).
+// A product with exp, not 1 - exp: a fast exp's relative error (__expf under --use_fast_math: a few
+// ulps for the q/2 <= ln(255 o) < 5.6 that can reach 1/255) stays relative in alpha, unlike the
+// compositor's 1 - exp(-tau), which needs expm1 (composite_math.h).
 template <typename T>
 FAST3D_HD T gaussian_raw_alpha(const T m2[2], const T con[3], T opacity, T px, T py, T& dx, T& dy, T& vis) {
   dx = px - m2[0];

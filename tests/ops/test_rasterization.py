@@ -265,6 +265,118 @@ def test_deterministic_gradients_are_bit_identical(backend, gen):
             assert torch.equal(g[k], results[0][2][k]), k
 
 
+def _random_binning(gen: torch.Generator, I: int, N: int, tiles: int, D: int):
+    """A binning as the CUDA forward makes it, for the deterministic reduction: each of the I * N
+    Gaussians meets 0..4 distinct tiles of its image (pre-sort indices k in Gaussian order, tiles
+    ascending), sorted by image | tile | depth. Returns rows [n, 8 + D] (float32, random),
+    isect_src [n] (pre-sort index of each sorted intersection) and gauss_offsets [I * N + 1]."""
+    G = I * N
+    counts = torch.randint(0, 5, (G,), generator=gen)
+    counts[torch.randint(0, G, (G // 7,), generator=gen)] = 0  # Gaussians that miss the image
+    tile = torch.cat([torch.randperm(tiles, generator=gen)[:c].sort().values for c in counts.tolist()])
+    owner = torch.repeat_interleave(torch.arange(G), counts)
+    depth_rank = torch.randperm(G, generator=gen)[owner]  # one depth per Gaussian, all distinct
+    key = ((owner // N) * tiles + tile) * G + depth_rank
+    isect_src = torch.argsort(key, stable=True).to(torch.int32)
+    gauss_offsets = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
+    rows = torch.randn(len(key), 8 + D, generator=gen) * torch.rand(len(key), 1, generator=gen) * 10
+    return rows, isect_src, gauss_offsets
+
+
+def test_deterministic_reduction_same_bits_for_every_pass_size(gen):
+    """The deterministic CUDA backward's reduction (csrc/gaussians/isect_rows.h), run on the CPU:
+    each Gaussian's gradient is the float32 sum of its intersection rows in pre-sort order, bit for
+    bit, whether the sorted intersections come in one pass or in passes of any size."""
+    require("cpu")
+    from fast3d import _native
+
+    m = _native.module()
+    I, N, tiles, D = 3, 41, 12, 5
+    rows, isect_src, gauss_offsets = _random_binning(gen, I, N, tiles, D)
+    n = rows.shape[0]
+    sorted_of = torch.empty(n, dtype=torch.int64)
+    sorted_of[isect_src.long()] = torch.arange(n)
+    want = torch.zeros(I * N, 8 + D)
+    for g in range(I * N):
+        for k in range(int(gauss_offsets[g]), int(gauss_offsets[g + 1])):
+            want[g] = want[g] + rows[sorted_of[k]]  # float32 adds, in k order
+    results = {p: m.gs_reduce_isect_rows(rows, isect_src, gauss_offsets, p) for p in (None, n, max(1, n // 3), 7, 2, 1)}
+    for p, (g_m2, g_con, g_op, g_f, g_abs) in results.items():
+        got = torch.cat([g_m2, g_con, g_op[:, None], g_abs, g_f], 1)
+        assert torch.equal(got, want), f"pass_rows={p}"
+
+
+GS_REDUCE_BAD = {  # case: (change of (rows, isect_src, gauss_offsets, pass_rows), message fragment)
+    "rows-rank": (lambda r, s, o, p: (r[0], s, o, p), "rows must have shape [n, 8 + D] (2 dims)"),
+    "rows-narrow": (lambda r, s, o, p: (r[:, :7], s, o, p), "rows must have shape [n, 8 + D]"),
+    "src-length": (lambda r, s, o, p: (r, s[:-1], o, p), "isect_src must have shape [n] (n = rows.size(0))"),
+    "src-dtype": (lambda r, s, o, p: (r, s.long(), o, p), "isect_src has dtype Long, expected Int"),
+    "src-not-permutation": (lambda r, s, o, p: (r, torch.zeros_like(s), o, p), "isect_src must be a permutation"),
+    "offsets-end": (lambda r, s, o, p: (r, s, o - 1, p), "gauss_offsets must rise from 0 to n"),
+    "pass-rows": (lambda r, s, o, p: (r, s, o, 0), "pass_rows must be >= 1; got 0"),
+    "rows-device": (lambda r, s, o, p: (r.to("meta"), s, o, p), "rows is on meta"),
+}
+
+
+@pytest.mark.parametrize("case", list(GS_REDUCE_BAD))
+def test_deterministic_reduction_rejects_bad_inputs(case, gen):
+    require("cpu")
+    from fast3d import _native
+
+    change, message = GS_REDUCE_BAD[case]
+    args = change(*_random_binning(gen, 2, 9, 6, 3), None)
+    with pytest.raises(RuntimeError) as info:
+        _native.module().gs_reduce_isect_rows(*args)
+    assert message in str(info.value)
+
+
+def test_deterministic_pass_rows_bound_the_row_memory():
+    """The deterministic CUDA backward holds at most gs_deterministic_row_bytes of intersection
+    rows: 50 M intersections at D = 64 (14.4 GB of rows in one pass) take ceil(n / rows) passes."""
+    require("cpu")
+    from fast3d import _native
+
+    m = _native.module()
+    budget = m.gs_deterministic_row_bytes
+    for n, D in [(50_000_000, 64), (50_000_000, 3), (3_000_000, 17), (1000, 64), (2**31 - 1, 1)]:
+        row = (8 + D) * 4
+        rows = m.gs_deterministic_pass_rows(n, D)
+        if n * row <= budget:
+            assert rows == n, (n, D)  # fits: one pass
+        else:
+            assert rows * row <= budget < (rows + 1) * row, (n, D)  # as many rows as the budget holds
+    assert m.gs_deterministic_pass_rows(0, 64) == 0
+    rows = m.gs_deterministic_pass_rows(50_000_000, 64)
+    assert -(-50_000_000 // rows) == 27  # 14.4 GB of rows in 512 MiB passes
+
+
+@pytest.mark.gpu
+def test_cuda_deterministic_backward_same_bits_for_every_pass_size(gen):
+    """The CUDA deterministic backward gives the same bits with its default pass size and with
+    passes of a few intersections (the tiles split across passes, each pass's rows reduced into the
+    Gaussians' running sums)."""
+    require("cuda")
+    from fast3d import _native
+
+    m = _native.module()
+    x = make_scene(gen, 1, 2, 211, 45, 37, D=40)
+    scene = [x[k].cuda().float() for k in ("means", "quats", "scales", "opacities", "viewmats", "Ks")]
+    means2d, conics, depths, opac, radii = m.gs_project_forward(*scene, 45, 37, 0.01, 100.0, 0.3, False)
+    I, N = 2, 211
+    feats = torch.rand(I, N, 40, generator=gen).cuda()
+    images = (means2d.view(I, N, 2), conics.view(I, N, 3), opac.view(I, N), feats)
+    image, alpha, last, tile_offsets, flat_ids, isect_src, gauss_offsets, _ = m.gs_rasterize_forward(
+        *images, depths.view(I, N), radii.view(I, N, 2), 45, 37, None)
+    g_image, g_alpha = torch.rand(image.shape, generator=gen).cuda(), torch.rand(alpha.shape, generator=gen).cuda()
+    n = flat_ids.numel()
+    assert n > 100
+    results = [m.gs_rasterize_backward(*images, radii.view(I, N, 2), tile_offsets, flat_ids, isect_src, gauss_offsets,
+                                       alpha, last, g_image, g_alpha, 45, 37, True, p) for p in (None, n // 3, 7)]
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
 # --- shapes, empty inputs, dtypes ---------------------------------------------------------------
 
 
@@ -552,7 +664,8 @@ def _native_valid(gen) -> dict:
         "gs_rasterize_backward": dict(**images, radii=radii.view(I, N, 2), tile_offsets=tile_offsets,
                                       flat_ids=flat_ids, isect_src=isect_src, gauss_offsets=gauss_offsets,
                                       alpha=alpha, last=last, g_image=torch.rand(image.shape),
-                                      g_alpha=torch.rand(alpha.shape), width=W, height=H, deterministic=False),
+                                      g_alpha=torch.rand(alpha.shape), width=W, height=H, deterministic=False,
+                                      pass_rows=None),
     }
 
 
@@ -623,6 +736,7 @@ NATIVE_BAD = {  # case: (function, argument, new value from the valid one, expec
     "raster-bwd-g-alpha-device": (RB, "g_alpha", META, "g_alpha is on meta, expected cpu (the device of feats)"),
     "raster-bwd-radii-device": (RB, "radii", META, "radii is on meta, expected cpu (the device of feats)"),
     "raster-bwd-height": (RB, "height", lambda h: h + 16, "tile_offsets must have shape [I * tiles + 1] = [13]"),
+    "raster-bwd-pass-rows": (RB, "pass_rows", lambda p: 0, f"{RB}: pass_rows must be None or >= 1; got 0"),
 }
 
 

@@ -11,6 +11,8 @@ namespace {
 
 constexpr int kThreads = 128;
 
+// One thread per ray r: sigma, t0, t1 [R, S]; rgb [R, S, D]; bg [R, D] (bg_stride D) or [D]
+// (bg_stride 0) or null -> color [R, D], opacity, depth [R], weights [R, S].
 __global__ void forward_kernel(const float* __restrict__ sigma, const float* __restrict__ rgb,
                                const float* __restrict__ t0, const float* __restrict__ t1,
                                const float* __restrict__ bg, int64_t bg_stride, int64_t R, int S,
@@ -23,6 +25,9 @@ __global__ void forward_kernel(const float* __restrict__ sigma, const float* __r
                         S, D, eps, color + r * D, opacity + r, depth + r, weights + o);
 }
 
+// One thread per ray r: the forward's inputs, opacity [R], g_color [R, D], g_opacity, g_depth [R],
+// g_weights [R, S] or null -> g_sigma [R, S], g_rgb [R, S, D], g_bg [R, D] (per ray, when bg is
+// given).
 __global__ void backward_kernel(const float* __restrict__ sigma, const float* __restrict__ rgb,
                                 const float* __restrict__ t0, const float* __restrict__ t1,
                                 const float* __restrict__ bg, int64_t bg_stride, int64_t R, int S,

@@ -186,7 +186,7 @@ void gs_bin_fill_cpu(const T* means2d, const int32_t* radii, const int32_t* orde
     for (int64_t k = 0; k < n_valid[i]; ++k) {
       const int32_t n = order[i * N + k];
       int tr[4];
-      gs::tile_rect(means2d + (i * N + n) * 2, radii + (i * N + n) * 2, width, height, tr);
+      if (!gs::tile_rect(means2d + (i * N + n) * 2, radii + (i * N + n) * 2, width, height, tr)) continue;
       for (int ty = tr[2]; ty < tr[3]; ++ty)
         for (int tx = tr[0]; tx < tr[1]; ++tx) ids[cursor[ty * TX + tx]++] = n;
     }
@@ -561,6 +561,27 @@ void gs_rasterize_backward_cpu(const T* means2d, const T* conics, const T* opac,
   }
 }
 
+template <typename T>
+void gs_reduce_isect_rows_cpu(const T* rows, const int32_t* isect_src, const int64_t* gauss_offsets, int64_t n,
+                              int64_t G, int D, int64_t pass_rows, T* g_means2d, T* g_conics, T* g_opac, T* g_feats,
+                              T* absgrad) {
+  std::fill(g_means2d, g_means2d + G * 2, T(0));
+  std::fill(g_conics, g_conics + G * 3, T(0));
+  std::fill(g_opac, g_opac + G, T(0));
+  std::fill(g_feats, g_feats + G * D, T(0));
+  std::fill(absgrad, absgrad + G * 2, T(0));
+  std::vector<int32_t> sorted_of(size_t(std::max<int64_t>(n, 0)));
+  for (int64_t j = 0; j < n; ++j) sorted_of[isect_src[j]] = int32_t(j);
+  const int64_t R = gs::isect_row_size(D);
+  for (int64_t j0 = 0; j0 < n; j0 += pass_rows) {
+    const int64_t j1 = std::min(n, j0 + pass_rows);
+#pragma omp parallel for schedule(static) if (G > kMinParallel)
+    for (int64_t g = 0; g < G; ++g)
+      gs::reduce_isect_rows_pass(rows + j0 * R, sorted_of.data(), gauss_offsets, n, g, D, j0, j1, g_means2d,
+                                 g_conics, g_opac, g_feats, absgrad);
+  }
+}
+
 #define FAST3D_INSTANTIATE(T)                                                                               \
   template void gs_project_forward_cpu<T>(const T*, const T*, const T*, const T*, const T*, const T*, int64_t, \
                                           int64_t, int64_t, int, int, T, T, T, bool, T*, T*, T*, T*, int32_t*);  \
@@ -580,7 +601,9 @@ void gs_rasterize_backward_cpu(const T* means2d, const T* conics, const T* opac,
   template void gs_rasterize_backward_cpu<T>(const T*, const T*, const T*, const T*, const int32_t*,            \
                                              const int64_t*, const int32_t*, const T*, const int32_t*,          \
                                              const T*, const T*, int64_t, int64_t, int, int, int, T*, T*, T*,   \
-                                             T*, T*);
+                                             T*, T*);                                                    \
+  template void gs_reduce_isect_rows_cpu<T>(const T*, const int32_t*, const int64_t*, int64_t, int64_t, int,  \
+                                            int64_t, T*, T*, T*, T*, T*);
 FAST3D_INSTANTIATE(float)
 FAST3D_INSTANTIATE(double)
 #undef FAST3D_INSTANTIATE

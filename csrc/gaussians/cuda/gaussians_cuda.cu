@@ -10,10 +10,14 @@
 // Backward: the same tiles back to front; per Gaussian, the 32 pixels of a warp reduce their
 // gradient by shuffles before one atomic add per warp, or (deterministic) write per-warp partials
 // to shared memory that are summed in warp order into one row per intersection, then summed per
-// Gaussian in intersection order.
+// Gaussian in intersection order, in passes over the sorted intersections that bound the rows'
+// memory (isect_rows.h).
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cub/device/device_radix_sort.cuh>
+#include <mutex>
+#include <type_traits>
 
 #include "gaussians/gaussian_math.h"
 #include "gaussians/gaussians.h"
@@ -49,6 +53,9 @@ __device__ void load_camera(const float* vm, const float* K, float R[3][3], floa
   cy = K[5];
 }
 
+// One thread per (camera, Gaussian): means [B,N,3], quats [B,N,4], scales [B,N,3], opacities [B,N],
+// viewmats [B,C,4,4], Ks [B,C,3,3] -> means2d [B,C,N,2], conics [B,C,N,3], depths, opac [B,C,N],
+// radii [B,C,N,2].
 __global__ void project_forward_kernel(const float* __restrict__ means, const float* __restrict__ quats,
                                        const float* __restrict__ scales, const float* __restrict__ opacities,
                                        const float* __restrict__ viewmats, const float* __restrict__ Ks, int64_t B,
@@ -77,6 +84,8 @@ __global__ void project_forward_kernel(const float* __restrict__ means, const fl
 }
 
 // One thread per Gaussian, looping over its cameras: the per-scene gradients need no atomics.
+// The forward's inputs, g_means2d [B,C,N,2], g_conics [B,C,N,3], g_depths, g_opac [B,C,N] ->
+// g_means [B,N,3], g_quats [B,N,4], g_scales [B,N,3], g_opacities [B,N].
 __global__ void project_backward_kernel(const float* __restrict__ means, const float* __restrict__ quats,
                                         const float* __restrict__ scales, const float* __restrict__ opacities,
                                         const float* __restrict__ viewmats, const float* __restrict__ Ks,
@@ -113,6 +122,8 @@ __device__ void camera_centre(const float* vm, float c[3]) {
   for (int k = 0; k < 3; ++k) c[k] = -(vm[k] * vm[3] + vm[4 + k] * vm[7] + vm[8 + k] * vm[11]);
 }
 
+// One thread per (camera, Gaussian): sh [B,N,K,3], means [B,N,3], viewmats [B,C,4,4] -> colors
+// [B,C,N,3].
 __global__ void sh_forward_kernel(const float* __restrict__ sh, const float* __restrict__ means,
                                   const float* __restrict__ viewmats, int64_t B, int64_t C, int64_t N, int K,
                                   int degree, float* colors) {
@@ -124,6 +135,8 @@ __global__ void sh_forward_kernel(const float* __restrict__ sh, const float* __r
   gs::sh_forward(degree, sh + g * K * 3, means + g * 3, campos, colors + idx * 3);
 }
 
+// One thread per Gaussian: the forward's inputs, g_colors [B,C,N,3] -> g_sh [B,N,K,3], g_means
+// [B,N,3].
 __global__ void sh_backward_kernel(const float* __restrict__ sh, const float* __restrict__ means,
                                    const float* __restrict__ viewmats, int64_t B, int64_t C, int64_t N, int K,
                                    int degree, const float* __restrict__ g_colors, float* g_sh, float* g_means) {
@@ -142,6 +155,7 @@ __global__ void sh_backward_kernel(const float* __restrict__ sh, const float* __
   for (int k = 0; k < 3; ++k) g_means[g * 3 + k] = gm[k];
 }
 
+// One thread per Gaussian: means2d [I,N,2], radii [I,N,2] -> counts [I*N].
 __global__ void tiles_per_gaussian_kernel(const float* __restrict__ means2d, const int32_t* __restrict__ radii,
                                           int64_t total, int width, int height, int64_t* counts) {
   const int64_t g = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
@@ -158,7 +172,8 @@ __device__ __forceinline__ int64_t binned_count(const int64_t* gauss_offsets, in
 }
 
 // One thread per Gaussian: its intersections k = gauss_offsets[g] ... in row-major tile order,
-// those with k >= capacity dropped.
+// those with k >= capacity dropped. means2d [I,N,2], depths [I,N], radii [I,N,2], gauss_offsets
+// [I*N+1] -> keys, vals [capacity].
 __global__ void emit_isects_kernel(const float* __restrict__ means2d, const float* __restrict__ depths,
                                    const int32_t* __restrict__ radii, const int64_t* __restrict__ gauss_offsets,
                                    int64_t I, int64_t N, int width, int height, int tile_bits, int64_t capacity,
@@ -225,7 +240,9 @@ __global__ void tile_ranges_kernel(const uint64_t* __restrict__ keys, const int3
 }
 
 // Blend one (image, tile): blockIdx.x = tile, blockIdx.y = image; thread = pixel. DMAX >= D
-// bounds the per-thread accumulator so it stays in registers.
+// bounds the per-thread accumulator so it stays in registers. means2d [I,N,2], conics [I,N,3],
+// opac [I,N], feats [I,N,D], tile_offsets [I*tiles+1], flat_ids [capacity] -> image [I,H,W,D],
+// alpha [I,H,W], last [I,H,W].
 template <int DMAX>
 __global__ void __launch_bounds__(kTilePixels) rasterize_forward_kernel(
     const float* __restrict__ means2d, const float* __restrict__ conics, const float* __restrict__ opac,
@@ -299,51 +316,82 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-// Back to front over one (image, tile). Per Gaussian of a batch, each pixel's gradient row
-// (m2x, m2y, conA, conB, conC, opacity, |m2x|, |m2y|, feats...) is warp-reduced; lane 0 either
-// adds it atomically to the Gaussian's gradients, or (deterministic) stores the warp partial in
-// shared memory; the partials are then summed in warp order into the intersection's row.
+// Backward of the blend over one (image, tile): blockIdx.x = tile, blockIdx.y = image; thread =
+// pixel, walking the tile's Gaussians back to front (the CPU twin is backward_tile in
+// gaussians_cpu.cpp, with the same names).
+//
+// The forward blended, over the Gaussians j = 0, 1, ... of the pixel's list (front to back),
+//   C = sum_j w_j f_j,   w_j = a_j T_j,   T_j = prod_{k<j} (1 - a_k),   A = 1 - T_final,
+// with a_j = min(0.99, o_j exp(-q_j / 2)) (0 for the Gaussians it skipped: a_j < 1/255, or
+// j >= n_blended, the pixel's `last`). With g = dL/dC (g_image [D]) and g_A = dL/dA (g_alpha):
+//   dC/da_j = T_j f_j - sum_{k>j} w_k f_k / (1 - a_j)    (T_k for k > j holds the factor 1 - a_j)
+//   dA/da_j = T_final / (1 - a_j)
+// so  dL/da_j = T_j <g, f_j> - (later_color + alpha_share) / (1 - a_j),  where
+//   later_color = sum_{k>j} w_k <g, f_k>   (the Gaussians behind j: summed as the walk passes them)
+//   alpha_share = -g_A T_final             (the alpha output's share, constant per pixel)
+// and dL/df_j = w_j g. Walking back to front, T_j = T_{j+1} / (1 - a_j) is recovered from
+// T_final = 1 - A by division (t_after holds T_{j+1} when Gaussian j comes); dL/da_j then goes
+// through gs::gaussian_alpha_backward to the 2D mean, conic and opacity.
+//
+// Per Gaussian of a batch, each pixel's gradient row (means2d x, y; conic A, B, C; opacity;
+// |means2d| x, y; then w_j g, the D feature gradients) is warp-reduced; lane 0 either adds it
+// atomically into the Gaussian's gradients, or (deterministic) stores the warp's partial in shared
+// memory, and the partials are summed in warp order into the intersection's row of the pass's
+// buffer (only the sorted intersections [j0, j1) of the pass; see isect_rows.h).
 template <int DMAX>
 __global__ void __launch_bounds__(kTilePixels) rasterize_backward_kernel(
-    const float* __restrict__ means2d, const float* __restrict__ conics, const float* __restrict__ opac,
-    const float* __restrict__ feats, const int64_t* __restrict__ tile_offsets, const int32_t* __restrict__ flat_ids,
-    const int32_t* __restrict__ isect_src, const float* __restrict__ alpha, const int32_t* __restrict__ last,
-    const float* __restrict__ g_image, const float* __restrict__ g_alpha, int64_t N, int D, int width, int height,
-    bool deterministic, float* isect_grads, float* g_means2d, float* g_conics, float* g_opac, float* g_feats,
-    float* absgrad) {
+    const float* __restrict__ means2d,      // [I, N, 2]
+    const float* __restrict__ conics,       // [I, N, 3]
+    const float* __restrict__ opac,         // [I, N]
+    const float* __restrict__ feats,        // [I, N, D]
+    const int64_t* __restrict__ tile_offsets,  // [I * tiles + 1]
+    const int32_t* __restrict__ flat_ids,   // [capacity]
+    const float* __restrict__ alpha,        // [I, H, W]
+    const int32_t* __restrict__ last,       // [I, H, W]
+    const float* __restrict__ g_image,      // [I, H, W, D]
+    const float* __restrict__ g_alpha,      // [I, H, W]
+    int64_t N, int D, int width, int height, bool deterministic, int64_t j0, int64_t j1,
+    float* rows,                            // deterministic: [j1 - j0, 8 + D]
+    float* g_means2d,                       // [I, N, 2]  (atomics; deterministic: unused)
+    float* g_conics,                        // [I, N, 3]
+    float* g_opac,                          // [I, N]
+    float* g_feats,                         // [I, N, D]
+    float* absgrad) {                       // [I, N, 2]
   extern __shared__ float s_partial[];  // deterministic: [kBwdBatch][kWarps][8 + D]
   __shared__ int32_t s_id[kBwdBatch];
   __shared__ float2 s_m2[kBwdBatch];
   __shared__ float3 s_con[kBwdBatch];
   __shared__ float s_op[kBwdBatch];
-  __shared__ int s_max_last;
+  __shared__ int s_max_blended;
 
   const int tiles_x = tiles_along(width);
   const int64_t i = blockIdx.y;
   const int64_t it = i * gridDim.x + blockIdx.x;
+  const int64_t s = tile_offsets[it];
+  // A deterministic pass only needs the tiles with intersections in [j0, j1) (block-uniform exit).
+  if (deterministic && (tile_offsets[it + 1] <= j0 || s >= j1)) return;
   const int x = (blockIdx.x % tiles_x) * kTile + threadIdx.x % kTile;
   const int y = (blockIdx.x / tiles_x) * kTile + threadIdx.x / kTile;
   const bool inside = x < width && y < height;
   const float px = float(x) + 0.5f, py = float(y) + 0.5f;
   const int64_t pix = (i * height + y) * width + x;
-  const int64_t s = tile_offsets[it];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int R = 8 + D;
+  const int R = gs::isect_row_size(D);
 
-  float trans = 1.f, sg = 0.f, kk = 0.f, gi[DMAX];
-  int32_t lst = 0;
+  float t_after = 1.f, later_color = 0.f, alpha_share = 0.f, g_img[DMAX];
+  int32_t n_blended = 0;
   if (inside) {
-    trans = 1.f - alpha[pix];
-    kk = -g_alpha[pix] * trans;
-    lst = last[pix];
+    t_after = 1.f - alpha[pix];  // T_final
+    alpha_share = -g_alpha[pix] * t_after;
+    n_blended = last[pix];
   }
 #pragma unroll
-  for (int d = 0; d < DMAX; ++d) gi[d] = (inside && d < D) ? g_image[pix * D + d] : 0.f;
-  if (threadIdx.x == 0) s_max_last = 0;
+  for (int d = 0; d < DMAX; ++d) g_img[d] = (inside && d < D) ? g_image[pix * D + d] : 0.f;
+  if (threadIdx.x == 0) s_max_blended = 0;
   __syncthreads();
-  atomicMax(&s_max_last, int(lst));
+  atomicMax(&s_max_blended, int(n_blended));
   __syncthreads();
-  const int64_t end = s + s_max_last;
+  const int64_t end = s + s_max_blended;
 
   for (int64_t top = end; top > s; top -= kBwdBatch) {
     const int count = int(min(int64_t(kBwdBatch), top - s));
@@ -362,47 +410,50 @@ __global__ void __launch_bounds__(kTilePixels) rasterize_backward_kernel(
       const float m2[2] = {s_m2[k].x, s_m2[k].y};
       const float con[3] = {s_con[k].x, s_con[k].y, s_con[k].z};
       const float* f = feats + (i * N + s_id[k]) * D;
-      float row[8] = {0, 0, 0, 0, 0, 0, 0, 0}, gf[DMAX];
-#pragma unroll
-      for (int d = 0; d < DMAX; ++d) gf[d] = 0.f;
-      bool hit = false;
-      if (inside && j - s < lst) {
+      float row[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      float w = 0.f;  // w_j = a_j T_j, 0 where the pixel did not blend Gaussian j
+      if (inside && j - s < n_blended) {
         float dx, dy, vis;
         const float raw = gs::gaussian_raw_alpha(m2, con, s_op[k], px, py, dx, dy, vis);
         if (raw >= kAlphaMin) {
-          hit = true;
           const float a = fminf(raw, kAlphaMax);
-          const float tj = trans / (1.f - a);
-          float gcol = 0.f;
+          const float t_j = t_after / (1.f - a);
+          float g_dot_f = 0.f;  // <g, f_j>
 #pragma unroll
           for (int d = 0; d < DMAX; ++d)
-            if (d < D) {
-              gcol += gi[d] * f[d];
-              gf[d] = a * tj * gi[d];
-            }
-          const float g_a = tj * gcol - (sg + kk) / (1.f - a);
-          sg += a * tj * gcol;
-          trans = tj;
+            if (d < D) g_dot_f += g_img[d] * f[d];
+          w = a * t_j;
+          const float g_a = t_j * g_dot_f - (later_color + alpha_share) / (1.f - a);  // dL/da_j
+          later_color += w * g_dot_f;
+          t_after = t_j;
           float gm[2] = {0.f, 0.f}, gc[3] = {0.f, 0.f, 0.f}, go = 0.f;
           gs::gaussian_alpha_backward(con, s_op[k], dx, dy, vis, g_a, gm, gc, go);
-          row[0] = gm[0]; row[1] = gm[1]; row[2] = gc[0]; row[3] = gc[1]; row[4] = gc[2]; row[5] = go;
-          row[6] = fabsf(gm[0]); row[7] = fabsf(gm[1]);
+          row[0] = gm[0];
+          row[1] = gm[1];
+          row[2] = gc[0];
+          row[3] = gc[1];
+          row[4] = gc[2];
+          row[5] = go;
+          row[6] = fabsf(gm[0]);
+          row[7] = fabsf(gm[1]);
         }
       }
       if (deterministic) {
-        float* part = s_partial + (k * kWarps + warp) * R;
+        if (j >= j0 && j < j1) {  // block-uniform
+          float* part = s_partial + (k * kWarps + warp) * R;
 #pragma unroll
-        for (int r = 0; r < 8; ++r) {
-          const float v = warp_sum(row[r]);
-          if (lane == 0) part[r] = v;
-        }
-#pragma unroll
-        for (int d = 0; d < DMAX; ++d)
-          if (d < D) {
-            const float v = warp_sum(gf[d]);
-            if (lane == 0) part[8 + d] = v;
+          for (int r = 0; r < 8; ++r) {
+            const float v = warp_sum(row[r]);
+            if (lane == 0) part[r] = v;
           }
-      } else if (__any_sync(0xffffffffu, hit)) {
+#pragma unroll
+          for (int d = 0; d < DMAX; ++d)
+            if (d < D) {
+              const float v = warp_sum(w * g_img[d]);
+              if (lane == 0) part[8 + d] = v;
+            }
+        }
+      } else if (__any_sync(0xffffffffu, w != 0.f)) {
         const int64_t g = i * N + s_id[k];
         float v[8];
 #pragma unroll
@@ -420,47 +471,43 @@ __global__ void __launch_bounds__(kTilePixels) rasterize_backward_kernel(
 #pragma unroll
         for (int d = 0; d < DMAX; ++d)
           if (d < D) {
-            const float vd = warp_sum(gf[d]);
+            const float vd = warp_sum(w * g_img[d]);
             if (lane == 0) atomicAdd(g_feats + g * D + d, vd);
           }
       }
     }
     if (deterministic) {
       __syncthreads();
-      // Row of intersection j = sum of the warps' partials in warp order.
+      // Row of sorted intersection j (in the pass) = the warps' partials summed in warp order.
       for (int e = threadIdx.x; e < count * R; e += kTilePixels) {
         const int k = e / R, r = e % R;
+        const int64_t j = top - 1 - k;
+        if (j < j0 || j >= j1) continue;
         float v = 0.f;
-        for (int w = 0; w < kWarps; ++w) v += s_partial[(k * kWarps + w) * R + r];
-        isect_grads[int64_t(isect_src[top - 1 - k]) * R + r] = v;
+        for (int wp = 0; wp < kWarps; ++wp) v += s_partial[(k * kWarps + wp) * R + r];
+        rows[(j - j0) * R + r] = v;
       }
     }
   }
 }
 
-// Deterministic mode: gradient of each Gaussian = its intersection rows summed in order (those
-// binned: k < capacity).
-__global__ void reduce_isect_grads_kernel(const float* __restrict__ isect_grads,
-                                          const int64_t* __restrict__ gauss_offsets, int64_t n_gauss, int D,
-                                          int64_t capacity, float* g_means2d, float* g_conics, float* g_opac,
-                                          float* g_feats, float* absgrad) {
+// Deterministic mode: sorted_of [capacity] = the inverse of isect_src (pre-sort index -> sorted
+// position).
+__global__ void invert_isect_src_kernel(const int32_t* __restrict__ isect_src, int64_t capacity, int32_t* sorted_of) {
+  const int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (j < capacity) sorted_of[isect_src[j]] = int32_t(j);
+}
+
+// Deterministic mode, one pass: each Gaussian adds its rows of the sorted intersections [j0, j1)
+// (isect_rows.h).
+__global__ void reduce_isect_rows_kernel(const float* __restrict__ rows, const int32_t* __restrict__ sorted_of,
+                                         const int64_t* __restrict__ gauss_offsets, int64_t n_gauss, int D,
+                                         int64_t capacity, int64_t j0, int64_t j1, float* g_means2d, float* g_conics,
+                                         float* g_opac, float* g_feats, float* absgrad) {
   const int64_t g = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (g >= n_gauss) return;
-  const int R = 8 + D;
-  float row[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  for (int d = 0; d < D; ++d) g_feats[g * D + d] = 0.f;
-  const int64_t end = min(gauss_offsets[g + 1], capacity);
-  for (int64_t k = gauss_offsets[g]; k < end; ++k) {
-    const float* src = isect_grads + k * R;
-    for (int r = 0; r < 8; ++r) row[r] += src[r];
-    for (int d = 0; d < D; ++d) g_feats[g * D + d] += src[8 + d];
-  }
-  g_means2d[g * 2] = row[0];
-  g_means2d[g * 2 + 1] = row[1];
-  for (int r = 0; r < 3; ++r) g_conics[g * 3 + r] = row[2 + r];
-  g_opac[g] = row[5];
-  absgrad[g * 2] = row[6];
-  absgrad[g * 2 + 1] = row[7];
+  gs::reduce_isect_rows_pass(rows, sorted_of, gauss_offsets, capacity, g, D, j0, j1, g_means2d, g_conics, g_opac,
+                             g_feats, absgrad);
 }
 
 }  // namespace
@@ -564,34 +611,39 @@ const char* gs_tile_ranges_cuda(const uint64_t* keys, const int32_t* isect_src, 
 
 namespace {
 
-template <int DMAX>
-const char* launch_forward(const float* means2d, const float* conics, const float* opac, const float* feats,
-                           const int64_t* tile_offsets, const int32_t* flat_ids, int64_t I, int64_t N, int D,
-                           int width, int height, float* image, float* alpha, int32_t* last, cudaStream_t st) {
-  const dim3 grid(unsigned(gs_tiles(width, height)), unsigned(I));
-  rasterize_forward_kernel<DMAX><<<grid, kTilePixels, 0, st>>>(means2d, conics, opac, feats, tile_offsets, flat_ids,
-                                                             N, D, width, height, image, alpha, last);
-  return last_error();
+// Runs f(std::integral_constant<int, DMAX>) with the smallest channel bucket DMAX >= D: the blend
+// kernels keep DMAX floats per thread in registers, so a small D must not pay for 64 (at D = 17..32,
+// the 64 bucket's backward needs more than twice the registers of the 32 one). D <= 64.
+template <typename F>
+const char* with_channel_bucket(int D, F f) {
+  if (D <= 4) return f(std::integral_constant<int, 4>{});
+  if (D <= 16) return f(std::integral_constant<int, 16>{});
+  if (D <= 32) return f(std::integral_constant<int, 32>{});
+  if (D <= kGsMaxCudaChannels) return f(std::integral_constant<int, kGsMaxCudaChannels>{});
+  return "the CUDA rasterizer takes at most 64 channels";
 }
 
+// Dynamic shared memory of the deterministic backward with D channels: the warps' partial rows.
+constexpr size_t backward_shared_bytes(int D) { return size_t(kBwdBatch) * kWarps * (8 + D) * sizeof(float); }
+
+// The deterministic backward may need more than the 48 KB of dynamic shared memory a kernel gets by
+// default, so it opts in, once per device and bucket, to what the bucket's largest D needs. A
+// per-call value (the call's D) would let two host threads race: one lowering the limit between
+// the other's opt-in and launch.
 template <int DMAX>
-const char* launch_backward(const float* means2d, const float* conics, const float* opac, const float* feats,
-                            const int64_t* tile_offsets, const int32_t* flat_ids, const int32_t* isect_src,
-                            const float* alpha, const int32_t* last, const float* g_image, const float* g_alpha,
-                            int64_t I, int64_t N, int D, int width, int height, bool deterministic,
-                            float* isect_grads, float* g_means2d, float* g_conics, float* g_opac, float* g_feats,
-                            float* absgrad, cudaStream_t st) {
-  const dim3 grid(unsigned(gs_tiles(width, height)), unsigned(I));
-  const size_t shmem = deterministic ? size_t(kBwdBatch) * kWarps * (8 + D) * sizeof(float) : 0;
-  if (shmem > 0) {  // opt in whenever used: static shared memory adds to the 48 KB default
-    const cudaError_t err = cudaFuncSetAttribute(rasterize_backward_kernel<DMAX>,
-                                                 cudaFuncAttributeMaxDynamicSharedMemorySize, int(shmem));
-    if (err != cudaSuccess) return cudaGetErrorString(err);
-  }
-  rasterize_backward_kernel<DMAX><<<grid, kTilePixels, shmem, st>>>(
-      means2d, conics, opac, feats, tile_offsets, flat_ids, isect_src, alpha, last, g_image, g_alpha, N, D, width,
-      height, deterministic, isect_grads, g_means2d, g_conics, g_opac, g_feats, absgrad);
-  return last_error();
+const char* opt_in_backward_shared_memory() {
+  constexpr int kMaxDevices = 64;
+  static std::once_flag once[kMaxDevices];
+  static cudaError_t status[kMaxDevices];
+  int device = 0;
+  const cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return cudaGetErrorString(err);
+  if (device < 0 || device >= kMaxDevices) return "CUDA device index past 63";
+  std::call_once(once[device], [device] {
+    status[device] = cudaFuncSetAttribute(rasterize_backward_kernel<DMAX>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          int(backward_shared_bytes(DMAX)));
+  });
+  return status[device] == cudaSuccess ? nullptr : cudaGetErrorString(status[device]);
 }
 
 }  // namespace
@@ -602,54 +654,59 @@ const char* gs_rasterize_forward_cuda(const float* means2d, const float* conics,
                                       float* alpha, int32_t* last, void* stream) {
   if (I == 0) return nullptr;
   if (I > kGsMaxCudaImages) return "more than 65535 images in one call (grid y limit)";
-  auto st = static_cast<cudaStream_t>(stream);
-  if (D <= 4) return launch_forward<4>(means2d, conics, opac, feats, tile_offsets, flat_ids, I, N, D, width, height,
-                                       image, alpha, last, st);
-  if (D <= 16) return launch_forward<16>(means2d, conics, opac, feats, tile_offsets, flat_ids, I, N, D, width,
-                                         height, image, alpha, last, st);
-  if (D <= kGsMaxCudaChannels)
-    return launch_forward<kGsMaxCudaChannels>(means2d, conics, opac, feats, tile_offsets, flat_ids, I, N, D, width,
-                                              height, image, alpha, last, st);
-  return "the CUDA rasterizer takes at most 64 channels";
+  const auto st = static_cast<cudaStream_t>(stream);
+  const dim3 grid(unsigned(gs_tiles(width, height)), unsigned(I));
+  return with_channel_bucket(D, [&](auto bucket) {
+    rasterize_forward_kernel<decltype(bucket)::value><<<grid, kTilePixels, 0, st>>>(
+        means2d, conics, opac, feats, tile_offsets, flat_ids, N, D, width, height, image, alpha, last);
+    return last_error();
+  });
 }
 
 const char* gs_rasterize_backward_cuda(const float* means2d, const float* conics, const float* opac,
                                        const float* feats, const int64_t* tile_offsets, const int32_t* flat_ids,
                                        const int32_t* isect_src, const int64_t* gauss_offsets, const float* alpha,
                                        const int32_t* last, const float* g_image, const float* g_alpha, int64_t I,
-                                       int64_t N, int D, int width, int height, int64_t capacity,
-                                       bool deterministic, float* isect_grads, float* g_means2d, float* g_conics,
-                                       float* g_opac, float* g_feats, float* absgrad, void* stream) {
-  auto st = static_cast<cudaStream_t>(stream);
+                                       int64_t N, int D, int width, int height, int64_t capacity, bool deterministic,
+                                       int64_t pass_rows, int32_t* sorted_of, float* rows, float* g_means2d,
+                                       float* g_conics, float* g_opac, float* g_feats, float* absgrad, void* stream) {
+  const auto st = static_cast<cudaStream_t>(stream);
   const int64_t G = I * N;
   if (G == 0) return nullptr;
   if (I > kGsMaxCudaImages) return "more than 65535 images in one call (grid y limit)";
-  if (!deterministic) {  // atomics accumulate into zeroed buffers
-    cudaMemsetAsync(g_means2d, 0, G * 2 * sizeof(float), st);
-    cudaMemsetAsync(g_conics, 0, G * 3 * sizeof(float), st);
-    cudaMemsetAsync(g_opac, 0, G * sizeof(float), st);
-    cudaMemsetAsync(g_feats, 0, G * D * sizeof(float), st);
-    cudaMemsetAsync(absgrad, 0, G * 2 * sizeof(float), st);
-  }
-  const char* err = nullptr;
-  if (D <= 4)
-    err = launch_backward<4>(means2d, conics, opac, feats, tile_offsets, flat_ids, isect_src, alpha, last, g_image,
-                             g_alpha, I, N, D, width, height, deterministic, isect_grads, g_means2d, g_conics,
-                             g_opac, g_feats, absgrad, st);
-  else if (D <= 16)
-    err = launch_backward<16>(means2d, conics, opac, feats, tile_offsets, flat_ids, isect_src, alpha, last, g_image,
-                              g_alpha, I, N, D, width, height, deterministic, isect_grads, g_means2d, g_conics,
-                              g_opac, g_feats, absgrad, st);
-  else if (D <= kGsMaxCudaChannels)
-    err = launch_backward<kGsMaxCudaChannels>(means2d, conics, opac, feats, tile_offsets, flat_ids, isect_src, alpha,
-                                              last, g_image, g_alpha, I, N, D, width, height, deterministic,
-                                              isect_grads, g_means2d, g_conics, g_opac, g_feats, absgrad, st);
-  else
-    return "the CUDA rasterizer takes at most 64 channels";
-  if (err != nullptr || !deterministic) return err;
-  reduce_isect_grads_kernel<<<blocks_for(G), kThreads, 0, st>>>(isect_grads, gauss_offsets, G, D, capacity,
-                                                                 g_means2d, g_conics, g_opac, g_feats, absgrad);
-  return last_error();
+  if (deterministic && capacity > 0 && pass_rows < 1) return "deterministic backward with pass_rows < 1";
+  // Both modes accumulate into zeroed gradients (atomics, or the passes' ordered sums).
+  cudaMemsetAsync(g_means2d, 0, G * 2 * sizeof(float), st);
+  cudaMemsetAsync(g_conics, 0, G * 3 * sizeof(float), st);
+  cudaMemsetAsync(g_opac, 0, G * sizeof(float), st);
+  cudaMemsetAsync(g_feats, 0, G * D * sizeof(float), st);
+  cudaMemsetAsync(absgrad, 0, G * 2 * sizeof(float), st);
+  const dim3 grid(unsigned(gs_tiles(width, height)), unsigned(I));
+  return with_channel_bucket(D, [&](auto bucket) -> const char* {
+    constexpr int DMAX = decltype(bucket)::value;
+    if (!deterministic) {
+      rasterize_backward_kernel<DMAX><<<grid, kTilePixels, 0, st>>>(
+          means2d, conics, opac, feats, tile_offsets, flat_ids, alpha, last, g_image, g_alpha, N, D, width, height,
+          false, 0, 0, nullptr, g_means2d, g_conics, g_opac, g_feats, absgrad);
+      return last_error();
+    }
+    if (capacity == 0) return last_error();
+    if (const char* err = opt_in_backward_shared_memory<DMAX>()) return err;
+    invert_isect_src_kernel<<<blocks_for(capacity), kThreads, 0, st>>>(isect_src, capacity, sorted_of);
+    const int64_t R = gs::isect_row_size(D);
+    for (int64_t j0 = 0; j0 < capacity; j0 += pass_rows) {
+      const int64_t j1 = std::min(capacity, j0 + pass_rows);
+      // Rows of intersections no pixel reached (past every pixel's last) stay zero.
+      cudaMemsetAsync(rows, 0, (j1 - j0) * R * sizeof(float), st);
+      rasterize_backward_kernel<DMAX><<<grid, kTilePixels, backward_shared_bytes(D), st>>>(
+          means2d, conics, opac, feats, tile_offsets, flat_ids, alpha, last, g_image, g_alpha, N, D, width, height,
+          true, j0, j1, rows, g_means2d, g_conics, g_opac, g_feats, absgrad);
+      reduce_isect_rows_kernel<<<blocks_for(G), kThreads, 0, st>>>(rows, sorted_of, gauss_offsets, G, D, capacity, j0,
+                                                                   j1, g_means2d, g_conics, g_opac, g_feats, absgrad);
+      if (const char* err = last_error()) return err;
+    }
+    return last_error();
+  });
 }
 
 }  // namespace fast3d

@@ -146,7 +146,7 @@ def gs_rasterize_bwd(means2d: Tensor, conics: Tensor, opac: Tensor, feats: Tenso
     # -> g_means2d [I,N,2], g_conics [I,N,3], g_opac [I,N], g_feats [I,N,D], absgrad [I,N,2]
     return _native.module().gs_rasterize_backward(means2d, conics, opac, feats, radii, tile_offsets, flat_ids,
                                                   isect_src, gauss_offsets, alpha, last, g_image, g_alpha, width,
-                                                  height, deterministic)
+                                                  height, deterministic, None)
 
 
 @gs_rasterize_bwd.register_fake
