@@ -36,7 +36,7 @@ WORKLOADS = [
              quick=dict(batch=1, views=4, tokens=32, heads=2, head_dim=64, layout="views", mask="none",
                         dtype="bfloat16"),
              source="MVDream multi-view self-attention: 4 views x 32x32 latent tokens (4096 per sample), "
-                    "5 heads x 64, batch 8, bf16 (DESIGN.md workload `mvdream`)"),
+                    "5 heads x 64, batch 8, bf16 (docs/design.md#named-workloads `mvdream`)"),
     Workload("mvdream-halfmask", dict(batch=8, views=4, tokens=1024, heads=5, head_dim=64, layout="views",
                                       mask="neighbours", dtype="bfloat16"),
              quick=dict(batch=1, views=4, tokens=32, heads=2, head_dim=64, layout="views", mask="neighbours",
@@ -48,13 +48,14 @@ WORKLOADS = [
              quick=dict(batch=1, views=6, image=(2, 16), heads=1, head_dim=64, layout="rows", mask="none",
                         dtype="bfloat16"),
              source="Era3D row-wise multi-view attention: 6 views, 64x64 latent, each row of 64 tokens attends "
-                    "to the same row in all views (384 keys), 5 heads x 64, batch 8, bf16 (DESIGN.md `era3d`)"),
+                    "to the same row in all views (384 keys), 5 heads x 64, batch 8, bf16 "
+                    "(docs/design.md#named-workloads `era3d`)"),
     Workload("pixart-mv", dict(batch=8, views=4, tokens=1024, heads=16, head_dim=72, layout="views", mask="none",
                                dtype="bfloat16"),
              quick=dict(batch=1, views=4, tokens=32, heads=2, head_dim=72, layout="views", mask="none",
                         dtype="bfloat16"),
              source="Bootstrap3D multi-view PixArt: 2x2 grid of 512 px views -> 4 x 1024 = 4096 tokens, "
-                    "16 heads x 72, batch 8, bf16 (DESIGN.md workload `pixart-mv`)"),
+                    "16 heads x 72, batch 8, bf16 (docs/design.md#named-workloads `pixart-mv`)"),
 ]
 
 
