@@ -130,7 +130,7 @@ def cmd_train(args) -> int:
             raise ValueError("--output is required")
         if args.recipe == "ttr-extract":
             from fast3d.training.config import load_config
-            from fast3d.training.recipes.ttr import extract_features
+            from fast3d.training.recipes.ttr_extract import extract_features
 
             rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
             r = extract_features(load_config(args.config, recipe="ttr"), args.output, rank, world)

@@ -22,14 +22,16 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from fast3d.datagen import procedural
 from fast3d.data.shards import MultiViewSample, ShardWriter
+from fast3d.datagen import procedural
+from fast3d.inference import ttr as ttr_inference
 from fast3d.models import mvdit
 from fast3d.training import config as run_config
-from fast3d.inference import ttr as ttr_inference
+from fast3d.training import mixed_cache
 from fast3d.training.loop import StepContext
 from fast3d.training.metrics import read_metrics
 from fast3d.training.recipes import ttr as recipe_ttr
+from fast3d.training.recipes import ttr_extract
 from fast3d.training.ttr import SOURCES, TTRConfig, TTRSampler
 from helpers import assert_close
 
@@ -84,7 +86,7 @@ def work(tmp_path_factory):
     write_hand_shards(raw, "synthetic", 4, views=4)
     write_hand_shards(raw, "image2d", 4, views=1)
     cfg = run_config.load_config(make_config(root, "base"))
-    result = recipe_ttr.extract_features(cfg, progress=False)
+    result = ttr_extract.extract_features(cfg, progress=False)
     assert result == dict(result, shards_written=6, samples=12, complete=True)
     return root
 
@@ -166,7 +168,7 @@ def test_a_cache_of_another_vae_is_refused_naming_both_fingerprints(work):
 
 def test_a_mix_asking_for_a_source_the_cache_lacks_is_refused(work, tmp_path):
     cfg = load(work, data__raw=str(work / "raw" / "procedural-000000.tar"), data__cache=str(tmp_path / "cache"))
-    recipe_ttr.extract_features(cfg, progress=False)   # rendered3d only
+    ttr_extract.extract_features(cfg, progress=False)   # rendered3d only
     with pytest.raises(ValueError, match=r"no samples of the source\(s\) \['image2d', 'synthetic'\]"):
         recipe_ttr.TTRRecipe(cfg)
     only_rendered = cfg.replace(loss=dict(cfg.loss, ttr=dict(cfg.loss["ttr"], source_weights={"rendered3d": 1.0})))
@@ -268,8 +270,8 @@ def keys_of(stream, epoch: int) -> list[str]:
 def test_mixed_stream_is_seeded_by_epoch_and_rank_and_follows_the_weights(work, seed):
     cache = str(work / "cache")
     sampler = TTRSampler(TTRConfig(source_weights={"rendered3d": 3.0, "image2d": 1.0}))
-    ranks = [recipe_ttr.MixedCacheStream(cache, None, None, sampler, seed, 4, rank=r, world_size=2) for r in (0, 1)]
-    again = recipe_ttr.MixedCacheStream(cache, None, None, sampler, seed, 4, rank=0, world_size=2)
+    ranks = [mixed_cache.MixedCacheStream(cache, None, None, sampler, seed, 4, rank=r, world_size=2) for r in (0, 1)]
+    again = mixed_cache.MixedCacheStream(cache, None, None, sampler, seed, 4, rank=0, world_size=2)
     assert len(ranks[0]) == 8   # rendered3d and image2d samples; synthetic has weight 0
     epochs = [keys_of(ranks[0], e) for e in range(40)]
     assert all(len(k) == 4 for k in epochs) and keys_of(again, 7) == epochs[7]
