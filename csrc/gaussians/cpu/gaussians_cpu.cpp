@@ -392,15 +392,18 @@ namespace {
 // Per-thread scratch of backward_tile.
 template <typename T>
 struct BackwardScratch {
-  // Per pixel (structure of arrays, as in the forward): the pixel centre, T in front of the current
-  // Gaussian, the sum over later Gaussians of w_k <g_image, f_k>, the alpha output's share, the
-  // forward's last count, g_image (channel-major); <g_image, f> and w of the current Gaussian.
-  std::vector<T> px, py, trans, sg, kk, gi, gcol, w;
+  // Per pixel (structure of arrays, as in the forward; the names and the derivation are those of
+  // rasterize_backward_kernel in gaussians_cuda.cu): the pixel centre; t_after = T_{j+1}, the
+  // transmittance past the current Gaussian j (T_final = 1 - alpha at the start); later_color = sum
+  // over the Gaussians k > j of w_k <g_image, f_k>; alpha_share = -g_alpha T_final, the alpha
+  // output's share; the forward's last count; g_img = g_image (channel-major); g_dot_f = <g_image,
+  // f_j> and w = w_j of the current Gaussian.
+  std::vector<T> px, py, t_after, later_color, alpha_share, g_img, g_dot_f, w;
   std::vector<int32_t> lst;
   int row_last[kTile];  // the largest last count of each row
   explicit BackwardScratch(int D)
-      : px(kTilePixels), py(kTilePixels), trans(kTilePixels), sg(kTilePixels), kk(kTilePixels),
-        gi(size_t(D) * kTilePixels), gcol(kTilePixels), w(kTilePixels), lst(kTilePixels) {}
+      : px(kTilePixels), py(kTilePixels), t_after(kTilePixels), later_color(kTilePixels), alpha_share(kTilePixels),
+        g_img(size_t(D) * kTilePixels), g_dot_f(kTilePixels), w(kTilePixels), lst(kTilePixels) {}
 };
 
 // Backward of one tile of image i; gradients of the image's Gaussians ADDED into the given
@@ -414,10 +417,10 @@ FAST3D_TILE_KERNEL void backward_tile(const T* means2d, const T* conics, const T
   const int x0 = (tile % TX) * kTile, y0 = (tile / TX) * kTile;
   const int tw = std::min(kTile, width - x0), th = std::min(kTile, height - y0);
   const int64_t s = tile_offsets[i * TT + tile];
-  T* trans = sc.trans.data();
-  T* sg = sc.sg.data();
-  T* kk = sc.kk.data();
-  T* gcol = sc.gcol.data();
+  T* t_after = sc.t_after.data();
+  T* later_color = sc.later_color.data();
+  T* alpha_share = sc.alpha_share.data();
+  T* g_dot_f = sc.g_dot_f.data();
   T* w = sc.w.data();
   int32_t* lst = sc.lst.data();
   pixel_centres(x0, y0, sc.px.data(), sc.py.data());
@@ -428,11 +431,11 @@ FAST3D_TILE_KERNEL void backward_tile(const T* means2d, const T* conics, const T
       const int p = y * kTile + x;
       const bool in = y < th && x < tw;
       const int64_t pix = (i * height + y0 + y) * width + x0 + x;
-      trans[p] = in ? T(1) - alpha[pix] : T(1);     // T_final
-      sg[p] = T(0);                                 // sum over later Gaussians of w_k <g_image, f_k>
-      kk[p] = in ? -g_alpha[pix] * trans[p] : T(0);  // the alpha output's share: dA/da_j = T_final / (1 - a_j)
+      t_after[p] = in ? T(1) - alpha[pix] : T(1);  // T_final
+      later_color[p] = T(0);
+      alpha_share[p] = in ? -g_alpha[pix] * t_after[p] : T(0);  // dA/da_j = T_final / (1 - a_j)
       lst[p] = in ? last[pix] : 0;
-      for (int d = 0; d < D; ++d) sc.gi[d * kTilePixels + p] = in ? g_image[pix * D + d] : T(0);
+      for (int d = 0; d < D; ++d) sc.g_img[d * kTilePixels + p] = in ? g_image[pix * D + d] : T(0);
       sc.row_last[y] = std::max(sc.row_last[y], int(lst[p]));
     }
     max_last = std::max(max_last, sc.row_last[y]);
@@ -449,15 +452,15 @@ FAST3D_TILE_KERNEL void backward_tile(const T* means2d, const T* conics, const T
     while (r.ya < r.yb && idx >= sc.row_last[r.yb - 1]) --r.yb;
     if (r.ya >= r.yb) continue;
     const int p0 = r.first(), np = r.count();
-    const T *pxr = sc.px.data() + p0, *pyr = sc.py.data() + p0, *kkr = kk + p0;
-    T *tr = trans + p0, *sgr = sg + p0, *gc = gcol + p0, *wr = w + p0;
+    const T *pxr = sc.px.data() + p0, *pyr = sc.py.data() + p0, *alpha_share_r = alpha_share + p0;
+    T *t_after_r = t_after + p0, *later_color_r = later_color + p0, *g_dot_f_r = g_dot_f + p0, *wr = w + p0;
     const int32_t* ls = lst + p0;
-    for (int k = 0; k < np; ++k) gc[k] = T(0);
+    for (int k = 0; k < np; ++k) g_dot_f_r[k] = T(0);
     for (int d = 0; d < D; ++d) {
-      const T* gi = sc.gi.data() + d * kTilePixels + p0;
+      const T* g_img = sc.g_img.data() + d * kTilePixels + p0;
       const T fd = f[d];
 #pragma omp simd
-      for (int k = 0; k < np; ++k) gc[k] += gi[k] * fd;  // <g_image, f>
+      for (int k = 0; k < np; ++k) g_dot_f_r[k] += g_img[k] * fd;  // <g_image, f>
     }
     T gm0 = 0, gm1 = 0, ga0 = 0, ga1 = 0, gc0 = 0, gc1 = 0, gc2 = 0, go = 0;
 #pragma omp simd reduction(+ : gm0, gm1, ga0, ga1, gc0, gc1, gc2, go)
@@ -468,12 +471,12 @@ FAST3D_TILE_KERNEL void backward_tile(const T* means2d, const T* conics, const T
       const bool hit = r.inside(p0 + k) & (idx < ls[k]) & !(raw < T(kAlphaMin));
       const T a = pick(T(kAlphaMax) < raw, T(kAlphaMax), raw);  // std::min
       const T inv = T(1) / (T(1) - a);
-      const T tj = tr[k] * inv;  // transmittance in front of this Gaussian
-      // dL/da_j = T_j <g, f_j> - (sum_{k>j} w_k <g, f_k> + K) / (1 - a_j)
-      const T g_a = tj * gc[k] - (sgr[k] + kkr[k]) * inv;
-      wr[k] = pick(hit, a * tj, T(0));
-      sgr[k] += wr[k] * gc[k];
-      tr[k] = pick(hit, tj, tr[k]);
+      const T t_j = t_after_r[k] * inv;  // transmittance in front of this Gaussian
+      // dL/da_j = T_j <g, f_j> - (later_color + alpha_share) / (1 - a_j)
+      const T g_a = t_j * g_dot_f_r[k] - (later_color_r[k] + alpha_share_r[k]) * inv;
+      wr[k] = pick(hit, a * t_j, T(0));
+      later_color_r[k] += wr[k] * g_dot_f_r[k];
+      t_after_r[k] = pick(hit, t_j, t_after_r[k]);
       // gs::gaussian_alpha_backward: no gradient where the clamp is active (raw > 0.99)
       const T g_al = pick(hit & !(raw > T(kAlphaMax)), g_a, T(0));
       go += g_al * vis;
@@ -488,10 +491,10 @@ FAST3D_TILE_KERNEL void backward_tile(const T* means2d, const T* conics, const T
       ga1 += std::abs(pm1);
     }
     for (int d = 0; d < D; ++d) {
-      const T* gi = sc.gi.data() + d * kTilePixels + p0;
+      const T* g_img = sc.g_img.data() + d * kTilePixels + p0;
       T sum = 0;
 #pragma omp simd reduction(+ : sum)
-      for (int k = 0; k < np; ++k) sum += wr[k] * gi[k];
+      for (int k = 0; k < np; ++k) sum += wr[k] * g_img[k];
       g_f[n * D + d] += sum;
     }
     g_m2[n * 2] += gm0;

@@ -317,8 +317,8 @@ __device__ __forceinline__ float warp_sum(float v) {
 }
 
 // Backward of the blend over one (image, tile): blockIdx.x = tile, blockIdx.y = image; thread =
-// pixel, walking the tile's Gaussians back to front (the CPU twin is backward_tile in
-// gaussians_cpu.cpp, with the same names).
+// pixel, walking the tile's Gaussians back to front (the CPU twin, backward_tile in
+// gaussians_cpu.cpp, uses the same names for the same quantities).
 //
 // The forward blended, over the Gaussians j = 0, 1, ... of the pixel's list (front to back),
 //   C = sum_j w_j f_j,   w_j = a_j T_j,   T_j = prod_{k<j} (1 - a_k),   A = 1 - T_final,
