@@ -188,6 +188,24 @@ def shared_memory_limit(device: torch.device) -> int:
     return min(SHARED_MEMORY_OPTIN.values())
 
 
+def triton_tf32(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether a Triton op multiplies float32 operands in tf32: where torch's own matmuls would
+    (``torch.backends.cuda.matmul.allow_tf32``), on CUDA tensors, and while recording a GPU's
+    configurations (:func:`gpu_launch_configs`) on CPU ones, so the compile test sees tf32 launches."""
+    if dtype != torch.float32 or not torch.backends.cuda.matmul.allow_tf32:
+        return False
+    return device.type == "cuda" or not triton_interpreter_configs()
+
+
+def cuda_device_guard(device: torch.device):
+    """The context every Triton launch runs in: Triton launches on the *current* CUDA device, so the
+    tensors' device is made current for the launch (``torch.library.custom_op`` adds no guard).
+    A no-op context for CPU tensors (the interpreter)."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
 @torch.compiler.assume_constant_result
 def triton_reason() -> str | None:
     try:
@@ -202,3 +220,10 @@ def triton_reason() -> str | None:
 def triton_devices() -> tuple:
     """Triton kernels run on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1."""
     return ("cuda", "cpu") if triton_interpreted() else ("cuda",)
+
+
+def device_memory(device: torch.device) -> int:
+    """The bytes of memory of ``device``: the GPU's total memory, or the machine's RAM for the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

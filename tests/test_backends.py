@@ -215,3 +215,66 @@ def test_auto_leaves_the_triton_interpreter_to_explicit_requests(op):
     assert backends.select(op, "auto", Query(CPU, torch.float32)).name == "torch"
     assert backends.select(op, "triton", Query(CPU, torch.float32)).name == "triton"
     assert backends.select(op, "auto", Query(torch.device("cuda"), torch.float32)).name == "triton"
+
+
+# --- Triton launch helpers ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("interpreted", [False, True])
+def test_triton_tf32_follows_torchs_matmul_switch(monkeypatch, interpreted):
+    """fp32 dots in tf32 exactly where torch's matmuls would be (allow_tf32 on, CUDA tensors), and on
+    CPU tensors only while recording a GPU's configurations; never for 16-bit inputs."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1" if interpreted else "0")
+    for allow in (False, True):
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", allow)
+        assert backends.triton_tf32(torch.float32, CUDA) is allow
+        assert backends.triton_tf32(torch.float32, CPU) is (allow and not interpreted)
+        with backends.gpu_launch_configs():
+            assert backends.triton_tf32(torch.float32, CPU) is allow
+        for dtype in (torch.bfloat16, torch.float16):
+            assert backends.triton_tf32(dtype, CUDA) is False
+
+
+def test_gpu_launch_configs_nests_and_restores(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert backends.triton_interpreter_configs()
+    with backends.gpu_launch_configs():
+        assert not backends.triton_interpreter_configs()
+        with backends.gpu_launch_configs():
+            assert not backends.triton_interpreter_configs()
+        assert not backends.triton_interpreter_configs()
+    assert backends.triton_interpreter_configs()
+
+
+def test_shared_memory_limit_without_a_gpu_is_the_smallest_target():
+    if torch.cuda.is_available():
+        pytest.skip("judges the CPU answer (no GPU)")
+    assert backends.shared_memory_limit(CPU) == min(backends.SHARED_MEMORY_OPTIN.values()) == 101_376
+
+
+def _result(arch, shared, kernel="k", ok=True):
+    return dict(kernel=kernel, arch=f"sm_{arch}", triton="x", constants={}, num_warps=4, num_stages=2, ok=ok,
+                shared=shared, reg=1, stack=0, **({} if ok else dict(error="boom")))
+
+
+def test_check_results_judges_every_target_arch(gen):
+    """An sm_80 build stands for sm_86/89 (their smaller limit applies to it), sm_90 for itself;
+    compile errors are failures too; a set of builds without an sm_9x cannot judge sm_90."""
+    from fast3d.triton_aot import check_results, limits_checked
+
+    lim = backends.SHARED_MEMORY_OPTIN
+    assert limits_checked([80, 90]) == {80: 80, 86: 80, 89: 80, 90: 90}
+    assert limits_checked([80, 86, 89, 90]) == {80: 80, 86: 86, 89: 89, 90: 90}
+    with pytest.raises(ValueError, match="sm_90 needs a compiled sm_9x"):
+        limits_checked([80, 86])
+    fits = int(torch.randint(1, lim[86] + 1, (), generator=gen))
+    assert check_results([_result(80, fits), _result(90, fits)]) == []
+    between = int(torch.randint(lim[86] + 1, lim[80] + 1, (), generator=gen))   # over sm_86/89, under sm_80
+    failed = check_results([_result(80, between), _result(90, between)])
+    assert len(failed) == 2 and all(f"shared memory {between:,} B" in f for f in failed)
+    assert "sm_86's limit 101,376 B" in failed[0] and "sm_89's limit 101,376 B" in failed[1]
+    over90 = lim[90] + 1
+    failed = check_results([_result(80, 0), _result(90, over90)])
+    assert len(failed) == 1 and "sm_90's limit 232,448 B" in failed[0]
+    failed = check_results([_result(80, 0), _result(90, 0, ok=False)])
+    assert failed == ["sm_90 k (triton x) {} {'num_warps': 4, 'num_stages': 2}: boom"]

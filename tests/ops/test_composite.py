@@ -11,6 +11,7 @@ backend. Every test draws fresh inputs from the `gen` fixture; a failure prints 
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -41,6 +42,11 @@ TOL = {
     # (bf16) relative, plus the float32 terms above; the atol covers outputs near zero.
     torch.float16: (2e-3, 2e-3),
     torch.bfloat16: (1e-2, 1e-2),
+    # triton in float32 on thin samples (optical depth 1e-7..1e-5 each) vs float64 with expm1:
+    # alpha comes from a series (no 1 - exp(-tau) cancellation, which alone costs up to 50%
+    # relative at tau = 1e-7), so each weight and the opacity carry a few float32 roundings
+    # (tau = sigma dt, the series, T = exp(-depth) ~ 1): <= 1e-6 relative; atol 0 (every value > 0).
+    "thin float32": (0.0, 2e-6),
 }
 
 # Kernel backends. `triton` runs on CUDA tensors on a GPU, else on CPU tensors in the interpreter
@@ -546,3 +552,92 @@ def test_compile_triton_custom_op_fullgraph_forward_backward(gen):
     fe = lambda s, r, bg: triton_composite.composite(s, r, x["t_starts"], x["t_ends"], bg, 1e-4)  # noqa: E731
     for a, b in zip(grads(fc, differentiable(x), ups), grads(fe, differentiable(x), ups)):
         assert torch.equal(a, b)
+
+
+def test_triton_thin_samples_keep_relative_precision(gen):
+    """Nearly transparent samples (tau = sigma dt in 1e-7..1e-5): weights and opacity are relative-
+    accurate against float64's -expm1(-tau) (a plain 1 - exp(-tau) in float32 is off by up to 50%)."""
+    require("triton")
+    R, S = 17, 40
+    tau = 10 ** (-7 + 2 * torch.rand(R, S, generator=gen, dtype=torch.float64))           # [R, S]
+    t = torch.cumsum(0.5 + torch.rand(R, S + 1, generator=gen, dtype=torch.float64), -1)  # [R, S + 1]
+    t0, t1 = t[:, :-1].float(), t[:, 1:].float()
+    sig = (tau / (t1 - t0).double()).float()                                             # [R, S]
+    rgb = torch.rand(R, S, 3, generator=gen)
+    dev = TRITON_DEVICE
+    color, opacity, depth, weights = fast3d.composite(sig.to(dev), rgb.to(dev), t0.to(dev), t1.to(dev), None,
+                                                      1e-4, backend="triton")
+    tau64 = sig.double() * (t1.double() - t0.double())
+    depth_through = torch.cumsum(tau64, -1)
+    w64 = -torch.expm1(-tau64) * torch.exp(-(depth_through - tau64))
+    o64 = -torch.expm1(-depth_through[:, -1:])
+    atol, rtol = TOL["thin float32"]
+    assert_close(weights.cpu().double(), w64, atol=atol, rtol=rtol)
+    assert_close(opacity.cpu().double(), o64, atol=atol, rtol=rtol)
+
+
+def _launches_inside(monkeypatch, run):
+    """The devices of the guards every Triton launch made by run() ran inside (a fake guard that
+    records its device, and a launch hook that fails a launch made outside any guard)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    active, guarded = [], []
+
+    @contextlib.contextmanager
+    def guard(device):
+        active.append(device)
+        try:
+            yield
+        finally:
+            active.pop()
+
+    original = InterpretedFunction.run
+
+    def launch(self, *args, **kwargs):
+        assert active, f"{self.fn.__name__} launched outside torch.cuda.device(...)"
+        guarded.append((self.fn.__name__, active[-1]))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(backends, "cuda_device_guard", guard)
+    monkeypatch.setattr(InterpretedFunction, "run", launch)
+    run()
+    return guarded
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="inspects the interpreter's launches (CPU tensors)")
+def test_triton_launches_run_under_the_inputs_device_guard(monkeypatch, gen):
+    """Triton launches on the current CUDA device: every composite launch (forward, backward,
+    dense and packed) runs inside backends.cuda_device_guard(the inputs' device)."""
+    require("triton")
+    x = make_inputs(gen, 5, 9, 3, background="shared")
+    ri = torch.arange(5).repeat_interleave(9)
+    flat = {k: v.reshape(-1, *v.shape[2:]).clone() for k, v in x.items() if k != "background"}
+    for inputs in (x, flat):
+        inputs["sigmas"].requires_grad_()
+        inputs["rgbs"].requires_grad_()
+
+    def run():
+        out = fast3d.composite(**x, backend="triton")
+        torch.autograd.backward(out[:3], [torch.ones_like(o) for o in out[:3]])
+        out = fast3d.composite(**flat, ray_indices=ri, backend="triton")
+        torch.autograd.backward(out[:3], [torch.ones_like(o) for o in out[:3]])
+
+    guarded = _launches_inside(monkeypatch, run)
+    assert sorted({name for name, _ in guarded}) == ["_composite_bwd", "_composite_fwd"]
+    assert {device for _, device in guarded} == {torch.device("cpu")}
+
+
+@pytest.mark.gpu
+def test_triton_on_a_second_gpu(gen):
+    """Inputs on cuda:1 while cuda:0 is current: the launch follows the inputs (no illegal address),
+    and the result equals the same call on cuda:0."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    require("triton")
+    x = make_inputs(gen, 37, 65, 3, background="per_ray")
+    with torch.cuda.device(0):
+        on1 = fast3d.composite(**{k: v.detach().to("cuda:1") for k, v in x.items()}, backend="triton")
+        on0 = fast3d.composite(**{k: v.detach().to("cuda:0") for k, v in x.items()}, backend="triton")
+    for a, b in zip(on1, on0):
+        assert a.device == torch.device("cuda:1")
+        assert torch.equal(a.cpu(), b.cpu())

@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from fast3d import backends
 from fast3d.ops._triton_math import rne
 
 BLOCK_R = 16
@@ -49,9 +50,19 @@ def _rays(info_ptr, R, S, PACKED: tl.constexpr, BLOCK_R: tl.constexpr):
 
 
 @triton.jit
+def _one_minus_exp_neg(tau):
+    """alpha = 1 - exp(-tau) without the cancellation: 1 - exp(-tau) loses the absolute rounding of
+    exp (2^-24, 2e-7 with the GPU's ex2.approx) to a result of size tau, i.e. 2% at tau = 1e-5, and
+    Triton has no expm1 on every version. Below 0.1 the Taylor series to tau^5 (Horner form) is
+    used: its truncation, under tau^6/720 <= 1.4e-9 relative, is below float32's rounding."""
+    series = tau * (1.0 - tau / 2.0 * (1.0 - tau / 3.0 * (1.0 - tau / 4.0 * (1.0 - tau / 5.0))))
+    return tl.where(tau < 0.1, series, 1.0 - tl.exp(-tau))
+
+
+@triton.jit
 def _tile(sigma_ptr, t0_ptr, t1_ptr, mask_r, start, count, s0, carry, eps, BLOCK_S: tl.constexpr):
-    """One tile of samples: (in-range mask, live mask, flat offsets, dt, mid, tau, T_{i+1}, w),
-    each [BLOCK_R, BLOCK_S]."""
+    """One tile of samples: (in-range mask, live mask, flat offsets, dt, mid, tau, optical depth
+    through sample i, T_{i+1}, w), each [BLOCK_R, BLOCK_S]."""
     cols = s0 + tl.arange(0, BLOCK_S)
     in_range = mask_r[:, None] & (cols[None, :] < count[:, None])
     # Rays already below the cut-off load nothing more.
@@ -66,9 +77,9 @@ def _tile(sigma_ptr, t0_ptr, t1_ptr, mask_r, start, count, s0, carry, eps, BLOCK
     T = tl.exp(-(incl - tau))                        # T_i
     T_next = tl.exp(-incl)                           # T_{i+1}
     live = m & (T >= eps)
-    alpha = 1.0 - tl.exp(-tau)
+    alpha = _one_minus_exp_neg(tau)
     w = tl.where(live, alpha * T, 0.0)
-    return in_range, live, off, dt, 0.5 * (a + b), tau, T_next, w
+    return in_range, live, off, dt, 0.5 * (a + b), tau, incl, T_next, w
 
 
 @triton.jit
@@ -89,22 +100,23 @@ def _composite_fwd(sigma_ptr, rgb_ptr, t0_ptr, t1_ptr,   # [M], [M, D], [M], [M]
         first = d0 == 0
         carry = tl.zeros([BLOCK_R], dtype=tl.float32)
         acc_c = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
-        t_end = tl.full([BLOCK_R], 1.0, dtype=tl.float32)   # T after the last live sample
+        depth_end = tl.zeros([BLOCK_R], dtype=tl.float32)   # optical depth through the last live sample
         acc_z = tl.zeros([BLOCK_R], dtype=tl.float32)
         for s0 in range(0, longest, BLOCK_S):
-            in_range, live, off, dt, mid, tau, T_next, w = _tile(sigma_ptr, t0_ptr, t1_ptr, mask_r, start, count,
-                                                                 s0, carry, eps, BLOCK_S)
+            in_range, live, off, dt, mid, tau, incl, T_next, w = _tile(sigma_ptr, t0_ptr, t1_ptr, mask_r, start,
+                                                                       count, s0, carry, eps, BLOCK_S)
             tl.store(weights_ptr + off, rne(w, weights_ptr.dtype.element_ty), mask=in_range & first)
-            t_end = tl.minimum(t_end, tl.min(tl.where(live, T_next, 1.0), axis=1))
+            depth_end = tl.maximum(depth_end, tl.max(tl.where(live, incl, 0.0), axis=1))
             acc_z += tl.sum(w * mid, axis=1)
             m3 = live[:, :, None] & mask_d[None, None, :]
             rgb = tl.load(rgb_ptr + off[:, :, None] * D + ds[None, None, :], mask=m3, other=0.0).to(tl.float32)
             acc_c += tl.sum(w[:, :, None] * rgb, axis=1)
             carry += tl.sum(tau, axis=1)
         # opacity = sum_i w_i = 1 - T_{k+1} (k the last live sample; the live samples are a prefix):
-        # read off the transmittance rather than summed, so an opaque ray's is 1 to the rounding of
-        # one exp, not of S float32 additions (the background's weight 1 - opacity is then 0 too).
-        acc_o = 1.0 - t_end
+        # read off the optical depth rather than summed, so an opaque ray's is 1 to the rounding of
+        # one exp, not of S float32 additions (the background's weight 1 - opacity is then 0 too),
+        # and a thin ray's keeps its relative precision (no 1 - exp cancellation).
+        acc_o = _one_minus_exp_neg(depth_end)
         md = mask_r[:, None] & mask_d[None, :]
         if HAS_BG:
             bg = tl.load(bg_ptr + rows[:, None].to(tl.int64) * bg_stride + ds[None, :], mask=md,
@@ -133,8 +145,8 @@ def _composite_bwd(sigma_ptr, rgb_ptr, t0_ptr, t1_ptr,   # [M], [M, D], [M], [M]
     carry = tl.zeros([BLOCK_R], dtype=tl.float32)
     prefix = tl.zeros([BLOCK_R], dtype=tl.float32)
     for s0 in range(0, longest, BLOCK_S):
-        in_range, live, off, dt, mid, tau, T_next, w = _tile(sigma_ptr, t0_ptr, t1_ptr, mask_r, start, count,
-                                                             s0, carry, eps, BLOCK_S)
+        in_range, live, off, dt, mid, tau, incl, T_next, w = _tile(sigma_ptr, t0_ptr, t1_ptr, mask_r, start,
+                                                                   count, s0, carry, eps, BLOCK_S)
         g = g_open[:, None] + g_depth[:, None] * mid
         for d0 in range(0, D, BLOCK_D):                   # g += <dcolor, rgb_i>, a chunk at a time
             ds = d0 + ds0
@@ -163,7 +175,11 @@ def _block_d(D: int) -> int:
 
 
 def _launch_meta(packed_info: Optional[Tensor], D: int) -> dict:
-    return dict(PACKED=packed_info is not None, BLOCK_R=BLOCK_R, BLOCK_S=BLOCK_S, BLOCK_D=_block_d(D))
+    # A channel chunk wider than 4 makes [BLOCK_R, BLOCK_S, BLOCK_D] tiles of 8192 values: 8 warps
+    # hold them in registers where 4 spill (the compile test prints the spill stack).
+    block_d = _block_d(D)
+    return dict(PACKED=packed_info is not None, BLOCK_R=BLOCK_R, BLOCK_S=BLOCK_S, BLOCK_D=block_d,
+                num_warps=4 if block_d <= 4 else 8)
 
 
 @torch.library.custom_op("fast3d::composite_triton_fwd", mutates_args=())
@@ -181,10 +197,12 @@ def composite_fwd(sigmas: Tensor, rgbs: Tensor, t_starts: Tensor, t_ends: Tensor
     if R == 0:
         return color, opacity, depth, weights
     bg_stride = 0 if background is None or background.dim() == 1 else D
-    _composite_fwd[(triton.cdiv(R, BLOCK_R),)](
-        sigmas, rgbs, t_starts, t_ends, packed_info if packed_info is not None else sigmas,
-        background if background is not None else sigmas, bg_stride,
-        color, opacity, depth, weights, R, S, D, eps, HAS_BG=background is not None, **_launch_meta(packed_info, D))
+    with backends.cuda_device_guard(sigmas.device):
+        _composite_fwd[(triton.cdiv(R, BLOCK_R),)](
+            sigmas, rgbs, t_starts, t_ends, packed_info if packed_info is not None else sigmas,
+            background if background is not None else sigmas, bg_stride,
+            color, opacity, depth, weights, R, S, D, eps, HAS_BG=background is not None,
+            **_launch_meta(packed_info, D))
     return color, opacity, depth, weights
 
 
@@ -206,10 +224,11 @@ def composite_bwd(sigmas: Tensor, rgbs: Tensor, t_starts: Tensor, t_ends: Tensor
     g_sigmas, g_rgbs = torch.zeros_like(sigmas), torch.zeros_like(rgbs)
     if R == 0:
         return g_sigmas, g_rgbs
-    _composite_bwd[(triton.cdiv(R, BLOCK_R),)](
-        sigmas, rgbs, t_starts, t_ends, packed_info if packed_info is not None else sigmas, g_color, g_open, g_depth,
-        g_weights if g_weights is not None else sigmas, total, g_sigmas, g_rgbs, R, S, D, eps,
-        HAS_GW=g_weights is not None, **_launch_meta(packed_info, D))
+    with backends.cuda_device_guard(sigmas.device):
+        _composite_bwd[(triton.cdiv(R, BLOCK_R),)](
+            sigmas, rgbs, t_starts, t_ends, packed_info if packed_info is not None else sigmas, g_color, g_open,
+            g_depth, g_weights if g_weights is not None else sigmas, total, g_sigmas, g_rgbs, R, S, D, eps,
+            HAS_GW=g_weights is not None, **_launch_meta(packed_info, D))
     return g_sigmas, g_rgbs
 
 
