@@ -102,6 +102,53 @@ def intrinsics(fov_y_deg: float, width: int, height: int, n: int = 1, dtype=torc
     return K.expand(n, 3, 3).clone()
 
 
+def orbit_cameras(azimuths: Tensor,    # [...] radians, float64
+                  elevations: Tensor,  # [...] radians
+                  distance: Tensor | float, fov_y_deg: float, resolution: int) -> tuple[Tensor, Tensor]:
+    """Cameras on a sphere of radius ``distance`` around the origin, looking at it, upright.
+
+    Args:
+        azimuths, elevations: each camera's direction (see :func:`spherical_to_position`).
+        distance: the radius (a number, or a tensor broadcasting against ``azimuths``).
+        fov_y_deg: the vertical field of view.
+        resolution: the side of the square image the intrinsics are in pixels of.
+
+    Returns:
+        viewmats [..., 4, 4] (float32, OpenCV world-to-camera) and Ks [..., 3, 3] (float32).
+    """
+    viewmats = look_at(spherical_to_position(azimuths, elevations, distance)).float()
+    Ks = intrinsics(fov_y_deg, resolution, resolution, azimuths.numel()).view(*azimuths.shape, 3, 3)
+    return viewmats, Ks
+
+
+def turntable(n: int, resolution: int, elevation_deg: float = 20.0, distance: float = DEFAULT_DISTANCE,
+              fov_y_deg: float = DEFAULT_FOV_Y_DEG) -> tuple[Tensor, Tensor]:  # -> [n, 4, 4], [n, 3, 3]
+    """``n`` cameras evenly around the +Z axis from azimuth 0, at one elevation (a turntable video)."""
+    az = torch.arange(n, dtype=torch.float64) * (2 * math.pi / n)
+    return orbit_cameras(az, torch.full_like(az, math.radians(elevation_deg)), distance, fov_y_deg, resolution)
+
+
+def rotmat_to_quat(R: Tensor) -> Tensor:  # [..., 3, 3] rotation -> [..., 4] unit quaternion, wxyz
+    """The quaternion of a rotation matrix, from whichever of w, x, y, z is largest (stable)."""
+    m = R.unbind(-1)
+    m00, m10, m20 = m[0].unbind(-1)
+    m01, m11, m21 = m[1].unbind(-1)
+    m02, m12, m22 = m[2].unbind(-1)
+    sq = torch.stack([1 + m00 + m11 + m22, 1 + m00 - m11 - m22,           # 4w^2, 4x^2, 4y^2, 4z^2
+                      1 - m00 + m11 - m22, 1 - m00 - m11 + m22], -1)
+    # Each row is 4 * (that component) * q; dividing by its norm leaves q, and the row of the
+    # largest component divides by the largest number (the others lose digits near 180 degrees).
+    candidates = torch.stack([                                              # 4w (w,x,y,z), 4x (...), ...
+        torch.stack([sq[..., 0], m21 - m12, m02 - m20, m10 - m01], -1),
+        torch.stack([m21 - m12, sq[..., 1], m10 + m01, m02 + m20], -1),
+        torch.stack([m02 - m20, m10 + m01, sq[..., 2], m12 + m21], -1),
+        torch.stack([m10 - m01, m20 + m02, m21 + m12, sq[..., 3]], -1),
+    ], -2)                                                                  # [..., 4, 4]
+    best = sq.argmax(-1)
+    q = candidates.gather(-2, best[..., None, None].expand(*best.shape, 1, 4))[..., 0, :]
+    return q / q.norm(dim=-1, keepdim=True)
+
+
 def viewmat_from_opengl_c2w(c2w: Tensor,  # [..., 4, 4] camera-to-world, OpenGL/Blender camera axes
                             world_up: str = "z") -> Tensor:  # -> viewmats [..., 4, 4], OpenCV
     """OpenGL / Blender camera-to-world (camera looks down -z, y up) to fast3d's OpenCV

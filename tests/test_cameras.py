@@ -147,3 +147,31 @@ def test_plucker_rays_are_moment_and_direction(gen):
 def test_camera_rays_reject_mismatched_cameras():
     with pytest.raises(ValueError, match="viewmats"):
         cameras.camera_rays(torch.eye(4).expand(2, 4, 4), torch.eye(3).expand(3, 3, 3), 4, 4)
+
+
+def test_orbit_cameras_sit_on_the_sphere_and_turntable_steps_evenly(gen):
+    az = torch.rand(2, 3, generator=gen, dtype=torch.float64) * 2 * math.pi
+    el = (torch.rand(2, 3, generator=gen, dtype=torch.float64) - 0.5) * 2
+    viewmats, Ks = cameras.orbit_cameras(az, el, 2.5, 40.0, 64)
+    assert viewmats.shape == (2, 3, 4, 4) and Ks.shape == (2, 3, 3, 3) and viewmats.dtype == Ks.dtype == torch.float32
+    assert_close(cameras.camera_centers(viewmats.double()), cameras.spherical_to_position(az, el, 2.5), atol=1e-5,
+                 rtol=0, name="centres")
+    assert_close(Ks, cameras.intrinsics(40.0, 64, 64, 6).view(2, 3, 3, 3), atol=0, rtol=0, name="Ks")
+    tv, tK = cameras.turntable(8, 32, elevation_deg=20.0, distance=2.0)
+    centres = cameras.camera_centers(tv.double())
+    assert_close(torch.atan2(centres[:, 1], centres[:, 0]).remainder(2 * math.pi),
+                 torch.arange(8, dtype=torch.float64) * (math.pi / 4), atol=1e-6, rtol=0, name="azimuths")
+    assert_close(centres[:, 2], torch.full((8,), 2.0 * math.sin(math.radians(20.0)), dtype=torch.float64), atol=1e-6,
+                 rtol=0, name="heights")
+
+
+@pytest.mark.parametrize("angle", [0.3, math.pi - 1e-7], ids=["small", "near-180-degrees"])
+def test_rotmat_to_quat_round_trips_even_near_a_half_turn(gen, angle):
+    from fast3d.ops.rasterization.reference import quat_to_rotmat
+
+    axis = torch.nn.functional.normalize(torch.randn(5, 3, generator=gen, dtype=torch.float64), dim=-1)
+    q = torch.cat([torch.full((5, 1), math.cos(angle / 2), dtype=torch.float64), axis * math.sin(angle / 2)], -1)
+    R = quat_to_rotmat(q)
+    got = cameras.rotmat_to_quat(R)
+    assert_close(got.norm(dim=-1), torch.ones(5, dtype=torch.float64), atol=1e-12, rtol=0, name="unit")
+    assert_close(quat_to_rotmat(got), R, atol=1e-12, rtol=0, name="R(q(R))")

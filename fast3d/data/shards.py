@@ -35,6 +35,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fast3d.io.atomic import atomic_open, temp_path
+from fast3d.io.images import to_uint8
+
 SOURCES = ("synthetic", "rendered3d", "image2d")
 MAX_MEMBER_BYTES = 64 * 2**20     # one PNG or JSON member; larger is treated as hostile
 MAX_IMAGE_SIDE = 8192
@@ -78,7 +81,7 @@ class MultiViewSample:
 def _png(img: Tensor) -> bytes:  # [C, H, W] in [0, 1] -> PNG bytes
     from PIL import Image
 
-    arr = (img.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    arr = to_uint8(img)
     buf = io.BytesIO()
     Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr).save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
@@ -129,7 +132,7 @@ class ShardWriter:
         if key in self._keys:
             raise ValueError(f"duplicate sample key {key!r} in this writer")
         if self._tar is None:
-            self._tmp = os.path.join(self.out_dir, f".{self.prefix}-{self.index:06d}.tar.tmp{os.getpid()}")
+            self._tmp = temp_path(self.shard_path(self.index))
             self._tar = tarfile.open(self._tmp, "w")
         for suffix, data in members.items():
             info = tarfile.TarInfo(f"{key}.{suffix}")
@@ -315,7 +318,5 @@ def claim_output(out: str, manifest: dict, prefix: str, also_ours: tuple = ()) -
     if foreign:
         raise ValueError(f"out {out!r} is not empty and holds no {DATASET_MANIFEST} (found {sorted(foreign)[:5]}); "
                          f"refusing to mix datasets")
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
+    with atomic_open(path) as f:
         json.dump(manifest, f, indent=1)
-    os.replace(tmp, path)

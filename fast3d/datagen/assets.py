@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-SH_C0 = 0.28209479177387814  # degree-0 spherical harmonic: colour = SH_C0 * dc + 0.5
+from fast3d.cameras import rotmat_to_quat
+from fast3d.ops.rasterization.reference import SH_C0  # degree-0 spherical harmonic: colour = SH_C0 * dc + 0.5
 
 PALETTE = {
     "red": (0.85, 0.12, 0.10), "orange": (0.95, 0.50, 0.08), "yellow": (0.95, 0.85, 0.15),
@@ -183,15 +184,9 @@ def _pattern(g, name: str, local: Tensor, c1: Tensor, c2: Tensor) -> Tensor:  # 
     return c1 * (1 - mix) + c2 * mix
 
 
-def _quat_from_frames(R: Tensor) -> Tensor:  # [n, 3, 3] rotation matrices -> [n, 4] wxyz
-    w = torch.sqrt((1 + R[:, 0, 0] + R[:, 1, 1] + R[:, 2, 2]).clamp_min(0)) / 2
-    x = torch.sqrt((1 + R[:, 0, 0] - R[:, 1, 1] - R[:, 2, 2]).clamp_min(0)) / 2
-    y = torch.sqrt((1 - R[:, 0, 0] + R[:, 1, 1] - R[:, 2, 2]).clamp_min(0)) / 2
-    z = torch.sqrt((1 - R[:, 0, 0] - R[:, 1, 1] + R[:, 2, 2]).clamp_min(0)) / 2
-    x = torch.copysign(x, R[:, 2, 1] - R[:, 1, 2])
-    y = torch.copysign(y, R[:, 0, 2] - R[:, 2, 0])
-    z = torch.copysign(z, R[:, 1, 0] - R[:, 0, 1])
-    return _unit(torch.stack([w, x, y, z], -1))
+def _quat_from_frames(R: Tensor) -> Tensor:  # [n, 3, 3] rotation matrices -> [n, 4] wxyz, w >= 0
+    q = rotmat_to_quat(R)
+    return torch.where(q[:, :1] < 0, -q, q)   # q and -q are one rotation; the assets keep w >= 0
 
 
 def _random_rotation(g) -> Tensor:  # [3, 3], about z mostly, a little tilt

@@ -31,8 +31,8 @@ from dataclasses import dataclass
 import torch
 
 from fast3d import cameras
-from fast3d.datagen import assets
 from fast3d.data.shards import MultiViewSample, ShardWriter, claim_output
+from fast3d.datagen import assets
 
 PREFIX = "procedural"
 FIXED_VIEWS = {"zero123pp": 6, "mvdream": 4}

@@ -1,10 +1,8 @@
-"""What the inference pipelines share: reading input images,
-turntable cameras and files, and per-stage latency."""
+"""What the inference pipelines share: reading input images, writing images and turntable
+files, and per-stage latency."""
 
 from __future__ import annotations
 
-import math
-import os
 import time
 from contextlib import contextmanager
 
@@ -12,7 +10,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fast3d import cameras
+from fast3d.io.atomic import atomic_path
+from fast3d.io.images import to_uint8
 
 
 def load_image(path: str, size: int | None = None, background: float = 1.0) -> Tensor:  # -> [3, H, W] in [0, 1]
@@ -45,16 +44,7 @@ def save_image(img: Tensor,  # [3, H, W] in [0, 1]
                path: str) -> None:
     from PIL import Image
 
-    Image.fromarray((img.detach().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255 + 0.5).astype(np.uint8)).save(path)
-
-
-def orbit_cameras(n: int, resolution: int, elevation_deg: float = 20.0, distance: float = cameras.DEFAULT_DISTANCE,
-                  fov_y_deg: float = cameras.DEFAULT_FOV_Y_DEG) -> tuple[Tensor, Tensor]:
-    """``n`` cameras evenly around the +Z axis at one elevation: (viewmats [n, 4, 4], Ks [n, 3, 3])."""
-    az = torch.arange(n, dtype=torch.float64) * (2 * math.pi / n)
-    el = torch.full_like(az, math.radians(elevation_deg))
-    eye = cameras.spherical_to_position(az, el, distance)
-    return cameras.look_at(eye).float(), cameras.intrinsics(fov_y_deg, resolution, resolution, n)
+    Image.fromarray(to_uint8(img)).save(path)
 
 
 def write_turntable(frames: Tensor,  # [N, 3, H, W] in [0, 1]
@@ -64,11 +54,10 @@ def write_turntable(frames: Tensor,  # [N, 3, H, W] in [0, 1]
 
     if not path.endswith(".gif"):
         raise ValueError(f"turntable path must end in .gif; got {path!r}")
-    arr = (frames.detach().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255 + 0.5).astype(np.uint8)
+    arr = to_uint8(frames)
     imgs = [Image.fromarray(a) for a in arr]
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp{os.getpid()}")
-    imgs[0].save(tmp, format="GIF", save_all=True, append_images=imgs[1:], duration=int(1000 / fps), loop=0)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        imgs[0].save(tmp, format="GIF", save_all=True, append_images=imgs[1:], duration=int(1000 / fps), loop=0)
     return path
 
 

@@ -19,10 +19,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fast3d import cameras as cams
-from fast3d.inference.common import StageTimer, load_images, orbit_cameras, write_turntable
+from fast3d.inference.common import StageTimer, load_images, write_turntable
+from fast3d.io.atomic import atomic_open
 from fast3d.models.lgm import LGM, apply_transform_to_gaussians, normalize_cameras
-
-SH_C0 = 0.28209479177387814  # the degree-0 spherical-harmonic basis constant
+from fast3d.ops.rasterization.reference import SH_C0
 
 
 def reconstruct(model: LGM,
@@ -168,13 +168,13 @@ def infer(model_dir: str, image_paths: list[str], out_dir: str, cameras_json: st
             refined, before, after = refine_input_poses(world, imgs, vm, Ks, load_lpips(lpips_backbone, dev),
                                                         steps=refine_pose_steps)
         cams_out = os.path.join(out_dir, "cameras_refined.json")
-        with open(cams_out, "w") as f:
+        with atomic_open(cams_out) as f:
             json.dump({"viewmats": refined.tolist(), "Ks": Ks.tolist(), "lpips_backbone": lpips_backbone,
                        "lpips_before": before.tolist(), "lpips_after": after.tolist()}, f, indent=1)
         result.update(cameras_refined=cams_out, lpips_before=before.tolist(), lpips_after=after.tolist())
     res = resolution or cfg.render_size
     with timer("turntable"):
-        tv, tK = orbit_cameras(turntable_frames, res, 20.0, float(cams.camera_centers(vm).norm(dim=-1).mean()),
+        tv, tK = cams.turntable(turntable_frames, res, 20.0, float(cams.camera_centers(vm).norm(dim=-1).mean()),
                                cfg.fov_y_deg)
         frames = []
         for i in range(0, turntable_frames, 12):
@@ -196,6 +196,7 @@ def evaluate(model_dir: str, data_path: str, out_json: str, input_views=(0, 4, 8
     from fast3d.data.dataset import MultiViewDataset
     from fast3d.evaluation.geometry_metrics import chamfer_fscore
     from fast3d.evaluation.image_metrics import load_lpips, psnr, ssim
+    from fast3d.evaluation.report import write_report
     from fast3d.io import load_ply
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -229,12 +230,5 @@ def evaluate(model_dir: str, data_path: str, out_json: str, input_views=(0, 4, 8
         rows.append(row)
     if not rows:
         raise ValueError(f"--data {data_path!r} yielded no samples with {views} views")
-    keys = dict.fromkeys(k for r in rows for k in r if k != "key")  # a key of any row (geometry may be absent)
-    mean = {k: sum(r[k] for r in rows if k in r) / sum(1 for r in rows if k in r) for k in keys}
-    report = {"model": os.path.abspath(model_dir), "data": os.path.abspath(data_path), "samples": len(rows),
-              "held_out_views": held, "resolution": R, "lpips_backbone": lpips_backbone, "mean": mean,
-              "per_sample": rows}
-    os.makedirs(os.path.dirname(os.path.abspath(out_json)), exist_ok=True)
-    with open(out_json, "w") as f:
-        json.dump(report, f, indent=1)
-    return report
+    return write_report(out_json, rows, model_dir, data_path, held_out_views=held, resolution=R,
+                        lpips_backbone=lpips_backbone)

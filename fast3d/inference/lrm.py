@@ -16,7 +16,6 @@ of view, from azimuth 0.
 
 from __future__ import annotations
 
-import json
 import math
 import numbers
 import os
@@ -29,7 +28,7 @@ from torch import Tensor
 
 from fast3d import cameras
 from fast3d.data.shards import background_color
-from fast3d.inference.common import StageTimer, load_image, orbit_cameras, write_turntable
+from fast3d.inference.common import StageTimer, load_image, write_turntable
 from fast3d.models.checkpoints import model_type, resolve_checkpoint
 from fast3d.models.lrm import LRM
 from fast3d.ops.triplane.api import triplane_sample
@@ -101,8 +100,8 @@ def source_camera(camera: dict | None, size: int) -> tuple[Tensor, Tensor, dict]
     if not 0 < cam["fov_y_deg"] < 180:
         raise ValueError(f"camera.fov_y_deg must be in (0, 180); got {cam['fov_y_deg']}")
     az, el = (torch.tensor([math.radians(cam[k])], dtype=torch.float64) for k in ("azimuth_deg", "elevation_deg"))
-    viewmat = cameras.look_at(cameras.spherical_to_position(az, el, float(cam["distance"]))).float()
-    return viewmat, cameras.intrinsics(float(cam["fov_y_deg"]), size, size, 1), {k: float(v) for k, v in cam.items()}
+    viewmat, K = cameras.orbit_cameras(az, el, float(cam["distance"]), float(cam["fov_y_deg"]), size)
+    return viewmat, K, {k: float(v) for k, v in cam.items()}
 
 
 def _planes(model: LRM, image: Tensor,  # [1, 3, H, W]
@@ -252,7 +251,7 @@ def infer(model_dir: str, image_path: str, out_dir: str, camera: dict | None = N
             save_mesh_ply(mesh, vertices, faces, vcolors)
     res = resolution or model.config.image_size
     with timer("turntable"):
-        tv, tK = orbit_cameras(turntable_frames, res, cam["elevation_deg"], cam["distance"], cam["fov_y_deg"])
+        tv, tK = cameras.turntable(turntable_frames, res, cam["elevation_deg"], cam["distance"], cam["fov_y_deg"])
         white = torch.ones(3, device=dev)
         frames = [model.render(planes, tv[None, i:i + TURNTABLE_CHUNK].to(dev), tK[None, i:i + TURNTABLE_CHUNK].to(dev),
                                res, res, background=white)["images"][0]
@@ -283,6 +282,7 @@ def evaluate(model_dir: str, data_path: str, out_json: str, views: int = 4, reso
     from fast3d.data.dataset import MultiViewDataset
     from fast3d.evaluation.geometry_metrics import chamfer_fscore
     from fast3d.evaluation.image_metrics import load_lpips, psnr, ssim
+    from fast3d.evaluation.report import write_report
     from fast3d.io import load_ply
 
     if isinstance(views, bool) or not isinstance(views, int) or views < 2:
@@ -318,15 +318,8 @@ def evaluate(model_dir: str, data_path: str, out_json: str, views: int = 4, reso
         rows.append(row)
     if not rows:
         raise ValueError(f"data_path {data_path!r} yielded no multi-view sample with {views} views")
-    keys = dict.fromkeys(k for r in rows for k in r if k != "key")
-    mean = {k: sum(r[k] for r in rows if k in r) / sum(1 for r in rows if k in r) for k in keys}
-    report = {"model": os.path.abspath(path), "data": os.path.abspath(data_path), "samples": len(rows),
-              "input_view": 0, "held_out_views": list(range(1, views)), "resolution": R,
-              "lpips_backbone": lpips_backbone, "mean": mean, "per_sample": rows}
-    os.makedirs(os.path.dirname(os.path.abspath(out_json)), exist_ok=True)
-    tmp = f"{out_json}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(report, f, indent=1)
-    os.replace(tmp, out_json)
+    report = write_report(out_json, rows, path, data_path, input_view=0, held_out_views=list(range(1, views)),
+                          resolution=R, lpips_backbone=lpips_backbone)
+    mean = report["mean"]
     print(f"fast3d eval (LRM {path}): {len(rows)} samples, " + ", ".join(f"{k} {v:.4f}" for k, v in mean.items()))
     return report

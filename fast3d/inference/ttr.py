@@ -15,6 +15,7 @@ import os
 
 import torch
 
+from fast3d.io.images import to_uint8
 from fast3d.models.mvdit import NOISE_SCHEDULE, build_text_encoder, build_vae, load_transformer, split_grid
 
 
@@ -22,7 +23,7 @@ def _save_png(img: torch.Tensor,  # [3, H, W] in [0, 1]
               path: str) -> None:
     from PIL import Image
 
-    arr = (img.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    arr = to_uint8(img)
     Image.fromarray(arr).save(path, format="PNG")
 
 

@@ -19,7 +19,8 @@ import torch
 from torch import Tensor
 
 from fast3d.checks import check_shape
-from fast3d.io.ply import _MAX_HEADER, _TYPES, float_tensor, header_records, scalar_property, write_atomic
+from fast3d.io.atomic import write_atomic
+from fast3d.io.ply import _MAX_HEADER, _TYPES, float_tensor, header_records, scalar_property
 
 _RGB = ("red", "green", "blue")
 _INDEX_NAMES = ("vertex_indices", "vertex_index")

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from fast3d.checks import check_shape
+from fast3d.io.atomic import write_atomic
 
 _TYPES = {"char": "i1", "int8": "i1", "uchar": "u1", "uint8": "u1", "short": "<i2", "int16": "<i2",
           "ushort": "<u2", "uint16": "<u2", "int": "<i4", "int32": "<i4", "uint": "<u4", "uint32": "<u4",
@@ -81,22 +82,6 @@ def save_ply(path: str | os.PathLike,
     header = "ply\nformat binary_little_endian 1.0\n" + f"element vertex {N}\n" + "".join(
         f"property float {n}\n" for n in names) + "end_header\n"
     write_atomic(path, header.encode("ascii"), np.ascontiguousarray(data, dtype="<f4").tobytes())
-
-
-def write_atomic(path: str | os.PathLike, *parts: bytes) -> None:
-    """Write `parts` to `path` so that the file appears whole or not at all: into a temporary file
-    named after the target (a resumed job can find a killed writer's leftovers), then renamed."""
-    path = os.fspath(path)
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            for part in parts:
-                fh.write(part)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def header_records(raw: bytes) -> tuple[list[tuple[list[str], str]], int]:

@@ -17,6 +17,7 @@ import torch
 import yaml
 
 from fast3d._yaml import load_yaml
+from fast3d.io.atomic import atomic_open, atomic_path
 
 CONFIG_FILE, WEIGHTS_FILE = "config.yaml", "model.safetensors"
 LATEST = "latest"
@@ -95,14 +96,11 @@ def save_pretrained(path: str, model_type: str, config, state_dict: dict) -> Non
 
     os.makedirs(path, exist_ok=True)
     cfg = {"model_type": model_type, "config": _plain(dataclasses.asdict(config))}
-    tmp = os.path.join(path, f".{CONFIG_FILE}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
+    with atomic_open(os.path.join(path, CONFIG_FILE)) as f:
         yaml.safe_dump(cfg, f, sort_keys=False)
-    os.replace(tmp, os.path.join(path, CONFIG_FILE))
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-    tmp = os.path.join(path, f".{WEIGHTS_FILE}.tmp{os.getpid()}")
-    save_file(tensors, tmp)
-    os.replace(tmp, os.path.join(path, WEIGHTS_FILE))
+    with atomic_path(os.path.join(path, WEIGHTS_FILE)) as tmp:
+        save_file(tensors, tmp)
 
 
 def read_config(path: str, model_type: str, cls):

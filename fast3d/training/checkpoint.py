@@ -21,7 +21,9 @@ import shutil
 import torch
 from torch import Tensor
 
+from fast3d.io.atomic import atomic_open, atomic_path
 from fast3d.models.checkpoints import LATEST, checkpoint_root, latest_tag, tag_of
+
 
 def _rank_file(out: str, tag: str, rank: int) -> str:
     return os.path.join(checkpoint_root(out), tag, f"rank{rank:05d}.safetensors")
@@ -38,18 +40,16 @@ def save(engine, out: str, step: int, rank: int, world: int, tensors: dict[str, 
     os.makedirs(os.path.join(root, tag), exist_ok=True)
     f = _rank_file(out, tag, rank)
     meta = dict(meta, step=step, world_size=world)
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, f + ".tmp",
-              metadata={"fast3d": json.dumps(meta)})
-    os.replace(f + ".tmp", f)
+    with atomic_path(f) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp,
+                  metadata={"fast3d": json.dumps(meta)})
     engine.save_checkpoint(root, tag=tag, client_state={"fast3d_step": step}, save_latest=False)
     if export is not None:
         export(os.path.join(root, tag))
     torch.distributed.barrier()
     if rank == 0:
-        tmp = os.path.join(root, f".{LATEST}.tmp")
-        with open(tmp, "w") as fh:
+        with atomic_open(os.path.join(root, LATEST)) as fh:
             fh.write(tag)
-        os.replace(tmp, os.path.join(root, LATEST))
         tags = sorted(t for t in os.listdir(root) if t.startswith("step") and os.path.isdir(os.path.join(root, t)))
         for old in tags[:-keep]:
             shutil.rmtree(os.path.join(root, old), ignore_errors=True)

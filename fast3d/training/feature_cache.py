@@ -49,6 +49,7 @@ from torch.utils.data import IterableDataset
 
 from fast3d.data.dataset import MultiViewDataset, reader_index
 from fast3d.data.shards import SOURCES, SampleError, iter_tar_groups
+from fast3d.io.atomic import temp_path, write_atomic
 from fast3d.models.mvdit import MVDiTConfig, build_text_encoder, build_vae, encode_prompts, fingerprint, make_grid
 
 FORMAT, VERSION = "fast3d-feature-cache", 1
@@ -73,16 +74,6 @@ def shard_name(index: int, ext: str = "tar") -> str:
 # --- writing -----------------------------------------------------------------------------------------
 
 
-def _tmp(path: str) -> str:
-    return os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp{os.getpid()}")
-
-
-def _write_atomic(path: str, data: bytes) -> None:
-    with open(_tmp(path), "wb") as f:
-        f.write(data)
-    os.replace(_tmp(path), path)
-
-
 def _shard_done(out: str, index: int) -> bool:
     return all(os.path.exists(os.path.join(out, shard_name(index, ext))) for ext in ("tar", "json"))
 
@@ -96,7 +87,7 @@ class _ShardWriter:
         self.samples, self.sources = 0, dict.fromkeys(SOURCES, 0)
 
     def __enter__(self):
-        self.tar = tarfile.open(_tmp(self.path), "w")
+        self.tar = tarfile.open(temp_path(self.path), "w")
         return self
 
     def add(self, key: str, members: dict[str, bytes], source: str) -> None:
@@ -110,12 +101,12 @@ class _ShardWriter:
     def __exit__(self, exc_type, exc, tb):
         self.tar.close()
         if exc_type is not None:
-            os.unlink(_tmp(self.path))
+            os.unlink(temp_path(self.path))
             return
-        _write_atomic(self.counts, json.dumps({"samples": self.samples, "sources": self.sources}).encode())
-        with open(_tmp(self.path), "rb") as f:
+        write_atomic(self.counts, json.dumps({"samples": self.samples, "sources": self.sources}).encode())
+        with open(temp_path(self.path), "rb") as f:
             os.fsync(f.fileno())
-        os.replace(_tmp(self.path), self.path)
+        os.replace(temp_path(self.path), self.path)
 
 
 def _batches(items, n: int):
@@ -188,14 +179,14 @@ def _prepare(out: str, header: dict, text_encoder, tokenizer) -> None:
     else:
         if glob.glob(os.path.join(out, f"{PREFIX}-*.tar")):
             raise ValueError(f"{out} holds feature shards but no {MANIFEST}; refusing to mix caches")
-        _write_atomic(path, json.dumps(header, indent=1).encode())
+        write_atomic(path, json.dumps(header, indent=1).encode())
     null_path = os.path.join(out, NULL_CAPTION)
     if not os.path.exists(null_path):
         from safetensors.torch import save
 
         embeds, mask = encode_prompts(text_encoder, tokenizer, [""], header["caption_tokens"])
         n = int(_caption_lengths(mask)[0])
-        _write_atomic(null_path, save({"caption_embeds": embeds[0, :n].to("cpu", CAPTION_DTYPE).contiguous()}))
+        write_atomic(null_path, save({"caption_embeds": embeds[0, :n].to("cpu", CAPTION_DTYPE).contiguous()}))
 
 
 def _finalize(out: str, header: dict) -> bool:
@@ -217,7 +208,7 @@ def _finalize(out: str, header: dict) -> bool:
             raise FeatureCacheError(f"{f}: unreadable counts ({type(e).__name__}: {e}); delete it and "
                                     f"{shard_name(j)} to rewrite them") from None
     manifest = {**header, "complete": True, "samples": sum(shards.values()), "sources": sources, "shards": shards}
-    _write_atomic(os.path.join(out, MANIFEST), json.dumps(manifest, indent=1).encode())
+    write_atomic(os.path.join(out, MANIFEST), json.dumps(manifest, indent=1).encode())
     return True
 
 

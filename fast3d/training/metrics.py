@@ -8,6 +8,8 @@ import json
 import math
 import os
 
+from fast3d.io.atomic import atomic_open
+
 
 class MetricsWriter:
     def __init__(self, out: str, resume_step: int | None, enabled: bool = True):
@@ -21,10 +23,8 @@ class MetricsWriter:
             open(self.path, "w").close()
         elif os.path.exists(self.path):
             kept = [ln for ln in open(self.path) if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
-            tmp = self.path + ".tmp"
-            with open(tmp, "w") as f:
+            with atomic_open(self.path) as f:
                 f.writelines(kept)
-            os.replace(tmp, self.path)
         try:
             from torch.utils.tensorboard import SummaryWriter
 

@@ -1,12 +1,15 @@
 """Image and geometry metrics against hand-computed values."""
 
+import json
 import math
+import os
 
 import pytest
 import torch
 
 from fast3d.evaluation.geometry_metrics import chamfer_fscore
 from fast3d.evaluation.image_metrics import load_lpips, psnr, ssim
+from fast3d.evaluation.report import write_report
 
 
 def test_psnr_of_a_known_error(gen):
@@ -61,3 +64,16 @@ def test_chamfer_weights_ignore_transparent_outliers(gen):
     with pytest.raises(ValueError, match="point sets"):
         chamfer_fscore(pred[:, :2], ref)
     assert math.isinf(chamfer_fscore(pred, ref, weights=torch.zeros(250))["chamfer"])
+
+
+def test_the_report_averages_each_metric_over_the_samples_that_have_it(tmp_path, gen):
+
+    p = torch.rand(3, generator=gen).tolist()
+    rows = [{"key": "a", "psnr": p[0], "chamfer": 1.0}, {"key": "b", "psnr": p[1]},
+            {"key": "c", "psnr": p[2], "chamfer": 3.0}]
+    out = tmp_path / "sub" / "eval.json"
+    report = write_report(str(out), rows, "model", "data", resolution=8)
+    assert list(report) == ["model", "data", "samples", "resolution", "mean", "per_sample"]
+    assert report["samples"] == 3 and report["mean"]["chamfer"] == 2.0
+    assert abs(report["mean"]["psnr"] - sum(p) / 3) < 1e-12
+    assert json.loads(out.read_text()) == report and os.listdir(out.parent) == ["eval.json"]

@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from fast3d.backends import device_memory  # noqa: F401  (the workloads read it through this module; tests shrink it)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -55,9 +56,7 @@ def orbit_cameras(B: int, V: int, resolution: int, gen: torch.Generator, *, dist
     if orthogonal:
         az[:, :orthogonal] = az[:, :1] + torch.arange(orthogonal, dtype=torch.float64) * (2 * math.pi / orthogonal)
     el = torch.rand(B, V, generator=gen, dtype=torch.float64) * 0.8 - 0.2
-    viewmats = cameras.look_at(cameras.spherical_to_position(az, el, distance)).float()
-    Ks = cameras.intrinsics(fov_y_deg, resolution, resolution, B * V).view(B, V, 3, 3)
-    return viewmats, Ks
+    return cameras.orbit_cameras(az, el, distance, fov_y_deg, resolution)
 
 
 def count_flops(fn: Callable[[], object]) -> int:
@@ -92,11 +91,3 @@ def oom_as_value_error(what: str):
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         raise ValueError(f"{what}: out of memory ({str(e).splitlines()[0][:200]})") from None
-
-
-def device_memory(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory
-    import os
-
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

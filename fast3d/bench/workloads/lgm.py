@@ -36,11 +36,11 @@ import torch
 from fast3d.bench.spec import BenchSpec, Workload, register_bench
 from fast3d.bench.workloads import _common as c
 from fast3d.ops.rasterization import bench as raster_bench
+from fast3d.ops.rasterization.reference import SH_C0
 
 STEP_OP = "lgm-step"
 INFER_OP = "lgm-infer"
 GAUSSIAN_KEYS = ("means", "quats", "scales", "opacities", "colors")
-SH_C0 = 0.28209479177387814
 
 _BIG = dict(preset="big", input_size=256, render_size=512, sup_views=8, batch=8, dtype="bfloat16")
 # The quick shape keeps tiny's network but takes 16 px inputs (8 x 8 Gaussians a view, 256 a

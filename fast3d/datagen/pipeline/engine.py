@@ -32,10 +32,11 @@ from typing import Callable
 import torch
 
 from fast3d import cameras
+from fast3d.data.shards import MultiViewSample, ShardWriter, claim_output
 from fast3d.datagen.pipeline import stages as st
 from fast3d.datagen.pipeline.config import PipelineConfig, item
 from fast3d.datagen.procedural import run_workers
-from fast3d.data.shards import MultiViewSample, ShardWriter, claim_output
+from fast3d.io.atomic import atomic_path
 
 PREFIX = "synthetic"
 
@@ -136,10 +137,8 @@ def _write_shard(out: str, j: int, samples: list[MultiViewSample]) -> None:
             for s in samples:
                 w.write(s)
         return
-    tmp = os.path.join(out, f".{PREFIX}-{j:06d}.tar.tmp{os.getpid()}")  # all rejected: an empty shard
-    with tarfile.open(tmp, "w"):
+    with atomic_path(_shard_path(out, j)) as tmp, tarfile.open(tmp, "w"):   # all rejected: an empty shard
         pass
-    os.replace(tmp, _shard_path(out, j))
 
 
 def generate(out: str, cfg: PipelineConfig, reader: int = 0, readers: int = 1, progress: bool = True,

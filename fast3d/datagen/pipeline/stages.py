@@ -24,6 +24,8 @@ import os
 import torch
 from torch import Tensor
 
+from fast3d.io.images import to_uint8
+
 RANDOM_TINY = "random-tiny"
 
 
@@ -48,7 +50,7 @@ def _to_pil(images: Tensor,  # [N, 3, H, W] in [0, 1]
             ) -> list:
     from PIL import Image
 
-    arr = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    arr = to_uint8(images)
     return [Image.fromarray(a) for a in arr]
 
 
@@ -90,8 +92,12 @@ class TextToImage:
 
 def _tiny_video_pipeline(views: int):
     """A random tiny ``StableVideoDiffusionPipeline`` (diffusers' own test sizes), the same every time."""
-    from diffusers import (AutoencoderKLTemporalDecoder, EulerDiscreteScheduler, StableVideoDiffusionPipeline,
-                           UNetSpatioTemporalConditionModel)
+    from diffusers import (
+        AutoencoderKLTemporalDecoder,
+        EulerDiscreteScheduler,
+        StableVideoDiffusionPipeline,
+        UNetSpatioTemporalConditionModel,
+    )
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
     with _seeded(0):
@@ -193,8 +199,13 @@ _TINY_WORDS = ("a", "an", "the", "red", "blue", "green", "small", "large", "wood
 def _tiny_captioner():
     """A random tiny BLIP with a BERT word-piece tokenizer over a few words (built offline)."""
     from tokenizers import BertWordPieceTokenizer
-    from transformers import (BertTokenizerFast, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor,
-                              BlipProcessor)
+    from transformers import (
+        BertTokenizerFast,
+        BlipConfig,
+        BlipForConditionalGeneration,
+        BlipImageProcessor,
+        BlipProcessor,
+    )
 
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", *_TINY_WORDS]
     ids = {w: i for i, w in enumerate(vocab)}

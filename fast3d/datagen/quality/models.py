@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from fast3d._yaml import load_yaml
+from fast3d.io.atomic import atomic_open, atomic_path
 
 FILTER_NAME = "quality_filter"
 ELEVATION_NAME = "elevation_mlp"
@@ -177,8 +178,9 @@ def _standardisation(x: Tensor) -> tuple[Tensor, Tensor]:
 
 def _save(directory: str, name: str, tensors: dict[str, Tensor], config: dict) -> None:
     os.makedirs(directory, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(directory, f"{name}.safetensors"))
-    with open(os.path.join(directory, f"{name}.yaml"), "w") as f:
+    with atomic_path(os.path.join(directory, f"{name}.safetensors")) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+    with atomic_open(os.path.join(directory, f"{name}.yaml")) as f:
         yaml.safe_dump(dict(kind=name, version=FORMAT_VERSION, **config), f, sort_keys=False)
 
 

@@ -14,6 +14,7 @@ from torch import Tensor
 from fast3d.data.dataset import MultiViewDataset
 from fast3d.datagen.quality.features import RANDOM_TINY, FeatureExtractor
 from fast3d.datagen.quality.models import ElevationEstimator, QualityFilter, _finite
+from fast3d.io.atomic import atomic_open
 
 
 def read_labels(path: str) -> dict[str, int]:
@@ -110,7 +111,7 @@ def train_filter(data_dirs: list[str], labels_file: str, out_dir: str, dinov2: s
         metrics.update(elevation_samples=int(known.sum()),
                        elevation_mae=(est.predict(X[known]) - e).abs().mean().item())
         est.save(out_dir)
-    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+    with atomic_open(os.path.join(out_dir, "metrics.json")) as f:
         json.dump(metrics, f, indent=2)
     return metrics
 

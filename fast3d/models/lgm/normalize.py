@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fast3d.cameras import DEFAULT_DISTANCE, look_at
+from fast3d.cameras import DEFAULT_DISTANCE, look_at, rotmat_to_quat
 
 # R R^T = I, det R = 1 and the last row (0, 0, 0, 1), to this tolerance; checked on CPU tensors only
 RIGID_ATOL = 1e-3
@@ -71,25 +71,6 @@ def apply_transform_to_viewmats(viewmats: Tensor,   # [B, C, 4, 4] world-to-came
         raise ValueError(f"viewmats must have shape [B, C, 4, 4] and transform [B, 4, 4] with one B; "
                          f"got {tuple(viewmats.shape)} and {tuple(transform.shape)}")
     return (viewmats.double() @ torch.linalg.inv(transform.double())[:, None]).to(viewmats.dtype)
-
-
-def rotmat_to_quat(R: Tensor) -> Tensor:  # [..., 3, 3] rotation -> [..., 4] unit quaternion, wxyz
-    """The quaternion of a rotation matrix, from whichever of w, x, y, z is largest (stable)."""
-    m = R.unbind(-1)
-    m00, m10, m20 = m[0].unbind(-1)
-    m01, m11, m21 = m[1].unbind(-1)
-    m02, m12, m22 = m[2].unbind(-1)
-    sq = torch.stack([1 + m00 + m11 + m22, 1 + m00 - m11 - m22,           # 4w^2, 4x^2, 4y^2, 4z^2
-                      1 - m00 + m11 - m22, 1 - m00 - m11 + m22], -1)
-    candidates = torch.stack([                                              # 4w (w,x,y,z), 4x (...), ...
-        torch.stack([sq[..., 0], m21 - m12, m02 - m20, m10 - m01], -1),
-        torch.stack([m21 - m12, sq[..., 1], m10 + m01, m02 + m20], -1),
-        torch.stack([m02 - m20, m10 + m01, sq[..., 2], m12 + m21], -1),
-        torch.stack([m10 - m01, m20 + m02, m21 + m12, sq[..., 3]], -1),
-    ], -2)                                                                  # [..., 4, 4]
-    best = sq.argmax(-1)
-    q = candidates.gather(-2, best[..., None, None].expand(*best.shape, 1, 4))[..., 0, :]
-    return q / q.norm(dim=-1, keepdim=True)
 
 
 def quat_multiply(a: Tensor, b: Tensor) -> Tensor:  # [..., 4] x [..., 4] wxyz -> [..., 4]: R(a b) = R(a) R(b)

@@ -1,11 +1,10 @@
 """3D Gaussian rasterization: api (public function), reference (dense PyTorch twin), native (C++
 CPU and CUDA kernels in csrc/gaussians), bench (workloads and byte/flop model)."""
 
-import os
-
 import torch
 
 from fast3d import _native, backends
+from fast3d.backends import device_memory as _device_memory  # module-level: tests shrink it
 from fast3d.ops.rasterization import bench, native, reference
 from fast3d.ops.rasterization.api import OP, check_overflow, rasterization
 
@@ -13,12 +12,6 @@ _ALL_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 # The dense reference keeps about ten float32 tensors of [images, Gaussians, pixels] for autograd.
 _DENSE_BYTES_PER_ELEMENT = 40
-
-
-def _device_memory(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def _reference_check(q: backends.Query) -> list:
