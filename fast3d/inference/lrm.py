@@ -31,7 +31,6 @@ from fast3d.data.shards import background_color
 from fast3d.inference.common import StageTimer, load_image, write_turntable
 from fast3d.models.checkpoints import model_type, resolve_checkpoint
 from fast3d.models.lrm import LRM
-from fast3d.ops.triplane.api import triplane_sample
 
 CANONICAL_CAMERA = {"azimuth_deg": 0.0, "elevation_deg": 20.0, "distance": cameras.DEFAULT_DISTANCE,
                     "fov_y_deg": cameras.DEFAULT_FOV_Y_DEG}
@@ -184,14 +183,6 @@ def density_mesh(density: Callable[[Tensor], Tensor],  # world points [M, 3] -> 
     return torch.from_numpy(world.astype(np.float32)), torch.from_numpy(faces.astype(np.int64))
 
 
-def _decode(model: LRM, planes: Tensor,  # [3, C, h, w] one sample's planes
-            points: Tensor,              # [M, 3] world points
-            ) -> tuple[Tensor, Tensor]:  # -> density [M], rgb [M, 3]
-    """The renderer's decoder at points (what the volume renderer integrates)."""
-    sigma, rgb = model.renderer.decoder(triplane_sample(planes[None], points[None], "concat", model.config.bound))
-    return sigma[0], rgb[0]
-
-
 @torch.no_grad()
 def extract_mesh(model: LRM, planes: Tensor,  # [3, C, 2 token_res, 2 token_res] one sample's planes
                  grid: int = MESH_GRID, threshold: float = DENSITY_THRESHOLD, chunk: int = QUERY_CHUNK,
@@ -202,11 +193,10 @@ def extract_mesh(model: LRM, planes: Tensor,  # [3, C, 2 token_res, 2 token_res]
     exceeds ``threshold``."""
     planes = model._check_planes(planes, batch=False)
     _check_mesh_args(grid, threshold, chunk)
-    vertices, faces = density_mesh(lambda p: _decode(model, planes, p)[0], model.config.bound, grid, threshold,
-                                   chunk, device=planes.device)
-    colors = torch.cat([_decode(model, planes, vertices[i:i + chunk].to(planes.device))[1].float().cpu()
-                        for i in range(0, len(vertices), chunk)]) if len(vertices) else torch.zeros(0, 3)
-    return vertices, faces, colors.clamp(0, 1)
+    vertices, faces = density_mesh(lambda p: model.decode_points(planes, p, chunk)[0], model.config.bound, grid,
+                                   threshold, chunk, device=planes.device)
+    _, colors = model.decode_points(planes, vertices.to(planes.device), chunk)
+    return vertices, faces, colors.float().cpu().clamp(0, 1)
 
 
 @torch.no_grad()

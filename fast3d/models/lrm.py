@@ -369,16 +369,26 @@ class LRM(nn.Module):
         b = self.config.bound
         axis = (torch.arange(resolution, device=planes.device, dtype=torch.float32) + 0.5) * (2 * b / resolution) - b
         grid = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), -1).view(-1, 3)
-        decoder = self.renderer.decoder
-        sigma = torch.cat([decoder(triplane_sample(planes[None], grid[None, i:i + chunk], "concat", b))[0][0]
-                           for i in range(0, grid.shape[0], chunk)])
+        sigma, _ = self.decode_points(planes, grid, chunk)
         occ = (sigma > threshold).view(1, 1, resolution, resolution, resolution).float()
         interior = -F.max_pool3d(-F.pad(occ, (1,) * 6), 3, stride=1)                  # all 27 occupied
         keep = ((occ > 0) & (interior == 0)).view(-1)
         points = grid[keep]
-        colors = torch.cat([decoder(triplane_sample(planes[None], points[None, i:i + chunk], "concat", b))[1][0]
-                            for i in range(0, points.shape[0], chunk)]) if len(points) else points.clone()
+        _, colors = self.decode_points(planes, points, chunk)
         return points, colors.float().clamp(0, 1)
+
+    def decode_points(self, planes: Tensor,   # [3, C, 2 token_res, 2 token_res] one sample's planes
+                      points: Tensor,         # [M, 3] world points
+                      chunk: int = 1 << 18,
+                      ) -> tuple[Tensor, Tensor]:  # -> density [M], rgb [M, 3]
+        """The renderer's decoder at world points (what the volume renderer integrates), ``chunk``
+        points a call so the memory stays bounded for any M."""
+        decoder, b = self.renderer.decoder, self.config.bound
+        out = [decoder(triplane_sample(planes[None], points[None, i:i + chunk], "concat", b))
+               for i in range(0, points.shape[0], chunk)]
+        if not out:
+            return points.new_zeros(0), points.new_zeros(0, 3)
+        return torch.cat([sigma[0] for sigma, _ in out]), torch.cat([rgb[0] for _, rgb in out])
 
     def save_pretrained(self, path: str) -> None:
         """``path/config.yaml`` + ``path/model.safetensors``; the encoder's weights are in the
