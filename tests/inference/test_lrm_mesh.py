@@ -9,12 +9,13 @@ import torch
 
 from fast3d.cli import main
 from fast3d.inference import lrm as lrm_infer
+from fast3d.inference import mesh as lrm_mesh
 from fast3d.inference.common import save_image
 from fast3d.io import load_mesh_ply
 from fast3d.models.lrm import LRM, LRMConfig
 from fast3d.ops.triplane.api import triplane_sample
 
-THR = lrm_infer.DENSITY_THRESHOLD
+THR = lrm_mesh.DENSITY_THRESHOLD
 
 
 def face_normals(v, f):  # [V, 3], [F, 3] -> [F, 3] (length: twice the area)
@@ -42,7 +43,7 @@ def sphere(centre, r):
 def test_off_centre_sphere_lands_at_its_world_position_with_outward_normals():
     centre, r, bound, grid = (0.13, -0.21, 0.07), 0.3, 0.6, 41
     h = 2 * bound / (grid - 1)
-    v, f = lrm_infer.density_mesh(sphere(centre, r), bound, grid)
+    v, f = lrm_mesh.density_mesh(sphere(centre, r), bound, grid)
     assert v.dtype == torch.float32 and f.dtype == torch.int64 and len(f) > 100
     dist = (v - torch.tensor(centre)).norm(dim=-1)
     assert (dist - r).abs().max() < h / 4, "every vertex on the sphere, well within one grid cell"
@@ -57,7 +58,7 @@ def test_off_centre_sphere_lands_at_its_world_position_with_outward_normals():
 def test_ellipsoid_axes_are_not_permuted():
     """Radii 0.1, 0.2, 0.3 along x, y, z: skimage's volume axes map to x, y, z in that order."""
     centre, radii = torch.tensor([0.2, 0.0, -0.1]), torch.tensor([0.1, 0.2, 0.3])
-    v, f = lrm_infer.density_mesh(lambda p: THR + 1 - (((p - centre) / radii) ** 2).sum(-1), 0.6, 49)
+    v, f = lrm_mesh.density_mesh(lambda p: THR + 1 - (((p - centre) / radii) ** 2).sum(-1), 0.6, 49)
     h = 1.2 / 48
     assert torch.allclose(v.min(0).values, centre - radii, atol=h) and torch.allclose(v.max(0).values,
                                                                                       centre + radii, atol=h)
@@ -66,7 +67,7 @@ def test_ellipsoid_axes_are_not_permuted():
 
 def test_region_reaching_the_box_is_closed_on_the_box_faces():
     """x < 0.2 inside: the mesh is the slab [-0.6, 0.2] x [-0.6, 0.6]^2, closed on the box."""
-    v, f = lrm_infer.density_mesh(lambda p: THR + 0.2 - p[:, 0], 0.6, 13)
+    v, f = lrm_mesh.density_mesh(lambda p: THR + 0.2 - p[:, 0], 0.6, 13)
     assert v.abs().max() <= 0.6 and math.isclose(float(v[:, 0].max()), 0.2, abs_tol=1e-5)
     assert math.isclose(float(v[:, 0].min()), -0.6, abs_tol=1e-6)
     assert_closed(f)
@@ -75,27 +76,27 @@ def test_region_reaching_the_box_is_closed_on_the_box_faces():
 
 def test_chunking_does_not_change_the_mesh():
     fn = sphere((0.05, 0.1, -0.02), 0.25)
-    v, f = lrm_infer.density_mesh(fn, 0.6, 17)
-    v2, f2 = lrm_infer.density_mesh(fn, 0.6, 17, chunk=7)
+    v, f = lrm_mesh.density_mesh(fn, 0.6, 17)
+    v2, f2 = lrm_mesh.density_mesh(fn, 0.6, 17, chunk=7)
     assert torch.equal(v, v2) and torch.equal(f, f2)
 
 
 def test_empty_and_bad_densities():
     for fn in (lambda p: torch.zeros(len(p)), lambda p: torch.full((len(p),), THR)):
-        v, f = lrm_infer.density_mesh(fn, 0.6, 5)
+        v, f = lrm_mesh.density_mesh(fn, 0.6, 5)
         assert v.shape == (0, 3) and f.shape == (0, 3)
     with pytest.raises(ValueError, match="grid must be an integer >= 2"):
-        lrm_infer.density_mesh(sphere((0, 0, 0), 0.3), 0.6, 1)
+        lrm_mesh.density_mesh(sphere((0, 0, 0), 0.3), 0.6, 1)
     with pytest.raises(ValueError, match="threshold must be a finite real number"):
-        lrm_infer.density_mesh(sphere((0, 0, 0), 0.3), 0.6, 5, threshold=float("nan"))
+        lrm_mesh.density_mesh(sphere((0, 0, 0), 0.3), 0.6, 5, threshold=float("nan"))
     with pytest.raises(ValueError, match="chunk must be a positive integer"):
-        lrm_infer.density_mesh(sphere((0, 0, 0), 0.3), 0.6, 5, chunk=0)
+        lrm_mesh.density_mesh(sphere((0, 0, 0), 0.3), 0.6, 5, chunk=0)
     with pytest.raises(ValueError, match="bound must be a positive finite number"):
-        lrm_infer.density_mesh(sphere((0, 0, 0), 0.3), -1.0, 5)
+        lrm_mesh.density_mesh(sphere((0, 0, 0), 0.3), -1.0, 5)
     with pytest.raises(ValueError, match=r"density must map points \[M, 3\] to a tensor \[M\]; got \(125, 1\)"):
-        lrm_infer.density_mesh(lambda p: torch.zeros(len(p), 1), 0.6, 5)
+        lrm_mesh.density_mesh(lambda p: torch.zeros(len(p), 1), 0.6, 5)
     with pytest.raises(ValueError, match="density is NaN or infinite at 125 of 5"):
-        lrm_infer.density_mesh(lambda p: torch.full((len(p),), float("nan")), 0.6, 5)
+        lrm_mesh.density_mesh(lambda p: torch.full((len(p),), float("nan")), 0.6, 5)
 
 
 def tiny_lrm(density_bias=None, density_gain=1.0):
@@ -126,7 +127,7 @@ def test_lrm_mesh_vertices_sit_on_the_density_level_set():
     axis = torch.linspace(-b, b, grid)
     nodes = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), -1).view(-1, 3)
     thr = float(decode(model, planes, nodes)[0].median())
-    v, f, c = lrm_infer.extract_mesh(model, planes, grid, thr)
+    v, f, c = lrm_mesh.extract_mesh(model, planes, grid, thr)
     assert len(f) > 50 and c.shape == v.shape and 0 <= c.min() and c.max() <= 1
     assert torch.allclose(c, decode(model, planes, v)[1].clamp(0, 1), atol=1e-6)
     u = (v.double() + b) / h                                                  # [V, 3] index space

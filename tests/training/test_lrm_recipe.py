@@ -20,7 +20,8 @@ from fast3d.models.lrm import LRM, LRMConfig
 from fast3d.training.config import load_config, run_config_from_dict
 from fast3d.training.loop import StepContext
 from fast3d.training.metrics import read_metrics
-from fast3d.training.recipes.lrm import LRMRecipe, SourceFiltered
+from fast3d.training.recipes.lrm import LRMRecipe
+from fast3d.training.recipes.lrm_data import SourceFiltered
 from helpers import assert_close
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

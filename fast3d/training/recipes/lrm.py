@@ -47,15 +47,12 @@ directories or files), ``views``, ``sources`` (a dataset without any sample of t
 from __future__ import annotations
 
 import dataclasses
-import json
 import numbers
-import tarfile
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import IterableDataset
 
 from fast3d.data.dataset import MultiViewDataset
 from fast3d.data.shards import SOURCES, background_color
@@ -64,6 +61,7 @@ from fast3d.models import checkpoints
 from fast3d.models.lrm import LRM, LRMConfig
 from fast3d.training import augment
 from fast3d.training.loop import Recipe, StepContext
+from fast3d.training.recipes.lrm_data import SourceFiltered, check_sources
 
 LPIPS_MIN_SIZE = 16   # LPIPS-VGG pools 4 times: smaller images vanish
 
@@ -156,60 +154,6 @@ class LossSection:
         if self.lpips_weight > 0 and smallest < LPIPS_MIN_SIZE:
             raise ValueError(f"loss.lpips_weight > 0 needs renders of at least {LPIPS_MIN_SIZE} px (LPIPS-VGG pools 4 "
                              f"times); the smallest stage resolution or patch is {smallest}")
-
-
-def _shard_sources(shard: str, wanted: set) -> set:
-    """The sources of the samples in a shard, read from their meta.json members alone; stops at
-    the first source in ``wanted``. An unreadable shard has none (training would skip it too)."""
-    seen: set = set()
-    try:
-        with tarfile.open(shard, "r:") as tar:
-            for m in tar:
-                if not (m.isfile() and m.name.endswith(".meta.json") and m.size <= 1 << 20):
-                    continue
-                try:
-                    source = json.loads(tar.extractfile(m).read()).get("source")
-                except (ValueError, AttributeError):
-                    continue
-                seen.add(source)
-                if source in wanted:
-                    break
-    except (tarfile.TarError, OSError):
-        pass
-    return seen
-
-
-def check_sources(paths: list[str], sources: tuple) -> None:
-    """ValueError unless every path holds some sample of one of ``sources``."""
-    wanted = set(sources)
-    for p in paths:
-        try:
-            shards = MultiViewDataset(p).shards
-        except ValueError as e:
-            raise ValueError(f"data.train: {e}") from None
-        seen: set = set()
-        for shard in shards:
-            seen |= _shard_sources(shard, wanted)
-            if seen & wanted:
-                break
-        else:
-            raise ValueError(f"data.train {p!r} holds no sample of data.sources {list(sources)}; its samples are "
-                             f"{sorted(map(str, seen)) or 'none readable'}")
-
-
-class SourceFiltered(IterableDataset):
-    """The samples of a MultiViewDataset whose source is one of ``sources``, as the loss reads them."""
-
-    def __init__(self, data: MultiViewDataset, sources: tuple):
-        self.data, self.sources = data, set(sources)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.data.set_epoch(epoch)
-
-    def __iter__(self):
-        for s in self.data:
-            if s["source"] in self.sources:
-                yield {k: s[k] for k in ("images", "alphas", "viewmats", "Ks", "key")}
 
 
 def _resize(x: Tensor,  # [B, V, C, H, W]
