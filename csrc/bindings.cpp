@@ -13,8 +13,8 @@
 #include "gaussians/gaussians.h"
 
 #ifdef FAST3D_WITH_CUDA
-#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #endif
 
 namespace {
@@ -53,8 +53,8 @@ class Args {
                 ", expected a CPU or CUDA tensor");
     const auto dt = ref.scalar_type();
     if (ref.is_cuda()) {
-      TORCH_CHECK(dt == torch::kFloat32, op, ": ", ref_name, " has dtype ", dt,
-                  ", expected Float (", cuda_kernel, " takes float32)");
+      TORCH_CHECK(dt == torch::kFloat32, op, ": ", ref_name, " has dtype ", dt, ", expected Float (", cuda_kernel,
+                  " takes float32)");
     } else {
       TORCH_CHECK(dt == torch::kFloat32 || dt == torch::kFloat64, op, ": ", ref_name, " has dtype ", dt,
                   ", expected Float or Double");
@@ -70,7 +70,8 @@ class Args {
   // Returns t contiguous.
   Tensor operator()(const Tensor& t, const char* name, const std::vector<int64_t>& shape, const char* desc,
                     std::optional<c10::ScalarType> dtype = std::nullopt) const {
-    TORCH_CHECK(t.sizes() == c10::IntArrayRef(shape), op_, ": ", name, " must have shape ", desc, " = ", shape_str(shape), "; got ", t.sizes());
+    TORCH_CHECK(t.sizes() == c10::IntArrayRef(shape), op_, ": ", name, " must have shape ", desc, " = ",
+                shape_str(shape), "; got ", t.sizes());
     TORCH_CHECK(t.device() == ref_.device(), op_, ": ", name, " is on ", t.device(), ", expected ", ref_.device(),
                 " (the device of ", ref_name_, ")");
     const auto want = dtype.value_or(ref_.scalar_type());
@@ -90,8 +91,7 @@ class Args {
   void planes(double near_plane, double far_plane) const {
     // The CUDA sort orders depths by their float bits, which needs every kept depth > 0.
     TORCH_CHECK(near_plane > 0, op_, ": near_plane must be > 0; got ", near_plane);
-    TORCH_CHECK(far_plane > near_plane, op_, ": far_plane must exceed near_plane = ", near_plane, "; got ",
-                far_plane);
+    TORCH_CHECK(far_plane > near_plane, op_, ": far_plane must exceed near_plane = ", near_plane, "; got ", far_plane);
   }
 
   const char* op() const { return op_; }
@@ -119,13 +119,19 @@ CompositeRays composite_rays(const Args& a, const Tensor& sigmas, const Tensor& 
   const int64_t R = sigmas.size(0), S = sigmas.size(1), D = rgbs.size(2);
   TORCH_CHECK(S <= INT32_MAX && D <= INT32_MAX, a.op(), ": rgbs has shape ", rgbs.sizes(),
               "; the kernels take at most ", INT32_MAX, " samples S and channels D");
-  CompositeRays c{a(sigmas, "sigmas", {R, S}, "[R, S]"), a(rgbs, "rgbs", {R, S, D}, "[R, S, D]"),
-                  a(t_starts, "t_starts", {R, S}, "[R, S]"), a(t_ends, "t_ends", {R, S}, "[R, S]"),
-                  std::nullopt, R, S, D, 0};
+  CompositeRays c{a(sigmas, "sigmas", {R, S}, "[R, S]"),
+                  a(rgbs, "rgbs", {R, S, D}, "[R, S, D]"),
+                  a(t_starts, "t_starts", {R, S}, "[R, S]"),
+                  a(t_ends, "t_ends", {R, S}, "[R, S]"),
+                  std::nullopt,
+                  R,
+                  S,
+                  D,
+                  0};
   if (background) {
     const bool per_ray = background->dim() == 2;
-    TORCH_CHECK(per_ray || background->dim() == 1, a.op(), ": background must have shape [R, D] = ",
-                shape_str({R, D}), " or [D] = ", shape_str({D}), "; got ", background->sizes());
+    TORCH_CHECK(per_ray || background->dim() == 1, a.op(), ": background must have shape [R, D] = ", shape_str({R, D}),
+                " or [D] = ", shape_str({D}), "; got ", background->sizes());
     c.background = per_ray ? a(*background, "background", {R, D}, "[R, D]") : a(*background, "background", {D}, "[D]");
     c.bg_stride = per_ray ? D : 0;
   }
@@ -149,8 +155,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> composite_forward(const Tensor& sigma
     const c10::cuda::CUDAGuard guard(sigmas.device());
     const char* err = fast3d::composite_forward_cuda(
         sigmas.data_ptr<float>(), rgbs.data_ptr<float>(), t_starts.data_ptr<float>(), t_ends.data_ptr<float>(),
-        ptr_or_null<float>(background), bg_stride, R, int(S), int(D), static_cast<float>(eps),
-        color.data_ptr<float>(), opacity.data_ptr<float>(), depth.data_ptr<float>(), weights.data_ptr<float>(),
+        ptr_or_null<float>(background), bg_stride, R, int(S), int(D), static_cast<float>(eps), color.data_ptr<float>(),
+        opacity.data_ptr<float>(), depth.data_ptr<float>(), weights.data_ptr<float>(),
         c10::cuda::getCurrentCUDAStream().stream());
     TORCH_CHECK(err == nullptr, "composite_forward_cuda: ", err);
 #else
@@ -195,10 +201,9 @@ std::tuple<Tensor, Tensor, Tensor> composite_backward(const Tensor& sigmas_, con
     const char* err = fast3d::composite_backward_cuda(
         sigmas.data_ptr<float>(), rgbs.data_ptr<float>(), t_starts.data_ptr<float>(), t_ends.data_ptr<float>(),
         ptr_or_null<float>(background), bg_stride, R, int(S), int(D), static_cast<float>(eps),
-        opacity.data_ptr<float>(), g_color.data_ptr<float>(), g_opacity.data_ptr<float>(),
-        g_depth.data_ptr<float>(), ptr_or_null<float>(g_weights), g_sigmas.data_ptr<float>(),
-        g_rgbs.data_ptr<float>(), background ? g_bg.data_ptr<float>() : nullptr,
-        c10::cuda::getCurrentCUDAStream().stream());
+        opacity.data_ptr<float>(), g_color.data_ptr<float>(), g_opacity.data_ptr<float>(), g_depth.data_ptr<float>(),
+        ptr_or_null<float>(g_weights), g_sigmas.data_ptr<float>(), g_rgbs.data_ptr<float>(),
+        background ? g_bg.data_ptr<float>() : nullptr, c10::cuda::getCurrentCUDAStream().stream());
     TORCH_CHECK(err == nullptr, "composite_backward_cuda: ", err);
 #else
     TORCH_CHECK(false, "fast3d._C was built without CUDA");
@@ -210,8 +215,7 @@ std::tuple<Tensor, Tensor, Tensor> composite_backward(const Tensor& sigmas_, con
           t_ends.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(background), bg_stride, R, int(S), int(D),
           static_cast<scalar_t>(eps), opacity.data_ptr<scalar_t>(), g_color.data_ptr<scalar_t>(),
           g_opacity.data_ptr<scalar_t>(), g_depth.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(g_weights),
-          g_sigmas.data_ptr<scalar_t>(), g_rgbs.data_ptr<scalar_t>(),
-          background ? g_bg.data_ptr<scalar_t>() : nullptr);
+          g_sigmas.data_ptr<scalar_t>(), g_rgbs.data_ptr<scalar_t>(), background ? g_bg.data_ptr<scalar_t>() : nullptr);
     });
   }
   return {g_sigmas, g_rgbs, g_bg};
@@ -233,8 +237,8 @@ struct GsScene {
   int64_t B, C, N;
 };
 
-GsScene gs_scene(const Args& a, const Tensor& means, const Tensor& quats, const Tensor& scales,
-                 const Tensor& opacities, const Tensor& viewmats, const Tensor& Ks) {
+GsScene gs_scene(const Args& a, const Tensor& means, const Tensor& quats, const Tensor& scales, const Tensor& opacities,
+                 const Tensor& viewmats, const Tensor& Ks) {
   a.rank(means, "means", 3, "[B, N, 3]");
   a.rank(viewmats, "viewmats", 4, "[B, C, 4, 4]");
   const int64_t B = means.size(0), N = means.size(1), C = viewmats.size(1);
@@ -244,7 +248,9 @@ GsScene gs_scene(const Args& a, const Tensor& means, const Tensor& quats, const 
           a(opacities, "opacities", {B, N}, "[B, N]"),
           a(viewmats, "viewmats", {B, C, 4, 4}, "[B, C, 4, 4]"),
           a(Ks, "Ks", {B, C, 3, 3}, "[B, C, 3, 3]"),
-          B, C, N};
+          B,
+          C,
+          N};
 }
 
 // I images with D channels: the limits of the CUDA kernels.
@@ -256,18 +262,20 @@ void check_cuda_sizes(const Args& a, int64_t I, int64_t D) {
 }
 
 #ifdef FAST3D_WITH_CUDA
-#define FAST3D_CUDA_CALL(expr)                          \
-  do {                                                  \
-    const char* err_ = (expr);                          \
-    TORCH_CHECK(err_ == nullptr, #expr ": ", err_);     \
+#define FAST3D_CUDA_CALL(expr)                      \
+  do {                                              \
+    const char* err_ = (expr);                      \
+    TORCH_CHECK(err_ == nullptr, #expr ": ", err_); \
   } while (0)
 #define FAST3D_STREAM c10::cuda::getCurrentCUDAStream().stream()
 #endif
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gs_project_forward(
-    const Tensor& means_, const Tensor& quats_, const Tensor& scales_, const Tensor& opacities_,
-    const Tensor& viewmats_, const Tensor& Ks_, int64_t width, int64_t height, double near_plane,
-    double far_plane, double eps2d, bool antialiased) {
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gs_project_forward(const Tensor& means_, const Tensor& quats_,
+                                                                      const Tensor& scales_, const Tensor& opacities_,
+                                                                      const Tensor& viewmats_, const Tensor& Ks_,
+                                                                      int64_t width, int64_t height, double near_plane,
+                                                                      double far_plane, double eps2d,
+                                                                      bool antialiased) {
   const Args a("gs_project_forward", means_, "means", kRasterizer);
   const auto [means, quats, scales, opacities, viewmats, Ks, B, C, N] =
       gs_scene(a, means_, quats_, scales_, opacities_, viewmats_, Ks_);
@@ -292,8 +300,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gs_project_forward(
     AT_DISPATCH_FLOATING_TYPES(means.scalar_type(), "gs_project_forward_cpu", [&] {
       fast3d::gs_project_forward_cpu<scalar_t>(
           means.data_ptr<scalar_t>(), quats.data_ptr<scalar_t>(), scales.data_ptr<scalar_t>(),
-          opacities.data_ptr<scalar_t>(), viewmats.data_ptr<scalar_t>(), Ks.data_ptr<scalar_t>(), B, C, N,
-          int(width), int(height), scalar_t(near_plane), scalar_t(far_plane), scalar_t(eps2d), antialiased,
+          opacities.data_ptr<scalar_t>(), viewmats.data_ptr<scalar_t>(), Ks.data_ptr<scalar_t>(), B, C, N, int(width),
+          int(height), scalar_t(near_plane), scalar_t(far_plane), scalar_t(eps2d), antialiased,
           means2d.data_ptr<scalar_t>(), conics.data_ptr<scalar_t>(), depths.data_ptr<scalar_t>(),
           opac.data_ptr<scalar_t>(), radii.data_ptr<int32_t>());
     });
@@ -301,11 +309,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gs_project_forward(
   return {means2d, conics, depths, opac, radii};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> gs_project_backward(
-    const Tensor& means_, const Tensor& quats_, const Tensor& scales_, const Tensor& opacities_,
-    const Tensor& viewmats_, const Tensor& Ks_, int64_t width, int64_t height, double near_plane,
-    double far_plane, double eps2d, bool antialiased, const Tensor& g_means2d_, const Tensor& g_conics_,
-    const Tensor& g_depths_, const Tensor& g_opac_) {
+std::tuple<Tensor, Tensor, Tensor, Tensor> gs_project_backward(const Tensor& means_, const Tensor& quats_,
+                                                               const Tensor& scales_, const Tensor& opacities_,
+                                                               const Tensor& viewmats_, const Tensor& Ks_,
+                                                               int64_t width, int64_t height, double near_plane,
+                                                               double far_plane, double eps2d, bool antialiased,
+                                                               const Tensor& g_means2d_, const Tensor& g_conics_,
+                                                               const Tensor& g_depths_, const Tensor& g_opac_) {
   const Args a("gs_project_backward", means_, "means", kRasterizer);
   const auto [means, quats, scales, opacities, viewmats, Ks, B, C, N] =
       gs_scene(a, means_, quats_, scales_, opacities_, viewmats_, Ks_);
@@ -324,8 +334,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gs_project_backward(
         means.data_ptr<float>(), quats.data_ptr<float>(), scales.data_ptr<float>(), opacities.data_ptr<float>(),
         viewmats.data_ptr<float>(), Ks.data_ptr<float>(), B, C, N, int(width), int(height), float(near_plane),
         float(far_plane), float(eps2d), antialiased, g_means2d.data_ptr<float>(), g_conics.data_ptr<float>(),
-        g_depths.data_ptr<float>(), g_opac.data_ptr<float>(), g_means.data_ptr<float>(),
-        g_quats.data_ptr<float>(), g_scales.data_ptr<float>(), g_opacities.data_ptr<float>(), FAST3D_STREAM));
+        g_depths.data_ptr<float>(), g_opac.data_ptr<float>(), g_means.data_ptr<float>(), g_quats.data_ptr<float>(),
+        g_scales.data_ptr<float>(), g_opacities.data_ptr<float>(), FAST3D_STREAM));
 #else
     TORCH_CHECK(false, "fast3d._C was built without CUDA");
 #endif
@@ -333,8 +343,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gs_project_backward(
     AT_DISPATCH_FLOATING_TYPES(means.scalar_type(), "gs_project_backward_cpu", [&] {
       fast3d::gs_project_backward_cpu<scalar_t>(
           means.data_ptr<scalar_t>(), quats.data_ptr<scalar_t>(), scales.data_ptr<scalar_t>(),
-          opacities.data_ptr<scalar_t>(), viewmats.data_ptr<scalar_t>(), Ks.data_ptr<scalar_t>(), B, C, N,
-          int(width), int(height), scalar_t(near_plane), scalar_t(far_plane), scalar_t(eps2d), antialiased,
+          opacities.data_ptr<scalar_t>(), viewmats.data_ptr<scalar_t>(), Ks.data_ptr<scalar_t>(), B, C, N, int(width),
+          int(height), scalar_t(near_plane), scalar_t(far_plane), scalar_t(eps2d), antialiased,
           g_means2d.data_ptr<scalar_t>(), g_conics.data_ptr<scalar_t>(), g_depths.data_ptr<scalar_t>(),
           g_opac.data_ptr<scalar_t>(), g_means.data_ptr<scalar_t>(), g_quats.data_ptr<scalar_t>(),
           g_scales.data_ptr<scalar_t>(), g_opacities.data_ptr<scalar_t>());
@@ -357,8 +367,13 @@ GsSh gs_sh_args(const Args& a, const Tensor& sh, const Tensor& means, const Tens
   TORCH_CHECK(degree >= 0 && degree <= 3, a.op(), ": degree must be in 0..3; got ", degree);
   TORCH_CHECK(K >= (degree + 1) * (degree + 1), a.op(), ": sh holds K = ", K, " coefficients per Gaussian; degree ",
               degree, " needs K >= ", (degree + 1) * (degree + 1));
-  return {a(sh, "sh", {B, N, K, 3}, "[B, N, K, 3]"), a(means, "means", {B, N, 3}, "[B, N, 3]"),
-          a(viewmats, "viewmats", {B, C, 4, 4}, "[B, C, 4, 4]"), B, C, N, K};
+  return {a(sh, "sh", {B, N, K, 3}, "[B, N, K, 3]"),
+          a(means, "means", {B, N, 3}, "[B, N, 3]"),
+          a(viewmats, "viewmats", {B, C, 4, 4}, "[B, C, 4, 4]"),
+          B,
+          C,
+          N,
+          K};
 }
 
 // sh [B,N,K,3] -> colors [B,C,N,3]
@@ -395,19 +410,17 @@ std::tuple<Tensor, Tensor> gs_sh_backward(const Tensor& sh_, const Tensor& means
   if (sh.is_cuda()) {
 #ifdef FAST3D_WITH_CUDA
     const c10::cuda::CUDAGuard guard(sh.device());
-    FAST3D_CUDA_CALL(fast3d::gs_sh_backward_cuda(sh.data_ptr<float>(), means.data_ptr<float>(),
-                                                 viewmats.data_ptr<float>(), B, C, N, int(K), int(degree),
-                                                 g_colors.data_ptr<float>(), g_sh.data_ptr<float>(),
-                                                 g_means.data_ptr<float>(), FAST3D_STREAM));
+    FAST3D_CUDA_CALL(fast3d::gs_sh_backward_cuda(
+        sh.data_ptr<float>(), means.data_ptr<float>(), viewmats.data_ptr<float>(), B, C, N, int(K), int(degree),
+        g_colors.data_ptr<float>(), g_sh.data_ptr<float>(), g_means.data_ptr<float>(), FAST3D_STREAM));
 #else
     TORCH_CHECK(false, "fast3d._C was built without CUDA");
 #endif
   } else {
     AT_DISPATCH_FLOATING_TYPES(sh.scalar_type(), "gs_sh_backward_cpu", [&] {
-      fast3d::gs_sh_backward_cpu<scalar_t>(sh.data_ptr<scalar_t>(), means.data_ptr<scalar_t>(),
-                                           viewmats.data_ptr<scalar_t>(), B, C, N, int(K), int(degree),
-                                           g_colors.data_ptr<scalar_t>(), g_sh.data_ptr<scalar_t>(),
-                                           g_means.data_ptr<scalar_t>());
+      fast3d::gs_sh_backward_cpu<scalar_t>(
+          sh.data_ptr<scalar_t>(), means.data_ptr<scalar_t>(), viewmats.data_ptr<scalar_t>(), B, C, N, int(K),
+          int(degree), g_colors.data_ptr<scalar_t>(), g_sh.data_ptr<scalar_t>(), g_means.data_ptr<scalar_t>());
     });
   }
   return {g_sh, g_means};
@@ -420,17 +433,22 @@ struct GsImages {
   int64_t I, N, D;
 };
 
-GsImages gs_images(const Args& a, const Tensor& means2d, const Tensor& conics, const Tensor& opac,
-                   const Tensor& feats, const Tensor& radii) {
+GsImages gs_images(const Args& a, const Tensor& means2d, const Tensor& conics, const Tensor& opac, const Tensor& feats,
+                   const Tensor& radii) {
   a.rank(feats, "feats", 3, "[I, N, D]");
   const int64_t I = feats.size(0), N = feats.size(1), D = feats.size(2);
   TORCH_CHECK(D >= 1, a.op(), ": feats must have at least one channel; got shape ", feats.sizes());
   TORCH_CHECK(N <= INT32_MAX, a.op(), ": ", N, " Gaussians per image; the int32 Gaussian indices take at most ",
               INT32_MAX);
   if (feats.is_cuda()) check_cuda_sizes(a, I, D);
-  return {a(means2d, "means2d", {I, N, 2}, "[I, N, 2]"), a(conics, "conics", {I, N, 3}, "[I, N, 3]"),
-          a(opac, "opac", {I, N}, "[I, N]"), a(feats, "feats", {I, N, D}, "[I, N, D]"),
-          a(radii, "radii", {I, N, 2}, "[I, N, 2]", torch::kInt32), I, N, D};
+  return {a(means2d, "means2d", {I, N, 2}, "[I, N, 2]"),
+          a(conics, "conics", {I, N, 3}, "[I, N, 3]"),
+          a(opac, "opac", {I, N}, "[I, N]"),
+          a(feats, "feats", {I, N, D}, "[I, N, D]"),
+          a(radii, "radii", {I, N, 2}, "[I, N, 2]", torch::kInt32),
+          I,
+          N,
+          D};
 }
 
 // means2d [I,N,2], conics [I,N,3], opac [I,N], feats [I,N,D], depths [I,N], radii [I,N,2];
@@ -469,8 +487,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gs_ra
     const c10::cuda::CUDAGuard guard(feats.device());
     auto stream = FAST3D_STREAM;
     auto counts = i64(feats, {I * N});
-    FAST3D_CUDA_CALL(fast3d::gs_tiles_per_gaussian_cuda(means2d.data_ptr<float>(), radii.data_ptr<int32_t>(), I,
-                                                        N, W, H, counts.data_ptr<int64_t>(), stream));
+    FAST3D_CUDA_CALL(fast3d::gs_tiles_per_gaussian_cuda(means2d.data_ptr<float>(), radii.data_ptr<int32_t>(), I, N, W,
+                                                        H, counts.data_ptr<int64_t>(), stream));
     auto gauss_offsets = torch::cat({torch::zeros({1}, counts.options()), counts.cumsum(0)});  // [I*N+1]
     auto n_isect = gauss_offsets.select(0, I * N).clone();
     int64_t cap;
@@ -485,27 +503,27 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gs_ra
     auto keys = i64(feats, {cap});
     auto vals = i32(feats, {cap});
     FAST3D_CUDA_CALL(fast3d::gs_emit_isects_cuda(means2d.data_ptr<float>(), depths.data_ptr<float>(),
-                                                 radii.data_ptr<int32_t>(), gauss_offsets.data_ptr<int64_t>(), I, N,
-                                                 W, H, cap, reinterpret_cast<uint64_t*>(keys.data_ptr<int64_t>()),
+                                                 radii.data_ptr<int32_t>(), gauss_offsets.data_ptr<int64_t>(), I, N, W,
+                                                 H, cap, reinterpret_cast<uint64_t*>(keys.data_ptr<int64_t>()),
                                                  vals.data_ptr<int32_t>(), stream));
     const int end_bit = fast3d::gs_sort_end_bit(I, TT);
     auto keys_sorted = torch::empty_like(keys);
     auto isect_src = torch::empty_like(vals);
-    auto temp = torch::empty({int64_t(fast3d::gs_sort_temp_bytes_cuda(cap, end_bit))},
-                             feats.options().dtype(torch::kUInt8));
+    auto temp =
+        torch::empty({int64_t(fast3d::gs_sort_temp_bytes_cuda(cap, end_bit))}, feats.options().dtype(torch::kUInt8));
     FAST3D_CUDA_CALL(fast3d::gs_sort_isects_cuda(
         temp.data_ptr<uint8_t>(), size_t(temp.numel()), reinterpret_cast<uint64_t*>(keys.data_ptr<int64_t>()),
         reinterpret_cast<uint64_t*>(keys_sorted.data_ptr<int64_t>()), vals.data_ptr<int32_t>(),
         isect_src.data_ptr<int32_t>(), cap, end_bit, stream));
     auto flat_ids = i32(feats, {cap});
-    FAST3D_CUDA_CALL(fast3d::gs_tile_ranges_cuda(
-        reinterpret_cast<const uint64_t*>(keys_sorted.data_ptr<int64_t>()), isect_src.data_ptr<int32_t>(),
-        gauss_offsets.data_ptr<int64_t>(), cap, I, N, TT, tile_offsets.data_ptr<int64_t>(),
-        flat_ids.data_ptr<int32_t>(), stream));
+    FAST3D_CUDA_CALL(fast3d::gs_tile_ranges_cuda(reinterpret_cast<const uint64_t*>(keys_sorted.data_ptr<int64_t>()),
+                                                 isect_src.data_ptr<int32_t>(), gauss_offsets.data_ptr<int64_t>(), cap,
+                                                 I, N, TT, tile_offsets.data_ptr<int64_t>(),
+                                                 flat_ids.data_ptr<int32_t>(), stream));
     FAST3D_CUDA_CALL(fast3d::gs_rasterize_forward_cuda(
         means2d.data_ptr<float>(), conics.data_ptr<float>(), opac.data_ptr<float>(), feats.data_ptr<float>(),
-        tile_offsets.data_ptr<int64_t>(), flat_ids.data_ptr<int32_t>(), I, N, int(D), W, H,
-        image.data_ptr<float>(), alpha.data_ptr<float>(), last.data_ptr<int32_t>(), stream));
+        tile_offsets.data_ptr<int64_t>(), flat_ids.data_ptr<int32_t>(), I, N, int(D), W, H, image.data_ptr<float>(),
+        alpha.data_ptr<float>(), last.data_ptr<int32_t>(), stream));
     return {image, alpha, last, tile_offsets, flat_ids, isect_src, gauss_offsets, n_isect};
 #else
     TORCH_CHECK(false, "fast3d._C was built without CUDA");
@@ -540,8 +558,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gs_ra
 
 // The forward's inputs and binning, alpha [I,H,W], last [I,H,W], g_image [I,H,W,D],
 // g_alpha [I,H,W]; pass_rows: None, or (CUDA, deterministic) the sorted intersections per pass of
-// the reduction (default: as many as kGsDeterministicRowBytes of rows hold). Returns g_means2d [I,N,2], g_conics [I,N,3], g_opac [I,N], g_feats [I,N,D],
-// absgrad [I,N,2].
+// the reduction (default: as many as kGsDeterministicRowBytes of rows hold). Returns g_means2d [I,N,2], g_conics
+// [I,N,3], g_opac [I,N], g_feats [I,N,D], absgrad [I,N,2].
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gs_rasterize_backward(
     const Tensor& means2d_, const Tensor& conics_, const Tensor& opac_, const Tensor& feats_, const Tensor& radii_,
     const Tensor& tile_offsets_, const Tensor& flat_ids_, const Tensor& isect_src_, const Tensor& gauss_offsets_,
@@ -560,10 +578,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gs_rasterize_backward(
               fast3d::kGsMaxIntersections);
   const Tensor flat_ids = a(flat_ids_, "flat_ids", {n}, "[n]", torch::kInt32);
   // CUDA reads them; the CPU binning has none (empty).
-  const Tensor isect_src = a(isect_src_, "isect_src", {cuda ? n : 0}, cuda ? "[n] (n = flat_ids.numel())" : "[0]",
-                             torch::kInt32);
-  const Tensor gauss_offsets = a(gauss_offsets_, "gauss_offsets", {cuda ? I * N + 1 : 0},
-                                 cuda ? "[I * N + 1]" : "[0]", torch::kInt64);
+  const Tensor isect_src =
+      a(isect_src_, "isect_src", {cuda ? n : 0}, cuda ? "[n] (n = flat_ids.numel())" : "[0]", torch::kInt32);
+  const Tensor gauss_offsets =
+      a(gauss_offsets_, "gauss_offsets", {cuda ? I * N + 1 : 0}, cuda ? "[I * N + 1]" : "[0]", torch::kInt64);
   const Tensor alpha = a(alpha_, "alpha", {I, H, W}, "[I, H, W]");
   const Tensor last = a(last_, "last", {I, H, W}, "[I, H, W]", torch::kInt32);
   const Tensor g_image = a(g_image_, "g_image", {I, H, W, D}, "[I, H, W, D]");
@@ -576,14 +594,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gs_rasterize_backward(
     const c10::cuda::CUDAGuard guard(feats.device());
     // Deterministic: the intersections' gradient rows are reduced per Gaussian in a fixed order,
     // in passes whose rows take at most kGsDeterministicRowBytes (isect_rows.h).
-    const int64_t pass_rows = !deterministic ? 0 : std::min(n, pass_rows_.value_or(fast3d::gs_deterministic_pass_rows(n, int(D))));
+    const int64_t pass_rows =
+        !deterministic ? 0 : std::min(n, pass_rows_.value_or(fast3d::gs_deterministic_pass_rows(n, int(D))));
     auto sorted_of = i32(feats, {deterministic ? n : 0});
     auto rows = torch::empty({pass_rows, fast3d::gs::isect_row_size(int(D))}, feats.options());
     FAST3D_CUDA_CALL(fast3d::gs_rasterize_backward_cuda(
         means2d.data_ptr<float>(), conics.data_ptr<float>(), opac.data_ptr<float>(), feats.data_ptr<float>(),
         tile_offsets.data_ptr<int64_t>(), flat_ids.data_ptr<int32_t>(), isect_src.data_ptr<int32_t>(),
-        gauss_offsets.data_ptr<int64_t>(), alpha.data_ptr<float>(), last.data_ptr<int32_t>(),
-        g_image.data_ptr<float>(), g_alpha.data_ptr<float>(), I, N, int(D), W, H, n, deterministic, pass_rows,
+        gauss_offsets.data_ptr<int64_t>(), alpha.data_ptr<float>(), last.data_ptr<int32_t>(), g_image.data_ptr<float>(),
+        g_alpha.data_ptr<float>(), I, N, int(D), W, H, n, deterministic, pass_rows,
         deterministic ? sorted_of.data_ptr<int32_t>() : nullptr, deterministic ? rows.data_ptr<float>() : nullptr,
         g_means2d.data_ptr<float>(), g_conics.data_ptr<float>(), g_opac.data_ptr<float>(), g_feats.data_ptr<float>(),
         absgrad.data_ptr<float>(), FAST3D_STREAM));
@@ -610,12 +629,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gs_rasterize_backward(
 // increasing sorted order), gauss_offsets [G + 1] (int64, non-decreasing, from 0 to n), pass_rows
 // >= 1 (None: what the CUDA backward uses). Returns g_means2d [G, 2], g_conics [G, 3], g_opac [G],
 // g_feats [G, D], absgrad [G, 2].
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gs_reduce_isect_rows(const Tensor& rows_,
-                                                                        const Tensor& isect_src_,
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gs_reduce_isect_rows(const Tensor& rows_, const Tensor& isect_src_,
                                                                         const Tensor& gauss_offsets_,
                                                                         std::optional<int64_t> pass_rows) {
   const Args a("gs_reduce_isect_rows", rows_, "rows", kRasterizer);
-  TORCH_CHECK(rows_.is_cpu(), a.op(), ": rows is on ", rows_.device(), ", expected cpu (the CUDA backward runs its own)");
+  TORCH_CHECK(rows_.is_cpu(), a.op(), ": rows is on ", rows_.device(),
+              ", expected cpu (the CUDA backward runs its own)");
   a.rank(rows_, "rows", 2, "[n, 8 + D]");
   a.rank(gauss_offsets_, "gauss_offsets", 1, "[G + 1]");
   const int64_t n = rows_.size(0), D = rows_.size(1) - 8, G = gauss_offsets_.size(0) - 1;
@@ -628,8 +647,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gs_reduce_isect_rows(const Te
   const int64_t pass = pass_rows.value_or(fast3d::gs_deterministic_pass_rows(n, int(D)));
   TORCH_CHECK(pass >= 1 || n == 0, a.op(), ": pass_rows must be >= 1; got ", pass);
   const auto sorted = std::get<0>(isect_src.sort());
-  TORCH_CHECK(sorted.equal(torch::arange(n, isect_src.options())), a.op(),
-              ": isect_src must be a permutation of 0..", n - 1);
+  TORCH_CHECK(sorted.equal(torch::arange(n, isect_src.options())), a.op(), ": isect_src must be a permutation of 0..",
+              n - 1);
   const int64_t* go = gauss_offsets.data_ptr<int64_t>();
   for (int64_t g = 0; g <= G; ++g)
     TORCH_CHECK((g == 0 ? go[0] == 0 : go[g] >= go[g - 1]) && (g < G || go[G] == n), a.op(),
@@ -647,8 +666,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gs_reduce_isect_rows(const Te
 }
 
 int64_t gs_deterministic_pass_rows(int64_t n, int64_t D) {
-  TORCH_CHECK(n >= 0 && D >= 0 && D <= INT32_MAX, "gs_deterministic_pass_rows: n and D must be >= 0; got ", n,
-              " and ", D);
+  TORCH_CHECK(n >= 0 && D >= 0 && D <= INT32_MAX, "gs_deterministic_pass_rows: n and D must be >= 0; got ", n, " and ",
+              D);
   return fast3d::gs_deterministic_pass_rows(n, int(D));
 }
 

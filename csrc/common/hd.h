@@ -15,13 +15,17 @@ namespace fast3d {
 
 // Math functions that resolve to CUDA's device versions under nvcc and to <cmath> on the host.
 #ifdef __CUDA_ARCH__
-#define FAST3D_UNARY(name) \
-  template <typename T>    \
-  FAST3D_HD T name##_(T x) { return name(x); }
+#define FAST3D_UNARY(name)   \
+  template <typename T>      \
+  FAST3D_HD T name##_(T x) { \
+    return name(x);          \
+  }
 #else
-#define FAST3D_UNARY(name) \
-  template <typename T>    \
-  FAST3D_HD T name##_(T x) { return std::name(x); }
+#define FAST3D_UNARY(name)   \
+  template <typename T>      \
+  FAST3D_HD T name##_(T x) { \
+    return std::name(x);     \
+  }
 #endif
 FAST3D_UNARY(exp)
 FAST3D_UNARY(expm1)  // e^x - 1, accurate near 0 (not a fast-math intrinsic under nvcc)
@@ -32,8 +36,12 @@ FAST3D_UNARY(ceil)
 #undef FAST3D_UNARY
 
 template <typename T>
-FAST3D_HD T min_(T a, T b) { return a < b ? a : b; }
+FAST3D_HD T min_(T a, T b) {
+  return a < b ? a : b;
+}
 template <typename T>
-FAST3D_HD T max_(T a, T b) { return a > b ? a : b; }
+FAST3D_HD T max_(T a, T b) {
+  return a > b ? a : b;
+}
 
 }  // namespace fast3d

@@ -35,9 +35,8 @@ FAST3D_HD T sample_alpha(T tau) {
 // Pointers are to one ray: sigma, t0, t1 [S]; rgb [S, D]; bg [D] or null; out_color [D];
 // out_weights [S]. All contiguous.
 template <typename T>
-FAST3D_HD void composite_ray_forward(const T* sigma, const T* rgb, const T* t0, const T* t1,
-                                     const T* bg, int S, int D, T eps, T* out_color, T* out_opacity,
-                                     T* out_depth, T* out_weights) {
+FAST3D_HD void composite_ray_forward(const T* sigma, const T* rgb, const T* t0, const T* t1, const T* bg, int S, int D,
+                                     T eps, T* out_color, T* out_opacity, T* out_depth, T* out_weights) {
   for (int d = 0; d < D; ++d) out_color[d] = T(0);
   T trans = T(1), opacity = T(0), depth = T(0);
   int i = 0;
@@ -61,10 +60,9 @@ FAST3D_HD void composite_ray_forward(const T* sigma, const T* rgb, const T* t0, 
 // g_rgb [S, D], and this ray's background gradient g_bg_ray [D] when bg is given (the caller
 // reduces it over rays that share a background). `opacity` is the forward's output for this ray.
 template <typename T>
-FAST3D_HD void composite_ray_backward(const T* sigma, const T* rgb, const T* t0, const T* t1,
-                                      const T* bg, int S, int D, T eps, T opacity, const T* g_color,
-                                      T g_opacity, T g_depth, const T* g_weights, T* g_sigma,
-                                      T* g_rgb, T* g_bg_ray) {
+FAST3D_HD void composite_ray_backward(const T* sigma, const T* rgb, const T* t0, const T* t1, const T* bg, int S, int D,
+                                      T eps, T opacity, const T* g_color, T g_opacity, T g_depth, const T* g_weights,
+                                      T* g_sigma, T* g_rgb, T* g_bg_ray) {
   T g_open = g_opacity;  // dL/dw_i shared by every sample: opacity minus the background it hides
   if (bg != nullptr)
     for (int d = 0; d < D; ++d) g_open -= g_color[d] * bg[d];

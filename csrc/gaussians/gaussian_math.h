@@ -34,9 +34,11 @@ FAST3D_HD int tiles_along(int pixels) { return pixels / kTile + (pixels % kTile 
 template <typename T>
 FAST3D_HD void quat_to_rotmat(const T qn[4], T R[3][3]) {
   const T w = qn[0], x = qn[1], y = qn[2], z = qn[3];
+  // clang-format off
   R[0][0] = 1 - 2 * (y * y + z * z); R[0][1] = 2 * (x * y - w * z);     R[0][2] = 2 * (x * z + w * y);
   R[1][0] = 2 * (x * y + w * z);     R[1][1] = 1 - 2 * (x * x + z * z); R[1][2] = 2 * (y * z - w * x);
   R[2][0] = 2 * (x * z - w * y);     R[2][1] = 2 * (y * z + w * x);     R[2][2] = 1 - 2 * (x * x + y * y);
+  // clang-format on
 }
 
 // dL/dqn from dL/dR (G), by differentiating each entry of quat_to_rotmat.
@@ -44,36 +46,36 @@ template <typename T>
 FAST3D_HD void quat_to_rotmat_vjp(const T qn[4], const T G[3][3], T g[4]) {
   const T w = qn[0], x = qn[1], y = qn[2], z = qn[3];
   g[0] = 2 * (-z * G[0][1] + y * G[0][2] + z * G[1][0] - x * G[1][2] - y * G[2][0] + x * G[2][1]);
-  g[1] = 2 * (y * G[0][1] + z * G[0][2] + y * G[1][0] - 2 * x * G[1][1] - w * G[1][2] + z * G[2][0] +
-              w * G[2][1] - 2 * x * G[2][2]);
-  g[2] = 2 * (-2 * y * G[0][0] + x * G[0][1] + w * G[0][2] + x * G[1][0] + z * G[1][2] - w * G[2][0] +
-              z * G[2][1] - 2 * y * G[2][2]);
-  g[3] = 2 * (-2 * z * G[0][0] - w * G[0][1] + x * G[0][2] + w * G[1][0] - 2 * z * G[1][1] + y * G[1][2] +
-              x * G[2][0] + y * G[2][1]);
+  g[1] = 2 * (y * G[0][1] + z * G[0][2] + y * G[1][0] - 2 * x * G[1][1] - w * G[1][2] + z * G[2][0] + w * G[2][1] -
+              2 * x * G[2][2]);
+  g[2] = 2 * (-2 * y * G[0][0] + x * G[0][1] + w * G[0][2] + x * G[1][0] + z * G[1][2] - w * G[2][0] + z * G[2][1] -
+              2 * y * G[2][2]);
+  g[3] = 2 * (-2 * z * G[0][0] - w * G[0][1] + x * G[0][2] + w * G[1][0] - 2 * z * G[1][1] + y * G[1][2] + x * G[2][0] +
+              y * G[2][1]);
 }
 
 // Everything the projection of one Gaussian into one camera computes, kept for its backward.
 template <typename T>
 struct Projected {
   bool valid;
-  T qn[4], qnorm;   // normalised quaternion and |q|
-  T Rq[3][3];       // its rotation
-  T M[3][3];        // Rq diag(scale)
-  T W[3][3];        // camera-space covariance R Sigma R^T
-  T p[3];           // camera-space mean
-  T J02, J12;       // -fx uc / z, -fy vc / z
-  bool u_free, v_free;  // u = x/z, v = y/z inside the Jacobian's clamp (gradient flows)
-  T a, b, c, det;   // 2D covariance + eps2d I and its determinant
-  T comp;           // antialiasing compensation (1 in classic mode)
+  T qn[4], qnorm;                  // normalised quaternion and |q|
+  T Rq[3][3];                      // its rotation
+  T M[3][3];                       // Rq diag(scale)
+  T W[3][3];                       // camera-space covariance R Sigma R^T
+  T p[3];                          // camera-space mean
+  T J02, J12;                      // -fx uc / z, -fy vc / z
+  bool u_free, v_free;             // u = x/z, v = y/z inside the Jacobian's clamp (gradient flows)
+  T a, b, c, det;                  // 2D covariance + eps2d I and its determinant
+  T comp;                          // antialiasing compensation (1 in classic mode)
   T mean2d[2], conic[3], opacity;  // outputs
 };
 
 // Projection of one Gaussian: mean [3], quat [4], scale [3], opacity; R [3][3] and t [3] of the
 // viewmat; intrinsics. Returns with pr.valid = false when culled by near/far or det <= 0.
 template <typename T>
-FAST3D_HD void project_forward(const T* mean, const T* quat, const T* scale, T opacity, const T Rc[3][3],
-                               const T tc[3], T fx, T fy, T cx, T cy, int width, int height, T near_plane,
-                               T far_plane, T eps2d, bool antialiased, Projected<T>& pr) {
+FAST3D_HD void project_forward(const T* mean, const T* quat, const T* scale, T opacity, const T Rc[3][3], const T tc[3],
+                               T fx, T fy, T cx, T cy, int width, int height, T near_plane, T far_plane, T eps2d,
+                               bool antialiased, Projected<T>& pr) {
   for (int i = 0; i < 3; ++i) pr.p[i] = Rc[i][0] * mean[0] + Rc[i][1] * mean[1] + Rc[i][2] * mean[2] + tc[i];
   const T z = pr.p[2];
   pr.valid = z >= near_plane && z <= far_plane;
@@ -174,9 +176,9 @@ FAST3D_HD bool tile_rect(const T* m2, const int32_t* r, int width, int height, i
 // Backward of project_forward for one (camera, Gaussian) given dL/d(mean2d, conic, depth,
 // opacity_eff); ADDS into g_mean [3], g_quat [4], g_scale [3], g_opacity.
 template <typename T>
-FAST3D_HD void project_backward(const Projected<T>& pr, const T* scale, T opacity, const T Rc[3][3], T fx,
-                                T fy, T eps2d, bool antialiased, const T g_m2[2], const T g_con[3], T g_depth,
-                                T g_opac, T* g_mean, T* g_quat, T* g_scale, T* g_opacity) {
+FAST3D_HD void project_backward(const Projected<T>& pr, const T* scale, T opacity, const T Rc[3][3], T fx, T fy,
+                                T eps2d, bool antialiased, const T g_m2[2], const T g_con[3], T g_depth, T g_opac,
+                                T* g_mean, T* g_quat, T* g_scale, T* g_opacity) {
   if (!pr.valid) return;
   const T a = pr.a, b = pr.b, c = pr.c, det = pr.det;
   // conic = (c, -b, a) / det
@@ -274,6 +276,7 @@ FAST3D_HD void sh_basis(int degree, const T d[3], T Y[16], T (*dY)[3]) {
   if (dY) dY[0][0] = dY[0][1] = dY[0][2] = T(0);
   if (degree < 1) return;
   const T c1 = T(kC1);
+  // clang-format off
   Y[1] = -c1 * y; Y[2] = c1 * z; Y[3] = -c1 * x;
   if (dY) {
     dY[1][0] = 0; dY[1][1] = -c1; dY[1][2] = 0;
@@ -310,6 +313,7 @@ FAST3D_HD void sh_basis(int degree, const T d[3], T Y[16], T (*dY)[3]) {
     dY[14][0] = 2 * b5 * x * z;              dY[14][1] = -2 * b5 * y * z;            dY[14][2] = b5 * (xx - yy);
     dY[15][0] = b6 * (3 * xx - 3 * yy);      dY[15][1] = -6 * b6 * x * y;            dY[15][2] = 0;
   }
+  // clang-format on
 }
 
 // color[3] = max(sum_k Y_k(dir) sh[k] + 0.5, 0) with dir = (mean - campos) normalised;
@@ -379,8 +383,8 @@ FAST3D_HD T gaussian_raw_alpha(const T m2[2], const T con[3], T opacity, T px, T
 // Backward of alpha = min(0.99, o exp(-q/2)) given dL/dalpha; ADDS into g_m2 [2], g_con [3],
 // g_opac. No gradient where the clamp is active (raw > 0.99).
 template <typename T>
-FAST3D_HD void gaussian_alpha_backward(const T con[3], T opacity, T dx, T dy, T vis, T g_alpha, T g_m2[2],
-                                       T g_con[3], T& g_opac) {
+FAST3D_HD void gaussian_alpha_backward(const T con[3], T opacity, T dx, T dy, T vis, T g_alpha, T g_m2[2], T g_con[3],
+                                       T& g_opac) {
   if (opacity * vis > T(kAlphaMax)) return;
   g_opac += g_alpha * vis;
   const T g_q = T(-0.5) * g_alpha * opacity * vis;  // dL/dq

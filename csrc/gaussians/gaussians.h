@@ -17,16 +17,14 @@ namespace fast3d {
 // the intersection indices (vals, isect_src) are int32. The CPU binning keeps the same limit, so a
 // scene renders on both native backends or fails on both with the same message.
 constexpr int64_t kGsMaxIntersections = 2147483647;
-constexpr int kGsMaxCudaChannels = 64;   // D of the CUDA blend kernels (per-thread registers)
+constexpr int kGsMaxCudaChannels = 64;  // D of the CUDA blend kernels (per-thread registers)
 // Bytes of the deterministic CUDA backward's per-intersection gradient rows held at once: the
 // intersections are reduced in passes of at most this many bytes of rows (isect_rows.h).
 constexpr int64_t kGsDeterministicRowBytes = int64_t(512) << 20;
 constexpr int64_t kGsMaxCudaImages = 65535;  // images are grid axis y of the CUDA launches
 
 // Tiles of one width x height image.
-inline int64_t gs_tiles(int width, int height) {
-  return int64_t(gs::tiles_along(width)) * gs::tiles_along(height);
-}
+inline int64_t gs_tiles(int width, int height) { return int64_t(gs::tiles_along(width)) * gs::tiles_along(height); }
 
 // "I images of W x H pixels = T tiles of kTile x kTile each" for the messages below.
 inline std::string gs_images_str(int64_t I, int width, int height) {
@@ -79,36 +77,35 @@ inline std::string gs_sort_key_error(int64_t I, int width, int height) {
 // means [B,N,3], quats [B,N,4], scales [B,N,3], opacities [B,N], viewmats [B,C,4,4], Ks [B,C,3,3]
 // -> means2d [B,C,N,2], conics [B,C,N,3], depths [B,C,N], opac [B,C,N], radii [B,C,N,2] (0: culled)
 template <typename T>
-void gs_project_forward_cpu(const T* means, const T* quats, const T* scales, const T* opacities,
-                            const T* viewmats, const T* Ks, int64_t B, int64_t C, int64_t N, int width,
-                            int height, T near_plane, T far_plane, T eps2d, bool antialiased, T* means2d,
-                            T* conics, T* depths, T* opac, int32_t* radii);
+void gs_project_forward_cpu(const T* means, const T* quats, const T* scales, const T* opacities, const T* viewmats,
+                            const T* Ks, int64_t B, int64_t C, int64_t N, int width, int height, T near_plane,
+                            T far_plane, T eps2d, bool antialiased, T* means2d, T* conics, T* depths, T* opac,
+                            int32_t* radii);
 
 // g_means2d [B,C,N,2], g_conics [B,C,N,3], g_depths [B,C,N], g_opac [B,C,N]
 // -> g_means [B,N,3], g_quats [B,N,4], g_scales [B,N,3], g_opacities [B,N] (overwritten)
 template <typename T>
-void gs_project_backward_cpu(const T* means, const T* quats, const T* scales, const T* opacities,
-                             const T* viewmats, const T* Ks, int64_t B, int64_t C, int64_t N, int width,
-                             int height, T near_plane, T far_plane, T eps2d, bool antialiased,
-                             const T* g_means2d, const T* g_conics, const T* g_depths, const T* g_opac,
-                             T* g_means, T* g_quats, T* g_scales, T* g_opacities);
+void gs_project_backward_cpu(const T* means, const T* quats, const T* scales, const T* opacities, const T* viewmats,
+                             const T* Ks, int64_t B, int64_t C, int64_t N, int width, int height, T near_plane,
+                             T far_plane, T eps2d, bool antialiased, const T* g_means2d, const T* g_conics,
+                             const T* g_depths, const T* g_opac, T* g_means, T* g_quats, T* g_scales, T* g_opacities);
 
 // sh [B,N,K,3], means [B,N,3], viewmats [B,C,4,4] -> colors [B,C,N,3]
 template <typename T>
-void gs_sh_forward_cpu(const T* sh, const T* means, const T* viewmats, int64_t B, int64_t C, int64_t N,
-                       int K, int degree, T* colors);
+void gs_sh_forward_cpu(const T* sh, const T* means, const T* viewmats, int64_t B, int64_t C, int64_t N, int K,
+                       int degree, T* colors);
 
 // g_colors [B,C,N,3] -> g_sh [B,N,K,3], g_means [B,N,3] (overwritten)
 template <typename T>
-void gs_sh_backward_cpu(const T* sh, const T* means, const T* viewmats, int64_t B, int64_t C, int64_t N,
-                        int K, int degree, const T* g_colors, T* g_sh, T* g_means);
+void gs_sh_backward_cpu(const T* sh, const T* means, const T* viewmats, int64_t B, int64_t C, int64_t N, int K,
+                        int degree, const T* g_colors, T* g_sh, T* g_means);
 
 // Binning, pass 1: means2d [I,N,2], depths [I,N], radii [I,N,2] -> per image the Gaussians with a
 // non-empty pixel rect in depth order (order [I,N], the first n_valid[i] entries used; n_valid
 // [I]) and per-tile counts tile_counts [I,T].
 template <typename T>
-void gs_bin_count_cpu(const T* means2d, const T* depths, const int32_t* radii, int64_t I, int64_t N,
-                      int width, int height, int32_t* order, int64_t* n_valid, int64_t* tile_counts);
+void gs_bin_count_cpu(const T* means2d, const T* depths, const int32_t* radii, int64_t I, int64_t N, int width,
+                      int height, int32_t* order, int64_t* n_valid, int64_t* tile_counts);
 
 // Binning, pass 2: means2d [I,N,2], radii [I,N,2], order [I,N], n_valid [I] from pass 1,
 // tile_offsets [I*T+1] (exclusive prefix sum of tile_counts) -> ids [total]: each tile's Gaussians
@@ -121,18 +118,17 @@ void gs_bin_fill_cpu(const T* means2d, const int32_t* radii, const int32_t* orde
 // [I*T+1], ids [total] -> image [I,H,W,D], alpha [I,H,W], last [I,H,W] (entries of the pixel's
 // tile list processed, up to the last used)
 template <typename T>
-void gs_rasterize_forward_cpu(const T* means2d, const T* conics, const T* opac, const T* feats,
-                              const int32_t* radii, const int64_t* tile_offsets, const int32_t* ids, int64_t I,
-                              int64_t N, int D, int width, int height, T* image, T* alpha, int32_t* last);
+void gs_rasterize_forward_cpu(const T* means2d, const T* conics, const T* opac, const T* feats, const int32_t* radii,
+                              const int64_t* tile_offsets, const int32_t* ids, int64_t I, int64_t N, int D, int width,
+                              int height, T* image, T* alpha, int32_t* last);
 
 // alpha, last from the forward; g_image [I,H,W,D], g_alpha [I,H,W] -> g_means2d [I,N,2],
 // g_conics [I,N,3], g_opac [I,N], g_feats [I,N,D], absgrad [I,N,2] (all overwritten)
 template <typename T>
-void gs_rasterize_backward_cpu(const T* means2d, const T* conics, const T* opac, const T* feats,
-                               const int32_t* radii, const int64_t* tile_offsets, const int32_t* ids,
-                               const T* alpha, const int32_t* last, const T* g_image, const T* g_alpha, int64_t I,
-                               int64_t N, int D, int width, int height, T* g_means2d, T* g_conics, T* g_opac,
-                               T* g_feats, T* absgrad);
+void gs_rasterize_backward_cpu(const T* means2d, const T* conics, const T* opac, const T* feats, const int32_t* radii,
+                               const int64_t* tile_offsets, const int32_t* ids, const T* alpha, const int32_t* last,
+                               const T* g_image, const T* g_alpha, int64_t I, int64_t N, int D, int width, int height,
+                               T* g_means2d, T* g_conics, T* g_opac, T* g_feats, T* absgrad);
 
 // The deterministic reduction of isect_rows.h, on the CPU (the CUDA backward's own, run here so
 // that tests check it): rows [n, 8 + D] (row j: the gradients of sorted intersection j),
@@ -155,30 +151,29 @@ void gs_reduce_isect_rows_cpu(const T* rows, const int32_t* isect_src, const int
 // never synchronises (CUDA graph capture): the kernels read n on the device, intersections past the
 // capacity are dropped (their tiles render without them) and the slots past n hold sentinels.
 
-const char* gs_project_forward_cuda(const float* means, const float* quats, const float* scales,
-                                    const float* opacities, const float* viewmats, const float* Ks, int64_t B,
-                                    int64_t C, int64_t N, int width, int height, float near_plane,
-                                    float far_plane, float eps2d, bool antialiased, float* means2d,
-                                    float* conics, float* depths, float* opac, int32_t* radii, void* stream);
+const char* gs_project_forward_cuda(const float* means, const float* quats, const float* scales, const float* opacities,
+                                    const float* viewmats, const float* Ks, int64_t B, int64_t C, int64_t N, int width,
+                                    int height, float near_plane, float far_plane, float eps2d, bool antialiased,
+                                    float* means2d, float* conics, float* depths, float* opac, int32_t* radii,
+                                    void* stream);
 
 const char* gs_project_backward_cuda(const float* means, const float* quats, const float* scales,
                                      const float* opacities, const float* viewmats, const float* Ks, int64_t B,
-                                     int64_t C, int64_t N, int width, int height, float near_plane,
-                                     float far_plane, float eps2d, bool antialiased, const float* g_means2d,
-                                     const float* g_conics, const float* g_depths, const float* g_opac,
-                                     float* g_means, float* g_quats, float* g_scales, float* g_opacities,
-                                     void* stream);
+                                     int64_t C, int64_t N, int width, int height, float near_plane, float far_plane,
+                                     float eps2d, bool antialiased, const float* g_means2d, const float* g_conics,
+                                     const float* g_depths, const float* g_opac, float* g_means, float* g_quats,
+                                     float* g_scales, float* g_opacities, void* stream);
 
 const char* gs_sh_forward_cuda(const float* sh, const float* means, const float* viewmats, int64_t B, int64_t C,
                                int64_t N, int K, int degree, float* colors, void* stream);
 
-const char* gs_sh_backward_cuda(const float* sh, const float* means, const float* viewmats, int64_t B,
-                                int64_t C, int64_t N, int K, int degree, const float* g_colors, float* g_sh,
-                                float* g_means, void* stream);
+const char* gs_sh_backward_cuda(const float* sh, const float* means, const float* viewmats, int64_t B, int64_t C,
+                                int64_t N, int K, int degree, const float* g_colors, float* g_sh, float* g_means,
+                                void* stream);
 
 // means2d [I,N,2], radii [I,N,2] -> counts [I*N]: tiles each Gaussian touches.
-const char* gs_tiles_per_gaussian_cuda(const float* means2d, const int32_t* radii, int64_t I, int64_t N,
-                                       int width, int height, int64_t* counts, void* stream);
+const char* gs_tiles_per_gaussian_cuda(const float* means2d, const int32_t* radii, int64_t I, int64_t N, int width,
+                                       int height, int64_t* counts, void* stream);
 
 // means2d [I,N,2], depths [I,N], radii [I,N,2], gauss_offsets [I*N+1] (exclusive prefix sum of
 // counts) -> keys, vals [capacity]: vals = the intersection's own (pre-sort) index; slots
@@ -192,8 +187,8 @@ size_t gs_sort_temp_bytes_cuda(int64_t total, int end_bit);
 
 // temp [temp_bytes]; keys_in, vals_in [total] -> keys_out, vals_out [total], sorted by key.
 
-const char* gs_sort_isects_cuda(void* temp, size_t temp_bytes, uint64_t* keys_in, uint64_t* keys_out,
-                                int32_t* vals_in, int32_t* vals_out, int64_t total, int end_bit, void* stream);
+const char* gs_sort_isects_cuda(void* temp, size_t temp_bytes, uint64_t* keys_in, uint64_t* keys_out, int32_t* vals_in,
+                                int32_t* vals_out, int64_t total, int end_bit, void* stream);
 
 // sorted keys / pre-sort indices [capacity] -> tile_offsets [I*tiles+1], flat_ids [capacity]
 // (Gaussian index within its image; the first min(n, capacity) entries written).
@@ -203,21 +198,20 @@ const char* gs_tile_ranges_cuda(const uint64_t* keys, const int32_t* isect_src, 
 
 // The CPU version's arguments with flat_ids [capacity] for ids (no radii: the CUDA binning is
 // exact); D <= kGsMaxCudaChannels, I <= kGsMaxCudaImages.
-const char* gs_rasterize_forward_cuda(const float* means2d, const float* conics, const float* opac,
-                                      const float* feats, const int64_t* tile_offsets, const int32_t* flat_ids,
-                                      int64_t I, int64_t N, int D, int width, int height, float* image,
-                                      float* alpha, int32_t* last, void* stream);
+const char* gs_rasterize_forward_cuda(const float* means2d, const float* conics, const float* opac, const float* feats,
+                                      const int64_t* tile_offsets, const int32_t* flat_ids, int64_t I, int64_t N, int D,
+                                      int width, int height, float* image, float* alpha, int32_t* last, void* stream);
 
 // The CPU version's arguments (flat_ids [capacity] for ids), isect_src [capacity] and
-// gauss_offsets [I*N+1] from the binning. Not deterministic: warp-reduced atomics. Deterministic (isect_rows.h): in passes of pass_rows
-// sorted intersections, with the scratch sorted_of [capacity] (int32) and rows [pass_rows, 8 + D]
+// gauss_offsets [I*N+1] from the binning. Not deterministic: warp-reduced atomics. Deterministic (isect_rows.h): in
+// passes of pass_rows sorted intersections, with the scratch sorted_of [capacity] (int32) and rows [pass_rows, 8 + D]
 // (pass_rows = gs_deterministic_pass_rows(capacity, D) bounds its memory); null otherwise.
-const char* gs_rasterize_backward_cuda(const float* means2d, const float* conics, const float* opac,
-                                       const float* feats, const int64_t* tile_offsets, const int32_t* flat_ids,
-                                       const int32_t* isect_src, const int64_t* gauss_offsets, const float* alpha,
-                                       const int32_t* last, const float* g_image, const float* g_alpha, int64_t I,
-                                       int64_t N, int D, int width, int height, int64_t capacity, bool deterministic,
-                                       int64_t pass_rows, int32_t* sorted_of, float* rows, float* g_means2d,
-                                       float* g_conics, float* g_opac, float* g_feats, float* absgrad, void* stream);
+const char* gs_rasterize_backward_cuda(const float* means2d, const float* conics, const float* opac, const float* feats,
+                                       const int64_t* tile_offsets, const int32_t* flat_ids, const int32_t* isect_src,
+                                       const int64_t* gauss_offsets, const float* alpha, const int32_t* last,
+                                       const float* g_image, const float* g_alpha, int64_t I, int64_t N, int D,
+                                       int width, int height, int64_t capacity, bool deterministic, int64_t pass_rows,
+                                       int32_t* sorted_of, float* rows, float* g_means2d, float* g_conics,
+                                       float* g_opac, float* g_feats, float* absgrad, void* stream);
 
 }  // namespace fast3d

@@ -54,8 +54,9 @@ FAST3D_HD void reduce_isect_rows_pass(const T* rows, const int32_t* sorted_of, c
   if (lo >= hi) return;
   const int R = isect_row_size(D);
   // The 8 geometric components, then the features one channel at a time: each a sum in k order.
-  T* const geo[8] = {g_means2d + g * 2, g_means2d + g * 2 + 1, g_conics + g * 3, g_conics + g * 3 + 1,
-                     g_conics + g * 3 + 2, g_opac + g, absgrad + g * 2, absgrad + g * 2 + 1};
+  T* const geo[8] = {g_means2d + g * 2,    g_means2d + g * 2 + 1, g_conics + g * 3,
+                     g_conics + g * 3 + 1, g_conics + g * 3 + 2,  g_opac + g,
+                     absgrad + g * 2,      absgrad + g * 2 + 1};
   for (int r = 0; r < 8; ++r) {
     T acc = *geo[r];
     for (int64_t k = lo; k < hi; ++k) acc += rows[(sorted_of[k] - j0) * R + r];

@@ -17,8 +17,8 @@
 #include <bit>
 #include <cmath>
 #include <cstring>
-#include <utility>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "gaussians/gaussian_math.h"
@@ -59,10 +59,10 @@ using gs::tiles_along;
 }  // namespace
 
 template <typename T>
-void gs_project_forward_cpu(const T* means, const T* quats, const T* scales, const T* opacities,
-                            const T* viewmats, const T* Ks, int64_t B, int64_t C, int64_t N, int width,
-                            int height, T near_plane, T far_plane, T eps2d, bool antialiased, T* means2d,
-                            T* conics, T* depths, T* opac, int32_t* radii) {
+void gs_project_forward_cpu(const T* means, const T* quats, const T* scales, const T* opacities, const T* viewmats,
+                            const T* Ks, int64_t B, int64_t C, int64_t N, int width, int height, T near_plane,
+                            T far_plane, T eps2d, bool antialiased, T* means2d, T* conics, T* depths, T* opac,
+                            int32_t* radii) {
 #pragma omp parallel for schedule(static) if (B * C * N > kMinParallel)
   for (int64_t idx = 0; idx < B * C * N; ++idx) {
     const int64_t n = idx % N, bc = idx / N, b = bc / C;
@@ -91,11 +91,10 @@ void gs_project_forward_cpu(const T* means, const T* quats, const T* scales, con
 }
 
 template <typename T>
-void gs_project_backward_cpu(const T* means, const T* quats, const T* scales, const T* opacities,
-                             const T* viewmats, const T* Ks, int64_t B, int64_t C, int64_t N, int width,
-                             int height, T near_plane, T far_plane, T eps2d, bool antialiased,
-                             const T* g_means2d, const T* g_conics, const T* g_depths, const T* g_opac,
-                             T* g_means, T* g_quats, T* g_scales, T* g_opacities) {
+void gs_project_backward_cpu(const T* means, const T* quats, const T* scales, const T* opacities, const T* viewmats,
+                             const T* Ks, int64_t B, int64_t C, int64_t N, int width, int height, T near_plane,
+                             T far_plane, T eps2d, bool antialiased, const T* g_means2d, const T* g_conics,
+                             const T* g_depths, const T* g_opac, T* g_means, T* g_quats, T* g_scales, T* g_opacities) {
 #pragma omp parallel for schedule(static) if (B * C * N > kMinParallel)
   for (int64_t g = 0; g < B * N; ++g) {
     const int64_t b = g / N, n = g % N;
@@ -104,8 +103,8 @@ void gs_project_backward_cpu(const T* means, const T* quats, const T* scales, co
       const int64_t bc = b * C + c, idx = bc * N + n;
       const Camera<T> cam(viewmats + bc * 16, Ks + bc * 9);
       gs::Projected<T> pr;
-      gs::project_forward(means + g * 3, quats + g * 4, scales + g * 3, opacities[g], cam.R, cam.t, cam.fx,
-                          cam.fy, cam.cx, cam.cy, width, height, near_plane, far_plane, eps2d, antialiased, pr);
+      gs::project_forward(means + g * 3, quats + g * 4, scales + g * 3, opacities[g], cam.R, cam.t, cam.fx, cam.fy,
+                          cam.cx, cam.cy, width, height, near_plane, far_plane, eps2d, antialiased, pr);
       if (!pr.valid) {
         // Culled: constant stand-in values, but depth = z still reads the mean.
         for (int k = 0; k < 3; ++k) gm[k] += cam.R[2][k] * g_depths[idx];
@@ -147,8 +146,7 @@ void gs_sh_backward_cpu(const T* sh, const T* means, const T* viewmats, int64_t 
       const T* vm = viewmats + bc * 16;
       T campos[3];
       for (int k = 0; k < 3; ++k) campos[k] = -(vm[k] * vm[3] + vm[4 + k] * vm[7] + vm[8 + k] * vm[11]);
-      gs::sh_backward(degree, sh + g * K * 3, means + g * 3, campos, g_colors + (bc * N + n) * 3, g_sh + g * K * 3,
-                      gm);
+      gs::sh_backward(degree, sh + g * K * 3, means + g * 3, campos, g_colors + (bc * N + n) * 3, g_sh + g * K * 3, gm);
     }
     for (int k = 0; k < 3; ++k) g_means[g * 3 + k] = gm[k];
   }
@@ -274,8 +272,13 @@ struct ForwardScratch {
   std::vector<int32_t> lst, live;
   int row_live[kTile];  // pixels of each row still blending
   explicit ForwardScratch(int D)
-      : px(kTilePixels), py(kTilePixels), trans(kTilePixels), acc(size_t(D) * kTilePixels), w(kTilePixels),
-        lst(kTilePixels), live(kTilePixels) {}
+      : px(kTilePixels),
+        py(kTilePixels),
+        trans(kTilePixels),
+        acc(size_t(D) * kTilePixels),
+        w(kTilePixels),
+        lst(kTilePixels),
+        live(kTilePixels) {}
 };
 
 // Pixel centres of the tile at (x0, y0).
@@ -290,9 +293,9 @@ void pixel_centres(int x0, int y0, T* px, T* py) {
 // Front-to-back blending of one tile of image i (`it` = i * tiles + tile).
 template <typename T>
 FAST3D_TILE_KERNEL void forward_tile(const T* means2d, const T* conics, const T* opac, const T* feats,
-                                     const int32_t* radii, const int64_t* tile_offsets, const int32_t* ids,
-                                     int64_t it, int64_t N, int D, int width, int height, T* image, T* alpha,
-                                     int32_t* last, ForwardScratch<T>& sc) {
+                                     const int32_t* radii, const int64_t* tile_offsets, const int32_t* ids, int64_t it,
+                                     int64_t N, int D, int width, int height, T* image, T* alpha, int32_t* last,
+                                     ForwardScratch<T>& sc) {
   const int TX = tiles_along(width), TT = TX * tiles_along(height);
   const int64_t i = it / TT;
   const int tile = int(it % TT), x0 = (tile % TX) * kTile, y0 = (tile / TX) * kTile;
@@ -373,9 +376,9 @@ FAST3D_TILE_KERNEL void forward_tile(const T* means2d, const T* conics, const T*
 }  // namespace
 
 template <typename T>
-void gs_rasterize_forward_cpu(const T* means2d, const T* conics, const T* opac, const T* feats,
-                              const int32_t* radii, const int64_t* tile_offsets, const int32_t* ids, int64_t I,
-                              int64_t N, int D, int width, int height, T* image, T* alpha, int32_t* last) {
+void gs_rasterize_forward_cpu(const T* means2d, const T* conics, const T* opac, const T* feats, const int32_t* radii,
+                              const int64_t* tile_offsets, const int32_t* ids, int64_t I, int64_t N, int D, int width,
+                              int height, T* image, T* alpha, int32_t* last) {
   const int64_t TT = tiles_along(width) * tiles_along(height);
 #pragma omp parallel
   {
@@ -402,17 +405,25 @@ struct BackwardScratch {
   std::vector<int32_t> lst;
   int row_last[kTile];  // the largest last count of each row
   explicit BackwardScratch(int D)
-      : px(kTilePixels), py(kTilePixels), t_after(kTilePixels), later_color(kTilePixels), alpha_share(kTilePixels),
-        g_img(size_t(D) * kTilePixels), g_dot_f(kTilePixels), w(kTilePixels), lst(kTilePixels) {}
+      : px(kTilePixels),
+        py(kTilePixels),
+        t_after(kTilePixels),
+        later_color(kTilePixels),
+        alpha_share(kTilePixels),
+        g_img(size_t(D) * kTilePixels),
+        g_dot_f(kTilePixels),
+        w(kTilePixels),
+        lst(kTilePixels) {}
 };
 
 // Backward of one tile of image i; gradients of the image's Gaussians ADDED into the given
 // per-image buffers (g_m2 [N,2], g_con [N,3], g_op [N], g_f [N,D], g_abs [N,2]).
 template <typename T>
-FAST3D_TILE_KERNEL void backward_tile(const T* means2d, const T* conics, const T* opac, const T* feats, const int32_t* radii,
-                   const int64_t* tile_offsets, const int32_t* ids, const T* alpha, const int32_t* last,
-                   const T* g_image, const T* g_alpha, int64_t i, int tile, int64_t N, int D, int width,
-                   int height, T* g_m2, T* g_con, T* g_op, T* g_f, T* g_abs, BackwardScratch<T>& sc) {
+FAST3D_TILE_KERNEL void backward_tile(const T* means2d, const T* conics, const T* opac, const T* feats,
+                                      const int32_t* radii, const int64_t* tile_offsets, const int32_t* ids,
+                                      const T* alpha, const int32_t* last, const T* g_image, const T* g_alpha,
+                                      int64_t i, int tile, int64_t N, int D, int width, int height, T* g_m2, T* g_con,
+                                      T* g_op, T* g_f, T* g_abs, BackwardScratch<T>& sc) {
   const int TX = tiles_along(width), TT = TX * tiles_along(height);
   const int x0 = (tile % TX) * kTile, y0 = (tile / TX) * kTile;
   const int tw = std::min(kTile, width - x0), th = std::min(kTile, height - y0);
@@ -511,11 +522,10 @@ FAST3D_TILE_KERNEL void backward_tile(const T* means2d, const T* conics, const T
 }  // namespace
 
 template <typename T>
-void gs_rasterize_backward_cpu(const T* means2d, const T* conics, const T* opac, const T* feats,
-                               const int32_t* radii, const int64_t* tile_offsets, const int32_t* ids,
-                               const T* alpha, const int32_t* last, const T* g_image, const T* g_alpha, int64_t I,
-                               int64_t N, int D, int width, int height, T* g_means2d, T* g_conics, T* g_opac,
-                               T* g_feats, T* absgrad) {
+void gs_rasterize_backward_cpu(const T* means2d, const T* conics, const T* opac, const T* feats, const int32_t* radii,
+                               const int64_t* tile_offsets, const int32_t* ids, const T* alpha, const int32_t* last,
+                               const T* g_image, const T* g_alpha, int64_t I, int64_t N, int D, int width, int height,
+                               T* g_means2d, T* g_conics, T* g_opac, T* g_feats, T* absgrad) {
   const int TT = tiles_along(width) * tiles_along(height);
   std::fill(g_means2d, g_means2d + I * N * 2, T(0));
   std::fill(g_conics, g_conics + I * N * 3, T(0));
@@ -531,8 +541,8 @@ void gs_rasterize_backward_cpu(const T* means2d, const T* conics, const T* opac,
 #pragma omp for schedule(dynamic, 1)
       for (int64_t i = 0; i < I; ++i)
         for (int tile = 0; tile < TT; ++tile)
-          backward_tile(means2d, conics, opac, feats, radii, tile_offsets, ids, alpha, last, g_image, g_alpha, i,
-                        tile, N, D, width, height, g_means2d + i * N * 2, g_conics + i * N * 3, g_opac + i * N,
+          backward_tile(means2d, conics, opac, feats, radii, tile_offsets, ids, alpha, last, g_image, g_alpha, i, tile,
+                        N, D, width, height, g_means2d + i * N * 2, g_conics + i * N * 3, g_opac + i * N,
                         g_feats + i * N * D, absgrad + i * N * 2, sc);
     }
     return;
@@ -549,8 +559,8 @@ void gs_rasterize_backward_cpu(const T* means2d, const T* conics, const T* opac,
       BackwardScratch<T> sc(D);
 #pragma omp for schedule(dynamic, 2)
       for (int tile = 0; tile < TT; ++tile)
-        backward_tile(means2d, conics, opac, feats, radii, tile_offsets, ids, alpha, last, g_image, g_alpha, i, tile,
-                      N, D, width, height, b, b + 2 * N, b + 5 * N, b + 6 * N, b + (6 + D) * N, sc);
+        backward_tile(means2d, conics, opac, feats, radii, tile_offsets, ids, alpha, last, g_image, g_alpha, i, tile, N,
+                      D, width, height, b, b + 2 * N, b + 5 * N, b + 6 * N, b + (6 + D) * N, sc);
     }
     T* outs[5] = {g_means2d + i * N * 2, g_conics + i * N * 3, g_opac + i * N, g_feats + i * N * D,
                   absgrad + i * N * 2};
@@ -580,33 +590,31 @@ void gs_reduce_isect_rows_cpu(const T* rows, const int32_t* isect_src, const int
     const int64_t j1 = std::min(n, j0 + pass_rows);
 #pragma omp parallel for schedule(static) if (G > kMinParallel)
     for (int64_t g = 0; g < G; ++g)
-      gs::reduce_isect_rows_pass(rows + j0 * R, sorted_of.data(), gauss_offsets, n, g, D, j0, j1, g_means2d,
-                                 g_conics, g_opac, g_feats, absgrad);
+      gs::reduce_isect_rows_pass(rows + j0 * R, sorted_of.data(), gauss_offsets, n, g, D, j0, j1, g_means2d, g_conics,
+                                 g_opac, g_feats, absgrad);
   }
 }
 
-#define FAST3D_INSTANTIATE(T)                                                                               \
-  template void gs_project_forward_cpu<T>(const T*, const T*, const T*, const T*, const T*, const T*, int64_t, \
-                                          int64_t, int64_t, int, int, T, T, T, bool, T*, T*, T*, T*, int32_t*);  \
-  template void gs_project_backward_cpu<T>(const T*, const T*, const T*, const T*, const T*, const T*, int64_t, \
-                                           int64_t, int64_t, int, int, T, T, T, bool, const T*, const T*,       \
-                                           const T*, const T*, T*, T*, T*, T*);                                 \
-  template void gs_sh_forward_cpu<T>(const T*, const T*, const T*, int64_t, int64_t, int64_t, int, int, T*);    \
-  template void gs_sh_backward_cpu<T>(const T*, const T*, const T*, int64_t, int64_t, int64_t, int, int,        \
-                                      const T*, T*, T*);                                                        \
-  template void gs_bin_count_cpu<T>(const T*, const T*, const int32_t*, int64_t, int64_t, int, int, int32_t*,   \
-                                    int64_t*, int64_t*);                                                        \
-  template void gs_bin_fill_cpu<T>(const T*, const int32_t*, const int32_t*, const int64_t*, const int64_t*,    \
-                                   int64_t, int64_t, int, int, int32_t*);                                       \
-  template void gs_rasterize_forward_cpu<T>(const T*, const T*, const T*, const T*, const int32_t*,             \
-                                            const int64_t*, const int32_t*, int64_t, int64_t, int, int, int,    \
-                                            T*, T*, int32_t*);                                                  \
-  template void gs_rasterize_backward_cpu<T>(const T*, const T*, const T*, const T*, const int32_t*,            \
-                                             const int64_t*, const int32_t*, const T*, const int32_t*,          \
-                                             const T*, const T*, int64_t, int64_t, int, int, int, T*, T*, T*,   \
-                                             T*, T*);                                                    \
-  template void gs_reduce_isect_rows_cpu<T>(const T*, const int32_t*, const int64_t*, int64_t, int64_t, int,  \
-                                            int64_t, T*, T*, T*, T*, T*);
+#define FAST3D_INSTANTIATE(T)                                                                                          \
+  template void gs_project_forward_cpu<T>(const T*, const T*, const T*, const T*, const T*, const T*, int64_t,         \
+                                          int64_t, int64_t, int, int, T, T, T, bool, T*, T*, T*, T*, int32_t*);        \
+  template void gs_project_backward_cpu<T>(const T*, const T*, const T*, const T*, const T*, const T*, int64_t,        \
+                                           int64_t, int64_t, int, int, T, T, T, bool, const T*, const T*, const T*,    \
+                                           const T*, T*, T*, T*, T*);                                                  \
+  template void gs_sh_forward_cpu<T>(const T*, const T*, const T*, int64_t, int64_t, int64_t, int, int, T*);           \
+  template void gs_sh_backward_cpu<T>(const T*, const T*, const T*, int64_t, int64_t, int64_t, int, int, const T*, T*, \
+                                      T*);                                                                             \
+  template void gs_bin_count_cpu<T>(const T*, const T*, const int32_t*, int64_t, int64_t, int, int, int32_t*,          \
+                                    int64_t*, int64_t*);                                                               \
+  template void gs_bin_fill_cpu<T>(const T*, const int32_t*, const int32_t*, const int64_t*, const int64_t*, int64_t,  \
+                                   int64_t, int, int, int32_t*);                                                       \
+  template void gs_rasterize_forward_cpu<T>(const T*, const T*, const T*, const T*, const int32_t*, const int64_t*,    \
+                                            const int32_t*, int64_t, int64_t, int, int, int, T*, T*, int32_t*);        \
+  template void gs_rasterize_backward_cpu<T>(const T*, const T*, const T*, const T*, const int32_t*, const int64_t*,   \
+                                             const int32_t*, const T*, const int32_t*, const T*, const T*, int64_t,    \
+                                             int64_t, int, int, int, T*, T*, T*, T*, T*);                              \
+  template void gs_reduce_isect_rows_cpu<T>(const T*, const int32_t*, const int64_t*, int64_t, int64_t, int, int64_t,  \
+                                            T*, T*, T*, T*, T*);
 FAST3D_INSTANTIATE(float)
 FAST3D_INSTANTIATE(double)
 #undef FAST3D_INSTANTIATE

@@ -29,8 +29,8 @@ using gs::kTile;
 using gs::tiles_along;
 constexpr float kAlphaMin = float(gs::kAlphaMin), kAlphaMax = float(gs::kAlphaMax), kTransMin = float(gs::kTransMin);
 
-constexpr int kThreads = 256;                   // block size of the one-thread-per-item kernels
-constexpr int kTilePixels = kTile * kTile;      // block size of the blend kernels: a thread per pixel
+constexpr int kThreads = 256;               // block size of the one-thread-per-item kernels
+constexpr int kTilePixels = kTile * kTile;  // block size of the blend kernels: a thread per pixel
 constexpr int kWarps = kTilePixels / 32;
 constexpr int kBwdBatch = 32;  // Gaussians per shared-memory batch in the backward
 
@@ -41,8 +41,8 @@ const char* last_error() {
 
 unsigned blocks_for(int64_t n) { return static_cast<unsigned>((n + kThreads - 1) / kThreads); }
 
-__device__ void load_camera(const float* vm, const float* K, float R[3][3], float t[3], float& fx, float& fy,
-                            float& cx, float& cy) {
+__device__ void load_camera(const float* vm, const float* K, float R[3][3], float t[3], float& fx, float& fy, float& cx,
+                            float& cy) {
   for (int i = 0; i < 3; ++i) {
     for (int j = 0; j < 3; ++j) R[i][j] = vm[i * 4 + j];
     t[i] = vm[i * 4 + 3];
@@ -59,17 +59,17 @@ __device__ void load_camera(const float* vm, const float* K, float R[3][3], floa
 __global__ void project_forward_kernel(const float* __restrict__ means, const float* __restrict__ quats,
                                        const float* __restrict__ scales, const float* __restrict__ opacities,
                                        const float* __restrict__ viewmats, const float* __restrict__ Ks, int64_t B,
-                                       int64_t C, int64_t N, int width, int height, float near_plane,
-                                       float far_plane, float eps2d, bool antialiased, float* means2d,
-                                       float* conics, float* depths, float* opac, int32_t* radii) {
+                                       int64_t C, int64_t N, int width, int height, float near_plane, float far_plane,
+                                       float eps2d, bool antialiased, float* means2d, float* conics, float* depths,
+                                       float* opac, int32_t* radii) {
   const int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (idx >= B * C * N) return;
   const int64_t n = idx % N, bc = idx / N, b = bc / C, g = b * N + n;
   float R[3][3], t[3], fx, fy, cx, cy;
   load_camera(viewmats + bc * 16, Ks + bc * 9, R, t, fx, fy, cx, cy);
   gs::Projected<float> pr;
-  gs::project_forward(means + g * 3, quats + g * 4, scales + g * 3, opacities[g], R, t, fx, fy, cx, cy, width,
-                      height, near_plane, far_plane, eps2d, antialiased, pr);
+  gs::project_forward(means + g * 3, quats + g * 4, scales + g * 3, opacities[g], R, t, fx, fy, cx, cy, width, height,
+                      near_plane, far_plane, eps2d, antialiased, pr);
   int r[2];
   gs::screen_radii(pr, r);
   depths[idx] = pr.p[2];
@@ -88,12 +88,12 @@ __global__ void project_forward_kernel(const float* __restrict__ means, const fl
 // g_means [B,N,3], g_quats [B,N,4], g_scales [B,N,3], g_opacities [B,N].
 __global__ void project_backward_kernel(const float* __restrict__ means, const float* __restrict__ quats,
                                         const float* __restrict__ scales, const float* __restrict__ opacities,
-                                        const float* __restrict__ viewmats, const float* __restrict__ Ks,
-                                        int64_t B, int64_t C, int64_t N, int width, int height, float near_plane,
-                                        float far_plane, float eps2d, bool antialiased,
-                                        const float* __restrict__ g_means2d, const float* __restrict__ g_conics,
-                                        const float* __restrict__ g_depths, const float* __restrict__ g_opac,
-                                        float* g_means, float* g_quats, float* g_scales, float* g_opacities) {
+                                        const float* __restrict__ viewmats, const float* __restrict__ Ks, int64_t B,
+                                        int64_t C, int64_t N, int width, int height, float near_plane, float far_plane,
+                                        float eps2d, bool antialiased, const float* __restrict__ g_means2d,
+                                        const float* __restrict__ g_conics, const float* __restrict__ g_depths,
+                                        const float* __restrict__ g_opac, float* g_means, float* g_quats,
+                                        float* g_scales, float* g_opacities) {
   const int64_t g = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (g >= B * N) return;
   const int64_t b = g / N, n = g % N;
@@ -103,8 +103,8 @@ __global__ void project_backward_kernel(const float* __restrict__ means, const f
     float R[3][3], t[3], fx, fy, cx, cy;
     load_camera(viewmats + bc * 16, Ks + bc * 9, R, t, fx, fy, cx, cy);
     gs::Projected<float> pr;
-    gs::project_forward(means + g * 3, quats + g * 4, scales + g * 3, opacities[g], R, t, fx, fy, cx, cy, width,
-                        height, near_plane, far_plane, eps2d, antialiased, pr);
+    gs::project_forward(means + g * 3, quats + g * 4, scales + g * 3, opacities[g], R, t, fx, fy, cx, cy, width, height,
+                        near_plane, far_plane, eps2d, antialiased, pr);
     if (!pr.valid) {  // constant stand-in values; depth = z still reads the mean
       for (int k = 0; k < 3; ++k) gm[k] += R[2][k] * g_depths[idx];
       continue;
@@ -149,8 +149,7 @@ __global__ void sh_backward_kernel(const float* __restrict__ sh, const float* __
     const int64_t bc = b * C + c;
     float campos[3];
     camera_centre(viewmats + bc * 16, campos);
-    gs::sh_backward(degree, sh + g * K * 3, means + g * 3, campos, g_colors + (bc * N + n) * 3, g_sh + g * K * 3,
-                    gm);
+    gs::sh_backward(degree, sh + g * K * 3, means + g * 3, campos, g_colors + (bc * N + n) * 3, g_sh + g * K * 3, gm);
   }
   for (int k = 0; k < 3; ++k) g_means[g * 3 + k] = gm[k];
 }
@@ -161,9 +160,8 @@ __global__ void tiles_per_gaussian_kernel(const float* __restrict__ means2d, con
   const int64_t g = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (g >= total) return;
   int tr[4];
-  counts[g] = gs::tile_rect(means2d + g * 2, radii + g * 2, width, height, tr)
-                  ? int64_t(tr[1] - tr[0]) * (tr[3] - tr[2])
-                  : 0;
+  counts[g] =
+      gs::tile_rect(means2d + g * 2, radii + g * 2, width, height, tr) ? int64_t(tr[1] - tr[0]) * (tr[3] - tr[2]) : 0;
 }
 
 // Intersections binned: the true count n = gauss_offsets[n_gauss], capped at the buffers' capacity.
@@ -206,8 +204,8 @@ __global__ void pad_isects_kernel(const int64_t* __restrict__ gauss_offsets, int
 
 // tile_offsets[t] = n for every global tile t (= image * tiles + tile): the end of the list,
 // before tile_ranges_kernel writes the starts of the tiles that have intersections.
-__global__ void fill_tile_offsets_kernel(const int64_t* __restrict__ gauss_offsets, int64_t n_gauss,
-                                         int64_t capacity, int64_t n_tiles, int64_t* tile_offsets) {
+__global__ void fill_tile_offsets_kernel(const int64_t* __restrict__ gauss_offsets, int64_t n_gauss, int64_t capacity,
+                                         int64_t n_tiles, int64_t* tile_offsets) {
   const int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (t <= n_tiles) tile_offsets[t] = binned_count(gauss_offsets, n_gauss, capacity);
 }
@@ -216,8 +214,7 @@ __global__ void fill_tile_offsets_kernel(const int64_t* __restrict__ gauss_offse
 // (so empty tiles get empty ranges); flat_ids[j] = the Gaussian (within its image) of j.
 __global__ void tile_ranges_kernel(const uint64_t* __restrict__ keys, const int32_t* __restrict__ isect_src,
                                    const int64_t* __restrict__ gauss_offsets, int64_t capacity, int64_t n_gauss,
-                                   int64_t N, int64_t tiles, int tile_bits, int64_t* tile_offsets,
-                                   int32_t* flat_ids) {
+                                   int64_t N, int64_t tiles, int tile_bits, int64_t* tile_offsets, int32_t* flat_ids) {
   const int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (j >= binned_count(gauss_offsets, n_gauss, capacity)) return;
   const uint64_t mask = (uint64_t(1) << tile_bits) - 1;
@@ -234,7 +231,10 @@ __global__ void tile_ranges_kernel(const uint64_t* __restrict__ keys, const int3
   int64_t lo = 0, hi = n_gauss + 1;
   while (lo < hi) {
     const int64_t mid = (lo + hi) / 2;
-    if (gauss_offsets[mid] <= src) lo = mid + 1; else hi = mid;
+    if (gauss_offsets[mid] <= src)
+      lo = mid + 1;
+    else
+      hi = mid;
   }
   flat_ids[j] = int32_t((lo - 1) % N);
 }
@@ -244,10 +244,11 @@ __global__ void tile_ranges_kernel(const uint64_t* __restrict__ keys, const int3
 // opac [I,N], feats [I,N,D], tile_offsets [I*tiles+1], flat_ids [capacity] -> image [I,H,W,D],
 // alpha [I,H,W], last [I,H,W].
 template <int DMAX>
-__global__ void __launch_bounds__(kTilePixels) rasterize_forward_kernel(
-    const float* __restrict__ means2d, const float* __restrict__ conics, const float* __restrict__ opac,
-    const float* __restrict__ feats, const int64_t* __restrict__ tile_offsets, const int32_t* __restrict__ flat_ids,
-    int64_t N, int D, int width, int height, float* image, float* alpha, int32_t* last) {
+__global__ void __launch_bounds__(kTilePixels)
+    rasterize_forward_kernel(const float* __restrict__ means2d, const float* __restrict__ conics,
+                             const float* __restrict__ opac, const float* __restrict__ feats,
+                             const int64_t* __restrict__ tile_offsets, const int32_t* __restrict__ flat_ids, int64_t N,
+                             int D, int width, int height, float* image, float* alpha, int32_t* last) {
   const int tiles_x = tiles_along(width);
   const int64_t i = blockIdx.y;
   const int64_t it = i * gridDim.x + blockIdx.x;
@@ -339,25 +340,25 @@ __device__ __forceinline__ float warp_sum(float v) {
 // memory, and the partials are summed in warp order into the intersection's row of the pass's
 // buffer (only the sorted intersections [j0, j1) of the pass; see isect_rows.h).
 template <int DMAX>
-__global__ void __launch_bounds__(kTilePixels) rasterize_backward_kernel(
-    const float* __restrict__ means2d,      // [I, N, 2]
-    const float* __restrict__ conics,       // [I, N, 3]
-    const float* __restrict__ opac,         // [I, N]
-    const float* __restrict__ feats,        // [I, N, D]
-    const int64_t* __restrict__ tile_offsets,  // [I * tiles + 1]
-    const int32_t* __restrict__ flat_ids,   // [capacity]
-    const float* __restrict__ alpha,        // [I, H, W]
-    const int32_t* __restrict__ last,       // [I, H, W]
-    const float* __restrict__ g_image,      // [I, H, W, D]
-    const float* __restrict__ g_alpha,      // [I, H, W]
-    int64_t N, int D, int width, int height, bool deterministic, int64_t j0, int64_t j1,
-    float* rows,                            // deterministic: [j1 - j0, 8 + D]
-    float* g_means2d,                       // [I, N, 2]  (atomics; deterministic: unused)
-    float* g_conics,                        // [I, N, 3]
-    float* g_opac,                          // [I, N]
-    float* g_feats,                         // [I, N, D]
-    float* absgrad) {                       // [I, N, 2]
-  extern __shared__ float s_partial[];  // deterministic: [kBwdBatch][kWarps][8 + D]
+__global__ void __launch_bounds__(kTilePixels)
+    rasterize_backward_kernel(const float* __restrict__ means2d,         // [I, N, 2]
+                              const float* __restrict__ conics,          // [I, N, 3]
+                              const float* __restrict__ opac,            // [I, N]
+                              const float* __restrict__ feats,           // [I, N, D]
+                              const int64_t* __restrict__ tile_offsets,  // [I * tiles + 1]
+                              const int32_t* __restrict__ flat_ids,      // [capacity]
+                              const float* __restrict__ alpha,           // [I, H, W]
+                              const int32_t* __restrict__ last,          // [I, H, W]
+                              const float* __restrict__ g_image,         // [I, H, W, D]
+                              const float* __restrict__ g_alpha,         // [I, H, W]
+                              int64_t N, int D, int width, int height, bool deterministic, int64_t j0, int64_t j1,
+                              float* rows,       // deterministic: [j1 - j0, 8 + D]
+                              float* g_means2d,  // [I, N, 2]  (atomics; deterministic: unused)
+                              float* g_conics,   // [I, N, 3]
+                              float* g_opac,     // [I, N]
+                              float* g_feats,    // [I, N, D]
+                              float* absgrad) {  // [I, N, 2]
+  extern __shared__ float s_partial[];           // deterministic: [kBwdBatch][kWarps][8 + D]
   __shared__ int32_t s_id[kBwdBatch];
   __shared__ float2 s_m2[kBwdBatch];
   __shared__ float3 s_con[kBwdBatch];
@@ -512,51 +513,50 @@ __global__ void reduce_isect_rows_kernel(const float* __restrict__ rows, const i
 
 }  // namespace
 
-const char* gs_project_forward_cuda(const float* means, const float* quats, const float* scales,
-                                    const float* opacities, const float* viewmats, const float* Ks, int64_t B,
-                                    int64_t C, int64_t N, int width, int height, float near_plane,
-                                    float far_plane, float eps2d, bool antialiased, float* means2d,
-                                    float* conics, float* depths, float* opac, int32_t* radii, void* stream) {
+const char* gs_project_forward_cuda(const float* means, const float* quats, const float* scales, const float* opacities,
+                                    const float* viewmats, const float* Ks, int64_t B, int64_t C, int64_t N, int width,
+                                    int height, float near_plane, float far_plane, float eps2d, bool antialiased,
+                                    float* means2d, float* conics, float* depths, float* opac, int32_t* radii,
+                                    void* stream) {
   if (B * C * N == 0) return nullptr;
   project_forward_kernel<<<blocks_for(B * C * N), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
-      means, quats, scales, opacities, viewmats, Ks, B, C, N, width, height, near_plane, far_plane, eps2d,
-      antialiased, means2d, conics, depths, opac, radii);
+      means, quats, scales, opacities, viewmats, Ks, B, C, N, width, height, near_plane, far_plane, eps2d, antialiased,
+      means2d, conics, depths, opac, radii);
   return last_error();
 }
 
 const char* gs_project_backward_cuda(const float* means, const float* quats, const float* scales,
                                      const float* opacities, const float* viewmats, const float* Ks, int64_t B,
-                                     int64_t C, int64_t N, int width, int height, float near_plane,
-                                     float far_plane, float eps2d, bool antialiased, const float* g_means2d,
-                                     const float* g_conics, const float* g_depths, const float* g_opac,
-                                     float* g_means, float* g_quats, float* g_scales, float* g_opacities,
-                                     void* stream) {
+                                     int64_t C, int64_t N, int width, int height, float near_plane, float far_plane,
+                                     float eps2d, bool antialiased, const float* g_means2d, const float* g_conics,
+                                     const float* g_depths, const float* g_opac, float* g_means, float* g_quats,
+                                     float* g_scales, float* g_opacities, void* stream) {
   if (B * N == 0) return nullptr;
   project_backward_kernel<<<blocks_for(B * N), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
-      means, quats, scales, opacities, viewmats, Ks, B, C, N, width, height, near_plane, far_plane, eps2d,
-      antialiased, g_means2d, g_conics, g_depths, g_opac, g_means, g_quats, g_scales, g_opacities);
+      means, quats, scales, opacities, viewmats, Ks, B, C, N, width, height, near_plane, far_plane, eps2d, antialiased,
+      g_means2d, g_conics, g_depths, g_opac, g_means, g_quats, g_scales, g_opacities);
   return last_error();
 }
 
 const char* gs_sh_forward_cuda(const float* sh, const float* means, const float* viewmats, int64_t B, int64_t C,
                                int64_t N, int K, int degree, float* colors, void* stream) {
   if (B * C * N == 0) return nullptr;
-  sh_forward_kernel<<<blocks_for(B * C * N), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
-      sh, means, viewmats, B, C, N, K, degree, colors);
+  sh_forward_kernel<<<blocks_for(B * C * N), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(sh, means, viewmats, B,
+                                                                                               C, N, K, degree, colors);
   return last_error();
 }
 
-const char* gs_sh_backward_cuda(const float* sh, const float* means, const float* viewmats, int64_t B,
-                                int64_t C, int64_t N, int K, int degree, const float* g_colors, float* g_sh,
-                                float* g_means, void* stream) {
+const char* gs_sh_backward_cuda(const float* sh, const float* means, const float* viewmats, int64_t B, int64_t C,
+                                int64_t N, int K, int degree, const float* g_colors, float* g_sh, float* g_means,
+                                void* stream) {
   if (B * N == 0) return nullptr;
   sh_backward_kernel<<<blocks_for(B * N), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
       sh, means, viewmats, B, C, N, K, degree, g_colors, g_sh, g_means);
   return last_error();
 }
 
-const char* gs_tiles_per_gaussian_cuda(const float* means2d, const int32_t* radii, int64_t I, int64_t N,
-                                       int width, int height, int64_t* counts, void* stream) {
+const char* gs_tiles_per_gaussian_cuda(const float* means2d, const int32_t* radii, int64_t I, int64_t N, int width,
+                                       int height, int64_t* counts, void* stream) {
   if (I * N == 0) return nullptr;
   tiles_per_gaussian_kernel<<<blocks_for(I * N), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
       means2d, radii, I * N, width, height, counts);
@@ -571,8 +571,8 @@ const char* gs_emit_isects_cuda(const float* means2d, const float* depths, const
   auto st = static_cast<cudaStream_t>(stream);
   if (I * N > 0)
     emit_isects_kernel<<<blocks_for(I * N), kThreads, 0, st>>>(means2d, depths, radii, gauss_offsets, I, N, width,
-                                                                height, gs_bits_for(gs_tiles(width, height)),
-                                                                capacity, keys, vals);
+                                                               height, gs_bits_for(gs_tiles(width, height)), capacity,
+                                                               keys, vals);
   if (capacity > 0)
     pad_isects_kernel<<<blocks_for(capacity), kThreads, 0, st>>>(gauss_offsets, I * N, capacity, keys, vals);
   return last_error();
@@ -586,8 +586,8 @@ size_t gs_sort_temp_bytes_cuda(int64_t total, int end_bit) {
   return bytes;
 }
 
-const char* gs_sort_isects_cuda(void* temp, size_t temp_bytes, uint64_t* keys_in, uint64_t* keys_out,
-                                int32_t* vals_in, int32_t* vals_out, int64_t total, int end_bit, void* stream) {
+const char* gs_sort_isects_cuda(void* temp, size_t temp_bytes, uint64_t* keys_in, uint64_t* keys_out, int32_t* vals_in,
+                                int32_t* vals_out, int64_t total, int end_bit, void* stream) {
   if (total == 0) return nullptr;
   if (total > kGsMaxIntersections) return "more than 2^31 - 1 Gaussian-tile intersections";
   const cudaError_t err =
@@ -602,10 +602,10 @@ const char* gs_tile_ranges_cuda(const uint64_t* keys, const int32_t* isect_src, 
                                 int32_t* flat_ids, void* stream) {
   auto st = static_cast<cudaStream_t>(stream);
   fill_tile_offsets_kernel<<<blocks_for(I * tiles + 1), kThreads, 0, st>>>(gauss_offsets, I * N, capacity, I * tiles,
-                                                                            tile_offsets);
+                                                                           tile_offsets);
   if (capacity > 0)
     tile_ranges_kernel<<<blocks_for(capacity), kThreads, 0, st>>>(keys, isect_src, gauss_offsets, capacity, I * N, N,
-                                                                   tiles, gs_bits_for(tiles), tile_offsets, flat_ids);
+                                                                  tiles, gs_bits_for(tiles), tile_offsets, flat_ids);
   return last_error();
 }
 
@@ -648,10 +648,9 @@ const char* opt_in_backward_shared_memory() {
 
 }  // namespace
 
-const char* gs_rasterize_forward_cuda(const float* means2d, const float* conics, const float* opac,
-                                      const float* feats, const int64_t* tile_offsets, const int32_t* flat_ids,
-                                      int64_t I, int64_t N, int D, int width, int height, float* image,
-                                      float* alpha, int32_t* last, void* stream) {
+const char* gs_rasterize_forward_cuda(const float* means2d, const float* conics, const float* opac, const float* feats,
+                                      const int64_t* tile_offsets, const int32_t* flat_ids, int64_t I, int64_t N, int D,
+                                      int width, int height, float* image, float* alpha, int32_t* last, void* stream) {
   if (I == 0) return nullptr;
   if (I > kGsMaxCudaImages) return "more than 65535 images in one call (grid y limit)";
   const auto st = static_cast<cudaStream_t>(stream);
@@ -663,13 +662,13 @@ const char* gs_rasterize_forward_cuda(const float* means2d, const float* conics,
   });
 }
 
-const char* gs_rasterize_backward_cuda(const float* means2d, const float* conics, const float* opac,
-                                       const float* feats, const int64_t* tile_offsets, const int32_t* flat_ids,
-                                       const int32_t* isect_src, const int64_t* gauss_offsets, const float* alpha,
-                                       const int32_t* last, const float* g_image, const float* g_alpha, int64_t I,
-                                       int64_t N, int D, int width, int height, int64_t capacity, bool deterministic,
-                                       int64_t pass_rows, int32_t* sorted_of, float* rows, float* g_means2d,
-                                       float* g_conics, float* g_opac, float* g_feats, float* absgrad, void* stream) {
+const char* gs_rasterize_backward_cuda(const float* means2d, const float* conics, const float* opac, const float* feats,
+                                       const int64_t* tile_offsets, const int32_t* flat_ids, const int32_t* isect_src,
+                                       const int64_t* gauss_offsets, const float* alpha, const int32_t* last,
+                                       const float* g_image, const float* g_alpha, int64_t I, int64_t N, int D,
+                                       int width, int height, int64_t capacity, bool deterministic, int64_t pass_rows,
+                                       int32_t* sorted_of, float* rows, float* g_means2d, float* g_conics,
+                                       float* g_opac, float* g_feats, float* absgrad, void* stream) {
   const auto st = static_cast<cudaStream_t>(stream);
   const int64_t G = I * N;
   if (G == 0) return nullptr;
