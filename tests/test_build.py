@@ -156,3 +156,25 @@ def test_blend_kernels_fit_their_register_budget(setup_module, tmp_path):
     assert set(MAX_REGISTERS_SM90) <= set(used), used
     over = {k: (used[k], limit) for k, limit in MAX_REGISTERS_SM90.items() if used[k] > limit}
     assert not over, f"registers (used, budget): {over}"
+
+
+def test_format_check_passes_here_and_fails_on_a_misformatted_file(tmp_path):
+    """.ci/check_format.py (run by .ci/run) accepts csrc/ as committed and rejects a file that
+    .clang-format would change."""
+    import re
+    import shutil
+
+    pin = re.search(r'"clang-format==([0-9.]+)"', open(os.path.join(ROOT, "pyproject.toml")).read()).group(1)
+    exe = shutil.which("clang-format")
+    if exe is None or f"version {pin}" not in subprocess.run([exe, "--version"], capture_output=True,
+                                                             text=True).stdout:
+        pytest.skip(f"clang-format {pin} (pyproject's dev extra) is not installed")
+    script = os.path.join(ROOT, ".ci", "check_format.py")
+    r = subprocess.run([sys.executable, script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    for name in ("pyproject.toml", ".clang-format"):
+        shutil.copy(os.path.join(ROOT, name), tmp_path / name)
+    (tmp_path / "csrc").mkdir()
+    (tmp_path / "csrc" / "bad.cpp").write_text("int  f(int x){return x+1;}\n")
+    r = subprocess.run([sys.executable, script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "csrc/bad.cpp" in r.stderr and "not formatted" in r.stderr, r.stderr
