@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-# EG3D's output activations, shared with the fused Triton marcher (fast3d/ops/triplane/march.py).
-RGB_PAD = 0.001            # rgb = sigmoid(x) (1 + 2 RGB_PAD) - RGB_PAD
-SOFTPLUS_THRESHOLD = 20.0  # F.softplus's default: linear above it
+from fast3d.ops.triplane.api import render_triplane
+from fast3d.ops.triplane.decoder import DecoderWeights, decode
 
 
 class TriplaneMLP(nn.Module):
     """OpenLRM / EG3D's OSGDecoder: concatenated triplane features [..., 3C] -> ``n_layers``
     linear layers (ReLU between) -> density sigma [...] and colour rgb [..., 3].
 
-    sigma = softplus(x_0 + density_bias) (EG3D's shifted softplus: empty space at init);
-    rgb = sigmoid(x_1:4) (1 + 2 RGB_PAD) - RGB_PAD (EG3D's widened sigmoid, so 0 and 1 are reachable).
+    The function is :func:`fast3d.ops.triplane.decoder.decode` (shifted softplus density, widened
+    sigmoid colour); this module holds its parameters. ``weights()`` is what ``render_triplane``
+    takes, so a TriplaneMLP can be passed to it directly.
+
+    Args:
+        n_features: C, channels per plane (the decoder takes 3C inputs).
+        hidden: width of the hidden layers.
+        n_layers: linear layers (>= 1).
+        density_bias: added to the density pre-activation (negative: empty space at init).
     """
 
     def __init__(self, n_features: int, hidden: int = 64, n_layers: int = 4, density_bias: float = -1.0):
@@ -30,15 +35,14 @@ class TriplaneMLP(nn.Module):
         widths = [self.in_features] + [self.hidden] * (n_layers - 1) + [4]
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
 
+    def weights(self) -> DecoderWeights:
+        """The parameters (live, so gradients reach them) as the ops layer's DecoderWeights."""
+        return DecoderWeights(tuple(layer.weight for layer in self.layers), tuple(layer.bias for layer in self.layers),
+                              self.density_bias)
+
     def forward(self, feats: Tensor) -> tuple[Tensor, Tensor]:   # feats [..., 3C] -> [...], [..., 3]
-        x = feats
-        for i, layer in enumerate(self.layers):
-            x = layer(x)
-            if i + 1 < len(self.layers):
-                x = F.relu(x)
-        sigma = F.softplus(x[..., 0] + self.density_bias, threshold=SOFTPLUS_THRESHOLD)
-        rgb = torch.sigmoid(x[..., 1:]) * (1 + 2 * RGB_PAD) - RGB_PAD
-        return sigma, rgb
+        """sigma [...] and rgb [..., 3] of features [..., 3C]."""
+        return decode(self.weights(), feats)
 
 
 class TriplaneRenderer(nn.Module):
@@ -57,8 +61,6 @@ class TriplaneRenderer(nn.Module):
     def forward(self, planes: Tensor, rays_o: Tensor, rays_d: Tensor, near, far,
                 background: Tensor | None = None, deterministic: bool | None = None,
                 generator: torch.Generator | None = None) -> dict:
-        from fast3d.ops.triplane.api import render_triplane
-
         # Evaluation renders are reproducible (midpoints, evenly spaced importance samples);
         # training jitters the samples, as NeRF does.
         det = (not self.training) if deterministic is None else deterministic

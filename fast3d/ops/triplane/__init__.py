@@ -1,12 +1,14 @@
-"""Triplane sampling and volume rendering: api (public functions), reference (PyTorch twins,
-OpenLRM-style), triton (the triplane_sample kernels), march (the fused render_triplane kernels),
-bench (the `lrm` workload and byte/flop models)."""
+"""Triplane sampling and volume rendering: api (public functions), decoder (the decoder MLP's
+weights, constants and functional ``decode``), reference (PyTorch twins, OpenLRM-style), triton
+(the triplane_sample kernels), march (the fused render_triplane kernels), bench (the `lrm`
+workload and byte/flop models)."""
 
 import torch
 
 from fast3d import backends
 from fast3d.ops.triplane import bench, reference
 from fast3d.ops.triplane.api import OP_RENDER, OP_SAMPLE, render_triplane, triplane_sample
+from fast3d.ops.triplane.decoder import DecoderWeights, decode
 
 try:
     from fast3d.ops.triplane import march
@@ -29,7 +31,8 @@ def _triton_render(*args):
 def _triton_render_check(q: backends.Query) -> list:
     if march is None:
         return []
-    return march.unsupported_decoder(q.extra["decoder_layers"], q.extra["decoder_hidden"], q.extra["decoder_dtype"])
+    return march.unsupported_decoder(q.extra["decoder_layers"], q.extra["decoder_hidden"], q.extra["decoder_dtype"],
+                                     q.device)
 
 
 backends.register(OP_SAMPLE, "torch", reference.triplane_sample, devices=("cpu", "cuda"), dtypes=_ALL_FLOATS,
@@ -44,4 +47,4 @@ backends.register(OP_RENDER, "triton", _triton_render, devices=backends.triton_d
                   doc="fused Triton ray marcher: sampling + decoder MLP + compositing per tile, recomputed in "
                       "the backward (no per-sample tensors)")
 
-__all__ = ["triplane_sample", "render_triplane", "reference", "bench"]
+__all__ = ["triplane_sample", "render_triplane", "DecoderWeights", "decode", "reference", "bench"]

@@ -11,6 +11,7 @@ from torch import Tensor
 from fast3d import backends
 from fast3d.ops import _validate as v
 from fast3d.ops._profiling import op_range
+from fast3d.ops.triplane.decoder import as_weights
 
 OP_SAMPLE = "triplane_sample"
 OP_RENDER = "render_triplane"
@@ -45,13 +46,27 @@ def triplane_sample(planes: Tensor,   # [B, 3, C, H, W] feature planes XY, XZ, Y
                     reduce: str = "concat",
                     bound: float = 1.0,
                     backend: str = "auto") -> Tensor:
-    """Bilinear triplane features of points: [B, M, 3C] ("concat") or [B, M, C] ("sum" | "mean").
+    """Bilinear triplane features of points (EG3D / OpenLRM's triplane lookup).
 
     Plane 0 is XY (u = x, v = y), plane 1 XZ (u = x, v = z), plane 2 YZ (u = y, v = z); plane i's
     value is ``F.grid_sample(planes[:, i], (u, v) / bound, mode="bilinear", padding_mode="zeros",
-    align_corners=False)`` (u indexes the width, v the height), so points outside the box
-    [-bound, bound]^3 fade to zero within half a texel. Gradients flow to planes and points.
-    The result has planes' dtype; points may be float32 under half-precision planes.
+    align_corners=False)`` (u indexes the width, v the height).
+
+    Args:
+        planes: ``[B, 3, C, H, W]`` feature planes (float16, bfloat16, float32; float64 on `torch`).
+        points: ``[B, M, 3]`` query points; may be float32 under half-precision planes.
+        reduce: how the three planes' features combine: "concat" (plane-major), "sum" or "mean".
+        bound: the planes cover the box [-bound, bound]^3.
+        backend: "auto", "torch" or "triton" (:func:`fast3d.backends.availability` says which can run).
+
+    Returns:
+        ``[B, M, 3C]`` ("concat") or ``[B, M, C]`` ("sum" | "mean") features in planes' dtype.
+
+    Notes:
+        - Outside the box: points fade to zero within half a texel (zero padding).
+        - Gradients: flow to planes and points. The `triton` backward adds plane gradients with
+          float32 atomics, whose order varies between runs on a GPU: repeated backward passes
+          agree to rounding, not bit for bit (the `torch` backend is deterministic).
     """
     B, C, H, W = _planes(planes)
     v.tensor("points", points, dims=3, last=3)
@@ -66,6 +81,26 @@ def triplane_sample(planes: Tensor,   # [B, 3, C, H, W] feature planes XY, XZ, Y
     impl = backends.select(OP_SAMPLE, backend, _query(planes, planes, points))
     with op_range(f"{OP_SAMPLE}[{impl.name}]", planes.device):
         return impl.fn(planes, points, reduce, bound)
+
+
+def box_interval(rays_o: Tensor,   # [B, R, 3] ray origins
+                 rays_d: Tensor,   # [B, R, 3] ray directions
+                 near: Tensor,     # [B, R]
+                 far: Tensor,      # [B, R]
+                 bound: float) -> tuple[Tensor, Tensor]:
+    """Each ray's [near, far] clipped to the box [-bound, bound]^3 (slab test), no gradient.
+    A ray whose clipped interval is empty (it misses the box, or the box lies outside [near, far])
+    gets near = far = its near: an empty interval, which both backends render as nothing (zero
+    opacity, the background) and the fused marcher skips. Returns near, far [B, R]."""
+    with torch.no_grad():
+        o, d = rays_o.detach().to(near.dtype), rays_d.detach().to(near.dtype)
+        # Axis-parallel directions: a tiny signed component keeps the slab bounds +-inf-like, finite.
+        d = torch.where(d.abs() < 1e-12, torch.copysign(torch.full_like(d, 1e-12), d), d)
+        t1, t2 = (-bound - o) / d, (bound - o) / d
+        lo = torch.maximum(torch.minimum(t1, t2).amax(-1), near)
+        hi = torch.minimum(torch.maximum(t1, t2).amin(-1), far)
+        hit = hi > lo
+        return torch.where(hit, lo, near), torch.where(hit, hi, near)
 
 
 def _near_far(name: str, x, B: int, R: int, like: Tensor) -> Tensor:
@@ -85,7 +120,7 @@ def _near_far(name: str, x, B: int, R: int, like: Tensor) -> Tensor:
 
 
 def render_triplane(planes: Tensor,                   # [B, 3, C, H, W]
-                    decoder: torch.nn.Module,         # fast3d.nn.triplane.TriplaneMLP with 3C inputs
+                    decoder,                          # DecoderWeights (3C inputs), or e.g. a TriplaneMLP
                     rays_o: Tensor,                   # [B, R, 3] ray origins
                     rays_d: Tensor,                   # [B, R, 3] ray directions (t is in their units)
                     near,                             # float or [B, R]
@@ -97,23 +132,47 @@ def render_triplane(planes: Tensor,                   # [B, 3, C, H, W]
                     deterministic: bool = False,
                     generator: torch.Generator | None = None,
                     transmittance_eps: float = 1e-4,
+                    clip_to_box: bool = True,
                     backend: str = "auto") -> dict:
     """Volume-render rays through a triplane (LRM / OpenLRM's renderer).
 
-    ``n_samples`` stratified samples in [near, far], then ``n_importance`` samples drawn from the
-    coarse weights' PDF (NeRF's inverse-CDF sample_pdf; ``deterministic=True`` uses stratum
-    midpoints and evenly spaced CDF values, else ``generator`` draws the jitter), the decoder on all,
-    NeRF compositing (:func:`fast3d.composite`) over the merged sorted samples. Returns
-    dict(color [B, R, 3], opacity [B, R, 1], depth [B, R, 1]). Gradients flow to planes, the
-    decoder's parameters, rays_o, rays_d and background; sample positions are constants.
-    """
-    from fast3d.nn.triplane import TriplaneMLP
+    Args:
+        planes: ``[B, 3, C, H, W]`` feature planes covering the box [-bound, bound]^3.
+        decoder: the decoder's :class:`~fast3d.ops.triplane.decoder.DecoderWeights` (3C inputs),
+            or an object whose ``weights()`` returns them (``fast3d.nn.TriplaneMLP``).
+        rays_o: ``[B, R, 3]`` ray origins.
+        rays_d: ``[B, R, 3]`` ray directions; t (near, far, depth) is in their units.
+        near, far: each ray's interval, a float or ``[B, R]``; near < far.
+        n_samples: stratified (coarse) samples per ray, >= 1.
+        n_importance: samples drawn from the coarse weights' PDF, >= 0.
+        background: ``[3]`` or ``[B, R, 3]`` colour behind the rays (None: black).
+        bound: half-size of the planes' box.
+        deterministic: stratum midpoints and evenly spaced CDF values instead of random jitter.
+        generator: draws the jitter when not deterministic.
+        transmittance_eps: samples behind transmittance < eps are cut (early termination).
+        clip_to_box: clip each ray's [near, far] to the planes' box (default); False integrates
+            the whole interval, where features outside read zero but still decode to a density.
+        backend: "auto", "torch" or "triton" (the fused marcher).
 
+    Returns:
+        dict(color ``[B, R, 3]``, opacity ``[B, R, 1]``, depth ``[B, R, 1]``) in the decoder's dtype.
+
+    Notes:
+        - Sampling: ``n_samples`` stratified samples in [near, far], then ``n_importance`` from the
+          coarse weights by NeRF's inverse-CDF ``sample_pdf``; the decoder runs on all and NeRF
+          compositing (:func:`fast3d.composite`) integrates the merged, sorted samples.
+        - Box clipping: a ray that misses the box (or meets it outside [near, far]) gets exactly the
+          background, zero opacity and depth, and zero gradient; the fused marcher skips it.
+        - Gradients: flow to planes, the decoder's weights, rays_o, rays_d and background; sample
+          positions (and the clipped interval) are constants, as in NeRF.
+        - Determinism: ``deterministic=True`` fixes the sample positions only. The `triton`
+          backward adds plane gradients with float32 atomics whose order varies between runs on a
+          GPU, so its gradients agree between runs to rounding, not bit for bit.
+    """
     B, C, H, W = _planes(planes)
-    if not isinstance(decoder, TriplaneMLP):
-        raise TypeError(f"decoder must be a fast3d.nn.triplane.TriplaneMLP; got {type(decoder).__name__}")
-    if decoder.in_features != 3 * C:
-        raise ValueError(f"decoder takes {decoder.in_features} input features (n_features={decoder.n_features}) "
+    dec = as_weights(decoder)
+    if dec.in_features != 3 * C:
+        raise ValueError(f"decoder takes {dec.in_features} input features (n_features={dec.in_features // 3}) "
                          f"but planes give 3 * C = {3 * C} (C = {C})")
     v.tensor("rays_o", rays_o, dims=3, last=3)
     if rays_o.shape[0] != B:
@@ -121,7 +180,7 @@ def render_triplane(planes: Tensor,                   # [B, 3, C, H, W]
     R = rays_o.shape[1]
     v.tensor("rays_d", rays_d, dims=3, last=3)
     v.same_shape("rays_d", rays_d, rays_o.shape, "[B, R, 3] of rays_o")
-    for name, x in (("rays_o", rays_o), ("rays_d", rays_d)):
+    for name, x in (("rays_o", rays_o), ("rays_d", rays_d), ("decoder", dec.weights[0])):
         if x.device != planes.device:
             raise ValueError(f"{name} is on {x.device} but planes is on {planes.device}; all inputs must share a device")
         v.finite(name, x)
@@ -143,10 +202,13 @@ def render_triplane(planes: Tensor,                   # [B, 3, C, H, W]
                              "all inputs must share a device")
     bound = _bound(bound)
     transmittance_eps = v.real_in("transmittance_eps", transmittance_eps, 0.0, 1.0)
-    q = _query(planes, planes, rays_o, rays_d, background, *decoder.parameters())
-    q.extra.update(decoder_layers=len(decoder.layers), decoder_hidden=decoder.hidden,
-                   decoder_dtype=next(decoder.parameters()).dtype)
+    if not isinstance(clip_to_box, bool):
+        raise ValueError(f"clip_to_box must be a bool; got {clip_to_box!r}")
+    if clip_to_box:
+        near, far = box_interval(rays_o, rays_d, near, far, bound)
+    q = _query(planes, planes, rays_o, rays_d, background, *dec.weights, *dec.biases)
+    q.extra.update(decoder_layers=len(dec.weights), decoder_hidden=dec.hidden, decoder_dtype=dec.dtype)
     impl = backends.select(OP_RENDER, backend, q)
     with op_range(f"{OP_RENDER}[{impl.name}]", planes.device):
-        return impl.fn(planes, decoder, rays_o, rays_d, near, far, int(n_samples), int(n_importance), background,
+        return impl.fn(planes, dec, rays_o, rays_d, near, far, int(n_samples), int(n_importance), background,
                        bound, bool(deterministic), generator, transmittance_eps)

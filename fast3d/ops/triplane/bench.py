@@ -7,6 +7,7 @@ import torch
 from fast3d.bench.spec import BenchSpec, Workload, register_bench
 from fast3d.ops.triplane import reference
 from fast3d.ops.triplane.api import render_triplane, triplane_sample
+from fast3d.ops.triplane.decoder import DecoderWeights
 
 _LRM_SRC = ("LRM/OpenLRM renderer: planes 3x80x64x64, 64 stratified + 64 importance samples, 4-layer 64-wide "
             "MLP, batch 16 x 4 views x 128x128 rays (docs/design.md#named-workloads `lrm`)")
@@ -39,13 +40,20 @@ def _rays(B: int, R: int, device, gen):
     return cam.expand(B, R, 3).contiguous(), rays_d.contiguous()
 
 
-def make_render_inputs(p: dict, device: torch.device, gen: torch.Generator) -> dict:
-    from fast3d.nn.triplane import TriplaneMLP
+def _decoder(C: int, hidden: int, layers: int, device: torch.device) -> DecoderWeights:
+    """Leaf weights with nn.Linear's default initialisation from the global RNG, layer by layer as
+    fast3d.nn.TriplaneMLP builds them (so the same seed gives the same decoder)."""
+    widths = [3 * C] + [hidden] * (layers - 1) + [4]
+    lin = [torch.nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:])]
+    return DecoderWeights(tuple(m.weight.detach().to(device).requires_grad_() for m in lin),
+                          tuple(m.bias.detach().to(device).requires_grad_() for m in lin), -1.0)
 
+
+def make_render_inputs(p: dict, device: torch.device, gen: torch.Generator) -> dict:
     B, R, C, N = p["batch"], p["rays"], p["channels"], p["res"]
     planes = (torch.randn(B, 3, C, N, N, generator=gen) * 0.5).to(device).requires_grad_()
     torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
-    decoder = TriplaneMLP(C, p["hidden"], p["layers"]).to(device)
+    decoder = _decoder(C, p["hidden"], p["layers"], device)
     rays_o, rays_d = _rays(B, R, device, gen)
     return dict(planes=planes, decoder=decoder, rays_o=rays_o.requires_grad_(), rays_d=rays_d.requires_grad_(),
                 near=1.0, far=3.0, n_samples=p["samples"], n_importance=p["importance"])

@@ -2,7 +2,7 @@
 
 One kernel does, per tile of BLOCK_R rays x BLOCK_S samples (N = BLOCK_R * BLOCK_S rows):
 triplane sampling (bilinear, channels-last planes, BC channels at a time), the decoder MLP
-(TriplaneMLP: Linear 3C -> HID, ReLU, N_MID x (Linear HID -> HID, ReLU), Linear HID -> 4, as
+(decoder.decode: Linear 3C -> HID, ReLU, N_MID x (Linear HID -> HID, ReLU), Linear HID -> 4, as
 tl.dot over the N rows), the output activations and NeRF compositing (transmittance by a cumulative
 sum of optical depth inside the tile plus a carry across tiles, as the composite kernel). Nothing
 per sample is written: the forward keeps its colour, opacity and depth sums per ray; a tile loop
@@ -25,7 +25,8 @@ The backward recomputes instead of storing activations. Per tile it re-runs the 
 
 Weight gradients: the backward grid is persistent (a few programs per SM, each looping over ray
 blocks); each program adds its weight gradients into its own row of a [programs, P] float32 buffer
-(atomic adds into a private row: no contention, no ordering hazard), summed once at the end.
+(relaxed reductions into a private row: no contention; see _accumulate), summed once at the end.
+Plane gradients are relaxed float32 atomic adds (their order, and so their rounding, varies by run).
 """
 
 from __future__ import annotations
@@ -35,26 +36,40 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fast3d.nn import triplane as _mlp
+from fast3d import backends
 from fast3d.ops._triton_math import mm, upcast
+from fast3d.ops.triplane import decoder as _decoder
 from fast3d.ops.triplane import reference
-from fast3d.ops.triplane.triton import _add_plane_grad, _corner_values, _corners, _lerp2, _lerp2_bwd, _plane_uv
+from fast3d.ops.triplane.decoder import DecoderWeights
+from fast3d.ops.triplane.triton import (_add_plane_grad, _corner_values, _corners, _lerp2, _lerp2_bwd, _plane_uv,
+                                        device_guard)
 
-# Tile shapes and warps, chosen by the static register use of the sm_90 build (no GPU has timed
-# them yet): the forward at 16 x 8 samples, 8 warps spills 72 bytes a thread; the backward, which
-# holds more [N, HP] tiles, at 16 x 4 samples, 8 warps spills 760 (16 x 8: 1472).
+# The interpreter's tiles: 16 rays x 8 samples forward, x 4 backward (several tiles per ray and
+# several ray blocks at test sizes).
 BLOCK_R = 16        # rays per tile
 FWD_BLOCK_S = 8     # samples per forward tile: N = 128 MLP rows
 BWD_BLOCK_S = 4
 BC = 16             # channels per gather (and the K of the first layer's dots)
 OUT_P = 16          # the decoder's 4 outputs padded to a tl.dot width
-FWD_WARPS = 8
-BWD_WARPS = 8
 BWD_PROGRAMS_PER_SM = 2
 INTERPRET_PROGRAMS = 3  # persistent programs under TRITON_INTERPRET: several, so the row sum is exercised
-# TriplaneMLP's activation constants, as constexpr globals the kernels may read.
-RGB_PAD = tl.constexpr(_mlp.RGB_PAD)
-SOFTPLUS_THRESHOLD = tl.constexpr(_mlp.SOFTPLUS_THRESHOLD)
+
+# A GPU's launches: (fp32 operands, HP > 64, backward) -> (BLOCK_R, BLOCK_S, warps, stages).
+# Chosen by the compiled shared memory and the static register use / spill stack (fast3d.triton_aot;
+# no GPU has timed them yet). A dot stages its [N, HP] and [HP, HP] operands in shared memory, and
+# more than one stage adds another [HP, HP] buffer (shared_memory_bytes): at 4 bytes an element,
+# fp32 and tf32 decoders take one stage and, past HP = 64, 8 x 4 tiles, so that every accepted
+# width fits sm_86/89's 101,376 B (HP = 128: 81,920 B forward, 90,112 B backward, where the
+# 16 x 8 3-stage forward needed 196,608 B).
+_GPU_CONFIGS = {
+    (False, False, False): (16, 8, 8, 3), (False, True, False): (16, 8, 8, 3),
+    (False, False, True): (16, 4, 8, 3), (False, True, True): (16, 4, 8, 3),
+    (True, False, False): (16, 8, 8, 1), (True, True, False): (8, 4, 4, 1),
+    (True, False, True): (16, 4, 8, 1), (True, True, True): (8, 4, 4, 1),
+}
+# The decoder's activation constants (fast3d.ops.triplane.decoder), as constexpr globals the kernels may read.
+RGB_PAD = tl.constexpr(_decoder.RGB_PAD)
+SOFTPLUS_THRESHOLD = tl.constexpr(_decoder.SOFTPLUS_THRESHOLD)
 
 
 @triton.jit
@@ -110,11 +125,24 @@ def _column(x, j: tl.constexpr, OUT_P: tl.constexpr):
 
 
 @triton.jit
-def _ray_block(rays_o_ptr, rays_d_ptr, far_ptr, b, rb, R, BLOCK_R: tl.constexpr):
-    """Rows (global ray indices) of ray block rb of scene b, their mask, origins, directions, far."""
+def _alpha(tau):
+    """1 - exp(-tau) without cancellation. Directly, float32 loses ~6e-8 absolute to the rounding
+    of exp(-tau) near 1 (more with ex2.approx): 6% relative at tau = 1e-6, a thin sample's opacity.
+    Below 1/16 the Taylor series tau (1 - tau/2 (1 - tau/3 (1 - tau/4 (1 - tau/5)))) is used: its
+    truncation error is < tau^6 / 720, 1.3e-9 relative at 1/16; above, the cancellation costs
+    < 2^-24 / (1 - e^(-1/16)) ~ 1e-6 relative."""
+    series = tau * (1.0 - tau * 0.5 * (1.0 - tau * (1.0 / 3.0) * (1.0 - tau * 0.25 * (1.0 - tau * 0.2))))
+    return tl.where(tau < 0.0625, series, 1.0 - tl.exp(-tau))
+
+
+@triton.jit
+def _ray_block(rays_o_ptr, rays_d_ptr, near_ptr, far_ptr, b, rb, R, BLOCK_R: tl.constexpr):
+    """Rows (global ray indices) of ray block rb of scene b, their mask, origins, directions, far.
+    Rays with an empty interval (far <= near: they miss the box) are masked: never sampled."""
     local = rb * BLOCK_R + tl.arange(0, BLOCK_R)
-    mask_r = local < R
     rows = b * R + local
+    mask_r = (local < R) & (tl.load(far_ptr + rows, mask=local < R, other=0.0)
+                            > tl.load(near_ptr + rows, mask=local < R, other=0.0))
     o = rays_o_ptr + rows * 3
     d = rays_d_ptr + rows * 3
     return (rows, mask_r, tl.load(o, mask=mask_r, other=0.0), tl.load(o + 1, mask=mask_r, other=0.0),
@@ -165,18 +193,17 @@ def _tile(planes_ptr, t_ptr, w0_ptr, b0_ptr, wm_ptr, bm_ptr, wo_ptr, bo_ptr,
     tau = tl.where(m, sigma * dt, 0.0)
     incl = tl.cumsum(tau, axis=1) + carry[:, None]   # optical depth through sample i
     T = tl.exp(-(incl - tau))                        # T_i
-    T_next = tl.exp(-incl)                           # T_{i+1}
     live = m & (T >= eps)
-    w = tl.where(live, (1.0 - tl.exp(-tau)) * T, 0.0)
+    w = tl.where(live, _alpha(tau) * T, 0.0)
     return (cols, off, m, live, t0, dt, 0.5 * (t0 + t1), px, py, pz, mask_n, a0, a, x_sig, s_r, s_g, s_b,
-            tau, T_next, w)
+            tau, incl, w)
 
 
 @triton.jit
 def _march_fwd(planes_ptr,            # [B, 3, H, W, C] channels-last, planes' dtype
                rays_o_ptr, rays_d_ptr,  # [B * R, 3] float32
                t_ptr,                 # [B * R, S] float32 sorted sample starts
-               far_ptr,               # [B * R] float32
+               near_ptr, far_ptr,     # [B * R], [B * R] float32 (far <= near: the ray is skipped)
                w0_ptr, b0_ptr,        # [3C, HID], [HID]   decoder dtype
                wm_ptr, bm_ptr,        # [N_MID, HID, HID], [N_MID, HID]
                wo_ptr, bo_ptr,        # [HID, 4], [4]
@@ -187,42 +214,55 @@ def _march_fwd(planes_ptr,            # [B, 3, H, W, C] channels-last, planes' d
                HP: tl.constexpr, OUT_P: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
                UPCAST: tl.constexpr):
     b = tl.program_id(1).to(tl.int64)
-    rows, mask_r, ox, oy, oz, dx, dy, dz, far = _ray_block(rays_o_ptr, rays_d_ptr, far_ptr, b, tl.program_id(0), R,
-                                                           BLOCK_R)
+    rows, mask_r, ox, oy, oz, dx, dy, dz, far = _ray_block(rays_o_ptr, rays_d_ptr, near_ptr, far_ptr, b,
+                                                           tl.program_id(0), R, BLOCK_R)
     carry = tl.zeros([BLOCK_R], dtype=tl.float32)
     acc_r = tl.zeros([BLOCK_R], dtype=tl.float32)
     acc_g = tl.zeros([BLOCK_R], dtype=tl.float32)
     acc_b = tl.zeros([BLOCK_R], dtype=tl.float32)
-    t_end = tl.full([BLOCK_R], 1.0, dtype=tl.float32)   # T after the last live sample
+    od_end = tl.zeros([BLOCK_R], dtype=tl.float32)   # optical depth through the last live sample
     acc_z = tl.zeros([BLOCK_R], dtype=tl.float32)
     s0 = tl.program_id(0) * 0
     n_live = tl.sum(mask_r.to(tl.int32))
     while (s0 < S) & (n_live > 0):
         (cols, off, m, live, t0, dt, mid, px, py, pz, mask_n, a0, a, x_sig, s_r, s_g, s_b,
-         tau, T_next, w) = _tile(planes_ptr, t_ptr, w0_ptr, b0_ptr, wm_ptr, bm_ptr, wo_ptr, bo_ptr,
-                                 b, rows, mask_r, ox, oy, oz, dx, dy, dz, far, carry, s0,
-                                 S, C, H, W, HID, N_MID, inv_bound, density_bias, eps,
-                                 BLOCK_R, BLOCK_S, BC, HP, OUT_P, DT, PREC, UPCAST)
+         tau, incl, w) = _tile(planes_ptr, t_ptr, w0_ptr, b0_ptr, wm_ptr, bm_ptr, wo_ptr, bo_ptr,
+                               b, rows, mask_r, ox, oy, oz, dx, dy, dz, far, carry, s0,
+                               S, C, H, W, HID, N_MID, inv_bound, density_bias, eps,
+                               BLOCK_R, BLOCK_S, BC, HP, OUT_P, DT, PREC, UPCAST)
         if STORE_W:
             tl.store(weights_ptr + off, w, mask=m)
         scale = 1.0 + 2.0 * RGB_PAD
         acc_r += tl.sum(w * (s_r * scale - RGB_PAD), axis=1)
         acc_g += tl.sum(w * (s_g * scale - RGB_PAD), axis=1)
         acc_b += tl.sum(w * (s_b * scale - RGB_PAD), axis=1)
-        t_end = tl.minimum(t_end, tl.min(tl.where(live, T_next, 1.0), axis=1))
+        od_end = tl.maximum(od_end, tl.max(tl.where(live, incl, 0.0), axis=1))
         acc_z += tl.sum(w * mid, axis=1)
         carry += tl.sum(tau, axis=1)
         s0 += BLOCK_S
         n_live = tl.sum((mask_r & (tl.exp(-carry) >= eps)).to(tl.int32))
-    tl.store(color_ptr + rows * 3, acc_r, mask=mask_r)
-    tl.store(color_ptr + rows * 3 + 1, acc_g, mask=mask_r)
-    tl.store(color_ptr + rows * 3 + 2, acc_b, mask=mask_r)
-    tl.store(opacity_ptr + rows, 1.0 - t_end, mask=mask_r)   # = sum of the weights (composite's kernel)
-    tl.store(depth_ptr + rows, acc_z, mask=mask_r)
+    # Skipped (empty-interval) rays store their zero sums too: no colour, opacity or depth.
+    in_range = rows - b * R < R
+    tl.store(color_ptr + rows * 3, acc_r, mask=in_range)
+    tl.store(color_ptr + rows * 3 + 1, acc_g, mask=in_range)
+    tl.store(color_ptr + rows * 3 + 2, acc_b, mask=in_range)
+    # 1 - T after the last live sample (= the sum of the weights), without cancellation (_alpha).
+    tl.store(opacity_ptr + rows, _alpha(od_end), mask=in_range)
+    tl.store(depth_ptr + rows, acc_z, mask=in_range)
 
 
 @triton.jit
-def _march_bwd(planes_ptr, rays_o_ptr, rays_d_ptr, t_ptr, far_ptr,    # as _march_fwd
+def _accumulate(ptr, x, mask):
+    """ptr += x where mask, in this program's private row of weight gradients. No other program
+    writes the row, so nothing is contended and no ordering is needed: a relaxed reduction (red,
+    fire and forget). A plain load-add-store, the other choice, keeps the loaded tile live as well:
+    the sm_86 build spilled 3,872 B instead of 2,464 B (bf16, HP = 128) and 3,352 B instead of
+    2,120 B (tf32, HP = 128, 8 x 4 tiles)."""
+    tl.atomic_add(ptr, x, mask=mask, sem="relaxed")
+
+
+@triton.jit
+def _march_bwd(planes_ptr, rays_o_ptr, rays_d_ptr, t_ptr, near_ptr, far_ptr,    # as _march_fwd
                w0_ptr, b0_ptr, wm_ptr, bm_ptr, wo_ptr, bo_ptr,
                color_ptr, opacity_ptr, depth_ptr,        # [B * R, 3], [B * R], [B * R] saved outputs
                g_color_ptr, g_opacity_ptr, g_depth_ptr,  # [B * R, 3], [B * R], [B * R] float32
@@ -247,8 +287,8 @@ def _march_bwd(planes_ptr, rays_o_ptr, rays_d_ptr, t_ptr, far_ptr,    # as _marc
     wo_t = tl.load(wo_ptr + hs[None, :] * 4 + js[:, None], mask=mh[None, :] & (js < 4)[:, None], other=0.0)  # Wo^T
     for blk in range(tl.program_id(0), n_blocks, tl.num_programs(0)):
         b = (blk // n_rblocks).to(tl.int64)
-        rows, mask_r, ox, oy, oz, dx, dy, dz, far = _ray_block(rays_o_ptr, rays_d_ptr, far_ptr, b, blk % n_rblocks,
-                                                               R, BLOCK_R)
+        rows, mask_r, ox, oy, oz, dx, dy, dz, far = _ray_block(rays_o_ptr, rays_d_ptr, near_ptr, far_ptr, b,
+                                                               blk % n_rblocks, R, BLOCK_R)
         gc_r = tl.load(g_color_ptr + rows * 3, mask=mask_r, other=0.0)
         gc_g = tl.load(g_color_ptr + rows * 3 + 1, mask=mask_r, other=0.0)
         gc_b = tl.load(g_color_ptr + rows * 3 + 2, mask=mask_r, other=0.0)
@@ -271,17 +311,17 @@ def _march_bwd(planes_ptr, rays_o_ptr, rays_d_ptr, t_ptr, far_ptr,    # as _marc
         n_live = tl.sum(mask_r.to(tl.int32))
         while (s0 < S) & (n_live > 0):
             (cols, off, m, live, t0, dt, mid, px, py, pz, mask_n, a0, a_last, x_sig, s_r, s_g, s_b,
-             tau, T_next, w) = _tile(planes_ptr, t_ptr, w0_ptr, b0_ptr, wm_ptr, bm_ptr, wo_ptr, bo_ptr,
-                                     b, rows, mask_r, ox, oy, oz, dx, dy, dz, far, carry, s0,
-                                     S, C, H, W, HID, N_MID, inv_bound, density_bias, eps,
-                                     BLOCK_R, BLOCK_S, BC, HP, OUT_P, DT, PREC, UPCAST)
+             tau, od, w) = _tile(planes_ptr, t_ptr, w0_ptr, b0_ptr, wm_ptr, bm_ptr, wo_ptr, bo_ptr,
+                                 b, rows, mask_r, ox, oy, oz, dx, dy, dz, far, carry, s0,
+                                 S, C, H, W, HID, N_MID, inv_bound, density_bias, eps,
+                                 BLOCK_R, BLOCK_S, BC, HP, OUT_P, DT, PREC, UPCAST)
             scale = 1.0 + 2.0 * RGB_PAD
             # Compositing (module docstring): per-sample g, then dL/dtau by the suffix G - prefix.
             g = (gc_r[:, None] * (s_r * scale - RGB_PAD) + gc_g[:, None] * (s_g * scale - RGB_PAD)
                  + gc_b[:, None] * (s_b * scale - RGB_PAD) + g_o[:, None] + g_z[:, None] * mid)
             gw = g * w
             incl = tl.cumsum(gw, axis=1) + prefix[:, None]
-            g_tau = tl.where(live, g * T_next - (total[:, None] - incl), 0.0)
+            g_tau = tl.where(live, g * tl.exp(-od) - (total[:, None] - incl), 0.0)   # T_{i+1} = exp(-od_i)
             d_soft = tl.where(x_sig > SOFTPLUS_THRESHOLD, 1.0, tl.sigmoid(x_sig))
             g_x0 = tl.reshape(g_tau * dt * d_soft, [BLOCK_N])
             g_x1 = tl.reshape(w * gc_r[:, None] * scale * s_r * (1.0 - s_r), [BLOCK_N])
@@ -296,9 +336,9 @@ def _march_bwd(planes_ptr, rays_o_ptr, rays_d_ptr, t_ptr, far_ptr,    # as _marc
 
             # Output layer, then the middle layers from the last to the first.
             m_wo = mh[:, None] & (js < 4)[None, :]
-            tl.atomic_add(gp + OFF_WO + hs[:, None] * 4 + js[None, :],
-                          mm(tl.trans(a_last.to(DT)), g_out.to(DT), PREC, UPCAST), mask=m_wo)
-            tl.atomic_add(gp + OFF_BO + js, tl.sum(g_out, axis=0), mask=js < 4)
+            _accumulate(gp + OFF_WO + hs[:, None] * 4 + js[None, :],
+                        mm(tl.trans(a_last.to(DT)), g_out.to(DT), PREC, UPCAST), m_wo)
+            _accumulate(gp + OFF_BO + js, tl.sum(g_out, axis=0), js < 4)
             g_a = mm(g_out.to(DT), wo_t.to(DT), PREC, UPCAST)                     # [N, HP]
             a_out = a_last
             for i in range(N_MID):
@@ -308,14 +348,14 @@ def _march_bwd(planes_ptr, rays_o_ptr, rays_d_ptr, t_ptr, far_ptr,    # as _marc
                     a_in = _dense(a_in, wm_ptr + j * HID * HID, bm_ptr + j * HID, HID, HP, DT, PREC, UPCAST)
                 g_pre = tl.where(a_out > 0.0, g_a, 0.0)
                 m_hh = mh[:, None] & mh[None, :]
-                tl.atomic_add(gp + OFF_WM + layer * HID * HID + hs[:, None] * HID + hs[None, :],
-                              mm(tl.trans(a_in.to(DT)), g_pre.to(DT), PREC, UPCAST), mask=m_hh)
-                tl.atomic_add(gp + OFF_BM + layer * HID + hs, tl.sum(g_pre, axis=0), mask=mh)
+                _accumulate(gp + OFF_WM + layer * HID * HID + hs[:, None] * HID + hs[None, :],
+                            mm(tl.trans(a_in.to(DT)), g_pre.to(DT), PREC, UPCAST), m_hh)
+                _accumulate(gp + OFF_BM + layer * HID + hs, tl.sum(g_pre, axis=0), mh)
                 w_t = tl.load(wm_ptr + layer * HID * HID + hs[None, :] * HID + hs[:, None], mask=m_hh, other=0.0)
                 g_a = mm(g_pre.to(DT), w_t.to(DT), PREC, UPCAST)
                 a_out = a_in
             g_pre0 = tl.where(a0 > 0.0, g_a, 0.0)                                             # [N, HP]
-            tl.atomic_add(gp + OFF_B0 + hs, tl.sum(g_pre0, axis=0), mask=mh)
+            _accumulate(gp + OFF_B0 + hs, tl.sum(g_pre0, axis=0), mh)
 
             # First layer and the sampler: features' gradient into the planes and the points.
             gpx = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -336,8 +376,8 @@ def _march_bwd(planes_ptr, rays_o_ptr, rays_d_ptr, t_ptr, far_ptr,    # as _marc
                     f = _lerp2(v00, v01, v10, v11, fx2, fy2)
                     rows_w = PLANE * C + cc
                     m_w = (cc < C)[:, None] & mh[None, :]
-                    tl.atomic_add(gp + rows_w[:, None] * HID + hs[None, :],
-                                  mm(tl.trans(f.to(DT)), g_pre0.to(DT), PREC, UPCAST), mask=m_w)
+                    _accumulate(gp + rows_w[:, None] * HID + hs[None, :],
+                                mm(tl.trans(f.to(DT)), g_pre0.to(DT), PREC, UPCAST), m_w)
                     w0_t = tl.load(w0_ptr + rows_w[None, :] * HID + hs[:, None],
                                    mask=mh[:, None] & (cc < C)[None, :], other=0.0)                # W0^T [HP, BC]
                     g_f = mm(g_pre0.to(DT), w0_t.to(DT), PREC, UPCAST)                 # [N, BC]
@@ -371,8 +411,39 @@ MAX_HIDDEN = 128   # a tile's activations are [N, HP] float32 register tiles; wi
 _TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
-def unsupported_decoder(n_layers: int, hidden: int, dtype: torch.dtype) -> list[str]:
-    """Why the fused marcher cannot run this TriplaneMLP (empty if it can)."""
+def _precision(dtype: torch.dtype, device: torch.device) -> str:
+    """The dots' input precision: fp32 decoders multiply in tf32 where torch's matmuls would
+    (torch.backends.cuda.matmul.allow_tf32, on a GPU or while recording a GPU's launches), else
+    in full fp32 ("ieee"); half-precision operands ignore it."""
+    gpu = device.type == "cuda" or not backends.triton_interpreter_configs()
+    return "tf32" if dtype == torch.float32 and gpu and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+def launch_config(hidden: int, dtype: torch.dtype, backward: bool) -> dict:
+    """Tile (BLOCK_R rays x BLOCK_S samples), padded width HP (a power of two >= 16), warps and
+    stages of a launch: the interpreter's unless a GPU's are asked for (fast3d.backends)."""
+    hp = max(16, triton.next_power_of_2(hidden))
+    if backends.triton_interpreter_configs():
+        return dict(BLOCK_R=BLOCK_R, BLOCK_S=BWD_BLOCK_S if backward else FWD_BLOCK_S, HP=hp, num_warps=4,
+                    num_stages=1)
+    block_r, block_s, warps, stages = _GPU_CONFIGS[(dtype == torch.float32, hp > 64, backward)]
+    return dict(BLOCK_R=block_r, BLOCK_S=block_s, HP=hp, num_warps=warps, num_stages=stages)
+
+
+def shared_memory_bytes(cfg: dict, dtype: torch.dtype, backward: bool) -> int:
+    """Shared memory a launch of `cfg` needs: e (N HP + s HP^2) bytes, plus 4 HP OUT_P in the
+    backward, with N = BLOCK_R BLOCK_S, e the operand bytes, s = 1 for one stage, 2 for more (the
+    middle layers' weights are prefetched). It equals Triton 3.8's compiled figure (sm_86) for
+    every fp32 / tf32 configuration measured, and bounds the half-precision ones from above
+    (tests/ops/test_triplane.py::COMPILED_SHARED lists the figures)."""
+    n, hp = cfg["BLOCK_R"] * cfg["BLOCK_S"], cfg["HP"]
+    elem = 4 if dtype == torch.float32 else 2
+    stages = 1 if cfg["num_stages"] == 1 else 2
+    return elem * (n * hp + stages * hp * hp) + (4 * hp * OUT_P if backward else 0)
+
+
+def unsupported_decoder(n_layers: int, hidden: int, dtype: torch.dtype, device: torch.device) -> list[str]:
+    """Why the fused marcher cannot run this decoder on `device` (empty if it can)."""
     why = []
     if n_layers < 2:
         why.append(f"decoder has {n_layers} layer (the fused marcher needs >= 2: a hidden layer)")
@@ -380,17 +451,27 @@ def unsupported_decoder(n_layers: int, hidden: int, dtype: torch.dtype) -> list[
         why.append(f"decoder hidden width {hidden} > {MAX_HIDDEN}")
     if dtype not in _TL_DTYPE:
         why.append(f"decoder dtype {dtype} (fused marcher: float16, bfloat16, float32)")
+    if why:
+        return why
+    if backends.triton_interpreter_configs():
+        return why   # the interpreter has no shared memory
+    limit = backends.shared_memory_limit(device)
+    prec = _precision(dtype, device)
+    for backward in (False, True):
+        cfg = launch_config(hidden, dtype, backward)
+        need = shared_memory_bytes(cfg, dtype, backward)
+        if need > limit:
+            why.append(f"{'backward' if backward else 'forward'} tile {cfg['BLOCK_R']}x{cfg['BLOCK_S']} at hidden "
+                       f"width {hidden} ({dtype}, {prec} dots) needs {need} B of shared memory; {device} allows "
+                       f"{limit} B a block")
     return why
 
 
-def _meta(planes: Tensor, w0: Tensor, block_s: int) -> dict:
-    """Compile-time parameters. fp32 decoders multiply in tf32 where torch's matmuls would
-    (torch.backends.cuda.matmul.allow_tf32), else in full fp32."""
-    hid = w0.shape[1]
-    tf32 = w0.dtype == torch.float32 and planes.is_cuda and torch.backends.cuda.matmul.allow_tf32
-    prec = "tf32" if tf32 else "ieee"
-    return dict(BLOCK_R=BLOCK_R, BLOCK_S=block_s, BC=BC, HP=max(16, triton.next_power_of_2(hid)), OUT_P=OUT_P,
-                DT=_TL_DTYPE[w0.dtype], PREC=prec, UPCAST=upcast(w0.dtype))
+def _meta(planes: Tensor, w0: Tensor, backward: bool) -> dict:
+    """Compile-time parameters and launch options of a forward or backward launch."""
+    prec = _precision(w0.dtype, planes.device)
+    cfg = launch_config(w0.shape[1], w0.dtype, backward)
+    return dict(cfg, BC=BC, OUT_P=OUT_P, DT=_TL_DTYPE[w0.dtype], PREC=prec, UPCAST=upcast(w0.dtype))
 
 
 def _n_params(C: int, hid: int, n_mid: int) -> int:
@@ -398,12 +479,12 @@ def _n_params(C: int, hid: int, n_mid: int) -> int:
 
 
 @torch.library.custom_op("fast3d::render_triplane_triton_fwd", mutates_args=())
-def march_fwd(planes: Tensor, rays_o: Tensor, rays_d: Tensor, t: Tensor, far: Tensor,
+def march_fwd(planes: Tensor, rays_o: Tensor, rays_d: Tensor, t: Tensor, near: Tensor, far: Tensor,
               w0: Tensor, b0: Tensor, wm: Tensor, bm: Tensor, wo: Tensor, bo: Tensor,
               density_bias: float, bound: float, eps: float, store_weights: bool
               ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     # planes [B, 3, C, H, W]; rays_o, rays_d [B, R, 3] float32; t [B, R, S] float32 sorted;
-    # far [B, R] float32; w0 [3C, HID], b0 [HID], wm [N_MID, HID, HID], bm [N_MID, HID],
+    # near, far [B, R] float32 (far <= near: an empty ray); w0 [3C, HID], b0 [HID], wm [N_MID, HID, HID], bm [N_MID, HID],
     # wo [HID, 4], bo [4] (decoder dtype)
     # -> color [B, R, 3] (no background), opacity [B, R], depth [B, R], weights [B, R, S] or [0]
     B, _, C, H, W = planes.shape
@@ -416,16 +497,17 @@ def march_fwd(planes: Tensor, rays_o: Tensor, rays_d: Tensor, t: Tensor, far: Te
         return color, opacity, depth, weights
     planes_cl = planes.permute(0, 1, 3, 4, 2).contiguous()              # [B, 3, H, W, C]
     n_mid = wm.shape[0]
-    _march_fwd[(triton.cdiv(R, BLOCK_R), B)](
-        planes_cl, rays_o, rays_d, t, far, w0, b0, wm if n_mid else w0, bm if n_mid else b0, wo, bo,
-        color, opacity, depth, weights if store_weights else color,
-        R, S, C, H, W, w0.shape[1], n_mid, 1.0 / bound, density_bias, eps,
-        STORE_W=store_weights, num_warps=FWD_WARPS, **_meta(planes, w0, FWD_BLOCK_S))
+    meta = _meta(planes, w0, backward=False)
+    with device_guard(planes):
+        _march_fwd[(triton.cdiv(R, meta["BLOCK_R"]), B)](
+            planes_cl, rays_o, rays_d, t, near, far, w0, b0, wm if n_mid else w0, bm if n_mid else b0, wo, bo,
+            color, opacity, depth, weights if store_weights else color,
+            R, S, C, H, W, w0.shape[1], n_mid, 1.0 / bound, density_bias, eps, STORE_W=store_weights, **meta)
     return color, opacity, depth, weights
 
 
 @march_fwd.register_fake
-def _(planes, rays_o, rays_d, t, far, w0, b0, wm, bm, wo, bo, density_bias, bound, eps, store_weights):
+def _(planes, rays_o, rays_d, t, near, far, w0, b0, wm, bm, wo, bo, density_bias, bound, eps, store_weights):
     B, R, S = t.shape
     f32 = torch.float32
     return (t.new_empty(B, R, 3, dtype=f32), t.new_empty(B, R, dtype=f32), t.new_empty(B, R, dtype=f32),
@@ -433,7 +515,7 @@ def _(planes, rays_o, rays_d, t, far, w0, b0, wm, bm, wo, bo, density_bias, boun
 
 
 @torch.library.custom_op("fast3d::render_triplane_triton_bwd", mutates_args=())
-def march_bwd(planes: Tensor, rays_o: Tensor, rays_d: Tensor, t: Tensor, far: Tensor,
+def march_bwd(planes: Tensor, rays_o: Tensor, rays_d: Tensor, t: Tensor, near: Tensor, far: Tensor,
               w0: Tensor, b0: Tensor, wm: Tensor, bm: Tensor, wo: Tensor, bo: Tensor,
               density_bias: float, bound: float, eps: float,
               color: Tensor, opacity: Tensor, depth: Tensor,
@@ -446,7 +528,8 @@ def march_bwd(planes: Tensor, rays_o: Tensor, rays_d: Tensor, t: Tensor, far: Te
     f32 = torch.float32
     g_planes = torch.zeros(B, 3, H, W, C, dtype=f32, device=planes.device)
     g_o, g_d = torch.zeros_like(rays_o, dtype=f32), torch.zeros_like(rays_d, dtype=f32)
-    n_rblocks = triton.cdiv(R, BLOCK_R)
+    meta = _meta(planes, w0, backward=True)
+    n_rblocks = triton.cdiv(R, meta["BLOCK_R"])
     n_blocks = B * n_rblocks
     if planes.is_cuda:
         sms = torch.cuda.get_device_properties(planes.device).multi_processor_count
@@ -456,13 +539,13 @@ def march_bwd(planes: Tensor, rays_o: Tensor, rays_d: Tensor, t: Tensor, far: Te
     P = _n_params(C, hid, n_mid)
     g_params = torch.zeros(programs, P, dtype=f32, device=planes.device)
     if n_blocks > 0:
-        _march_bwd[(programs,)](
-            planes.permute(0, 1, 3, 4, 2).contiguous(), rays_o, rays_d, t, far, w0, b0,
-            wm if n_mid else w0, bm if n_mid else b0, wo, bo, color, opacity, depth,
-            g_color.to(f32).contiguous(), g_opacity.to(f32).contiguous(), g_depth.to(f32).contiguous(),
-            g_planes, g_o, g_d, g_params,
-            R, S, C, H, W, hid, n_mid, 1.0 / bound, density_bias, eps, n_rblocks, n_blocks, P,
-            num_warps=BWD_WARPS, **_meta(planes, w0, BWD_BLOCK_S))
+        with device_guard(planes):
+            _march_bwd[(programs,)](
+                planes.permute(0, 1, 3, 4, 2).contiguous(), rays_o, rays_d, t, near, far, w0, b0,
+                wm if n_mid else w0, bm if n_mid else b0, wo, bo, color, opacity, depth,
+                g_color.to(f32).contiguous(), g_opacity.to(f32).contiguous(), g_depth.to(f32).contiguous(),
+                g_planes, g_o, g_d, g_params,
+                R, S, C, H, W, hid, n_mid, 1.0 / bound, density_bias, eps, n_rblocks, n_blocks, P, **meta)
     sizes = [3 * C * hid, hid, n_mid * hid * hid, n_mid * hid, hid * 4, 4]
     parts = g_params.sum(0).split(sizes)
     g_w = [p.reshape(x.shape).to(x.dtype, copy=True) for p, x in zip(parts, (w0, b0, wm, bm, wo, bo))]
@@ -471,64 +554,71 @@ def march_bwd(planes: Tensor, rays_o: Tensor, rays_d: Tensor, t: Tensor, far: Te
 
 
 @march_bwd.register_fake
-def _(planes, rays_o, rays_d, t, far, w0, b0, wm, bm, wo, bo, *rest):
+def _(planes, rays_o, rays_d, t, near, far, w0, b0, wm, bm, wo, bo, *rest):
     return [torch.empty_like(x) for x in (planes, rays_o, rays_d, w0, b0, wm, bm, wo, bo)]
 
 
 def _setup_context(ctx, inputs, output):
-    planes, rays_o, rays_d, t, far, w0, b0, wm, bm, wo, bo, density_bias, bound, eps, _ = inputs
+    planes, rays_o, rays_d, t, near, far, w0, b0, wm, bm, wo, bo, density_bias, bound, eps, _ = inputs
     color, opacity, depth, _ = output
-    ctx.save_for_backward(planes, rays_o, rays_d, t, far, w0, b0, wm, bm, wo, bo, color, opacity, depth)
+    ctx.save_for_backward(planes, rays_o, rays_d, t, near, far, w0, b0, wm, bm, wo, bo, color, opacity, depth)
     ctx.consts = (density_bias, bound, eps)
 
 
 def _backward(ctx, g_color, g_opacity, g_depth, _g_weights):
-    planes, rays_o, rays_d, t, far, w0, b0, wm, bm, wo, bo, color, opacity, depth = ctx.saved_tensors
-    grads = march_bwd(planes, rays_o, rays_d, t, far, w0, b0, wm, bm, wo, bo, *ctx.consts, color, opacity, depth,
-                      g_color, g_opacity, g_depth)
+    planes, rays_o, rays_d, t, near, far, w0, b0, wm, bm, wo, bo, color, opacity, depth = ctx.saved_tensors
+    grads = march_bwd(planes, rays_o, rays_d, t, near, far, w0, b0, wm, bm, wo, bo, *ctx.consts, color, opacity,
+                      depth, g_color, g_opacity, g_depth)
     g_planes, g_o, g_d, *g_w = grads
-    return (g_planes, g_o, g_d, None, None, *g_w, None, None, None, None)
+    return (g_planes, g_o, g_d, None, None, None, *g_w, None, None, None, None)
 
 
 march_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _decoder_tensors(decoder) -> tuple[Tensor, ...]:
-    """A TriplaneMLP's layers as the kernels read them (differentiable views of its parameters):
+def _decoder_tensors(dec: DecoderWeights) -> tuple[Tensor, ...]:
+    """The decoder's layers as the kernels read them (differentiable views of its weights):
     w0 [3C, HID], b0 [HID], wm [N_MID, HID, HID], bm [N_MID, HID], wo [HID, 4], bo [4]."""
-    layers = decoder.layers
-    first, mid, last = layers[0], list(layers[1:-1]), layers[-1]
-    hid = first.out_features
-    if mid:
-        wm = torch.stack([m.weight.t() for m in mid]).contiguous()
-        bm = torch.stack([m.bias for m in mid]).contiguous()
+    first, last = dec.weights[0], dec.weights[-1]
+    hid = first.shape[0]
+    if len(dec.weights) > 2:
+        wm = torch.stack([w.t() for w in dec.weights[1:-1]]).contiguous()
+        bm = torch.stack(dec.biases[1:-1]).contiguous()
     else:
-        wm, bm = first.weight.new_zeros(0, hid, hid), first.weight.new_zeros(0, hid)
-    return (first.weight.t().contiguous(), first.bias.contiguous(), wm, bm, last.weight.t().contiguous(),
-            last.bias.contiguous())
+        wm, bm = first.new_zeros(0, hid, hid), first.new_zeros(0, hid)
+    return (first.t().contiguous(), dec.biases[0].contiguous(), wm, bm, last.t().contiguous(),
+            dec.biases[-1].contiguous())
 
 
-def render_triplane(planes, decoder, rays_o, rays_d, near, far, n_samples, n_importance, background, bound,
-                    deterministic, generator, transmittance_eps) -> dict:
+def render_triplane(planes: Tensor,            # [B, 3, C, H, W]
+                    decoder: DecoderWeights,
+                    rays_o: Tensor,            # [B, R, 3]
+                    rays_d: Tensor,            # [B, R, 3]
+                    near: Tensor,              # [B, R]
+                    far: Tensor,               # [B, R] (far <= near: an empty ray, skipped)
+                    n_samples: int, n_importance: int,
+                    background: Tensor | None,  # [3] or [B, R, 3]
+                    bound: float, deterministic: bool, generator: torch.Generator | None,
+                    transmittance_eps: float) -> dict:
     """Same contract as reference.render_triplane: the reference's sample schedule (stratified,
     then importance samples from the coarse weights, both drawn in PyTorch from the same generator),
     each pass one fused kernel; sample positions are the only per-sample tensors ([B, R, S] float32)."""
     B, R, _ = rays_o.shape
-    ctype = next(decoder.parameters()).dtype
+    ctype = decoder.dtype
     f32 = torch.float32
-    near, far = near.to(f32), far.to(f32).contiguous()
+    near, far = near.to(f32).contiguous(), far.to(f32).contiguous()
     rays_o, rays_d = rays_o.to(f32).contiguous(), rays_d.to(f32).contiguous()
     dec = _decoder_tensors(decoder)
     consts = (float(decoder.density_bias), float(bound), float(transmittance_eps))
     t = reference.stratified_samples(near, far, n_samples, deterministic, generator)      # [B, R, S_c]
     if n_importance > 0:
         with torch.no_grad():
-            w = march_fwd(planes, rays_o, rays_d, t.contiguous(), far, *dec, *consts, True)[3]
+            w = march_fwd(planes, rays_o, rays_d, t.contiguous(), near, far, *dec, *consts, True)[3]
             k = torch.arange(n_samples + 1, dtype=f32, device=t.device)
             edges = near[..., None] + (far - near)[..., None] * k / n_samples             # [B, R, S_c + 1]
             t_f = reference.sample_pdf(edges, w, n_importance, deterministic, generator)  # [B, R, S_f]
         t = torch.sort(torch.cat([t, t_f], -1), -1).values                                # [B, R, S]
-    color, opacity, depth, _ = march_fwd(planes, rays_o, rays_d, t.contiguous(), far, *dec, *consts, False)
+    color, opacity, depth, _ = march_fwd(planes, rays_o, rays_d, t.contiguous(), near, far, *dec, *consts, False)
     if background is not None:
         color = color + (1.0 - opacity)[..., None] * background.to(f32)
     return dict(color=color.to(ctype), opacity=opacity[..., None].to(ctype), depth=depth[..., None].to(ctype))

@@ -11,7 +11,7 @@ pixel centres at ((k + 0.5) / W) * 2 - 1, corners outside the plane read as zero
 Rendering one ray (o, d) between near and far:
 
     t_c    = near + (far - near) (k + u_k) / S_c, k < S_c      stratified (u_k = 1/2 if deterministic)
-    sigma, rgb = decoder(triplane_sample(planes, o + t d))      on the coarse samples
+    sigma, rgb = decode(weights, triplane_sample(planes, o + t d))   on the coarse samples
     t_f    = sample_pdf(stratum edges, coarse weights, S_f)     importance samples (no gradient)
     sigma, rgb on t_f too; all samples merged and sorted by t; sample k spans [t_k, t_{k+1}]
     (the last one ends at far); color, opacity, depth = composite(...)
@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fast3d.ops.composite import reference as composite_reference
+from fast3d.ops.triplane.decoder import DecoderWeights, decode
 
 # (u, v) coordinate axes of planes 0 (XY), 1 (XZ) and 2 (YZ).
 PLANE_AXES = ((0, 1), (0, 2), (1, 2))
@@ -102,7 +103,7 @@ def sample_pdf(bins: Tensor,      # [..., K + 1] sorted bin edges
 
 
 def render_triplane(planes: Tensor,                # [B, 3, C, H, W]
-                    decoder: torch.nn.Module,      # TriplaneMLP: [..., 3C] -> sigma [...], rgb [..., 3]
+                    decoder: DecoderWeights,       # [..., 3C] -> sigma [...], rgb [..., 3]
                     rays_o: Tensor,                # [B, R, 3]
                     rays_d: Tensor,                # [B, R, 3]
                     near: Tensor,                  # [B, R]
@@ -120,14 +121,14 @@ def render_triplane(planes: Tensor,                # [B, 3, C, H, W]
     ``sample_fn`` and ``composite_fn`` are the triplane sampler and the compositor; the reference
     uses grid_sample and cumprod, the `triton` backend passes its kernels."""
     B, R, _ = rays_o.shape
-    ctype = decoder_dtype(decoder)
+    ctype = decoder.dtype
     near, far = near.to(ctype), far.to(ctype)
 
-    def decode(t: Tensor) -> tuple[Tensor, Tensor]:             # t [B, R, S] -> [B, R, S], [B, R, S, 3]
+    def decode_at(t: Tensor) -> tuple[Tensor, Tensor]:             # t [B, R, S] -> [B, R, S], [B, R, S, 3]
         S = t.shape[-1]
         pts = rays_o.to(ctype)[:, :, None] + t[..., None] * rays_d.to(ctype)[:, :, None]   # [B, R, S, 3]
         feats = sample_fn(planes, pts.reshape(B, R * S, 3), "concat", bound)               # [B, R*S, 3C]
-        sigma, rgb = decoder(feats.to(ctype))
+        sigma, rgb = decode(decoder, feats.to(ctype))
         return sigma.reshape(B, R, S), rgb.reshape(B, R, S, 3)
 
     def comp(sigma, rgb, t, bg, eps):                           # [B, R, S] samples -> [B*R, ...] outputs
@@ -137,14 +138,14 @@ def render_triplane(planes: Tensor,                # [B, 3, C, H, W]
                             t_ends.reshape(B * R, S), bg, eps)
 
     t = stratified_samples(near, far, n_samples, deterministic, generator)         # [B, R, S_c]
-    sigma, rgb = decode(t)
+    sigma, rgb = decode_at(t)
     if n_importance > 0:
         with torch.no_grad():
             w = comp(sigma, rgb, t, None, transmittance_eps)[3].reshape(B, R, n_samples)
             k = torch.arange(n_samples + 1, dtype=ctype, device=t.device)
             edges = near[..., None] + (far - near)[..., None] * k / n_samples    # [B, R, S_c + 1]
             t_f = sample_pdf(edges, w, n_importance, deterministic, generator)  # [B, R, S_f]
-        sigma_f, rgb_f = decode(t_f)
+        sigma_f, rgb_f = decode_at(t_f)
         t, order = torch.sort(torch.cat([t, t_f], -1), -1)                         # [B, R, S]
         sigma = torch.cat([sigma, sigma_f], -1).gather(-1, order)
         rgb = torch.cat([rgb, rgb_f], -2).gather(-2, order[..., None].expand(*order.shape, 3))
@@ -154,8 +155,3 @@ def render_triplane(planes: Tensor,                # [B, 3, C, H, W]
         bg = bg if bg.dim() == 1 else bg.reshape(B * R, 3)
     color, opacity, depth, _ = comp(sigma, rgb, t, bg, transmittance_eps)
     return dict(color=color.reshape(B, R, 3), opacity=opacity.reshape(B, R, 1), depth=depth.reshape(B, R, 1))
-
-
-def decoder_dtype(decoder: torch.nn.Module) -> torch.dtype:
-    p = next(decoder.parameters(), None)
-    return torch.float32 if p is None else p.dtype

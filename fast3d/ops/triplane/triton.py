@@ -18,6 +18,8 @@ _plane_uv).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -86,10 +88,11 @@ def _lerp2(v00, v01, v10, v11, fx2, fy2):
 def _lerp2_bwd(g_base, off, m00, m01, m10, m11, v00, v01, v10, v11, fx2, fy2, g, C, W):
     """Backward of _lerp2 for the feature gradient g [N, BC]: atomic adds into the plane gradient
     at g_base (channels-last, float32), and d/d(ix), d/d(iy) summed over the tile's channels [N]."""
-    tl.atomic_add(g_base + off, g * (1.0 - fx2) * (1.0 - fy2), mask=m00)
-    tl.atomic_add(g_base + off + C, g * fx2 * (1.0 - fy2), mask=m01)
-    tl.atomic_add(g_base + off + W * C, g * (1.0 - fx2) * fy2, mask=m10)
-    tl.atomic_add(g_base + off + W * C + C, g * fx2 * fy2, mask=m11)
+    # Relaxed: only the sums matter, nothing is read back in this kernel (acq_rel's fences buy nothing).
+    tl.atomic_add(g_base + off, g * (1.0 - fx2) * (1.0 - fy2), mask=m00, sem="relaxed")
+    tl.atomic_add(g_base + off + C, g * fx2 * (1.0 - fy2), mask=m01, sem="relaxed")
+    tl.atomic_add(g_base + off + W * C, g * (1.0 - fx2) * fy2, mask=m10, sem="relaxed")
+    tl.atomic_add(g_base + off + W * C + C, g * fx2 * fy2, mask=m11, sem="relaxed")
     gix = tl.sum(g * ((v01 - v00) * (1.0 - fy2) + (v11 - v10) * fy2), axis=1)
     giy = tl.sum(g * ((v10 - v00) * (1.0 - fx2) + (v11 - v01) * fx2), axis=1)
     return gix, giy
@@ -194,6 +197,13 @@ def _triplane_bwd(planes_ptr,    # [B, 3, H, W, C] channels-last
     tl.store(gp + 2, gz, mask=mask_m)
 
 
+def device_guard(x: Tensor):
+    """Context for a launch on x's device: Triton launches on the current CUDA device, which need
+    not be the tensors' (custom ops add no guard), so inputs on cuda:1 with device 0 current would
+    be read at addresses of the wrong device. A no-op for CPU tensors (the interpreter)."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
 def _block_c(C: int) -> int:
     return min(triton.next_power_of_2(C), MAX_BLOCK_C)
 
@@ -211,9 +221,10 @@ def triplane_fwd(planes: Tensor, points: Tensor, reduce: str, bound: float) -> T
     if B * M == 0:
         return out
     planes_cl = planes.permute(0, 1, 3, 4, 2).contiguous()              # [B, 3, H, W, C]
-    _triplane_fwd[(triton.cdiv(M, BLOCK_M), B)](
-        planes_cl, points.contiguous(), out, M, C, H, W, 1.0 / bound,
-        REDUCE=_REDUCE[reduce], BLOCK_M=BLOCK_M, BLOCK_C=_block_c(C))
+    with device_guard(planes):
+        _triplane_fwd[(triton.cdiv(M, BLOCK_M), B)](
+            planes_cl, points.contiguous(), out, M, C, H, W, 1.0 / bound,
+            REDUCE=_REDUCE[reduce], BLOCK_M=BLOCK_M, BLOCK_C=_block_c(C))
     return out
 
 
@@ -231,9 +242,10 @@ def triplane_bwd(planes: Tensor, points: Tensor, reduce: str, bound: float, g_ou
     g_planes_cl = torch.zeros(B, 3, H, W, C, dtype=torch.float32, device=planes.device)
     g_points = torch.empty(B, M, 3, dtype=torch.float32, device=points.device)
     if B * M > 0:
-        _triplane_bwd[(triton.cdiv(M, BLOCK_M), B)](
-            planes.permute(0, 1, 3, 4, 2).contiguous(), points.contiguous(), g_out.contiguous(), g_planes_cl,
-            g_points, M, C, H, W, 1.0 / bound, REDUCE=_REDUCE[reduce], BLOCK_M=BLOCK_M, BLOCK_C=_block_c(C))
+        with device_guard(planes):
+            _triplane_bwd[(triton.cdiv(M, BLOCK_M), B)](
+                planes.permute(0, 1, 3, 4, 2).contiguous(), points.contiguous(), g_out.contiguous(), g_planes_cl,
+                g_points, M, C, H, W, 1.0 / bound, REDUCE=_REDUCE[reduce], BLOCK_M=BLOCK_M, BLOCK_C=_block_c(C))
     return g_planes_cl.permute(0, 1, 4, 2, 3).to(planes.dtype).contiguous(), g_points.to(points.dtype)
 
 
