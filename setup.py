@@ -145,6 +145,12 @@ def main():
     class Build(BuildExtension):
         """Builds, then records in _build_info.json (next to _C) the object each .cu became."""
 
+        def run(self):
+            # setuptools clears `inplace` while it builds (and copies _C into the tree afterwards):
+            # remember whether the record belongs in the source tree too.
+            self.to_source = bool(self.inplace or getattr(self, "editable_mode", False))
+            super().run()
+
         def build_extensions(self):
             super().build_extensions()
             objects = {}
@@ -156,7 +162,7 @@ def main():
             info["cuda_objects_bytes"] = objects
             # Next to the built _C, and in the source tree when _C is copied there (editable installs).
             dirs = {os.path.dirname(self.get_ext_fullpath("fast3d._C"))}
-            if self.inplace or getattr(self, "editable_mode", False):
+            if getattr(self, "to_source", False):
                 dirs.add(os.path.join(ROOT, "fast3d"))
             for pkg_dir in dirs:
                 with open(os.path.join(pkg_dir, "_build_info.json"), "w") as f:
