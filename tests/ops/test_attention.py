@@ -13,6 +13,7 @@ failure prints the seed (FAST3D_TEST_SEED=N replays it).
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -382,11 +383,12 @@ def test_explicit_triton_that_cannot_serve_lists_reasons(gen):
 
 def test_auto_selects_triton_on_gpu_and_never_the_interpreter(gen):
     require("triton")
-    cpu = backends.Query(device=torch.device("cpu"), dtype=torch.bfloat16, extra=dict(head_dim=64))
+    shape = dict(head_dim=64, seg_q=4096, seg_k=4096)
+    cpu = backends.Query(device=torch.device("cpu"), dtype=torch.bfloat16, extra=shape)
     assert backends.select(OP, "auto", cpu).name == "torch"
     assert backends.select(OP, "triton", cpu).name == "triton"
     if torch.cuda.is_available():
-        gpu = backends.Query(device=torch.device("cuda"), dtype=torch.bfloat16, extra=dict(head_dim=64))
+        gpu = backends.Query(device=torch.device("cuda"), dtype=torch.bfloat16, extra=shape)
         assert backends.select(OP, "auto", gpu).name == "triton"
 
 
@@ -461,3 +463,115 @@ def test_gpu_float32_head_dims(layout, D, gen):
     q, k, v = make_qkv(gen, 1, V, L, L, 2, D, device="cuda")
     mask = random_mask(gen, V, unseen=1)
     check_tight(*run_both(q, k, v, V, layout, image_size, mask, None, gen), what=f"{layout} D{D}")
+
+
+# --- launch limits, device guard ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tf32", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_every_head_dim_fits_every_target_gpu(dtype, tf32, monkeypatch):
+    """At the configurations a GPU launches, forward and backward of every accepted head dim fit
+    the shared memory of every target architecture (sm_86/89's 101,376 B the smallest), by the
+    model dispatch refuses by (tests/test_triton_compile.py checks the model against compiled
+    figures)."""
+    require("triton")
+    from fast3d.ops.attention import MAX_TRITON_HEAD_DIM
+    from fast3d.ops.attention import triton as kernels
+
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
+    for D in range(1, MAX_TRITON_HEAD_DIM + 1):
+        assert kernels.shared_memory_reasons(dtype, D, 4096, 4096, True, torch.device("cpu")) == [], D
+
+
+def test_dispatch_refuses_a_launch_past_the_shared_memory_limit(monkeypatch, gen):
+    """A GPU whose per-block limit is below what a kernel needs: an explicit triton call names the
+    kernel, its bytes and the limit; auto falls back to the reference."""
+    require("triton")
+    limit = 30_000 + int(torch.randint(0, 10_000, (), generator=gen))
+    monkeypatch.setitem(backends.SHARED_MEMORY_OPTIN, 86, limit)
+    q, k, v = make_qkv(gen, 1, 2, 80, 80, 1, 128)
+    with pytest.raises(ValueError, match=rf"triton: fwd kernel at .* needs ~[0-9,]+ B of shared memory > "
+                                         rf"sm_86's {limit:,} B per block"):
+        multiview_attention(q, k, v, 2, backend="triton")
+    assert torch.equal(multiview_attention(q, k, v, 2), reference.multiview_attention(q, k, v, 2, "views", None,
+                                                                                        None, None))
+    # short segments get short tiles: D = 16 at 16 tokens fits
+    small = make_qkv(gen, 1, 2, 16, 16, 1, 16)
+    assert multiview_attention(*small, 2, backend="triton").shape == small[0].shape
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="inspects the interpreter's launches (CPU tensors)")
+def test_triton_launches_run_under_the_inputs_device_guard(monkeypatch, gen):
+    """Triton launches on the current CUDA device: every attention launch (forward, delta, dK/dV,
+    dQ) runs inside backends.cuda_device_guard(the inputs' device)."""
+    require("triton")
+    from triton.runtime.interpreter import InterpretedFunction
+
+    active, guarded = [], []
+
+    @contextlib.contextmanager
+    def guard(device):
+        active.append(device)
+        try:
+            yield
+        finally:
+            active.pop()
+
+    original = InterpretedFunction.run
+
+    def launch(self, *args, **kwargs):
+        assert active, f"{self.fn.__name__} launched outside torch.cuda.device(...)"
+        guarded.append((self.fn.__name__, active[-1]))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(backends, "cuda_device_guard", guard)
+    monkeypatch.setattr(InterpretedFunction, "run", launch)
+    q, k, v = (x.requires_grad_() for x in make_qkv(gen, 1, 2, 9, 9, 1, 16))
+    multiview_attention(q, k, v, 2, backend="triton").sum().backward()
+    assert sorted({name for name, _ in guarded}) == ["_delta_kernel", "_dkdv_kernel", "_dq_kernel", "_fwd_kernel"]
+    assert {device for _, device in guarded} == {torch.device("cpu")}
+
+
+def test_cuda_device_guard_targets_the_tensors_device():
+    guard = backends.cuda_device_guard(torch.device("cuda", 1))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    assert isinstance(backends.cuda_device_guard(torch.device("cpu")), contextlib.nullcontext)
+
+
+@pytest.mark.gpu
+def test_triton_on_a_second_gpu(gen):
+    """Inputs on cuda:1 while cuda:0 is current: the launches follow the inputs (no illegal
+    address), and forward and gradients equal the same call on cuda:0."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    require("triton")
+    x = make_qkv(gen, 1, 2, 77, 77, 2, 64)
+    up = random_like(x[0], gen)
+    results = []
+    with torch.cuda.device(0):
+        for dev in ("cuda:1", "cuda:0"):
+            q, k, v = (t.to(dev).requires_grad_() for t in x)
+            out = multiview_attention(q, k, v, 2, backend="triton")
+            out.backward(up.to(dev))
+            assert out.device == torch.device(dev)
+            results.append([t.cpu() for t in (out, q.grad, k.grad, v.grad)])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+def test_cuda_view_mask_is_checked_without_a_host_sync(gen):
+    """A CUDA view_mask is validated on the device (torch.cuda.set_sync_debug_mode('error') raises
+    on any synchronising call in the op's Python). A failing device assert would poison the CUDA
+    context for the tests after it, so only the passing mask runs here."""
+    require("triton")
+    q, k, v = make_qkv(gen, 1, 3, 33, 33, 1, 32, device="cuda")
+    mask = random_mask(gen, 3).cuda()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = multiview_attention(q, k, v, 3, view_mask=mask, backend="triton")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(out).all()

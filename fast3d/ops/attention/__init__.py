@@ -23,7 +23,10 @@ def _triton_check(q: backends.Query) -> list:
     d = q.extra.get("head_dim", 0)
     if d > MAX_TRITON_HEAD_DIM:
         return [f"head dim {d} > {MAX_TRITON_HEAD_DIM} (one head's tile must fit in shared memory)"]
-    return []
+    from fast3d.ops.attention import triton as kernels
+
+    return kernels.shared_memory_reasons(q.dtype, d, q.extra["seg_q"], q.extra["seg_k"],
+                                         q.requires_grad, q.device)
 
 
 backends.register(OP, "torch", reference.multiview_attention, devices=("cpu", "cuda"),

@@ -30,6 +30,12 @@ def _check_view_mask(view_mask, V: int) -> None:
     v_.same_shape("view_mask", view_mask, (V, V), "[V, V] with V = num_views")
     if torch.compiler.is_compiling():  # a data-dependent check would break the graph
         return
+    if view_mask.device.type != "cpu":
+        # Reading the mask back would stall the host on the GPU's queue: the device asserts instead
+        # (an error at the next synchronisation, naming the argument).
+        torch._assert_async(view_mask.any(1).all(),
+                            "view_mask has a row with no True: a query view would attend to no view")
+        return
     empty = (~view_mask.any(1)).nonzero().flatten().tolist()
     if empty:
         raise ValueError(f"view_mask row {empty[0]} has no True: query view {empty[0]} would attend to no view "
@@ -112,7 +118,8 @@ def multiview_attention(q: Tensor,                   # [B*V, Lq, H, D]
 
     query = backends.Query(device=q.device, dtype=q.dtype,
                            requires_grad=torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)),
-                           extra=dict(head_dim=D))
+                           extra=dict(head_dim=D, seg_q=Lq if layout == "views" else image_size[1],
+                                      seg_k=Lk if layout == "views" else image_size[1]))
     impl = backends.select(OP, backend, query)
     with op_range(f"{OP}[{impl.name}]", q.device):
         return impl.fn(q, k, v, V, layout, image_size, view_mask, scale)

@@ -80,7 +80,7 @@ def _fwd_kernel(Q, K, Vt, O, LSE, KV_VIEWS, KV_COUNT,
         k_base = K + (b * NV + j) * s_kb + r * SEG_K * s_kl + hd * s_kh
         v_base = Vt + (b * NV + j) * s_vb + r * SEG_K * s_vl + hd * s_vh
         for start_n in range(0, SEG_K, BLOCK_N):
-            n = start_n + offs_n
+            n = (start_n + offs_n).to(tl.int64)                # token offsets may pass 2^31 bytes
             n_ok = n < SEG_K
             kt = tl.load(k_base + n[None, :] * s_kl + offs_d[:, None] * s_kd,
                          mask=n_ok[None, :] & d_ok[:, None], other=0.0)       # [BLOCK_D, BLOCK_N]
@@ -205,7 +205,7 @@ def _dq_kernel(Q, K, Vt, DO, LSE, DELTA, DQ, KV_VIEWS, KV_COUNT,
         k_base = K + (b * NV + j) * s_kb + r * SEG_K * s_kl + hd * s_kh
         v_base = Vt + (b * NV + j) * s_vb + r * SEG_K * s_vl + hd * s_vh
         for start_n in range(0, SEG_K, BLOCK_N):
-            n = start_n + offs_n
+            n = (start_n + offs_n).to(tl.int64)                # token offsets may pass 2^31 bytes
             n_ok = n < SEG_K
             nd_ok = n_ok[:, None] & d_ok[None, :]
             k = tl.load(k_base + n[:, None] * s_kl + offs_d[None, :] * s_kd, mask=nd_ok, other=0.0)
@@ -226,25 +226,105 @@ def _dq_kernel(Q, K, Vt, DO, LSE, DELTA, DQ, KV_VIEWS, KV_COUNT,
 # --- launch configuration -------------------------------------------------------------------------
 
 
-def _config(seg_q: int, seg_k: int, head_dim: int, backward: bool = False) -> dict:
-    """Tile sizes: blocks no longer than a segment (rounded up to a power of two, >= 16) so short
-    Era3D rows do not waste half a tile. Forward: 128x64 for D <= 128, 64x64 above. Backward
-    kernels hold four operand tiles (q, dO and k, v) per stage, so they get 64x64 tiles and two
-    stages (32x32 above D = 128) to stay inside shared memory (~100 KB at bf16, D = 128). These are
-    untuned starting points; the interpreter gets 32x32 tiles so small test sizes still run several
-    blocks per segment with masked tails."""
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) by BLOCK_D; "16" = fp16/bf16 operands, "32" = fp32 (ieee
+# or tf32 dots). Chosen so every kernel fits the smallest opt-in shared memory of the targets
+# (sm_86/89: 101,376 B) by the compiled figures and by _shared_memory_estimate. fp32 tiles are four
+# times the bytes of bf16 ones at half the dot throughput, so they get smaller tiles and fewer stages.
+# The backward's two kernels share one tiling (the dK/dV kernel holds five operand tiles: k, v
+# resident, q and dO streamed, and q's transpose). Warps: 8 wherever 4 spill registers at these
+# tiles (the compile test prints the spill stack of each). Untuned starting points.
+_FWD = {
+    "16": {16: (128, 64, 4, 3), 32: (128, 64, 4, 3), 64: (128, 64, 8, 3), 128: (128, 64, 8, 3),
+           256: (64, 64, 8, 2)},
+    "32": {16: (64, 32, 8, 2), 32: (64, 32, 8, 2), 64: (64, 32, 8, 2), 128: (64, 32, 8, 2),
+           256: (32, 32, 4, 1)},
+}
+_BWD = {
+    "16": {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 64, 8, 2), 128: (64, 64, 8, 2),
+           256: (32, 32, 8, 1)},
+    "32": {16: (64, 32, 8, 1), 32: (64, 32, 8, 1), 64: (64, 32, 8, 1), 128: (32, 32, 8, 1),
+           256: (16, 16, 4, 1)},
+}
+
+
+def _config(seg_q: int, seg_k: int, head_dim: int, dtype: torch.dtype, backward: bool = False) -> dict:
+    """Tile sizes, warps and stages of a launch: the table above, blocks no longer than a segment
+    (rounded up to a power of two, >= 16) so short Era3D rows do not waste half a tile. The
+    interpreter gets 32x32 tiles so small test sizes still run several blocks per segment with
+    masked tails (unless backends.gpu_launch_configs() asks for a GPU's choice)."""
     block_d = max(16, triton.next_power_of_2(head_dim))
     if backends.triton_interpreter_configs():
         bm, bn, warps, stages = 32, 32, 4, 1
-    elif backward:
-        bm, bn, warps, stages = (64, 64, 4 if block_d <= 64 else 8, 2) if block_d <= 128 else (32, 32, 8, 1)
-    elif block_d <= 128:
-        bm, bn, warps, stages = 128, 64, 4 if block_d <= 64 else 8, 3
     else:
-        bm, bn, warps, stages = 64, 64, 8, 2
+        bm, bn, warps, stages = (_BWD if backward else _FWD)["32" if dtype == torch.float32 else "16"][block_d]
     bm = min(bm, max(16, triton.next_power_of_2(seg_q)))
     bn = min(bn, max(16, triton.next_power_of_2(seg_k)))
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, num_warps=warps, num_stages=stages)
+
+
+def _shared_memory_estimate(kernel: str, cfg: dict, dtype: torch.dtype, precision: str, arch: int) -> int:
+    """Bytes of shared memory one program of `kernel` ("fwd", "dkdv", "dq") needs at `cfg`: a model
+    fitted to Triton's compiled figures and checked against them, as an upper bound, for every
+    launch the compile test records (tests/test_triton_compile.py). Terms:
+
+    * forward: the streamed k and v tiles [BLOCK_N, BLOCK_D], one copy per stage for fp32
+      operands (ieee or tf32), one per stage but the last for 16-bit ones, plus P [BLOCK_M, BLOCK_N]
+      passed through shared memory to take the dot-operand layout; on sm_90 (wgmma reads its A
+      operand from shared memory) the q tile too;
+    * dK/dV: k and v [BLOCK_N, BLOCK_D] resident, q and dO [BLOCK_M, BLOCK_D] and q's transpose;
+    * dQ: q and dO resident, k and v streamed, and for fp32 dS [BLOCK_M, BLOCK_N] in float32;
+    * 1 KiB for reductions and layout conversions."""
+    es = torch.finfo(dtype).bits // 8
+    bm, bn, bd, stages = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"], cfg["num_stages"]
+    fp32 = dtype == torch.float32
+    if kernel == "fwd":
+        copies = stages if fp32 else max(1, stages - 1)
+        est = copies * 2 * bn * bd * es + bm * bn * (4 if fp32 else 2)
+        if arch >= 90:
+            est += bm * bd * es
+    elif kernel == "dkdv":
+        est = (3 * bm * bd + 2 * bn * bd) * es
+    elif kernel == "dq":
+        est = (2 * bm * bd + 2 * bn * bd) * es + (bm * bn * 4 if fp32 else 0)
+    else:
+        raise ValueError(f"kernel must be 'fwd', 'dkdv' or 'dq'; got {kernel!r}")
+    return est + 1024
+
+
+def shared_memory_reasons(dtype: torch.dtype, head_dim: int, seg_q: int, seg_k: int, requires_grad: bool,
+                          device: torch.device) -> list[str]:
+    """Why the Triton kernels cannot launch for these inputs on `device` (empty if they can): a
+    kernel whose estimated shared memory exceeds the device's per-block opt-in limit. CPU tensors
+    (the interpreter) are judged against every architecture the build targets, at the
+    configurations a GPU would choose, so what passes here launches on each of them.
+
+    Args:
+        dtype: q's dtype; head_dim: D; seg_q, seg_k: query and key tokens per segment.
+        requires_grad: also judge the backward's kernels.
+        device: the tensors' device.
+
+    Returns:
+        One reason per kernel and architecture that does not fit.
+    """
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        targets = {10 * major + minor: backends.shared_memory_limit(device)}
+    else:
+        targets = dict(backends.SHARED_MEMORY_OPTIN)
+    with backends.gpu_launch_configs():
+        precision = _precision(dtype, device)["PRECISION"]
+        launches = [("fwd", _config(seg_q, seg_k, head_dim, dtype))]
+        if requires_grad:
+            bwd = _config(seg_q, seg_k, head_dim, dtype, backward=True)
+            launches += [("dkdv", bwd), ("dq", bwd)]
+    reasons = []
+    for arch, limit in sorted(targets.items()):
+        for kernel, cfg in launches:
+            need = _shared_memory_estimate(kernel, cfg, dtype, precision, arch)
+            if need > limit:
+                reasons.append(f"{kernel} kernel at {cfg} needs ~{need:,} B of shared memory > sm_{arch}'s "
+                               f"{limit:,} B per block")
+    return reasons
 
 
 def view_tables(view_mask: Optional[Tensor],   # [V, V] bool or None
@@ -263,9 +343,11 @@ def view_tables(view_mask: Optional[Tensor],   # [V, V] bool or None
     return (*table(m), *table(m.t()))
 
 
-def _precision(dtype: torch.dtype) -> dict:
-    # float32 inputs stay IEEE float32 (matches SDPA's fp32 math); tf32 would cost ~1e-3 relative.
-    return dict(PRECISION="ieee" if dtype == torch.float32 else "tf32", UPCAST=upcast(dtype))
+def _precision(dtype: torch.dtype, device: torch.device) -> dict:
+    # float32 inputs multiply in IEEE float32 (SDPA's fp32 math) unless torch's matmuls use tf32
+    # (torch.backends.cuda.matmul.allow_tf32; ~1e-3 relative); 16-bit inputs use tensor cores.
+    fp32 = dtype == torch.float32 and not backends.triton_tf32(dtype, device)
+    return dict(PRECISION="ieee" if fp32 else "tf32", UPCAST=upcast(dtype))
 
 
 def _strides(x: Tensor) -> tuple:
@@ -285,12 +367,13 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, view_mask: Optional[Tensor], 
     if out.numel() == 0:
         return out, lse
     kv_views, kv_count, _, _ = view_tables(view_mask, V, q.device)
-    cfg = _config(seg_q, seg_k, D)
+    cfg = _config(seg_q, seg_k, D, q.dtype)
     grid = (triton.cdiv(seg_q, cfg["BLOCK_M"]) * V * H * (BV // V) * R,)
-    _fwd_kernel[grid](q, k, v, out, lse, kv_views, kv_count,
-                      *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-                      V, R, H, seg_q, seg_k, Lq, D, scale * LOG2E,
-                      EVEN_N=seg_k % cfg["BLOCK_N"] == 0, **_precision(q.dtype), **cfg)
+    with backends.cuda_device_guard(q.device):
+        _fwd_kernel[grid](q, k, v, out, lse, kv_views, kv_count,
+                          *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+                          V, R, H, seg_q, seg_k, Lq, D, scale * LOG2E,
+                          EVEN_N=seg_k % cfg["BLOCK_N"] == 0, **_precision(q.dtype, q.device), **cfg)
     return out, lse
 
 
@@ -317,21 +400,22 @@ def attention_bwd(g_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
     if Lq == 0:  # no query reaches any key
         return dq, dk.zero_(), dv.zero_()
     kv_views, kv_count, q_views, q_count = view_tables(view_mask, V, q.device)
-    cfg = _config(seg_q, seg_k, D, backward=True)
+    cfg = _config(seg_q, seg_k, D, q.dtype, backward=True)
     common = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
-                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **_precision(q.dtype))
+                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **_precision(q.dtype, q.device))
     delta = torch.empty((BV, H, Lq), dtype=torch.float32, device=q.device)
-    _delta_kernel[(BV * H, triton.cdiv(Lq, 64))](out, g_out, delta, *_strides(out), *_strides(g_out), H, Lq, D,
-                                                 BLOCK_M=64, BLOCK_D=cfg["BLOCK_D"])
     groups = (BV // V) * R
-    _dkdv_kernel[(triton.cdiv(seg_k, cfg["BLOCK_N"]) * V * H * groups,)](
-        q, k, v, g_out, lse, delta, dk, dv, q_views, q_count,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(g_out), *_strides(dk), *_strides(dv),
-        V, R, H, seg_q, seg_k, Lq, D, scale * LOG2E, scale, **common)
-    _dq_kernel[(triton.cdiv(seg_q, cfg["BLOCK_M"]) * V * H * groups,)](
-        q, k, v, g_out, lse, delta, dq, kv_views, kv_count,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(g_out), *_strides(dq),
-        V, R, H, seg_q, seg_k, Lq, D, scale * LOG2E, scale, EVEN_N=seg_k % cfg["BLOCK_N"] == 0, **common)
+    with backends.cuda_device_guard(q.device):
+        _delta_kernel[(BV * H, triton.cdiv(Lq, 64))](out, g_out, delta, *_strides(out), *_strides(g_out), H, Lq, D,
+                                                     BLOCK_M=64, BLOCK_D=cfg["BLOCK_D"])
+        _dkdv_kernel[(triton.cdiv(seg_k, cfg["BLOCK_N"]) * V * H * groups,)](
+            q, k, v, g_out, lse, delta, dk, dv, q_views, q_count,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(g_out), *_strides(dk), *_strides(dv),
+            V, R, H, seg_q, seg_k, Lq, D, scale * LOG2E, scale, **common)
+        _dq_kernel[(triton.cdiv(seg_q, cfg["BLOCK_M"]) * V * H * groups,)](
+            q, k, v, g_out, lse, delta, dq, kv_views, kv_count,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(g_out), *_strides(dq),
+            V, R, H, seg_q, seg_k, Lq, D, scale * LOG2E, scale, EVEN_N=seg_k % cfg["BLOCK_N"] == 0, **common)
     return dq, dk, dv
 
 
