@@ -12,17 +12,21 @@ modules; bad input; empty input. Every test draws fresh inputs from the `gen` fi
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import copy
 import math
+import pathlib
 
 import pytest
 import torch
 
+import fast3d
 from fast3d import backends
 from fast3d.nn.triplane import TriplaneMLP, TriplaneRenderer
 from fast3d.ops.triplane import march, reference, render_triplane, triplane_sample, triton_kernels
 from fast3d.ops.triplane.api import box_interval
+from fast3d.ops.triplane.decoder import DecoderWeights, decode
 from helpers import assert_close, grads, random_like
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -501,6 +505,46 @@ def test_renderer_module(gen):
     loss = m(planes.requires_grad_(), o, d, 0.5, 3.5)["color"].sum()
     loss.backward()
     assert all(p.grad is not None for p in m.parameters()) and planes.grad.abs().sum() > 0
+
+
+# --- the decoder ---------------------------------------------------------------------------------
+
+
+def test_decoder_weights_decode_and_module(gen):
+    """TriplaneMLP is decode() on its weights(); render_triplane takes the weights themselves or
+    the module, with the same result; inconsistent weights are refused naming the layer."""
+    planes, dec, o, d = make_scene(gen, 1, 6, 4, 5)
+    feats = torch.randn(2, 7, 12, generator=gen).to(DEVICE)
+    w = dec.weights()
+    assert isinstance(w, DecoderWeights) and w.in_features == 12 and w.hidden == 16
+    for a, b in zip(dec(feats), decode(w, feats)):
+        assert torch.equal(a, b)
+    kw = dict(n_samples=5, n_importance=3, deterministic=True, backend="torch")
+    by_module = render_triplane(planes, dec, o, d, 0.5, 3.5, **kw)
+    by_weights = render_triplane(planes, w, o, d, 0.5, 3.5, **kw)
+    for k in by_module:
+        assert torch.equal(by_module[k], by_weights[k])
+    bad = w._replace(weights=(w.weights[0], w.weights[1][:, :5], w.weights[2]))
+    with pytest.raises(ValueError, match=r"decoder layer 1: weight must be \[hidden, 16\] and bias \[hidden\]"):
+        render_triplane(planes, bad, o, d, 0.5, 3.5, **kw)
+    short = w._replace(biases=w.biases[:2])
+    with pytest.raises(ValueError, match=r"decoder must have as many biases as weights"):
+        render_triplane(planes, short, o, d, 0.5, 3.5, **kw)
+
+
+def test_ops_triplane_imports_nothing_from_nn():
+    """The ops layer owns the decoder: no module of fast3d.ops imports fast3d.nn, at module or
+    function level."""
+    root = pathlib.Path(fast3d.__file__).parent / "ops"
+    offenders = []
+    for path in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            names += [f"{node.module}.{a.name}" for a in node.names] if isinstance(node, ast.ImportFrom) and \
+                node.module == "fast3d" else []
+            offenders += [f"{path.relative_to(root)}: {n}" for n in names if n == "fast3d.nn" or n.startswith("fast3d.nn.")]
+    assert not offenders, offenders
 
 
 # --- selection, bad input ------------------------------------------------------------------------
