@@ -198,8 +198,8 @@ def cmd_eval(args) -> int:
 
 
 def cmd_sample_ttr(args) -> int:
-    from fast3d.models.checkpoints import resolve_checkpoint
     from fast3d.inference.ttr import sample
+    from fast3d.models.checkpoints import resolve_checkpoint
 
     try:
         paths = sample(resolve_checkpoint(args.checkpoint), args.prompt, args.out, steps=args.steps,

@@ -12,8 +12,8 @@ from torch.profiler import ProfilerActivity, profile
 from fast3d import backends
 from fast3d.bench import environment as env
 from fast3d.bench.runner import DEFAULT_OUT
-from fast3d.bench.workloads import specs
 from fast3d.bench.timing import _float_outputs, upstream_grads
+from fast3d.bench.workloads import specs
 
 DEFAULT_TRACES = os.path.join(os.path.dirname(DEFAULT_OUT), "traces")
 

@@ -19,8 +19,8 @@ import torch
 from fast3d import backends
 from fast3d.bench import environment as env
 from fast3d.bench.spec import PASSES, BenchSpec
-from fast3d.bench.workloads import specs
 from fast3d.bench.timing import time_pass, upstream_grads
+from fast3d.bench.workloads import specs
 
 REFERENCE = "torch"
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
