@@ -671,15 +671,15 @@ def test_compile_triton_sample_fullgraph(gen):
 
 def test_triton_launches_run_under_the_tensors_device(gen, monkeypatch):
     """Every Triton launch of triplane_sample and render_triplane (forward and backward) happens
-    inside device_guard(tensor on the inputs' device): checked by wrapping each kernel so that a
-    launch outside the guard, or under a guard for another device, fails."""
+    inside backends.cuda_device_guard(the inputs' device): checked by wrapping each kernel so that
+    a launch outside the guard, or under a guard for another device, fails."""
     require("render_triplane")
     active = []
     launched = []
 
     @contextlib.contextmanager
-    def guard(x):
-        active.append(x.device)
+    def guard(device):
+        active.append(device)
         try:
             yield
         finally:
@@ -691,13 +691,12 @@ def test_triton_launches_run_under_the_tensors_device(gen, monkeypatch):
 
         def __getitem__(self, grid):
             def launch(*args, **kw):
-                assert active == [planes.device], f"{self.name} launched outside device_guard(planes)"
+                assert active == [planes.device], f"{self.name} launched outside cuda_device_guard(planes.device)"
                 launched.append(self.name)
                 return self.kernel[grid](*args, **kw)
             return launch
 
-    for module in (triton_kernels, march):
-        monkeypatch.setattr(module, "device_guard", guard)
+    monkeypatch.setattr(backends, "cuda_device_guard", guard)
     for module, name in ((triton_kernels, "_triplane_fwd"), (triton_kernels, "_triplane_bwd"),
                          (march, "_march_fwd"), (march, "_march_bwd")):
         monkeypatch.setattr(module, name, Checked(name, getattr(module, name)))

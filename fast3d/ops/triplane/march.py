@@ -41,8 +41,7 @@ from fast3d.ops._triton_math import mm, upcast
 from fast3d.ops.triplane import decoder as _decoder
 from fast3d.ops.triplane import reference
 from fast3d.ops.triplane.decoder import DecoderWeights
-from fast3d.ops.triplane.triton import (_add_plane_grad, _corner_values, _corners, _lerp2, _lerp2_bwd, _plane_uv,
-                                        device_guard)
+from fast3d.ops.triplane.triton import _add_plane_grad, _corner_values, _corners, _lerp2, _lerp2_bwd, _plane_uv
 
 # The interpreter's tiles: 16 rays x 8 samples forward, x 4 backward (several tiles per ray and
 # several ray blocks at test sizes).
@@ -413,10 +412,8 @@ _TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float
 
 def _precision(dtype: torch.dtype, device: torch.device) -> str:
     """The dots' input precision: fp32 decoders multiply in tf32 where torch's matmuls would
-    (torch.backends.cuda.matmul.allow_tf32, on a GPU or while recording a GPU's launches), else
-    in full fp32 ("ieee"); half-precision operands ignore it."""
-    gpu = device.type == "cuda" or not backends.triton_interpreter_configs()
-    return "tf32" if dtype == torch.float32 and gpu and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    (backends.triton_tf32), else in full fp32 ("ieee"); half-precision operands ignore it."""
+    return "tf32" if backends.triton_tf32(dtype, device) else "ieee"
 
 
 def launch_config(hidden: int, dtype: torch.dtype, backward: bool) -> dict:
@@ -498,7 +495,7 @@ def march_fwd(planes: Tensor, rays_o: Tensor, rays_d: Tensor, t: Tensor, near: T
     planes_cl = planes.permute(0, 1, 3, 4, 2).contiguous()              # [B, 3, H, W, C]
     n_mid = wm.shape[0]
     meta = _meta(planes, w0, backward=False)
-    with device_guard(planes):
+    with backends.cuda_device_guard(planes.device):
         _march_fwd[(triton.cdiv(R, meta["BLOCK_R"]), B)](
             planes_cl, rays_o, rays_d, t, near, far, w0, b0, wm if n_mid else w0, bm if n_mid else b0, wo, bo,
             color, opacity, depth, weights if store_weights else color,
@@ -539,7 +536,7 @@ def march_bwd(planes: Tensor, rays_o: Tensor, rays_d: Tensor, t: Tensor, near: T
     P = _n_params(C, hid, n_mid)
     g_params = torch.zeros(programs, P, dtype=f32, device=planes.device)
     if n_blocks > 0:
-        with device_guard(planes):
+        with backends.cuda_device_guard(planes.device):
             _march_bwd[(programs,)](
                 planes.permute(0, 1, 3, 4, 2).contiguous(), rays_o, rays_d, t, near, far, w0, b0,
                 wm if n_mid else w0, bm if n_mid else b0, wo, bo, color, opacity, depth,

@@ -18,13 +18,12 @@ _plane_uv).
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from fast3d import backends
 from fast3d.ops._triton_math import rne
 
 BLOCK_M = 64
@@ -197,13 +196,6 @@ def _triplane_bwd(planes_ptr,    # [B, 3, H, W, C] channels-last
     tl.store(gp + 2, gz, mask=mask_m)
 
 
-def device_guard(x: Tensor):
-    """Context for a launch on x's device: Triton launches on the current CUDA device, which need
-    not be the tensors' (custom ops add no guard), so inputs on cuda:1 with device 0 current would
-    be read at addresses of the wrong device. A no-op for CPU tensors (the interpreter)."""
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
-
-
 def _block_c(C: int) -> int:
     return min(triton.next_power_of_2(C), MAX_BLOCK_C)
 
@@ -221,7 +213,7 @@ def triplane_fwd(planes: Tensor, points: Tensor, reduce: str, bound: float) -> T
     if B * M == 0:
         return out
     planes_cl = planes.permute(0, 1, 3, 4, 2).contiguous()              # [B, 3, H, W, C]
-    with device_guard(planes):
+    with backends.cuda_device_guard(planes.device):
         _triplane_fwd[(triton.cdiv(M, BLOCK_M), B)](
             planes_cl, points.contiguous(), out, M, C, H, W, 1.0 / bound,
             REDUCE=_REDUCE[reduce], BLOCK_M=BLOCK_M, BLOCK_C=_block_c(C))
@@ -242,7 +234,7 @@ def triplane_bwd(planes: Tensor, points: Tensor, reduce: str, bound: float, g_ou
     g_planes_cl = torch.zeros(B, 3, H, W, C, dtype=torch.float32, device=planes.device)
     g_points = torch.empty(B, M, 3, dtype=torch.float32, device=points.device)
     if B * M > 0:
-        with device_guard(planes):
+        with backends.cuda_device_guard(planes.device):
             _triplane_bwd[(triton.cdiv(M, BLOCK_M), B)](
                 planes.permute(0, 1, 3, 4, 2).contiguous(), points.contiguous(), g_out.contiguous(), g_planes_cl,
                 g_points, M, C, H, W, 1.0 / bound, REDUCE=_REDUCE[reduce], BLOCK_M=BLOCK_M, BLOCK_C=_block_c(C))
