@@ -17,7 +17,10 @@ Rendering one ray (o, d) between near and far:
     (the last one ends at far); color, opacity, depth = composite(...)
 
 The sample positions are constants of the backward (as in NeRF and OpenLRM): gradients reach rays_o
-and rays_d through the points o + t d, not through t.
+and rays_d through the points o + t d, not through t. The public function clips [near, far] to the
+planes' box before it calls a backend (api.box_interval); a ray that misses the box arrives with
+near = far, an empty interval: every sample has dt = 0, so nothing is composited (opacity 0, the
+background, zero gradients).
 """
 
 from __future__ import annotations
