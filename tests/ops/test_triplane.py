@@ -325,6 +325,20 @@ def test_render_fused_decoder_shapes(layers, hidden, C, B, R, gen):
                    gen=gen)
 
 
+@pytest.mark.parametrize("hidden", [40, 72])
+def test_render_fused_gpu_tile_configs(hidden, gen, monkeypatch):
+    """The tiles a GPU launches (backends.gpu_launch_configs: fp32 decoders past HP = 64 march 8 x 4
+    tiles in one stage) compute the same render, run here by the interpreter: 21 rays are ray
+    blocks with a tail, 11 + 7 samples tiles with a tail."""
+    require("render_triplane")
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    planes, dec, o, d = make_scene(gen, 1, 21, 5, 6, hidden=hidden, layers=3, miss=4)
+    with backends.gpu_launch_configs():
+        assert march.launch_config(hidden, torch.float32, True)["BLOCK_R"] == (8 if hidden > 64 else 16)
+        compare_render(planes, dec, o, d, bg=torch.rand(3, generator=gen).to(DEVICE), tol=RENDER_TOL[torch.float32],
+                       gen=gen)
+
+
 def test_render_fused_bf16_decoder(gen):
     """A bf16 decoder (what bf16 training runs): the fused kernel multiplies in bf16 with float32
     accumulation, as torch's bf16 Linear does, and keeps activations in float32 between layers.
