@@ -8,18 +8,12 @@ import numbers
 import torch
 from torch import Tensor
 
-from fast3d import backends
+from fast3d import backends, checks
 from fast3d.ops import _validate as v_
 from fast3d.ops._profiling import op_range
 
 OP = "multiview_attention"
 LAYOUTS = ("views", "rows")
-
-
-def _positive_int(name: str, x) -> int:
-    if isinstance(x, bool) or not isinstance(x, numbers.Integral) or int(x) < 1:
-        raise ValueError(f"{name} must be a positive integer; got {x!r}")
-    return int(x)
 
 
 def _check_view_mask(view_mask, V: int) -> None:
@@ -53,23 +47,42 @@ def multiview_attention(q: Tensor,                   # [B*V, Lq, H, D]
                         backend: str = "auto") -> Tensor:
     """Attention across the V views of each sample, in the xformers/diffusers BMHK layout.
 
-    q [B*V, Lq, H, D], k and v [B*V, Lk, H, D], views of one sample consecutive along the batch
-    (the ``(B V)`` of multi-view diffusion models). Returns out [B*V, Lq, H, D].
+    The views of one sample are consecutive along the batch (the ``(B V)`` of multi-view diffusion
+    models); the result equals ``F.scaled_dot_product_attention`` on the tensors rearranged to put
+    the views' tokens side by side, with masked view pairs at -inf
+    (:mod:`fast3d.ops.attention.reference`, the specification every backend is tested against).
 
-    * ``layout="views"``: each query attends to the keys of all V views of its sample (MVDream,
-      multi-view PixArt): attention over the concatenation ``B (V L)``.
-    * ``layout="rows"``: the tokens of a view are an ``image_size = (h, w)`` grid (Lq = Lk = h*w);
-      a query in row r attends to the keys of row r in all V views (Era3D's row-wise attention).
-    * ``view_mask`` (bool [V, V]): view i attends to view j only where True; every row needs a
-      True. Masked view pairs are skipped by the kernel, not computed and discarded.
-    * ``scale``: logit scale, default 1/sqrt(D).
+    .. note::
+        **Layouts.** ``"views"``: each query attends to the keys of all V views of its sample
+        (MVDream, multi-view PixArt): attention over ``B (V L)``. ``"rows"``: the tokens of a view
+        are an ``image_size = (h, w)`` grid (Lq = Lk = h*w) and a query in row r attends to the keys
+        of row r in all V views (Era3D's row-wise attention).
 
-    Equals ``F.scaled_dot_product_attention`` on the rearranged tensors with the mask as -inf
-    (``reference.py``); the ``triton`` backend reads the layouts through strides, without copies.
+    .. note::
+        **View masks.** ``view_mask[i, j]`` says whether view i attends to view j; every row needs
+        a True. Masked view pairs are skipped by the kernel, not computed and discarded.
+
+    .. note::
+        **No copies.** The ``triton`` backend takes the tensors' strides and never copies or
+        rearranges q, k, v or the output.
+
+    Args:
+        q: queries, views of a sample consecutive along the batch. [B*V, Lq, H, D]
+        k: keys. [B*V, Lk, H, D]
+        v: values. [B*V, Lk, H, D]
+        num_views: V (a positive integer dividing B*V).
+        layout: ``"views"`` or ``"rows"``. Default ``"views"``.
+        image_size: (h, w) for ``"rows"``, with h*w = Lq; None for ``"views"``.
+        view_mask: bool [V, V], or None for all pairs.
+        scale: the logit scale, a positive finite real number; None for 1/sqrt(D).
+        backend: "auto" (the fastest that serves the inputs), "torch" or "triton".
+
+    Returns:
+        out: the attention output. [B*V, Lq, H, D]
     """
     for name, x in (("q", q), ("k", k), ("v", v)):
         v_.tensor(name, x, dims=4)
-    V = _positive_int("num_views", num_views)
+    V = checks.positive_int("num_views", num_views)
     BV, Lq, H, D = q.shape
     if BV % V:
         raise ValueError(f"num_views={V} must divide the batch of q ([B*V, Lq, H, D] with B*V = {BV})")
@@ -92,8 +105,7 @@ def multiview_attention(q: Tensor,                   # [B*V, Lq, H, D]
         raise ValueError(f"q must have a head dim D >= 1; got shape {tuple(q.shape)}")
     if Lk < 1 and BV * Lq * H:
         raise ValueError(f"k must have at least one token (Lk >= 1) for the queries to attend to; got shape {tuple(k.shape)}")
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}; got {layout!r}")
+    checks.one_of("layout", layout, LAYOUTS)
     if layout == "views":
         if image_size is not None:
             raise ValueError(f"image_size is only used with layout='rows'; got image_size={image_size!r} "
