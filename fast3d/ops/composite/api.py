@@ -23,17 +23,45 @@ def composite(sigmas: Tensor,                   # [R, S] densities (post-activat
               packed_info: Tensor | None = None,  # packed: [R, 2] int, each ray's (first sample, count)
               n_rays: int | None = None,          # packed with ray_indices: R (default: last index + 1)
               ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Composite R rays of S samples front to back (NeRF emission-absorption).
+    """Composite R rays of S samples front to back (NeRF emission-absorption), forward and backward.
 
-    alpha_i = 1 - exp(-sigma_i (t_end_i - t_start_i)), w_i = alpha_i prod_{j<i} (1 - alpha_j);
-    samples after the transmittance falls below ``transmittance_eps`` get zero weight.
+    alpha_i = 1 - exp(-sigma_i (t_end_i - t_start_i)),  w_i = alpha_i prod_{j<i} (1 - alpha_j);
+    :mod:`fast3d.ops.composite.reference` is the specification every backend is tested against.
 
-    Returns color [R, D] (plus ``(1 - opacity) * background``), opacity [R, 1],
-    depth [R, 1] (weighted interval midpoints) and weights [R, S]. Gradients flow to sigmas, rgbs
-    and background; the sample intervals are constants.
+    .. note::
+        **Early termination.** Samples whose transmittance T_i = prod_{j<i} (1 - alpha_j) is below
+        ``transmittance_eps`` get zero weight.
 
-    Packed form (rays of different lengths, nerfacc's layout): flat samples [M] with either
-    ``ray_indices`` or ``packed_info``; weights come back packed, [M] (fast3d.ops.composite.packed).
+    .. note::
+        **Packed rays** (rays of different lengths, nerfacc's layout): ``sigmas``, ``rgbs``,
+        ``t_starts``, ``t_ends`` hold the M samples of all rays, flat, each ray's samples
+        contiguous and front to back, described by ``ray_indices`` (each sample's ray) or by
+        ``packed_info`` (each ray's first sample and count); the weights come back packed, [M]
+        (:mod:`fast3d.ops.composite.packed`).
+
+    .. note::
+        **Gradients** flow to sigmas, rgbs and background; the sample intervals are constants.
+
+    Args:
+        sigmas: densities, post-activation. [R, S]; packed: [M]
+        rgbs: sample colours (any D channels). [R, S, D]; packed: [M, D]
+        t_starts, t_ends: each sample's interval along its ray. [R, S]; packed: [M]
+        background: colour added with weight 1 - opacity, per ray [R, D] or shared [D]; None for
+            none.
+        transmittance_eps: the early-termination threshold, in [0, 1). Default 1e-4.
+        backend: "auto" (the fastest that serves the inputs), "torch", "cpu", "cuda" or "triton".
+        ray_indices: packed form: each sample's ray, non-decreasing, int32/int64. [M]
+        packed_info: packed form: each ray's (first sample, sample count), int. [R, 2]
+        n_rays: with ``ray_indices``: R, to count trailing rays that have no sample (default: the
+            last index + 1).
+
+    Returns:
+        A tuple:
+
+        - **color**: sum_i w_i rgb_i (+ (1 - opacity) background). [R, D]
+        - **opacity**: sum_i w_i. [R, 1]
+        - **depth**: sum_i w_i (t_start_i + t_end_i) / 2 (not divided by opacity). [R, 1]
+        - **weights**: w_i. [R, S]; packed: [M]
     """
     if ray_indices is not None or packed_info is not None:
         return _composite_packed(sigmas, rgbs, t_starts, t_ends, background, transmittance_eps, backend,
