@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
-import math
-import numbers
 from dataclasses import dataclass
 
+from fast3d import checks
 from fast3d.cameras import DEFAULT_DISTANCE, DEFAULT_FOV_Y_DEG
-
-
-def _positive_int(name: str, x) -> None:
-    if isinstance(x, bool) or not isinstance(x, numbers.Integral) or x < 1:
-        raise ValueError(f"LGMConfig.{name} must be a positive integer; got {x!r}")
 
 
 def _channels(name: str, x, groups: int) -> None:
     if not isinstance(x, tuple) or not x:
         raise ValueError(f"LGMConfig.{name} must be a non-empty tuple of channel counts; got {x!r}")
     for c in x:
-        _positive_int(name, c)
+        checks.positive_int(f"LGMConfig.{name}", c)
         if c % groups:
             raise ValueError(f"LGMConfig.{name} must be multiples of norm_groups={groups} (GroupNorm); got {x}")
 
@@ -70,7 +64,7 @@ class LGMConfig:
     def __post_init__(self):
         for name in ("input_size", "num_input_views", "splat_size", "render_size", "num_sup_views",
                      "layers_per_block", "attention_heads", "norm_groups"):
-            _positive_int(name, getattr(self, name))
+            checks.positive_int(f"LGMConfig.{name}", getattr(self, name))
         _channels("down_channels", self.down_channels, self.norm_groups)
         _channels("up_channels", self.up_channels, self.norm_groups)
         n_down, n_up = len(self.down_channels), len(self.up_channels)
@@ -85,10 +79,7 @@ class LGMConfig:
         if self.splat_size != expected:
             raise ValueError(f"LGMConfig.splat_size must be input_size * 2^(len(up_channels) - len(down_channels)) "
                              f"= {expected}; got {self.splat_size}")
-        if isinstance(self.attention_levels, bool) or not isinstance(self.attention_levels, numbers.Integral) \
-                or not 0 <= self.attention_levels <= n_down:
-            raise ValueError(f"LGMConfig.attention_levels must be an integer in [0, {n_down}]; "
-                             f"got {self.attention_levels!r}")
+        checks.integer("LGMConfig.attention_levels", self.attention_levels, 0, n_down)
         k = self.attention_levels
         attended = set(self.down_channels[n_down - k:]) | set(self.up_channels[:k])
         bad = sorted(c for c in attended if c % self.attention_heads)
@@ -96,12 +87,8 @@ class LGMConfig:
             raise ValueError(f"LGMConfig.attention_heads={self.attention_heads} must divide the channels of every "
                              f"attention level; got channels {bad}")
         for name in ("fov_y_deg", "camera_distance"):
-            x = getattr(self, name)
-            if isinstance(x, bool) or not isinstance(x, numbers.Real) or not math.isfinite(x) or x <= 0:
-                raise ValueError(f"LGMConfig.{name} must be a positive real number; got {x!r}")
+            checks.real(f"LGMConfig.{name}", getattr(self, name), 0.0, lo_open=True)
         if self.fov_y_deg >= 180:
             raise ValueError(f"LGMConfig.fov_y_deg must be below 180; got {self.fov_y_deg!r}")
-        if not isinstance(self.activation_checkpointing, bool):
-            raise ValueError(f"LGMConfig.activation_checkpointing must be a bool; "
-                             f"got {self.activation_checkpointing!r}")
+        checks.boolean("LGMConfig.activation_checkpointing", self.activation_checkpointing)
 
