@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from fast3d import checks
 from fast3d.cameras import camera_rays
 from fast3d.models import checkpoints
 from fast3d.ops import _validate
@@ -98,14 +99,11 @@ class LRMConfig:
             x, lo = getattr(self, f.name), 0 if f.name == "n_importance" else 1
             if f.type == "int" and (isinstance(x, bool) or not isinstance(x, int) or x < lo):
                 raise ValueError(f"LRMConfig.{f.name} must be an integer >= {lo}; got {x!r}")
-        if not isinstance(self.grad_checkpointing, bool):
-            raise ValueError(f"LRMConfig.grad_checkpointing must be a bool; got {self.grad_checkpointing!r}")
+        checks.boolean("LRMConfig.grad_checkpointing", self.grad_checkpointing)
         if self.encoder_path is not None and not isinstance(self.encoder_path, str):
             raise ValueError(f"LRMConfig.encoder_path must be a path string or None; got {self.encoder_path!r}")
-        if (isinstance(self.bound, bool) or not isinstance(self.bound, numbers.Real)
-                or not OBJECT_HALF_EXTENT <= self.bound < math.inf):
-            raise ValueError(f"LRMConfig.bound must be a real number >= {OBJECT_HALF_EXTENT} (the triplane box must "
-                             f"hold the object box [-0.5, 0.5]^3); got {self.bound!r}")
+        checks.real("LRMConfig.bound", self.bound, OBJECT_HALF_EXTENT,
+                    note="the triplane box must hold the object box [-0.5, 0.5]^3")
         for size in ("image_size", "encoder_image_size"):
             if getattr(self, size) % self.encoder_patch_size:
                 raise ValueError(f"LRMConfig.{size} must be a multiple of encoder_patch_size "
@@ -201,12 +199,6 @@ def _tensor(name: str, x, shape: tuple, desc: str) -> Tensor:
         want = tuple("*" if s is None else s for s in shape)
         raise ValueError(f"{name} must have shape {desc} = {want}; got {tuple(x.shape)}")
     return x
-
-
-def _positive_int(name: str, x) -> int:
-    if isinstance(x, bool) or not isinstance(x, numbers.Integral) or x < 1:
-        raise ValueError(f"{name} must be a positive integer; got {x!r}")
-    return int(x)
 
 
 class LRM(nn.Module):
@@ -319,7 +311,7 @@ class LRM(nn.Module):
         _tensor("viewmats", viewmats, (B, None, 4, 4), "[B, V, 4, 4] with B from planes")
         V = viewmats.shape[1]
         _tensor("Ks", Ks, (B, V, 3, 3), "[B, V, 3, 3] with B, V from viewmats")
-        width, height = _positive_int("width", width), _positive_int("height", height)
+        width, height = checks.positive_int("width", width), checks.positive_int("height", height)
         y0, x0, h, w = 0, 0, height, width
         if patch is not None:
             if not (isinstance(patch, (tuple, list)) and len(patch) == 3 and all(
@@ -363,7 +355,7 @@ class LRM(nn.Module):
         OpenLRM's mesh threshold), kept where some of the 26 neighbours is empty (the shell; voxels
         on the grid border count as surface), coloured by the decoder's rgb there."""
         planes = self._check_planes(planes, batch=False)
-        resolution = _positive_int("resolution", resolution)
+        resolution = checks.positive_int("resolution", resolution)
         if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or math.isnan(threshold):
             raise ValueError(f"threshold must be a real number; got {threshold!r}")
         b = self.config.bound
