@@ -24,7 +24,7 @@ import time
 import torch
 from torch import Tensor
 
-from fast3d import cameras
+from fast3d import cameras, checks
 from fast3d.data.shards import background_color
 from fast3d.inference.common import StageTimer, load_image, write_turntable
 from fast3d.inference.mesh import DENSITY_THRESHOLD, MESH_GRID, extract_mesh
@@ -138,12 +138,9 @@ def infer(model_dir: str, image_path: str, out_dir: str, camera: dict | None = N
     latencies (ms)."""
     from fast3d.io import save_mesh_ply, save_points_ply
 
-    if isinstance(turntable_frames, bool) or not isinstance(turntable_frames, int) or turntable_frames < 1:
-        raise ValueError(f"turntable_frames must be a positive integer; got {turntable_frames!r}")
-    if resolution is not None and (isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 1):
-        raise ValueError(f"resolution must be a positive integer or None; got {resolution!r}")
-    if isinstance(point_grid, bool) or not isinstance(point_grid, int) or point_grid < 2:
-        raise ValueError(f"point_grid must be an integer >= 2; got {point_grid!r}")
+    turntable_frames = checks.positive_int("turntable_frames", turntable_frames)
+    resolution = checks.positive_int("resolution", resolution, optional=True)
+    point_grid = checks.integer("point_grid", point_grid, 2)
     if isinstance(mesh_grid, bool) or not isinstance(mesh_grid, int) or mesh_grid < 0 or mesh_grid == 1:
         raise ValueError(f"mesh_grid must be 0 (no mesh) or an integer >= 2; got {mesh_grid!r}")
     dev = _device(device)
@@ -203,16 +200,12 @@ def evaluate(model_dir: str, data_path: str, out_json: str, views: int = 4, reso
     from fast3d.evaluation.report import write_report
     from fast3d.io import load_ply
 
-    if isinstance(views, bool) or not isinstance(views, int) or views < 2:
-        raise ValueError(f"views must be an integer >= 2 (the input and at least one held-out view); got {views!r}")
-    if max_samples is not None and (isinstance(max_samples, bool) or not isinstance(max_samples, int)
-                                    or max_samples < 1):
-        raise ValueError(f"max_samples must be a positive integer or None; got {max_samples!r}")
+    views = checks.integer("views", views, 2, note="the input and at least one held-out view")
+    max_samples = checks.positive_int("max_samples", max_samples, optional=True)
     dev = _device(device)
     model, path = load_model(model_dir, dev)
     R = resolution or model.config.image_size
-    if isinstance(R, bool) or not isinstance(R, int) or R < 11:
-        raise ValueError(f"resolution must be an integer >= 11 (SSIM's window); got {R!r}")
+    R = checks.integer("resolution", R, 11, note="SSIM's window")
     lp = load_lpips(lpips_backbone, dev)
     lp_name = "lpips_random" if lpips_backbone == "random" else "lpips"
     rows = []

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fast3d import checks
 from fast3d.models.lrm import LRM
 
 MESH_GRID = 128            # default extract_mesh grid: 128^3 density samples, box corners included
@@ -19,12 +20,10 @@ QUERY_CHUNK = 1 << 18      # decoder queries per call (bounds the memory of the 
 
 
 def _check_mesh_args(grid, threshold, chunk) -> None:
-    if isinstance(grid, bool) or not isinstance(grid, numbers.Integral) or grid < 2:
-        raise ValueError(f"grid must be an integer >= 2; got {grid!r}")
+    checks.integer("grid", grid, 2)
     if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not math.isfinite(threshold):
         raise ValueError(f"threshold must be a finite real number; got {threshold!r}")
-    if isinstance(chunk, bool) or not isinstance(chunk, numbers.Integral) or chunk < 1:
-        raise ValueError(f"chunk must be a positive integer; got {chunk!r}")
+    checks.positive_int("chunk", chunk)
 
 
 def density_mesh(density: Callable[[Tensor], Tensor],  # world points [M, 3] -> density [M]
