@@ -54,6 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fast3d import checks
 from fast3d.data.dataset import MultiViewDataset
 from fast3d.data.shards import SOURCES, background_color
 from fast3d.evaluation.image_metrics import load_lpips, psnr
@@ -92,8 +93,7 @@ class DataSection:
         paths = (self.train,) if isinstance(self.train, str) else self.train
         if not paths or not all(isinstance(p, str) and p for p in paths):
             raise ValueError(f"data.train must name a shard directory or file, or a list of them; got {self.train!r}")
-        if isinstance(self.views, bool) or not isinstance(self.views, int) or self.views < 2:
-            raise ValueError(f"data.views must be an integer >= 2 (1 input + supervision views); got {self.views!r}")
+        checks.integer("data.views", self.views, 2, note="1 input + supervision views")
         allowed = tuple(s for s in SOURCES if s != "image2d")
         if (not isinstance(self.sources, tuple) or not self.sources
                 or not all(s in allowed for s in self.sources)):
@@ -133,8 +133,7 @@ class LossSection:
                 raise ValueError(f"loss.stages[{i}] must be a mapping with exactly the keys resolution and steps; "
                                  f"got {s!r}")
             for k in ("resolution", "steps"):
-                if isinstance(s[k], bool) or not isinstance(s[k], int) or s[k] < 1:
-                    raise ValueError(f"loss.stages[{i}].{k} must be a positive integer; got {s[k]!r}")
+                checks.positive_int(f"loss.stages[{i}].{k}", s[k])
         resolutions = [s["resolution"] for s in self.stages]
         if self.lr_reset_after is not None and self.lr_reset_after not in resolutions[:-1]:
             raise ValueError(f"loss.lr_reset_after must be the resolution of a stage before the last, "
