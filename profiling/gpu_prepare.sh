@@ -11,6 +11,13 @@
 # Everything is cached in $FAST3D_GPU_CACHE (default ~/.cache/fast3d-gpu): a second run copies the
 # cached wheels and builds nothing. The gsplat build's duration is written to
 # $FAST3D_GPU_CACHE/gsplat-build.txt and copied into .whl/ beside the wheel.
+# The gsplat build is resumable: its source archive is unpacked once into
+# $FAST3D_GPU_CACHE/gsplat-$GSPLAT_VERSION-src and built there (`setup.py bdist_wheel`), so ninja's
+# build folder (build/temp.*) persists; rerun after a kill and only the objects not yet compiled
+# are compiled. Each attempt's span is appended to gsplat-build-spans.txt and the build time
+# reported is their sum. A gsplat wheel without the compiled extension (gsplat/csrc*.so; the
+# registry's wheel compiles on first use) is deleted from the cache and from .whl/ on every run,
+# so it is never carried to a GPU machine.
 #
 #   profiling/gpu_prepare.sh                 # from anywhere; the build runs at nice 19, MAX_JOBS=1
 #   profiling/gpu_prepare.sh --dry-run       # what it would fetch and build, what is cached; no network
@@ -34,6 +41,9 @@ main() {
   LIMIT_MB=60
   pkgs=(diffusers importlib-metadata lpips xformers==0.0.35 hjson pydantic pydantic-core
         annotated-types typing-inspection typing-extensions py-cpuinfo msgpack jaxtyping wadler-lindig)
+  # has_ext WHEEL: whether a gsplat wheel holds its compiled extension (gsplat/csrc*.so).
+  # (grep reads the whole listing: with -q it could stop early and fail the pipe under pipefail)
+  has_ext() { python3 -m zipfile -l "$1" | grep 'gsplat/csrc[^/]*\.so' > /dev/null; }
   if [ "${1-}" = --dry-run ]; then
     echo "registry wheels (cp312, manylinux x86_64): ${pkgs[*]}"
     echo "deepspeed: a pure-python wheel from its source archive"
@@ -41,10 +51,24 @@ main() {
     echo "cache: $cache"
     ls "$cache"/wheels/*.whl 2>/dev/null | sed 's/^/  cached: /' || true
     cat "$cache/gsplat-build.txt" 2>/dev/null || echo "  no gsplat wheel cached yet: the build takes hours on 2 busy cores at nice 19"
+    src=$cache/gsplat-$GSPLAT_VERSION-src
+    if [ -d "$src/build" ]; then
+      echo "  gsplat build folder $src/build: $(find "$src/build" -name '*.o' | wc -l) objects compiled (a run resumes from them)"
+    fi
+    for w in "$dest"/gsplat*.whl "$cache"/wheels/gsplat*.whl; do
+      if [ -e "$w" ] && ! has_ext "$w"; then echo "  stale: $w holds no compiled extension; a run deletes it"; fi
+    done
     echo "$dest: $(ls "$dest"/*.whl 2>/dev/null | wc -l) wheels, $(du -sm "$dest" 2>/dev/null | cut -f1) MB (limit $LIMIT_MB MB)"
     exit 0
   fi
   mkdir -p "$dest" "$cache/wheels"
+  for w in "$dest"/gsplat*.whl "$cache"/wheels/gsplat*.whl; do
+    if [ -e "$w" ] && ! has_ext "$w"; then
+      echo "gpu_prepare.sh: deleting $w: it holds no compiled extension (gsplat would compile on first use)"
+      rm -f "$w"
+      if [ "$(dirname "$w")" = "$dest" ]; then rm -f "$dest/gsplat-build.txt"; fi
+    fi
+  done
   grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
 
   # 1. Wheels from the registry, for the GPU machine's interpreter and platform. xformers 0.0.35 is
@@ -87,21 +111,42 @@ main() {
       "$venv/bin/python" -m pip install -q "torch==$TORCH_VERSION" numpy ninja "setuptools<82" wheel
     fi
     "$venv/bin/python" -c "import torch; print('build venv: torch', torch.__version__, 'cuda', torch.version.cuda)"
-    tmp=$(mktemp -d)
+    # The source archive, unpacked once into a fixed folder: its build/ survives a killed build.
+    src=$cache/gsplat-$GSPLAT_VERSION-src
+    if [ ! -f "$src/setup.py" ]; then
+      sdist=$(mktemp -d)
+      "$venv/bin/python" -m pip download -q --no-deps --no-binary gsplat -d "$sdist" "gsplat==$GSPLAT_VERSION"
+      mkdir -p "$src"
+      tar -xzf "$sdist"/gsplat-"$GSPLAT_VERSION".tar.gz -C "$src" --strip-components=1
+      rm -rf "$sdist"
+    fi
+    echo "gsplat build in $src: $(find "$src" -path '*/build/*' -name '*.o' | wc -l) objects already compiled (log: $cache/gsplat-build.log)"
+    out=$(mktemp -d)
+    # One line per attempt in gsplat-build-spans.txt: start, end (epoch s), exit code, objects
+    # compiled when it ended; written also when the attempt is interrupted (not after a SIGKILL).
+    span() { echo "$start $(date +%s) $1 $(find "$src" -path '*/build/*' -name '*.o' | wc -l)" >> "$cache/gsplat-build-spans.txt"; }
     start=$(date +%s)
-    CUDA_HOME=$CUDA_HOME PATH=$CUDA_HOME/bin:$PATH TORCH_CUDA_ARCH_LIST=$GSPLAT_ARCH MAX_JOBS=$MAX_JOBS \
-      nice -n 19 "$venv/bin/python" -m pip wheel -v --no-deps --no-build-isolation --no-binary gsplat --no-cache-dir -w "$tmp" \
-      "gsplat==$GSPLAT_VERSION" > "$cache/gsplat-build.log" 2>&1 \
-      || { tail -40 "$cache/gsplat-build.log"; echo "gpu_prepare.sh: gsplat build failed (log: $cache/gsplat-build.log)" >&2; exit 1; }
-    end=$(date +%s)
-    "$venv/bin/python" -m zipfile -l "$tmp"/gsplat-*.whl | grep -q 'gsplat/csrc.*\.so' \
-      || { echo "gpu_prepare.sh: the gsplat wheel holds no compiled extension (gsplat/csrc*.so)" >&2; exit 1; }
-    cp "$tmp"/gsplat-*.whl "$cache/wheels/"
-    rm -rf "$tmp"
+    trap 'span 130; exit 130' INT TERM HUP
+    rc=0
+    ( cd "$src" && CUDA_HOME=$CUDA_HOME PATH=$CUDA_HOME/bin:$PATH TORCH_CUDA_ARCH_LIST=$GSPLAT_ARCH MAX_JOBS=$MAX_JOBS \
+        nice -n 19 "$venv/bin/python" setup.py bdist_wheel -d "$out" ) >> "$cache/gsplat-build.log" 2>&1 || rc=$?
+    trap - INT TERM HUP
+    span "$rc"
+    if [ "$rc" -ne 0 ]; then
+      tail -40 "$cache/gsplat-build.log"
+      echo "gpu_prepare.sh: gsplat build failed (log: $cache/gsplat-build.log); rerun to resume it" >&2; exit 1
+    fi
+    w=$(ls "$out"/gsplat-*.whl | head -1)
+    has_ext "$w" || { echo "gpu_prepare.sh: the gsplat wheel holds no compiled extension (gsplat/csrc*.so)" >&2; exit 1; }
+    cp "$w" "$cache/wheels/"
+    rm -rf "$out"
     {
       echo "gsplat $GSPLAT_VERSION wheel: python 3.12, torch $("$venv/bin/python" -c 'import torch; print(torch.__version__)'), nvcc $("$CUDA_HOME/bin/nvcc" --version | grep -o 'release [0-9.]*'), TORCH_CUDA_ARCH_LIST=$GSPLAT_ARCH"
-      echo "built $(date -u +%Y-%m-%dT%H:%MZ) on $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')), MAX_JOBS=$MAX_JOBS, nice 19"
-      echo "build time: $((end - start)) s"
+      echo "built on $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')), MAX_JOBS=$MAX_JOBS, nice 19, in $(wc -l < "$cache/gsplat-build-spans.txt") attempt(s):"
+      while read -r a b c n; do
+        echo "  $(date -u -d "@$a" +%Y-%m-%dT%H:%M:%SZ) to $(date -u -d "@$b" +%H:%M:%SZ): $((b - a)) s, exit $c, $n objects compiled"
+      done < "$cache/gsplat-build-spans.txt"
+      echo "build time: $(awk '{t += $2 - $1} END {print t}' "$cache/gsplat-build-spans.txt") s"
     } > "$cache/gsplat-build.txt"
   fi
 
