@@ -190,7 +190,7 @@ def _compile_and_check(launches: list[dict], archs, triton_path: str | None) -> 
 
 # The compile tests run past pytest's default 900 s where other jobs share the 2 cores: ~110 launches
 # x 2 archs, each a Triton + LLVM + ptxas build (the fp32 FMA-path attention kernels the slowest).
-COMPILE_TIMEOUT_S = 2700
+COMPILE_TIMEOUT_S = 1800
 
 
 @pytest.mark.timeout(COMPILE_TIMEOUT_S)
@@ -200,10 +200,39 @@ def test_every_triton_launch_compiles_and_fits_every_target(recorded):
     assert {r["triton"] for r in results} == {triton.__version__}
 
 
+_TILE_CONSTANTS = ("HP", "BC", "OUT_P")   # tile widths (with every BLOCK_*): sizes, not code paths
+
+
+def _largest_per_variant(launches: list[dict]) -> list[dict]:
+    """One launch per kernel x operand types x code-path constants (dtype, dot precision, masking
+    switches): the one with the largest tiles (product of its BLOCK_* / HP constants, times its
+    pipeline stages), which sets that variant's shared memory and register peak. Every code path a
+    launch takes is in its variant, so an API the older Triton lacks fails here as on the full set,
+    at 44 compiles instead of 107."""
+    def size(spec: dict) -> int:
+        n = spec["options"].get("num_stages", 1)
+        for name, value in spec["constants"].items():
+            if (name.startswith("BLOCK") or name == "HP") and isinstance(value, int):
+                n *= value
+        return n
+
+    best: dict[tuple, dict] = {}
+    for spec in launches:
+        pointers = tuple(sorted(t for t in spec["signature"].values() if t.startswith("*")))
+        paths = sorted((k, str(v)) for k, v in spec["constants"].items() if k not in _TILE_CONSTANTS
+                       and not k.startswith("BLOCK"))
+        key = (spec["kernel"], pointers, tuple(paths))
+        if key not in best or size(spec) > size(best[key]):
+            best[key] = spec
+    return list(best.values())
+
+
 @pytest.mark.timeout(COMPILE_TIMEOUT_S)
-def test_every_triton_launch_compiles_and_fits_with_triton_3_6(recorded):
+def test_every_triton_kernel_variant_compiles_and_fits_with_triton_3_6(recorded):
     path = _triton_36()
-    results = _compile_and_check(recorded, ARCHS_36, path)
+    largest = _largest_per_variant(recorded)
+    assert {s["kernel"] for s in largest} == {s["kernel"] for s in recorded}
+    results = _compile_and_check(largest, ARCHS_36, path)
     assert {r["triton"] for r in results} == {TRITON_36}
 
 
