@@ -4,11 +4,16 @@ Every op (``rasterization``, ``composite``, ...) registers its backends here. A 
 
 * ``devices``: device types it runs on (``"cpu"``, ``"cuda"``),
 * ``dtypes``: floating dtypes it accepts,
-* ``features``: optional feature flags it implements (e.g. ``"packed"``, ``"antialiased"``),
+* ``features``: optional feature flags it implements (e.g. composite's ``"packed_native"``): a query
+  that needs one passes only backends that declare it, and an op may read a declared one to choose
+  a code path,
 * ``available()``: why it cannot run on this machine at all (extension not built, no GPU, triton
   missing), or None,
-* ``check(query)``: extra reasons it cannot serve these particular inputs (sizes, layouts),
-* ``priority``: higher is faster; ``backend="auto"`` picks the highest that can serve.
+* ``check(query)``: extra reasons it cannot serve these particular inputs (sizes, layouts), read
+  from ``query.shape``: a small frozen dataclass the op defines (its ``shape_type``) holding what its
+  checks read, typed, instead of string keys,
+* ``priority``: higher is faster; ``backend="auto"`` picks the highest that can serve,
+* ``doc``: one line on how it works, shown by ``fast3d info``.
 
 ``select(op, "auto" | name, query)`` returns the backend to run, or raises ``ValueError`` listing,
 for every candidate, the reasons it cannot serve (in the style of xformers' not_supported_reasons).
@@ -19,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
@@ -29,17 +34,26 @@ BACKEND_NAMES = ("torch", "cpu", "cuda", "triton")
 
 @dataclass(frozen=True)
 class Query:
-    """What an op call needs from a backend."""
+    """What an op call needs from a backend.
+
+    Attributes:
+        device, dtype: the inputs' device and (compute) dtype.
+        features: feature flags the call needs (see the module docstring).
+        shape: the op's typed capability query, read by its backends' ``check`` (e.g.
+            :class:`fast3d.ops.rasterization.api.RasterShape`); None for an op whose backends
+            check nothing beyond device, dtype and features.
+    """
 
     device: torch.device
     dtype: torch.dtype
     features: frozenset = frozenset()
-    requires_grad: bool = False
-    extra: dict = field(default_factory=dict, compare=False)
+    shape: object = None
 
 
 @dataclass(frozen=True)
 class Backend:
+    """One implementation of an op; fields as :func:`register` describes them."""
+
     op: str
     name: str
     fn: Callable
@@ -49,12 +63,18 @@ class Backend:
     features: frozenset = frozenset()
     available: Callable[[], str | None] = lambda: None
     check: Callable[[Query], list] | None = None
+    shape_type: type | None = None
     doc: str = ""
 
     def not_supported_reasons(self, q: Query) -> list[str]:
+        """Why this backend cannot serve ``q`` (empty if it can): its unavailability alone, else
+        every device / dtype / feature mismatch, else what ``check`` says."""
         reason = self.available()
         if reason:
             return [reason]
+        if self.shape_type is not None and not isinstance(q.shape, self.shape_type):
+            raise ValueError(f"{self.op}/{self.name}: Query.shape must be a {self.shape_type.__name__}; "
+                             f"got {q.shape!r}")
         reasons = []
         if q.device.type not in self.devices:
             reasons.append(f"device {q.device.type!r} not in {list(self.devices)}")
@@ -74,11 +94,31 @@ _REGISTRY: dict[str, dict[str, Backend]] = {}
 
 def register(op: str, name: str, fn: Callable, *, devices: Iterable[str], dtypes: Iterable[torch.dtype],
              priority: int, features: Iterable[str] = (), available: Callable[[], str | None] | None = None,
-             check: Callable[[Query], list] | None = None, doc: str = "") -> Backend:
+             check: Callable[[Query], list] | None = None, shape_type: type | None = None,
+             doc: str = "") -> Backend:
+    """Register (or replace) backend ``name`` of ``op``.
+
+    Args:
+        op: the op's name (``"composite"``, ...).
+        name: one of :data:`BACKEND_NAMES`.
+        fn: the implementation, called with the op's positional arguments.
+        devices: device types it runs on; dtypes: floating dtypes it accepts.
+        priority: higher is faster; ``auto`` tries the highest first.
+        features: feature flags it implements.
+        available: returns why it cannot run on this machine at all, or None.
+        check: returns why it cannot serve a query's ``shape`` (empty list if it can).
+        shape_type: the class ``Query.shape`` must be an instance of when this backend is asked
+            (None: not checked).
+        doc: one line on how it works (``fast3d info`` shows it).
+
+    Returns:
+        The registered :class:`Backend`.
+    """
     if name not in BACKEND_NAMES:
         raise ValueError(f"backend name must be one of {BACKEND_NAMES}; got {name!r}")
     b = Backend(op=op, name=name, fn=fn, devices=tuple(devices), dtypes=tuple(dtypes), priority=priority,
-                features=frozenset(features), available=available or (lambda: None), check=check, doc=doc)
+                features=frozenset(features), available=available or (lambda: None), check=check,
+                shape_type=shape_type, doc=doc)
     _REGISTRY.setdefault(op, {})[name] = b
     return b
 

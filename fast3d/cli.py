@@ -22,9 +22,10 @@ def cmd_info(args) -> int:
 
     ops = {}
     for op in backends.ops():
-        avail = backends.availability(op)
+        avail, table = backends.availability(op), backends.backends(op)
         ops[op] = {name: {"available": avail.get(name, NOT_IMPLEMENTED) is None,
-                          "reason": avail.get(name, NOT_IMPLEMENTED)} for name in backends.BACKEND_NAMES}
+                          "reason": avail.get(name, NOT_IMPLEMENTED),
+                          "doc": table[name].doc if name in table else None} for name in backends.BACKEND_NAMES}
     info = {"versions": env.versions(), "build": _native.build_info(), "ops": ops}
     if args.json:
         print(json.dumps(info, indent=1))
@@ -47,6 +48,11 @@ def cmd_info(args) -> int:
                  for n in names]
         print(f"{op:<{width}}  " + "  ".join(f"{c:<9}" for c in cells))
     print(f"(-: {NOT_IMPLEMENTED})")
+    print("\nbackends:")
+    for op, table in ops.items():
+        for n, t in table.items():
+            if t["doc"] is not None:
+                print(f"  {op}/{n}: {t['doc']}")
     reasons = [(op, n, t["reason"]) for op, table in ops.items() for n, t in table.items()
                if t["reason"] and t["reason"] != NOT_IMPLEMENTED]
     if reasons:

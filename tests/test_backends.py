@@ -1,12 +1,16 @@
 """Tests of the backend registry (fast3d/backends.py) on a throwaway op with fake backends:
-auto selection by priority, availability and dtype/device/feature/check reasons, error messages
-for unknown ops and backends, availability(), and register()'s name check."""
+auto selection by priority, availability and dtype/device/feature/check reasons, typed capability
+queries (Query.shape), error messages for unknown ops and backends, availability(), and
+register()'s name check."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import pytest
 import torch
 
+import fast3d
 from fast3d import backends
 from fast3d.backends import Query
 
@@ -118,15 +122,22 @@ def test_device_and_dtype_mismatch_both_reported(op):
 
 def test_feature_mismatch(op):
     backends.register(op, "torch", fake("torch"), devices=("cpu",), dtypes=(torch.float32,), priority=0,
-                      features=("packed", "antialiased", "extra"))
+                      features=("packed", "banded", "extra"))
     backends.register(op, "cuda", fake("cuda"), devices=("cpu",), dtypes=(torch.float32,), priority=30,
                       features=("packed",))
     assert backends.select(op, "auto", Query(CPU, torch.float32, frozenset({"packed"}))).name == "cuda"
-    q = Query(CPU, torch.float32, frozenset({"packed", "antialiased", "extra"}))
+    q = Query(CPU, torch.float32, frozenset({"packed", "banded", "extra"}))
     assert backends.select(op, "auto", q).name == "torch"
-    assert backends.backends(op)["cuda"].not_supported_reasons(q) == ["features ['antialiased', 'extra'] not supported"]
-    with pytest.raises(ValueError, match=r"cuda: features \['antialiased', 'extra'\] not supported"):
+    assert backends.backends(op)["cuda"].not_supported_reasons(q) == ["features ['banded', 'extra'] not supported"]
+    with pytest.raises(ValueError, match=r"cuda: features \['banded', 'extra'\] not supported"):
         backends.select(op, "cuda", q)
+
+
+@dataclass(frozen=True)
+class Samples:
+    """A throwaway op's typed capability query."""
+
+    samples: int
 
 
 def test_check_reasons_are_reported(op, gen):
@@ -135,13 +146,14 @@ def test_check_reasons_are_reported(op, gen):
 
     def check(q: Query) -> list:
         seen.append(q)
-        n = q.extra.get("samples", 0)
+        n = q.shape.samples
         return [f"samples {n} > {limit}", "layout not packed"] if n > limit else []
 
     backends.register(op, "torch", fake("torch"), devices=("cpu",), dtypes=(torch.float32,), priority=0)
-    backends.register(op, "cuda", fake("cuda"), devices=("cpu",), dtypes=(torch.float32,), priority=20, check=check)
-    small = Query(CPU, torch.float32, extra={"samples": limit})
-    big = Query(CPU, torch.float32, extra={"samples": limit + 1})
+    backends.register(op, "cuda", fake("cuda"), devices=("cpu",), dtypes=(torch.float32,), priority=20, check=check,
+                      shape_type=Samples)
+    small = Query(CPU, torch.float32, shape=Samples(limit))
+    big = Query(CPU, torch.float32, shape=Samples(limit + 1))
     assert backends.select(op, "auto", small).name == "cuda"
     assert seen[-1] is small
     assert backends.select(op, "auto", big).name == "torch"
@@ -150,9 +162,29 @@ def test_check_reasons_are_reported(op, gen):
     assert f"cuda: samples {limit + 1} > {limit}, layout not packed" in str(e.value)
     # check() only runs once the declared capabilities match.
     n = len(seen)
-    assert backends.backends(op)["cuda"].not_supported_reasons(Query(CPU, torch.float64, extra={"samples": 10**6})) == [
+    assert backends.backends(op)["cuda"].not_supported_reasons(Query(CPU, torch.float64, shape=Samples(10**6))) == [
         "dtype float64 not in ['float32']"]
     assert len(seen) == n
+
+
+def test_a_query_without_the_ops_shape_is_refused(op, gen):
+    """A backend with a shape_type refuses a Query whose shape is missing or of another type (a
+    caller's bug: a ValueError naming the expected class), before its check reads attributes."""
+    seen = []
+    backends.register(op, "cuda", fake("cuda"), devices=("cpu",), dtypes=(torch.float32,), priority=20,
+                      check=lambda q: seen.append(q) or [], shape_type=Samples)
+    n = int(torch.randint(1, 100, (), generator=gen))
+    for shape in (None, {"samples": n}, (n,)):
+        with pytest.raises(ValueError, match=rf"{op}/cuda: Query.shape must be a Samples; got "):
+            backends.select(op, "auto", Query(CPU, torch.float32, shape=shape))
+    assert seen == []
+    assert backends.select(op, "auto", Query(CPU, torch.float32, shape=Samples(n))).name == "cuda" and len(seen) == 1
+
+
+@pytest.mark.parametrize("name", sorted(backends.ops()))
+def test_every_registered_backend_has_a_one_line_doc(name):
+    for b in backends.backends(name).values():
+        assert b.doc.strip() and "\n" not in b.doc, (name, b.name, b.doc)
 
 
 def test_unknown_op(op):
@@ -278,3 +310,36 @@ def test_check_results_judges_every_target_arch(gen):
     assert len(failed) == 1 and "sm_90's limit 232,448 B" in failed[0]
     failed = check_results([_result(80, 0), _result(90, 0, ok=False)])
     assert failed == ["sm_90 k (triton x) {} {'num_warps': 4, 'num_stages': 2}: boom"]
+
+
+# --- what the ops read from the registry ---------------------------------------------------------
+
+
+def test_packed_composite_dispatches_on_the_declared_feature(monkeypatch, gen):
+    """composite's packed path hands the packed samples to a backend that declares PACKED_NATIVE
+    (whatever its name) and pads to a dense block for one that does not."""
+    from dataclasses import replace
+
+    from fast3d.ops.composite.api import PACKED_NATIVE
+
+    table = backends._REGISTRY["composite"]
+    assert {name for name, b in table.items() if PACKED_NATIVE in b.features} == {"triton"}
+    calls, dense = [], table["torch"].fn
+
+    def native(*args, packed_info=None):
+        calls.append(packed_info)
+        return dense(*args) if packed_info is None else ("packed", packed_info)
+
+    counts = torch.randint(1, 6, (int(torch.randint(2, 9, (), generator=gen)),), generator=gen)
+    M, R = int(counts.sum()), len(counts)
+    sig, t0 = torch.rand(M, generator=gen), torch.rand(M, generator=gen)
+    rgb = torch.rand(M, 3, generator=gen)
+    ri = torch.repeat_interleave(torch.arange(R), counts)
+    # the torch backend, declaring the feature: it gets packed_info and the packed samples as they came
+    monkeypatch.setitem(table, "torch", replace(table["torch"], fn=native, features=frozenset({PACKED_NATIVE})))
+    tag, info = fast3d.composite(sig, rgb, t0, t0 + 0.1, ray_indices=ri, backend="torch")
+    assert tag == "packed" and info.tolist() == [[int(counts[:r].sum()), int(counts[r])] for r in range(R)]
+    # without it: padded to [R, S], S = the longest ray, and composited densely
+    monkeypatch.setitem(table, "torch", replace(table["torch"], fn=native, features=frozenset()))
+    color, opacity, depth, weights = fast3d.composite(sig, rgb, t0, t0 + 0.1, ray_indices=ri, backend="torch")
+    assert len(calls) == 2 and calls[1] is None and color.shape == (R, 3) and weights.shape == (M,)

@@ -29,9 +29,15 @@ def test_info_json_schema():
     assert set(info["ops"]) == set(fast3d.backends.ops())
     for op, table in info["ops"].items():
         assert list(table) == list(fast3d.backends.BACKEND_NAMES), op  # every backend: available, or why not
+        registered = fast3d.backends.backends(op)
         for name, entry in table.items():
-            assert set(entry) == {"available", "reason"}
+            assert set(entry) == {"available", "reason", "doc"}
             assert entry["available"] == (entry["reason"] is None)
+            # every registered backend says in one line how it works; an unimplemented one has no doc
+            if name in registered:
+                assert entry["doc"] == registered[name].doc and entry["doc"].strip() and "\n" not in entry["doc"]
+            else:
+                assert entry["doc"] is None
     assert info["ops"]["composite"]["torch"]["available"]
     if info["versions"]["gpu"] == "no GPU":
         assert "no CUDA GPU" in info["ops"]["composite"]["cuda"]["reason"]
@@ -44,6 +50,8 @@ def test_info_table_lists_every_op_and_reason():
         for name, reason in fast3d.backends.availability(op).items():
             if reason:
                 assert reason in out
+        for name, b in fast3d.backends.backends(op).items():
+            assert f"{op}/{name}: {b.doc}" in out
 
 
 @pytest.mark.parametrize("args, what", [

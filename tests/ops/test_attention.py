@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from fast3d import backends
-from fast3d.ops.attention import bench, multiview_attention, reference
+from fast3d.ops.attention import AttentionShape, bench, multiview_attention, reference
 from helpers import assert_close, grads, random_like
 
 OP = "multiview_attention"
@@ -383,12 +383,12 @@ def test_explicit_triton_that_cannot_serve_lists_reasons(gen):
 
 def test_auto_selects_triton_on_gpu_and_never_the_interpreter(gen):
     require("triton")
-    shape = dict(head_dim=64, seg_q=4096, seg_k=4096)
-    cpu = backends.Query(device=torch.device("cpu"), dtype=torch.bfloat16, extra=shape)
+    shape = AttentionShape(head_dim=64, seg_q=4096, seg_k=4096)
+    cpu = backends.Query(device=torch.device("cpu"), dtype=torch.bfloat16, shape=shape)
     assert backends.select(OP, "auto", cpu).name == "torch"
     assert backends.select(OP, "triton", cpu).name == "triton"
     if torch.cuda.is_available():
-        gpu = backends.Query(device=torch.device("cuda"), dtype=torch.bfloat16, extra=shape)
+        gpu = backends.Query(device=torch.device("cuda"), dtype=torch.bfloat16, shape=shape)
         assert backends.select(OP, "auto", gpu).name == "triton"
 
 
@@ -486,7 +486,8 @@ def test_every_head_dim_fits_every_target_gpu(dtype, tf32, monkeypatch):
 
 def test_dispatch_refuses_a_launch_past_the_shared_memory_limit(monkeypatch, gen):
     """A GPU whose per-block limit is below what a kernel needs: an explicit triton call names the
-    kernel, its bytes and the limit; auto falls back to the reference."""
+    kernel, its bytes and the limit, and the triton backend refuses the query (so auto passes it
+    over), forward and backward kernels alike."""
     require("triton")
     limit = 30_000 + int(torch.randint(0, 10_000, (), generator=gen))
     monkeypatch.setitem(backends.SHARED_MEMORY_OPTIN, 86, limit)
@@ -494,8 +495,11 @@ def test_dispatch_refuses_a_launch_past_the_shared_memory_limit(monkeypatch, gen
     with pytest.raises(ValueError, match=rf"triton: fwd kernel at .* needs ~[0-9,]+ B of shared memory > "
                                          rf"sm_86's {limit:,} B per block"):
         multiview_attention(q, k, v, 2, backend="triton")
-    assert torch.equal(multiview_attention(q, k, v, 2), reference.multiview_attention(q, k, v, 2, "views", None,
-                                                                                        None, None))
+    triton = backends.backends("multiview_attention")["triton"]
+    for backward, kernels in ((False, ["fwd"]), (True, ["fwd", "dkdv", "dq"])):
+        query = backends.Query(q.device, q.dtype, shape=AttentionShape(128, 80, 80, backward=backward))
+        reasons = [r for r in triton.not_supported_reasons(query) if f"sm_86's {limit:,} B" in r]
+        assert [r.split()[0] for r in reasons] == kernels, reasons
     # short segments get short tiles: D = 16 at 16 tokens fits
     small = make_qkv(gen, 1, 2, 16, 16, 1, 16)
     assert multiview_attention(*small, 2, backend="triton").shape == small[0].shape

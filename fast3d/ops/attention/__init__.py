@@ -6,7 +6,7 @@ import torch
 
 from fast3d import backends
 from fast3d.ops.attention import bench, reference
-from fast3d.ops.attention.api import OP, multiview_attention
+from fast3d.ops.attention.api import OP, AttentionShape, multiview_attention
 
 MAX_TRITON_HEAD_DIM = 256
 
@@ -20,13 +20,13 @@ def _triton(*args):
 
 
 def _triton_check(q: backends.Query) -> list:
-    d = q.extra.get("head_dim", 0)
-    if d > MAX_TRITON_HEAD_DIM:
-        return [f"head dim {d} > {MAX_TRITON_HEAD_DIM} (one head's tile must fit in shared memory)"]
+    shape = q.shape
+    if shape.head_dim > MAX_TRITON_HEAD_DIM:
+        return [f"head dim {shape.head_dim} > {MAX_TRITON_HEAD_DIM} (one head's tile must fit in shared memory)"]
     from fast3d.ops.attention import triton as kernels
 
-    return kernels.shared_memory_reasons(q.dtype, d, q.extra["seg_q"], q.extra["seg_k"],
-                                         q.requires_grad, q.device)
+    return kernels.shared_memory_reasons(q.dtype, shape.head_dim, shape.seg_q, shape.seg_k, shape.backward,
+                                         q.device)
 
 
 backends.register(OP, "torch", reference.multiview_attention, devices=("cpu", "cuda"),
@@ -34,7 +34,7 @@ backends.register(OP, "torch", reference.multiview_attention, devices=("cpu", "c
                   doc="rearrange copies + torch SDPA with the view mask as a dense -inf mask")
 backends.register(OP, "triton", _triton, devices=backends.triton_devices(),
                   dtypes=(torch.float16, torch.bfloat16, torch.float32), priority=30,
-                  available=backends.triton_reason, check=_triton_check,
+                  available=backends.triton_reason, check=_triton_check, shape_type=AttentionShape,
                   doc="Triton flash attention (online softmax, FA2 backward), strided layouts, block-sparse view mask")
 
-__all__ = ["multiview_attention", "reference", "bench"]
+__all__ = ["multiview_attention", "AttentionShape", "reference", "bench"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -14,6 +15,24 @@ from fast3d.ops._profiling import op_range
 
 OP = "multiview_attention"
 LAYOUTS = ("views", "rows")
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    """What the attention backends' checks read from a call (``backends.Query.shape``).
+
+    Attributes:
+        head_dim: D, the head dimension.
+        seg_q, seg_k: query and key tokens per attended segment (a view's tokens with
+            layout="views", an image row's with layout="rows"): they size the kernels' tiles.
+        backward: a gradient will flow (grad mode on and q, k or v requires grad): the backward's
+            kernels must fit too.
+    """
+
+    head_dim: int
+    seg_q: int
+    seg_k: int
+    backward: bool = False
 
 
 def _check_view_mask(view_mask, V: int) -> None:
@@ -128,10 +147,10 @@ def multiview_attention(q: Tensor,                   # [B*V, Lq, H, D]
             raise ValueError(f"scale must be a positive finite real number or None; got {scale!r}")
         scale = float(scale)
 
-    query = backends.Query(device=q.device, dtype=q.dtype,
-                           requires_grad=torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)),
-                           extra=dict(head_dim=D, seg_q=Lq if layout == "views" else image_size[1],
-                                      seg_k=Lk if layout == "views" else image_size[1]))
+    shape = AttentionShape(head_dim=D, seg_q=Lq if layout == "views" else image_size[1],
+                           seg_k=Lk if layout == "views" else image_size[1],
+                           backward=torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)))
+    query = backends.Query(device=q.device, dtype=q.dtype, shape=shape)
     impl = backends.select(OP, backend, query)
     with op_range(f"{OP}[{impl.name}]", q.device):
         return impl.fn(q, k, v, V, layout, image_size, view_mask, scale)

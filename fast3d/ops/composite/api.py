@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from fast3d import backends
@@ -10,6 +9,10 @@ from fast3d.ops import _validate as v
 from fast3d.ops._profiling import op_range
 
 OP = "composite"
+# The feature of a backend whose fn also takes the packed form, 1-D samples [M] with
+# packed_info=[R, 2] (first sample, count per ray), walking each ray's own range; the packed
+# path pads to a dense [R, S] block for every other backend.
+PACKED_NATIVE = "packed_native"
 
 
 def composite(sigmas: Tensor,                   # [R, S] densities (post-activation); packed: [M]
@@ -78,7 +81,7 @@ def composite(sigmas: Tensor,                   # [R, S] densities (post-activat
     v.tensor("t_ends", t_ends, dims=2)
     v.same_shape("t_ends", t_ends, (R, S), "[R, S] of sigmas")
     transmittance_eps = _check_common(sigmas, rgbs, t_starts, t_ends, background, R, transmittance_eps)
-    impl = _select(backend, sigmas, rgbs, background)
+    impl = _select(backend, sigmas)
     with op_range(f"{OP}[{impl.name}]", sigmas.device):
         return impl.fn(sigmas, rgbs, t_starts, t_ends, background, transmittance_eps)
 
@@ -99,11 +102,8 @@ def _check_common(sigmas, rgbs, t_starts, t_ends, background, R: int, transmitta
     return transmittance_eps
 
 
-def _select(backend: str, sigmas: Tensor, rgbs: Tensor, background: Tensor | None) -> backends.Backend:
-    q = backends.Query(device=sigmas.device, dtype=sigmas.dtype,
-                       requires_grad=torch.is_grad_enabled() and any(
-                           x is not None and x.requires_grad for x in (sigmas, rgbs, background)))
-    return backends.select(OP, backend, q)
+def _select(backend: str, sigmas: Tensor) -> backends.Backend:
+    return backends.select(OP, backend, backends.Query(device=sigmas.device, dtype=sigmas.dtype))
 
 
 def _composite_packed(sigmas, rgbs, t_starts, t_ends, background, transmittance_eps, backend,
@@ -130,13 +130,10 @@ def _composite_packed(sigmas, rgbs, t_starts, t_ends, background, transmittance_
     info = info.to(sigmas.device)
     R = info.shape[0]
     transmittance_eps = _check_common(sigmas, rgbs, t_starts, t_ends, background, R, transmittance_eps)
-    impl = _select(backend, sigmas, rgbs, background)
-    if impl.name == "triton":   # walks each ray's own sample range: no padded block
-        from fast3d.ops.composite import triton as composite_triton
-
+    impl = _select(backend, sigmas)
+    if PACKED_NATIVE in impl.features:   # walks each ray's own sample range: no padded block
         with op_range(f"{OP}[packed, {impl.name}]", sigmas.device):
-            return composite_triton.composite_packed(sigmas, rgbs, t_starts, t_ends, info, background,
-                                                     transmittance_eps)
+            return impl.fn(sigmas, rgbs, t_starts, t_ends, background, transmittance_eps, packed_info=info)
     mask, index, (s, c, t0, t1) = packed.pad(info, sigmas, rgbs, t_starts, t_ends)
     color, opacity, depth, w = composite(s, c, t0, t1, background, transmittance_eps, impl.name)
     weights = w.new_zeros(M).index_put((index[mask],), w[mask])

@@ -6,7 +6,7 @@ import torch
 from fast3d import _native, backends
 from fast3d.backends import device_memory as _device_memory  # module-level: tests shrink it
 from fast3d.ops.rasterization import bench, native, reference
-from fast3d.ops.rasterization.api import OP, check_overflow, rasterization
+from fast3d.ops.rasterization.api import OP, RasterShape, check_overflow, rasterization
 
 _ALL_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -15,7 +15,7 @@ _DENSE_BYTES_PER_ELEMENT = 40
 
 
 def _reference_check(q: backends.Query) -> list:
-    need = q.extra.get("dense_elements", 0) * _DENSE_BYTES_PER_ELEMENT
+    need = q.shape.dense_elements * _DENSE_BYTES_PER_ELEMENT
     have = _device_memory(q.device)
     if need > have // 2:
         return [f"the dense reference needs ~{need / 2**30:.0f} GiB for these inputs "
@@ -24,12 +24,12 @@ def _reference_check(q: backends.Query) -> list:
 
 
 backends.register(OP, "torch", reference.rasterization, devices=("cpu", "cuda"), dtypes=_ALL_FLOATS, priority=0,
-                  features=("antialiased",), check=_reference_check,
+                  check=_reference_check, shape_type=RasterShape,
                   doc="PyTorch reference: dense, every Gaussian at every pixel, autograd")
 
 
 def _cuda_check(q: backends.Query) -> list:  # runs only where the extension loaded
-    D, images = q.extra.get("channels", 0), q.extra.get("images", 0)
+    D, images = q.shape.channels, q.shape.images
     max_d, max_images = _native.module().gs_max_cuda_channels, _native.module().gs_max_cuda_images
     reasons = [f"{D} channels; the CUDA kernels take at most {max_d}"] if D > max_d else []
     if images > max_images:  # images are grid axis y of the CUDA launches
@@ -39,10 +39,10 @@ def _cuda_check(q: backends.Query) -> list:  # runs only where the extension loa
 
 # cpu/cuda above torch: the dense reference is O(pixels x Gaussians).
 backends.register(OP, "cpu", native.rasterization, devices=("cpu",), dtypes=(torch.float32, torch.float64),
-                  priority=10, features=("antialiased",), available=backends.native_cpu_reason,
+                  priority=10, available=backends.native_cpu_reason,
                   doc="C++/OpenMP: exact-extent 16x16 tile binning, hand-written backward")
 backends.register(OP, "cuda", native.rasterization, devices=("cuda",), dtypes=(torch.float32,), priority=20,
-                  features=("antialiased",), available=backends.native_cuda_reason, check=_cuda_check,
+                  available=backends.native_cuda_reason, check=_cuda_check, shape_type=RasterShape,
                   doc="CUDA: radix-sorted image|tile|depth keys, per-tile blending, warp-reduced backward")
 
-__all__ = ["rasterization", "check_overflow", "reference", "native", "bench"]
+__all__ = ["rasterization", "check_overflow", "RasterShape", "reference", "native", "bench"]

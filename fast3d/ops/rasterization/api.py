@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -16,6 +17,21 @@ OP = "rasterization"
 RENDER_MODES = ("RGB", "D", "ED", "RGB+D", "RGB+ED")
 RASTERIZE_MODES = ("classic", "antialiased")
 MAX_CAPACITY = 2**31 - 1  # intersection indices are int32 (gaussians.h: kGsMaxIntersections)
+
+
+@dataclass(frozen=True)
+class RasterShape:
+    """What the rasterization backends' checks read from a call (``backends.Query.shape``).
+
+    Attributes:
+        channels: output channels per pixel (colour channels, plus one for depth).
+        images: images rendered in the call (scenes x cameras).
+        dense_elements: images x Gaussians x pixels, the dense reference's working-set size.
+    """
+
+    channels: int
+    images: int
+    dense_elements: int
 
 
 def rasterization(means: Tensor,          # [..., N, 3] world positions
@@ -187,10 +203,7 @@ def rasterization(means: Tensor,          # [..., N, 3] world positions
         render, alpha, meta = _empty(args, bgs, B, C, N, D, width, height, channels, with_depth)
     else:
         q = backends.Query(device=means.device, dtype=compute,
-                           features=frozenset({"antialiased"} if rasterize_mode == "antialiased" else ()),
-                           extra=dict(channels=channels, images=B * C, dense_elements=B * C * N * width * height),
-                           requires_grad=torch.is_grad_enabled() and any(
-                               x is not None and x.requires_grad for x in (*args[:5], bgs)))
+                           shape=RasterShape(channels=channels, images=B * C, dense_elements=B * C * N * width * height))
         impl = backends.select(OP, backend, q)
         with op_range(f"{OP}[{impl.name}]", means.device):
             render, alpha, meta = impl.fn(*args, width, height, near_plane, far_plane, eps2d, sh_degree, bgs,

@@ -7,7 +7,7 @@ import torch
 
 from fast3d import backends
 from fast3d.ops.triplane import bench, reference
-from fast3d.ops.triplane.api import OP_RENDER, OP_SAMPLE, render_triplane, triplane_sample
+from fast3d.ops.triplane.api import OP_RENDER, OP_SAMPLE, DecoderShape, render_triplane, triplane_sample
 from fast3d.ops.triplane.decoder import DecoderWeights, decode
 
 try:
@@ -31,8 +31,7 @@ def _triton_render(*args):
 def _triton_render_check(q: backends.Query) -> list:
     if march is None:
         return []
-    return march.unsupported_decoder(q.extra["decoder_layers"], q.extra["decoder_hidden"], q.extra["decoder_dtype"],
-                                     q.device)
+    return march.unsupported_decoder(q.shape.layers, q.shape.hidden, q.shape.dtype, q.device)
 
 
 backends.register(OP_SAMPLE, "torch", reference.triplane_sample, devices=("cpu", "cuda"), dtypes=_ALL_FLOATS,
@@ -43,8 +42,8 @@ backends.register(OP_SAMPLE, "triton", _triton_sample, devices=backends.triton_d
 backends.register(OP_RENDER, "torch", reference.render_triplane, devices=("cpu", "cuda"), dtypes=_ALL_FLOATS,
                   priority=0, doc="PyTorch reference (OpenLRM): grid_sample + MLP + cumprod, sample_pdf")
 backends.register(OP_RENDER, "triton", _triton_render, devices=backends.triton_devices(), dtypes=_TRITON_FLOATS,
-                  priority=30, available=backends.triton_reason, check=_triton_render_check,
+                  priority=30, available=backends.triton_reason, check=_triton_render_check, shape_type=DecoderShape,
                   doc="fused Triton ray marcher: sampling + decoder MLP + compositing per tile, recomputed in "
                       "the backward (no per-sample tensors)")
 
-__all__ = ["triplane_sample", "render_triplane", "DecoderWeights", "decode", "reference", "bench"]
+__all__ = ["triplane_sample", "render_triplane", "DecoderWeights", "DecoderShape", "decode", "reference", "bench"]

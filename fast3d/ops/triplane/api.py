@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 import numbers
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from fast3d import backends
+from fast3d import backends, checks
 from fast3d.ops import _validate as v
 from fast3d.ops._profiling import op_range
 from fast3d.ops.triplane.decoder import as_weights
@@ -35,10 +36,20 @@ def _bound(bound) -> float:
     return float(bound)
 
 
-def _query(x: Tensor, *needs_grad) -> backends.Query:
-    return backends.Query(device=x.device, dtype=x.dtype,
-                          requires_grad=torch.is_grad_enabled() and any(
-                              t is not None and t.requires_grad for t in needs_grad))
+@dataclass(frozen=True)
+class DecoderShape:
+    """What the render_triplane backends' checks read from a call (``backends.Query.shape``):
+    the decoder MLP the fused marcher would have to run.
+
+    Attributes:
+        layers: linear layers (hidden layers plus the output layer).
+        hidden: width of the hidden layers.
+        dtype: the decoder weights' dtype.
+    """
+
+    layers: int
+    hidden: int
+    dtype: torch.dtype
 
 
 def triplane_sample(planes: Tensor,   # [B, 3, C, H, W] feature planes XY, XZ, YZ
@@ -78,7 +89,7 @@ def triplane_sample(planes: Tensor,   # [B, 3, C, H, W] feature planes XY, XZ, Y
     if points.device != planes.device:
         raise ValueError(f"points is on {points.device} but planes is on {planes.device}; all inputs must share a device")
     v.finite("points", points)
-    impl = backends.select(OP_SAMPLE, backend, _query(planes, planes, points))
+    impl = backends.select(OP_SAMPLE, backend, backends.Query(device=planes.device, dtype=planes.dtype))
     with op_range(f"{OP_SAMPLE}[{impl.name}]", planes.device):
         return impl.fn(planes, points, reduce, bound)
 
@@ -93,14 +104,18 @@ def box_interval(rays_o: Tensor,   # [B, R, 3] ray origins
     gets near = far = its near: an empty interval, which both backends render as nothing (zero
     opacity, the background) and the fused marcher skips. Returns near, far [B, R]."""
     with torch.no_grad():
-        o, d = rays_o.detach().to(near.dtype), rays_d.detach().to(near.dtype)
+        # In float32 at least: in fp16 / bf16 the 1e-12 guard below rounds to 0, and a ray on a box
+        # face with a zero direction component would get 0 / 0 = NaN, a miss.
+        compute = torch.promote_types(near.dtype, torch.float32)
+        o, d = rays_o.detach().to(compute), rays_d.detach().to(compute)
+        n, f = near.to(compute), far.to(compute)
         # Axis-parallel directions: a tiny signed component keeps the slab bounds +-inf-like, finite.
         d = torch.where(d.abs() < 1e-12, torch.copysign(torch.full_like(d, 1e-12), d), d)
         t1, t2 = (-bound - o) / d, (bound - o) / d
-        lo = torch.maximum(torch.minimum(t1, t2).amax(-1), near)
-        hi = torch.minimum(torch.maximum(t1, t2).amin(-1), far)
+        lo = torch.maximum(torch.minimum(t1, t2).amax(-1), n)
+        hi = torch.minimum(torch.maximum(t1, t2).amin(-1), f)
         hit = hi > lo
-        return torch.where(hit, lo, near), torch.where(hit, hi, near)
+        return torch.where(hit, lo, n).to(near.dtype), torch.where(hit, hi, n).to(near.dtype)
 
 
 def _near_far(name: str, x, B: int, R: int, like: Tensor) -> Tensor:
@@ -202,12 +217,10 @@ def render_triplane(planes: Tensor,                   # [B, 3, C, H, W]
                              "all inputs must share a device")
     bound = _bound(bound)
     transmittance_eps = v.real_in("transmittance_eps", transmittance_eps, 0.0, 1.0)
-    if not isinstance(clip_to_box, bool):
-        raise ValueError(f"clip_to_box must be a bool; got {clip_to_box!r}")
-    if clip_to_box:
+    if checks.boolean("clip_to_box", clip_to_box):
         near, far = box_interval(rays_o, rays_d, near, far, bound)
-    q = _query(planes, planes, rays_o, rays_d, background, *dec.weights, *dec.biases)
-    q.extra.update(decoder_layers=len(dec.weights), decoder_hidden=dec.hidden, decoder_dtype=dec.dtype)
+    q = backends.Query(device=planes.device, dtype=planes.dtype,
+                       shape=DecoderShape(layers=len(dec.weights), hidden=dec.hidden, dtype=dec.dtype))
     impl = backends.select(OP_RENDER, backend, q)
     with op_range(f"{OP_RENDER}[{impl.name}]", planes.device):
         return impl.fn(planes, dec, rays_o, rays_d, near, far, int(n_samples), int(n_importance), background,
