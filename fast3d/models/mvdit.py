@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from fast3d import checks
 from fast3d.models import checkpoints
 
 MODEL_TYPE = "mvdit"
@@ -78,7 +79,7 @@ class MVDiTConfig:
     def __post_init__(self):
         for name in ("grid_size", "num_layers", "num_heads", "head_dim", "patch_size", "caption_channels",
                      "max_caption_tokens", "latent_channels", "vae_downsample"):
-            _positive_int(name, getattr(self, name))
+            checks.positive_int(name, getattr(self, name))
         if not isinstance(self.random_seed, int) or isinstance(self.random_seed, bool) or self.random_seed < 0:
             raise ValueError(f"random_seed must be an int >= 0; got {self.random_seed!r}")
         if not isinstance(self.learn_sigma, bool):
@@ -148,7 +149,7 @@ class MVDiTConfig:
         Returns:
             The FLOPs, an int.
         """
-        _positive_int("batch_size", batch_size)
+        checks.positive_int("batch_size", batch_size)
         N, D, L, T = self.num_tokens, self.width, self.num_layers, self.max_caption_tokens
         E, C, P = self.caption_channels, self.latent_channels, self.patch_size ** 2
         O = C * (2 if self.learn_sigma else 1)
@@ -170,11 +171,6 @@ class MVDiTConfig:
             The FLOPs, an int.
         """
         return 3 * self.forward_flops(batch_size)
-
-
-def _positive_int(name: str, x) -> None:
-    if isinstance(x, bool) or not isinstance(x, int) or x < 1:
-        raise ValueError(f"{name} must be a positive int; got {x!r}")
 
 
 @contextlib.contextmanager
@@ -312,7 +308,7 @@ def encode_prompts(text_encoder, tokenizer, captions: list[str], max_length: int
     if isinstance(captions, str) or not isinstance(captions, (list, tuple)) or not captions \
             or not all(isinstance(c, str) for c in captions):
         raise ValueError(f"captions must be a non-empty list of str; got {type(captions).__name__} {captions!r:.80}")
-    _positive_int("max_length", max_length)
+    checks.positive_int("max_length", max_length)
     tokens = tokenizer([c.lower().strip() for c in captions], padding="max_length", max_length=max_length,
                        truncation=True, add_special_tokens=True, return_tensors="pt")
     device = text_encoder.device

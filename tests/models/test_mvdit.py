@@ -67,7 +67,7 @@ def test_tiny_preset_and_overrides():
 
 @pytest.mark.parametrize("kw, match", [
     (dict(grid_size=72), "grid_size must be a multiple of 2 \\* vae_downsample \\* patch_size = 32"),
-    (dict(num_heads=0), "num_heads must be a positive int; got 0"),
+    (dict(num_heads=0), "num_heads must be a positive integer; got 0"),
     (dict(num_layers=2.0), "num_layers must be a positive int"),
     (dict(patch_size=True), "patch_size must be a positive int"),
     (dict(vae_downsample=6), "vae_downsample must be a power of two >= 2; got 6"),

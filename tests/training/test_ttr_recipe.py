@@ -357,7 +357,7 @@ def test_step_flops_is_three_forwards_of_the_executed_matmuls_and_attention(gen,
     executed = 2 * _executed_macs(model, inputs)
     assert cfg.forward_flops(B) == executed
     assert cfg.step_flops(B) == 3 * executed
-    with pytest.raises(ValueError, match="batch_size must be a positive int; got 0"):
+    with pytest.raises(ValueError, match="batch_size must be a positive integer; got 0"):
         cfg.step_flops(0)
-    with pytest.raises(ValueError, match="batch_size must be a positive int; got True"):
+    with pytest.raises(ValueError, match="batch_size must be a positive integer; got True"):
         cfg.forward_flops(True)

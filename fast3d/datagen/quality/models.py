@@ -14,6 +14,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from fast3d import checks
 from fast3d._yaml import load_yaml
 from fast3d.io.atomic import atomic_open, atomic_path
 
@@ -70,7 +71,7 @@ class QualityFilter:
     @classmethod
     def load(cls, directory: str) -> "QualityFilter":
         tensors, config = _load(directory, FILTER_NAME, ("feature_dim", "threshold", "C", "dinov2"))
-        D = _positive_int(config, "feature_dim")
+        D = checks.positive_int("config feature_dim", config["feature_dim"])
         _check_tensors(directory, FILTER_NAME, tensors, dict(mean=(D,), std=(D,), coef=(D,), intercept=(1,)))
         if not (tensors["std"] > 0).all():
             raise ValueError(f"{FILTER_NAME}.safetensors: std must be positive")
@@ -140,7 +141,8 @@ class ElevationEstimator(nn.Module):
     @classmethod
     def load(cls, directory: str) -> "ElevationEstimator":
         tensors, config = _load(directory, ELEVATION_NAME, ("feature_dim", "hidden", "dinov2"))
-        D, H = _positive_int(config, "feature_dim"), _positive_int(config, "hidden")
+        D = checks.positive_int("config feature_dim", config["feature_dim"])
+        H = checks.positive_int("config hidden", config["hidden"])
         out = cls(D, H, dinov2=_spec(config))
         _check_tensors(directory, ELEVATION_NAME, tensors,
                        {k: tuple(v.shape) for k, v in out.state_dict().items()})
@@ -216,13 +218,6 @@ def _check_tensors(directory: str, name: str, tensors: dict[str, Tensor], shapes
                              f"got {t.dtype} {tuple(t.shape)}")
         if not torch.isfinite(t).all():
             raise ValueError(f"{path}: tensor {k!r} must be finite")
-
-
-def _positive_int(config: dict, key: str) -> int:
-    value = config[key]
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"config {key} must be a positive integer; got {value!r}")
-    return value
 
 
 def _spec(config: dict) -> str | None:
