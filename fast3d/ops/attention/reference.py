@@ -9,8 +9,10 @@ the view mask expanded to a boolean token mask (False = -inf logit), rearrange b
 
     out_t = sum_s softmax_s(scale <q_t, k_s> + log m(view(t), view(s))) v_s
 
-with m the view mask (1 where view(t) may attend to view(s), 0 elsewhere). Any device and
-dtype; half precision goes through SDPA in that precision, like the models do.
+with m the view mask (1 where view(t) may attend to view(s), 0 elsewhere). A query view whose
+mask row has no True attends to nothing: its output is defined as exactly 0, with no gradient
+through it (SDPA alone would return NaN there). Any device and dtype; half precision goes through
+SDPA in that precision, like the models do.
 """
 
 from __future__ import annotations
@@ -66,6 +68,17 @@ def multiview_attention(q: Tensor,            # [B*V, Lq, H, D]
     Lq, Lk = q.shape[1], k.shape[1]
     seg_q, seg_k = (Lq, Lk) if layout == "views" else (image_size[1], image_size[1])
     qg, kg, vg = (to_groups(x, num_views, layout, image_size) for x in (q, k, v))
-    mask = token_mask(None if view_mask is None else view_mask.to(q.device), seg_q, seg_k)
+    if view_mask is None:
+        out = F.scaled_dot_product_attention(qg, kg, vg, scale=scale)
+        return from_groups(out, num_views, layout, image_size)
+    view_mask = view_mask.to(q.device)
+    attends = view_mask.any(1)                                           # [V]
+    # Rows with no True would softmax over nothing (NaN in SDPA's output and, through P, in every
+    # gradient): they attend to all views instead, and their output is replaced by 0 below, so the
+    # upstream gradient reaching them is 0 and they add nothing to dq, dk or dv. Device ops only:
+    # no host synchronisation.
+    mask = token_mask(view_mask | ~attends[:, None], seg_q, seg_k)
     out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, scale=scale)
+    keep = attends.repeat_interleave(seg_q)[:, None]                     # [V*seg_q, 1]
+    out = torch.where(keep, out, out.new_zeros(()))
     return from_groups(out, num_views, layout, image_size)

@@ -13,7 +13,9 @@ allowed views and skip masked view pairs entirely (block-sparse, no wasted work)
 
 Statistics. The forward keeps the online-softmax running max and sum in base 2 (scores are scaled
 by scale * log2(e) once, so exp2 replaces exp) and saves lse = m + log2(l) per query, [B*V, H, Lq]
-float32. The backward (FlashAttention-2 split, no atomics, deterministic) is:
+float32. A query view with no allowed key view (an empty view-mask row) gets output 0 and
+lse = +inf: its P is 0 in the backward, it has no key view to loop over in the dQ kernel (dq = 0)
+and appears in no key view's query table in the dK/dV kernel (no contribution). The backward (FlashAttention-2 split, no atomics, deterministic) is:
 
     delta_t = sum_d dO_td O_td                        (_delta_kernel)
     P_ts    = exp2(scale*log2e <q_t, k_s> - lse_t)    (recomputed, exact softmax probabilities)
@@ -99,11 +101,16 @@ def _fwd_kernel(Q, K, Vt, O, LSE, KV_VIEWS, KV_COUNT,
             acc = acc * alpha[:, None] + mm(p, vb, PRECISION, UPCAST)
             m_i = m_new
 
-    out = acc / l_i[:, None]
+    # A query view with no allowed key view (an empty view-mask row) ran no iteration: l = 0,
+    # m = -inf. Its output is defined as 0 and its lse as +inf, so the backward's recomputed
+    # P = exp2(s - lse) is exactly 0 for it (no NaN from 0/0 or -inf - -inf).
+    attends = l_i > 0.0
+    out = acc / tl.where(attends, l_i, 1.0)[:, None]
     o_ptrs = O + (b * NV + i) * s_ob + (r * SEG_Q + offs_m[:, None]) * s_ol + hd * s_oh + offs_d[None, :] * s_od
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
     lse_ptrs = LSE + ((b * NV + i) * H + hd) * LQ + r * SEG_Q + offs_m
-    tl.store(lse_ptrs, m_i + tl.math.log2(l_i), mask=m_ok)
+    lse = tl.where(attends, m_i + tl.math.log2(tl.where(attends, l_i, 1.0)), float("inf"))
+    tl.store(lse_ptrs, lse, mask=m_ok)
 
 
 @triton.jit
