@@ -122,16 +122,16 @@ main() {
     fi
     echo "gsplat build in $src: $(find "$src" -path '*/build/*' -name '*.o' | wc -l) objects already compiled (log: $cache/gsplat-build.log)"
     out=$(mktemp -d)
-    # One line per attempt in gsplat-build-spans.txt: start, end (epoch s), exit code, objects
-    # compiled when it ended; written also when the attempt is interrupted (not after a SIGKILL).
+    # One line per attempt in gsplat-build-spans.txt: start, end (epoch s), how it ended (exit-N or
+    # interrupted), objects compiled by then; written also on SIGINT/TERM/HUP (not after a SIGKILL).
     span() { echo "$start $(date +%s) $1 $(find "$src" -path '*/build/*' -name '*.o' | wc -l)" >> "$cache/gsplat-build-spans.txt"; }
     start=$(date +%s)
-    trap 'span 130; exit 130' INT TERM HUP
+    trap 'span interrupted; exit 130' INT TERM HUP
     rc=0
     ( cd "$src" && CUDA_HOME=$CUDA_HOME PATH=$CUDA_HOME/bin:$PATH TORCH_CUDA_ARCH_LIST=$GSPLAT_ARCH MAX_JOBS=$MAX_JOBS \
         nice -n 19 "$venv/bin/python" setup.py bdist_wheel -d "$out" ) >> "$cache/gsplat-build.log" 2>&1 || rc=$?
     trap - INT TERM HUP
-    span "$rc"
+    span "exit-$rc"
     if [ "$rc" -ne 0 ]; then
       tail -40 "$cache/gsplat-build.log"
       echo "gpu_prepare.sh: gsplat build failed (log: $cache/gsplat-build.log); rerun to resume it" >&2; exit 1
@@ -144,7 +144,7 @@ main() {
       echo "gsplat $GSPLAT_VERSION wheel: python 3.12, torch $("$venv/bin/python" -c 'import torch; print(torch.__version__)'), nvcc $("$CUDA_HOME/bin/nvcc" --version | grep -o 'release [0-9.]*'), TORCH_CUDA_ARCH_LIST=$GSPLAT_ARCH"
       echo "built on $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')), MAX_JOBS=$MAX_JOBS, nice 19, in $(wc -l < "$cache/gsplat-build-spans.txt") attempt(s):"
       while read -r a b c n; do
-        echo "  $(date -u -d "@$a" +%Y-%m-%dT%H:%M:%SZ) to $(date -u -d "@$b" +%H:%M:%SZ): $((b - a)) s, exit $c, $n objects compiled"
+        echo "  $(date -u -d "@$a" +%Y-%m-%dT%H:%M:%SZ) to $(date -u -d "@$b" +%H:%M:%SZ): $((b - a)) s, $c, $n objects compiled"
       done < "$cache/gsplat-build-spans.txt"
       echo "build time: $(awk '{t += $2 - $1} END {print t}' "$cache/gsplat-build-spans.txt") s"
     } > "$cache/gsplat-build.txt"
