@@ -41,6 +41,8 @@ SHRINK = {
                                                    "plan and the cache without a registry"),
     (".ci/latest",): (["--dry-run"], "a fresh venv with the newest torch is GBs and ~15 minutes of installing, "
                                      "then the whole suite: the dry run checks the unconstrained set-up it runs"),
+    (".ci/oldest",): (["--dry-run"], "as for .ci/latest, at the oldest lock: the dry run checks the set-up it runs "
+                                     "and that the lock pins torch 2.11.0, Triton 3.6.0 and numpy 2.3.5"),
 }
 
 # A placeholder for pretrained weights -> what the error must name (the first path the run misses).
@@ -152,6 +154,32 @@ def test_ci_runs_every_marked_command():
     assert marked == set(m.group(1).split())
     for name in marked:
         assert f'"$cmd_{name}"' in ci, f".ci/run reads ci:{name} but never runs it"
+
+
+def test_latest_and_oldest_install_what_they_say():
+    """.ci/latest runs the README's set-up without a lock, .ci/oldest with constraints-oldest.txt in
+    place of constraints.txt; that lock holds the oldest supported set (numpy < 2.4 for Triton 3.6's
+    interpreter) and pins the same packages as constraints.txt, so no dependency floats in it."""
+    out = {}
+    for script in ("latest", "oldest"):
+        r = subprocess.run([str(ROOT / ".ci" / script), "--dry-run", "tests/ops"], capture_output=True, text=True,
+                           timeout=60)
+        assert r.returncode == 0, r.stderr
+        out[script] = dict(line.split(":", 1) for line in r.stdout.splitlines())
+        assert out[script]["test"].strip() == "python -m pytest -q tests/ops"
+    setup = README.read_text().split("<!-- ci:setup -->\n```bash\n", 1)[1].splitlines()[0]
+    assert setup.count("-c constraints.txt ") == 2, setup
+    assert out["latest"]["set-up"].strip() == setup.replace("-c constraints.txt ", "")
+    assert out["oldest"]["set-up"].strip() == setup.replace("-c constraints.txt ", "-c constraints-oldest.txt ")
+
+    def pins(name):
+        lines = (ROOT / name).read_text().splitlines()
+        return dict(line.split("==") for line in lines if line and not line.startswith("#"))
+
+    oldest, newest = pins("constraints-oldest.txt"), pins("constraints.txt")
+    assert (oldest["torch"], oldest["triton"]) == ("2.11.0", "3.6.0")
+    assert tuple(int(x) for x in oldest["numpy"].split(".")[:2]) < (2, 4)
+    assert set(oldest) == set(newest)
 
 
 # Words that make an inline span the shape of a command (`--ranks N`), not a command to run.
