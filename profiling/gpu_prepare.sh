@@ -115,7 +115,8 @@ main() {
     src=$cache/gsplat-$GSPLAT_VERSION-src
     if [ ! -f "$src/setup.py" ]; then
       sdist=$(mktemp -d)
-      "$venv/bin/python" -m pip download -q --no-deps --no-binary gsplat -d "$sdist" "gsplat==$GSPLAT_VERSION"
+      # (pip reads the archive's metadata by running its setup.py, which imports torch: no isolation)
+      "$venv/bin/python" -m pip download -q --no-deps --no-build-isolation --no-binary gsplat -d "$sdist" "gsplat==$GSPLAT_VERSION"
       mkdir -p "$src"
       tar -xzf "$sdist"/gsplat-"$GSPLAT_VERSION".tar.gz -C "$src" --strip-components=1
       rm -rf "$sdist"
