@@ -117,8 +117,9 @@ main() {
       sdist=$(mktemp -d)
       # (pip reads the archive's metadata by running its setup.py, which imports torch: no isolation)
       "$venv/bin/python" -m pip download -q --no-deps --no-build-isolation --no-binary gsplat -d "$sdist" "gsplat==$GSPLAT_VERSION"
-      mkdir -p "$src"
-      tar -xzf "$sdist"/gsplat-"$GSPLAT_VERSION".tar.gz -C "$src" --strip-components=1
+      rm -rf "$src.part" && mkdir -p "$src.part"   # unpacked aside, then moved: never half a tree
+      tar -xzf "$sdist"/gsplat-"$GSPLAT_VERSION".tar.gz -C "$src.part" --strip-components=1
+      rm -rf "$src" && mv "$src.part" "$src"
       rm -rf "$sdist"
     fi
     echo "gsplat build in $src: $(find "$src" -path '*/build/*' -name '*.o' | wc -l) objects already compiled (log: $cache/gsplat-build.log)"
