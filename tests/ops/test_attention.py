@@ -6,9 +6,10 @@ the output and the gradients of q, k, v for a random upstream gradient. Layouts 
 (non-square grids), odd token counts (tails of blocks), every listed head dim (32..128 including
 40, 72, 80: padded tiles), V in 1..8, Lq != Lk, view masks (random, diagonal, a key view nobody
 sees: its blocks are skipped and its dk, dv are exactly 0; a query view that sees none: its output
-and dq are exactly 0), strided inputs, custom scale, empty inputs, bad input, backend selection, torch.compile and the benchmark hooks. Sizes are small:
-the interpreter runs ~5 ms per tile iteration. Every test draws fresh inputs from `gen`; a
-failure prints the seed (FAST3D_TEST_SEED=N replays it).
+and dq are exactly 0), strided inputs, custom scale, empty inputs, bad input, backend selection,
+torch.compile and the benchmark hooks. Sizes are small: the interpreter runs ~5 ms per tile
+iteration. Every test draws fresh inputs from `gen`; a failure prints the seed (FAST3D_TEST_SEED=N
+replays it).
 """
 
 from __future__ import annotations

@@ -15,7 +15,8 @@ Statistics. The forward keeps the online-softmax running max and sum in base 2 (
 by scale * log2(e) once, so exp2 replaces exp) and saves lse = m + log2(l) per query, [B*V, H, Lq]
 float32. A query view with no allowed key view (an empty view-mask row) gets output 0 and
 lse = +inf: its P is 0 in the backward, it has no key view to loop over in the dQ kernel (dq = 0)
-and appears in no key view's query table in the dK/dV kernel (no contribution). The backward (FlashAttention-2 split, no atomics, deterministic) is:
+and appears in no key view's query table in the dK/dV kernel (no contribution). The backward
+(FlashAttention-2 split, no atomics, deterministic) is:
 
     delta_t = sum_d dO_td O_td                        (_delta_kernel)
     P_ts    = exp2(scale*log2e <q_t, k_s> - lse_t)    (recomputed, exact softmax probabilities)
