@@ -22,6 +22,21 @@ from fast3d import backends
 from fast3d.ops.composite import native, reference
 from helpers import assert_close, grads, random_like
 
+try:
+    import triton
+    import triton.language as tl
+
+    from fast3d.ops._triton_math import one_minus_exp_neg
+except ImportError:   # the Triton-backed tests skip, through require("triton")
+    triton = None
+
+if triton is not None:
+    @triton.jit
+    def _apply_one_minus_exp_neg(x_ptr, y_ptr, N, BLOCK: tl.constexpr):   # x, y [N] float32
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ok = offs < N
+        tl.store(y_ptr + offs, one_minus_exp_neg(tl.load(x_ptr + offs, mask=ok, other=0.0)), mask=ok)
+
 OP = "composite"
 
 # dtype -> (atol, rtol) of a backend's result against the float64 reference on the same inputs.
@@ -47,6 +62,13 @@ TOL = {
     # relative at tau = 1e-7), so each weight and the opacity carry a few float32 roundings
     # (tau = sigma dt, the series, T = exp(-depth) ~ 1): <= 1e-6 relative; atol 0 (every value > 0).
     "thin float32": (0.0, 2e-6),
+    # _triton_math.one_minus_exp_neg alone vs float64 -expm1: below its cut-off 1/2 a Horner series
+    # whose truncation (< 1.1e-8) is under its 8 steps' float32 rounding, measured <= 1.05e-7
+    # relative (~1.8 ulp) under the interpreter; 2e-7 leaves room for a GPU's other FMA contraction.
+    "one_minus_exp_neg series": (0.0, 2e-7),
+    # above the cut-off, 1 - exp(-tau) >= 0.39: exp's relative error (a few ulp with ex2.approx on
+    # a GPU, measured 1.8e-7 in the interpreter) grows by at most 1/0.39 through the subtraction.
+    "one_minus_exp_neg direct": (0.0, 1e-6),
 }
 
 # Kernel backends. `triton` runs on CUDA tensors on a GPU, else on CPU tensors in the interpreter
@@ -574,6 +596,23 @@ def test_triton_thin_samples_keep_relative_precision(gen):
     atol, rtol = TOL["thin float32"]
     assert_close(weights.cpu().double(), w64, atol=atol, rtol=rtol)
     assert_close(opacity.cpu().double(), o64, atol=atol, rtol=rtol)
+
+
+def test_one_minus_exp_neg_is_relative_accurate(gen):
+    """The shared Triton helper for 1 - exp(-tau) (composite's and the marcher's alpha): relative
+    error against float64 -expm1 on log-uniform tau in (1e-30, 1/2] (the series) and uniform tau
+    around and above the cut-off 1/2 (both branches meet there)."""
+    require("triton")
+    series = (10 ** (-30 + 29.7 * torch.rand(20000, generator=gen, dtype=torch.float64))).float()   # <= 0.5
+    series = series.clamp(max=0.5)
+    around = 0.45 + 3.55 * torch.rand(4000, generator=gen)                                        # [0.45, 4)
+    for name, tau in (("one_minus_exp_neg series", series), ("one_minus_exp_neg direct", around[around >= 0.5]),
+                      ("one_minus_exp_neg series", around[around < 0.5])):
+        x = tau.to(TRITON_DEVICE)
+        y = torch.empty_like(x)
+        _apply_one_minus_exp_neg[(triton.cdiv(x.numel(), 1024),)](x, y, x.numel(), BLOCK=1024)
+        atol, rtol = TOL[name]
+        assert_close(y.cpu().double(), -torch.expm1(-tau.double()), atol=atol, rtol=rtol, name=name)
 
 
 def _launches_inside(monkeypatch, run):

@@ -27,7 +27,7 @@ import triton.language as tl
 from torch import Tensor
 
 from fast3d import backends
-from fast3d.ops._triton_math import rne
+from fast3d.ops._triton_math import one_minus_exp_neg, rne
 
 BLOCK_R = 16
 BLOCK_S = 32
@@ -50,16 +50,6 @@ def _rays(info_ptr, R, S, PACKED: tl.constexpr, BLOCK_R: tl.constexpr):
 
 
 @triton.jit
-def _one_minus_exp_neg(tau):
-    """alpha = 1 - exp(-tau) without the cancellation: 1 - exp(-tau) loses the absolute rounding of
-    exp (2^-24, 2e-7 with the GPU's ex2.approx) to a result of size tau, i.e. 2% at tau = 1e-5, and
-    Triton has no expm1 on every version. Below 0.1 the Taylor series to tau^5 (Horner form) is
-    used: its truncation, under tau^6/720 <= 1.4e-9 relative, is below float32's rounding."""
-    series = tau * (1.0 - tau / 2.0 * (1.0 - tau / 3.0 * (1.0 - tau / 4.0 * (1.0 - tau / 5.0))))
-    return tl.where(tau < 0.1, series, 1.0 - tl.exp(-tau))
-
-
-@triton.jit
 def _tile(sigma_ptr, t0_ptr, t1_ptr, mask_r, start, count, s0, carry, eps, BLOCK_S: tl.constexpr):
     """One tile of samples: (in-range mask, live mask, flat offsets, dt, mid, tau, optical depth
     through sample i, T_{i+1}, w), each [BLOCK_R, BLOCK_S]."""
@@ -77,7 +67,7 @@ def _tile(sigma_ptr, t0_ptr, t1_ptr, mask_r, start, count, s0, carry, eps, BLOCK
     T = tl.exp(-(incl - tau))                        # T_i
     T_next = tl.exp(-incl)                           # T_{i+1}
     live = m & (T >= eps)
-    alpha = _one_minus_exp_neg(tau)
+    alpha = one_minus_exp_neg(tau)
     w = tl.where(live, alpha * T, 0.0)
     return in_range, live, off, dt, 0.5 * (a + b), tau, incl, T_next, w
 
@@ -116,7 +106,7 @@ def _composite_fwd(sigma_ptr, rgb_ptr, t0_ptr, t1_ptr,   # [M], [M, D], [M], [M]
         # read off the optical depth rather than summed, so an opaque ray's is 1 to the rounding of
         # one exp, not of S float32 additions (the background's weight 1 - opacity is then 0 too),
         # and a thin ray's keeps its relative precision (no 1 - exp cancellation).
-        acc_o = _one_minus_exp_neg(depth_end)
+        acc_o = one_minus_exp_neg(depth_end)
         md = mask_r[:, None] & mask_d[None, :]
         if HAS_BG:
             bg = tl.load(bg_ptr + rows[:, None].to(tl.int64) * bg_stride + ds[None, :], mask=md,

@@ -37,7 +37,7 @@ import triton.language as tl
 from torch import Tensor
 
 from fast3d import backends
-from fast3d.ops._triton_math import mm, upcast
+from fast3d.ops._triton_math import mm, one_minus_exp_neg, upcast
 from fast3d.ops.triplane import decoder as _decoder
 from fast3d.ops.triplane import reference
 from fast3d.ops.triplane.decoder import DecoderWeights
@@ -126,17 +126,6 @@ def _column(x, j: tl.constexpr, OUT_P: tl.constexpr):
 
 
 @triton.jit
-def _alpha(tau):
-    """1 - exp(-tau) without cancellation. Directly, float32 loses ~6e-8 absolute to the rounding
-    of exp(-tau) near 1 (more with ex2.approx): 6% relative at tau = 1e-6, a thin sample's opacity.
-    Below 1/16 the Taylor series tau (1 - tau/2 (1 - tau/3 (1 - tau/4 (1 - tau/5)))) is used: its
-    truncation error is < tau^6 / 720, 1.3e-9 relative at 1/16; above, the cancellation costs
-    < 2^-24 / (1 - e^(-1/16)) ~ 1e-6 relative."""
-    series = tau * (1.0 - tau * 0.5 * (1.0 - tau * (1.0 / 3.0) * (1.0 - tau * 0.25 * (1.0 - tau * 0.2))))
-    return tl.where(tau < 0.0625, series, 1.0 - tl.exp(-tau))
-
-
-@triton.jit
 def _ray_block(rays_o_ptr, rays_d_ptr, near_ptr, far_ptr, b, rb, R, BLOCK_R: tl.constexpr):
     """Rows (global ray indices) of ray block rb of scene b, their mask, origins, directions, far.
     Rays with an empty interval (far <= near: they miss the box) are masked: never sampled."""
@@ -195,7 +184,7 @@ def _tile(planes_ptr, t_ptr, w0_ptr, b0_ptr, wm_ptr, bm_ptr, wo_ptr, bo_ptr,
     incl = tl.cumsum(tau, axis=1) + carry[:, None]   # optical depth through sample i
     T = tl.exp(-(incl - tau))                        # T_i
     live = m & (T >= eps)
-    w = tl.where(live, _alpha(tau) * T, 0.0)
+    w = tl.where(live, one_minus_exp_neg(tau) * T, 0.0)
     return (cols, off, m, live, t0, dt, 0.5 * (t0 + t1), px, py, pz, mask_n, a0, a, x_sig, s_r, s_g, s_b,
             tau, incl, w)
 
@@ -247,8 +236,8 @@ def _march_fwd(planes_ptr,            # [B, 3, H, W, C] channels-last, planes' d
     tl.store(color_ptr + rows * 3, acc_r, mask=in_range)
     tl.store(color_ptr + rows * 3 + 1, acc_g, mask=in_range)
     tl.store(color_ptr + rows * 3 + 2, acc_b, mask=in_range)
-    # 1 - T after the last live sample (= the sum of the weights), without cancellation (_alpha).
-    tl.store(opacity_ptr + rows, _alpha(od_end), mask=in_range)
+    # 1 - T after the last live sample (= the sum of the weights), without cancellation (one_minus_exp_neg).
+    tl.store(opacity_ptr + rows, one_minus_exp_neg(od_end), mask=in_range)
     tl.store(depth_ptr + rows, acc_z, mask=in_range)
 
 
