@@ -12,7 +12,7 @@ import json
 import os
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load():
     try:
         return importlib.import_module("fast3d._C"), None
@@ -38,7 +38,7 @@ def built_with_cuda() -> bool:
     return bool(mod is not None and mod.with_cuda())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def build_info() -> dict:
     """What setup.py built: sources, CUDA toolkit and archs, or why CUDA was not built."""
     path = os.path.join(os.path.dirname(__file__), "_build_info.json")

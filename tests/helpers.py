@@ -4,7 +4,7 @@ outputs are poisoned for every op test by tests/ops/conftest.py."""
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch

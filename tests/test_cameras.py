@@ -4,9 +4,9 @@ import math
 
 import pytest
 import torch
+from helpers import assert_close
 
 from fast3d import cameras
-from helpers import assert_close
 
 
 def project(viewmat, K, points):  # [4, 4], [3, 3], [N, 3] -> pixels [N, 2], depth [N]

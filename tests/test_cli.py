@@ -1,7 +1,6 @@
 """The `fast3d` command end to end, as a user runs it (the installed console script)."""
 
 import json
-import os
 import shutil
 import subprocess
 
@@ -47,7 +46,7 @@ def test_info_table_lists_every_op_and_reason():
     out = cli("info").stdout
     assert "composite" in out and "torch" in out
     for op in fast3d.backends.ops():
-        for name, reason in fast3d.backends.availability(op).items():
+        for reason in fast3d.backends.availability(op).values():
             if reason:
                 assert reason in out
         for name, b in fast3d.backends.backends(op).items():
@@ -157,7 +156,7 @@ def test_profile_auto_is_what_the_registry_picks():
     from fast3d.bench import profile
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    for spec, w, name in profile.plan("lrm"):
+    for spec, _w, name in profile.plan("lrm"):
         assert name != "triton" or device == "cuda", (spec.op, name)
         b = fast3d.backends.backends(spec.backend_op)[name]
         assert b.available() is None and device in b.devices

@@ -41,7 +41,7 @@ def versions() -> dict:
     }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -68,7 +68,7 @@ def device_slug(device: torch.device) -> str:
     return slug(device_name(device))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def git_commit() -> str | None:
     """Short commit of the source tree, with -dirty when fast3d/ or csrc/ differ from it."""
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -110,7 +110,7 @@ def measure_peaks(device: torch.device) -> dict:
         n_copy, n_mm, mm_dtype, reps = 2**27, 2048, torch.float32, 3     # 512 MiB: past the L3
     src = torch.rand(n_copy, device=device)
     dst = torch.empty_like(src)
-    copy_s = _best_seconds(lambda: dst.copy_(src), device, reps)
+    copy_s = _best_seconds(lambda: dst.copy_(src), device, reps)  # noqa: F821 -- called before the del
     del src, dst
     a = torch.randn(n_mm, n_mm, device=device, dtype=mm_dtype)
     b = torch.randn(n_mm, n_mm, device=device, dtype=mm_dtype)

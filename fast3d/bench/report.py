@@ -14,10 +14,11 @@ import math
 import os
 import re
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 PASS_ORDER = ("forward", "backward", "forward+backward")
 REFERENCE = "torch"  # the baseline the speed-up plot prefers
@@ -79,7 +80,7 @@ def _parse_date(s: str) -> datetime | None:
         t = datetime.fromisoformat(s[:-1] + "+00:00" if s.endswith("Z") else s)
     except ValueError:
         return None
-    return t.replace(tzinfo=timezone.utc) if t.tzinfo is None else t.astimezone(timezone.utc)
+    return t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)
 
 
 def _reject_constant(name: str) -> Any:

@@ -105,7 +105,7 @@ def run(cfg: BenchConfig, log=_log) -> tuple[list[dict], int]:
         f"({peaks['peak_how']})")
     common = dict(device=env.device_name(device), device_slug=env.device_slug(device), **peaks,
                   torch=vers["torch"], triton=vers["triton"], cuda=vers["cuda_runtime"], commit=vers["commit"],
-                  date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                  date=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
                   run_id=uuid.uuid4().hex[:12])
     rows, failures = [], 0
     all_specs = specs()

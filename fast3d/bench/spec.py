@@ -10,8 +10,8 @@ and the flops it must do (the physical floor that achieved GB/s and TFLOP/s are 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 

@@ -35,8 +35,8 @@ from torch.utils.checkpoint import checkpoint
 from fast3d import checks
 from fast3d.cameras import camera_rays
 from fast3d.models import checkpoints
-from fast3d.ops import _validate
 from fast3d.nn.triplane import TriplaneRenderer
+from fast3d.ops import _validate
 from fast3d.ops.triplane.api import triplane_sample
 
 MODEL_TYPE = "lrm"
@@ -89,7 +89,7 @@ class LRMConfig:
     grad_checkpointing: bool = False  # recompute decoder layers in the backward (training memory)
 
     @classmethod
-    def preset(cls, name: str, **overrides) -> "LRMConfig":
+    def preset(cls, name: str, **overrides) -> LRMConfig:
         if name not in _PRESETS:
             raise ValueError(f"preset must be one of {sorted(_PRESETS)}; got {name!r}")
         return cls(**{**_PRESETS[name], **overrides})
@@ -389,7 +389,7 @@ class LRM(nn.Module):
                                     self.state_dict())
 
     @classmethod
-    def from_pretrained(cls, path: str) -> "LRM":
+    def from_pretrained(cls, path: str) -> LRM:
         config = checkpoints.read_config(path, MODEL_TYPE, LRMConfig)
         model = cls(dataclasses.replace(config, encoder_path=None))
         checkpoints.load_state(model, checkpoints.read_weights(path), path)

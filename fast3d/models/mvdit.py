@@ -100,7 +100,7 @@ class MVDiTConfig:
                 raise ValueError(f"{name} must be a local directory or a random source name; got {value!r}")
 
     @classmethod
-    def preset(cls, name: str, **overrides) -> "MVDiTConfig":
+    def preset(cls, name: str, **overrides) -> MVDiTConfig:
         """A named configuration (``tiny``, ``xl-256``, ``xl-512``) with fields replaced by ``overrides``.
         Sources default to random models (an xl preset's random T5 is two layers of width 4096); a real
         run names them: ``preset("xl-512", vae=path, text_encoder=path, transformer_init=path)``."""

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 
-import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from torch import Tensor
 

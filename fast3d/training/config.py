@@ -71,7 +71,7 @@ class RunConfig:
         """A path from the config, relative to the YAML file's folder."""
         return p if os.path.isabs(p) or not self.source else os.path.join(os.path.dirname(self.source), p)
 
-    def replace(self, **kw) -> "RunConfig":
+    def replace(self, **kw) -> RunConfig:
         return dataclasses.replace(self, **kw)
 
     def to_dict(self) -> dict:

@@ -49,7 +49,7 @@ class Recipe(ABC):
     def build_model(self) -> torch.nn.Module:
         """The module DeepSpeed trains (frozen parts belong to ``prepare``, outside ZeRO)."""
 
-    def prepare(self, device: torch.device) -> None:
+    def prepare(self, device: torch.device) -> None:  # noqa: B027 -- optional hook, a no-op by default
         """Load frozen parts (encoders, LPIPS) and check the data before the first step."""
 
     @abstractmethod

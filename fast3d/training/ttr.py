@@ -53,7 +53,7 @@ class TTRConfig:
             raise ValueError(f"source_weights must be >= 0 with a positive sum; got {self.source_weights}")
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TTRConfig":
+    def from_dict(cls, d: dict) -> TTRConfig:
         """From a config mapping (e.g. the `ttr:` section of a YAML file); unknown keys are errors."""
         known = set(cls.__dataclass_fields__)
         unknown = set(d) - known

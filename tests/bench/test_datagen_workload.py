@@ -2,8 +2,8 @@
 
 import torch
 
-from fast3d.bench.workloads import specs
 from fast3d.bench.workloads import datagen as datagen_bench
+from fast3d.bench.workloads import specs
 
 
 def test_datagen_runs_forward_only_and_encodes(gen):

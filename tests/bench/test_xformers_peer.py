@@ -13,10 +13,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_close
 
 from fast3d.bench import runner
 from fast3d.ops.attention import bench, reference
-from helpers import assert_close
 
 # Tolerances of this file, by dtype, with their reason.
 TOL = {

@@ -10,10 +10,10 @@ import warnings
 
 import pytest
 import torch
+from helpers import assert_close
 
 from fast3d.data import MultiViewDataset, MultiViewSample, ShardWriter
 from fast3d.data.shards import background_color, decode_sample, encode_sample, iter_tar_groups
-from helpers import assert_close
 
 # 8-bit PNG quantisation: at most half a step of 1/255 (plus float rounding).
 QUANT = 0.5 / 255 + 1e-6

@@ -10,12 +10,11 @@ import os
 import pytest
 import torch
 import yaml
+from helpers import assert_close
 
 from fast3d.data import MultiViewDataset
-from fast3d.datagen.pipeline import PipelineConfig, build_stages, generate, item, load_config, orbit, run_config
-from fast3d.datagen.pipeline import engine
+from fast3d.datagen.pipeline import PipelineConfig, build_stages, engine, generate, item, load_config, orbit, run_config
 from fast3d.datagen.quality import QualityFilter
-from helpers import assert_close
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "..", "train", "configs")
 
@@ -58,7 +57,7 @@ def test_plain_shards_read_back(plain):
     samples = read(out)
     assert sorted(samples) == ["syn00000000", "syn00000001", "syn00000002"]
     rig = orbit(cfg)
-    for i, (key, s) in enumerate(sorted(samples.items())):
+    for i, (_key, s) in enumerate(sorted(samples.items())):
         assert s["source"] == "synthetic" and s["quality"] == 1.0
         assert s["caption"] == item(cfg, i)[0]
         assert s["images"].shape == (4, 3, 16, 16) and bool((s["alphas"] == 1).all())

@@ -10,12 +10,12 @@ import time
 
 import pytest
 import torch
+from helpers import assert_close
 
 import fast3d
 from fast3d.data import MultiViewDataset
-from fast3d.datagen import procedural
 from fast3d.data.shards import decode_sample, iter_tar_groups
-from helpers import assert_close
+from fast3d.datagen import procedural
 
 SMALL = dict(num_objects=5, views=4, rig="orbit16", resolution=24, gaussians_per_object=600, samples_per_shard=2,
              batch_size=2)

@@ -7,13 +7,20 @@ import os
 
 import pytest
 import torch
+from helpers import assert_close
 from safetensors.torch import load_file, save_file
 
 from fast3d.data import MultiViewDataset
 from fast3d.datagen import procedural
-from fast3d.datagen.quality import (ELEVATION_NAME, FILTER_NAME, ElevationEstimator, FeatureExtractor, QualityFilter,
-                                 apply_filter, train_filter)
-from helpers import assert_close
+from fast3d.datagen.quality import (
+    ELEVATION_NAME,
+    FILTER_NAME,
+    ElevationEstimator,
+    FeatureExtractor,
+    QualityFilter,
+    apply_filter,
+    train_filter,
+)
 
 
 def clusters(gen, n=100, dim=16, shift=3.0):

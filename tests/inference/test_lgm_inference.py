@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
-from fast3d.datagen import procedural
 from fast3d.data.dataset import MultiViewDataset
+from fast3d.datagen import procedural
 from fast3d.inference import common, lgm
 from fast3d.io import load_ply
 from fast3d.models.lgm import LGM, LGMConfig

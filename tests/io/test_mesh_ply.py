@@ -5,9 +5,9 @@ truncations, byte flips)."""
 import numpy as np
 import pytest
 import torch
+from helpers import byte_flips
 
 from fast3d.io import load_mesh_ply, save_mesh_ply
-from helpers import byte_flips
 
 
 def _mesh(gen, V=7, F=9):

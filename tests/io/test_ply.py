@@ -10,10 +10,10 @@ import os
 import numpy as np
 import pytest
 import torch
+from helpers import byte_flips
 
 from fast3d.io import load_ply, save_ply
 from fast3d.io.ply import _names
-from helpers import byte_flips
 
 
 def _scene(gen, N=37, K=16):

@@ -9,16 +9,23 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_close
 
 from fast3d import cameras
 from fast3d.cameras import rotmat_to_quat
 from fast3d.models import checkpoints
-from fast3d.models.lgm import (LGM, CrossViewAttention, LGMConfig, apply_transform_to_gaussians,
-                               apply_transform_to_viewmats, canonical_viewmat, lora_target_modules,
-                               normalize_cameras)
+from fast3d.models.lgm import (
+    LGM,
+    CrossViewAttention,
+    LGMConfig,
+    apply_transform_to_gaussians,
+    apply_transform_to_viewmats,
+    canonical_viewmat,
+    lora_target_modules,
+    normalize_cameras,
+)
 from fast3d.models.lgm.model import pixel_anchors
 from fast3d.ops.rasterization.reference import quat_to_rotmat
-from helpers import assert_close
 
 TINY = LGMConfig.preset("tiny")
 # A deeper asymmetric net (4 down levels, 3 up blocks, attention at the 2 lowest levels, two layers

@@ -10,13 +10,13 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, PixArtAlphaPipeline, PixArtTransformer2DModel
 from diffusers.models.attention_processor import AttnProcessor2_0
+from helpers import assert_close
 from PIL import Image
 
 from fast3d import backends
 from fast3d.models import mvdit
 from fast3d.models.mvdit import MVDiTConfig
 from fast3d.nn.attention import MultiViewAttnProcessor
-from helpers import assert_close
 
 TINY = MVDiTConfig.preset("tiny")
 # The Triton kernels where they can run (under TRITON_INTERPRET=1 on the CPU), and the reference.

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.attention_processor import AttnProcessor2_0
+from helpers import assert_close
 
 from fast3d import backends
 from fast3d.nn.attention import MultiViewAttnProcessor
-from helpers import assert_close
 
 # `auto` leaves the Triton interpreter alone on CPU tensors; name it so the kernels are what is tested.
 BACKEND = "triton" if backends.availability("multiview_attention")["triton"] is None else "auto"

@@ -20,10 +20,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_close, grads, random_like
 
 from fast3d import backends
 from fast3d.ops.attention import AttentionShape, bench, multiview_attention, reference
-from helpers import assert_close, grads, random_like
 
 OP = "multiview_attention"
 

@@ -16,11 +16,11 @@ import math
 
 import pytest
 import torch
+from helpers import assert_close, grads, random_like
 
 import fast3d
 from fast3d import backends
 from fast3d.ops.composite import native, reference
-from helpers import assert_close, grads, random_like
 
 try:
     import triton

@@ -3,9 +3,9 @@ ray on its own; both index forms; errors."""
 
 import pytest
 import torch
+from helpers import assert_close
 
 import fast3d
-from helpers import assert_close
 
 # `triton` composites the packed samples in place (interpreter on CPU tensors); the others pad.
 BACKENDS = [b for b in ("torch", "cpu", "triton") if fast3d.backends.availability("composite")[b] is None]
@@ -32,7 +32,7 @@ def test_packed_equals_each_ray_composited_alone(gen, backend):
     up = [torch.rand(o.shape, generator=gen, dtype=o.dtype) for o in out]
     g = torch.autograd.grad(sum((o * u).sum() for o, u in zip(out, up)), (sig, rgb, bg))
     ref_out, st = [[], [], [], []], 0
-    for r, n in enumerate(counts):
+    for n in counts:
         if n == 0:  # an empty ray is the background
             ref_out[0].append(bg[None])
             ref_out[1].append(bg.new_zeros(1, 1))

@@ -19,10 +19,10 @@ import math
 
 import pytest
 import torch
+from helpers import assert_close, random_like
 
 from fast3d import backends
 from fast3d.ops.rasterization import bench, rasterization, reference
-from helpers import assert_close, random_like
 
 OP = "rasterization"
 

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from fast3d.ops.rasterization import check_overflow, rasterization, reference
 from helpers import random_like
 from test_rasterization import make_scene, render, require
+
+from fast3d.ops.rasterization import check_overflow, rasterization, reference
 
 CASES = [  # (B, C, N, W, H, sh_degree, rasterize_mode)
     (1, 1, 41, 33, 17, None, "classic"),

@@ -18,13 +18,13 @@ import math
 
 import pytest
 import torch
+from helpers import assert_close, grads, random_like
 
 from fast3d import backends
 from fast3d.nn.triplane import TriplaneMLP, TriplaneRenderer
 from fast3d.ops.triplane import march, reference, render_triplane, triplane_sample, triton_kernels
 from fast3d.ops.triplane.api import box_interval
 from fast3d.ops.triplane.decoder import DecoderWeights, decode
-from helpers import assert_close, grads, random_like
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -16,16 +16,15 @@ import tarfile
 
 import pytest
 import torch
+from helpers import assert_close
 from safetensors.torch import load, save
 from torch.utils.data import DataLoader
 
 from fast3d.data import MultiViewDataset
 from fast3d.datagen import procedural
-from fast3d.models.mvdit import (MVDiTConfig, build_text_encoder, build_vae, encode_prompts, fingerprint,
-                                 make_grid)
+from fast3d.models.mvdit import MVDiTConfig, build_text_encoder, build_vae, encode_prompts, fingerprint, make_grid
 from fast3d.training import feature_cache
 from fast3d.training.feature_cache import FeatureCacheDataset, FeatureCacheError
-from helpers import assert_close
 
 TINY = MVDiTConfig.preset("tiny")
 DATA = dict(num_objects=5, views=4, rig="orbit16", resolution=TINY.view_size, gaussians_per_object=600,

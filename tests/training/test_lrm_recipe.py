@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 import yaml
+from helpers import assert_close
 
 from fast3d import cameras
 from fast3d.datagen import procedural
@@ -22,7 +23,6 @@ from fast3d.training.loop import StepContext
 from fast3d.training.metrics import read_metrics
 from fast3d.training.recipes.lrm import LRMRecipe
 from fast3d.training.recipes.lrm_data import SourceFiltered
-from helpers import assert_close
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIGS = os.path.join(ROOT, "train", "configs")

@@ -21,6 +21,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from diffusers import DDPMScheduler
+from helpers import assert_close
 
 from fast3d.data.shards import MultiViewSample, ShardWriter
 from fast3d.datagen import procedural
@@ -33,7 +34,6 @@ from fast3d.training.metrics import read_metrics
 from fast3d.training.recipes import ttr as recipe_ttr
 from fast3d.training.recipes import ttr_extract
 from fast3d.training.ttr import SOURCES, TTRConfig, TTRSampler
-from helpers import assert_close
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY_YAML = os.path.join(ROOT, "train", "configs", "ttr_tiny.yaml")

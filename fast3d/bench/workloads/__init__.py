@@ -15,7 +15,8 @@ the same harness:
 The backends of a model-level op are those of the kernel op it exercises (registered under the
 model-level op's name with the same availability), so ``speedup_vs`` reads as for the ops: against
 the PyTorch reference (``torch``) and the peer libraries (baselines) measured in the same run.
-Importing this package registers them; models load only when a workload runs. Full sizes are what a GPU session runs; ``--quick`` shrinks each to a CPU-sized model.
+Importing this package registers them; models load only when a workload runs. Full sizes are what
+a GPU session runs; ``--quick`` shrinks each to a CPU-sized model.
 """
 
 import fast3d.ops.attention  # noqa: F401  (each op package registers its workloads as it loads)

@@ -203,7 +203,7 @@ def step_model(p: dict, pass_: str) -> tuple[int, int]:
     return c.split_passes(pass_, (weights + inputs + rb_f, net_f + rf_f), (2 * weights + rb_b, 2 * net_f + rf_b))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _weights_of(cfg) -> int:
     from fast3d.models.lgm import LGM
 

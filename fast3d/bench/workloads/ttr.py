@@ -112,8 +112,9 @@ _WEIGHTS: dict = {}
 
 def _weights_of(cfg) -> int:
     if cfg not in _WEIGHTS:
-        from fast3d.models.mvdit import _transformer_kwargs
         from diffusers import PixArtTransformer2DModel
+
+        from fast3d.models.mvdit import _transformer_kwargs
 
         with torch.device("meta"):
             _WEIGHTS[cfg] = sum(q.numel() for q in PixArtTransformer2DModel(**_transformer_kwargs(cfg)).parameters())

@@ -83,7 +83,7 @@ class PipelineConfig:
     device: str = "auto"
 
     @classmethod
-    def from_dict(cls, d) -> "PipelineConfig":
+    def from_dict(cls, d) -> PipelineConfig:
         if not isinstance(d, dict):
             raise ValueError(f"pipeline config must be a mapping; got {type(d).__name__}")
         sections = {f.name: f.default_factory for f in dataclasses.fields(cls) if f.default_factory

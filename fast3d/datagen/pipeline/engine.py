@@ -26,8 +26,8 @@ import os
 import sys
 import tarfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

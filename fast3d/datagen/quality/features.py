@@ -25,7 +25,7 @@ class FeatureExtractor:
         self.dim = int(model.config.hidden_size)
 
     @classmethod
-    def load(cls, spec: str, **kwargs) -> "FeatureExtractor":
+    def load(cls, spec: str, **kwargs) -> FeatureExtractor:
         """`spec`: a local DINOv2 directory (never downloaded) or "random-tiny" (a small randomly
         initialised DINOv2, the same weights every time: for tests and smoke runs)."""
         from transformers import Dinov2Config, Dinov2Model

@@ -37,7 +37,7 @@ class QualityFilter:
 
     def fit(self, features: Tensor,  # [N, D]
             labels: Tensor,  # [N] in {0, 1}
-            seed: int = 0) -> "QualityFilter":
+            seed: int = 0) -> QualityFilter:
         from sklearn.svm import LinearSVC
 
         x = _features("features", features).double()
@@ -69,7 +69,7 @@ class QualityFilter:
                                               dinov2=self.dinov2))
 
     @classmethod
-    def load(cls, directory: str) -> "QualityFilter":
+    def load(cls, directory: str) -> QualityFilter:
         tensors, config = _load(directory, FILTER_NAME, ("feature_dim", "threshold", "C", "dinov2"))
         D = checks.positive_int("config feature_dim", config["feature_dim"])
         _check_tensors(directory, FILTER_NAME, tensors, dict(mean=(D,), std=(D,), coef=(D,), intercept=(1,)))
@@ -139,7 +139,7 @@ class ElevationEstimator(nn.Module):
               dict(feature_dim=self.feature_dim, hidden=self.hidden, dinov2=self.dinov2))
 
     @classmethod
-    def load(cls, directory: str) -> "ElevationEstimator":
+    def load(cls, directory: str) -> ElevationEstimator:
         tensors, config = _load(directory, ELEVATION_NAME, ("feature_dim", "hidden", "dinov2"))
         D = checks.positive_int("config feature_dim", config["feature_dim"])
         H = checks.positive_int("config hidden", config["hidden"])

@@ -15,8 +15,12 @@ normalisation), ``model`` (LGM, rendering, save/load, LoRA targets).
 
 from fast3d.models.lgm.config import LGMConfig
 from fast3d.models.lgm.model import LGM, lora_target_modules
-from fast3d.models.lgm.normalize import (apply_transform_to_gaussians, apply_transform_to_viewmats,
-                                         canonical_viewmat, normalize_cameras)
+from fast3d.models.lgm.normalize import (
+                                         apply_transform_to_gaussians,
+                                         apply_transform_to_viewmats,
+                                         canonical_viewmat,
+                                         normalize_cameras,
+)
 from fast3d.models.lgm.unet import CrossViewAttention
 
 __all__ = ["LGM", "LGMConfig", "CrossViewAttention", "apply_transform_to_gaussians", "apply_transform_to_viewmats",

@@ -45,7 +45,7 @@ class LGMConfig:
     activation_checkpointing: bool = False
 
     @classmethod
-    def preset(cls, name: str) -> "LGMConfig":
+    def preset(cls, name: str) -> LGMConfig:
         """``"big"``: LGM's model, 256 px in, 128 x 128 Gaussians per view (65,536 for 4 views).
         ``"tiny"``: 64 px in, 32 x 32 Gaussians per view, attention at the lowest level only;
         small enough to train on a CPU."""

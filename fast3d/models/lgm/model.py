@@ -171,7 +171,7 @@ class LGM(nn.Module):
         checkpoints.save_pretrained(path, MODEL_TYPE, self.config, self.state_dict())
 
     @classmethod
-    def from_pretrained(cls, path: str) -> "LGM":
+    def from_pretrained(cls, path: str) -> LGM:
         """Load a directory written by :meth:`save_pretrained` (ValueError for another model's)."""
         model = cls(checkpoints.read_config(path, MODEL_TYPE, LGMConfig))
         checkpoints.load_state(model, checkpoints.read_weights(path), path)

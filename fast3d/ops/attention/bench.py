@@ -107,7 +107,7 @@ def _sdpa(kind: SDPBackend, x: dict) -> torch.Tensor:
     return reference.from_groups(out, V, layout, image_size).contiguous()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sdpa_reason(kind: SDPBackend, device_type: str) -> str | None:
     """Why this SDPA backend cannot run on this device (a tiny bf16 probe call), or None."""
     if device_type == "cuda" and not torch.cuda.is_available():
@@ -151,12 +151,14 @@ def xformers_pack(q: torch.Tensor,            # [B*V, L, H, D]
     V = num_views
     if layout == "views":
         G, S = BV // V, L
-        pack = lambda t: t.reshape(1, BV * L, H, D)                                   # already (g, j, s) order
+        def pack(t):
+            return t.reshape(1, BV * L, H, D)                                          # already (g, j, s) order
     else:
         h, w = image_size
         G, S = BV // V * h, w
-        pack = lambda t: (t.reshape(BV // V, V, h, w, H, D).permute(0, 2, 1, 3, 4, 5)  # [B, h, V, w, H, D]
-                          .reshape(1, BV * L, H, D))
+        def pack(t):
+            return (t.reshape(BV // V, V, h, w, H, D).permute(0, 2, 1, 3, 4, 5)           # [B, h, V, w, H, D]
+                    .reshape(1, BV * L, H, D))
     qp, kp, vp = pack(q), pack(k), pack(v)
     if view_mask is None:
         return qp, kp, vp, [V * S] * G, [V * S] * G
@@ -218,7 +220,7 @@ def _block_mask(q_lens: tuple, kv_lens: tuple, device: str):
     return fmha.attn_bias.BlockDiagonalMask.from_seqlens(list(q_lens), list(kv_lens), device=torch.device(device))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _xformers_reason(device_type: str) -> str | None:
     """Why the xformers baseline cannot run on this device (import, then a tiny bf16 probe), or None."""
     try:

@@ -30,7 +30,6 @@ Head dims up to 256 are padded to the next power of two (>= 16, tl.dot's minimum
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import triton
@@ -335,7 +334,7 @@ def shared_memory_reasons(dtype: torch.dtype, head_dim: int, seg_q: int, seg_k: 
     return reasons
 
 
-def view_tables(view_mask: Optional[Tensor],   # [V, V] bool or None
+def view_tables(view_mask: Tensor | None,   # [V, V] bool or None
                 num_views: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """For each query view the allowed key views first (kv_views [V, V] int32, kv_count [V]) and
     for each key view the query views that see it (q_views, q_count). Built with device ops only
@@ -363,7 +362,7 @@ def _strides(x: Tensor) -> tuple:
 
 
 @torch.library.custom_op("fast3d::multiview_attention_fwd", mutates_args=())
-def attention_fwd(q: Tensor, k: Tensor, v: Tensor, view_mask: Optional[Tensor], num_views: int, n_rows: int,
+def attention_fwd(q: Tensor, k: Tensor, v: Tensor, view_mask: Tensor | None, num_views: int, n_rows: int,
                   scale: float) -> tuple[Tensor, Tensor]:
     # q [B*V, Lq, H, D], k/v [B*V, Lk, H, D], view_mask [V, V] -> out [B*V, Lq, H, D], lse [B*V, H, Lq]
     BV, Lq, H, D = q.shape
@@ -393,7 +392,7 @@ def _(q, k, v, view_mask, num_views, n_rows, scale):
 
 @torch.library.custom_op("fast3d::multiview_attention_bwd", mutates_args=())
 def attention_bwd(g_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                  view_mask: Optional[Tensor], num_views: int, n_rows: int,
+                  view_mask: Tensor | None, num_views: int, n_rows: int,
                   scale: float) -> tuple[Tensor, Tensor, Tensor]:
     # g_out, out [B*V, Lq, H, D], lse [B*V, H, Lq] -> dq [B*V, Lq, H, D], dk, dv [B*V, Lk, H, D]
     BV, Lq, H, D = q.shape

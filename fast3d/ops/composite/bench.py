@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from fast3d.bench.spec import BenchSpec, Workload, register_bench
-from fast3d.ops.composite.api import composite
 from fast3d.ops.composite import reference
+from fast3d.ops.composite.api import composite
 
 WORKLOADS = [
     Workload("lrm", dict(rays=16 * 4 * 128 * 128, samples=128, channels=3),

@@ -4,7 +4,6 @@
 and registered autograd, so they trace under torch.compile without graph breaks.
 """
 
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -13,7 +12,7 @@ from fast3d import _native
 
 
 @torch.library.custom_op("fast3d::composite_fwd", mutates_args=())
-def composite_fwd(sigmas: Tensor, rgbs: Tensor, t_starts: Tensor, t_ends: Tensor, background: Optional[Tensor],
+def composite_fwd(sigmas: Tensor, rgbs: Tensor, t_starts: Tensor, t_ends: Tensor, background: Tensor | None,
                   eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     # -> color [R, D], opacity [R], depth [R], weights [R, S]
     return _native.module().composite_forward(sigmas, rgbs, t_starts, t_ends, background, eps)
@@ -26,9 +25,9 @@ def _(sigmas, rgbs, t_starts, t_ends, background, eps):
 
 
 @torch.library.custom_op("fast3d::composite_bwd", mutates_args=())
-def composite_bwd(sigmas: Tensor, rgbs: Tensor, t_starts: Tensor, t_ends: Tensor, background: Optional[Tensor],
+def composite_bwd(sigmas: Tensor, rgbs: Tensor, t_starts: Tensor, t_ends: Tensor, background: Tensor | None,
                   eps: float, opacity: Tensor, g_color: Tensor, g_opacity: Tensor, g_depth: Tensor,
-                  g_weights: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+                  g_weights: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     # -> g_sigmas [R, S], g_rgbs [R, S, D], g_background [R, D] per ray ([0] without background)
     return _native.module().composite_backward(sigmas, rgbs, t_starts, t_ends, background, eps, opacity,
                                                 g_color, g_opacity, g_depth, g_weights)
@@ -73,7 +72,7 @@ def composite(sigmas: Tensor,            # [R, S]
               rgbs: Tensor,              # [R, S, D]
               t_starts: Tensor,          # [R, S]
               t_ends: Tensor,            # [R, S]
-              background: Optional[Tensor],  # [R, D] or [D]
+              background: Tensor | None,  # [R, D] or [D]
               transmittance_eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Same contract as reference.composite; inputs contiguous, float32 (or float64 on the CPU)."""
     color, opacity, depth, weights = composite_fwd(

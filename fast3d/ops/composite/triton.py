@@ -19,8 +19,6 @@ the same register footprint (D <= 16, the common case, is one chunk).
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import triton
 import triton.language as tl
@@ -164,7 +162,7 @@ def _block_d(D: int) -> int:
     return min(max(triton.next_power_of_2(D), 1), MAX_BLOCK_D)
 
 
-def _launch_meta(packed_info: Optional[Tensor], D: int) -> dict:
+def _launch_meta(packed_info: Tensor | None, D: int) -> dict:
     # A channel chunk wider than 4 makes [BLOCK_R, BLOCK_S, BLOCK_D] tiles of 8192 values: 8 warps
     # hold them in registers where 4 spill (the compile test prints the spill stack).
     block_d = _block_d(D)
@@ -173,8 +171,8 @@ def _launch_meta(packed_info: Optional[Tensor], D: int) -> dict:
 
 
 @torch.library.custom_op("fast3d::composite_triton_fwd", mutates_args=())
-def composite_fwd(sigmas: Tensor, rgbs: Tensor, t_starts: Tensor, t_ends: Tensor, packed_info: Optional[Tensor],
-                  R: int, S: int, background: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def composite_fwd(sigmas: Tensor, rgbs: Tensor, t_starts: Tensor, t_ends: Tensor, packed_info: Tensor | None,
+                  R: int, S: int, background: Tensor | None, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     # contiguous flat samples sigmas [M], rgbs [M, D], t_starts, t_ends [M]: dense M = R S (ray r's
     # samples r S ..), or packed by packed_info [R, 2] int64 (first, count)
     # -> color [R, D], opacity [R], depth [R] (float32: the backward reads them, and half-precision
@@ -205,9 +203,9 @@ def _(sigmas, rgbs, t_starts, t_ends, packed_info, R, S, background, eps):
 
 
 @torch.library.custom_op("fast3d::composite_triton_bwd", mutates_args=())
-def composite_bwd(sigmas: Tensor, rgbs: Tensor, t_starts: Tensor, t_ends: Tensor, packed_info: Optional[Tensor],
+def composite_bwd(sigmas: Tensor, rgbs: Tensor, t_starts: Tensor, t_ends: Tensor, packed_info: Tensor | None,
                   R: int, S: int, eps: float, g_color: Tensor, g_open: Tensor, g_depth: Tensor,
-                  g_weights: Optional[Tensor], total: Tensor) -> tuple[Tensor, Tensor]:
+                  g_weights: Tensor | None, total: Tensor) -> tuple[Tensor, Tensor]:
     # g_color [R, D], g_open, g_depth, total [R] float32; g_weights [M] or None
     # -> g_sigmas [M], g_rgbs [M, D] (zero for samples of no ray)
     M, D = rgbs.shape
@@ -279,7 +277,7 @@ def composite(sigmas: Tensor,            # [R, S]
               rgbs: Tensor,              # [R, S, D]
               t_starts: Tensor,          # [R, S]
               t_ends: Tensor,            # [R, S]
-              background: Optional[Tensor],  # [R, D] or [D]
+              background: Tensor | None,  # [R, D] or [D]
               transmittance_eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Same contract as reference.composite; computes in float32, returns the inputs' dtype."""
     dtype = sigmas.dtype
@@ -296,7 +294,7 @@ def composite_packed(sigmas: Tensor,            # [M]
                      t_starts: Tensor,          # [M]
                      t_ends: Tensor,            # [M]
                      packed_info: Tensor,       # [R, 2] int64 (first sample, count)
-                     background: Optional[Tensor],  # [R, D] or [D]
+                     background: Tensor | None,  # [R, D] or [D]
                      transmittance_eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The packed form without padding: each program walks its rays' own sample ranges.
     Returns color [R, D], opacity [R, 1], depth [R, 1], weights [M] in the inputs' dtype."""

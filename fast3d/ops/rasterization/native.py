@@ -5,13 +5,11 @@ by autograd: projection (``fast3d::gs_project``), SH colours (``fast3d::gs_sh``)
 blending (``fast3d::gs_rasterize``). Backgrounds and the depth channel are plain torch around them.
 """
 
-from typing import Optional
 
 import torch
 from torch import Tensor
 
 from fast3d import _native
-
 
 # --- projection ---------------------------------------------------------------------------------
 
@@ -53,7 +51,7 @@ def _project_setup(ctx, inputs, output):
     ctx.args = inputs[6:]
 
 
-def _zeros_if_none(g: Optional[Tensor], like: Tensor) -> Tensor:
+def _zeros_if_none(g: Tensor | None, like: Tensor) -> Tensor:
     return torch.zeros_like(like) if g is None else g.contiguous()
 
 
@@ -112,7 +110,7 @@ gs_sh.register_autograd(_sh_backward, setup_context=_sh_setup)
 
 @torch.library.custom_op("fast3d::gs_rasterize", mutates_args=())
 def gs_rasterize(means2d: Tensor, conics: Tensor, opac: Tensor, feats: Tensor, depths: Tensor, radii: Tensor,
-                 width: int, height: int, deterministic: bool, capacity: Optional[int],
+                 width: int, height: int, deterministic: bool, capacity: int | None,
                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     # [I,N,...] -> image [I,H,W,D], alpha [I,H,W], then what the backward reuses: last [I,H,W],
     # tile_offsets [I*T+1], flat_ids [n], isect_src [n], gauss_offsets [I*N+1] (the last two CUDA
@@ -187,10 +185,10 @@ def rasterization(means: Tensor,        # [B, N, 3]
                   colors: Tensor,       # [B, C, N, D], or SH [B, N, K, 3] when sh_degree is set
                   viewmats: Tensor,     # [B, C, 4, 4]
                   Ks: Tensor,           # [B, C, 3, 3]
-                  width: int, height: int, near: float, far: float, eps2d: float, sh_degree: Optional[int],
-                  backgrounds: Optional[Tensor],  # [B, C, D]
+                  width: int, height: int, near: float, far: float, eps2d: float, sh_degree: int | None,
+                  backgrounds: Tensor | None,  # [B, C, D]
                   use_colors: bool, with_depth: bool, antialiased: bool, absgrad: bool, deterministic: bool,
-                  capacity: Optional[int]):
+                  capacity: int | None):
     """Same contract as reference.rasterization (float32, or float64 on the CPU). With a capacity,
     CUDA bins at most that many intersections and never synchronises with the host; the CPU
     ignores it (it always bins and renders every intersection)."""

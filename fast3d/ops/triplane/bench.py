@@ -62,7 +62,7 @@ def make_render_inputs(p: dict, device: torch.device, gen: torch.Generator) -> d
 def make_sample_inputs(p: dict, device: torch.device, gen: torch.Generator) -> dict:
     B, M, C, N = p["batch"], p["points"], p["channels"], p["res"]
     planes = torch.randn(B, 3, C, N, N, generator=gen).to(device).requires_grad_()
-    points = ((torch.rand(B, M, 3, generator=gen) * 2.2 - 1.1)).to(device).requires_grad_()
+    points = (torch.rand(B, M, 3, generator=gen) * 2.2 - 1.1).to(device).requires_grad_()
     return dict(planes=planes, points=points)
 
 
