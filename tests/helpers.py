@@ -4,11 +4,14 @@ outputs are poisoned for every op test by tests/ops/conftest.py."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
+
+import fast3d.backends
 
 
 def byte_flips(raw: bytes, gen: torch.Generator, count: int):
@@ -60,3 +63,31 @@ def grads(fn: Callable[..., Sequence[Tensor]], inputs: Sequence[Tensor], upstrea
     outs = fn(*inputs)
     pairs = [(o, g) for o, g in zip(outs, upstream) if g is not None]
     return torch.autograd.grad([o for o, _ in pairs], inputs, [g for _, g in pairs], allow_unused=True)
+
+
+def triton_launches_inside_guard(monkeypatch, run: Callable[[], object]) -> list[tuple[str, object]]:
+    """The devices of the guards every Triton launch made by run() ran inside (a fake guard that
+    records its device, and a launch hook that fails a launch made outside any guard)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    active, guarded = [], []
+
+    @contextlib.contextmanager
+    def guard(device):
+        active.append(device)
+        try:
+            yield
+        finally:
+            active.pop()
+
+    original = InterpretedFunction.run
+
+    def launch(self, *args, **kwargs):
+        assert active, f"{self.fn.__name__} launched outside torch.cuda.device(...)"
+        guarded.append((self.fn.__name__, active[-1]))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(fast3d.backends, "cuda_device_guard", guard)
+    monkeypatch.setattr(InterpretedFunction, "run", launch)
+    run()
+    return guarded

@@ -20,7 +20,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close, grads, random_like
+from helpers import assert_close, grads, random_like, triton_launches_inside_guard
 
 from fast3d import backends
 from fast3d.ops.attention import AttentionShape, bench, multiview_attention, reference
@@ -556,29 +556,9 @@ def test_triton_launches_run_under_the_inputs_device_guard(monkeypatch, gen):
     """Triton launches on the current CUDA device: every attention launch (forward, delta, dK/dV,
     dQ) runs inside backends.cuda_device_guard(the inputs' device)."""
     require("triton")
-    from triton.runtime.interpreter import InterpretedFunction
-
-    active, guarded = [], []
-
-    @contextlib.contextmanager
-    def guard(device):
-        active.append(device)
-        try:
-            yield
-        finally:
-            active.pop()
-
-    original = InterpretedFunction.run
-
-    def launch(self, *args, **kwargs):
-        assert active, f"{self.fn.__name__} launched outside torch.cuda.device(...)"
-        guarded.append((self.fn.__name__, active[-1]))
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(backends, "cuda_device_guard", guard)
-    monkeypatch.setattr(InterpretedFunction, "run", launch)
     q, k, v = (x.requires_grad_() for x in make_qkv(gen, 1, 2, 9, 9, 1, 16))
-    multiview_attention(q, k, v, 2, backend="triton").sum().backward()
+    guarded = triton_launches_inside_guard(
+        monkeypatch, lambda: multiview_attention(q, k, v, 2, backend="triton").sum().backward())
     assert sorted({name for name, _ in guarded}) == ["_delta_kernel", "_dkdv_kernel", "_dq_kernel", "_fwd_kernel"]
     assert {device for _, device in guarded} == {torch.device("cpu")}
 

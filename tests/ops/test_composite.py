@@ -11,12 +11,11 @@ backend. Every test draws fresh inputs from the `gen` fixture; a failure prints 
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import pytest
 import torch
-from helpers import assert_close, grads, random_like
+from helpers import assert_close, grads, random_like, triton_launches_inside_guard
 
 import fast3d
 from fast3d import backends
@@ -615,34 +614,6 @@ def test_one_minus_exp_neg_is_relative_accurate(gen):
         assert_close(y.cpu().double(), -torch.expm1(-tau.double()), atol=atol, rtol=rtol, name=name)
 
 
-def _launches_inside(monkeypatch, run):
-    """The devices of the guards every Triton launch made by run() ran inside (a fake guard that
-    records its device, and a launch hook that fails a launch made outside any guard)."""
-    from triton.runtime.interpreter import InterpretedFunction
-
-    active, guarded = [], []
-
-    @contextlib.contextmanager
-    def guard(device):
-        active.append(device)
-        try:
-            yield
-        finally:
-            active.pop()
-
-    original = InterpretedFunction.run
-
-    def launch(self, *args, **kwargs):
-        assert active, f"{self.fn.__name__} launched outside torch.cuda.device(...)"
-        guarded.append((self.fn.__name__, active[-1]))
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(backends, "cuda_device_guard", guard)
-    monkeypatch.setattr(InterpretedFunction, "run", launch)
-    run()
-    return guarded
-
-
 @pytest.mark.skipif(torch.cuda.is_available(), reason="inspects the interpreter's launches (CPU tensors)")
 def test_triton_launches_run_under_the_inputs_device_guard(monkeypatch, gen):
     """Triton launches on the current CUDA device: every composite launch (forward, backward,
@@ -661,7 +632,7 @@ def test_triton_launches_run_under_the_inputs_device_guard(monkeypatch, gen):
         out = fast3d.composite(**flat, ray_indices=ri, backend="triton")
         torch.autograd.backward(out[:3], [torch.ones_like(o) for o in out[:3]])
 
-    guarded = _launches_inside(monkeypatch, run)
+    guarded = triton_launches_inside_guard(monkeypatch, run)
     assert sorted({name for name, _ in guarded}) == ["_composite_bwd", "_composite_fwd"]
     assert {device for _, device in guarded} == {torch.device("cpu")}
 
