@@ -12,13 +12,12 @@ modules; bad input; empty input. Every test draws fresh inputs from the `gen` fi
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 
 import pytest
 import torch
-from helpers import assert_close, grads, random_like
+from helpers import assert_close, grads, random_like, triton_launches_inside_guard
 
 from fast3d import backends
 from fast3d.nn.triplane import TriplaneMLP, TriplaneRenderer
@@ -684,40 +683,21 @@ def test_compile_triton_sample_fullgraph(gen):
 
 def test_triton_launches_run_under_the_tensors_device(gen, monkeypatch):
     """Every Triton launch of triplane_sample and render_triplane (forward and backward) happens
-    inside backends.cuda_device_guard(the inputs' device): checked by wrapping each kernel so that
-    a launch outside the guard, or under a guard for another device, fails."""
+    inside backends.cuda_device_guard(the inputs' device): helpers.triton_launches_inside_guard
+    fails a launch outside any guard and returns each launch's guard device."""
     require("render_triplane")
-    active = []
-    launched = []
-
-    @contextlib.contextmanager
-    def guard(device):
-        active.append(device)
-        try:
-            yield
-        finally:
-            active.pop()
-
-    class Checked:
-        def __init__(self, name, kernel):
-            self.name, self.kernel = name, kernel
-
-        def __getitem__(self, grid):
-            def launch(*args, **kw):
-                assert active == [planes.device], f"{self.name} launched outside cuda_device_guard(planes.device)"
-                launched.append(self.name)
-                return self.kernel[grid](*args, **kw)
-            return launch
-
-    monkeypatch.setattr(backends, "cuda_device_guard", guard)
-    for module, name in ((triton_kernels, "_triplane_fwd"), (triton_kernels, "_triplane_bwd"),
-                         (march, "_march_fwd"), (march, "_march_bwd")):
-        monkeypatch.setattr(module, name, Checked(name, getattr(module, name)))
     planes, dec, o, d = make_scene(gen, 1, 5, 3, 5)
     planes.requires_grad_()
-    feats = triplane_sample(planes, make_points(gen, 1, 7, 5, 5), backend="triton")
-    out = render_triplane(planes, dec, o, d, 0.5, 3.5, n_samples=4, n_importance=2, backend="triton")
-    (feats.sum() + out["color"].sum()).backward()
+    points = make_points(gen, 1, 7, 5, 5)
+
+    def run():
+        feats = triplane_sample(planes, points, backend="triton")
+        out = render_triplane(planes, dec, o, d, 0.5, 3.5, n_samples=4, n_importance=2, backend="triton")
+        (feats.sum() + out["color"].sum()).backward()
+
+    guarded = triton_launches_inside_guard(monkeypatch, run)
+    assert {device for _, device in guarded} == {planes.device}
+    launched = [name for name, _ in guarded]
     assert sorted(set(launched)) == ["_march_bwd", "_march_fwd", "_triplane_bwd", "_triplane_fwd"]
 
 
