@@ -446,8 +446,10 @@ def test_render_clips_rays_to_the_box(backend, gen):
     assert torch.equal(near[:, missed], far[:, missed]) and (far[:, hit] > near[:, hit]).all()
     inner = render_triplane(planes, dec, o[:, hit], d[:, hit], near[:, hit], far[:, hit], background=bg[:, hit],
                             clip_to_box=False, **kw)
+    # The same rays in a smaller batch: equal up to float32 reassociation (the torch backend's
+    # decoder matmuls block by row count, so the sums may round differently), not bitwise.
     for k in out:
-        assert torch.equal(out[k][:, hit], inner[k]), k
+        check(k, out[k][:, hit], inner[k], RENDER_TOL[torch.float32])
     unclipped = render_triplane(planes, dec, o, d, 0.5, 4.5, background=bg, clip_to_box=False, **kw)
     assert (unclipped["opacity"][:, missed] > 0.1).all()
 
