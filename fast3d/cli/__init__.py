@@ -1,10 +1,19 @@
-"""The `fast3d` command: info | bench | report | profile | datagen | train | infer | eval | sample | demo."""
+"""The `fast3d` command: info | bench | report | profile | datagen | train | infer | eval | sample | demo,
+plus the command groups of this package's modules.
+
+A command group that lives in its own module (``fast3d/cli/<name>.py``) defines
+``register(sub, fail)``: it adds its parsers to ``sub`` (the top-level subparsers) and reports
+argument errors through ``fail(cmd, msg)``. Modules are found by name, so a new command is one new
+file; they import their implementation inside the command functions so ``fast3d --help`` stays fast.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
+import pkgutil
 import sys
 
 
@@ -385,6 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ranks", type=int, help="DeepSpeed ranks (default: 2 on CPU, every GPU)")
     s.add_argument("--objects", type=int, help="training objects (default: 64 on CPU, 512 on GPU)")
     s.set_defaults(fn=cmd_demo)
+
+    for mod in sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")):
+        importlib.import_module(f"{__name__}.{mod}").register(sub, _fail)
     return p
 
 
@@ -399,7 +411,3 @@ def main(argv=None) -> int:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 1
         raise  # another pipe (a worker's, a socket): a real error
-
-
-if __name__ == "__main__":
-    sys.exit(main())
