@@ -45,6 +45,7 @@ LAYERS = {
     "fast3d.inference": 5,
     "fast3d.datagen": 5,
     "fast3d.bench": 5,
+    "fast3d.serving": 5,         # fast3d serve: Ray Serve deployments over the inference paths
     # L6: entry points
     "fast3d.cli": 6,
     "fast3d.demo": 6,
@@ -52,7 +53,7 @@ LAYERS = {
 
 
 # Packages of one layer that must not import each other in a cycle (any length, any depth).
-CYCLE_FREE = ("fast3d.training", "fast3d.inference", "fast3d.datagen", "fast3d.bench")
+CYCLE_FREE = ("fast3d.training", "fast3d.inference", "fast3d.datagen", "fast3d.bench", "fast3d.serving")
 
 
 def modules(root: str, package: str) -> dict[str, str]:
