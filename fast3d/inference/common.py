@@ -6,30 +6,23 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from fast3d.io.atomic import atomic_path
-from fast3d.io.images import to_uint8
+from fast3d.io.images import composite, read_image, to_uint8
 
 
 def load_image(path: str, size: int | None = None, background: float = 1.0) -> Tensor:  # -> [3, H, W] in [0, 1]
-    """An RGB(A) image file as a float tensor; RGBA is composited over ``background`` (white)."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        img = Image.open(path)
-        img.load()
-    except (OSError, UnidentifiedImageError) as e:
-        raise ValueError(f"image {path!r} cannot be read ({e})") from None
-    if size is not None and img.size != (size, size):
-        if img.size[0] != img.size[1]:
-            raise ValueError(f"image {path!r} is {img.size[0]}x{img.size[1]}; expected a square image")
-        img = img.resize((size, size), Image.BICUBIC)
-    a = np.asarray(img.convert("RGBA"), dtype=np.float32) / 255.0
-    rgb, alpha = a[..., :3], a[..., 3:]
-    return torch.from_numpy(rgb * alpha + background * (1 - alpha)).permute(2, 0, 1).contiguous()
+    """An image file as RGB floats (io.images.read_image's limits and modes); alpha is composited
+    over ``background`` (white); resized to ``size`` x ``size`` when given (square images only)."""
+    rgba = read_image(path, name="image")                          # [4, H, W]
+    if size is not None and tuple(rgba.shape[1:]) != (size, size):
+        if rgba.shape[1] != rgba.shape[2]:
+            raise ValueError(f"image {path!r} is {rgba.shape[2]}x{rgba.shape[1]}; expected a square image")
+        rgba = torch.nn.functional.interpolate(rgba[None], size=(size, size), mode="bicubic", antialias=True,
+                                               align_corners=False)[0].clamp(0, 1)
+    return composite(rgba, background)
 
 
 def load_images(paths: list[str], size: int | None = None) -> Tensor:  # -> [V, 3, H, W]

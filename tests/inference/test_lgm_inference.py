@@ -69,7 +69,7 @@ def test_infer_rejects_bad_inputs(setup, tmp_path):
     with pytest.raises(ValueError, match="does not match the 4 images"):
         lgm.infer(setup["model"], setup["paths"], str(tmp_path), cameras_json=str(bad))
     (tmp_path / "junk.png").write_bytes(b"not a png")
-    with pytest.raises(ValueError, match="cannot be read"):
+    with pytest.raises(ValueError, match="not a readable image"):
         lgm.infer(setup["model"], setup["paths"][:3] + [str(tmp_path / "junk.png")], str(tmp_path))
 
 

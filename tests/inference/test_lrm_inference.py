@@ -133,7 +133,7 @@ def test_evaluate_scores_geometry_against_the_asset(model_dir, tmp_path, monkeyp
 
 def test_bad_inputs_are_named(model_dir, image, tmp_path, gen):
     out = str(tmp_path / "out")
-    with pytest.raises(ValueError, match="cannot be read"):
+    with pytest.raises(ValueError, match="missing.png' is not a file"):
         lrm_infer.infer(model_dir, str(tmp_path / "missing.png"), out, device="cpu")
     wide = str(tmp_path / "wide.png")
     save_image(torch.rand(3, 24, 32, generator=gen), wide)
