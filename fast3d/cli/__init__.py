@@ -400,14 +400,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _stdout_reader_gone() -> bool:
+    """Whether the read end of stdout's pipe is closed (``fast3d info | head`` after head exits):
+    poll reports an error on the write end of such a pipe."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(ev & select.POLLERR for _, ev in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # stdout closed, replaced, or no poll here
+        return False
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
     except BrokenPipeError:
-        try:
-            sys.stdout.flush()
-        except BrokenPipeError:  # `fast3d info | head`: the reader of stdout left; say nothing more
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            return 1
-        raise  # another pipe (a worker's, a socket): a real error
+        if not _stdout_reader_gone():
+            raise  # another pipe (a worker's, a socket): a real error
+        # The reader of stdout left: say nothing more (and let the interpreter's final flush of
+        # the buffered output go to /dev/null rather than raise again at exit).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
