@@ -35,6 +35,26 @@ def test_ssim_of_a_constant_shift_matches_the_formula():
     assert abs(float(ssim(b, a)) - expected) < 1e-4  # float32 cancellation in E[x^2] - E[x]^2
 
 
+def test_the_library_ssim_on_the_old_cases(gen):
+    """torchmetrics' SSIM (the metric from now on) on the hand-written SSIM's test cases: equal images 1,
+    a constant shift the luminance formula, and on noise the hand-written value (an 11x11 Gaussian
+    window, sigma 1.5, valid windows only) is torchmetrics' SSIM map averaged over its interior:
+    the library averages over every pixel, border windows reflect-padded, hence its own mean."""
+    from torchmetrics.functional.image import structural_similarity_index_measure as tm_ssim
+
+    a = torch.rand(2, 3, 32, 32, generator=gen)
+    assert torch.allclose(tm_ssim(a, a, data_range=1.0, reduction="none"), torch.ones(2), atol=1e-6)
+    noisy = (a + 0.2 * torch.randn(2, 3, 32, 32, generator=gen)).clamp(0, 1)
+    lib, full = tm_ssim(noisy, a, data_range=1.0, reduction="none", return_full_image=True)
+    assert (lib < 0.9).all()
+    interior = full[..., 5:-5, 5:-5].flatten(1).mean(1)
+    assert torch.allclose(interior, ssim(noisy, a), atol=1e-5)  # float32 sums in a different order
+    c = torch.full((1, 3, 16, 16), 0.5), torch.full((1, 3, 16, 16), 0.6)
+    expected = (2 * 0.5 * 0.6 + 0.01 ** 2) / (0.5 ** 2 + 0.6 ** 2 + 0.01 ** 2)
+    assert abs(float(tm_ssim(c[1], c[0], data_range=1.0)) - expected) < 1e-4
+    assert abs(float(ssim(c[1], c[0])) - expected) < 1e-4
+
+
 def test_lpips_random_backbone_is_zero_on_equal_images_and_positive_otherwise(gen):
     m = load_lpips("random")
     a, b = torch.rand(2, 3, 32, 32, generator=gen), torch.rand(2, 3, 32, 32, generator=gen)
