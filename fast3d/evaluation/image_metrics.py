@@ -1,5 +1,5 @@
-"""Image metrics on [0, 1] images ``[..., 3, H, W]``: PSNR, SSIM (11x11 Gaussian window, sigma 1.5,
-as Wang et al. 2004 and scikit-image's defaults for this use) and LPIPS (the lpips package, VGG).
+"""Image metrics on [0, 1] images ``[..., 3, H, W]``: PSNR, SSIM and MS-SSIM (torchmetrics: 11x11
+Gaussian window, sigma 1.5, as Wang et al. 2004) and LPIPS (the lpips package, VGG).
 
 LPIPS needs ImageNet VGG-16 weights, which lpips takes from torchvision's cache
 (``$TORCH_HOME/hub/checkpoints/vgg16-397923af.pth``); this machine cannot download them, so
@@ -15,7 +15,6 @@ import os
 import warnings
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 VGG16_FILE = "vgg16-397923af.pth"
@@ -28,34 +27,63 @@ def psnr(pred: Tensor,   # [..., 3, H, W] in [0, 1]
     return -10.0 * torch.log10(mse.clamp_min(1e-10))
 
 
-def _gaussian_window(size: int, sigma: float, device, dtype) -> Tensor:
-    x = torch.arange(size, device=device, dtype=dtype) - (size - 1) / 2
-    g = torch.exp(-x * x / (2 * sigma * sigma))
-    g = g / g.sum()
-    return g
+SSIM_BACKBONE = "torchmetrics-gaussian11-sigma1.5"   # what the report names SSIM and MS-SSIM's window
+MS_SSIM_SCALES = 5                                    # Wang et al. 2003's five scales and weights
+
+
+def _images(name: str, x: Tensor) -> Tensor:  # [..., 3, H, W] -> [N, 3, H, W] float32
+    if x.dim() < 3 or x.shape[-3] != 3:
+        raise ValueError(f"{name} must be images [..., 3, H, W]; got {tuple(x.shape)}")
+    return x.float().reshape(-1, *x.shape[-3:])
 
 
 def ssim(pred: Tensor,    # [..., 3, H, W] in [0, 1]
          target: Tensor,  # [..., 3, H, W]
-         window: int = 11, sigma: float = 1.5) -> Tensor:  # [...]
-    """Mean SSIM over pixels and channels (valid convolution, no padding)."""
-    lead = pred.shape[:-3]
-    C, H, W = pred.shape[-3:]
-    if min(H, W) < window:
-        raise ValueError(f"ssim needs images of at least {window}x{window}; got {H}x{W}")
-    x = pred.float().reshape(-1, C, H, W)
-    y = target.float().reshape(-1, C, H, W)
-    g = _gaussian_window(window, sigma, x.device, x.dtype)
+         ) -> Tensor:     # [...]
+    """SSIM (Wang et al. 2004) from torchmetrics: an 11x11 Gaussian window of sigma 1.5, K1 0.01,
+    K2 0.03, data range 1, averaged over every pixel and channel (border windows reflect-padded)."""
+    from torchmetrics.functional.image import structural_similarity_index_measure
 
-    def blur(t):  # separable Gaussian, per channel
-        t = F.conv2d(t, g.view(1, 1, 1, -1).expand(C, 1, 1, window), groups=C)
-        return F.conv2d(t, g.view(1, 1, -1, 1).expand(C, 1, window, 1), groups=C)
+    if pred.shape != target.shape:
+        raise ValueError(f"pred and target must have one shape; got {tuple(pred.shape)} and {tuple(target.shape)}")
+    x, y = _images("pred", pred), _images("target", target)
+    if min(x.shape[-2:]) < 11:
+        raise ValueError(f"ssim needs images of at least 11x11; got {x.shape[-2]}x{x.shape[-1]}")
+    s = structural_similarity_index_measure(x, y, data_range=1.0, reduction="none")
+    return s.reshape(pred.shape[:-3])
 
-    c1, c2 = 0.01 ** 2, 0.03 ** 2
-    mx, my = blur(x), blur(y)
-    sxx, syy, sxy = blur(x * x) - mx * mx, blur(y * y) - my * my, blur(x * y) - mx * my
-    s = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx * mx + my * my + c1) * (sxx + syy + c2))
-    return s.flatten(1).mean(1).reshape(lead)
+
+def ms_ssim_min_size(scales: int = MS_SSIM_SCALES) -> int:
+    """The smallest image side MS-SSIM takes: the 11 px window must fit the coarsest of ``scales``
+    downsampled scales; torchmetrics' rule is side // (scales - 1)^2 > 10, 176 px for five."""
+    return 11 * max(1, scales - 1) ** 2
+
+
+def ms_ssim(pred: Tensor,    # [..., 3, H, W] in [0, 1]
+            target: Tensor,  # [..., 3, H, W]
+            ) -> Tensor:     # [...]
+    """Multi-scale SSIM (Wang et al. 2003) from torchmetrics: five scales with the paper's weights,
+    the SSIM window above; images need sides of at least :func:`ms_ssim_min_size` (176 px)."""
+    from torchmetrics.functional.image import multiscale_structural_similarity_index_measure
+
+    if pred.shape != target.shape:
+        raise ValueError(f"pred and target must have one shape; got {tuple(pred.shape)} and {tuple(target.shape)}")
+    x, y = _images("pred", pred), _images("target", target)
+    need = ms_ssim_min_size()
+    if min(x.shape[-2:]) < need:
+        raise ValueError(f"ms_ssim needs images of at least {need}x{need} ({MS_SSIM_SCALES} scales of an 11 px "
+                         f"window); got {x.shape[-2]}x{x.shape[-1]}")
+    s = multiscale_structural_similarity_index_measure(x, y, data_range=1.0, reduction="none",
+                                                       normalize="relu")
+    return s.reshape(pred.shape[:-3])
+
+
+def lpips_metric(backbone: str) -> tuple[str, str]:
+    """(metric name, backbone name) for the report: ``("lpips", "lpips-vgg")`` for ImageNet VGG
+    weights; the random stand-in is ``("lpips_random", "lpips-vgg-random")``, never the metric."""
+    if backbone == "random":
+        return "lpips_random", "lpips-vgg-random"
+    return "lpips", "lpips-vgg"
 
 
 def load_lpips(backbone: str = "imagenet", device: torch.device | str = "cpu") -> torch.nn.Module:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fast3d.evaluation.geometry_metrics import chamfer_fscore
-from fast3d.evaluation.image_metrics import load_lpips, psnr, ssim
+from fast3d.evaluation.image_metrics import load_lpips, ms_ssim, ms_ssim_min_size, psnr, ssim
 from fast3d.evaluation.report import write_report
 
 
@@ -18,41 +18,52 @@ def test_psnr_of_a_known_error(gen):
     assert torch.allclose(psnr(b, a), torch.full((2,), 20.0), atol=1e-3)
 
 
-def test_ssim_is_one_for_equal_images_and_drops_with_noise(gen):
-    a = torch.rand(3, 32, 32, generator=gen)
-    assert abs(float(ssim(a, a)) - 1.0) < 1e-6
-    noisy = (a + 0.2 * torch.randn(3, 32, 32, generator=gen)).clamp(0, 1)
-    assert float(ssim(noisy, a)) < 0.9
-    with pytest.raises(ValueError, match="at least 11x11"):
-        ssim(a[:, :8, :8], a[:, :8, :8])
+def _valid_window_ssim(x, y):  # [N, 3, H, W] x2 -> [N]: Wang et al.'s SSIM over the valid 11x11 windows only
+    t = torch.arange(11, dtype=torch.float64) - 5
+    g = torch.exp(-t * t / (2 * 1.5 ** 2))
+    w = (g / g.sum())[:, None] * (g / g.sum())[None, :]
+    x, y = x.double(), y.double()
+
+    def blur(u):
+        return torch.nn.functional.conv2d(u, w.expand(3, 1, 11, 11), groups=3)
+
+    mx, my = blur(x), blur(y)
+    sxx, syy, sxy = blur(x * x) - mx * mx, blur(y * y) - my * my, blur(x * y) - mx * my
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    s = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx * mx + my * my + c1) * (sxx + syy + c2))
+    return s.flatten(1).mean(1)
 
 
-def test_ssim_of_a_constant_shift_matches_the_formula():
-    a = torch.full((3, 16, 16), 0.5)
-    b = torch.full((3, 16, 16), 0.6)
-    c1 = 0.01 ** 2
-    expected = (2 * 0.5 * 0.6 + c1) / (0.5 ** 2 + 0.6 ** 2 + c1)  # the variances are 0: only luminance
-    assert abs(float(ssim(b, a)) - expected) < 1e-4  # float32 cancellation in E[x^2] - E[x]^2
-
-
-def test_the_library_ssim_on_the_old_cases(gen):
-    """torchmetrics' SSIM (the metric from now on) on the hand-written SSIM's test cases: equal images 1,
-    a constant shift the luminance formula, and on noise the hand-written value (an 11x11 Gaussian
-    window, sigma 1.5, valid windows only) is torchmetrics' SSIM map averaged over its interior:
-    the library averages over every pixel, border windows reflect-padded, hence its own mean."""
+def test_ssim_is_the_library_one_on_the_old_cases(gen):
+    """torchmetrics' SSIM on the removed hand-written SSIM's test cases: equal images 1, a constant
+    shift the luminance formula, noise < 0.9; and its SSIM map's interior is the valid-window SSIM
+    the hand-written one computed (the library averages over every pixel, border windows
+    reflect-padded, hence a different mean)."""
     from torchmetrics.functional.image import structural_similarity_index_measure as tm_ssim
 
     a = torch.rand(2, 3, 32, 32, generator=gen)
-    assert torch.allclose(tm_ssim(a, a, data_range=1.0, reduction="none"), torch.ones(2), atol=1e-6)
+    assert torch.allclose(ssim(a, a), torch.ones(2), atol=1e-6)
     noisy = (a + 0.2 * torch.randn(2, 3, 32, 32, generator=gen)).clamp(0, 1)
-    lib, full = tm_ssim(noisy, a, data_range=1.0, reduction="none", return_full_image=True)
-    assert (lib < 0.9).all()
+    assert (ssim(noisy, a) < 0.9).all()
+    _, full = tm_ssim(noisy, a, data_range=1.0, reduction="none", return_full_image=True)
     interior = full[..., 5:-5, 5:-5].flatten(1).mean(1)
-    assert torch.allclose(interior, ssim(noisy, a), atol=1e-5)  # float32 sums in a different order
-    c = torch.full((1, 3, 16, 16), 0.5), torch.full((1, 3, 16, 16), 0.6)
-    expected = (2 * 0.5 * 0.6 + 0.01 ** 2) / (0.5 ** 2 + 0.6 ** 2 + 0.01 ** 2)
-    assert abs(float(tm_ssim(c[1], c[0], data_range=1.0)) - expected) < 1e-4
-    assert abs(float(ssim(c[1], c[0])) - expected) < 1e-4
+    assert torch.allclose(interior.double(), _valid_window_ssim(noisy, a), atol=1e-5)  # float32 vs float64 sums
+    c = torch.full((3, 16, 16), 0.5), torch.full((3, 16, 16), 0.6)
+    expected = (2 * 0.5 * 0.6 + 0.01 ** 2) / (0.5 ** 2 + 0.6 ** 2 + 0.01 ** 2)  # variances 0: luminance only
+    assert abs(float(ssim(c[1], c[0])) - expected) < 1e-4  # float32 cancellation in E[x^2] - E[x]^2
+    with pytest.raises(ValueError, match="at least 11x11"):
+        ssim(a[..., :8, :8], a[..., :8, :8])
+
+
+def test_ms_ssim_is_one_for_equal_images_and_names_its_minimum_size(gen):
+    need = ms_ssim_min_size()
+    assert need == 176
+    a = torch.rand(1, 3, need, need, generator=gen)
+    assert abs(float(ms_ssim(a, a)) - 1.0) < 1e-5
+    noisy = (a + 0.3 * torch.randn(a.shape, generator=gen)).clamp(0, 1)
+    assert float(ms_ssim(noisy, a)) < float(ms_ssim((a + 0.05 * torch.randn(a.shape, generator=gen)).clamp(0, 1), a))
+    with pytest.raises(ValueError, match="at least 176x176"):
+        ms_ssim(a[..., :175, :175], a[..., :175, :175])
 
 
 def test_lpips_random_backbone_is_zero_on_equal_images_and_positive_otherwise(gen):
