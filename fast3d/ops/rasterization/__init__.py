@@ -1,5 +1,6 @@
-"""3D Gaussian rasterization: api (public function), reference (dense PyTorch twin), native (C++
-CPU and CUDA kernels in csrc/gaussians), bench (workloads and byte/flop model)."""
+"""3D Gaussian rasterization: api (public function, gsplat's signature), stages (the backend
+contract: projection, SH, rasterization), reference (dense PyTorch twin), native (C++ CPU and CUDA
+kernels in csrc/gaussians), bench (workloads and byte/flop model)."""
 
 import torch
 
@@ -7,6 +8,7 @@ from fast3d import _native, backends
 from fast3d.backends import device_memory as _device_memory  # module-level: tests shrink it
 from fast3d.ops.rasterization import bench, native, reference
 from fast3d.ops.rasterization.api import OP, RasterShape, check_overflow, rasterization
+from fast3d.ops.rasterization.stages import RasterStages
 
 _ALL_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -23,7 +25,11 @@ def _reference_check(q: backends.Query) -> list:
     return []
 
 
-backends.register(OP, "torch", reference.rasterization, devices=("cpu", "cuda"), dtypes=_ALL_FLOATS, priority=0,
+REFERENCE_STAGES = RasterStages(project=reference.project_stage, sh=reference.sh_stage,
+                                rasterize=reference.rasterize_stage)
+NATIVE_STAGES = RasterStages(project=native.project_stage, sh=native.sh_stage, rasterize=native.rasterize_stage)
+
+backends.register(OP, "torch", REFERENCE_STAGES, devices=("cpu", "cuda"), dtypes=_ALL_FLOATS, priority=0,
                   check=_reference_check, shape_type=RasterShape,
                   doc="PyTorch reference: dense, every Gaussian at every pixel, autograd")
 
@@ -38,11 +44,11 @@ def _cuda_check(q: backends.Query) -> list:  # runs only where the extension loa
 
 
 # cpu/cuda above torch: the dense reference is O(pixels x Gaussians).
-backends.register(OP, "cpu", native.rasterization, devices=("cpu",), dtypes=(torch.float32, torch.float64),
+backends.register(OP, "cpu", NATIVE_STAGES, devices=("cpu",), dtypes=(torch.float32, torch.float64),
                   priority=10, available=backends.native_cpu_reason,
                   doc="C++/OpenMP: exact-extent 16x16 tile binning, hand-written backward")
-backends.register(OP, "cuda", native.rasterization, devices=("cuda",), dtypes=(torch.float32,), priority=20,
+backends.register(OP, "cuda", NATIVE_STAGES, devices=("cuda",), dtypes=(torch.float32,), priority=20,
                   available=backends.native_cuda_reason, check=_cuda_check, shape_type=RasterShape,
                   doc="CUDA: radix-sorted image|tile|depth keys, per-tile blending, warp-reduced backward")
 
-__all__ = ["rasterization", "check_overflow", "RasterShape", "reference", "native", "bench"]
+__all__ = ["rasterization", "check_overflow", "RasterShape", "RasterStages", "reference", "native", "bench"]

@@ -178,37 +178,38 @@ def _rasterize_backward(ctx, g_image, g_alpha, *unused):
 gs_rasterize.register_autograd(_rasterize_backward, setup_context=_rasterize_setup)
 
 
-def rasterization(means: Tensor,        # [B, N, 3]
-                  quats: Tensor,        # [B, N, 4]
-                  scales: Tensor,       # [B, N, 3]
-                  opacities: Tensor,    # [B, N]
-                  colors: Tensor,       # [B, C, N, D], or SH [B, N, K, 3] when sh_degree is set
-                  viewmats: Tensor,     # [B, C, 4, 4]
-                  Ks: Tensor,           # [B, C, 3, 3]
-                  width: int, height: int, near: float, far: float, eps2d: float, sh_degree: int | None,
-                  backgrounds: Tensor | None,  # [B, C, D]
-                  use_colors: bool, with_depth: bool, antialiased: bool, absgrad: bool, deterministic: bool,
-                  capacity: int | None):
-    """Same contract as reference.rasterization (float32, or float64 on the CPU). With a capacity,
-    CUDA bins at most that many intersections and never synchronises with the host; the CPU
-    ignores it (it always bins and renders every intersection)."""
-    B, N = means.shape[:2]
-    C = viewmats.shape[1]
+def project_stage(means: Tensor,      # [B, N, 3]
+                  quats: Tensor,      # [B, N, 4]
+                  scales: Tensor,     # [B, N, 3]
+                  opacities: Tensor,  # [B, N]
+                  viewmats: Tensor,   # [B, C, 4, 4]
+                  Ks: Tensor,         # [B, C, 3, 3]
+                  width: int, height: int, near: float, far: float, eps2d: float, antialiased: bool):
+    """Projection stage (``fast3d::gs_project``); contract of :class:`.stages.RasterStages`."""
     viewmats, Ks = viewmats.detach().contiguous(), Ks.detach().contiguous()
     means, quats, scales, opacities = (x.contiguous() for x in (means, quats, scales, opacities))
-    means2d, conics, depths, opac, radii = gs_project(means, quats, scales, opacities, viewmats, Ks, width, height,
-                                                      near, far, eps2d, antialiased)
-    cols = gs_sh(colors.contiguous(), means, viewmats, sh_degree) if sh_degree is not None else colors
-    feats = torch.cat(([cols] if use_colors else []) + ([depths[..., None]] if with_depth else []), -1)
-    I = B * C
+    return gs_project(means, quats, scales, opacities, viewmats, Ks, width, height, near, far, eps2d, antialiased)
+
+
+def sh_stage(sh: Tensor,        # [B, N, K, 3]
+             means: Tensor,     # [B, N, 3]
+             viewmats: Tensor,  # [B, C, 4, 4]
+             degree: int) -> Tensor:  # [B, C, N, 3]
+    """SH stage (``fast3d::gs_sh``)."""
+    return gs_sh(sh.contiguous(), means.contiguous(), viewmats.detach().contiguous(), degree)
+
+
+def rasterize_stage(means2d: Tensor,  # [I, N, 2]
+                    conics: Tensor,   # [I, N, 3]
+                    opac: Tensor,     # [I, N]
+                    feats: Tensor,    # [I, N, D]
+                    depths: Tensor,   # [I, N]
+                    radii: Tensor,    # [I, N, 2] int32
+                    width: int, height: int, deterministic: bool, capacity: int | None, absgrad: bool):
+    """Binning + blending stage (``fast3d::gs_rasterize``). With a capacity, CUDA bins at most that
+    many intersections and never synchronises with the host; the CPU ignores it (it always bins
+    and renders every intersection)."""
     image, alpha, *_, n_isect, absgrad_buf = gs_rasterize(
-        means2d.view(I, N, 2), conics.view(I, N, 3), opac.view(I, N), feats.reshape(I, N, -1).contiguous(),
-        depths.view(I, N), radii.view(I, N, 2), width, height, deterministic, capacity)
-    image = image.view(B, C, height, width, -1)
-    alpha = alpha.view(B, C, height, width, 1)
-    if backgrounds is not None:
-        bg = torch.cat([backgrounds, backgrounds.new_zeros(B, C, 1)], -1) if with_depth else backgrounds
-        image = image + (1 - alpha) * bg[:, :, None, None, :]
-    meta = dict(means2d=means2d, conics=conics, depths=depths, opacities=opac, colors=cols, radii=radii,
-                n_intersections=n_isect, absgrad=absgrad_buf.view(B, C, N, 2) if absgrad else None)
-    return image, alpha, meta
+        means2d.contiguous(), conics.contiguous(), opac.contiguous(), feats.contiguous(), depths.detach().contiguous(),
+        radii.contiguous(), width, height, deterministic, capacity)
+    return image, alpha[..., None], n_isect, absgrad_buf if absgrad else None

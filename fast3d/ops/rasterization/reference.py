@@ -69,31 +69,44 @@ def quat_to_rotmat(quats: Tensor) -> Tensor:  # [..., 4] wxyz, any norm -> [...,
     ], -1).unflatten(-1, (3, 3))
 
 
-def project(means: Tensor,      # [B, N, 3]
-            quats: Tensor,      # [B, N, 4]
-            scales: Tensor,     # [B, N, 3]
-            opacities: Tensor,  # [B, N]
-            viewmats: Tensor,   # [B, C, 4, 4]
-            Ks: Tensor,         # [B, C, 3, 3]
-            width: int, height: int, near: float, far: float, eps2d: float, antialiased: bool):
+def project(means: Tensor,            # [B, N, 3]
+            quats: Tensor | None,     # [B, N, 4], or None with covars
+            scales: Tensor | None,    # [B, N, 3], or None with covars
+            opacities: Tensor,        # [B, N]
+            viewmats: Tensor,         # [B, C, 4, 4]
+            Ks: Tensor,               # [B, C, 3, 3]
+            width: int, height: int, near: float, far: float, eps2d: float, antialiased: bool,
+            covars: Tensor | None = None,  # [B, N, 3, 3] symmetric positive definite, instead of quats/scales
+            camera_model: str = "pinhole"):
     """EWA projection. Returns means2d [B, C, N, 2], conics [B, C, N, 3] (xx, xy, yy of the
-    inverse 2D covariance), depths [B, C, N], effective opacities [B, C, N] and valid [B, C, N]."""
+    inverse 2D covariance), depths [B, C, N], effective opacities [B, C, N] and valid [B, C, N].
+
+    ``covars`` gives the world-space covariances directly (quats and scales unused);
+    ``camera_model="ortho"`` projects orthographically: mean2d = (fx x + cx, fy y + cy) and the
+    constant Jacobian J = [[fx, 0, 0], [0, fy, 0]] (depth culling as for the pinhole)."""
     viewmats, Ks = viewmats.detach(), Ks.detach()
     Rc, tc = viewmats[..., :3, :3], viewmats[..., :3, 3]                     # [B, C, 3, 3], [B, C, 3]
     p = torch.einsum("bcij,bnj->bcni", Rc, means) + tc[:, :, None]            # [B, C, N, 3]
-    M = quat_to_rotmat(quats) * scales[..., None, :]                          # [B, N, 3, 3]
-    cov = M @ M.transpose(-1, -2)                                             # [B, N, 3, 3]
+    if covars is None:
+        M = quat_to_rotmat(quats) * scales[..., None, :]                      # [B, N, 3, 3]
+        cov = M @ M.transpose(-1, -2)                                         # [B, N, 3, 3]
+    else:
+        cov = covars
     cov_c = Rc[:, :, None] @ cov[:, None] @ Rc.transpose(-1, -2)[:, :, None]  # [B, C, N, 3, 3]
     x, y, z = p.unbind(-1)                                                    # [B, C, N]
     valid = (z >= near) & (z <= far)
     z = torch.where(valid, z, torch.ones_like(z))  # stand-in values keep invalid entries finite
     x, y = torch.where(valid, x, torch.zeros_like(x)), torch.where(valid, y, torch.zeros_like(y))
     fx, fy, cx, cy = (Ks[..., i, j][..., None] for i, j in ((0, 0), (1, 1), (0, 2), (1, 2)))  # [B, C, 1]
-    u, v = x / z, y / z
-    uc = torch.clamp(u, -(cx / fx + 0.15 * width / fx), (width - cx) / fx + 0.15 * width / fx)
-    vc = torch.clamp(v, -(cy / fy + 0.15 * height / fy), (height - cy) / fy + 0.15 * height / fy)
     zero = torch.zeros_like(z)
-    J = torch.stack([fx / z, zero, -fx * uc / z, zero, fy / z, -fy * vc / z], -1).unflatten(-1, (2, 3))
+    if camera_model == "ortho":
+        u, v = x, y
+        J = torch.stack([fx.expand_as(z), zero, zero, zero, fy.expand_as(z), zero], -1).unflatten(-1, (2, 3))
+    else:
+        u, v = x / z, y / z
+        uc = torch.clamp(u, -(cx / fx + 0.15 * width / fx), (width - cx) / fx + 0.15 * width / fx)
+        vc = torch.clamp(v, -(cy / fy + 0.15 * height / fy), (height - cy) / fy + 0.15 * height / fy)
+        J = torch.stack([fx / z, zero, -fx * uc / z, zero, fy / z, -fy * vc / z], -1).unflatten(-1, (2, 3))
     cov2d = J @ cov_c @ J.transpose(-1, -2)                                   # [B, C, N, 2, 2]
     a, b, c = cov2d[..., 0, 0] + eps2d, cov2d[..., 0, 1], cov2d[..., 1, 1] + eps2d
     det = a * c - b * b
@@ -219,63 +232,53 @@ def tile_intersections(means2d: Tensor,  # [..., N, 2]
     return torch.where(hit, tiles, torch.zeros_like(tiles))
 
 
-def rasterization(means: Tensor,        # [B, N, 3]
-                  quats: Tensor,        # [B, N, 4]
-                  scales: Tensor,       # [B, N, 3]
-                  opacities: Tensor,    # [B, N]
-                  colors: Tensor,       # [B, C, N, D], or SH [B, N, K, 3] when sh_degree is set
-                  viewmats: Tensor,     # [B, C, 4, 4]
-                  Ks: Tensor,           # [B, C, 3, 3]
-                  width: int, height: int, near: float, far: float, eps2d: float, sh_degree: int | None,
-                  backgrounds: Tensor | None,  # [B, C, D]
-                  use_colors: bool, with_depth: bool, antialiased: bool, absgrad: bool, deterministic: bool,
-                  capacity: int | None):
-    """The backend contract: every rasterization backend has this signature and these results.
-
-    :func:`fast3d.rasterization` validates the inputs, flattens the batch dims to one (B), expands
-    per-Gaussian colours to per camera and casts to the compute dtype before calling a backend.
-
-    Args:
-        means, quats, scales, opacities, colors, viewmats, Ks: as above (shapes in the comments).
-        width, height: image size in pixels.
-        near, far: depth range kept by the projection.
-        eps2d: added to the 2D covariances' diagonal.
-        sh_degree: None (colors are colours) or the SH degree of ``colors``.
-        backgrounds: per-image colour, blended in with weight 1 - alpha, or None.
-        use_colors, with_depth: which channels to render (colours, then depth).
-        antialiased: scale opacities by the eps2d compensation (see the module docstring).
-        absgrad: fill ``meta["absgrad"]`` during the backward.
-        deterministic, capacity: for the native backends; the dense composite is deterministic
-            and renders every Gaussian whatever the capacity (only CUDA drops intersections past
-            it).
+def project_stage(means: Tensor,             # [B, N, 3]
+                  quats: Tensor | None,      # [B, N, 4], or None with covars
+                  scales: Tensor | None,     # [B, N, 3], or None with covars
+                  opacities: Tensor,         # [B, N]
+                  viewmats: Tensor,          # [B, C, 4, 4]
+                  Ks: Tensor,                # [B, C, 3, 3]
+                  width: int, height: int, near: float, far: float, eps2d: float, antialiased: bool,
+                  covars: Tensor | None = None,  # [B, N, 3, 3]
+                  camera_model: str = "pinhole"):
+    """The projection stage of the backend contract (:class:`~fast3d.ops.rasterization.stages.RasterStages`).
 
     Returns:
-        render [B, C, H, W, D'] (the colour channels if use_colors, then accumulated depth if
-        with_depth), alpha [B, C, H, W, 1] and meta: means2d [B, C, N, 2], conics [B, C, N, 3],
-        depths [B, C, N], opacities [B, C, N], colors [B, C, N, D], valid [B, C, N] bool, radii
-        [B, C, N, 2] int32, n_intersections (0-dim int64: the Gaussian-tile pairs the native
-        backends bin), absgrad ([B, C, N, 2] buffer or None).
+        means2d [B, C, N, 2], conics [B, C, N, 3], depths [B, C, N], opacities [B, C, N] (after
+        the antialiasing compensation; 0 where culled) and radii [B, C, N, 2] int32 (0 where
+        culled or where no pixel can reach alpha 1/255).
     """
-    B, N = means.shape[:2]
-    C = viewmats.shape[1]
-    means2d, conics, depths, opac, valid = project(means, quats, scales, opacities, viewmats, Ks, width, height,
-                                                   near, far, eps2d, antialiased)
-    cols = sh_colors(colors, sh_degree, means, viewmats) if sh_degree is not None else colors
-    chans = ([cols] if use_colors else []) + ([depths[..., None]] if with_depth else [])
-    feats = torch.cat(chans, -1)                                              # [B, C, N, D']
-    absgrad_buf = means.new_zeros(B * C, N, 2) if absgrad else None
-    image, alpha = composite_dense(means2d.reshape(B * C, N, 2), conics.reshape(B * C, N, 3),
-                                   opac.reshape(B * C, N), feats.reshape(B * C, N, -1), depths.reshape(B * C, N),
-                                   valid.reshape(B * C, N), width, height, absgrad_buf)
-    image = image.view(B, C, height, width, -1)
-    alpha = alpha.view(B, C, height, width, 1)
-    if backgrounds is not None:
-        bg = backgrounds
-        if with_depth:
-            bg = torch.cat([bg, bg.new_zeros(B, C, 1)], -1)
-        image = image + (1 - alpha) * bg[:, :, None, None, :]
-    radii = screen_radii(conics.detach(), opac.detach(), valid)
+    means2d, conics, depths, opac, valid = project(means, quats, scales, opacities, viewmats, Ks, width, height, near,
+                                                   far, eps2d, antialiased, covars, camera_model)
+    return means2d, conics, depths, opac, screen_radii(conics.detach(), opac.detach(), valid)
+
+
+def sh_stage(sh: Tensor,        # [B, N, K, 3]
+             means: Tensor,     # [B, N, 3]
+             viewmats: Tensor,  # [B, C, 4, 4]
+             degree: int) -> Tensor:  # [B, C, N, 3]
+    """The SH stage of the backend contract: :func:`sh_colors`."""
+    return sh_colors(sh, degree, means, viewmats)
+
+
+def rasterize_stage(means2d: Tensor,  # [I, N, 2]
+                    conics: Tensor,   # [I, N, 3]
+                    opac: Tensor,     # [I, N]
+                    feats: Tensor,    # [I, N, D]
+                    depths: Tensor,   # [I, N]
+                    radii: Tensor,    # [I, N, 2] int32; 0: not rendered
+                    width: int, height: int, deterministic: bool, capacity: int | None, absgrad: bool):
+    """The rasterization stage of the backend contract: the Gaussians with radii > 0 composited
+    into I images (dense, deterministic; renders every Gaussian whatever the capacity).
+
+    Returns:
+        image [I, H, W, D], alpha [I, H, W, 1], n_intersections (0-dim int64: the Gaussian-tile
+        pairs the native backends bin) and, with absgrad, an [I, N, 2] buffer the backward fills
+        with the summed |per-pixel gradient| of each 2D mean (else None).
+    """
+    I, N = opac.shape
+    absgrad_buf = means2d.new_zeros(I, N, 2) if absgrad else None
+    valid = (radii > 0).all(-1)
+    image, alpha = composite_dense(means2d, conics, opac, feats, depths, valid, width, height, absgrad_buf)
     n_isect = tile_intersections(means2d.detach(), radii, width, height).sum()
-    meta = dict(means2d=means2d, conics=conics, depths=depths, opacities=opac, colors=cols, valid=valid, radii=radii,
-                n_intersections=n_isect, absgrad=None if absgrad_buf is None else absgrad_buf.view(B, C, N, 2))
-    return image, alpha, meta
+    return image, alpha, n_isect, absgrad_buf
