@@ -1,0 +1,519 @@
+"""Image-conditioned multi-view diffusion (Era3D / ImageDream / Zero123++ style): one image in, the
+V views of a camera rig out.
+
+* :class:`MVDiffConfig` (presets ``tiny`` and ``base``; YAML through ``dataclass_from_dict``) holds
+  the UNet's size, the rig, the attention layout and where the VAE, image encoder and initial UNet
+  weights come from.
+* :class:`MVDenoiser` is the trained part: a diffusers ``UNet2DConditionModel`` in Stable Diffusion
+  2.x layout whose self-attention runs through :class:`fast3d.nn.MultiViewAttnProcessor`
+  (``layout="views"``: every token sees all views, ImageDream / MVDream; ``layout="rows"``: a token
+  sees its row in every view, Era3D), plus the projection of the input image's CLIP embedding.
+* :class:`MVDiffusion` bundles the denoiser with the frozen VAE and CLIP image encoder; it saves
+  and loads a model directory (``model_type`` ``"mvdiff"``) and gives the rig's cameras.
+
+Conditioning, per view of a sample (views are consecutive along the batch, ``(B V)``):
+
+* the input image's VAE latent, concatenated to the view's noisy latent along channels
+  (``in_channels = 2 * latent_channels``);
+* the input image's CLIP image embedding (``CLIPVisionModelWithProjection.image_embeds``),
+  projected to the UNet's cross-attention width, as one cross-attention token;
+* the view's camera relative to the input: ``(sin e, cos e, sin a, cos a)`` of its elevation e and
+  its azimuth a minus the input's, through the UNet's ``class_embedding`` (diffusers'
+  ``class_embed_type="projection"``: a linear-SiLU-linear MLP whose output is added to the time
+  embedding).
+
+Classifier-free guidance drops the image (its latent and its embedding token are zeroed; the
+camera stays), as Zero123 does.
+
+Rigs (``rig``): ``"lgm4"``: 4 views at azimuths 0, 90, 180, 270 degrees, elevation 0, LGM's field
+of view and distance (``fast3d.inference.lgm.default_input_cameras`` of an LGM with the default
+``fov_y_deg`` / ``camera_distance``); ``"era3d6"``: Era3D's 6 views front, front-right, right,
+back, left, front-left (azimuths 0, 45, 90, 180, 270, 315 degrees in fast3d's convention, from +X
+towards +Y), elevation 0, orthographic-like: a 10 degree pinhole far enough away to frame the
+unit box as the lgm4 rig does. View 0 of both rigs is the input's own view. ``fov_y_deg`` /
+``camera_distance`` override a rig's optics.
+
+Sources: ``vae``: a local directory (an ``AutoencoderKL``, or a diffusers pipeline holding it under
+``vae/``), ``"random-tiny"`` (a random ``AutoencoderKL`` of 16-32 channels, drawn from
+``random_seed``) or ``"pixel"`` (no network: the latent is the image in [-1, 1] folded by
+``pixel_unshuffle(vae_downsample)``, so ``latent_channels = 3 vae_downsample^2``; it decodes
+exactly, which a random VAE cannot, so the CPU tests can measure image quality).
+``image_encoder``: a local ``CLIPVisionModelWithProjection`` directory (or a pipeline holding
+``image_encoder/``) or ``"random-tiny"``. ``unet_init``: a local Stable Diffusion 2.x UNet (or a
+pipeline holding ``unet/``) whose weights start the denoiser (``conv_in``'s extra image-latent
+input channels start at zero, the camera MLP's output layer at zero, so the network starts as the
+image model), or ``"random"``. Nothing is ever downloaded. A saved model directory keeps the VAE's
+and the image encoder's configs and weights, so loading it needs none of the sources.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fast3d import cameras as cams
+from fast3d import checks
+from fast3d.io.atomic import atomic_open
+from fast3d.models import checkpoints
+
+MODEL_TYPE = "mvdiff"
+RANDOM_TINY = "random-tiny"
+PIXEL = "pixel"
+CAMERA_FEATURES = 4   # (sin e, cos e, sin a, cos a)
+VAE_FILE, IMAGE_ENCODER_FILE = "vae.json", "image_encoder.json"
+# Stable Diffusion 2.x's training schedule (DDPMScheduler(**NOISE_SCHEDULE)); the samplers take it too.
+NOISE_SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+LAYOUTS = ("views", "rows")
+# CLIP's image normalisation (the constants of OpenAI's CLIP preprocessing).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# The rigs: azimuths (degrees, relative to the input view, which is view 0), elevation (degrees),
+# and the default optics. era3d6: a 10 degree pinhole framing the unit box as the 49.1 degree one at
+# DEFAULT_DISTANCE does (same distance * tan(fov / 2)), nearly orthographic.
+_ERA3D_FOV = 10.0
+RIGS = {
+    "lgm4": dict(azimuths=(0.0, 90.0, 180.0, 270.0), elevation=0.0, fov_y_deg=cams.DEFAULT_FOV_Y_DEG,
+                 distance=cams.DEFAULT_DISTANCE),
+    "era3d6": dict(azimuths=(0.0, 45.0, 90.0, 180.0, 270.0, 315.0), elevation=0.0, fov_y_deg=_ERA3D_FOV,
+                   distance=cams.DEFAULT_DISTANCE * math.tan(math.radians(cams.DEFAULT_FOV_Y_DEG / 2))
+                   / math.tan(math.radians(_ERA3D_FOV / 2))),
+}
+
+_SD2 = dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, attention_heads=(5, 10, 20, 20),
+            cross_attention_dim=1024, norm_num_groups=32,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+PRESETS = {
+    "tiny": dict(resolution=32, block_out_channels=(32, 64), layers_per_block=1, attention_heads=(2, 4),
+                 cross_attention_dim=32, norm_num_groups=8,
+                 down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                 vae=PIXEL, vae_downsample=2, latent_channels=12, vae_scaling_factor=1.0, image_embed_dim=32),
+    "base": dict(resolution=256, **_SD2, vae_downsample=8, latent_channels=4, vae_scaling_factor=0.18215,
+                 image_embed_dim=1024),
+}
+
+
+@dataclass(frozen=True)
+class MVDiffConfig:
+    rig: str = "lgm4"                 # lgm4 | era3d6
+    layout: str = "views"             # views (ImageDream / MVDream) | rows (Era3D)
+    resolution: int = 256             # px side of every view and of the input image
+    # The UNet (Stable Diffusion 2.x layout; attention_heads per level, linear projections).
+    block_out_channels: tuple = _SD2["block_out_channels"]
+    layers_per_block: int = 2
+    attention_heads: tuple = _SD2["attention_heads"]
+    cross_attention_dim: int = 1024
+    norm_num_groups: int = 32
+    down_block_types: tuple = _SD2["down_block_types"]
+    up_block_types: tuple = _SD2["up_block_types"]
+    prediction_type: str = "epsilon"  # epsilon | v_prediction (SD 2.1 768 px is v_prediction)
+    # The latent space.
+    latent_channels: int = 4
+    vae_downsample: int = 8           # px per latent
+    vae_scaling_factor: float = 0.18215
+    image_embed_dim: int = 1024       # the image encoder's projection_dim
+    background: float = 1.0           # grey level of the background the views are on (white)
+    fov_y_deg: float | None = None    # None: the rig's
+    camera_distance: float | None = None
+    # Sources (module docstring).
+    vae: str = RANDOM_TINY
+    image_encoder: str = RANDOM_TINY
+    unet_init: str = "random"
+    random_seed: int = 0
+
+    def __post_init__(self):
+        checks.one_of("rig", self.rig, tuple(RIGS))
+        checks.one_of("layout", self.layout, LAYOUTS)
+        checks.one_of("prediction_type", self.prediction_type, PREDICTION_TYPES)
+        for name in ("resolution", "layers_per_block", "cross_attention_dim", "norm_num_groups", "latent_channels",
+                     "vae_downsample", "image_embed_dim"):
+            checks.positive_int(name, getattr(self, name))
+        checks.nonneg_int("random_seed", self.random_seed)
+        n = len(self.block_out_channels)
+        for name in ("block_out_channels", "attention_heads", "down_block_types", "up_block_types"):
+            v = getattr(self, name)
+            if not isinstance(v, tuple) or len(v) != n or n == 0:
+                raise ValueError(f"{name} must be a list of {n} entries (one per UNet level, as block_out_channels); "
+                                 f"got {v!r}")
+        for c, h in zip(self.block_out_channels, self.attention_heads):
+            checks.positive_int("block_out_channels[i]", c)
+            checks.positive_int("attention_heads[i]", h)
+            if c % h or c % self.norm_num_groups:
+                raise ValueError(f"block_out_channels {list(self.block_out_channels)} must be multiples of their "
+                                 f"attention_heads {list(self.attention_heads)} and of norm_num_groups "
+                                 f"{self.norm_num_groups}")
+        d = self.vae_downsample
+        if d & (d - 1):
+            raise ValueError(f"vae_downsample must be a power of two; got {d}")
+        if self.resolution % (d * 2 ** (n - 1)):
+            raise ValueError(f"resolution must be a multiple of vae_downsample * 2^(levels - 1) = {d * 2 ** (n - 1)} "
+                             f"(the UNet halves the latent {n - 1} times); got {self.resolution}")
+        if self.vae == PIXEL and self.latent_channels != 3 * d * d:
+            raise ValueError(f"latent_channels must be 3 * vae_downsample^2 = {3 * d * d} with vae='pixel'; "
+                             f"got {self.latent_channels}")
+        checks.real("vae_scaling_factor", self.vae_scaling_factor, 0, lo_open=True)
+        checks.real("background", self.background, 0, 1)
+        checks.real("fov_y_deg", self.fov_y_deg, 0, 180, lo_open=True, hi_open=True, optional=True)
+        checks.real("camera_distance", self.camera_distance, 0, lo_open=True, optional=True)
+        for name in ("vae", "image_encoder", "unet_init"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"{name} must be a local directory or a random source name; got {value!r}")
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> MVDiffConfig:
+        """A named configuration (``tiny``, ``base``) with fields replaced by ``overrides``."""
+        if name not in PRESETS:
+            raise ValueError(f"preset must be one of {sorted(PRESETS)}; got {name!r}")
+        return checkpoints.dataclass_from_dict(cls, {**PRESETS[name], **overrides}, what=f"preset {name!r}")
+
+    @property
+    def num_views(self) -> int:
+        return len(RIGS[self.rig]["azimuths"])
+
+    @property
+    def latent_size(self) -> int:
+        return self.resolution // self.vae_downsample
+
+    @property
+    def rig_fov_y_deg(self) -> float:
+        return self.fov_y_deg if self.fov_y_deg is not None else RIGS[self.rig]["fov_y_deg"]
+
+    @property
+    def rig_distance(self) -> float:
+        return self.camera_distance if self.camera_distance is not None else RIGS[self.rig]["distance"]
+
+    def rig_angles(self) -> tuple[Tensor, Tensor]:  # -> azimuths [V], elevations [V], radians, float64
+        """The rig's azimuths (relative to the input view) and elevations."""
+        r = RIGS[self.rig]
+        az = torch.deg2rad(torch.tensor(r["azimuths"], dtype=torch.float64))
+        return az, torch.full_like(az, math.radians(r["elevation"]))
+
+
+def camera_features(elevations: Tensor,          # [...] radians
+                    relative_azimuths: Tensor,   # [...] radians, the view's azimuth minus the input's
+                    ) -> Tensor:                 # [..., 4] float32
+    """The per-view camera input of the denoiser: (sin e, cos e, sin a, cos a)."""
+    e, a = elevations.double(), relative_azimuths.double()
+    return torch.stack([torch.sin(e), torch.cos(e), torch.sin(a), torch.cos(a)], -1).float()
+
+
+def azimuth_elevation(viewmats: Tensor) -> tuple[Tensor, Tensor]:  # [..., 4, 4] -> azimuths [...], elevations [...]
+    """Each camera's direction from the origin in fast3d's world (+Z up; azimuth from +X towards +Y)."""
+    c = cams.camera_centers(viewmats.double())
+    return torch.atan2(c[..., 1], c[..., 0]), torch.atan2(c[..., 2], c[..., :2].norm(dim=-1))
+
+
+@contextlib.contextmanager
+def _seeded(seed: int):
+    """Draw module initialisations from ``seed`` without touching the global CPU generator."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def _local(source: str, field: str, subfolder: str) -> str:
+    """The directory holding a model: ``source/subfolder`` when a pipeline directory has it, else ``source``."""
+    if not os.path.isdir(source):
+        raise ValueError(f"{field} must be a local directory or a random source; got {source!r}, which is not a "
+                         f"directory (weights are never downloaded)")
+    sub = os.path.join(source, subfolder)
+    return sub if os.path.isdir(sub) else source
+
+
+# --- the denoiser --------------------------------------------------------------------------------
+
+
+def unet_kwargs(cfg: MVDiffConfig) -> dict:
+    """``UNet2DConditionModel`` arguments for ``cfg``: SD 2.x's layout (linear projections in the
+    transformers, head counts per level), the image latent as extra input channels, the camera MLP
+    as a projection class embedding."""
+    return dict(sample_size=cfg.latent_size, in_channels=2 * cfg.latent_channels, out_channels=cfg.latent_channels,
+                down_block_types=tuple(cfg.down_block_types), up_block_types=tuple(cfg.up_block_types),
+                block_out_channels=tuple(cfg.block_out_channels), layers_per_block=cfg.layers_per_block,
+                attention_head_dim=tuple(cfg.attention_heads), cross_attention_dim=cfg.cross_attention_dim,
+                norm_num_groups=cfg.norm_num_groups, use_linear_projection=True,
+                class_embed_type="projection", projection_class_embeddings_input_dim=CAMERA_FEATURES)
+
+
+class MVDenoiser(nn.Module):
+    """The trained network: the multi-view UNet and the image-embedding projection.
+
+    Args:
+        cfg: the model configuration.
+        attention_backend: passed to :class:`fast3d.nn.MultiViewAttnProcessor`.
+    """
+
+    def __init__(self, cfg: MVDiffConfig, attention_backend: str = "auto"):
+        super().__init__()
+        from diffusers import UNet2DConditionModel
+
+        from fast3d.nn import MultiViewAttnProcessor
+
+        self.config, self.num_views = cfg, cfg.num_views
+        self.unet = UNet2DConditionModel(**unet_kwargs(cfg))
+        self.unet.set_attn_processor(MultiViewAttnProcessor(cfg.num_views, cfg.layout, backend=attention_backend))
+        self.image_proj = nn.Linear(cfg.image_embed_dim, cfg.cross_attention_dim)
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.unet.enable_gradient_checkpointing()
+
+    def forward(self,
+                noisy: Tensor,         # [B, V, C, h, w] noisy latents of the views
+                cond_latent: Tensor,   # [B, C, h, w] the input image's (scaled) latent
+                image_embeds: Tensor,  # [B, E] the input image's CLIP image embedding
+                cameras: Tensor,       # [B, V, 4] camera_features of each view
+                timesteps: Tensor,     # [B] int
+                drop: Tensor | None = None,  # [B] bool: drop the image condition (classifier-free guidance)
+                ) -> Tensor:           # [B, V, C, h, w] the prediction (noise or v, per prediction_type)
+        """The UNet's prediction for each view. Args are as the shape comments say; ``drop`` zeroes
+        the sample's image latent and image token (the unconditional model of classifier-free
+        guidance)."""
+        B, V, C, h, w = noisy.shape
+        if V != self.num_views:
+            raise ValueError(f"noisy has V = {V} views; the model's rig {self.config.rig!r} has {self.num_views}")
+        dtype = self.image_proj.weight.dtype
+        tokens = self.image_proj(image_embeds.to(dtype))[:, None]                  # [B, 1, D]
+        cond = cond_latent.to(dtype)
+        if drop is not None:
+            keep = (~drop).to(dtype)
+            tokens = tokens * keep[:, None, None]
+            cond = cond * keep[:, None, None, None]
+        x = torch.cat([noisy.to(dtype), cond[:, None].expand(B, V, C, h, w)], 2).flatten(0, 1)   # [B*V, 2C, h, w]
+        out = self.unet(x, timesteps.repeat_interleave(V), encoder_hidden_states=tokens.repeat_interleave(V, 0),
+                        class_labels=cameras.flatten(0, 1).to(dtype)).sample                  # [B*V, C, h, w]
+        return out.unflatten(0, (B, V))
+
+    def load_unet_init(self, source: str) -> None:
+        """Start from a Stable Diffusion 2.x UNet (module docstring): every weight of the same shape
+        is copied; ``conv_in`` gets its weights on the noisy-latent channels and zeros on the
+        image-latent ones; the camera MLP's output layer starts at zero (a no-op on the time
+        embedding). ValueError if the UNet's layout differs from the config's."""
+        from diffusers import UNet2DConditionModel
+
+        path = _local(source, "unet_init", "unet")
+        sd = UNet2DConditionModel.from_pretrained(path, local_files_only=True, torch_dtype=torch.float32)
+        want = unet_kwargs(self.config)
+        keys = ("down_block_types", "up_block_types", "block_out_channels", "layers_per_block", "attention_head_dim",
+                "cross_attention_dim", "norm_num_groups", "use_linear_projection")
+        diff = {k: (sd.config.get(k), want[k]) for k in keys
+                if (tuple(v) if isinstance(v := sd.config.get(k), list) else v) != want[k]}
+        if sd.config.get("out_channels") != self.config.latent_channels:
+            diff["out_channels"] = (sd.config.get("out_channels"), self.config.latent_channels)
+        if diff:
+            raise ValueError(f"unet_init {source!r} is another UNet than the config's: (snapshot, config) differ in {diff}")
+        state = dict(sd.state_dict())
+        own = self.unet.state_dict()
+        C = self.config.latent_channels
+        w = torch.zeros_like(own["conv_in.weight"])
+        w[:, :C] = state["conv_in.weight"]
+        state["conv_in.weight"] = w
+        for k in own:
+            if k.startswith("class_embedding."):
+                state[k] = torch.zeros_like(own[k]) if k.startswith("class_embedding.linear_2") else own[k]
+        checkpoints.load_state(self.unet, state, path)
+
+
+# --- the frozen parts ----------------------------------------------------------------------------
+
+
+class PixelAutoencoder(nn.Module):
+    """The ``"pixel"`` latent space: images in [-1, 1] folded by ``pixel_unshuffle(factor)``; no
+    weights, exactly invertible. The methods mirror what :class:`MVDiffusion` uses of an
+    ``AutoencoderKL``."""
+
+    def __init__(self, factor: int):
+        super().__init__()
+        self.factor = factor
+
+    def encode_images(self, x: Tensor) -> Tensor:  # [N, 3, R, R] in [-1, 1] -> [N, 3 f^2, R/f, R/f]
+        return F.pixel_unshuffle(x, self.factor)
+
+    def decode_latents(self, z: Tensor) -> Tensor:  # [N, 3 f^2, R/f, R/f] -> [N, 3, R, R]
+        return F.pixel_shuffle(z, self.factor)
+
+
+def _tiny_vae_config(cfg: MVDiffConfig) -> dict:
+    n = int(math.log2(cfg.vae_downsample)) + 1
+    return dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * n,
+                up_block_types=["UpDecoderBlock2D"] * n, block_out_channels=[16] + [32] * (n - 1), layers_per_block=1,
+                latent_channels=cfg.latent_channels, norm_num_groups=8, sample_size=cfg.resolution,
+                scaling_factor=cfg.vae_scaling_factor)
+
+
+def _tiny_image_encoder_config(cfg: MVDiffConfig) -> dict:
+    return dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                patch_size=8, projection_dim=cfg.image_embed_dim)
+
+
+def build_vae(cfg: MVDiffConfig, config: dict | None = None):
+    """The VAE: from ``config`` (an ``AutoencoderKL`` config dict; a saved model's), else from
+    ``cfg.vae`` (module docstring); checked against the config's latent space."""
+    from diffusers import AutoencoderKL
+
+    if cfg.vae == PIXEL:
+        return PixelAutoencoder(cfg.vae_downsample)
+    if config is not None:
+        vae = AutoencoderKL.from_config(config)
+    elif cfg.vae == RANDOM_TINY:
+        with _seeded(cfg.random_seed):
+            vae = AutoencoderKL(**_tiny_vae_config(cfg))
+    else:
+        vae = AutoencoderKL.from_pretrained(_local(cfg.vae, "vae", "vae"), local_files_only=True,
+                                            torch_dtype=torch.float32)
+    c = vae.config
+    got = dict(vae_downsample=2 ** (len(c.block_out_channels) - 1), latent_channels=c.latent_channels,
+               vae_scaling_factor=c.scaling_factor)
+    want = dict(vae_downsample=cfg.vae_downsample, latent_channels=cfg.latent_channels,
+                vae_scaling_factor=cfg.vae_scaling_factor)
+    if got != want:
+        raise ValueError(f"vae {cfg.vae!r} does not match the config: it has {got}, the config expects {want}")
+    return vae.eval().requires_grad_(False)
+
+
+def build_image_encoder(cfg: MVDiffConfig, config: dict | None = None):
+    """The CLIP image encoder (``CLIPVisionModelWithProjection``): from ``config`` (a saved model's
+    ``CLIPVisionConfig`` dict), else from ``cfg.image_encoder``; its ``projection_dim`` must be the
+    config's ``image_embed_dim``."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    if config is not None:
+        enc = CLIPVisionModelWithProjection(CLIPVisionConfig.from_dict(config))
+    elif cfg.image_encoder == RANDOM_TINY:
+        with _seeded(cfg.random_seed + 1):
+            enc = CLIPVisionModelWithProjection(CLIPVisionConfig(**_tiny_image_encoder_config(cfg)))
+    else:
+        enc = CLIPVisionModelWithProjection.from_pretrained(_local(cfg.image_encoder, "image_encoder", "image_encoder"),
+                                                            local_files_only=True, dtype=torch.float32)
+    if enc.config.projection_dim != cfg.image_embed_dim:
+        raise ValueError(f"image_encoder {cfg.image_encoder!r} has projection_dim {enc.config.projection_dim}; the "
+                         f"config expects image_embed_dim={cfg.image_embed_dim}")
+    return enc.eval().requires_grad_(False)
+
+
+def build_denoiser(cfg: MVDiffConfig, attention_backend: str = "auto") -> MVDenoiser:
+    """A denoiser for ``cfg``: random from ``random_seed`` (diffusers' initialisation), then
+    ``unet_init``'s weights when it names a directory."""
+    with _seeded(cfg.random_seed + 2):
+        model = MVDenoiser(cfg, attention_backend)
+    if cfg.unet_init != "random":
+        model.load_unet_init(cfg.unet_init)
+    return model
+
+
+# --- the whole model -----------------------------------------------------------------------------
+
+
+class MVDiffusion(nn.Module):
+    """Image-conditioned multi-view diffusion: the denoiser, the VAE and the CLIP image encoder.
+
+    Args:
+        config: the model configuration.
+        denoiser: the trained :class:`MVDenoiser`, or None to build it (:func:`build_denoiser`).
+        vae: the VAE, or None to build it from ``config.vae``.
+        image_encoder: the CLIP image encoder, or None to build it from ``config.image_encoder``.
+    """
+
+    def __init__(self, config: MVDiffConfig, denoiser: MVDenoiser | None = None, vae=None, image_encoder=None):
+        super().__init__()
+        self.config = config
+        self.denoiser = denoiser if denoiser is not None else build_denoiser(config)
+        self.vae = vae if vae is not None else build_vae(config)
+        self.image_encoder = image_encoder if image_encoder is not None else build_image_encoder(config)
+
+    @property
+    def num_views(self) -> int:
+        return self.config.num_views
+
+    @property
+    def device(self) -> torch.device:
+        return self.denoiser.image_proj.weight.device
+
+    def rig_cameras(self, resolution: int | None = None) -> tuple[Tensor, Tensor]:  # -> [V, 4, 4], [V, 3, 3]
+        """The rig's cameras (OpenCV world-to-camera ``viewmats``, pixel ``Ks`` of ``resolution``
+        px images, default the model's), in a world where the input view is at azimuth 0."""
+        r = self.config.resolution if resolution is None else checks.positive_int("resolution", resolution)
+        az, el = self.config.rig_angles()
+        return cams.orbit_cameras(az, el, self.config.rig_distance, self.config.rig_fov_y_deg, r)
+
+    def rig_camera_features(self) -> Tensor:  # -> [V, 4]
+        """The denoiser's camera input for the rig's views."""
+        az, el = self.config.rig_angles()
+        return camera_features(el, az)
+
+    def encode_latents(self, images: Tensor,                 # [N, 3, R, R] in [0, 1]
+                       generator: torch.Generator | None = None) -> Tensor:  # -> [N, C, h, w], scaled
+        """The images' latents times ``vae_scaling_factor``: the posterior's mean, or a sample of it
+        drawn from ``generator`` (CPU) when one is given."""
+        x = images.to(self.device, torch.float32) * 2 - 1
+        if isinstance(self.vae, PixelAutoencoder):
+            z = self.vae.encode_images(x)
+        else:
+            dist = self.vae.encode(x).latent_dist
+            if generator is None:
+                z = dist.mean
+            else:
+                z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=generator).to(dist.mean.device)
+        return z * self.config.vae_scaling_factor
+
+    def decode_latents(self, z: Tensor,   # [N, C, h, w], scaled
+                       ) -> Tensor:       # [N, 3, R, R] in [0, 1]
+        """Images from scaled latents."""
+        z = z.to(self.device, torch.float32) / self.config.vae_scaling_factor
+        x = self.vae.decode_latents(z) if isinstance(self.vae, PixelAutoencoder) else self.vae.decode(z).sample
+        return ((x + 1) / 2).clamp(0, 1)
+
+    def image_embeds(self, images: Tensor,  # [N, 3, R, R] in [0, 1]
+                     ) -> Tensor:           # [N, E]
+        """CLIP image embeddings: resized (bicubic, antialiased) to the encoder's size and normalised
+        as CLIP's preprocessing does."""
+        s = self.image_encoder.config.image_size
+        x = F.interpolate(images.to(self.device, torch.float32), size=(s, s), mode="bicubic", antialias=True,
+                          align_corners=False).clamp(0, 1)
+        mean = torch.tensor(CLIP_MEAN, device=x.device)[:, None, None]
+        std = torch.tensor(CLIP_STD, device=x.device)[:, None, None]
+        return self.image_encoder(pixel_values=(x - mean) / std).image_embeds
+
+    # --- model directories ---
+
+    def save_pretrained(self, path: str) -> None:
+        """Write ``path/config.yaml``, ``path/model.safetensors`` (denoiser, VAE and image-encoder
+        weights) and the VAE's and image encoder's configs (``vae.json``, ``image_encoder.json``)."""
+        state = {f"denoiser.{k}": v for k, v in self.denoiser.state_dict().items()}
+        state |= {f"vae.{k}": v for k, v in self.vae.state_dict().items()}
+        state |= {f"image_encoder.{k}": v for k, v in self.image_encoder.state_dict().items()}
+        checkpoints.save_pretrained(path, MODEL_TYPE, self.config, state)
+        vae_cfg = None if isinstance(self.vae, PixelAutoencoder) else dict(self.vae.config)
+        for name, d in ((VAE_FILE, vae_cfg), (IMAGE_ENCODER_FILE, self.image_encoder.config.to_dict())):
+            with atomic_open(os.path.join(path, name)) as f:
+                json.dump(d, f, indent=1, default=str)
+
+    @classmethod
+    def from_pretrained(cls, path: str, attention_backend: str = "auto") -> MVDiffusion:
+        """A model directory written by :meth:`save_pretrained`; ValueError if it is not one (or holds
+        another model type). Needs none of the config's sources."""
+        cfg = checkpoints.read_config(path, MODEL_TYPE, MVDiffConfig)
+        sub = {}
+        for name in (VAE_FILE, IMAGE_ENCODER_FILE):
+            f = os.path.join(path, name)
+            try:
+                with open(f) as fh:
+                    sub[name] = json.load(fh)
+            except (OSError, json.JSONDecodeError) as e:
+                raise ValueError(f"checkpoint {path!r}: cannot read {name} ({e})") from None
+        vae_cfg = {k: v for k, v in (sub[VAE_FILE] or {}).items() if not k.startswith("_")} or None
+        with _seeded(0):
+            model = cls(cfg, MVDenoiser(cfg, attention_backend), build_vae(cfg, vae_cfg),
+                        build_image_encoder(cfg, sub[IMAGE_ENCODER_FILE]))
+        checkpoints.load_state(model, checkpoints.read_weights(path), path)
+        return model.eval()
