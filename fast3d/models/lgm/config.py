@@ -7,6 +7,15 @@ from dataclasses import dataclass
 from fast3d import checks
 from fast3d.cameras import DEFAULT_DISTANCE, DEFAULT_FOV_Y_DEG
 
+# The Gaussian heads (fast3d.models.lgm.model): "anchored" is fast3d's (pixel-anchored positions, a
+# colour prior; for models trained with fast3d), "original" LGM's own (released checkpoints,
+# model_fp16_fixrot.safetensors), "original-prefix" LGM's head as the code that trained the first
+# release (model_fp16.safetensors) computed it: quaternions normalised across the sample's Gaussians.
+HEADS = ("anchored", "original", "original-prefix")
+# LGM's camera radius (3DTopia/LGM core/options.py cam_radius): a converted model's first input
+# camera distance, and with it the distance of the default input rig
+LGM_CAMERA_RADIUS = 1.5
+
 
 def _channels(name: str, x, groups: int) -> None:
     if not isinstance(x, tuple) or not x:
@@ -26,7 +35,8 @@ class LGMConfig:
     ``splat_size = input_size * 2 ** (len(up_channels) - len(down_channels))`` pixels wide: one
     Gaussian per output pixel and view. The ``attention_levels`` lowest-resolution levels (down
     blocks, the middle block, up blocks) have cross-view self-attention with ``attention_heads``
-    heads of ``channels // attention_heads`` dims.
+    heads of ``channels // attention_heads`` dims. ``head`` is the Gaussian head, one of
+    ``HEADS`` (see there).
     """
 
     input_size: int = 256              # input images are input_size x input_size
@@ -43,18 +53,23 @@ class LGMConfig:
     fov_y_deg: float = DEFAULT_FOV_Y_DEG
     camera_distance: float = DEFAULT_DISTANCE  # the first input camera's distance after normalize_cameras
     activation_checkpointing: bool = False
+    head: str = "anchored"             # one of HEADS
 
     @classmethod
     def preset(cls, name: str) -> LGMConfig:
         """``"big"``: LGM's model, 256 px in, 128 x 128 Gaussians per view (65,536 for 4 views).
+        ``"lgm-big"``: the same network with LGM's own head and camera radius 1.5, the layout the
+        released checkpoints convert to (``fast3d convert lgm``).
         ``"tiny"``: 64 px in, 32 x 32 Gaussians per view, attention at the lowest level only;
         small enough to train on a CPU."""
         if name == "big":
             return cls()
+        if name == "lgm-big":
+            return cls(camera_distance=LGM_CAMERA_RADIUS, head="original")
         if name == "tiny":
             return cls(input_size=64, splat_size=32, render_size=64, num_sup_views=4, down_channels=(16, 32, 64),
                        up_channels=(64, 32), layers_per_block=1, attention_levels=1, attention_heads=4, norm_groups=8)
-        raise ValueError(f"LGMConfig.preset name must be one of ['tiny', 'big']; got {name!r}")
+        raise ValueError(f"LGMConfig.preset name must be one of ['tiny', 'big', 'lgm-big']; got {name!r}")
 
     @property
     def num_gaussians(self) -> int:
@@ -91,4 +106,5 @@ class LGMConfig:
         if self.fov_y_deg >= 180:
             raise ValueError(f"LGMConfig.fov_y_deg must be below 180; got {self.fov_y_deg!r}")
         checks.boolean("LGMConfig.activation_checkpointing", self.activation_checkpointing)
+        checks.one_of("LGMConfig.head", self.head, HEADS)
 

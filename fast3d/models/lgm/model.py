@@ -7,9 +7,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fast3d.cameras import camera_rays, plucker_rays
+from fast3d.cameras import camera_rays, plucker_rays, rotmat_to_quat
 from fast3d.models import checkpoints
 from fast3d.models.lgm.config import LGMConfig
+from fast3d.models.lgm.normalize import quat_multiply
 from fast3d.models.lgm.unet import CrossViewAttention, UNet
 from fast3d.ops.rasterization import rasterization
 
@@ -37,6 +38,15 @@ GAUSSIAN_KEYS = ("means", "quats", "scales", "opacities", "colors")
 #   each Gaussian at its pixel's colour is the pixel-aligned prior, without which a small model's
 #   renders first fade every Gaussian out and learn colour slowly.
 SCALE_FACTOR = 0.05
+# LGM's own head (3DTopia/LGM core/models.py): positions clamp(x, -1, 1), scales 0.1 softplus(x),
+# opacities sigmoid, quaternions normalised (wxyz, as diff-gaussian-rasterization reads them),
+# colours 0.5 tanh(x) + 0.5; channels in the same order as above.
+ORIGINAL_SCALE_FACTOR = 0.1
+# fast3d's normalised world -> LGM's, p_lgm = LGM_AXES @ p_fast3d: both put the first input camera
+# on an axis looking at the origin, fast3d's at +X with +Z up, LGM's at +Z with +Y up (its
+# provider's canonical pose, kiui's orbit_camera(0, 0)); so x -> z, y -> x, z -> y. A rotation:
+# Pluecker rays and Gaussians move with it, scales, opacities and colours do not.
+LGM_AXES = ((0.0, 1.0, 0.0), (0.0, 0.0, 1.0), (1.0, 0.0, 0.0))
 
 
 def _check_tensor(name: str, x, dims: int, desc: str) -> None:
@@ -70,13 +80,71 @@ def gaussians_from_features(x: Tensor,        # [B, V, 14, p, p]
                 colors=torch.sigmoid(torch.logit(pixels.to(rgb.dtype), eps=1e-3) + rgb))
 
 
+def lgm_axes(dtype=torch.float32, device=None) -> Tensor:  # -> [3, 3]
+    """``LGM_AXES`` as a tensor: fast3d's normalised world -> LGM's."""
+    return torch.tensor(LGM_AXES, dtype=dtype, device=device)
+
+
+def viewmats_to_lgm_world(viewmats: Tensor) -> Tensor:  # [..., 4, 4] -> [..., 4, 4]
+    """World-to-camera matrices of fast3d's normalised world re-expressed in LGM's world (same
+    cameras, same OpenCV camera axes): ``viewmat @ T^-1`` with T the rotation ``LGM_AXES``."""
+    T_inv = torch.eye(4, dtype=viewmats.dtype, device=viewmats.device)
+    T_inv[:3, :3] = lgm_axes(viewmats.dtype, viewmats.device).T
+    return viewmats @ T_inv
+
+
+def _unnormalised_rotmat(q: Tensor) -> Tensor:  # [..., 4] wxyz, any norm -> [..., 3, 3]
+    """The matrix diff-gaussian-rasterization builds from a quaternion it does not normalise
+    (computeCov3D): the unit-quaternion rotation formula applied to q as it is."""
+    w, x, y, z = q.unbind(-1)
+    return torch.stack([1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
+                        2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
+                        2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)], -1).unflatten(-1, (3, 3))
+
+
+def original_gaussians(x: Tensor,              # [B, V, 14, p, p] the U-Net's output
+                       prefix_rotation: bool = False,
+                       ) -> dict:              # Gaussians in fast3d's normalised world, N = V p p
+    """LGM's own head (``ORIGINAL_SCALE_FACTOR`` above), in float32, then moved from LGM's world
+    to fast3d's (``LGM_AXES``).
+
+    ``prefix_rotation``: the head of LGM's code before commit 9a0797c ("fix rotation
+    normalization", which the first release, model_fp16.safetensors, was trained with):
+    ``F.normalize`` on [B, N, 4] without ``dim`` normalises each quaternion channel across the
+    sample's N Gaussians, and LGM's rasterizer builds its rotation from the quaternion without
+    normalising it, so each Gaussian's covariance was ``M diag(s^2) M^T`` with M
+    :func:`_unnormalised_rotmat` of that tiny quaternion (nearly the identity). The Gaussians
+    returned here carry exactly that covariance, as a rotation and scales from its
+    eigendecomposition."""
+    B, V, C, p, _ = x.shape
+    dtype = x.dtype
+    x = x.float().permute(0, 1, 3, 4, 2).reshape(B, V * p * p, C)
+    pos, opacity, scale, rot, rgb = x.split([3, 1, 3, 4, 3], -1)
+    scales = ORIGINAL_SCALE_FACTOR * F.softplus(scale)
+    if prefix_rotation:
+        M = _unnormalised_rotmat(F.normalize(rot, dim=1).double())                # [B, N, 3, 3]
+        cov = M @ torch.diag_embed(scales.double() ** 2) @ M.transpose(-1, -2)
+        evals, evecs = torch.linalg.eigh(cov)
+        evecs = evecs * torch.linalg.det(evecs).sign()[..., None, None]          # a rotation: det +1
+        quats, scales = rotmat_to_quat(evecs).float(), evals.clamp_min(0).sqrt().float()
+    else:
+        quats = F.normalize(rot, dim=-1)
+    A = lgm_axes(torch.float32, x.device)
+    out = dict(means=pos.clamp(-1, 1) @ A,                                       # A^T p, row vectors
+               quats=quat_multiply(rotmat_to_quat(A.T).expand_as(quats), quats),
+               scales=scales, opacities=torch.sigmoid(opacity[..., 0]), colors=0.5 * torch.tanh(rgb) + 0.5)
+    return {k: v.to(dtype) for k, v in out.items()}
+
+
 class LGM(nn.Module):
     """Large Multi-View Gaussian Model (Tang et al. 2024): an asymmetric U-Net with cross-view
     attention maps V posed images to V x splat_size^2 Gaussians.
 
     Cameras are expected in the normalised world of
     :func:`fast3d.models.lgm.normalize_cameras` (first view at the canonical pose, distance
-    ``config.camera_distance``); the Gaussians come out in that world.
+    ``config.camera_distance``); the Gaussians come out in that world. ``config.head`` picks
+    the head: fast3d's anchored one (:func:`gaussians_from_features`) or LGM's own
+    (:func:`original_gaussians`, the released checkpoints converted by ``fast3d convert lgm``).
 
     Args:
         config: the architecture.
@@ -140,9 +208,14 @@ class LGM(nn.Module):
         """The Gaussians of each sample, N = V * splat_size^2, in the model's dtype."""
         self._check_inputs(images, viewmats, Ks)
         B, V, _, s, _ = images.shape
-        rays = plucker_rays(viewmats.float(), Ks.float(), s, s)                  # [B, V, 6, s, s]
+        original = self.config.head != "anchored"
+        # the original head's network saw Pluecker rays of LGM's world (the same rays, rotated)
+        vm = viewmats_to_lgm_world(viewmats.float()) if original else viewmats.float()
+        rays = plucker_rays(vm, Ks.float(), s, s)                                # [B, V, 6, s, s]
         rgb = (images.float() - self.image_mean) / self.image_std               # [B, V, 3, s, s]
         x = torch.cat([rgb, rays], 2).flatten(0, 1).to(self.unet.conv_in.weight.dtype)  # [B*V, 9, s, s]
+        if original:
+            return original_gaussians(self.unet(x).unflatten(0, (B, V)), self.config.head == "original-prefix")
         p = self.config.splat_size
         anchors = pixel_anchors(viewmats, Ks, s, p)
         pixels = F.interpolate(images.float().flatten(0, 1), size=(p, p), mode="area")     # [B*V, 3, p, p]
