@@ -190,14 +190,16 @@ def infer(model_dir: str, image_paths: list[str], out_dir: str, cameras_json: st
 def evaluate(model_dir: str, data_path: str, out_json: str, input_views=(0, 4, 8, 12), views: int = 16,
              resolution: int | None = None, lpips_backbone: str = "imagenet", device: str | None = None,
              max_samples: int | None = None) -> dict:
-    """PSNR/SSIM/LPIPS on the views that are not inputs, and Chamfer/F-score of the opacity-weighted
-    Gaussian centres against the asset's Gaussians (``data_path/assets/<key>.ply``), per sample
-    and averaged; written to ``out_json``."""
-    from fast3d.data.dataset import MultiViewDataset
+    """PSNR/SSIM/LPIPS (and MS-SSIM at >= 176 px) on the views that are not inputs, and
+    Chamfer/F-score of the opacity-weighted Gaussian centres against the reference geometry, per
+    sample and averaged; written to ``out_json`` (and its Markdown table). ``data_path``: fast3d
+    shards (geometry: the asset's Gaussians, ``assets/<key>.ply``) or a GSO-style folder (geometry:
+    its mesh or points; ``fast3d.evaluation.sets``). Rows are appended as they are computed; a rerun
+    with the same model and settings resumes after the last one."""
+    from fast3d.evaluation import image_metrics as im
     from fast3d.evaluation.geometry_metrics import chamfer_fscore
-    from fast3d.evaluation.image_metrics import load_lpips, psnr, ssim
-    from fast3d.evaluation.report import write_report
-    from fast3d.io import load_ply
+    from fast3d.evaluation.report import Progress, SampleLog, fingerprint, write_report
+    from fast3d.evaluation.sets import iter_samples
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = LGM.from_pretrained(model_dir).to(dev).eval()
@@ -205,13 +207,18 @@ def evaluate(model_dir: str, data_path: str, out_json: str, input_views=(0, 4, 8
     if len(input_views) != cfg.num_input_views:
         raise ValueError(f"input_views must list {cfg.num_input_views} views; got {list(input_views)}")
     R = resolution or cfg.render_size
-    lp = load_lpips(lpips_backbone, dev)
+    lp = im.load_lpips(lpips_backbone, dev)
     held = [i for i in range(views) if i not in input_views]
-    lp_name = "lpips_random" if lpips_backbone == "random" else "lpips"  # a stand-in is not the metric
-    rows = []
-    for s in MultiViewDataset(data_path, views=views, resolution=R, rank=0, world_size=1):
-        if max_samples is not None and len(rows) >= max_samples:
+    lp_name, lp_net = im.lpips_metric(lpips_backbone)  # a stand-in is not the metric
+    log = SampleLog(out_json, {"kind": "lgm", "model": os.path.abspath(model_dir), "weights": fingerprint(model_dir),
+                               "data": os.path.abspath(data_path), "input_views": list(input_views), "views": views,
+                               "resolution": R, "lpips_backbone": lpips_backbone})
+    progress, skipped = Progress(max_samples, log.resumed), []
+    for s in iter_samples(data_path, views, R, skipped):
+        if max_samples is not None and len(log.rows) >= max_samples:
             break
+        if log.done(s["key"]):
+            continue
         idx = list(input_views)
         g, T = reconstruct(model, s["images"][idx][None], s["viewmats"][idx][None], s["Ks"][idx][None])
         world = apply_transform_to_gaussians(g, torch.linalg.inv(T.double()).float())
@@ -219,16 +226,24 @@ def evaluate(model_dir: str, data_path: str, out_json: str, input_views=(0, 4, 8
             rgb, _ = LGM.render(world, s["viewmats"][held][None].to(dev), s["Ks"][held][None].to(dev), R, R,
                                 backgrounds=torch.ones(1, len(held), 3, device=dev))
         gt = s["images"][held].to(dev)
-        row = {"key": s["key"], "psnr": float(psnr(rgb[0], gt).mean()), "ssim": float(ssim(rgb[0], gt).mean()),
-               lp_name: float(lp(rgb[0], gt).mean())}
-        asset = os.path.join(data_path, "assets", f"{s['key']}.ply")
-        if os.path.isfile(asset):
-            ref = load_ply(asset)
-            geo = chamfer_fscore(world["means"][0], ref["means"], world["opacities"][0])
+        pred = rgb[0].clamp(0, 1)
+        row = {"key": s["key"], "psnr": float(im.psnr(pred, gt).mean()), "ssim": float(im.ssim(pred, gt).mean()),
+               lp_name: float(lp(pred, gt).mean())}
+        if R >= im.ms_ssim_min_size():
+            row["ms_ssim"] = float(im.ms_ssim(pred, gt).mean())
+        if s["points"] is not None:
+            geo = chamfer_fscore(world["means"][0], s["points"], world["opacities"][0])
             if math.isfinite(geo["chamfer"]):  # inf: no Gaussian opaque enough to count
                 row.update(geo)
-        rows.append(row)
+        log.add(row)
+        progress.step(s["key"], row)
+    rows = log.rows
     if not rows:
-        raise ValueError(f"--data {data_path!r} yielded no samples with {views} views")
-    return write_report(out_json, rows, model_dir, data_path, held_out_views=held, resolution=R,
-                        lpips_backbone=lpips_backbone)
+        raise ValueError(f"--data {data_path!r} yielded no samples with {views} views"
+                         + (f" ({len(skipped)} unreadable: {skipped[0][0]}: {skipped[0][1]})" if skipped else ""))
+    backbones = {"ssim": im.SSIM_BACKBONE, lp_name: lp_net}
+    if R >= im.ms_ssim_min_size():
+        backbones["ms_ssim"] = im.SSIM_BACKBONE
+    return write_report(out_json, rows, model_dir, data_path, backbones=backbones, kind="lgm", held_out_views=held,
+                        resolution=R, lpips_backbone=lpips_backbone,
+                        skipped=[{"key": k, "reason": why} for k, why in skipped])

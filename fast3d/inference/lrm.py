@@ -187,18 +187,20 @@ def infer(model_dir: str, image_path: str, out_dir: str, camera: dict | None = N
 def evaluate(model_dir: str, data_path: str, out_json: str, views: int = 4, resolution: int | None = None,
              lpips_backbone: str = "imagenet", device=None, max_samples: int | None = None,
              point_grid: int = 64) -> dict:
-    """Reconstruct each sample of ``data_path`` from its first view (with its true camera) and
-    score renders of its next ``views - 1`` views, at ``resolution`` px (default: the model's input
-    size), over the sample's own background: PSNR, SSIM and LPIPS (``lpips_random`` with the
-    random stand-in backbone) per sample and averaged; written to ``out_json``. Where the dataset
-    has the asset (``assets/<key>.ply``), also Chamfer distance / F-score between the surface
-    points of the predicted density (``extract_points`` on a ``point_grid``^3 grid) and the asset's
-    Gaussian centres (samples whose density has no surface get none)."""
-    from fast3d.data.dataset import MultiViewDataset
+    """Reconstruct each sample of ``data_path`` (fast3d shards or a GSO-style folder,
+    ``fast3d.evaluation.sets``) from its first view (with its true camera) and score renders of
+    its next ``views - 1`` views, at ``resolution`` px (default: the model's input size), over the
+    sample's own background: PSNR, SSIM (and MS-SSIM at >= 176 px) and LPIPS (``lpips_random``
+    with the random stand-in backbone) per sample and averaged; written to ``out_json`` (and its
+    Markdown table). Where the sample has reference geometry (a shard's ``assets/<key>.ply``, a
+    GSO object's mesh or points), also Chamfer distance / F-score between the surface points of
+    the predicted density (``extract_points`` on a ``point_grid``^3 grid) and it (samples whose
+    density has no surface get none). Rows are appended as they are computed; a rerun with the
+    same model and settings resumes after the last one."""
+    from fast3d.evaluation import image_metrics as im
     from fast3d.evaluation.geometry_metrics import chamfer_fscore
-    from fast3d.evaluation.image_metrics import load_lpips, psnr, ssim
-    from fast3d.evaluation.report import write_report
-    from fast3d.io import load_ply
+    from fast3d.evaluation.report import Progress, SampleLog, fingerprint, write_report
+    from fast3d.evaluation.sets import iter_samples
 
     views = checks.integer("views", views, 2, note="the input and at least one held-out view")
     max_samples = checks.positive_int("max_samples", max_samples, optional=True)
@@ -206,31 +208,42 @@ def evaluate(model_dir: str, data_path: str, out_json: str, views: int = 4, reso
     model, path = load_model(model_dir, dev)
     R = resolution or model.config.image_size
     R = checks.integer("resolution", R, 11, note="SSIM's window")
-    lp = load_lpips(lpips_backbone, dev)
-    lp_name = "lpips_random" if lpips_backbone == "random" else "lpips"
-    rows = []
-    for s in MultiViewDataset(data_path, views=views, resolution=R, rank=0, world_size=1):
-        if max_samples is not None and len(rows) >= max_samples:
+    lp = im.load_lpips(lpips_backbone, dev)
+    lp_name, lp_net = im.lpips_metric(lpips_backbone)
+    log = SampleLog(out_json, {"kind": "lrm", "model": os.path.abspath(path), "weights": fingerprint(path),
+                               "data": os.path.abspath(data_path), "views": views, "resolution": R,
+                               "lpips_backbone": lpips_backbone, "point_grid": point_grid})
+    progress, skipped = Progress(max_samples, log.resumed), []
+    for s in iter_samples(data_path, views, R, skipped):
+        if max_samples is not None and len(log.rows) >= max_samples:
             break
-        if s["source"] == "image2d":  # one image tiled: no held-out view
+        if s["source"] == "image2d" or log.done(s["key"]):  # image2d: one image tiled, no held-out view
             continue
         images, alphas = s["images"][None].to(dev), s["alphas"][None].to(dev)  # [1, V, 3, R, R], [1, V, 1, R, R]
         viewmats, Ks = s["viewmats"][None].to(dev), s["Ks"][None].to(dev)      # [1, V, 4, 4], [1, V, 3, 3]
         planes = model(images[:, 0], viewmats[:, 0], Ks[:, 0])
         out = model.render(planes, viewmats[:, 1:], Ks[:, 1:], R, R, background=background_color(images, alphas))
         pred, gt = out["images"][0].float().clamp(0, 1), images[0, 1:]
-        row = {"key": s["key"], "psnr": float(psnr(pred, gt).mean()), "ssim": float(ssim(pred, gt).mean()),
+        row = {"key": s["key"], "psnr": float(im.psnr(pred, gt).mean()), "ssim": float(im.ssim(pred, gt).mean()),
                lp_name: float(lp(pred, gt).mean())}
-        asset = os.path.join(data_path, "assets", f"{s['key']}.ply")
-        if point_grid and os.path.isfile(asset):
+        if R >= im.ms_ssim_min_size():
+            row["ms_ssim"] = float(im.ms_ssim(pred, gt).mean())
+        if point_grid and s["points"] is not None:
             points, _ = model.extract_points(planes[0].float(), resolution=point_grid)
             if len(points):
-                row.update(chamfer_fscore(points.cpu(), load_ply(asset)["means"]))
-        rows.append(row)
+                row.update(chamfer_fscore(points.cpu(), s["points"]))
+        log.add(row)
+        progress.step(s["key"], row)
+    rows = log.rows
     if not rows:
-        raise ValueError(f"data_path {data_path!r} yielded no multi-view sample with {views} views")
-    report = write_report(out_json, rows, path, data_path, input_view=0, held_out_views=list(range(1, views)),
-                          resolution=R, lpips_backbone=lpips_backbone)
+        raise ValueError(f"data_path {data_path!r} yielded no multi-view sample with {views} views"
+                         + (f" ({len(skipped)} unreadable: {skipped[0][0]}: {skipped[0][1]})" if skipped else ""))
+    backbones = {"ssim": im.SSIM_BACKBONE, lp_name: lp_net}
+    if R >= im.ms_ssim_min_size():
+        backbones["ms_ssim"] = im.SSIM_BACKBONE
+    report = write_report(out_json, rows, path, data_path, backbones=backbones, kind="lrm", input_view=0,
+                          held_out_views=list(range(1, views)), resolution=R, lpips_backbone=lpips_backbone,
+                          skipped=[{"key": k, "reason": why} for k, why in skipped])
     mean = report["mean"]
     print(f"fast3d eval (LRM {path}): {len(rows)} samples, " + ", ".join(f"{k} {v:.4f}" for k, v in mean.items()))
     return report

@@ -9,7 +9,7 @@ import torch
 
 from fast3d.evaluation.geometry_metrics import chamfer_fscore
 from fast3d.evaluation.image_metrics import load_lpips, ms_ssim, ms_ssim_min_size, psnr, ssim
-from fast3d.evaluation.report import write_report
+from fast3d.evaluation.report import git_commit, write_report
 
 
 def test_psnr_of_a_known_error(gen):
@@ -98,13 +98,15 @@ def test_chamfer_weights_ignore_transparent_outliers(gen):
 
 
 def test_the_report_averages_each_metric_over_the_samples_that_have_it(tmp_path, gen):
-
     p = torch.rand(3, generator=gen).tolist()
-    rows = [{"key": "a", "psnr": p[0], "chamfer": 1.0}, {"key": "b", "psnr": p[1]},
+    rows = [{"key": "a", "psnr": p[0], "chamfer": 1.0, "prompt": "a mug"}, {"key": "b", "psnr": p[1]},
             {"key": "c", "psnr": p[2], "chamfer": 3.0}]
     out = tmp_path / "sub" / "eval.json"
-    report = write_report(str(out), rows, "model", "data", resolution=8)
-    assert list(report) == ["model", "data", "samples", "resolution", "mean", "per_sample"]
-    assert report["samples"] == 3 and report["mean"]["chamfer"] == 2.0
+    report = write_report(str(out), rows, "model", "data", backbones={"ssim": "x"}, set_metrics={"fid:y": 2.5},
+                          resolution=8)
+    assert list(report) == ["model", "data", "samples", "commit", "resolution", "backbones", "set_metrics", "mean",
+                            "per_sample"]
+    assert report["samples"] == 3 and report["mean"]["chamfer"] == 2.0 and "prompt" not in report["mean"]
     assert abs(report["mean"]["psnr"] - sum(p) / 3) < 1e-12
-    assert json.loads(out.read_text()) == report and os.listdir(out.parent) == ["eval.json"]
+    assert json.loads(out.read_text()) == report and sorted(os.listdir(out.parent)) == ["eval.json", "eval.md"]
+    assert report["commit"] == git_commit() and report["commit"]  # a commit, or "unknown" in an export
