@@ -32,18 +32,26 @@ def reconstruct(model: LGM,
                 ) -> tuple[dict, Tensor]:  # -> Gaussians in the normalised world, transform [B, 4, 4]
     """The model's Gaussians for posed images of any square size (resized to its input size)."""
     cfg = model.config
-    B, V, _, R, _ = images.shape
-    s = cfg.input_size
     dev = next(model.parameters()).device
-    x = images.float().flatten(0, 1)
-    if R != s:
-        x = F.interpolate(x, size=(s, s), mode="bilinear", antialias=True, align_corners=False)
-    K = Ks.float().clone()
-    K[..., :2, :] *= s / R
+    x, K = resize_inputs(images, Ks, cfg.input_size)
     vm, T = normalize_cameras(viewmats.float(), cfg.camera_distance)
     with torch.no_grad():
-        g = model(x.unflatten(0, (B, V)).to(dev), vm.to(dev), K.to(dev))
+        g = model(x.to(dev), vm.to(dev), K.to(dev))
     return {k: v.float() for k, v in g.items()}, T.to(dev)
+
+
+def resize_inputs(images: Tensor,  # [B, V, 3, R, R] in [0, 1]
+                  Ks: Tensor,      # [B, V, 3, 3] pixels of the R x R images
+                  size: int) -> tuple[Tensor, Tensor]:  # -> [B, V, 3, size, size] float32, [B, V, 3, 3]
+    """Images resized to the model's input size (bilinear, antialiased) and their intrinsics
+    rescaled to match; unchanged (as float32) when already that size."""
+    B, V, _, R, _ = images.shape
+    x = images.float().flatten(0, 1)
+    if R != size:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    K = Ks.float().clone()
+    K[..., :2, :] *= size / R
+    return x.unflatten(0, (B, V)), K
 
 
 def default_input_cameras(cfg, resolution: int) -> tuple[Tensor, Tensor]:  # -> [V, 4, 4], [V, 3, 3]
@@ -60,8 +68,13 @@ def read_cameras(path: str, n: int, resolution: int) -> tuple[Tensor, Tensor]:
             d = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"--cameras {path!r} cannot be read as JSON ({e})") from None
+    return parse_cameras(d, n, f"--cameras {path}")
+
+
+def parse_cameras(d, n: int, where: str = "cameras") -> tuple[Tensor, Tensor]:  # -> [n, 4, 4], [n, 3, 3]
+    """Cameras as decoded JSON (module docstring) for ``n`` images; errors start with ``where``."""
     if not isinstance(d, dict) or "Ks" not in d or ("viewmats" in d) == ("c2w" in d):
-        raise ValueError(f"--cameras {path}: expected an object with 'Ks' and one of 'viewmats' or 'c2w'")
+        raise ValueError(f"{where}: expected an object with 'Ks' and one of 'viewmats' or 'c2w'")
     try:
         Ks = torch.tensor(d["Ks"], dtype=torch.float32)
         if "viewmats" in d:
@@ -69,12 +82,12 @@ def read_cameras(path: str, n: int, resolution: int) -> tuple[Tensor, Tensor]:
         else:
             vm = cams.viewmat_from_opengl_c2w(torch.tensor(d["c2w"], dtype=torch.float32), d.get("world_up", "z"))
     except (TypeError, ValueError, RuntimeError) as e:
-        raise ValueError(f"--cameras {path}: not numeric matrices ({e})") from None
+        raise ValueError(f"{where}: not numeric matrices ({e})") from None
     if vm.shape != (n, 4, 4) or Ks.shape != (n, 3, 3):
-        raise ValueError(f"--cameras {path} does not match the {n} images: expected viewmats/c2w [{n}, 4, 4] and "
+        raise ValueError(f"{where} does not match the {n} images: expected viewmats/c2w [{n}, 4, 4] and "
                          f"Ks [{n}, 3, 3]; got {tuple(vm.shape)} and {tuple(Ks.shape)}")
     if not (torch.isfinite(vm).all() and torch.isfinite(Ks).all()):
-        raise ValueError(f"--cameras {path} holds non-finite numbers")
+        raise ValueError(f"{where} holds non-finite numbers")
     return vm, Ks
 
 

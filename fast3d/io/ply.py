@@ -56,6 +56,16 @@ def save_ply(path: str | os.PathLike,
              sh: Tensor,         # [N, K, 3] SH coefficients, K in {1, 4, 9, 16}
              ) -> None:
     """Write one scene. The file appears atomically (written to a temporary name, then renamed)."""
+    write_atomic(path, ply_bytes(means, quats, scales, opacities, sh))
+
+
+def ply_bytes(means: Tensor,      # [N, 3]
+              quats: Tensor,      # [N, 4] wxyz
+              scales: Tensor,     # [N, 3] post-activation (> 0)
+              opacities: Tensor,  # [N] post-activation, in (0, 1)
+              sh: Tensor,         # [N, K, 3] SH coefficients, K in {1, 4, 9, 16}
+              ) -> bytes:
+    """The bytes :func:`save_ply` writes (an HTTP response body)."""
     d = float_tensor("means", means, "[N, 3]", finite=False)
     d = float_tensor("quats", quats, "[N, 4]", d, finite=False)
     d = float_tensor("scales", scales, "[N, 3]", d, finite=False)
@@ -81,7 +91,7 @@ def save_ply(path: str | os.PathLike,
     names = _names(K)
     header = "ply\nformat binary_little_endian 1.0\n" + f"element vertex {N}\n" + "".join(
         f"property float {n}\n" for n in names) + "end_header\n"
-    write_atomic(path, header.encode("ascii"), np.ascontiguousarray(data, dtype="<f4").tobytes())
+    return header.encode("ascii") + np.ascontiguousarray(data, dtype="<f4").tobytes()
 
 
 def header_records(raw: bytes) -> tuple[list[tuple[list[str], str]], int]:
@@ -215,6 +225,13 @@ def save_points_ply(path: str | os.PathLike,
     """Write a coloured point cloud: binary little-endian PLY, one ``vertex`` element with
     ``float x y z`` and ``uchar red green blue`` (15 bytes a point), the layout point-cloud viewers
     read. The file appears atomically (written to a temporary name, then renamed)."""
+    write_atomic(path, points_ply_bytes(points, colors))
+
+
+def points_ply_bytes(points: Tensor,  # [N, 3] positions
+                     colors: Tensor,  # [N, 3] RGB in [0, 1]
+                     ) -> bytes:
+    """The bytes :func:`save_points_ply` writes (an HTTP response body)."""
     float_tensor("colors", colors, "[N, 3]", float_tensor("points", points, "[N, 3]"))
     N = points.shape[0]
     record = np.dtype([("x", "<f4"), ("y", "<f4"), ("z", "<f4"), ("red", "u1"), ("green", "u1"), ("blue", "u1")])
@@ -228,4 +245,4 @@ def save_points_ply(path: str | os.PathLike,
     header = ("ply\nformat binary_little_endian 1.0\n" + f"element vertex {N}\n"
               + "".join(f"property float {n}\n" for n in "xyz")
               + "".join(f"property uchar {n}\n" for n in ("red", "green", "blue")) + "end_header\n")
-    write_atomic(path, header.encode("ascii"), data.tobytes())
+    return header.encode("ascii") + data.tobytes()

@@ -1,0 +1,323 @@
+"""The HTTP server: a FastAPI app on a Ray Serve deployment with dynamic batching.
+
+Routes (OpenAPI at ``/openapi.json``, interactive at ``/docs``):
+
+* ``POST /v1/reconstruct``: images (+ cameras) -> the 3DGS PLY (``format=ply``, the default) or
+  the ``.splat`` layout (``format=splat``, :mod:`fast3d.io.splat`). The body is binary unless the
+  request says ``Accept: application/json``: then a JSON object with the file in base64 and, when
+  ``turntable`` is true, the turntable as a base64 GIF. Per-stage latencies (decode, queue, model,
+  render, encode, total) come in the ``Server-Timing`` header (and ``latency_ms`` in JSON); the
+  batch the request ran in, in ``X-Fast3d-Batch-Size``.
+* ``GET /healthz`` (the process answers), ``GET /readyz`` (model loaded and warmed up; a replica
+  only receives traffic once its constructor, which loads and warms the model, returned).
+* ``GET /metrics``: Prometheus text (:mod:`fast3d.serving.metrics`).
+* ``GET /``: the upload page (``fast3d/serving/static``).
+
+Batching: concurrent requests that reach a replica within ``max_wait_ms`` of the first are run
+as one batch of at most ``max_batch`` (Ray Serve's ``@serve.batch``), one forward and one
+rasterization. Bounds: each replica takes ``max_ongoing_requests`` at once and each proxy queues
+``max_queued_requests`` more; past that Ray answers 503 with ``Retry-After``. A request still
+waiting or running after ``deadline_s`` (or the smaller ``X-Deadline-Ms`` the client sends) gets
+504. Bodies over ``max_body_bytes`` get 413. With an API key every route but ``/``, its static
+files, ``/healthz`` and ``/readyz`` needs ``Authorization: Bearer KEY`` (compared in constant time).
+"""
+
+# No ``from __future__ import annotations`` here: Ray Serve's class-based FastAPI views read the
+# route methods' annotations (``request: Request``) as objects.
+import asyncio
+import base64
+import hmac
+import io
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from ray import serve
+
+from fast3d.serving.pipelines import RequestError
+
+STATIC = Path(__file__).parent / "static"
+STATIC_FILES = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
+                "style.css": "text/css; charset=utf-8"}
+MEDIA = {"ply": "application/octet-stream", "splat": "application/octet-stream"}
+FILENAMES = {("lgm", "ply"): "gaussians.ply", ("lrm", "ply"): "points.ply"}
+
+
+@dataclass
+class ServeOptions:
+    """What a replica needs (the CLI's flags)."""
+    checkpoint: str
+    max_batch: int = 8
+    max_wait_ms: float = 5.0
+    deadline_s: float = 60.0
+    max_body_bytes: int = 64 * 1024 * 1024
+    max_pixels: int = 16 * 1024 * 1024
+    turntable_frames: int = 12
+    api_key: str | None = None
+    device: str | None = None
+    threads: int | None = None
+    fixed_batch: bool | None = None   # None: on the CPU (see fast3d.serving.pipelines)
+
+    def validate(self) -> "ServeOptions":
+        from fast3d import checks
+
+        checks.positive_int("max_batch", self.max_batch)
+        checks.positive_int("max_body_bytes", self.max_body_bytes)
+        checks.positive_int("max_pixels", self.max_pixels)
+        checks.positive_int("turntable_frames", self.turntable_frames)
+        checks.positive_int("threads", self.threads, optional=True)
+        if not (isinstance(self.max_wait_ms, (int, float)) and 0 <= self.max_wait_ms <= 10_000):
+            raise ValueError(f"max_wait_ms must be a number in [0, 10000]; got {self.max_wait_ms!r}")
+        if not (isinstance(self.deadline_s, (int, float)) and self.deadline_s > 0):
+            raise ValueError(f"deadline_s must be a positive number; got {self.deadline_s!r}")
+        if self.api_key is not None and len(self.api_key) < 16:
+            raise ValueError("api_key must be at least 16 characters")
+        return self
+
+
+app = FastAPI(title="fast3d serve", description=__doc__.split("\n\n")[0],
+              version="1", docs_url="/docs", openapi_url="/openapi.json")
+
+_RECONSTRUCT_BODY = {"requestBody": {"required": True, "content": {
+    "multipart/form-data": {"schema": {"type": "object", "required": ["images"], "properties": {
+        "images": {"type": "array", "items": {"type": "string", "format": "binary"},
+                   "description": "one file part per view, in order (LGM: 4, LRM: 1)"},
+        "cameras": {"type": "string", "description": "JSON: {viewmats|c2w, Ks} (LRM also azimuth_deg, ...)"},
+        "format": {"type": "string", "enum": ["ply", "splat"]},
+        "turntable": {"type": "boolean", "description": "render a turntable GIF (JSON responses only)"}}}},
+    "application/json": {"schema": {"type": "object", "required": ["images"], "properties": {
+        "images": {"type": "array", "items": {"type": "string", "format": "byte"}},
+        "cameras": {"type": "object"}, "format": {"type": "string", "enum": ["ply", "splat"]},
+        "turntable": {"type": "boolean"}}}}}},
+    "responses": {"200": {"description": "the file (binary), or JSON with Accept: application/json",
+                          "content": {"application/octet-stream": {}, "application/json": {}}},
+                  "400": {"description": "malformed input: {error: {field, message, kind}}"},
+                  "401": {"description": "missing or wrong API key"}, "413": {"description": "body too large"},
+                  "415": {"description": "unsupported content type"},
+                  "503": {"description": "queue full (Retry-After)"}, "504": {"description": "deadline passed"}}}
+
+
+def _error(e: RequestError, metrics=None) -> JSONResponse:
+    if metrics is not None:
+        metrics.error(e.kind)
+    headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+    return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, refused (413) as soon as it is known to exceed ``limit`` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            n = int(declared)
+        except ValueError:
+            raise RequestError("content-length", f"not an integer: {declared!r}") from None
+        if n > limit:
+            raise RequestError("body", f"{n} bytes is over the limit of {limit}", status=413, kind="too_large")
+    chunks, n = [], 0
+    async for chunk in request.stream():
+        n += len(chunk)
+        if n > limit:
+            raise RequestError("body", f"over the limit of {limit} bytes", status=413, kind="too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _gif(frames) -> bytes:  # [F, 3, H, W] in [0, 1] -> an animated GIF, 12 frames a second
+    from PIL import Image
+
+    from fast3d.io.images import to_uint8
+
+    imgs = [Image.fromarray(a) for a in to_uint8(frames)]
+    buf = io.BytesIO()
+    imgs[0].save(buf, format="GIF", save_all=True, append_images=imgs[1:], duration=83, loop=0)
+    return buf.getvalue()
+
+
+@serve.deployment(graceful_shutdown_wait_loop_s=0.5)
+@serve.ingress(app)
+class Fast3dServer:
+    """One replica: the model, loaded and warmed up in the constructor, behind the HTTP routes."""
+
+    def __init__(self, options: dict):
+        import torch
+
+        from fast3d.serving.metrics import Metrics
+        from fast3d.serving.pipelines import load_pipeline
+
+        self.opts = ServeOptions(**options).validate()
+        if self.opts.threads:
+            torch.set_num_threads(self.opts.threads)
+        self.pipe = load_pipeline(self.opts.checkpoint, self.opts.max_batch, self.opts.turntable_frames,
+                                  self.opts.device, self.opts.fixed_batch)
+        self.batched.set_max_batch_size(self.opts.max_batch)
+        self.batched.set_batch_wait_timeout_s(self.opts.max_wait_ms / 1e3)
+        self.metrics = Metrics(str(os.getpid()), self.pipe.kind)
+        self.waiting: set = set()  # requests queued for a batch that has not started
+        self.metrics.track_queue(lambda: len(self.waiting))
+        self.key = self.opts.api_key.encode() if self.opts.api_key else None
+
+    def _authorize(self, request: Request) -> None:
+        if self.key is None:
+            return
+        auth = request.headers.get("authorization", "")
+        scheme, _, token = auth.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.key):
+            raise RequestError("authorization", "missing or wrong API key (Authorization: Bearer KEY)", status=401,
+                               kind="auth")
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+    async def batched(self, items: list) -> list:
+        """[(Prepared, time queued, token)] -> [(Result, ms queued)]: one pipeline run in a worker thread
+        (the event loop keeps parsing and queueing requests meanwhile)."""
+        start = time.perf_counter()
+        for _, _, token in items:
+            self.waiting.discard(token)
+        self.metrics.observe_batch(len(items))
+        results = await asyncio.to_thread(self.pipe.run, [p for p, _, _ in items])
+        return [(r, (start - t) * 1e3) for r, (_, t, _) in zip(results, items)]
+
+    @app.post("/v1/reconstruct", openapi_extra=_RECONSTRUCT_BODY, summary="images -> 3D Gaussians (PLY or .splat)")
+    async def reconstruct(self, request: Request) -> Response:
+        t0 = time.perf_counter()
+        status = 500
+        self.metrics.flight(1)
+        try:
+            response = await self._reconstruct(request, t0)
+            status = response.status_code
+            return response
+        except RequestError as e:
+            status = e.status
+            return _error(e, self.metrics)
+        except Exception as e:  # a bug or a failed batch: the client gets a JSON 500, the server keeps serving
+            self.metrics.error("internal")
+            return JSONResponse({"error": {"field": None, "message": f"{type(e).__name__}: {e}", "kind": "internal"}},
+                                status_code=500)
+        finally:
+            self.metrics.flight(-1)
+            self.metrics.observe_request(time.perf_counter() - t0, status)
+
+    async def _reconstruct(self, request: Request, t0: float) -> Response:
+        from fast3d.serving.request import parse_request
+
+        self._authorize(request)
+        deadline_s = self.opts.deadline_s
+        asked = request.headers.get("x-deadline-ms")
+        if asked is not None:
+            try:
+                deadline_s = min(deadline_s, float(asked) / 1e3)
+            except ValueError:
+                raise RequestError("x-deadline-ms", f"must be a number of milliseconds; got {asked!r}") from None
+            if not deadline_s > 0:
+                raise RequestError("x-deadline-ms", f"must be positive; got {asked!r}")
+        deadline = t0 + deadline_s
+        body = await _read_body(request, self.opts.max_body_bytes)
+        req = await asyncio.to_thread(parse_request, request.headers.get("content-type"), body,
+                                      self.opts.max_pixels, self.opts.max_body_bytes)
+        json_out = "application/json" in request.headers.get("accept", "")
+        if req.turntable and not json_out:
+            raise RequestError("turntable", "a turntable comes only in a JSON response (Accept: application/json)")
+        prepared = await asyncio.to_thread(self.pipe.prepare, req.images, req.cameras, req.turntable)
+        token = object()
+        self.waiting.add(token)
+        try:
+            result, queued_ms = await asyncio.wait_for(self.batched((prepared, time.perf_counter(), token)),
+                                                       timeout=max(deadline - time.perf_counter(), 0))
+        except TimeoutError:
+            self.waiting.discard(token)
+            raise RequestError("deadline", f"not served within the deadline of {deadline_s:g} s",
+                               status=504, kind="deadline") from None
+        t = time.perf_counter()
+        data = self.pipe.encode(result.scene, req.format)
+        gif = _gif(result.turntable) if result.turntable is not None else None
+        latency = {"decode": req.decode_ms, "queue": queued_ms, **result.latency_ms,
+                   "encode": (time.perf_counter() - t) * 1e3}
+        latency["total"] = (time.perf_counter() - t0) * 1e3
+        for stage, ms in latency.items():
+            if stage != "total":
+                self.metrics.observe_stage(stage, ms)
+        headers = {"Server-Timing": ", ".join(f"{k};dur={v:.2f}" for k, v in latency.items()),
+                   "X-Fast3d-Batch-Size": str(result.batch_size), "X-Fast3d-Model": self.pipe.kind}
+        if json_out:
+            body = {"model": self.pipe.kind, "format": req.format, "bytes": len(data),
+                    "data_base64": base64.b64encode(data).decode("ascii"), "batch_size": result.batch_size,
+                    "latency_ms": latency}
+            if gif is not None:
+                body["turntable_gif_base64"] = base64.b64encode(gif).decode("ascii")
+            return JSONResponse(body, headers=headers)
+        name = FILENAMES.get((self.pipe.kind, req.format), f"{self.pipe.kind}.{req.format}")
+        headers["Content-Disposition"] = f'attachment; filename="{name}"'
+        return Response(data, media_type=MEDIA[req.format], headers=headers)
+
+    @app.get("/healthz", summary="liveness")
+    async def healthz(self) -> dict:
+        return {"ok": True}
+
+    @app.get("/readyz", summary="readiness: the model is loaded and warmed up")
+    async def readyz(self) -> dict:
+        return {"ready": True, "pid": os.getpid(), **self.pipe.describe()}
+
+    @app.get("/metrics", summary="Prometheus metrics of this replica")
+    async def metrics_route(self, request: Request) -> Response:
+        try:
+            self._authorize(request)
+        except RequestError as e:
+            return _error(e, self.metrics)
+        return Response(self.metrics.exposition(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/", include_in_schema=False)
+    async def index(self) -> Response:
+        return Response((STATIC / "index.html").read_bytes(), media_type=STATIC_FILES["index.html"])
+
+    @app.get("/static/{name}", include_in_schema=False)
+    async def static(self, name: str) -> Response:
+        if name not in STATIC_FILES:  # a fixed list: no path from the request reaches the file system
+            return JSONResponse({"error": {"field": "name", "message": "no such file", "kind": "invalid"}},
+                                status_code=404)
+        return Response((STATIC / name).read_bytes(), media_type=STATIC_FILES[name])
+
+
+def application(options: ServeOptions, replicas: int = 1, max_ongoing_requests: int | None = None,
+                max_queued_requests: int | None = None, retry_after_s: float = 1.0,
+                num_cpus: float | None = None, num_gpus: float | None = None):
+    """The bound Ray Serve application (``serve.run`` it).
+
+    Args:
+        options: the replica's options (validated here).
+        replicas: replicas of the model.
+        max_ongoing_requests: requests a replica holds at once (default 2 x max_batch: one batch
+            running, the next one forming).
+        max_queued_requests: requests each proxy queues beyond those (default 8 x max_batch);
+            more get 503 with ``Retry-After: retry_after_s``.
+        num_cpus, num_gpus: Ray resources of a replica (default: 1 GPU where CUDA is, else 1 CPU).
+    """
+    from ray.serve.config import BackpressureConfig
+
+    from fast3d import checks
+
+    options.validate()
+    replicas = checks.positive_int("replicas", replicas)
+    ongoing = checks.positive_int("max_ongoing_requests", max_ongoing_requests or 2 * options.max_batch)
+    queued = checks.positive_int("max_queued_requests", max_queued_requests or 8 * options.max_batch)
+    if num_gpus is None:
+        import torch
+
+        num_gpus = 1 if (options.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda") else 0
+    actor = {"num_cpus": 1 if num_cpus is None else num_cpus, "num_gpus": num_gpus}
+    return Fast3dServer.options(
+        num_replicas=replicas, max_ongoing_requests=ongoing, max_queued_requests=queued,
+        backpressure_config=BackpressureConfig(status_code=503, retry_after_s=retry_after_s),
+        graceful_shutdown_timeout_s=options.deadline_s, ray_actor_options=actor,
+    ).bind(asdict(options))
+
+
+def options_json(options: ServeOptions) -> str:
+    """The options as JSON, the API key masked (for logs)."""
+    d = asdict(options)
+    if d["api_key"]:
+        d["api_key"] = "***"
+    return json.dumps(d)

@@ -1,0 +1,289 @@
+"""The models a server serves, as batch pipelines: per-request preparation (checks, resizing,
+cameras), one forward and one rasterization per batch, and per-request encoding (PLY / .splat).
+
+A pipeline's output for a request is the same, bit for bit on the CPU, whether the request ran
+alone or in a batch (tests/serving/test_pipelines.py checks it): inputs are resized and their
+cameras built per request, every batched op is per-sample, and with ``fixed_batch`` (the default
+on the CPU) every batch is padded to ``max_batch`` by repeating its first request, so every
+request runs in the same shapes wherever it sits in the batch. The padding is needed: the CPU
+kernels are not batch-size invariant (oneDNN picks another 1x1-convolution algorithm for the
+LGM's 16 images of a 4-request batch than for 4 images on one thread; the LRM's matrix products
+take a matrix-vector path at one row), though they are invariant to a sample's position in a batch
+of fixed size. On a GPU batches run at their own size (``fixed_batch=False``) by default.
+
+Adding a model (the image/prompt-to-3D ``generate`` pipeline, say) is one subclass of
+:class:`Pipeline` registered in ``PIPELINES`` under its checkpoint's model type.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from fast3d import cameras as cams
+
+FORMATS = ("ply", "splat")
+
+
+class RequestError(ValueError):
+    """A client's mistake: an HTTP status, the request field at fault and what is wrong."""
+
+    def __init__(self, field: str, message: str, status: int = 400, kind: str = "invalid"):
+        super().__init__(f"{field}: {message}")
+        self.field, self.message, self.status, self.kind = field, message, status, kind
+
+    def body(self) -> dict:
+        return {"error": {"field": self.field, "message": self.message, "kind": self.kind}}
+
+
+@dataclass
+class Prepared:
+    """One checked request, ready to batch: the model inputs (one sample each) and what the
+    turntable needs."""
+    inputs: dict[str, Tensor]
+    turntable: bool
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class Result:
+    """One request's reconstruction, and the batch it ran in."""
+    scene: dict[str, Tensor]
+    turntable: Tensor | None      # [F, 3, H, W] in [0, 1], or None
+    batch_size: int
+    latency_ms: dict[str, float]  # the batch's stages, shared by its requests
+
+
+def _timed(stages: dict, name: str, t0: float) -> float:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    stages[name] = (t - t0) * 1e3
+    return t
+
+
+class Pipeline:
+    """A served model. Subclasses set ``kind`` and ``num_images`` and implement :meth:`prepare`,
+    :meth:`forward`, :meth:`render` and :meth:`encode`. ``fixed_batch``: pad every batch to
+    ``max_batch`` (the module docstring; default: on the CPU)."""
+
+    kind = ""
+    num_images = 1
+
+    def __init__(self, model, max_batch: int, turntable_frames: int, fixed_batch: bool | None = None):
+        self.model, self.max_batch, self.turntable_frames = model, max_batch, turntable_frames
+        self.device = next(model.parameters()).device
+        self.fixed_batch = self.device.type == "cpu" if fixed_batch is None else fixed_batch
+
+    def describe(self) -> dict:
+        return {"model": self.kind, "images": self.num_images, "max_batch": self.max_batch,
+                "fixed_batch": self.fixed_batch, "turntable_frames": self.turntable_frames,
+                "device": str(self.device)}
+
+    def _check_images(self, images: list[Tensor]) -> int:  # images: V x [3, H, W] -> the side R
+        if len(images) != self.num_images:
+            raise RequestError("images", f"the {self.kind} model takes {self.num_images} image(s); got {len(images)}")
+        for i, im in enumerate(images):
+            if im.shape[1] != im.shape[2]:
+                raise RequestError(f"images[{i}]", f"must be square; got {im.shape[2]}x{im.shape[1]}")
+            if im.shape != images[0].shape:
+                raise RequestError(f"images[{i}]", f"is {im.shape[2]}x{im.shape[1]}; images[0] is "
+                                                   f"{images[0].shape[2]}x{images[0].shape[1]} (all must match)")
+        return images[0].shape[-1]
+
+    def prepare(self, images: list[Tensor], cameras, turntable: bool) -> Prepared:
+        """Check one request (RequestError naming the field) and build its model inputs."""
+        raise NotImplementedError
+
+    def forward(self, inputs: dict[str, Tensor], n: int) -> list[dict[str, Tensor]]:
+        """The batched inputs (each [B, ...]) -> the scenes of the first ``n`` (the rest is padding)."""
+        raise NotImplementedError
+
+    def render(self, scenes: list[dict], extras: list[dict]) -> Tensor:  # -> [B', F, 3, H, W]
+        """The turntables of some scenes, in one rasterization call."""
+        raise NotImplementedError
+
+    def encode(self, scene: dict, fmt: str) -> bytes:
+        """One scene as a file: ``ply`` (as ``fast3d infer`` writes it) or ``splat``."""
+        raise NotImplementedError
+
+    def run(self, batch: list[Prepared]) -> list[Result]:
+        """One forward over the batch and one rasterization of the turntables asked for."""
+        if not batch:
+            return []
+        stages: dict[str, float] = {}
+        n = len(batch)
+        rows = list(batch)
+        if self.fixed_batch and n < self.max_batch:
+            rows += [batch[0]] * (self.max_batch - n)
+        t = time.perf_counter()
+        inputs = {k: torch.cat([p.inputs[k] for p in rows]).to(self.device) for k in batch[0].inputs}
+        with torch.no_grad():
+            scenes = self.forward(inputs, n)
+            t = _timed(stages, "model", t)
+            want = [i for i, p in enumerate(batch) if p.turntable]
+            frames = {}
+            if want:
+                rendered = self.render([scenes[i] for i in want], [batch[i].extra for i in want])
+                frames = dict(zip(want, rendered.cpu()))
+                _timed(stages, "render", t)
+        return [Result({k: v.cpu() for k, v in s.items()}, frames.get(i), n, stages) for i, s in enumerate(scenes)]
+
+
+class LGMPipeline(Pipeline):
+    """LGM: 4 posed views (the model's canonical input rig when no cameras are given) -> 3D
+    Gaussians in the input cameras' world, as :func:`fast3d.inference.lgm.infer` writes them."""
+
+    kind = "lgm"
+
+    def __init__(self, model, max_batch: int, turntable_frames: int, fixed_batch: bool | None = None):
+        super().__init__(model, max_batch, turntable_frames, fixed_batch)
+        self.num_images = model.config.num_input_views
+
+    def prepare(self, images, cameras, turntable):
+        from fast3d.inference.lgm import default_input_cameras, parse_cameras, resize_inputs
+
+        R = self._check_images(images)
+        if cameras is None:
+            vm, Ks = default_input_cameras(self.model.config, R)
+        else:
+            try:
+                vm, Ks = parse_cameras(cameras, self.num_images, "cameras")
+            except ValueError as e:
+                raise RequestError("cameras", str(e)) from None
+        x, K = resize_inputs(torch.stack(images)[None], Ks[None], self.model.config.input_size)
+        distance = float(cams.camera_centers(vm).norm(dim=-1).mean())
+        return Prepared({"images": x, "viewmats": vm[None], "Ks": K}, turntable, {"distance": distance})
+
+    def forward(self, inputs, n):
+        from fast3d.inference.lgm import reconstruct
+        from fast3d.models.lgm import apply_transform_to_gaussians
+
+        g, T = reconstruct(self.model, inputs["images"], inputs["viewmats"], inputs["Ks"])
+        world = apply_transform_to_gaussians(g, torch.linalg.inv(T.double()).float())
+        return [{k: v[i] for k, v in world.items()} for i in range(n)]
+
+    def render(self, scenes, extras):
+        from fast3d.models.lgm import LGM
+
+        cfg, F, res = self.model.config, self.turntable_frames, self.model.config.render_size
+        tv, tK = zip(*(cams.turntable(F, res, 20.0, e["distance"], cfg.fov_y_deg) for e in extras))
+        g = {k: torch.stack([s[k] for s in scenes]) for k in scenes[0]}
+        rgb, _ = LGM.render(g, torch.stack(tv).to(self.device), torch.stack(tK).to(self.device), res, res,
+                            backgrounds=torch.ones(len(scenes), F, 3, device=self.device))
+        return rgb
+
+    def encode(self, scene, fmt):
+        from fast3d.inference.lgm import _sh_from_rgb
+        from fast3d.io.ply import ply_bytes
+        from fast3d.io.splat import splat_bytes
+
+        if fmt == "ply":
+            return ply_bytes(scene["means"], scene["quats"], scene["scales"], scene["opacities"].clamp(1e-6, 1 - 1e-6),
+                             _sh_from_rgb(scene["colors"]))
+        return splat_bytes(scene["means"], scene["quats"], scene["scales"], scene["opacities"], scene["colors"])
+
+
+class LRMPipeline(Pipeline):
+    """LRM: one image (seen from the canonical camera unless ``cameras`` says otherwise; see
+    :func:`fast3d.inference.lrm.source_camera`) -> a triplane, exported as the coloured surface
+    point cloud ``fast3d infer`` writes (``ply``), or those points as isotropic Gaussians of half
+    a grid cell, opaque (``splat``)."""
+
+    kind = "lrm"
+    point_grid = 64   # the export's density grid (128 in ``fast3d infer``; 64 keeps a CPU request under a second)
+
+
+    def describe(self):
+        return {**super().describe(), "point_grid": self.point_grid}
+
+    def prepare(self, images, cameras, turntable):
+        from fast3d.inference.lgm import resize_inputs
+        from fast3d.inference.lrm import source_camera
+
+        R = self._check_images(images)
+        try:
+            vm, K, cam = source_camera(cameras, R)
+        except ValueError as e:
+            raise RequestError("cameras", str(e)) from None
+        s = self.model.config.image_size
+        x, K = resize_inputs(images[0][None, None], K[None], s)
+        return Prepared({"image": x[:, 0], "viewmat": vm, "K": K[:, 0]}, turntable, {"camera": cam})
+
+    def forward(self, inputs, n):
+        from fast3d.inference.mesh import DENSITY_THRESHOLD
+
+        planes = self.model(inputs["image"], inputs["viewmat"], inputs["K"])      # [B, 3, C, h, w]
+        out = []
+        for p in planes[:n]:
+            points, colors = self.model.extract_points(p, self.point_grid, DENSITY_THRESHOLD)
+            out.append({"planes": p, "points": points, "colors": colors})
+        return out
+
+    def render(self, scenes, extras):
+        F, res = self.turntable_frames, self.model.config.image_size
+        tv, tK = zip(*(cams.turntable(F, res, e["camera"]["elevation_deg"], e["camera"]["distance"],
+                                      e["camera"]["fov_y_deg"]) for e in extras))
+        planes = torch.stack([s["planes"] for s in scenes])
+        return self.model.render(planes, torch.stack(tv).to(self.device), torch.stack(tK).to(self.device), res, res,
+                                 background=torch.ones(3, device=self.device))["images"].float()
+
+    def encode(self, scene, fmt):
+        from fast3d.io.ply import points_ply_bytes
+        from fast3d.io.splat import splat_bytes
+
+        points, colors = scene["points"], scene["colors"]
+        if fmt == "ply":
+            return points_ply_bytes(points, colors)
+        N = points.shape[0]
+        half_cell = self.model.config.bound / self.point_grid
+        quats = torch.zeros(N, 4)
+        quats[:, 0] = 1
+        return splat_bytes(points, quats, torch.full((N, 3), half_cell), torch.ones(N), colors)
+
+
+PIPELINES = {"lgm": LGMPipeline, "lrm": LRMPipeline}
+
+
+def load_pipeline(checkpoint: str, max_batch: int = 8, turntable_frames: int = 12, device: str | None = None,
+                  fixed_batch: bool | None = None, warmup: bool = True) -> Pipeline:
+    """The pipeline of a model, checkpoint or training run directory, its model on ``device``
+    (default: CUDA when there is one), warmed up by one batch of ``max_batch`` requests when
+    ``warmup`` (so the first client does not pay for lazy initialisation).
+
+    Args:
+        checkpoint: a directory ``fast3d infer --checkpoint`` accepts.
+        max_batch: the largest batch the server forms (and the fixed batch of ``fixed_batch`` models).
+        turntable_frames: frames of the turntable a request may ask for.
+        device: ``cuda`` | ``cpu`` | None.
+        fixed_batch: pad batches to ``max_batch`` (None: on the CPU only).
+        warmup: run one full batch (with turntables) before returning.
+    """
+    from fast3d import checks
+    from fast3d.models import checkpoints
+
+    max_batch = checks.positive_int("max_batch", max_batch)
+    turntable_frames = checks.positive_int("turntable_frames", turntable_frames)
+    path = checkpoints.resolve_checkpoint(checkpoint)
+    kind = checkpoints.model_type(path)
+    if kind not in PIPELINES:
+        raise ValueError(f"checkpoint {checkpoint!r} holds a {kind!r} model; the server serves {sorted(PIPELINES)}")
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if kind == "lgm":
+        from fast3d.models.lgm import LGM
+
+        model = LGM.from_pretrained(path)
+    else:
+        from fast3d.models.lrm import LRM
+
+        model = LRM.from_pretrained(path)
+    pipe = PIPELINES[kind](model.to(dev).eval(), max_batch, turntable_frames, fixed_batch)
+    if warmup:
+        size = model.config.input_size if kind == "lgm" else model.config.image_size
+        gen = torch.Generator().manual_seed(0)
+        req = pipe.prepare([torch.rand(3, size, size, generator=gen) for _ in range(pipe.num_images)], None, True)
+        pipe.run([req] * max_batch)
+    return pipe
