@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import math
 
 import gsplat
 import pytest
@@ -28,7 +29,7 @@ from gsplat.strategy import DefaultStrategy
 from helpers import assert_close, random_like
 from test_rasterization import make_scene, require
 
-from fast3d.ops.rasterization import rasterization
+from fast3d.ops.rasterization import rasterization, reference
 
 OP = "rasterization"
 NATIVE = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.gpu)]
@@ -298,3 +299,198 @@ def test_means2d_grad_on_the_autograd_path(backend, packed, gen):
     assert got[1].shape == ((2, 3, 37, 2) if not packed else (len(ref[4]["gaussian_ids"]), 2))
     for name, a, b in zip(("render", "means2d.grad", "means2d.absgrad", "means.grad"), got[:4], ref[:4]):
         assert_close(a, b, atol=atol * (b.abs().max().item() + 1e-30), rtol=rtol, name=f"{backend} {name}")
+
+
+# --- covars, ortho, radius_clip, channel_chunk, per-camera SH, sparse_grad --------------------------
+
+def _one(gen, C=2, N=30, W=27, H=21, **kw) -> dict:
+    x = make_scene(gen, 1, C, N, W, H, odd=False, **kw)
+    return {k: v[0] if isinstance(v, torch.Tensor) else v for k, v in x.items()}
+
+
+def _grads(fn, leaves: dict, gen_seed: int):
+    """Render with fn(**leaves) and backprop a fixed random upstream gradient: (render, alpha, grads)."""
+    leaves = {k: v.detach().clone().requires_grad_() for k, v in leaves.items()}
+    out, alpha, meta = fn(**leaves)
+    g = torch.Generator().manual_seed(gen_seed)
+    ((out * random_like(out, g)).sum() + (alpha * random_like(alpha, g)).sum()).backward()
+    return out, alpha, {k: v.grad for k, v in leaves.items()}
+
+
+def test_covars_equal_quats_and_scales(gen):
+    """covars = R diag(s)^2 R^T renders what quats/scales render (cpu backend), and the gradients
+    through covars, chained back to quats/scales, equal the direct ones."""
+    x = _one(gen)
+    seed = int(torch.randint(0, 2**31, (1,), generator=gen))
+
+    def direct(means, quats, scales, opacities):
+        return _call(dict(x, means=means, quats=quats, scales=scales, opacities=opacities), backend="cpu",
+                     far_plane=100.0)
+
+    def via_covars(means, quats, scales, opacities):
+        M = reference.quat_to_rotmat(quats) * scales[..., None, :]
+        return _call(dict(x, means=means, quats=None, scales=None, opacities=opacities),
+                     covars=M @ M.transpose(-1, -2), backend="cpu", far_plane=100.0)
+
+    leaves = {k: x[k] for k in ("means", "quats", "scales", "opacities")}
+    a, b = _grads(direct, leaves, seed), _grads(via_covars, leaves, seed)
+    for name, u, w in (("render", a[0], b[0]), ("alpha", a[1], b[1]), *((f"grad {k}", a[2][k], b[2][k]) for k in leaves)):
+        assert_close(w, u, atol=1e-9 * (u.abs().max().item() + 1e-30), rtol=1e-8, name=name)
+
+
+def test_ortho_projection_matches_gsplat_and_backends_agree(gen):
+    from gsplat.cuda._torch_impl import _fully_fused_projection, _quat_scale_to_covar_preci
+
+    x = _one(gen, C=3, N=40)
+    x["Ks"] = x["Ks"].clone()
+    x["Ks"][:, 0, 0] = x["Ks"][:, 1, 1] = 14.0  # pixels per world unit: the cube fills the image
+    covars, _ = _quat_scale_to_covar_preci(x["quats"], x["scales"], compute_covar=True, compute_preci=False,
+                                           triu=False)
+    _, m2, depths, conics, _ = _fully_fused_projection(x["means"], covars, x["viewmats"], x["Ks"], 27, 21,
+                                                       camera_model="ortho")
+    r = reference.project(x["means"][None], x["quats"][None], x["scales"][None], x["opacities"][None],
+                          x["viewmats"][None], x["Ks"][None], 27, 21, 0.01, 1e10, 0.3, False, camera_model="ortho")
+    assert r[4].all()
+    assert_close(r[0][0], m2, atol=1e-10, rtol=1e-10, name="ortho means2d")
+    assert_close(r[1][0], conics, atol=1e-10, rtol=1e-10, name="ortho conics")
+    assert_close(r[2][0], depths, atol=1e-12, rtol=1e-12, name="ortho depths")
+    seed = int(torch.randint(0, 2**31, (1,), generator=gen))
+    leaves = {k: x[k] for k in ("means", "quats", "scales", "opacities", "colors")}
+    outs = [_grads(lambda **lv: _call(dict(x, **lv), camera_model="ortho", backend=be), leaves, seed)
+            for be in ("torch", "cpu")]
+    assert outs[0][1].amax() > 0.5  # the Gaussians are in view
+    for name, u, w in (("render", outs[0][0], outs[1][0]), ("alpha", outs[0][1], outs[1][1]),
+                       *((f"grad {k}", outs[0][2][k], outs[1][2][k]) for k in leaves)):
+        assert_close(w, u, atol=1e-9 * (u.abs().max().item() + 1e-30), rtol=1e-8, name=name)
+
+
+def test_radius_clip_drops_small_gaussians(gen):
+    """radius_clip=r: Gaussians whose radii are both <= r get radii 0 and are not drawn: the
+    render equals that of the scene without them (one camera)."""
+    x = _one(gen, C=1, N=40)
+    _, _, meta = _call(x, backend="cpu", far_plane=100.0)
+    r = meta["radii"][0]
+    clip = float(r.max(-1).values.float().median())
+    small = (r <= clip).all(-1) & (r > 0).all(-1)
+    assert 0 < int(small.sum()) < 40
+    out, alpha, clipped = _call(x, backend="cpu", far_plane=100.0, radius_clip=clip)
+    assert ((clipped["radii"][0] == 0).all(-1) == (small | (r == 0).all(-1))).all()
+    keep = ~small
+    kept = dict(x, **{k: x[k][keep] for k in ("means", "quats", "scales", "opacities", "colors")})
+    out_k, alpha_k, _ = _call(kept, backend="cpu", far_plane=100.0)
+    assert_close(out, out_k, atol=1e-12, rtol=1e-12, name="clipped render")
+    assert_close(alpha, alpha_k, atol=1e-12, rtol=1e-12, name="clipped alpha")
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_channel_chunks_equal_one_pass(backend, gen):
+    """D = 7 in chunks of 3 renders and differentiates as in one pass of 32 (the colours; alphas
+    from the first chunk)."""
+    x = _one(gen, D=7, background=True)
+    seed = int(torch.randint(0, 2**31, (1,), generator=gen))
+    leaves = {k: x[k] for k in ("means", "quats", "scales", "opacities", "colors")}
+    a, b = (_grads(lambda **lv: _call(dict(x, **lv), backgrounds=x["backgrounds"], backend=backend,
+                                      render_mode="RGB+D", channel_chunk=cc), leaves, seed) for cc in (32, 3))
+    for name, u, w in (("render", a[0], b[0]), ("alpha", a[1], b[1]), *((f"grad {k}", a[2][k], b[2][k]) for k in leaves)):
+        assert_close(w, u, atol=1e-10 * (u.abs().max().item() + 1e-30), rtol=1e-9, name=name)
+
+
+def test_per_camera_sh_coefficients(gen):
+    """SH [C, N, K, 3], the same for every camera, renders as SH [N, K, 3]; the shared
+    coefficients' gradient is the sum of the per-camera ones."""
+    x = _one(gen, C=3, sh_degree=2)
+    seed = int(torch.randint(0, 2**31, (1,), generator=gen))
+    shared = _grads(lambda colors: _call(dict(x, colors=colors), backend="cpu", far_plane=100.0),
+                    {"colors": x["colors"]}, seed)
+    per_cam = _grads(lambda colors: _call(dict(x, colors=colors), backend="cpu", far_plane=100.0),
+                     {"colors": x["colors"][None].expand(3, -1, -1, -1).contiguous()}, seed)
+    assert_close(per_cam[0], shared[0], atol=1e-12, rtol=1e-12, name="render")
+    assert_close(per_cam[2]["colors"].sum(0), shared[2]["colors"], atol=1e-12, rtol=1e-10, name="SH grad")
+
+
+def test_sparse_grad(gen):
+    """packed + sparse_grad: the gradients of means, quats and scales are sparse COO tensors over
+    the drawn Gaussians, equal to the dense gradients (which are 0 elsewhere)."""
+    x = make_scene(gen, 1, 2, 40, 27, 21, odd=True)
+    x = {k: v[0] if isinstance(v, torch.Tensor) else v for k, v in x.items()}
+    seed = int(torch.randint(0, 2**31, (1,), generator=gen))
+    leaves = {k: x[k] for k in ("means", "quats", "scales", "opacities")}
+    dense = _grads(lambda **lv: _call(dict(x, **lv), packed=True, backend="cpu", far_plane=100.0), leaves, seed)
+    sparse = _grads(lambda **lv: _call(dict(x, **lv), packed=True, sparse_grad=True, backend="cpu", far_plane=100.0),
+                    leaves, seed)
+    _, _, meta = _call(x, packed=True, backend="cpu", far_plane=100.0)
+    drawn = torch.unique(meta["gaussian_ids"])
+    assert 0 < len(drawn) < 40
+    for k in ("means", "quats", "scales"):
+        g = sparse[2][k]
+        assert g.is_sparse, k
+        assert torch.equal(g.coalesce().indices()[0], drawn), k
+        assert torch.equal(g.to_dense(), dense[2][k]), k
+    assert not sparse[2]["opacities"].is_sparse
+    assert torch.equal(sparse[2]["opacities"], dense[2]["opacities"])
+
+
+# --- validation of the new arguments ----------------------------------------------------------------
+
+def _covars(x):
+    M = reference.quat_to_rotmat(x["quats"]) * x["scales"][..., None, :]
+    return M @ M.transpose(-1, -2)
+
+
+def _nonsym(x):
+    c = _covars(x).clone()
+    c[3, 0, 1] += 0.1
+    return c
+
+
+def _not_pd(x):
+    c = _covars(x).clone()
+    c[5] = torch.diag(torch.tensor([1.0, -1.0, 1.0]))
+    return c
+
+
+BAD = {  # case: (keyword arguments from a valid call x, exception, message)
+    "packed-int": (lambda x: dict(packed=1), ValueError, r"packed must be a bool; got 1"),
+    "sparse_grad-str": (lambda x: dict(sparse_grad="yes"), ValueError, r"sparse_grad must be a bool"),
+    "segmented-none": (lambda x: dict(segmented=None), ValueError, r"segmented must be a bool"),
+    "radius_clip-negative": (lambda x: dict(radius_clip=-1.0), ValueError,
+                             r"radius_clip must be a real number >= 0; got -1.0"),
+    "radius_clip-nan": (lambda x: dict(radius_clip=math.nan), ValueError, r"radius_clip must be a real number >= 0"),
+    "channel_chunk-zero": (lambda x: dict(channel_chunk=0), ValueError, r"channel_chunk must be a positive integer"),
+    "tile_size-float": (lambda x: dict(tile_size=16.0), ValueError, r"tile_size must be a positive integer"),
+    "camera_model-unknown": (lambda x: dict(camera_model="spherical"), ValueError,
+                             r"camera_model must be one of \('pinhole', 'ortho', 'fisheye', 'ftheta'\)"),
+    "covars-with-quats": (lambda x: dict(covars=_covars(x)), ValueError,
+                          r"covars replaces quats and scales: pass quats=None and scales=None with covars; "
+                          r"got quats and scales as well"),
+    "covars-with-scales": (lambda x: dict(quats=None, covars=_covars(x)), ValueError, r"got scales as well"),
+    "no-quats-no-covars": (lambda x: dict(quats=None), ValueError,
+                           r"quats and scales are required unless covars is given; got quats=None"),
+    "covars-shape": (lambda x: dict(quats=None, scales=None, covars=_covars(x)[:, :2]), ValueError,
+                     r"covars must have shape \[\.\.\., N, 3, 3\]"),
+    "covars-nonsymmetric": (lambda x: dict(quats=None, scales=None, covars=_nonsym(x)), ValueError,
+                            r"covars must be symmetric; covars\[3\] differs from its transpose by 0.1"),
+    "covars-not-pd": (lambda x: dict(quats=None, scales=None, covars=_not_pd(x)), ValueError,
+                      r"covars must be positive definite; covars\[5\] is not"),
+    "covars-nan": (lambda x: dict(quats=None, scales=None, covars=_covars(x).index_fill(0, torch.tensor([2]), math.nan)),
+                   ValueError, r"covars must be finite"),
+    "covars-dtype": (lambda x: dict(quats=None, scales=None, covars=_covars(x).double()), TypeError,
+                     r"covars has dtype float64"),
+    "sparse_grad-batch": (lambda x: dict(means=x["means"][None], quats=x["quats"][None], scales=x["scales"][None],
+                                         opacities=x["opacities"][None], colors=x["colors"][None],
+                                         viewmats=x["viewmats"][None], Ks=x["Ks"][None], packed=True,
+                                         sparse_grad=True), ValueError,
+                          r"sparse_grad=True takes Gaussians without batch dims \(means \[N, 3\]\); got means of "
+                          r"shape \(1, 9, 3\)"),
+    "sh-per-camera-C": (lambda x: dict(colors=torch.rand(3, 9, 4, 3), sh_degree=1), ValueError,
+                        r"colors must have shape \[\.\.\., C, N, K, 3\]"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+@pytest.mark.parametrize("backend", ["auto", "cpu", "torch"])
+def test_bad_new_arguments_are_rejected(case, backend, gen):
+    make, exc, pattern = BAD[case]
+    x = _small(gen)
+    with pytest.raises(exc, match=pattern):
+        _call(x, backend=backend, **make(x))
