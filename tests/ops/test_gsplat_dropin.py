@@ -494,3 +494,24 @@ def test_bad_new_arguments_are_rejected(case, backend, gen):
     x = _small(gen)
     with pytest.raises(exc, match=pattern):
         _call(x, backend=backend, **make(x))
+
+
+def test_scene_bench_workload_runs_the_trainer_step(gen):
+    """The bench's `scene` workload (quick size): its step renders, backpropagates the L1 loss and
+    leaves DefaultStrategy's 2D-gradient statistics, equal on the cpu backend and the reference."""
+    from fast3d.ops.rasterization import bench
+
+    w = next(w for w in bench.WORKLOADS if w.name == "scene")
+    x = bench.make_inputs(w.quick, torch.device("cpu"), gen)
+    stats = {}
+    for be in ("torch", "cpu"):
+        x["strategy_state"] = x["strategy"].initialize_state(scene_scale=1.0)
+        (loss,) = bench.run(be, x)
+        loss.backward()
+        stats[be] = {k: x["strategy_state"][k] for k in ("grad2d", "count")}
+        for k in ("means", "quats", "scales", "opacities", "colors"):
+            x[k].grad = None
+    assert 0 < int((stats["cpu"]["count"] > 0).sum()) and stats["cpu"]["grad2d"].sum() > 0
+    assert torch.equal(stats["cpu"]["count"], stats["torch"]["count"])
+    ref = stats["torch"]["grad2d"]
+    assert_close(stats["cpu"]["grad2d"], ref, atol=2e-4 * ref.abs().max().item(), rtol=1e-3, name="grad2d")

@@ -17,9 +17,13 @@ WORKLOADS = [
              source="LGM training step: 8 scenes x 8 views, 65,536 Gaussians (4 views x 128x128 pixels), "
                     "512x512 RGB + alpha + depth (docs/design.md#named-workloads `lgm`)"),
     Workload("scene", dict(scenes=1, cameras=1, gaussians=1_000_000, width=1920, height=1080, sh_degree=3,
-                           render_mode="RGB"),
-             quick=dict(scenes=1, cameras=1, gaussians=512, width=64, height=36, sh_degree=3, render_mode="RGB"),
-             source="3DGS scene optimisation step: 1 camera, 1M Gaussians, 1920x1080, SH degree 3 "
+                           render_mode="RGB", step="scene"),
+             quick=dict(scenes=1, cameras=1, gaussians=512, width=64, height=36, sh_degree=3, render_mode="RGB",
+                        step="scene"),
+             source="3DGS scene optimisation step as gsplat's simple_trainer runs it: 1 camera, 1M Gaussians, "
+                    "1920x1080, SH degree 3; rasterization with the trainer's arguments (packed=False; "
+                    "gsplat-packed: packed=True), L1 loss, gsplat's DefaultStrategy bookkeeping (retain_grad on "
+                    "meta['means2d'] before backward, its 2D-gradient statistics after) "
                     "(docs/design.md#named-workloads `scene`)"),
     # A CPU yardstick (issue 3): a single-threaded CPU port of gsplat (OpenSplat's) was measured on
     # a 2-core machine of this project's kind at ~0.5 s forward + ~0.3 s backward on this scene.
@@ -79,11 +83,24 @@ def make_inputs(p: dict, device: torch.device, gen: torch.Generator) -> dict:
     out = {k: v.to(device).requires_grad_() for k, v in x.items()}
     out.update(viewmats=viewmats.to(device), Ks=Ks.to(device), backgrounds=backgrounds.to(device).requires_grad_())
     out["params"] = p
+    if p.get("step") == "scene":
+        try:
+            from gsplat.strategy import DefaultStrategy
+        except ImportError as e:
+            raise ValueError("the scene workload runs gsplat's DefaultStrategy bookkeeping: install gsplat "
+                             f"(the [bench] or [dev] extra); {type(e).__name__}: {e}") from None
+        if B != 1:
+            raise ValueError(f"the scene workload optimises one scene; got scenes={B}")
+        strategy = DefaultStrategy()
+        out.update(target=rand(C, H, W, 3).to(device), strategy=strategy,
+                   strategy_state=strategy.initialize_state(scene_scale=1.0))
     return out
 
 
 def run(backend: str, x: dict) -> tuple:
     p = x["params"]
+    if p.get("step") == "scene":
+        return scene_step(backend, x)
     args = (x["means"], x["quats"], x["scales"], x["opacities"], x["colors"], x["viewmats"], x["Ks"],
             p["width"], p["height"])
     kw = dict(sh_degree=p["sh_degree"], backgrounds=x["backgrounds"], render_mode=p["render_mode"])
@@ -94,6 +111,42 @@ def run(backend: str, x: dict) -> tuple:
         return colors, alphas
     colors, alphas, _ = rasterization(*args, backend=backend, **kw)
     return colors, alphas
+
+
+def scene_step(backend: str, x: dict) -> tuple:
+    """One per-scene optimisation step as gsplat's simple_trainer runs it, minus the optimizer
+    update: the rasterization call with the trainer's keyword arguments, the L1 loss against the
+    target, and (when gradients are on) gsplat's ``DefaultStrategy.step_pre_backward`` before the
+    backward and its ``step_post_backward`` bookkeeping (step 0: the 2D-gradient statistics, no
+    refinement) run as soon as the backward has accumulated the means' gradient. Returns (loss,)."""
+    from gsplat.strategy import DefaultStrategy  # noqa: F401  (make_inputs checked it imports)
+
+    p = x["params"]
+    packed = backend == "gsplat-packed"
+    if backend in ("gsplat", "gsplat-packed"):
+        import gsplat
+
+        fn = gsplat.rasterization
+    else:
+        def fn(**kw):
+            return rasterization(**kw, backend=backend)
+    means = x["means"][0]                                                      # [N, 3] (one scene)
+    renders, _, info = fn(means=means, quats=x["quats"][0], scales=x["scales"][0], opacities=x["opacities"][0],
+                          colors=x["colors"][0], viewmats=x["viewmats"][0], Ks=x["Ks"][0], width=p["width"],
+                          height=p["height"], packed=packed, absgrad=False, sparse_grad=False,
+                          rasterize_mode="classic", distributed=False, camera_model="pinhole", with_ut=False,
+                          with_eval3d=False, sh_degree=p["sh_degree"], near_plane=0.01, far_plane=1e10,
+                          render_mode=p["render_mode"])
+    loss = (renders - x["target"]).abs().mean()
+    if torch.is_grad_enabled():
+        strategy, state, params = x["strategy"], x["strategy_state"], {"means": means}
+        strategy.step_pre_backward(params=params, optimizers={}, state=state, step=0, info=info)
+
+        def post_backward(_leaf):
+            handle.remove()
+            strategy.step_post_backward(params=params, optimizers={}, state=state, step=0, info=info, packed=packed)
+        handle = x["means"].register_post_accumulate_grad_hook(post_backward)
+    return (loss,)
 
 
 def gsplat_available(device: torch.device) -> str | None:
