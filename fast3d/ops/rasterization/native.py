@@ -2,7 +2,10 @@
 
 Three stages, each a custom op with a fake (meta) implementation and registered autograd, chained
 by autograd: projection (``fast3d::gs_project``), SH colours (``fast3d::gs_sh``) and binning +
-blending (``fast3d::gs_rasterize``). Backgrounds and the depth channel are plain torch around them.
+blending (``fast3d::gs_rasterize``). ``project_stage``, ``sh_stage`` and ``rasterize_stage`` are
+the backend's stages (:class:`fast3d.ops.rasterization.stages.RasterStages`); the public function
+chains them, so the 2D means it returns in meta are the rasterizer's inputs. Backgrounds, the depth
+channel, channel chunks and the packed layout are plain torch around them.
 """
 
 

@@ -3,9 +3,12 @@
 Dense (every Gaussian at every pixel), batched over B scenes x C cameras, differentiable by
 autograd, any device, float64 included. The semantics are gsplat's / the INRIA rasterizer's:
 
+The backend contract is three stages (fast3d/ops/rasterization/stages.py), chained by the public
+function: project_stage, sh_stage and rasterize_stage here are the reference's.
+
 Projection, per camera (viewmat = [R | t], world-to-camera, OpenCV axes; K = [[fx,0,cx],[0,fy,cy]]):
 
-    q = quat / |quat| (wxyz),  Rq = rotation(q),  M = Rq diag(scale),  Sigma = M M^T
+    q = quat / |quat| (wxyz),  Rq = rotation(q),  M = Rq diag(scale),  Sigma = M M^T  (or covars)
     p = R mean + t = (x, y, z),                    Sigma_c = R Sigma R^T
     valid iff near <= z <= far
     u = x / z, v = y / z;  uc = clamp(u, -cx/fx - 0.3 w/(2fx), (W-cx)/fx + 0.3 W/(2fx)) (same for v)
@@ -13,6 +16,7 @@ Projection, per camera (viewmat = [R | t], world-to-camera, OpenCV axes; K = [[f
                                                             to 1.3x the half field of view)
     Sigma2d = J Sigma_c J^T + eps2d I,  valid iff det(Sigma2d) > 0,  conic = Sigma2d^-1
     mean2d = (fx u + cx, fy v + cy),  depth = z
+    orthographic camera: u = x, v = y and J = [[fx, 0, 0], [0, fy, 0]] (no clamp)
     "antialiased": opacity *= sqrt(max(0, det(Sigma2d - eps2d I) / det(Sigma2d)))
 
 Colour: given per Gaussian (or per camera and Gaussian), or spherical harmonics of degree d
