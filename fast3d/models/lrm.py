@@ -7,10 +7,19 @@ image and its camera in, a triplane out, rendered with fast3d's triplane volume 
     ModLN, self-attention, ModLN, MLP] -> LayerNorm -> ConvTranspose2d x2 -> planes [B, 3, C, 2h, 2w]
 
 ModLN is OpenLRM's adaLN: ``LayerNorm(x) * (1 + scale) + shift`` with (shift, scale) from the
-camera embedding, a separate linear map per norm. Differences from OpenLRM v1.1, deliberately:
-the DINOv2 encoder is transformers' ``Dinov2Model`` (OpenLRM used the variant with register
-tokens), and the image tokens are projected to the decoder width once, before the layers (OpenLRM
-gives every cross-attention its own key/value input width).
+camera embedding, a separate linear map per norm. ``LRMConfig.layout`` says whose conventions the
+weights follow:
+
+* ``"fast3d"`` (models trained with fast3d): transformers' ``Dinov2Model`` on ImageNet-normalised
+  images, the image tokens projected to the decoder width once (``image_proj``), the camera as
+  fast3d's world-to-camera matrix, planes in ``fast3d.triplane_sample``'s orientation.
+* ``"openlrm"`` / ``"vfusion3d"`` (released weights, ``fast3d convert``): each cross-attention reads
+  the encoder's tokens directly (OpenLRM's kdim = vdim = encoder width); the camera vector is the
+  original's "principle" camera (camera-to-world, OpenGL axes, flattened 3x4, then fx/W, fy/H,
+  cx/W, cy/H); the decoder's third plane is EG3D's (z, y) plane, transposed into fast3d's (y, z)
+  after the upsampler. OpenLRM's encoder is DINOv2 with ``encoder_registers`` register tokens,
+  dropped from the conditioning, on images in [0, 1] (not normalised: its Dinov2Wrapper feeds them
+  so); VFusion3D's is ``Dinov2Model`` on ImageNet-normalised images (its image processor).
 
 World and cameras are fast3d's (``fast3d.cameras``): objects in the unit box [-0.5, 0.5]^3,
 +Z up, OpenCV world-to-camera viewmats. The triplane spans [-bound, bound]^3 (bound 0.6: a margin
@@ -45,6 +54,9 @@ NEAR_MIN = 0.01           # rays start at least this far from their origin (a ca
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _LN_EPS = 1e-6
+LAYOUTS = ("fast3d", "openlrm", "vfusion3d")
+# OpenGL / Blender camera axes <-> OpenCV's (a self-inverse flip of y and z)
+_GL_CV = (1.0, -1.0, -1.0, 1.0)
 
 # OpenLRM v1.1 (model card and configs): decoder width / layers / heads, triplane channels, input
 # resolution, DINOv2 ViT-S/14 (small) or ViT-B/14, 96 or 128 samples per ray split evenly between
@@ -87,6 +99,8 @@ class LRMConfig:
     n_importance: int = 48          # importance samples per ray
     bound: float = 0.6              # the triplane spans [-bound, bound]^3
     grad_checkpointing: bool = False  # recompute decoder layers in the backward (training memory)
+    encoder_registers: int = 0      # DINOv2 register tokens (OpenLRM v1.1's encoders have 4)
+    layout: str = "fast3d"          # whose conventions the weights follow: one of LAYOUTS (module docstring)
 
     @classmethod
     def preset(cls, name: str, **overrides) -> LRMConfig:
@@ -96,29 +110,39 @@ class LRMConfig:
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
-            x, lo = getattr(self, f.name), 0 if f.name == "n_importance" else 1
+            x, lo = getattr(self, f.name), 0 if f.name in ("n_importance", "encoder_registers") else 1
             if f.type == "int" and (isinstance(x, bool) or not isinstance(x, int) or x < lo):
                 raise ValueError(f"LRMConfig.{f.name} must be an integer >= {lo}; got {x!r}")
         checks.boolean("LRMConfig.grad_checkpointing", self.grad_checkpointing)
+        checks.one_of("LRMConfig.layout", self.layout, LAYOUTS)
         if self.encoder_path is not None and not isinstance(self.encoder_path, str):
             raise ValueError(f"LRMConfig.encoder_path must be a path string or None; got {self.encoder_path!r}")
         checks.real("LRMConfig.bound", self.bound, OBJECT_HALF_EXTENT,
                     note="the triplane box must hold the object box [-0.5, 0.5]^3")
-        for size in ("image_size", "encoder_image_size"):
-            if getattr(self, size) % self.encoder_patch_size:
-                raise ValueError(f"LRMConfig.{size} must be a multiple of encoder_patch_size "
-                                 f"{self.encoder_patch_size}; got {getattr(self, size)}")
+        if self.encoder_image_size % self.encoder_patch_size:
+            raise ValueError(f"LRMConfig.encoder_image_size must be a multiple of encoder_patch_size "
+                             f"{self.encoder_patch_size}; got {self.encoder_image_size}")
+        # image_size need not be: the patch convolution drops the remainder (VFusion3D feeds 512 px
+        # to a /14 encoder: 36 x 36 patches)
+        if self.image_size < self.encoder_patch_size:
+            raise ValueError(f"LRMConfig.image_size must be at least encoder_patch_size {self.encoder_patch_size}; "
+                             f"got {self.image_size}")
         for dim, heads in (("encoder_dim", "encoder_heads"), ("width", "heads")):
             if getattr(self, dim) % getattr(self, heads):
                 raise ValueError(f"LRMConfig.{dim} ({getattr(self, dim)}) must be divisible by "
                                  f"{heads} ({getattr(self, heads)})")
 
     def encoder_config(self):
-        from transformers import Dinov2Config
+        """transformers' config of the encoder: ``Dinov2Config``, or ``Dinov2WithRegistersConfig``
+        with ``encoder_registers`` > 0."""
+        from transformers import Dinov2Config, Dinov2WithRegistersConfig
 
-        return Dinov2Config(hidden_size=self.encoder_dim, num_hidden_layers=self.encoder_layers,
-                            num_attention_heads=self.encoder_heads, patch_size=self.encoder_patch_size,
-                            image_size=self.encoder_image_size, use_mask_token=False)
+        sizes = dict(hidden_size=self.encoder_dim, num_hidden_layers=self.encoder_layers,
+                     num_attention_heads=self.encoder_heads, patch_size=self.encoder_patch_size,
+                     image_size=self.encoder_image_size)
+        if self.encoder_registers:
+            return Dinov2WithRegistersConfig(**sizes, num_register_tokens=self.encoder_registers)
+        return Dinov2Config(**sizes, use_mask_token=False)
 
 
 def ray_box_bounds(rays_o: Tensor,  # [..., 3] ray origins
@@ -138,15 +162,15 @@ def ray_box_bounds(rays_o: Tensor,  # [..., 3] ray origins
 class _Attention(nn.Module):
     """Multi-head attention without biases (OpenLRM's nn.MultiheadAttention(bias=False)) on SDPA."""
 
-    def __init__(self, dim: int, heads: int):
+    def __init__(self, dim: int, heads: int, kv_dim: int | None = None):
         super().__init__()
         self.heads = heads
         self.q = nn.Linear(dim, dim, bias=False)
-        self.kv = nn.Linear(dim, 2 * dim, bias=False)
+        self.kv = nn.Linear(kv_dim or dim, 2 * dim, bias=False)   # rows [keys; values], each head-major
         self.out = nn.Linear(dim, dim, bias=False)
 
     def forward(self, x: Tensor,     # [B, N, D] queries
-                ctx: Tensor,         # [B, M, D] keys and values
+                ctx: Tensor,         # [B, M, kv_dim] keys and values
                 ) -> Tensor:         # -> [B, N, D]
         B, N, D = x.shape
         q = self.q(x).view(B, N, self.heads, -1).transpose(1, 2)
@@ -172,15 +196,15 @@ class _ModLN(nn.Module):
 class _DecoderLayer(nn.Module):
     """OpenLRM's ConditionModulationBlock: cross-attention, self-attention, MLP, each pre-ModLN."""
 
-    def __init__(self, dim: int, heads: int, mod_dim: int):
+    def __init__(self, dim: int, heads: int, mod_dim: int, cond_dim: int | None = None):
         super().__init__()
         self.norm1, self.norm2, self.norm3 = (_ModLN(dim, mod_dim) for _ in range(3))
-        self.cross_attn = _Attention(dim, heads)
+        self.cross_attn = _Attention(dim, heads, cond_dim)
         self.self_attn = _Attention(dim, heads)
         self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
 
     def forward(self, x: Tensor,     # [B, L, D] triplane tokens
-                cond: Tensor,        # [B, N, D] image tokens
+                cond: Tensor,        # [B, N, cond_dim] image tokens
                 mod: Tensor,         # [B, M] camera embedding
                 ) -> Tensor:         # -> [B, L, D]
         x = x + self.cross_attn(self.norm1(x, mod), cond)
@@ -213,10 +237,12 @@ class LRM(nn.Module):
         self.encoder = self._build_encoder(c)
         self.register_buffer("image_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("image_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
-        self.image_proj = nn.Linear(c.encoder_dim, c.width)
+        projected = c.layout == "fast3d"
+        self.image_proj = nn.Linear(c.encoder_dim, c.width) if projected else None
         self.camera_embed = nn.Sequential(nn.Linear(16, c.camera_dim), nn.SiLU(), nn.Linear(c.camera_dim, c.camera_dim))
         self.tokens = nn.Parameter(torch.randn(3 * c.token_res ** 2, c.width) * c.width ** -0.5)
-        self.layers = nn.ModuleList(_DecoderLayer(c.width, c.heads, c.camera_dim) for _ in range(c.layers))
+        self.layers = nn.ModuleList(_DecoderLayer(c.width, c.heads, c.camera_dim, None if projected else c.encoder_dim)
+                                    for _ in range(c.layers))
         self.norm = nn.LayerNorm(c.width, eps=_LN_EPS)
         self.upsample = nn.ConvTranspose2d(c.width, c.plane_channels, kernel_size=2, stride=2)
         self.renderer = TriplaneRenderer(c.plane_channels, c.render_hidden, c.render_layers, c.n_samples,
@@ -226,16 +252,17 @@ class LRM(nn.Module):
 
     @staticmethod
     def _build_encoder(c: LRMConfig):
-        from transformers import Dinov2Model
+        from transformers import Dinov2Model, Dinov2WithRegistersModel
 
         want = c.encoder_config()
+        cls = Dinov2WithRegistersModel if c.encoder_registers else Dinov2Model
         if c.encoder_path is None:
-            return Dinov2Model(want)
+            return cls(want)
         if not os.path.isdir(c.encoder_path):
             raise ValueError(f"encoder_path must be a local transformers Dinov2Model directory; "
                              f"{c.encoder_path!r} is not a directory")
-        encoder = Dinov2Model.from_pretrained(c.encoder_path, use_mask_token=False, local_files_only=True,
-                                              dtype=torch.float32)
+        extra = {} if c.encoder_registers else {"use_mask_token": False}
+        encoder = cls.from_pretrained(c.encoder_path, local_files_only=True, dtype=torch.float32, **extra)
         keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "patch_size", "image_size",
                 "mlp_ratio", "use_swiglu_ffn")
         got, expected = ({k: getattr(cfg, k) for k in keys} for cfg in (encoder.config, want))
@@ -247,10 +274,15 @@ class LRM(nn.Module):
     @staticmethod
     def camera_vector(viewmat: Tensor,  # [B, 4, 4] world-to-camera, OpenCV
                       K: Tensor,        # [B, 3, 3] intrinsics in pixels of a width x height image
-                      width: int, height: int) -> Tensor:  # -> [B, 16]
-        """The source camera as the decoder sees it: the world-to-camera 3x4 flattened row-major,
-        then fx / width, fy / height, cx / width, cy / height."""
+                      width: int, height: int, layout: str = "fast3d") -> Tensor:  # -> [B, 16]
+        """The source camera as the decoder sees it: for the "fast3d" layout the world-to-camera
+        3x4 flattened row-major, for the original layouts the camera-to-world 3x4 with OpenGL
+        camera axes (OpenLRM's build_camera_principle of its c2w cameras); then fx / width,
+        fy / height, cx / width, cy / height."""
         intr = torch.stack([K[:, 0, 0] / width, K[:, 1, 1] / height, K[:, 0, 2] / width, K[:, 1, 2] / height], -1)
+        if layout != "fast3d":
+            flip = torch.tensor(_GL_CV, dtype=torch.float64, device=viewmat.device)
+            viewmat = (torch.linalg.inv(viewmat.double()) * flip).to(viewmat.dtype)     # c2w @ diag(flip)
         return torch.cat([viewmat[:, :3, :4].reshape(-1, 12), intr], -1)
 
     def forward(self, image: Tensor,    # [B, 3, H, W] in [0, 1], any size (resized to image_size)
@@ -266,12 +298,15 @@ class LRM(nn.Module):
         _tensor("K", K, (B, 3, 3), "[B, 3, 3] with B from image")
         _validate.finite("viewmat", viewmat)
         _validate.finite("K", K)
-        cam = self.camera_vector(viewmat, K, W, H).to(image.dtype)
+        cam = self.camera_vector(viewmat, K, W, H, c.layout).to(image.dtype)
         if (H, W) != (c.image_size, c.image_size):
             image = F.interpolate(image, size=(c.image_size, c.image_size), mode="bilinear", align_corners=False,
                                   antialias=True)
-        feats = self.encoder(pixel_values=(image - self.image_mean) / self.image_std).last_hidden_state
-        cond = self.image_proj(feats)                                             # [B, 1 + N, D]
+        pixels = image if c.layout == "openlrm" else (image - self.image_mean) / self.image_std
+        feats = self.encoder(pixel_values=pixels).last_hidden_state             # [B, 1 + R + N, E]
+        if c.encoder_registers:                                                   # the class and patch tokens
+            feats = torch.cat([feats[:, :1], feats[:, 1 + c.encoder_registers:]], 1)
+        cond = feats if self.image_proj is None else self.image_proj(feats)      # [B, 1 + N, D or E]
         mod = self.camera_embed(cam)                                              # [B, M]
         x = self.tokens.expand(B, -1, -1)                                         # [B, 3 h w, D]
         for layer in self.layers:
@@ -282,8 +317,10 @@ class LRM(nn.Module):
         x = self.norm(x)
         h = c.token_res
         x = x.view(B * 3, h, h, c.width).permute(0, 3, 1, 2)                      # [3B, D, h, h]
-        planes = self.upsample(x)                                                 # [3B, C, 2h, 2h]
-        return planes.view(B, 3, c.plane_channels, 2 * h, 2 * h)
+        planes = self.upsample(x).view(B, 3, c.plane_channels, 2 * h, 2 * h)
+        if c.layout != "fast3d":   # EG3D's third plane is (u, v) = (z, y): fast3d's (y, z) is its transpose
+            planes = torch.cat([planes[:, :2], planes[:, 2:].transpose(-1, -2)], 1)
+        return planes
 
     def _check_planes(self, planes, batch: bool = True) -> Tensor:
         c = self.config

@@ -234,7 +234,7 @@ def test_bad_inputs_name_the_argument(tiny, gen, call, match):
 @pytest.mark.parametrize("overrides, match", [
     (dict(bound=0.4), "bound must be a real number >= 0.5"),
     (dict(width=62), r"width \(62\) must be divisible by heads"),
-    (dict(image_size=30), "image_size must be a multiple of encoder_patch_size"),
+    (dict(image_size=4), "image_size must be at least encoder_patch_size"),
     (dict(layers=0), "layers must be an integer >= 1"),
     (dict(n_importance=-1), "n_importance must be an integer >= 0"),
     (dict(token_res=2.0), "token_res must be an integer"),
