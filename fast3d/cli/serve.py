@@ -53,10 +53,10 @@ def serve_forever(app, opts, host: str, port: int, address: str | None, describe
     import ray
     from ray import serve
 
+    ray.init(address=address or "local", include_dashboard=False, log_to_driver=True)
     stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGTERM, signal.SIGINT):  # after ray.init, which installs its own (aborting) handlers
         signal.signal(sig, lambda *_: stop.set())
-    ray.init(address=address, include_dashboard=False, log_to_driver=True)
     try:
         serve.start(http_options={"host": host, "port": port, "request_timeout_s": opts.deadline_s + 30})
         serve.run(app, name="fast3d", route_prefix="/")

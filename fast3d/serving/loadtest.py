@@ -211,7 +211,7 @@ def run(checkpoint: str, out: str = DEFAULT_OUT, concurrencies=(1, 4, 16), reque
             from fast3d.serving.app import ServeOptions, application
 
             os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+            ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
             try:
                 serve.start(http_options={"host": "127.0.0.1", "port": port})
                 url = f"http://127.0.0.1:{port}/v1/reconstruct"

@@ -1,0 +1,252 @@
+"""The server over HTTP on one Ray instance (started once for the module: Ray's start-up is tens of
+seconds on 2 cores): the page and its request, bad and good requests at once, back-pressure,
+limits, deadline, metrics, and a replica killed with SIGKILL under load."""
+
+import base64
+import io
+import json
+import os
+import signal
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+import torch
+from PIL import Image
+
+from fast3d.io import load_ply
+from fast3d.models.lgm import LGM, LGMConfig
+from fast3d.serving.loadtest import multipart, post
+
+pytestmark = pytest.mark.slow
+
+MAX_BATCH, ONGOING, QUEUED, FRAMES = 4, 8, 8, 6
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+    from ray import serve
+
+    from fast3d.serving.app import ServeOptions, application
+
+    root = tmp_path_factory.mktemp("serve")
+    torch.manual_seed(0)
+    LGM(LGMConfig.preset("tiny")).save_pretrained(str(root / "lgm"))
+    port = _free_port()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        opts = ServeOptions(str(root / "lgm"), max_batch=MAX_BATCH, max_wait_ms=50, max_body_bytes=256 * 1024,
+                            turntable_frames=FRAMES)
+        serve.run(application(opts, max_ongoing_requests=ONGOING, max_queued_requests=QUEUED), name="fast3d",
+                  route_prefix="/")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _get(url: str) -> tuple[int, dict, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=60) as r:
+            return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read()
+
+
+def _views(gen, size=64) -> list[bytes]:
+    out = []
+    for _ in range(4):
+        arr = (torch.rand(size, size, 3, generator=gen) * 255).to(torch.uint8).numpy()
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format="PNG")
+        out.append(buf.getvalue())
+    return out
+
+
+def _reconstruct(server, images, fields=None, headers=None):
+    body, ctype = multipart(images, fields)
+    return post(f"{server}/v1/reconstruct", body, {"Content-Type": ctype, **(headers or {})})
+
+
+def _concurrently(calls: list) -> list:
+    out = [None] * len(calls)
+
+    def run(i):
+        out[i] = calls[i]()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not any(t.is_alive() for t in threads), "a request hung"
+    return out
+
+
+def test_page_static_files_health_openapi_and_the_pages_request(server, gen, tmp_path):
+    status, headers, page = _get(f"{server}/")
+    assert status == 200 and headers["content-type"].startswith("text/html")
+    html = page.decode()
+    assert '<form id="upload">' in html and 'src="/static/app.js"' in html and 'href="/static/style.css"' in html
+    status, _, js = _get(f"{server}/static/app.js")
+    assert status == 200 and b'fetch("/v1/reconstruct"' in js and b'form.append("turntable", "true")' in js
+    assert _get(f"{server}/static/style.css")[0] == 200
+    assert _get(f"{server}/static/..%2Fapp.py")[0] == 404
+    assert _get(f"{server}/healthz")[0] == 200
+    status, _, ready = _get(f"{server}/readyz")
+    ready = json.loads(ready)
+    assert status == 200 and ready["model"] == "lgm" and ready["images"] == 4 and ready["fixed_batch"] is True
+    api = json.loads(_get(f"{server}/openapi.json")[2])
+    assert "multipart/form-data" in api["paths"]["/v1/reconstruct"]["post"]["requestBody"]["content"]
+    # what app.js sends: multipart images + format + turntable, Accept JSON
+    status, headers, body = _reconstruct(server, _views(gen), {"format": "ply", "turntable": "true"},
+                                         {"Accept": "application/json"})
+    assert status == 200, body[:300]
+    d = json.loads(body)
+    gif = Image.open(io.BytesIO(base64.b64decode(d["turntable_gif_base64"])))
+    assert gif.n_frames == FRAMES and gif.size == (64, 64)
+    (tmp_path / "g.ply").write_bytes(base64.b64decode(d["data_base64"]))
+    assert load_ply(str(tmp_path / "g.ply"))["means"].shape == (4 * 32 * 32, 3)
+    assert set(d["latency_ms"]) == {"decode", "queue", "model", "render", "encode", "total"}
+    assert "model;dur=" in headers["server-timing"]
+    # a turntable needs a JSON answer; the binary answer is the file, .splat 32 bytes a Gaussian
+    status, _, body = _reconstruct(server, _views(gen), {"turntable": "true"})
+    assert status == 400 and json.loads(body)["error"]["field"] == "turntable"
+    status, headers, body = _reconstruct(server, _views(gen), {"format": "splat"})
+    assert status == 200 and len(body) == 32 * 4 * 32 * 32 and headers["x-fast3d-batch-size"] == "1"
+
+
+def test_bad_and_good_requests_at_once(server, gen):
+    goods = [_views(gen) for _ in range(4)]
+    alone = []
+    for g in goods:
+        status, _, body = _reconstruct(server, g)
+        assert status == 200
+        alone.append(body)
+    png = goods[0][0]
+    nan_cams = json.dumps({"viewmats": [[[float("nan")] * 4] * 4] * 4, "Ks": [[[1.0] * 3] * 3] * 4})
+    bad = [
+        (lambda: _reconstruct(server, goods[0][:3] + [b"not an image"]), 400, "images[3]"),
+        (lambda: _reconstruct(server, goods[0][:3] + [png[:len(png) // 2]]), 400, "images[3]"),
+        (lambda: _reconstruct(server, goods[0][:3]), 400, "images"),
+        (lambda: _reconstruct(server, goods[0], {"cameras": json.dumps({"viewmats": [[1]], "Ks": [[1]]})}), 400,
+         "cameras"),
+        (lambda: _reconstruct(server, goods[0], {"cameras": nan_cams}), 400, "cameras"),
+        (lambda: post(f"{server}/v1/reconstruct", b"hello", {"Content-Type": "text/plain"}), 415, "content-type"),
+        (lambda: post(f"{server}/v1/reconstruct", b'{"images": ["%%"]}', {"Content-Type": "application/json"}), 400,
+         "images[0]"),
+        (lambda: _reconstruct(server, goods[0], {"format": "obj"}), 400, "format"),
+    ]
+    calls = [lambda g=g: _reconstruct(server, g) for g in goods] + [c for c, _, _ in bad]
+    out = _concurrently(calls)
+    sizes = []
+    for (status, headers, body), ref in zip(out[:4], alone):
+        assert status == 200 and body == ref
+        sizes.append(int(headers["x-fast3d-batch-size"]))
+    assert max(sizes) > 1, f"the good requests were never batched: {sizes}"
+    for (status, _, body), (_, want_status, field) in zip(out[4:], bad):
+        assert status == want_status and json.loads(body)["error"]["field"] == field, body[:300]
+    status, _, body = _reconstruct(server, goods[1])  # still serving, same answer
+    assert status == 200 and body == alone[1]
+
+
+def test_backpressure_gives_503_with_retry_after_and_never_a_wrong_answer(server, gen):
+    views = _views(gen)
+    status, _, ref = _reconstruct(server, views)
+    assert status == 200
+    out = _concurrently([lambda: _reconstruct(server, views)] * 40)
+    statuses = [s for s, _, _ in out]
+    assert set(statuses) <= {200, 503} and statuses.count(503) > 0 and statuses.count(200) >= ONGOING
+    for status, headers, body in out:
+        if status == 200:
+            assert body == ref
+        else:
+            assert headers.get("retry-after") == "1"
+
+
+def test_body_limit_deadline_auth_free_routes_and_metrics(server, gen):
+    status, _, body = _reconstruct(server, [os.urandom(300 * 1024)])
+    assert status == 413 and json.loads(body)["error"]["field"] == "body"
+    status, _, body = _reconstruct(server, _views(gen), headers={"X-Deadline-Ms": "1"})
+    assert status == 504 and json.loads(body)["error"]["kind"] == "deadline"
+    status, _, body = _reconstruct(server, _views(gen), headers={"X-Deadline-Ms": "soon"})
+    assert status == 400 and json.loads(body)["error"]["field"] == "x-deadline-ms"
+    status, _, text = _get(f"{server}/metrics")
+    assert status == 200
+    metrics = {}
+    for line in text.decode().splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            metrics[name] = float(value)
+
+    def value(prefix, **labels):
+        hits = [v for k, v in metrics.items() if k.startswith(prefix + "{") and
+                all(f'{a}="{b}"' in k for a, b in labels.items())]
+        return sum(hits)
+
+    assert value("fast3d_errors_total", kind="too_large") >= 1
+    assert value("fast3d_errors_total", kind="deadline") >= 1
+    assert value("fast3d_errors_total", kind="invalid") >= 1
+    assert value("fast3d_batch_size_count") >= 1 and value("fast3d_request_latency_seconds_count", status="200") >= 1
+    assert value("fast3d_stage_seconds_count", stage="model") >= 1
+    assert "fast3d_queue_depth" in text.decode() and value("fast3d_in_flight") == 0
+
+
+def test_replica_killed_mid_load_restarts_without_hangs_or_wrong_answers(server, gen):
+    """SIGKILL the replica while 12 clients send requests: every client gets an answer (no hang):
+    the right bytes, or an error status; Ray starts a new replica, which then answers right."""
+    views = _views(gen)
+    status, _, ref = _reconstruct(server, views)
+    assert status == 200
+    pid = json.loads(_get(f"{server}/readyz")[2])["pid"]
+    payload, ctype = multipart(views)
+    outcomes = {}
+    lock = threading.Lock()
+    stop = time.monotonic() + 90
+
+    def client():
+        for _ in range(6):
+            if time.monotonic() > stop:
+                return
+            try:
+                status, _, body = post(f"{server}/v1/reconstruct", payload, {"Content-Type": ctype}, timeout=120)
+                kind = "ok" if status == 200 and body == ref else ("wrong" if status == 200 else f"http_{status}")
+            except TimeoutError:
+                kind = "hang"
+            except OSError as e:  # connection reset by the proxy: an answer, not a hang
+                kind = f"reset_{type(e).__name__}"
+            with lock:
+                outcomes[kind] = outcomes.get(kind, 0) + 1
+
+    threads = [threading.Thread(target=client) for _ in range(12)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    os.kill(pid, signal.SIGKILL)
+    for t in threads:
+        t.join(timeout=400)
+    assert not any(t.is_alive() for t in threads), f"clients hung: {outcomes}"
+    print("outcomes after SIGKILL:", outcomes)
+    assert outcomes.get("wrong", 0) == 0 and outcomes.get("hang", 0) == 0, outcomes
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        status, _, ready = _get(f"{server}/readyz")
+        if status == 200 and json.loads(ready)["pid"] != pid:
+            break
+        time.sleep(1)
+    else:
+        raise AssertionError("no new replica within 180 s")
+    status, _, body = _reconstruct(server, views)
+    assert status == 200 and body == ref
