@@ -5,7 +5,8 @@ neither encoder, as Bootstrap3D and PixArt-alpha do. :class:`FeatureCacheDataset
 A cache directory holds
 
     cache.json                 the manifest: VAE and text-encoder fingerprints, grid size, latent shape,
-                               scaling factor, caption tokens/channels, the input shards' names; once
+                               scaling factor, caption tokens/channels, the grid's azimuths, the input
+                               shards' names; once
                                every shard exists, ``complete: true`` with per-shard and per-source counts
     null_caption.safetensors   the embedding of the empty caption "", for caption dropout (CFG) in training
     features-NNNNNN.tar        the features of input shard NNNNNN (in sorted order), written atomically
@@ -25,6 +26,12 @@ Caption embeddings are stored in bfloat16 (the dtype training runs in; T5-XXL's 
 most of the cache) and padded back with zeros to ``caption_tokens`` on reading, with the mask: the
 DiT masks padded tokens out of cross-attention, so the padded values never matter.
 
+The 2x2 grid holds the views of a sample nearest to the azimuths ``grid_azimuths`` (degrees from the
+first view's, default 0, 90, 180, 270: four views around the object, as Bootstrap3D's grids), found
+from the views' cameras (:func:`grid_view_indices`), not the first four frames: on a 21-frame SV3D
+orbit those are 0, 17, 34 and 51 degrees. A sample with no view within half the azimuths' smallest
+spacing of one of them is skipped with a warning; an ``image2d`` sample (one image) is tiled.
+
 Resumable: output shard j corresponds to input shard j, so a rerun (on any number of ranks) writes
 only the missing shards. Every file is parsed as untrusted (JSON, safetensors; never pickle) and a
 malformed entry stops reading with an error naming its shard and key: a cache is derived data, and
@@ -33,6 +40,7 @@ silently training on part of it would hide the fault.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import io
 import json
@@ -47,17 +55,19 @@ import torch
 from torch import Tensor
 from torch.utils.data import IterableDataset
 
+from fast3d.cameras import camera_centers
 from fast3d.data.dataset import MultiViewDataset, reader_index
-from fast3d.data.shards import SOURCES, SampleError, iter_tar_groups
+from fast3d.data.shards import SOURCES, SampleError, iter_tar_groups, warn_skipped
 from fast3d.io.atomic import temp_path, write_atomic
 from fast3d.models.mvdit import MVDiTConfig, build_text_encoder, build_vae, encode_prompts, fingerprint, make_grid
 
-FORMAT, VERSION = "fast3d-feature-cache", 1
+FORMAT, VERSION = "fast3d-feature-cache", 2   # 2: the grid's views by azimuth (grid_azimuths)
 MANIFEST, NULL_CAPTION, PREFIX = "cache.json", "null_caption.safetensors", "features"
 CAPTION_DTYPE = torch.bfloat16
 # What identifies a cache; the rest of the manifest (completion and counts) describes its progress.
 HEADER_KEYS = ("format", "version", "vae", "text_encoder", "grid_size", "latent_shape", "scaling_factor",
-               "caption_tokens", "caption_channels", "caption_dtype", "inputs")
+               "caption_tokens", "caption_channels", "caption_dtype", "grid_azimuths", "inputs")
+GRID_AZIMUTHS = (0.0, 90.0, 180.0, 270.0)   # degrees from the first view: the 2x2 grid's four views
 
 
 class FeatureCacheError(ValueError):
@@ -65,6 +75,70 @@ class FeatureCacheError(ValueError):
 
 
 _SHARD = re.compile(rf"{PREFIX}-\d{{6}}\.tar")
+
+
+def check_azimuths(azimuths) -> tuple[float, ...]:
+    """The grid's 4 azimuths (degrees, distinct modulo 360) as floats; ValueError naming grid_azimuths."""
+    ok = (isinstance(azimuths, (list, tuple)) and len(azimuths) == 4
+          and all(isinstance(a, (int, float)) and not isinstance(a, bool) and math.isfinite(a) for a in azimuths))
+    if not ok or len({round(float(a) % 360.0, 9) for a in azimuths}) != 4:
+        raise ValueError(f"grid_azimuths must be 4 distinct finite azimuths in degrees (the 2x2 grid's views, "
+                         f"row-major); got {azimuths!r}")
+    return tuple(float(a) for a in azimuths)
+
+
+def _circular_gap(a: Tensor, b: Tensor) -> Tensor:  # [...] degrees -> [...] in [0, 180]
+    d = (a - b) % 360.0
+    return torch.minimum(d, 360.0 - d)
+
+
+def grid_view_indices(viewmats: Tensor,  # [V, 4, 4] world-to-camera, z up
+                      azimuths: tuple = GRID_AZIMUTHS) -> tuple[Tensor, float]:  # -> [4] int64, degrees
+    """The views nearest to ``azimuths`` (degrees, measured from the first view's azimuth about the
+    world z axis), and the largest angle between a chosen view and its azimuth.
+
+    Args:
+        viewmats: [V, 4, 4] the sample's cameras.
+        azimuths: the 4 grid azimuths, row-major (:func:`fast3d.models.mvdit.make_grid`).
+
+    Returns:
+        ([4] view indices, the largest azimuth gap in degrees).
+    """
+    centres = camera_centers(viewmats.double())                                        # [V, 3]
+    az = torch.rad2deg(torch.atan2(centres[:, 1], centres[:, 0]))                      # [V]
+    rel = (az - az[0]) % 360.0
+    gaps = _circular_gap(rel[None, :], torch.tensor(azimuths, dtype=torch.float64)[:, None])   # [4, V]
+    best, idx = gaps.min(1)
+    return idx, float(best.max())
+
+
+def max_azimuth_gap(azimuths: tuple) -> float:
+    """Half the smallest spacing of ``azimuths`` (degrees): a chosen view farther off is not that view."""
+    a = torch.tensor(azimuths, dtype=torch.float64)
+    spacing = _circular_gap(a[:, None], a[None, :]) + torch.eye(len(a), dtype=torch.float64) * 360
+    return float(spacing.min()) / 2
+
+
+class GridViewDataset(MultiViewDataset):
+    """:class:`~fast3d.data.MultiViewDataset` whose 4 views are those nearest to ``azimuths``
+    (:func:`grid_view_indices`) rather than the first four; samples without such views are
+    skipped with a warning, ``image2d`` samples tiled."""
+
+    def __init__(self, path, azimuths: tuple = GRID_AZIMUTHS, **kwargs):
+        super().__init__(path, views=4, **kwargs)
+        self.azimuths = check_azimuths(azimuths)
+        self.max_gap = max_azimuth_gap(self.azimuths)
+
+    def _prepare(self, s) -> dict | None:
+        if s.source != "image2d" and s.images.shape[0] >= 4:
+            idx, gap = grid_view_indices(s.viewmats, self.azimuths)
+            if gap > self.max_gap:
+                warn_skipped(f"sample {s.key!r}", f"it has no view within {self.max_gap:g} degrees of each grid "
+                                                  f"azimuth {list(self.azimuths)} (the worst is {gap:.1f} off)")
+                return None
+            s = dataclasses.replace(s, images=s.images[idx], alphas=s.alphas[idx], viewmats=s.viewmats[idx],
+                                    Ks=s.Ks[idx])
+        return super()._prepare(s)
 
 
 def shard_name(index: int, ext: str = "tar") -> str:
@@ -150,12 +224,12 @@ def _encode_batch(batch: list[dict], vae, text_encoder, tokenizer, cfg: MVDiTCon
     return out
 
 
-def _header(cfg: MVDiTConfig, vae_fp: str, text_fp: str, inputs: list[str]) -> dict:
+def _header(cfg: MVDiTConfig, vae_fp: str, text_fp: str, inputs: list[str], azimuths: tuple) -> dict:
     return {"format": FORMAT, "version": VERSION, "vae": vae_fp, "text_encoder": text_fp, "grid_size": cfg.grid_size,
             "latent_shape": [cfg.latent_channels, cfg.latent_size, cfg.latent_size],
             "scaling_factor": cfg.vae_scaling_factor, "caption_tokens": cfg.max_caption_tokens,
             "caption_channels": cfg.caption_channels, "caption_dtype": str(CAPTION_DTYPE).replace("torch.", ""),
-            "inputs": [os.path.basename(p) for p in inputs], "complete": False}
+            "grid_azimuths": list(azimuths), "inputs": [os.path.basename(p) for p in inputs], "complete": False}
 
 
 def _describe_difference(theirs: dict, ours: dict) -> str:
@@ -213,11 +287,13 @@ def _finalize(out: str, header: dict) -> bool:
 
 
 def extract(data: str | list, out: str, cfg: MVDiTConfig, batch_size: int = 8, rank: int = 0, world_size: int = 1,
-            progress: bool = True, device: str | torch.device | None = None) -> dict:
+            progress: bool = True, device: str | torch.device | None = None,
+            grid_azimuths: tuple = GRID_AZIMUTHS) -> dict:
     """Encode the multi-view dataset ``data`` (shards or directories of them) into a feature cache in
     ``out``: this rank's input shards j = rank, rank + world_size, ..., skipping those already written.
 
-    Each sample's first 4 views at ``cfg.view_size`` px become a grid in [-1, 1] for ``build_vae(cfg)``;
+    Each sample's 4 views nearest to ``grid_azimuths`` (:class:`GridViewDataset`) at ``cfg.view_size``
+    px become a grid in [-1, 1] for ``build_vae(cfg)``;
     captions go through ``build_text_encoder(cfg)`` (both on ``device``, default CUDA when there is
     one). Returns counts: shards_written, shards_skipped, samples (written now), seconds, and
     complete (whether every rank's shards exist and the manifest says so)."""
@@ -228,12 +304,13 @@ def extract(data: str | list, out: str, cfg: MVDiTConfig, batch_size: int = 8, r
     if not (isinstance(world_size, int) and isinstance(rank, int) and 0 <= rank < world_size):
         raise ValueError(f"rank and world_size must be ints with 0 <= rank < world_size; got rank={rank!r}, "
                          f"world_size={world_size!r}")
+    grid_azimuths = check_azimuths(grid_azimuths)
     t0 = time.perf_counter()
     inputs = MultiViewDataset(data, views=4, resolution=cfg.view_size).shards
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     vae = build_vae(cfg)
     text_encoder, tokenizer = build_text_encoder(cfg)
-    header = _header(cfg, fingerprint(vae), fingerprint(text_encoder, tokenizer), inputs)
+    header = _header(cfg, fingerprint(vae), fingerprint(text_encoder, tokenizer), inputs, grid_azimuths)
     vae, text_encoder = vae.to(device), text_encoder.to(device)
     _prepare(out, header, text_encoder, tokenizer)
 
@@ -250,7 +327,7 @@ def extract(data: str | list, out: str, cfg: MVDiTConfig, batch_size: int = 8, r
     samples = 0
     try:
         for j in todo:
-            reader = MultiViewDataset(inputs[j], views=4, resolution=cfg.view_size, rank=0, world_size=1)
+            reader = GridViewDataset(inputs[j], grid_azimuths, resolution=cfg.view_size, rank=0, world_size=1)
             with _ShardWriter(out, j) as shard:
                 for batch in _batches(reader, batch_size):
                     for key, members, source in _encode_batch(batch, vae, text_encoder, tokenizer, cfg):

@@ -18,6 +18,16 @@ from fast3d.datagen.quality import QualityFilter
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "..", "train", "configs")
 
+# Tolerances of this module, each with its reason.
+TOL = {
+    # alpha is stored as an 8-bit PNG: the read-back is within half a level of the float alpha
+    "alpha_png": dict(atol=0.5 / 255 + 1e-6, rtol=0),
+    # viewmats are stored as JSON float32 and rebuilt in float64 from the elevation: last bits
+    "viewmats": dict(atol=1e-6, rtol=0),
+    # the camera centre's elevation recomputed with asin from float32 viewmats
+    "elevation": dict(atol=1e-5, rtol=0),
+}
+
 
 def tiny(seed, **sections) -> dict:
     d = dict(seed=seed, device="cpu",
@@ -92,7 +102,7 @@ def test_rerun_and_resume_are_exact(plain, tmp_path):
 def test_full_pipeline_with_filter_and_recaption(tmp_path, seed, gen):
     filter_dir = str(tmp_path / "filter")
     feats = torch.randn(20, 32, generator=gen, dtype=torch.float64)  # random-tiny DINOv2 is 32 wide
-    QualityFilter(dinov2="random-tiny").fit(feats, (torch.arange(20) % 2).long()).save(filter_dir)
+    QualityFilter(dinov2="random-tiny", frames=4).fit(feats, (torch.arange(20) % 2).long()).save(filter_dir)
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump(tiny(seed, filter=dict(dir=filter_dir, threshold=-1e9),
                                           recaption=dict(model="random-tiny", max_tokens=5))))
@@ -187,3 +197,158 @@ def test_example_configs():
     real["prompts"] = tiny(0)["prompts"]  # the file of prompts is not here either
     with pytest.raises(ValueError, match=r"t2i.model .* got '/models/PixArt-XL-2-512x512'"):
         PipelineConfig.from_dict(real)
+
+
+FAKE_MODELS = """
+import torch
+
+
+class FakeMultiView:
+    # views [N, V, 3, R, R]: the image, then frames of noise drawn from the item's seed
+    @classmethod
+    def from_config(cls, cfg, device):
+        return cls(cfg.mv.views, cfg.mv.resolution)
+
+    def __init__(self, views, resolution):
+        self.views, self.resolution = views, resolution
+
+    def __call__(self, images, seeds):
+        out = []
+        for image, seed in zip(images, seeds):
+            g = torch.Generator().manual_seed(int(seed))
+            first = torch.nn.functional.interpolate(image[None], size=(self.resolution,) * 2, mode="bilinear")
+            rest = torch.rand(self.views - 1, 3, self.resolution, self.resolution, generator=g)
+            out.append(torch.cat([first, rest]))
+        return torch.stack(out)
+
+
+class FakeTextToImage:
+    def __init__(self, model, resolution, steps, guidance, device):
+        self.resolution = resolution
+
+    def __call__(self, prompts, seeds):
+        return torch.stack([torch.rand(3, self.resolution, self.resolution,
+                                       generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+"""
+
+
+@pytest.fixture
+def fake_models(tmp_path, monkeypatch):
+    """Stand-ins for the two diffusion models (seconds each on the CPU), so that tests of the later
+    stages run build_stages and generate in well under a second per sample."""
+    from fast3d.datagen.pipeline import stages as st
+
+    (tmp_path / "fake_models.py").write_text(FAKE_MODELS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import fake_models
+
+    monkeypatch.setitem(st.STAGE_KINDS["mv"], "svd", "fake_models:FakeMultiView")
+    monkeypatch.setattr(st, "TextToImage", fake_models.FakeTextToImage)
+
+
+def regenerate(cfg, stages, i):
+    """Item i's generated views [1, V, 3, R, R], recomputed with the run's stages."""
+    prompt, t2i_seed, mv_seed = item(cfg, i)
+    return stages.mv(stages.t2i([prompt], [t2i_seed]), [mv_seed])
+
+
+def test_matting_writes_real_alpha(tmp_path, seed, fake_models):
+    """Defect: generated views were stored with alpha 1, so the LRM's opacity loss taught full opacity.
+    With a matting model the stored alpha is the model's foreground probability of each view."""
+    from fast3d.datagen.matting import Matting
+
+    cfg = PipelineConfig.from_dict(tiny(seed, matting=dict(model="random-tiny", resolution=32)))
+    stages = build_stages(cfg, torch.device("cpu"))
+    assert isinstance(stages.matting, Matting)
+    out = str(tmp_path / "out")
+    assert generate(out, cfg, progress=False)["kept"] == 3
+    for i, (key, s) in enumerate(sorted(read(out).items())):
+        alphas = stages.matting(regenerate(cfg, stages, i))[0]                        # [V, 1, R, R]
+        assert_close(s["alphas"], alphas, **TOL["alpha_png"], name=f"{key} alpha")
+        assert float(s["alphas"].min()) < 0.9, "a matted sample must not be opaque everywhere"
+        assert float(s["alphas"].std()) > 0, "the alpha must depend on the pixel"
+
+
+def test_elevation_estimator_labels_each_sample_and_its_cameras(tmp_path, seed, gen, fake_models):
+    """Defect: the elevation estimator was trained but never used; every sample carried the
+    configured elevation. With one, each sample's elevation is the estimator's prediction on its
+    views, and its cameras orbit at that elevation."""
+    from fast3d import cameras
+    from fast3d.datagen.quality import ElevationEstimator, FeatureExtractor
+
+    est = ElevationEstimator(32, hidden=8, dinov2="random-tiny")
+    with torch.no_grad():
+        for p in est.mlp.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+        est.mlp[2].bias.fill_(0.4)
+    est.save(str(tmp_path / "est"))
+    cfg = PipelineConfig.from_dict(tiny(seed, elevation=dict(estimator=str(tmp_path / "est"))))
+    out = str(tmp_path / "out")
+    generate(out, cfg, progress=False)
+    stages = build_stages(cfg, torch.device("cpu"))
+    ext = FeatureExtractor.load("random-tiny")
+    elevations = []
+    for i, (key, s) in enumerate(sorted(read(out).items())):
+        views = regenerate(cfg, stages, i)                                        # [1, 4, 3, R, R]: all 4 views
+        want = float(est.predict(ext.features(views))[0])                         # the mean over 4 uniform views
+        assert s["elevation"] == pytest.approx(want, abs=1e-6), key
+        centres = cameras.camera_centers(s["viewmats"].double())                  # [V, 3]
+        el = torch.asin(centres[:, 2] / centres.norm(dim=-1))
+        assert_close(el, torch.full((4,), want, dtype=torch.float64), **TOL["elevation"], name=f"{key} elevation")
+        assert_close(s["viewmats"], orbit(cfg, want).viewmats, **TOL["viewmats"], name=f"{key} viewmats")
+        elevations.append(want)
+    assert len(set(elevations)) == 3 and all(abs(e - math.radians(12.0)) > 1e-3 for e in elevations)
+
+
+PLUGIN = """
+import torch
+
+CHECKED = []
+
+
+class Describe:
+    @staticmethod
+    def check_config(cfg):
+        CHECKED.append(dict(cfg.filter.options))
+
+    @classmethod
+    def from_config(cls, cfg, device):
+        cut = cfg.filter.options["keep_below"]
+        return lambda views: (torch.arange(len(views)) < cut, torch.arange(len(views)).double() + 4,
+                              [f"object {k}" if k else "" for k in range(len(views))])
+"""
+
+
+def test_stage_registry_plugs_in_a_filter_that_captions(tmp_path, monkeypatch, fake_models):
+    """A filter kind added with one registry line: its options reach check_config and from_config,
+    its captions replace the prompts (an empty one keeps the prompt), its score is the quality."""
+    from fast3d.datagen.pipeline import stages as st
+
+    (tmp_path / "my_filter.py").write_text(PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(st.STAGE_KINDS["filter"], "describe", "my_filter:Describe")
+    import my_filter
+
+    cfg = PipelineConfig.from_dict(tiny(5, filter=dict(kind="describe", options=dict(keep_below=2)),
+                                        shards=dict(samples_per_shard=3)))
+    assert my_filter.CHECKED == [{"keep_below": 2}]
+    out = str(tmp_path / "out")
+    counts = generate(out, cfg, progress=False)
+    assert counts["kept"] == 2 and counts["rejected"] == 1
+    samples = read(out)
+    assert sorted(samples) == ["syn00000000", "syn00000001"]
+    assert samples["syn00000000"]["caption"] == item(cfg, 0)[0] and samples["syn00000000"]["quality"] == 4.0
+    assert samples["syn00000001"]["caption"] == "object 1" and samples["syn00000001"]["quality"] == 5.0
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(filter=dict(kind="mvllm")), r"filter.kind must be one of \['svm'\]; got 'mvllm'"),
+    (dict(filter=dict(options=dict(x=1))), r"filter.options: the 'svm' filter stage takes no options"),
+    (dict(matting=dict(model="/nonexistent/u2net")), r"matting.model must be null, .* '/nonexistent/u2net'"),
+    (dict(matting=dict(resolution=0)), r"matting.resolution must be an int >= 1"),
+    (dict(elevation=dict(estimator="/nonexistent/est")), r"elevation.estimator must be null or a directory"),
+])
+def test_bad_stage_sections_fail_before_work(tmp_path, monkeypatch, change, match):
+    monkeypatch.setattr(engine, "build_stages", no_work)
+    with pytest.raises(ValueError, match=match):
+        PipelineConfig.from_dict(tiny(0, **change))

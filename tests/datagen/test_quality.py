@@ -19,7 +19,9 @@ from fast3d.datagen.quality import (
     FeatureExtractor,
     QualityFilter,
     apply_filter,
+    sample_features,
     train_filter,
+    uniform_frames,
 )
 
 
@@ -74,7 +76,7 @@ def tamper_not_safetensors(d):
 
 def tamper_config(d):
     with open(os.path.join(d, f"{FILTER_NAME}.yaml"), "w") as f:
-        f.write("kind: quality_filter\nversion: 1\nthreshold: 0.0\n")
+        f.write("kind: quality_filter\nversion: 2\nthreshold: 0.0\n")
 
 
 def tamper_no_file(d):
@@ -85,7 +87,7 @@ def tamper_no_file(d):
     (tamper_missing_key, r"expected tensors \['coef', 'intercept', 'mean', 'std'\]"),
     (tamper_wrong_shape, r"tensor 'coef' must be floating point of shape \(16,\)"),
     (tamper_not_safetensors, "not a readable safetensors file"),
-    (tamper_config, r"lacks key\(s\) \['feature_dim', 'C', 'dinov2'\]"),
+    (tamper_config, r"lacks key\(s\) \['feature_dim', 'C', 'dinov2', 'frames'\]"),
     (tamper_no_file, "does not exist"),
 ])
 def test_load_rejects_malformed_filter(tmp_path, gen, tamper, message):
@@ -152,7 +154,7 @@ def test_train_filter_end_to_end(tmp_path, shards, fmt):
     keys = [f"obj{i:08d}" for i in range(8)]
     labels = write_labels(tmp_path / f"labels.{fmt}", {k: int(i < 4) for i, k in enumerate(keys)})
     out = str(tmp_path / "filter")
-    metrics = train_filter([shards], labels, out, threshold=0.0, elevation_steps=300)
+    metrics = train_filter([shards], labels, out, threshold=0.0, elevation_steps=300, views=4)
     assert sorted(os.listdir(out)) == sorted(["metrics.json", f"{FILTER_NAME}.safetensors", f"{FILTER_NAME}.yaml",
                                               f"{ELEVATION_NAME}.safetensors", f"{ELEVATION_NAME}.yaml"])
     assert metrics == json.load(open(os.path.join(out, "metrics.json")))
@@ -184,5 +186,64 @@ def test_labels_file_errors(tmp_path, shards, name, content, message):
     with open(path, "w") as f:
         f.write(content if isinstance(content, str) else json.dumps(content))
     with pytest.raises(ValueError, match=message):
-        train_filter([shards], str(path), str(tmp_path / "out"))
+        train_filter([shards], str(path), str(tmp_path / "out"), views=4)
     assert not os.path.exists(tmp_path / "out")
+
+
+def write_videos(out, gen, n=16, frames=8, size=16):
+    """``n`` samples of ``frames`` random frames each (every frame its own content), on a turntable."""
+    from fast3d import cameras
+    from fast3d.data.shards import MultiViewSample, ShardWriter
+
+    viewmats, Ks = cameras.turntable(frames, size)
+    videos = torch.rand(n, frames, 3, size, size, generator=gen)
+    with ShardWriter(str(out), prefix="vid", samples_per_shard=8) as w:
+        for i in range(n):
+            w.write(MultiViewSample(key=f"vid{i:04d}", images=videos[i], alphas=torch.ones(frames, 1, size, size),
+                                    viewmats=viewmats.float(), Ks=Ks.float(), caption="", source="synthetic",
+                                    elevation=0.1 * (i % 5)))
+    # what the shards hold (8-bit PNG), the frames the pipeline would hand the filter
+    return torch.stack([s["images"] for s in MultiViewDataset(str(out), views=frames, resolution=size)])
+
+
+def test_filter_features_are_the_same_at_training_and_in_the_pipeline(tmp_path, gen):
+    """Defect: the filter was trained on the mean feature of the first `views` frames and applied by
+    the pipeline to the mean over all frames. Trained on separable labels, the pipeline's filter
+    must give the training labels back on the very same videos."""
+    from fast3d.datagen.pipeline.stages import Filter
+
+    videos = write_videos(tmp_path / "videos", gen)
+    labels = {f"vid{i:04d}": int(v) for i, v in enumerate(torch.randperm(16, generator=gen) < 8)}
+    out = str(tmp_path / "filter")
+    metrics = train_filter([str(tmp_path / "videos")], write_labels(tmp_path / "l.json", labels), out, views=4,
+                           elevation_steps=200)
+    assert metrics["train_accuracy"] == 1.0  # 16 samples in 32 dimensions: separable
+    keep, scores = Filter(out, None, torch.device("cpu"))(videos)
+    assert keep.tolist() == [bool(labels[f"vid{i:04d}"]) for i in range(16)]
+    assert torch.equal(apply_filter(out, videos)[1], scores)
+    # the elevation MLP likewise: the pipeline's labeller reproduces the training fit
+    from fast3d.datagen.pipeline.stages import ElevationLabeler
+
+    est = ElevationEstimator.load(out)
+    ext = FeatureExtractor.load("random-tiny")
+    fitted = est.predict(sample_features(ext, videos, est.frames))
+    assert_close(ElevationLabeler(out, torch.device("cpu"))(videos), fitted.double(), atol=0, rtol=0,
+                 name="pipeline elevation")
+    assert abs(metrics["elevation_mae"] - (fitted - 0.1 * (torch.arange(16) % 5)).abs().mean().item()) < 1e-6
+
+
+def test_uniform_frames_spread_over_the_video():
+    assert uniform_frames(21, 8).tolist() == [0, 2, 5, 7, 10, 13, 15, 18]
+    assert uniform_frames(16, 4).tolist() == [0, 4, 8, 12]
+    assert uniform_frames(4, 4).tolist() == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="a video of 3 frames has fewer frames than the 4 requested"):
+        uniform_frames(3, 4)
+    with pytest.raises(ValueError, match="frames must be a positive int; got 0"):
+        uniform_frames(3, 0)
+
+
+def test_train_filter_names_a_video_with_too_few_frames(tmp_path, gen):
+    write_videos(tmp_path / "videos", gen, n=4, frames=4)
+    labels = write_labels(tmp_path / "l.json", {"vid0000": 0, "vid0001": 1})
+    with pytest.raises(ValueError, match="sample 'vid0000' has 4 frames, fewer than the 8 the quality filter averages"):
+        train_filter([str(tmp_path / "videos")], labels, str(tmp_path / "out"))

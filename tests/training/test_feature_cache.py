@@ -242,7 +242,7 @@ def test_a_truncated_shard_is_an_error(cache, tmp_path, cut):
 
 @pytest.mark.parametrize("edit, match", [
     (lambda m: "{not json", "cache.json: unreadable"),
-    (lambda m: json.dumps({**m, "format": "webdataset"}), "not a fast3d-feature-cache manifest of version 1"),
+    (lambda m: json.dumps({**m, "format": "webdataset"}), "not a fast3d-feature-cache manifest of version 2"),
     (lambda m: json.dumps({k: v for k, v in m.items() if k != "vae"}), "missing keys \\['vae'\\]"),
     (lambda m: json.dumps({**m, "latent_shape": [4, 8]}), "latent_shape \\[C, h, w\\] must be positive ints"),
     (lambda m: json.dumps({**m, "shards": {"../../x.tar": 2}}), "shards must map features-NNNNNN.tar names"),
@@ -269,3 +269,50 @@ def test_bad_arguments_and_paths_are_named(tmp_path, data):
         feature_cache.extract(str(tmp_path / "absent"), str(tmp_path / "c"), TINY)
     with pytest.raises(FeatureCacheError, match="has no cache.json"):
         FeatureCacheDataset(str(tmp_path), None, None)
+
+
+def write_orbits(out, gen, frames=16, n=2, elevation_deg=20.0):
+    """``n`` samples of a ``frames``-view turntable orbit (uniform azimuths from 0), every view its own
+    random image; returns what the shards hold ([n, frames, 3, R, R], 8-bit)."""
+    from fast3d import cameras
+    from fast3d.data.shards import MultiViewSample, ShardWriter
+
+    R = TINY.view_size
+    viewmats, Ks = cameras.turntable(frames, R, elevation_deg=elevation_deg)
+    videos = torch.rand(n, frames, 3, R, R, generator=gen)
+    with ShardWriter(str(out), prefix="orbit", samples_per_shard=n) as w:
+        for i in range(n):
+            w.write(MultiViewSample(key=f"orbit{i}", images=videos[i], alphas=torch.ones(frames, 1, R, R),
+                                    viewmats=viewmats.float(), Ks=Ks.float(), caption="a thing", source="synthetic"))
+    return torch.stack([s["images"] for s in MultiViewDataset(str(out), views=frames, resolution=R)])
+
+
+def test_the_grid_holds_views_spread_over_the_orbit(tmp_path, gen, models):
+    """Defect: the cache took each sample's first 4 frames (0, 22.5, 45, 67.5 degrees of a 16-frame
+    orbit) for the 2x2 grid; it must take the views at 0, 90, 180 and 270 degrees (or the
+    configured azimuths)."""
+    videos = write_orbits(tmp_path / "data", gen)
+    vae = models[0]
+    for azimuths, idx in (((0, 90, 180, 270), [0, 4, 8, 12]), ((0, 45, 180, 315), [0, 2, 8, 14])):
+        out = str(tmp_path / f"cache{idx[1]}")
+        kw = {} if azimuths == (0, 90, 180, 270) else {"grid_azimuths": azimuths}
+        feature_cache.extract(str(tmp_path / "data"), out, TINY, batch_size=2, progress=False, **kw)
+        got = torch.stack([g["latent_mean"] for g in FeatureCacheDataset(out, None, None)])
+        with torch.no_grad():
+            want = vae.encode(make_grid(videos[:, idx]) * 2 - 1).latent_dist.mean
+        assert_close(got, want, atol=1e-5, rtol=1e-5, name=f"grid latents at azimuths {azimuths}")
+
+
+def test_grid_view_indices_and_azimuth_errors(tmp_path, gen):
+    from fast3d import cameras
+
+    viewmats, _ = cameras.turntable(24, 16)
+    idx, gap = feature_cache.grid_view_indices(viewmats)
+    assert idx.tolist() == [0, 6, 12, 18] and gap < 1e-6
+    # the first 4 frames of this orbit (15-degree steps) have no view near 90 degrees: such a sample is skipped
+    viewmats4 = viewmats[:4]
+    assert feature_cache.grid_view_indices(viewmats4)[1] > feature_cache.max_azimuth_gap((0, 90, 180, 270))
+    with pytest.raises(ValueError, match=r"grid_azimuths must be 4 distinct finite azimuths .* got \(0, 90, 450, 270\)"):
+        feature_cache.check_azimuths((0, 90, 450, 270))
+    with pytest.raises(ValueError, match=r"grid_azimuths must be 4 distinct"):
+        feature_cache.check_azimuths((0, 90, 180))

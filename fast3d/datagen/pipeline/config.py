@@ -3,8 +3,10 @@ keys named) and what it fixes per sample: item i's prompt and seeds are a pure f
 (``seed``, i), whatever the split of the work.
 
 Sections: ``prompts`` (a file, one prompt a line, or ``templates`` with ``{slot}``s filled from
-``vocab`` lists, ``count`` of them), ``t2i``, ``mv``, ``filter``, ``recaption``, ``shards``; and
-``seed``, ``device`` (``auto`` | ``cpu`` | ``cuda`` | ``cuda:N``).
+``vocab`` lists, ``count`` of them), ``t2i``, ``mv``, ``matting``, ``elevation``, ``filter``,
+``recaption``, ``shards``; and ``seed``, ``device`` (``auto`` | ``cpu`` | ``cuda`` | ``cuda:N``).
+The sections ``mv``, ``matting``, ``filter`` and ``recaption`` name their stage's ``kind`` (see
+:data:`fast3d.datagen.pipeline.stages.STAGE_KINDS`) and hold a plug-in's own settings in ``options``.
 """
 
 from __future__ import annotations
@@ -43,25 +45,45 @@ class TextToImageConfig:
 
 @dataclass(frozen=True)
 class MultiViewConfig:
+    kind: str = "svd"                 # a STAGE_KINDS["mv"] name
+    options: dict = field(default_factory=dict)  # the kind's own settings (svd: none)
     model: str = RANDOM_TINY          # local Stable-Video-Diffusion-format pipeline (SV3D_u), or "random-tiny"
     views: int = 21                   # frames of the orbit (SV3D: 21, VFusion3D: 16)
     resolution: int = 576
     steps: int = 25
     min_guidance: float = 1.0
     max_guidance: float = 2.5
-    elevation_deg: float = 0.0        # the orbit the model generates: uniform azimuths from 0, this elevation
+    elevation_deg: float = 0.0        # the orbit's elevation when elevation.estimator is null (uniform azimuths from 0)
     distance: float = DEFAULT_DISTANCE
     fov_deg: float = DEFAULT_FOV_Y_DEG
 
 
 @dataclass(frozen=True)
+class MattingConfig:
+    kind: str = "segmentation"        # a STAGE_KINDS["matting"] name
+    options: dict = field(default_factory=dict)  # the kind's own settings (segmentation: none)
+    model: str | None = None          # local semantic-segmentation / saliency model, "random-tiny", or null (alpha 1)
+    resolution: int = 320             # frames are resized to this for the model (U2-Net's input size)
+    background_label: int = 0         # the background class of a multi-class model
+
+
+@dataclass(frozen=True)
+class ElevationConfig:
+    estimator: str | None = None      # a `datagen train-filter` directory with its elevation MLP; null: mv.elevation_deg
+
+
+@dataclass(frozen=True)
 class FilterConfig:
+    kind: str = "svm"                 # a STAGE_KINDS["filter"] name
+    options: dict = field(default_factory=dict)  # the kind's own settings (svm: none)
     dir: str | None = None            # a `fast3d datagen train-filter` directory; null keeps all, quality 1.0
     threshold: float | None = None    # replaces the filter's saved threshold when given
 
 
 @dataclass(frozen=True)
 class RecaptionConfig:
+    kind: str = "blip"                # a STAGE_KINDS["recaption"] name
+    options: dict = field(default_factory=dict)  # the kind's own settings (blip: none)
     model: str | None = None          # local BLIP directory, "random-tiny", or null (caption = prompt)
     max_tokens: int = 30
 
@@ -76,6 +98,8 @@ class PipelineConfig:
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
     t2i: TextToImageConfig = field(default_factory=TextToImageConfig)
     mv: MultiViewConfig = field(default_factory=MultiViewConfig)
+    matting: MattingConfig = field(default_factory=MattingConfig)
+    elevation: ElevationConfig = field(default_factory=ElevationConfig)
     filter: FilterConfig = field(default_factory=FilterConfig)
     recaption: RecaptionConfig = field(default_factory=RecaptionConfig)
     shards: ShardsConfig = field(default_factory=ShardsConfig)
@@ -120,6 +144,7 @@ class PipelineConfig:
         for key, value in (("t2i.steps", t.steps), ("t2i.resolution", t.resolution), ("t2i.batch_size", t.batch_size),
                            ("mv.views", m.views), ("mv.resolution", m.resolution), ("mv.steps", m.steps),
                            ("recaption.max_tokens", self.recaption.max_tokens),
+                           ("matting.resolution", self.matting.resolution),
                            ("shards.samples_per_shard", self.shards.samples_per_shard)):
             _int(key, value, 1)
         if t.resolution % 32:  # whole patches of PixArt's latent
@@ -134,16 +159,21 @@ class PipelineConfig:
             raise ValueError(f"mv.elevation_deg must be in (-90, 90); got {m.elevation_deg!r}")
         if not 0 < _number("mv.fov_deg", m.fov_deg) < 180:
             raise ValueError(f"mv.fov_deg must be in (0, 180); got {m.fov_deg!r}")
+        _int("matting.background_label", self.matting.background_label, 0)
         if self.filter.threshold is not None:
             _number("filter.threshold", self.filter.threshold)
-        from fast3d.datagen.pipeline.stages import check_model_source, load_filter
+        from fast3d.datagen.pipeline.stages import check_model_source, load_elevation, stage_class
 
         check_model_source("t2i.model", t.model)
-        check_model_source("mv.model", m.model)
-        if self.recaption.model is not None:
-            check_model_source("recaption.model", self.recaption.model)
-        if self.filter.dir is not None:
-            load_filter(self.filter.dir)
+        for section in ("mv", "matting", "filter", "recaption"):
+            sec = getattr(self, section)
+            if not isinstance(sec.options, dict):
+                raise ValueError(f"{section}.options must be a mapping; got {type(sec.options).__name__}")
+            check = getattr(stage_class(section, sec.kind), "check_config", None)
+            if check is not None:
+                check(self)
+        if self.elevation.estimator is not None:
+            load_elevation(self.elevation.estimator)
 
 
 def load_config(path: str) -> PipelineConfig:

@@ -1,5 +1,6 @@
 """Running the pipeline resumably: prompts -> text-to-image -> image-to-multi-view -> quality filter ->
-optional recaption -> shards ``synthetic-NNNNNN.tar`` with ``source=synthetic``.
+optional elevation labels, background matting and recaption (of the kept samples) -> shards
+``synthetic-NNNNNN.tar`` with ``source=synthetic``.
 
 The design is :mod:`fast3d.datagen.procedural`'s: item i is a pure function of (config, i); shard j
 (items j*S .. j*S+S-1) is the unit of work and of resumption; readers (local worker processes x
@@ -8,10 +9,11 @@ RANK/WORLD_SIZE) take shards j = reader, reader + readers, ...; a shard appears 
 the missing shards. A shard whose items the filter all rejects is an empty tar, so it counts as done.
 ``dataset.json`` records the configuration; another configuration in the same directory is refused.
 
-Each sample: the V generated frames, alpha 1 (generated images are not matted), the orbit cameras of
-``mv`` (uniform azimuths from 0 at ``mv.elevation_deg``), the prompt or its recaption of the first
-frame (the prompt when the recaption comes out empty), the filter's
-score as quality (1.0 without a filter), and the elevation in radians.
+Each sample: the V generated frames; their alpha from the matting stage (alpha 1 without one); the
+orbit cameras (uniform azimuths from 0) at the elevation the elevation estimator gives that sample
+(VFusion3D labels every generated video so), or at ``mv.elevation_deg`` without an estimator; the
+filter's captions, else the recaption of the first frame, else the prompt (an empty caption keeps
+the prompt); the filter's score as quality (1.0 without a filter); and the elevation in radians.
 """
 
 from __future__ import annotations
@@ -46,18 +48,20 @@ class Stages:
     """The plug-ins one run calls; replace any with a callable of the same signature."""
     t2i: Callable            # (prompts, seeds) -> images [N, 3, R, R]
     mv: Callable             # (images [N, 3, R, R], seeds) -> views [N, V, 3, R', R']
-    filter: Callable | None  # views [N, V, 3, R', R'] -> (keep [N] bool, score [N]); None keeps all
+    filter: Callable | None  # views [N, V, 3, R', R'] -> (keep [N] bool, score [N][, captions]); None keeps all
     recaption: Callable | None  # images [N, 3, R', R'] -> N captions; None keeps the prompts
+    matting: Callable | None = None    # views [N, V, 3, R', R'] -> alphas [N, V, 1, R', R']; None: alpha 1
+    elevation: Callable | None = None  # views [N, V, 3, R', R'] -> [N] radians; None: mv.elevation_deg
 
 
 def build_stages(cfg: PipelineConfig, device: torch.device) -> Stages:
-    t, m = cfg.t2i, cfg.mv
-    return Stages(
-        t2i=st.TextToImage(t.model, t.resolution, t.steps, t.guidance, device),
-        mv=st.ImageToMultiView(m.model, m.views, m.resolution, m.steps, m.min_guidance, m.max_guidance, device),
-        filter=None if cfg.filter.dir is None else st.Filter(cfg.filter.dir, cfg.filter.threshold, device),
-        recaption=None if cfg.recaption.model is None else st.Recaptioner(cfg.recaption.model,
-                                                                          cfg.recaption.max_tokens, device))
+    """Every stage of ``cfg`` on ``device``: the kinds of :data:`~fast3d.datagen.pipeline.stages.STAGE_KINDS`."""
+    t = cfg.t2i
+    built = {section: st.stage_class(section, getattr(cfg, section).kind).from_config(cfg, device)
+             for section in ("mv", "matting", "filter", "recaption")}
+    return Stages(t2i=st.TextToImage(t.model, t.resolution, t.steps, t.guidance, device), **built,
+                  elevation=None if cfg.elevation.estimator is None else st.ElevationLabeler(cfg.elevation.estimator,
+                                                                                             device))
 
 
 def resolve_device(spec: str, worker: int = 0, workers: int = 1) -> torch.device:
@@ -86,11 +90,14 @@ def prepare_output(out: str, cfg: PipelineConfig) -> None:
     claim_output(out, manifest_of(cfg), PREFIX)
 
 
-def orbit(cfg: PipelineConfig) -> cameras.Rig:
-    """The cameras of the generated frames: V uniform azimuths from 0 (the input view) at one elevation."""
+def orbit(cfg: PipelineConfig, elevation: float | None = None) -> cameras.Rig:
+    """The cameras of the generated frames: V uniform azimuths from 0 (the input view) at one
+    elevation, ``elevation`` radians (default: ``mv.elevation_deg``)."""
     m = cfg.mv
+    if elevation is None:
+        elevation = math.radians(m.elevation_deg)
     az = torch.arange(m.views, dtype=torch.float64) * (2 * math.pi / m.views)
-    el = torch.full((m.views,), math.radians(m.elevation_deg), dtype=torch.float64)
+    el = torch.full((m.views,), float(elevation), dtype=torch.float64)
     viewmats = cameras.look_at(cameras.spherical_to_position(az, el, m.distance)).float()
     return cameras.Rig(viewmats=viewmats, Ks=cameras.intrinsics(m.fov_deg, m.resolution, m.resolution, m.views),
                        azimuths=az.float(), elevations=el.float(), width=m.resolution, height=m.resolution)
@@ -114,21 +121,39 @@ def make_shard(cfg: PipelineConfig, stages: Stages, j: int) -> tuple[list[MultiV
         batch = items[b:b + cfg.t2i.batch_size]
         images.append(stages.t2i([p for p, _, _ in batch], [s for _, s, _ in batch]))
     views = stages.mv(torch.cat(images), [s for _, _, s in items])                  # [N, V, 3, R, R]
+    N = len(items)
+    filter_captions = None
     if stages.filter is None:
-        keep, scores = torch.ones(len(items), dtype=torch.bool), torch.ones(len(items), dtype=torch.float64)
+        keep, scores = torch.ones(N, dtype=torch.bool), torch.ones(N, dtype=torch.float64)
     else:
-        keep, scores = stages.filter(views)
-    kept = [k for k in range(len(items)) if bool(keep[k])]
+        out = stages.filter(views)
+        keep, scores = out[0], out[1]
+        if len(out) == 3:
+            filter_captions = list(out[2])
+            if len(filter_captions) != N:
+                raise ValueError(f"the filter stage returned {len(filter_captions)} captions for {N} samples")
+    kept = [k for k in range(N) if bool(keep[k])]
+    if not kept:
+        return [], N
     captions = [items[k][0] for k in kept]
-    if stages.recaption is not None and kept:
+    if filter_captions is not None:
+        captions = [filter_captions[k] or p for k, p in zip(kept, captions)]
+    elif stages.recaption is not None:
         new = stages.recaption(views[kept, 0])
         captions = [c or p for c, p in zip(new, captions)]  # an empty caption keeps the prompt
-    rig = orbit(cfg)
-    samples = [MultiViewSample(key=_key(indices[k]), images=views[k], alphas=torch.ones_like(views[k][:, :1]),
-                               viewmats=rig.viewmats, Ks=rig.Ks, caption=c, source="synthetic",
-                               quality=float(scores[k]), elevation=math.radians(cfg.mv.elevation_deg))
-               for k, c in zip(kept, captions)]
-    return samples, len(items) - len(kept)
+    views = views[kept]                                                               # [K, V, 3, R, R]
+    alphas = torch.ones_like(views[:, :, :1]) if stages.matting is None else stages.matting(views)
+    if stages.elevation is None:
+        elevations = [math.radians(cfg.mv.elevation_deg)] * len(kept)
+    else:
+        elevations = [float(e) for e in stages.elevation(views)]
+    samples = []
+    for i, (k, c, el) in enumerate(zip(kept, captions, elevations)):
+        rig = orbit(cfg, el)
+        samples.append(MultiViewSample(key=_key(indices[k]), images=views[i], alphas=alphas[i], viewmats=rig.viewmats,
+                                       Ks=rig.Ks, caption=c, source="synthetic", quality=float(scores[k]),
+                                       elevation=el))
+    return samples, N - len(kept)
 
 
 def _write_shard(out: str, j: int, samples: list[MultiViewSample]) -> None:

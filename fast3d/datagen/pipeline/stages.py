@@ -9,6 +9,17 @@
   (:mod:`fast3d.datagen.quality`); without a filter directory everything is kept with quality 1.0.
 * :class:`Recaptioner`: images -> captions, a transformers BLIP (``BlipForConditionalGeneration``
   + ``BlipProcessor``) from a local directory, or a random tiny one.
+* :class:`fast3d.datagen.matting.Matting`: views -> alphas, a segmentation / salient-object model.
+* :class:`ElevationLabeler`: views -> the elevation of each orbit, VFusion3D's elevation MLP.
+
+:data:`STAGE_KINDS` is the registry: config section -> ``kind`` -> ``"module:Class"``. A class is
+built by ``Class.from_config(cfg, device)`` (``cfg`` the whole :class:`PipelineConfig`; the
+section's ``options`` mapping holds a plug-in's own settings) and may define a static
+``check_config(cfg)`` that :meth:`PipelineConfig.validate` calls before any work (check paths and
+options there). To plug in another model, add one line here and select it with the section's
+``kind``. A ``filter`` may return ``(keep, score)`` or ``(keep, score, captions)``: captions (a list,
+one per sample, ``None`` or ``""`` for no caption) then replace the prompts, as a multimodal LLM that
+grades and describes does.
 
 Every model is either a local directory (``local_files_only``: nothing is ever downloaded) or
 ``"random-tiny"``: random weights drawn from a fixed seed, the same model every time (tests, smoke runs).
@@ -19,6 +30,7 @@ samples of its batch (batched arithmetic can still change the last bits: the bat
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 
 import torch
@@ -27,6 +39,30 @@ from torch import Tensor
 from fast3d.io.images import to_uint8
 
 RANDOM_TINY = "random-tiny"
+
+STAGE_KINDS: dict[str, dict[str, str]] = {
+    "mv": {"svd": "fast3d.datagen.pipeline.stages:ImageToMultiView"},
+    "matting": {"segmentation": "fast3d.datagen.matting:Matting"},
+    "filter": {"svm": "fast3d.datagen.pipeline.stages:Filter"},
+    "recaption": {"blip": "fast3d.datagen.pipeline.stages:Recaptioner"},
+}
+
+
+def stage_class(section: str, kind: str):
+    """The class registered for ``section``'s ``kind`` in :data:`STAGE_KINDS` (ValueError naming the key)."""
+    kinds = STAGE_KINDS.get(section, {})
+    if kind not in kinds:
+        raise ValueError(f"{section}.kind must be one of {sorted(kinds)}; got {kind!r}")
+    mod, name = kinds[kind].split(":", 1)
+    try:
+        return getattr(importlib.import_module(mod), name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"{section}.kind {kind!r}: cannot import {kinds[kind]} ({e})") from None
+
+
+def _no_options(section: str, kind: str, options: dict) -> None:
+    if options:
+        raise ValueError(f"{section}.options: the {kind!r} {section} stage takes no options; got {sorted(options)}")
 
 
 @contextlib.contextmanager
@@ -140,6 +176,16 @@ class ImageToMultiView:
         self.views, self.resolution, self.steps = views, resolution, steps
         self.min_guidance, self.max_guidance = min_guidance, max_guidance
 
+    @staticmethod
+    def check_config(cfg) -> None:
+        _no_options("mv", cfg.mv.kind, cfg.mv.options)
+        check_model_source("mv.model", cfg.mv.model)
+
+    @classmethod
+    def from_config(cls, cfg, device: torch.device) -> ImageToMultiView:
+        m = cfg.mv
+        return cls(m.model, m.views, m.resolution, m.steps, m.min_guidance, m.max_guidance, device)
+
     @torch.no_grad()
     def __call__(self, images: Tensor,  # [N, 3, H, W] in [0, 1]
                  seeds: list[int]) -> Tensor:  # -> [N, V, 3, R, R] in [0, 1]
@@ -155,8 +201,9 @@ class ImageToMultiView:
 
 class Filter:
     """VFusion3D's quality filter from a directory written by ``fast3d datagen train-filter``:
-    ``__call__(views [N, V, 3, H, W]) -> (keep [N] bool, score [N] float64)``. ``threshold`` replaces
-    the one saved with the filter when given."""
+    ``__call__(views [N, V, 3, H, W]) -> (keep [N] bool, score [N] float64)``, on the same
+    features it was trained on (:func:`fast3d.datagen.quality.sample_features` of its ``frames``).
+    ``threshold`` replaces the one saved with the filter when given."""
 
     def __init__(self, directory: str, threshold: float | None, device: torch.device):
         from fast3d.datagen.quality import FeatureExtractor
@@ -167,11 +214,44 @@ class Filter:
         self.extractor = FeatureExtractor.load(self.quality.dinov2)
         self.extractor.model.to(device)
 
+    @staticmethod
+    def check_config(cfg) -> None:
+        _no_options("filter", cfg.filter.kind, cfg.filter.options)
+        if cfg.filter.dir is not None:
+            load_filter(cfg.filter.dir)
+
+    @classmethod
+    def from_config(cls, cfg, device: torch.device) -> Filter | None:
+        return None if cfg.filter.dir is None else cls(cfg.filter.dir, cfg.filter.threshold, device)
+
     def __call__(self, views: Tensor,  # [N, V, 3, H, W] in [0, 1]
                  ) -> tuple[Tensor, Tensor]:  # [N] bool, [N] float64
-        feats = self.extractor.features(views)
-        scores = self.quality.score(feats)
+        from fast3d.datagen.quality import sample_features
+
+        scores = self.quality.score(sample_features(self.extractor, views, self.quality.frames))
         return scores > self.quality.threshold, scores
+
+
+class ElevationLabeler:
+    """VFusion3D's elevation estimator (the MLP of ``fast3d datagen train-filter``) labelling each
+    generated orbit: ``__call__(views [N, V, 3, H, W]) -> [N]`` elevation in radians of the orbit
+    (the condition view's), clamped to +-``max_deg`` so that the cameras stay defined."""
+
+    def __init__(self, directory: str, device: torch.device, max_deg: float = 89.0):
+        from fast3d.datagen.quality import FeatureExtractor
+
+        self.estimator = load_elevation(directory)
+        self.extractor = FeatureExtractor.load(self.estimator.dinov2)
+        self.extractor.model.to(device)
+        self.max_rad = torch.pi * max_deg / 180
+
+    @torch.no_grad()
+    def __call__(self, views: Tensor,  # [N, V, 3, H, W] in [0, 1]
+                 ) -> Tensor:  # [N] float64 radians
+        from fast3d.datagen.quality import sample_features
+
+        feats = sample_features(self.extractor, views, self.estimator.frames)
+        return self.estimator.predict(feats).double().clamp(-self.max_rad, self.max_rad)
 
 
 def load_filter(directory: str):
@@ -190,6 +270,23 @@ def load_filter(directory: str):
     if quality.dinov2 != RANDOM_TINY and not os.path.isdir(quality.dinov2):
         raise ValueError(f"filter.dir {directory!r} names dinov2 {quality.dinov2!r}, which is not a local directory")
     return quality
+
+
+def load_elevation(directory: str):
+    """The ElevationEstimator in ``directory``; ValueError naming ``elevation.estimator`` when it is not one."""
+    from fast3d.datagen.quality import ElevationEstimator
+
+    if not isinstance(directory, str) or not os.path.isdir(directory):
+        raise ValueError(f"elevation.estimator must be null or a directory written by `fast3d datagen train-filter` "
+                         f"(with its elevation MLP); got {directory!r}, which is not a directory")
+    try:
+        est = ElevationEstimator.load(directory)
+    except (ValueError, OSError) as e:
+        raise ValueError(f"elevation.estimator {directory!r}: not an elevation estimator ({e})") from None
+    if est.dinov2 is None or (est.dinov2 != RANDOM_TINY and not os.path.isdir(est.dinov2)):
+        raise ValueError(f"elevation.estimator {directory!r} names dinov2 {est.dinov2!r}, which is not a local "
+                         f"directory")
+    return est
 
 
 _TINY_WORDS = ("a", "an", "the", "red", "blue", "green", "small", "large", "wooden", "metal", "chair", "mug", "car",
@@ -239,6 +336,17 @@ class Recaptioner:
                                                                       dtype=torch.float32)
             self.processor = BlipProcessor.from_pretrained(model, local_files_only=True)
         self.model, self.device, self.max_tokens = self.model.to(device).eval(), device, max_tokens
+
+    @staticmethod
+    def check_config(cfg) -> None:
+        _no_options("recaption", cfg.recaption.kind, cfg.recaption.options)
+        if cfg.recaption.model is not None:
+            check_model_source("recaption.model", cfg.recaption.model)
+
+    @classmethod
+    def from_config(cls, cfg, device: torch.device) -> Recaptioner | None:
+        r = cfg.recaption
+        return None if r.model is None else cls(r.model, r.max_tokens, device)
 
     @torch.no_grad()
     def __call__(self, images: Tensor,  # [N, 3, H, W] in [0, 1]

@@ -1,5 +1,12 @@
 """DINOv2 features of multi-view samples, the input of VFusion3D's quality filter and elevation
-estimator."""
+estimator.
+
+:func:`sample_features` is the ONE function that turns a sample's frames into the feature vector
+both models see, at training (:func:`fast3d.datagen.quality.train_filter`) and at use (the
+pipeline's filter and elevation stages, :func:`~fast3d.datagen.quality.apply_filter`): the mean
+DINOv2 feature of ``frames`` frames spread uniformly over the video (VFusion3D: 8 frames for the
+filter, 4 views for the elevation estimator). Each saved model records its ``frames``.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +19,8 @@ from torch import Tensor
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 RANDOM_TINY = "random-tiny"
+FILTER_FRAMES = 8      # VFusion3D: "DINO ... features from 8 frames, uniformly distributed throughout the video"
+ELEVATION_FRAMES = 4   # VFusion3D: "DINO to extract features from 4 uniform views and averaged their features"
 
 
 class FeatureExtractor:
@@ -60,3 +69,34 @@ class FeatureExtractor:
                                   align_corners=False)
             out.append(self.model(pixel_values=(x - mean) / std).pooler_output.float().cpu())
         return torch.cat(out).view(N, V, -1).mean(1)
+
+
+def uniform_frames(num_frames: int, frames: int) -> Tensor:  # -> [frames] int64
+    """Indices of ``frames`` frames spread uniformly over a video of ``num_frames``: floor(i * V / n),
+    i = 0..n-1 (on an orbit of uniform azimuth steps, views 360/n degrees apart, the first included).
+
+    Raises ValueError when the video has fewer frames than requested."""
+    if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
+        raise ValueError(f"frames must be a positive int; got {frames!r}")
+    if num_frames < frames:
+        raise ValueError(f"a video of {num_frames} frames has fewer frames than the {frames} requested")
+    return torch.arange(frames) * num_frames // frames
+
+
+def sample_features(extractor: FeatureExtractor, videos: Tensor,  # [N, V, 3, H, W] in [0, 1]
+                    frames: int) -> Tensor:  # -> [N, D] float32
+    """The feature of each video that the quality filter and the elevation estimator are trained on
+    and applied to: the mean DINOv2 feature of :func:`uniform_frames` (V, ``frames``).
+
+    Args:
+        extractor: the DINOv2 feature extractor the model was trained with.
+        videos: [N, V, 3, H, W] frames in [0, 1], V >= frames.
+        frames: frames averaged per video (the saved model's ``frames``).
+
+    Returns:
+        [N, D] float32 features.
+    """
+    if not isinstance(videos, Tensor) or videos.dim() != 5:
+        raise ValueError(f"videos must be a tensor [N, V, 3, H, W]; got "
+                         f"{tuple(videos.shape) if isinstance(videos, Tensor) else type(videos).__name__}")
+    return extractor.features(videos[:, uniform_frames(videos.shape[1], frames)])

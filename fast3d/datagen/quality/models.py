@@ -16,19 +16,22 @@ from torch import Tensor, nn
 
 from fast3d import checks
 from fast3d._yaml import load_yaml
+from fast3d.datagen.quality.features import ELEVATION_FRAMES, FILTER_FRAMES
 from fast3d.io.atomic import atomic_open, atomic_path
 
 FILTER_NAME = "quality_filter"
 ELEVATION_NAME = "elevation_mlp"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: each model records the frames its features average (sample_features)
 
 
 class QualityFilter:
     """A linear SVM on standardised features; `score` is its decision function, > 0 for class 1
     (good); `keep` keeps the samples that score above `threshold`."""
 
-    def __init__(self, threshold: float = 0.0, C: float = 1.0, dinov2: str | None = None):
+    def __init__(self, threshold: float = 0.0, C: float = 1.0, dinov2: str | None = None,
+                 frames: int = FILTER_FRAMES):
         self.threshold = _finite("threshold", threshold)
+        self.frames = checks.positive_int("frames", frames)  # of sample_features, at training and at use
         self.C = _finite("C", C)
         if self.C <= 0:
             raise ValueError(f"C must be positive; got {C!r}")
@@ -66,16 +69,17 @@ class QualityFilter:
     def save(self, directory: str) -> None:
         p = self._fitted()
         _save(directory, FILTER_NAME, p, dict(feature_dim=len(p["coef"]), threshold=self.threshold, C=self.C,
-                                              dinov2=self.dinov2))
+                                              dinov2=self.dinov2, frames=self.frames))
 
     @classmethod
     def load(cls, directory: str) -> QualityFilter:
-        tensors, config = _load(directory, FILTER_NAME, ("feature_dim", "threshold", "C", "dinov2"))
+        tensors, config = _load(directory, FILTER_NAME, ("feature_dim", "threshold", "C", "dinov2", "frames"))
         D = checks.positive_int("config feature_dim", config["feature_dim"])
         _check_tensors(directory, FILTER_NAME, tensors, dict(mean=(D,), std=(D,), coef=(D,), intercept=(1,)))
         if not (tensors["std"] > 0).all():
             raise ValueError(f"{FILTER_NAME}.safetensors: std must be positive")
-        out = cls(threshold=config["threshold"], C=config["C"], dinov2=_spec(config))
+        out = cls(threshold=config["threshold"], C=config["C"], dinov2=_spec(config),
+                  frames=checks.positive_int("config frames", config["frames"]))
         out.params = {k: v.double() for k, v in tensors.items()}
         return out
 
@@ -88,9 +92,11 @@ class QualityFilter:
 class ElevationEstimator(nn.Module):
     """VFusion3D's 2-layer MLP: standardised features -> elevation (radians) of the first view."""
 
-    def __init__(self, feature_dim: int, hidden: int = 256, dinov2: str | None = None):
+    def __init__(self, feature_dim: int, hidden: int = 256, dinov2: str | None = None,
+                 frames: int = ELEVATION_FRAMES):
         super().__init__()
         self.feature_dim, self.hidden, self.dinov2 = feature_dim, hidden, dinov2
+        self.frames = checks.positive_int("frames", frames)  # of sample_features, at training and at use
         self.register_buffer("mean", torch.zeros(feature_dim))
         self.register_buffer("std", torch.ones(feature_dim))
         self.mlp = nn.Sequential(nn.Linear(feature_dim, hidden), nn.ReLU(), nn.Linear(hidden, 1))
@@ -136,14 +142,14 @@ class ElevationEstimator(nn.Module):
 
     def save(self, directory: str) -> None:
         _save(directory, ELEVATION_NAME, {k: v.detach() for k, v in self.state_dict().items()},
-              dict(feature_dim=self.feature_dim, hidden=self.hidden, dinov2=self.dinov2))
+              dict(feature_dim=self.feature_dim, hidden=self.hidden, dinov2=self.dinov2, frames=self.frames))
 
     @classmethod
     def load(cls, directory: str) -> ElevationEstimator:
-        tensors, config = _load(directory, ELEVATION_NAME, ("feature_dim", "hidden", "dinov2"))
+        tensors, config = _load(directory, ELEVATION_NAME, ("feature_dim", "hidden", "dinov2", "frames"))
         D = checks.positive_int("config feature_dim", config["feature_dim"])
         H = checks.positive_int("config hidden", config["hidden"])
-        out = cls(D, H, dinov2=_spec(config))
+        out = cls(D, H, dinov2=_spec(config), frames=checks.positive_int("config frames", config["frames"]))
         _check_tensors(directory, ELEVATION_NAME, tensors,
                        {k: tuple(v.shape) for k, v in out.state_dict().items()})
         out.load_state_dict({k: v.float() for k, v in tensors.items()})

@@ -47,7 +47,7 @@ from fast3d.models import mvdit
 from fast3d.models.checkpoints import dataclass_from_dict
 from fast3d.models.mvdit import MVDiTConfig
 from fast3d.training.config import RunConfig
-from fast3d.training.feature_cache import FeatureCacheDataset, FeatureCacheError
+from fast3d.training.feature_cache import FeatureCacheDataset, FeatureCacheError, check_azimuths
 from fast3d.training.loop import Recipe, StepContext
 from fast3d.training.mixed_cache import MixedCacheStream, check_mix
 from fast3d.training.ttr import SOURCES, TTRConfig, TTRSampler
@@ -67,6 +67,7 @@ class DataSection:
     cache: str = ""               # feature-cache directory (relative to the YAML)
     raw: str = ""                 # multi-view shards that ttr-extract encodes into `cache`
     shuffle_buffer: int = 128     # per source stream; holds decoded samples
+    grid_azimuths: tuple = (0.0, 90.0, 180.0, 270.0)  # degrees from the first view: the 2x2 grid's views
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,10 @@ def sections(cfg: RunConfig) -> tuple[MVDiTConfig, DataSection, LossSection, TTR
         raise ValueError(f"data.cache must name the feature-cache directory; got {d.cache!r}")
     if isinstance(d.shuffle_buffer, bool) or not isinstance(d.shuffle_buffer, int) or d.shuffle_buffer < 1:
         raise ValueError(f"data.shuffle_buffer must be a positive int; got {d.shuffle_buffer!r}")
+    try:
+        d = dataclasses.replace(d, grid_azimuths=check_azimuths(d.grid_azimuths))
+    except ValueError as e:
+        raise ValueError(f"data.{e}") from None
     loss = dataclass_from_dict(LossSection, cfg.loss, "loss")
     if not isinstance(loss.ttr, dict):
         raise ValueError(f"loss.ttr must be a mapping of TTRConfig fields; got {loss.ttr!r}")
@@ -128,7 +133,7 @@ class TTRRecipe(Recipe):
         c = self.model_cfg
         want = {"grid_size": c.grid_size, "latent_shape": [c.latent_channels, c.latent_size, c.latent_size],
                 "scaling_factor": c.vae_scaling_factor, "caption_tokens": c.max_caption_tokens,
-                "caption_channels": c.caption_channels}
+                "caption_channels": c.caption_channels, "grid_azimuths": list(self.data_section.grid_azimuths)}
         diff = {k: (m[k], v) for k, v in want.items() if m[k] != v}
         if diff:
             raise ValueError(f"data.cache {self.cache!r} was made for another model: (cache, model config) differ in "
