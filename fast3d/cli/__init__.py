@@ -1,4 +1,4 @@
-"""The `fast3d` command: info | bench | report | profile | datagen | train | infer | eval | sample | demo,
+"""The `fast3d` command: info | bench | report | profile | datagen | train | infer | sample | demo,
 plus the command groups of this package's modules.
 
 A command group that lives in its own module (``fast3d/cli/<name>.py``) defines
@@ -193,25 +193,6 @@ def cmd_infer(args) -> int:
     return 0
 
 
-def cmd_eval(args) -> int:
-    try:
-        model_dir, kind = _model_kind("eval", args.checkpoint)
-        if kind == "lgm":
-            from fast3d.inference import lgm
-
-            r = lgm.evaluate(model_dir, args.data, args.out, resolution=args.resolution,
-                             lpips_backbone=args.lpips_backbone, device=args.device, max_samples=args.max_samples)
-        else:
-            from fast3d.inference import lrm
-
-            r = lrm.evaluate(model_dir, args.data, args.out, resolution=args.resolution,
-                             lpips_backbone=args.lpips_backbone, device=args.device, max_samples=args.max_samples)
-    except ValueError as e:
-        return _fail("eval", str(e))
-    print(json.dumps({"samples": r["samples"], "mean": r["mean"]}, indent=1))
-    return 0
-
-
 def cmd_sample_ttr(args) -> int:
     from fast3d.inference.ttr import sample
     from fast3d.models.checkpoints import resolve_checkpoint
@@ -364,16 +345,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resolution", type=int, help="turntable resolution (default: the model's render size)")
     s.add_argument("--device", help="cuda | cpu (default: cuda when there is one)")
     s.set_defaults(fn=cmd_infer)
-
-    s = sub.add_parser("eval", help="held-out-view PSNR/SSIM/LPIPS (+ Chamfer/F-score for LGM) on a dataset")
-    s.add_argument("--checkpoint", required=True, help="model dir, checkpoint dir or training run dir")
-    s.add_argument("--data", required=True, help="multi-view shard directory")
-    s.add_argument("--out", required=True, help="report JSON path")
-    s.add_argument("--resolution", type=int, help="evaluation resolution (default: the model's render size)")
-    s.add_argument("--lpips-backbone", default="imagenet", help="imagenet | random | VGG-16 weights file")
-    s.add_argument("--max-samples", type=int, help="evaluate at most this many samples")
-    s.add_argument("--device", help="cuda | cpu")
-    s.set_defaults(fn=cmd_eval)
 
     s = sub.add_parser("sample", help="sample a trained multi-view diffusion model")
     ssub = s.add_subparsers(dest="sample_cmd", required=True)

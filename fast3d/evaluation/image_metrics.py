@@ -5,8 +5,9 @@ LPIPS needs ImageNet VGG-16 weights, which lpips takes from torchvision's cache
 (``$TORCH_HOME/hub/checkpoints/vgg16-397923af.pth``); this machine cannot download them, so
 ``backbone`` says where they come from: ``"imagenet"`` (that cache; a clear error if it is empty),
 a path to a VGG-16 state dict (safetensors, or a ``.pth`` read with ``weights_only=True``), or
-``"random"`` (a randomly initialised VGG under lpips' learned heads: a perceptual-style loss for
-offline tests and demos, not the LPIPS metric; evaluation reports name it ``lpips_random``).
+``"random"`` (a randomly initialised VGG, the same one every time (a fixed seed), under lpips'
+learned heads: a perceptual-style loss for offline tests and demos, not the LPIPS metric;
+evaluation reports name it ``lpips_random``).
 """
 
 from __future__ import annotations
@@ -98,8 +99,9 @@ def load_lpips(backbone: str = "imagenet", device: torch.device | str = "cpu") -
             raise ValueError(f"LPIPS needs ImageNet VGG-16 weights at {cached} (torchvision's cache; this machine "
                              f"cannot download them): copy them there, pass a weights file, or use 'random' "
                              f"for an offline stand-in")
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
         warnings.simplefilter("ignore")  # torchvision's 'pretrained' deprecation notice
+        torch.manual_seed(0)  # the random stand-in is one fixed net: a resumed evaluation scores alike
         m = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=backbone != "imagenet", verbose=False)
     if backbone not in ("imagenet", "random"):
         _load_vgg(m, backbone)

@@ -1,0 +1,148 @@
+"""``fast3d eval``: one command for every model kind, reported as the papers report them.
+
+* reconstructors (``lgm``, ``lrm``): ``--data`` (fast3d shards or a GSO-style folder) -> novel-view
+  PSNR / SSIM / MS-SSIM / LPIPS, Chamfer distance and F-score against the reference geometry;
+* the multi-view DiT (``mvdit``, TTR): ``--prompts`` -> 4 views a prompt -> CLIP-R precision and
+  CLIP text similarity per ``--clip`` backbone, FID of all views against ``--reference``;
+* multi-view diffusion (``mvdiff``): ``--images`` (and ``--prompts`` paired with them, optional)
+  -> the rig's views -> CLIP image similarity (and CLIP-R / text similarity), FID.
+
+The report is ``--out`` (JSON: per-sample rows, means, backbones, commit) with a Markdown table beside
+it; a killed run resumes from its ``.rows.jsonl``. ``--compare A.json B.json`` prints two reports side
+by side with the differences.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+KINDS = ("lgm", "lrm", "mvdit", "mvdiff")
+
+
+def _image_list(items: list[str]) -> list[str]:
+    from fast3d.evaluation.sets import list_images
+
+    out = []
+    for p in items:
+        out += list_images(p) if os.path.isdir(p) else [p]
+    if not out:
+        raise ValueError(f"--images {items} holds no images")
+    return out
+
+
+def _generative(args, kind: str, model_dir: str) -> dict:
+    from fast3d.evaluation.generative import evaluate_generated
+    from fast3d.evaluation.sets import read_prompts
+
+    prompts = read_prompts(args.prompts) if args.prompts else None
+    images = _image_list(args.images) if args.images else None
+    if not args.clip:
+        raise ValueError("--clip: name at least one CLIP backbone (a local transformers CLIP directory; "
+                         "random-tiny for tests)")
+    guidance = args.guidance_scale
+    if kind == "mvdit":
+        if prompts is None or images is not None:
+            raise ValueError("an mvdit model (text to multi-view) takes --prompts and no --images")
+        from fast3d.inference import ttr
+
+        guidance = 4.5 if guidance is None else guidance
+
+        def generate(i, prompt, image, stem):
+            return ttr.sample(model_dir, prompt, stem + ".png", steps=args.steps, guidance_scale=guidance,
+                              seed=args.seed, device=args.device)[1:]  # the 4 views, not the grid
+    else:
+        if images is None:
+            raise ValueError("an mvdiff model (image to multi-view) takes --images (and --prompts paired with them)")
+        from fast3d.inference import mvdiff
+        from fast3d.inference.common import load_image, save_image
+
+        guidance = 3.0 if guidance is None else guidance
+        model = mvdiff.load_mvdiff(model_dir, args.device)
+
+        def generate(i, prompt, image, stem):
+            out = mvdiff.sample_views(model, load_image(image, background=model.config.background),
+                                      steps=args.steps, guidance_scale=guidance, seed=args.seed)
+            paths = []
+            for v, view in enumerate(out["images"]):
+                paths.append(f"{stem}_view{v}.png")
+                save_image(view, paths[-1])
+            return paths
+    data = args.prompts or (args.images[0] if len(args.images) == 1 else os.path.dirname(images[0]))
+    return evaluate_generated(generate, prompts, args.out, model=model_dir, data=data, kind=kind, clips=args.clip,
+                              fid_backbone=args.fid_backbone, reference=args.reference, images=images,
+                              max_samples=args.max_samples, device=args.device or "cpu",
+                              settings={"steps": args.steps, "guidance_scale": guidance, "seed": args.seed})
+
+
+def cmd_eval(args, fail) -> int:
+    from fast3d.evaluation.report import compare_reports, markdown_path
+
+    try:
+        if args.compare:
+            from fast3d.evaluation.sets import read_json
+
+            a, b = (read_json(p, "--compare report") for p in args.compare)
+            for p, r in zip(args.compare, (a, b)):
+                if not isinstance(r, dict) or "mean" not in r:
+                    raise ValueError(f"--compare {p!r} is not a fast3d eval report (no 'mean')")
+            print(compare_reports(a, b), end="")
+            return 0
+        if not args.checkpoint or not args.out:
+            raise ValueError("--checkpoint and --out are required (or --compare A.json B.json)")
+        from fast3d.models import checkpoints
+
+        model_dir = checkpoints.resolve_checkpoint(args.checkpoint)
+        kind = checkpoints.model_type(model_dir)
+        if kind not in KINDS:
+            raise ValueError(f"--checkpoint {args.checkpoint!r} holds a {kind!r} model; fast3d eval takes "
+                             f"{', '.join(KINDS)}")
+        if kind in ("lgm", "lrm"):
+            if not args.data:
+                raise ValueError(f"an {kind} model is evaluated on --data (fast3d shards or a GSO-style folder)")
+            if args.prompts or args.images or args.clip or args.reference:
+                raise ValueError(f"--prompts/--images/--clip/--reference are for generators; an {kind} model "
+                                 f"takes --data")
+            if kind == "lgm":
+                from fast3d.inference import lgm
+
+                r = lgm.evaluate(model_dir, args.data, args.out, resolution=args.resolution,
+                                 lpips_backbone=args.lpips_backbone, device=args.device, max_samples=args.max_samples)
+            else:
+                from fast3d.inference import lrm
+
+                r = lrm.evaluate(model_dir, args.data, args.out, resolution=args.resolution,
+                                 lpips_backbone=args.lpips_backbone, device=args.device, max_samples=args.max_samples)
+        else:
+            if args.data:
+                raise ValueError(f"--data is for reconstructors; a {kind} model takes --prompts / --images")
+            r = _generative(args, kind, model_dir)
+    except ValueError as e:
+        return fail("eval", str(e))
+    print(json.dumps({"samples": r["samples"], "mean": r["mean"], "set_metrics": r["set_metrics"],
+                      "backbones": r["backbones"]}, indent=1))
+    print(f"wrote {args.out} and {markdown_path(args.out)}")
+    return 0
+
+
+def register(sub, fail) -> None:
+    s = sub.add_parser("eval", help="evaluate a model as the papers report it (LGM/LRM: novel views and geometry; "
+                                    "mvdit/mvdiff: CLIP-R, CLIP similarity, FID); --compare two reports")
+    s.add_argument("--checkpoint", help="model dir, checkpoint dir or training run dir")
+    s.add_argument("--out", help="report JSON path (a Markdown table is written beside it)")
+    s.add_argument("--data", help="lgm/lrm: multi-view shard directory or GSO-style object folder")
+    s.add_argument("--prompts", help="mvdit/mvdiff: prompt list (.txt one a line, .json, .jsonl)")
+    s.add_argument("--images", nargs="+", help="mvdiff: input images (files or folders), paired with --prompts")
+    s.add_argument("--clip", action="append", help="CLIP backbone: local transformers CLIP directory "
+                                                   "(repeatable: one column per backbone; random-tiny: tests only)")
+    s.add_argument("--fid-backbone", help="torchvision Inception-v3 weights file for FID (random-tiny: tests only)")
+    s.add_argument("--reference", help="folder of reference images for FID")
+    s.add_argument("--steps", type=int, default=20, help="mvdit/mvdiff: sampler steps")
+    s.add_argument("--guidance-scale", type=float, help="mvdit/mvdiff: guidance (default 4.5 / 3.0)")
+    s.add_argument("--seed", type=int, default=0, help="mvdit/mvdiff: noise seed of every sample")
+    s.add_argument("--resolution", type=int, help="lgm/lrm: evaluation resolution (default: the model's)")
+    s.add_argument("--lpips-backbone", default="imagenet", help="imagenet | random | VGG-16 weights file")
+    s.add_argument("--max-samples", type=int, help="evaluate at most this many samples")
+    s.add_argument("--device", help="cuda | cpu")
+    s.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), help="print two reports side by side")
+    s.set_defaults(fn=lambda args: cmd_eval(args, fail))
