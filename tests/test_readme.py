@@ -48,6 +48,9 @@ SHRINK = {
 # A placeholder for pretrained weights -> what the error must name (the first path the run misses).
 NEEDS_WEIGHTS = {
     "/path/to/dinov2": "/path/to/dinov2",
+    "/path/to/model_fp16_fixrot.safetensors": "/path/to/model_fp16_fixrot.safetensors",
+    "/path/to/openlrm-mix-large-1.1": "/path/to/openlrm-mix-large-1.1",
+    "/path/to/vfusion3d.pth": "/path/to/vfusion3d.pth",
     "train/configs/datagen_pipeline.yaml": "/data/prompts.txt",
 }
 

@@ -264,3 +264,22 @@ def test_openlrm_file_errors(tmp_path, gen):
     with pytest.raises(ValueError, match="--variant must be one of"):
         convert("openlrm", str(tmp_path / "v.safetensors"), str(tmp_path / "out"), variant="huge")
     assert not (tmp_path / "out").exists()
+
+
+def test_infer_runs_on_a_converted_model(tmp_path, gen):
+    """fast3d infer's LRM pipeline on a converted (tiny) OpenLRM, from its default source camera
+    given as a camera dict."""
+    from PIL import Image
+
+    from fast3d.inference import lrm as lrm_infer
+
+    sd = original_state(gen, "openlrm", TINY)
+    new, _, _ = convert_lrm.convert_state("openlrm", sd, TINY)
+    model = LRM(convert_lrm.lrm_config("openlrm", TINY))
+    model.load_state_dict(new)
+    model.save_pretrained(str(tmp_path / "m"))
+    Image.fromarray((torch.rand(24, 24, 3, generator=gen) * 255).to(torch.uint8).numpy()).save(tmp_path / "a.png")
+    r = lrm_infer.infer(str(tmp_path / "m"), str(tmp_path / "a.png"), str(tmp_path / "out"),
+                        camera={"azimuth_deg": -90.0, "elevation_deg": 0.0, "distance": 2.0, "fov_y_deg": FOV_F075},
+                        device="cpu", turntable_frames=2, resolution=16, point_grid=16, mesh_grid=16)
+    assert (tmp_path / "out" / "turntable.gif").stat().st_size > 0 and "latency_ms" in r
