@@ -22,7 +22,6 @@ in 1..5 is rejected and counted, never guessed.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import os
 import re
@@ -311,8 +310,27 @@ class MVLLMFilter:
         new = out[:, inputs["input_ids"].shape[1]:]
         return [s.strip() for s in self.processor.tokenizer.batch_decode(new, skip_special_tokens=True)]
 
+    @staticmethod
+    def check_config(cfg) -> None:
+        """The pipeline's check before any work (``filter.kind: mvllm``)."""
+        options_of(cfg)
+
+    @classmethod
+    def from_config(cls, cfg, device: torch.device) -> MVLLMFilter:
+        """The stage of a pipeline config (``filter.kind: mvllm``, settings in ``filter.options``)."""
+        o = options_of(cfg)
+        return cls(o.model, o.prompts, o.threshold, None if o.picks is None else tuple(o.picks), o.max_new_tokens,
+                   o.batch_size, device)
+
     def __call__(self, views: Tensor,  # [N, V, 3, H, W] in [0, 1]
-                 ) -> MVLLMResult:
+                 ) -> tuple[Tensor, Tensor, list]:
+        """The pipeline's filter call: (keep [N] bool, score [N] float64, descriptions as captions)."""
+        r = self.assess(views)
+        return r.keep, r.score, r.descriptions
+
+    def assess(self, views: Tensor,  # [N, V, 3, H, W] in [0, 1]
+               ) -> MVLLMResult:
+        """Describe and grade each sample (keep, score, descriptions and the raw grading answers)."""
         picks = self.picks if self.picks is not None else spread_picks(views.shape[1])
         grids = to_pil(tile_views(views.float().cpu(), picks))
         descriptions, answers = [], []
@@ -341,31 +359,31 @@ class MVLLMFilter:
 
 
 @dataclass(frozen=True)
-class MVLLMConfig:
-    """The pipeline's ``mvllm`` section (used in place of the DINOv2+SVM filter and the BLIP
-    recaption when ``model`` is set)."""
-    model: str | None = None          # local LLaVA directory, "random-tiny", or null (stage off)
+class MVLLMOptions:
+    """The pipeline's ``filter.options`` for ``filter.kind: mvllm`` (fast3d.datagen.pipeline)."""
+    model: str = RANDOM_TINY          # local LLaVA directory (e.g. a `fast3d train mvllm` export) or random-tiny
     prompts: str = ""                 # the prompts YAML
-    threshold: int = 4
+    threshold: int = 4                # Bootstrap3D keeps scores 4 and 5
     picks: tuple | None = None        # the 4 views tiled; null: spread over the orbit
     max_new_tokens: int = 256
     batch_size: int = 8
 
-    def validate(self) -> None:
-        if self.model is None:
-            return
-        check_source("mvllm.model", self.model)
-        load_prompts(self.prompts)
-        if isinstance(self.threshold, bool) or not isinstance(self.threshold, int) or \
-                not SCORE_MIN <= self.threshold <= SCORE_MAX:
-            raise ValueError(f"mvllm.threshold must be an int in [{SCORE_MIN}, {SCORE_MAX}]; got {self.threshold!r}")
-        if self.picks is not None and (len(self.picks) != 4 or not all(isinstance(i, int) and i >= 0
-                                                                       for i in self.picks)):
-            raise ValueError(f"mvllm.picks must be null or 4 view indices; got {self.picks!r}")
 
-    def build(self, device) -> MVLLMFilter:
-        return MVLLMFilter(self.model, self.prompts, self.threshold, None if self.picks is None else tuple(self.picks),
-                           self.max_new_tokens, self.batch_size, device)
-
-    def replace(self, **kw) -> MVLLMConfig:
-        return dataclasses.replace(self, **kw)
+def options_of(cfg) -> MVLLMOptions:
+    """The checked ``filter.options`` of a pipeline config whose ``filter.kind`` is ``mvllm``."""
+    f = cfg.filter
+    if f.dir is not None or f.threshold is not None:
+        raise ValueError(f"filter.kind 'mvllm' takes its settings in filter.options (model, prompts, threshold, ...); "
+                         f"filter.dir and filter.threshold must be null, got {f.dir!r} and {f.threshold!r}")
+    o = dataclass_from_dict(MVLLMOptions, f.options or {}, what="filter.options")
+    check_source("filter.options.model", o.model)
+    load_prompts(o.prompts)
+    if isinstance(o.threshold, bool) or not isinstance(o.threshold, int) or not SCORE_MIN <= o.threshold <= SCORE_MAX:
+        raise ValueError(f"filter.options.threshold must be an int in [{SCORE_MIN}, {SCORE_MAX}]; got {o.threshold!r}")
+    if o.picks is not None and (len(o.picks) != 4 or not all(isinstance(i, int) and i >= 0 for i in o.picks)):
+        raise ValueError(f"filter.options.picks must be null or 4 view indices; got {o.picks!r}")
+    for name in ("max_new_tokens", "batch_size"):
+        v = getattr(o, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"filter.options.{name} must be a positive int; got {v!r}")
+    return o

@@ -18,6 +18,8 @@ from fast3d.training.config import load_config
 RECIPES = {
     "lgm": "fast3d.training.recipes.lgm:LGMRecipe",
     "lrm": "fast3d.training.recipes.lrm:LRMRecipe",
+    "mvllm": "fast3d.training.recipes.mvllm:MVLLMRecipe",
+    "mvvideo": "fast3d.training.recipes.mvvideo:MVVideoRecipe",
     "ttr": "fast3d.training.recipes.ttr:TTRRecipe",
 }
 

@@ -102,7 +102,7 @@ def test_verdicts_keep_at_the_threshold_caption_and_count(stage):
 def test_tiny_llava_runs_on_views_and_rejects_what_it_cannot_score(stage, gen):
     views = torch.rand(3, 16, 3, 16, 16, generator=gen)
     before = stage.counts()["rejected_unparsed"]
-    r = stage(views)
+    r = stage.assess(views)
     assert len(r.descriptions) == len(r.answers) == 3 and r.keep.shape == (3,)
     # The random model's answers are what they are; whatever they say, keep follows the strict parse.
     for k, s, a in zip(r.keep.tolist(), r.score.tolist(), r.answers):
@@ -112,10 +112,45 @@ def test_tiny_llava_runs_on_views_and_rejects_what_it_cannot_score(stage, gen):
     assert stage.counts()["rejected_unparsed"] - before == sum(mvllm.parse_score(a) is None for a in r.answers)
 
 
-def test_bad_stage_arguments_are_named():
+def _pipeline_config(tmp_path, filter_section, count=4):
+    from fast3d.datagen.pipeline.config import PipelineConfig
+
+    return PipelineConfig.from_dict({
+        "prompts": {"templates": ["a {c} mug"], "vocab": {"c": ["red", "blue"]}, "count": count},
+        "t2i": {"model": "random-tiny", "steps": 2, "resolution": 32, "batch_size": 4},
+        "mv": {"model": "random-tiny", "views": 4, "resolution": 16, "steps": 2},
+        "filter": filter_section, "shards": {"samples_per_shard": count}})
+
+
+def test_bad_stage_arguments_are_named(tmp_path):
     with pytest.raises(ValueError, match=r"threshold must be an int in \[1, 5\]"):
         mvllm.MVLLMFilter(mvllm.RANDOM_TINY, PROMPTS, threshold=6)
-    with pytest.raises(ValueError, match="mvllm.threshold"):
-        mvllm.MVLLMConfig(model=mvllm.RANDOM_TINY, prompts=PROMPTS, threshold=0).validate()
-    with pytest.raises(ValueError, match="mvllm.picks"):
-        mvllm.MVLLMConfig(model=mvllm.RANDOM_TINY, prompts=PROMPTS, picks=(0, 1)).validate()
+    for options, match in (({"prompts": PROMPTS, "threshold": 0}, r"filter.options.threshold must be an int in \[1, 5\]"),
+                           ({"prompts": PROMPTS, "picks": [0, 1]}, "filter.options.picks"),
+                           ({"prompts": PROMPTS, "modle": "x"}, "modle"),
+                           ({"prompts": str(tmp_path / "none.yaml")}, "prompts must be a YAML file"),
+                           ({"prompts": PROMPTS, "model": str(tmp_path / "none")}, "filter.options.model must be")):
+        with pytest.raises(ValueError, match=match):
+            _pipeline_config(tmp_path, {"kind": "mvllm", "options": options})
+    with pytest.raises(ValueError, match="filter.dir and filter.threshold must be null"):
+        _pipeline_config(tmp_path, {"kind": "mvllm", "threshold": 4, "options": {"prompts": PROMPTS}})
+
+
+def test_pipeline_runs_the_mvllm_filter_and_writes_its_captions_and_scores(tmp_path, monkeypatch):
+    """`filter.kind: mvllm` in `fast3d datagen pipeline`: kept samples carry the description as caption
+    and the score as quality; the rest (low or unparsable) are rejected. The random model's words are
+    replaced by scripted answers, so the pipeline's handling is what is checked."""
+    from fast3d.data.dataset import MultiViewDataset
+    from fast3d.datagen.pipeline import engine
+
+    answers = iter(["a red mug", "a blue mug", "a mug", "a cup", "Score: 5", "Score: 2", "no score", "4/5"])
+
+    def scripted(self, texts, images):
+        return [next(answers) for _ in texts]
+
+    monkeypatch.setattr(mvllm.MVLLMFilter, "_generate", scripted)
+    cfg = _pipeline_config(tmp_path, {"kind": "mvllm", "options": {"prompts": PROMPTS, "max_new_tokens": 4}})
+    counts = engine.generate(str(tmp_path / "out"), cfg, progress=False)
+    assert counts["kept"] == 2 and counts["rejected"] == 2
+    got = {s["key"]: s for s in MultiViewDataset(str(tmp_path / "out"), views=4, resolution=16)}
+    assert [(s["caption"], s["quality"]) for _, s in sorted(got.items())] == [("a red mug", 5.0), ("a cup", 4.0)]

@@ -43,7 +43,7 @@ RANDOM_TINY = "random-tiny"
 STAGE_KINDS: dict[str, dict[str, str]] = {
     "mv": {"svd": "fast3d.datagen.pipeline.stages:ImageToMultiView"},
     "matting": {"segmentation": "fast3d.datagen.matting:Matting"},
-    "filter": {"svm": "fast3d.datagen.pipeline.stages:Filter"},
+    "filter": {"svm": "fast3d.datagen.pipeline.stages:Filter", "mvllm": "fast3d.datagen.mvllm:MVLLMFilter"},
     "recaption": {"blip": "fast3d.datagen.pipeline.stages:Recaptioner"},
 }
 
