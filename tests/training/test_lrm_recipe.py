@@ -118,18 +118,86 @@ def test_two_rank_run_resumes_and_switches_resolution_at_the_stage_boundary(tmp_
     assert model.config == LRMConfig.preset("tiny")
 
 
-def test_stage_schedule_and_learning_rate_restart():
+def cosine(step, a, b):
+    return 0.5 * (1 + math.cos(math.pi * (step - a - 1) / (b - a)))
+
+
+def test_stage_schedule_and_cosine_learning_rate_with_restart():
+    """VFusion3D: cosine annealing with a restart to the initial rate after the 192 px stage, and no
+    second warm-up (the old schedule was constant, and its restart re-ran the warm-up)."""
     r = recipe(loss={"stages": [{"resolution": 8, "steps": 2}, {"resolution": 16, "steps": 3},
-                                {"resolution": 24, "steps": 2}], "lr_reset_after": 16, "lpips_weight": 0.0},
+                                {"resolution": 24, "steps": 3}], "lr_reset_after": 16, "lpips_weight": 0.0},
                data={"resolution": 24},
-               run={"warmup_steps": 4})
+               run={"warmup_steps": 2})
     assert [r.stage_resolution(s) for s in range(1, 10)] == [8, 8, 16, 16, 16, 24, 24, 24, 24]
-    assert [r.lr_factor(s) for s in range(1, 11)] == [1, 1, 1, 1, 1, 0.25, 0.5, 0.75, 1, 1]
-    assert all(recipe(loss={"lr_reset_after": None}).lr_factor(s) == 1 for s in range(1, 10))
-    paper = LRMRecipe(load_config(os.path.join(CONFIGS, "lrm_small.yaml"), "lrm"))
-    assert [paper.stage_resolution(s) for s in (1, 20000, 20001, 40000, 40001, 100000, 150000)] == \
-        [128, 128, 192, 192, 256, 384, 384]
-    assert paper.lr_factor(40000) == 1 and paper.lr_factor(40001) == 1 / 3000 and paper.lr_factor(43000) == 1
+    # warm-up (the scheduler's ramp) to step 2; cycle (2, 5]; restart at the peak at step 6; cycle (5, 8]
+    want = [1, 1, 1, cosine(4, 2, 5), cosine(5, 2, 5), 1, cosine(7, 5, 8), cosine(8, 5, 8), cosine(8, 5, 8)]
+    assert [r.lr_factor(s) for s in range(1, 10)] == pytest.approx(want, abs=1e-12)
+    assert 0 < r.lr_factor(8) < r.lr_factor(7) < r.lr_factor(6) == 1  # anneals, never to 0
+    one = recipe(loss={"lr_reset_after": None}, run={"warmup_steps": 1})     # stages 2 + 4 steps: one cycle
+    assert [one.lr_factor(s) for s in range(1, 8)] == pytest.approx(
+        [1] + [cosine(s, 1, 6) for s in range(2, 7)] + [cosine(6, 1, 6)], abs=1e-12)
+    with pytest.raises(ValueError, match=r"warmup_steps \(5\) must end before the first cosine cycle does \(step 5"):
+        recipe(loss={"stages": [{"resolution": 8, "steps": 2}, {"resolution": 16, "steps": 3},
+                                {"resolution": 24, "steps": 3}], "lr_reset_after": 16, "lpips_weight": 0.0},
+               data={"resolution": 24}, run={"warmup_steps": 5})
+
+
+@pytest.mark.parametrize("name", ["lrm_small.yaml", "lrm_base.yaml", "lrm_large.yaml"])
+def test_shipped_pretraining_configs_follow_the_paper(name):
+    """Stages 128..384 px of 5 epochs each but the last (10), the restart after the 192 px stage
+    (after 10 of the 30 epochs), 3000 warm-up steps, initial rate 4e-4, max_steps = all stages."""
+    paper = LRMRecipe(load_config(os.path.join(CONFIGS, name), "lrm"))
+    assert [res for res, _ in paper.stages] == [128, 192, 256, 320, 384]
+    epoch = paper.stages[0][1]
+    assert [steps / epoch for _, steps in paper.stages] == [1, 1, 1, 1, 2]
+    assert paper.restart_step == 2 * epoch and paper.total_steps == 6 * epoch == paper.cfg.max_steps
+    assert paper.cfg.warmup_steps == 3000 and paper.cfg.lr == 4e-4
+    assert [paper.stage_resolution(s) for s in (1, epoch, epoch + 1, 2 * epoch + 1, 6 * epoch, 7 * epoch)] == \
+        [128, 128, 192, 256, 384, 384]
+    r = paper.restart_step
+    assert paper.lr_factor(3000) == 1 and paper.lr_factor(3001) == 1 and paper.lr_factor(r + 1) == 1
+    assert paper.lr_factor(r) < 1e-6 and paper.lr_factor(r + 2) > 0.99999   # down to ~0, back to the peak
+    assert paper.lr_factor(6 * epoch) < 1e-6
+
+
+def test_shipped_finetune_config_is_vfusion3d_second_stage():
+    """VFusion3D's fine-tuning on 3D renders: rendered3d data, MSE + LPIPS (no image_level), the last
+    stage's 384 px, a smaller rate than pre-training, from the pre-training run."""
+    cfg = load_config(os.path.join(CONFIGS, "lrm_finetune3d.yaml"), "lrm")
+    pre = load_config(os.path.join(CONFIGS, "lrm_small.yaml"), "lrm")
+    assert cfg.model["preset"] == pre.model["preset"] and cfg.model["init_from"] == "../../runs/lrm_small"
+    assert list(cfg.data["sources"]) == ["rendered3d"] and cfg.loss["image_level"] is False
+    assert list(cfg.loss["stages"]) == [{"resolution": 384, "steps": cfg.max_steps}] and cfg.lr < pre.lr
+    with pytest.raises(ValueError, match="model.init_from"):
+        LRMRecipe(cfg)  # no pre-training run here
+
+
+def test_init_from_flag_starts_an_lrm_run_from_a_training_run(tmp_path, monkeypatch):
+    """`fast3d train lrm --init-from RUN` (as for lgm): the run starts from RUN's newest weights and
+    its config.json names them."""
+    from fast3d.training import launch
+
+    cfg = tmp_path / "lrm_tiny.yaml"
+    cfg.write_text(json.dumps(tiny_dict(train=str(tmp_path), loss={"lpips_weight": 0.0})))  # data: not read
+    pre = LRM(LRMConfig.preset("tiny"))
+    weights = tmp_path / "pre" / "checkpoints" / "step00000007" / "model"
+    pre.save_pretrained(str(weights))
+    (tmp_path / "pre" / "checkpoints" / "latest").write_text("step00000007")
+    seen = {}
+
+    def fake_train(recipe, output, resume=False):
+        seen["recipe"], seen["model"] = recipe, recipe.build_model()
+
+    import fast3d.training.loop as loop
+
+    monkeypatch.setattr(loop, "train", fake_train)  # the run itself is test_two_rank_run_...'s
+    assert launch.run("lrm", str(cfg), str(tmp_path / "run"), ranks=1, init_from=str(tmp_path / "pre")) == 0
+    assert seen["recipe"].cfg.model["init_from"] == os.path.abspath(str(weights))
+    for (k, a), b in zip(seen["model"].state_dict().items(), pre.state_dict().values()):
+        assert_close(a, b, atol=0, rtol=0, name=k)
+    with pytest.raises(ValueError, match="--init-from takes the lgm or lrm recipe"):
+        launch.run("ttr", os.path.join(CONFIGS, "ttr_tiny.yaml"), str(tmp_path / "x"), ranks=1, init_from="x")
 
 
 def test_camera_noise_reaches_the_input_camera_alone(gen, tiny_lrm):

@@ -11,10 +11,16 @@ The recipe's switches, in the ``loss`` section (the paper's values in brackets; 
 scales the resolutions down):
 
 * ``stages`` (required): ``[{resolution, steps}, ...]``, the render resolution of each training
-  stage, in order; steps past the last stage stay at its resolution [128, 192, 256, 320, 384].
-  Targets are resized from ``data.resolution`` to the stage's resolution.
-* ``lr_reset_after``: a stage resolution; after that stage ends the learning rate restarts its
-  linear warm-up over ``warmup_steps`` (``lr_factor``) [192]. null: no restart.
+  stage, in order; steps past the last stage stay at its resolution [128, 192, 256, 320, 384 px,
+  5 epochs each but the last, 10: 30 epochs]. Targets are resized from ``data.resolution`` to the
+  stage's resolution.
+* ``lr_reset_after``: a stage resolution; the learning rate's cosine annealing restarts at the peak
+  after that stage ends, without a second warm-up [192: the restart after the first 10 epochs].
+  null: one cosine cycle. The schedule (``lr_factor``, on top of the run's linear warm-up over
+  ``warmup_steps`` [3000], which must end before the restart): constant through the warm-up, then
+  each cycle ``(a, b]`` anneals ``0.5 (1 + cos(pi (step - a - 1) / (b - a)))`` from 1 towards 0;
+  the first cycle runs from the end of the warm-up to the restart, the second from the restart to
+  the end of the last stage; steps past the last stage keep its last factor.
 * ``image_level``: the RGB renders are supervised by LPIPS alone, no pixel MSE (the opacity loss
   stays): the synthetic views are not pixel-consistent across views [true for pre-training; false,
   MSE + LPIPS, when fine-tuning on 3D renders]. Needs ``lpips_weight > 0``.
@@ -47,7 +53,9 @@ directories or files), ``views``, ``sources`` (a dataset without any sample of t
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
+import os
 from dataclasses import dataclass
 
 import torch
@@ -175,6 +183,7 @@ class LRMRecipe(Recipe):
         if self.resolution < max(r for r, _ in self.stages):
             raise ValueError(f"data.resolution ({self.resolution}) must be at least the largest stage resolution "
                              f"({max(r for r, _ in self.stages)}): targets are not upsampled")
+        self.total_steps = sum(steps for _, steps in self.stages)
         self.restart_step = None
         if self.loss_section.lr_reset_after is not None:
             end = 0
@@ -183,6 +192,23 @@ class LRMRecipe(Recipe):
                 if res == self.loss_section.lr_reset_after:
                     self.restart_step = end
                     break
+        first_end = self.restart_step if self.restart_step is not None else self.total_steps
+        if cfg.warmup_steps >= first_end:
+            where = "the restart after loss.lr_reset_after" if self.restart_step else "the end of loss.stages"
+            raise ValueError(f"warmup_steps ({cfg.warmup_steps}) must end before the first cosine cycle does (step "
+                             f"{first_end}: {where})")
+        # (start, end] of each cosine cycle, in steps
+        self.cycles = [(cfg.warmup_steps, first_end)]
+        if self.restart_step is not None:
+            self.cycles.append((self.restart_step, self.total_steps))
+        self.init_dir = None
+        if self.model_section.init_from:
+            from fast3d.models.checkpoints import resolve_checkpoint
+
+            # Found before anything is written (a run directory means its newest weights) and pinned
+            # in the run's config, so config.json names the weights it started from.
+            self.init_dir = resolve_checkpoint(cfg.path(self.model_section.init_from), what="model.init_from")
+            self.cfg = self.cfg.replace(model={**self.cfg.model, "init_from": os.path.abspath(self.init_dir)})
         self.lpips = None
 
     def stage_resolution(self, step: int) -> int:
@@ -195,16 +221,16 @@ class LRMRecipe(Recipe):
         return self.stages[-1][0]
 
     def lr_factor(self, step: int) -> float:
-        if self.restart_step is None or step <= self.restart_step:
-            return 1.0
-        return min(1.0, (step - self.restart_step) / max(1, self.cfg.warmup_steps))
+        """The cosine annealing with restart of (1-based) step ``step`` (module docstring)."""
+        step = min(step, self.total_steps)
+        for a, b in reversed(self.cycles):
+            if step > a:
+                return 0.5 * (1 + math.cos(math.pi * (step - a - 1) / (b - a)))
+        return 1.0  # the warm-up: the run's scheduler ramps the rate
 
     def build_model(self) -> torch.nn.Module:
-        src = None
-        if self.model_section.init_from:
-            from fast3d.models.checkpoints import resolve_checkpoint
-
-            src = resolve_checkpoint(self.cfg.path(self.model_section.init_from), what="model.init_from")
+        src = self.init_dir
+        if src is not None:
             try:
                 saved = checkpoints.read_config(src, "lrm", LRMConfig)
             except ValueError as e:
