@@ -97,7 +97,7 @@ PRESETS = {
                  cross_attention_dim=32, norm_num_groups=8,
                  down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                  up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-                 vae=PIXEL, vae_downsample=2, latent_channels=12, vae_scaling_factor=1.0, image_embed_dim=32),
+                 vae=PIXEL, vae_downsample=4, latent_channels=48, vae_scaling_factor=1.0, image_embed_dim=32),
     "base": dict(resolution=256, **_SD2, vae_downsample=8, latent_channels=4, vae_scaling_factor=0.18215,
                  image_embed_dim=1024),
 }
@@ -401,6 +401,52 @@ def build_image_encoder(cfg: MVDiffConfig, config: dict | None = None):
     return enc.eval().requires_grad_(False)
 
 
+def _device(module: nn.Module) -> torch.device:
+    p = next(module.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def encode_latents(vae, cfg: MVDiffConfig,
+                   images: Tensor,                               # [N, 3, R, R] in [0, 1]
+                   generator: torch.Generator | None = None,
+                   ) -> Tensor:                                  # [N, C, h, w]
+    """The images' latents times ``vae_scaling_factor``, on the VAE's device: the posterior's mean,
+    or a sample of it drawn from ``generator`` (a CPU generator) when one is given."""
+    dev = _device(vae)
+    x = images.to(dev, torch.float32) * 2 - 1
+    if isinstance(vae, PixelAutoencoder):
+        z = vae.encode_images(x)
+    else:
+        dist = vae.encode(x).latent_dist
+        z = dist.mean
+        if generator is not None:
+            z = z + dist.std * torch.randn(z.shape, generator=generator).to(dev)
+    return z * cfg.vae_scaling_factor
+
+
+def decode_latents(vae, cfg: MVDiffConfig,
+                   z: Tensor,        # [N, C, h, w], scaled
+                   ) -> Tensor:      # [N, 3, R, R] in [0, 1]
+    """Images from scaled latents, on the VAE's device."""
+    z = z.to(_device(vae), torch.float32) / cfg.vae_scaling_factor
+    x = vae.decode_latents(z) if isinstance(vae, PixelAutoencoder) else vae.decode(z).sample
+    return ((x + 1) / 2).clamp(0, 1)
+
+
+def image_embeds(encoder,
+                 images: Tensor,  # [N, 3, R, R] in [0, 1]
+                 ) -> Tensor:     # [N, E]
+    """CLIP image embeddings on the encoder's device: the images resized (bicubic, antialiased) to
+    the encoder's size and normalised as CLIP's preprocessing does."""
+    s = encoder.config.image_size
+    dev = _device(encoder)
+    x = F.interpolate(images.to(dev, torch.float32), size=(s, s), mode="bicubic", antialias=True,
+                      align_corners=False).clamp(0, 1)
+    mean = torch.tensor(CLIP_MEAN, device=dev)[:, None, None]
+    std = torch.tensor(CLIP_STD, device=dev)[:, None, None]
+    return encoder(pixel_values=(x - mean) / std).image_embeds
+
+
 def build_denoiser(cfg: MVDiffConfig, attention_backend: str = "auto") -> MVDenoiser:
     """A denoiser for ``cfg``: random from ``random_seed`` (diffusers' initialisation), then
     ``unet_init``'s weights when it names a directory."""
@@ -453,36 +499,18 @@ class MVDiffusion(nn.Module):
 
     def encode_latents(self, images: Tensor,                 # [N, 3, R, R] in [0, 1]
                        generator: torch.Generator | None = None) -> Tensor:  # -> [N, C, h, w], scaled
-        """The images' latents times ``vae_scaling_factor``: the posterior's mean, or a sample of it
-        drawn from ``generator`` (CPU) when one is given."""
-        x = images.to(self.device, torch.float32) * 2 - 1
-        if isinstance(self.vae, PixelAutoencoder):
-            z = self.vae.encode_images(x)
-        else:
-            dist = self.vae.encode(x).latent_dist
-            if generator is None:
-                z = dist.mean
-            else:
-                z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=generator).to(dist.mean.device)
-        return z * self.config.vae_scaling_factor
+        """:func:`encode_latents` with this model's VAE."""
+        return encode_latents(self.vae, self.config, images, generator)
 
     def decode_latents(self, z: Tensor,   # [N, C, h, w], scaled
                        ) -> Tensor:       # [N, 3, R, R] in [0, 1]
-        """Images from scaled latents."""
-        z = z.to(self.device, torch.float32) / self.config.vae_scaling_factor
-        x = self.vae.decode_latents(z) if isinstance(self.vae, PixelAutoencoder) else self.vae.decode(z).sample
-        return ((x + 1) / 2).clamp(0, 1)
+        """:func:`decode_latents` with this model's VAE."""
+        return decode_latents(self.vae, self.config, z)
 
     def image_embeds(self, images: Tensor,  # [N, 3, R, R] in [0, 1]
                      ) -> Tensor:           # [N, E]
-        """CLIP image embeddings: resized (bicubic, antialiased) to the encoder's size and normalised
-        as CLIP's preprocessing does."""
-        s = self.image_encoder.config.image_size
-        x = F.interpolate(images.to(self.device, torch.float32), size=(s, s), mode="bicubic", antialias=True,
-                          align_corners=False).clamp(0, 1)
-        mean = torch.tensor(CLIP_MEAN, device=x.device)[:, None, None]
-        std = torch.tensor(CLIP_STD, device=x.device)[:, None, None]
-        return self.image_encoder(pixel_values=(x - mean) / std).image_embeds
+        """:func:`image_embeds` with this model's image encoder."""
+        return image_embeds(self.image_encoder, images)
 
     # --- model directories ---
 

@@ -21,6 +21,7 @@ RECIPES = {
     "mvllm": "fast3d.training.recipes.mvllm:MVLLMRecipe",
     "mvvideo": "fast3d.training.recipes.mvvideo:MVVideoRecipe",
     "ttr": "fast3d.training.recipes.ttr:TTRRecipe",
+    "mvdiff": "fast3d.training.recipes.mvdiff:MVDiffRecipe",
 }
 
 
