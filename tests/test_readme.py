@@ -37,6 +37,8 @@ SHRINK = {
     ("fast3d", "train", "ttr"): (["--max-steps", "2"], "as for lgm"),
     ("fast3d", "bench"): (["--out", "{tmp}/results"], "rows go to the test's folder, not the committed results"),
     ("fast3d", "profile"): (["--out", "{tmp}/traces"], "traces go to the test's folder, not the checkout"),
+    ("fast3d", "loadtest"): (["--requests", "4", "--infer-requests", "1", "--concurrency", "1", "4", "--out",
+                              "{tmp}/serve"], "4 requests a cell run every mode; rows go to the test's folder"),
     ("profiling/gpu_prepare.sh",): (["--dry-run"], "its gsplat build takes hours on 2 cores: the dry run reads the "
                                                    "plan and the cache without a registry"),
     (".ci/latest",): (["--dry-run"], "a fresh venv with the newest torch is GBs and ~15 minutes of installing, "
@@ -122,7 +124,7 @@ def _prefix_match(table: dict, argv: list[str]):
 
 
 def _run(argv: list[str], tmp: Path, expect: int | None = None) -> subprocess.CompletedProcess:
-    cwd = tmp if argv[0] == "fast3d" else ROOT
+    cwd = tmp if argv[0] in ("fast3d", "curl") else ROOT
     # the CPU walkthrough everywhere, in a user's environment (not the test session's Triton interpreter)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
@@ -185,6 +187,31 @@ def test_latest_and_oldest_install_what_they_say():
     assert set(oldest) == set(newest)
 
 
+# Servers: started in the background, the rest of their block runs once they print this line; then
+# SIGTERM, and they must drain and exit 0.
+SERVERS = {("fast3d", "serve"): "ready on"}
+
+
+def _start_server(argv: list[str], tmp: Path, ready: str) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.Popen(argv, cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    for line in proc.stdout:
+        if ready in line:
+            return proc
+    raise AssertionError(f"`{shlex.join(argv)}` exited {proc.wait()} before printing {ready!r}")
+
+
+def _stop_server(proc: subprocess.Popen, argv: list[str]) -> None:
+    proc.terminate()
+    try:
+        code = proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError(f"`{shlex.join(argv)}` did not stop within 120 s of SIGTERM") from None
+    assert code == 0, f"`{shlex.join(argv)}` exited {code} on SIGTERM"
+
+
 # Words that make an inline span the shape of a command (`--ranks N`), not a command to run.
 PLACEHOLDERS = {"N", "DIR", "CFG", "H", "OP", "WORKLOAD", "BACKEND", "NAME", "OUT", "PATH", "FILE", "..."}
 
@@ -207,6 +234,7 @@ def test_every_readme_command_runs(tmp_path):
     for marker, cmds in readme_blocks():
         if marker:
             continue  # .ci/run's
+        servers = []
         for argv in cmds:
             for token in argv:
                 if token in STAND_INS and not (tmp_path / token).exists():
@@ -218,7 +246,9 @@ def test_every_readme_command_runs(tmp_path):
             shrink = _prefix_match(SHRINK, argv)
             full = argv + [a.format(tmp=tmp_path) for a in shrink[0]] if shrink else argv
             t0 = time.monotonic()
-            if weights:
+            if _prefix_match(SERVERS, argv):
+                servers.append((_start_server(full, tmp_path, _prefix_match(SERVERS, argv)), full))
+            elif weights:
                 r = _run(full, tmp_path, expect=2)
                 err = r.stderr.strip().splitlines()
                 assert len(err) == 1 and weights[0] in err[0], f"`{shlex.join(full)}`:\n{r.stderr[-3000:]}"
@@ -228,6 +258,8 @@ def test_every_readme_command_runs(tmp_path):
             else:
                 _run(full, tmp_path, expect=0)
             ran.append(f"{time.monotonic() - t0:6.1f} s  {shlex.join(full)}")
+        for proc, full in servers:
+            _stop_server(proc, full)
     print("\n".join(ran))
 
     # what the README says the commands leave behind
@@ -243,3 +275,6 @@ def test_every_readme_command_runs(tmp_path):
     assert json.loads((tmp_path / "runs/boost/config.json").read_text())["model"]["lora_rank"] == 8
     assert list((tmp_path / "results").glob("*/composite.jsonl"))
     assert list((tmp_path / "traces").rglob("*.json"))
+    assert load_ply(str(tmp_path / "served.ply"))["means"].shape[0] > 0
+    assert (tmp_path / "served.splat").stat().st_size % 32 == 0
+    assert list((tmp_path / "serve").glob("*/serve.jsonl"))

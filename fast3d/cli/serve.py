@@ -118,7 +118,8 @@ def register(sub, fail) -> None:
     s.add_argument("--time-limit", type=float, default=120.0, help="seconds after which a cell starts no request")
     s.add_argument("--max-batch", type=int, default=8)
     s.add_argument("--max-wait-ms", type=float, default=5.0)
-    s.add_argument("--mode", action="append", help="infer_process | batching_off | batching_on (default: all)")
+    s.add_argument("--mode", action="append", help="infer_process | batching_off | batching_on | batching_variable "
+                                                   "(default: all)")
     s.add_argument("--port", type=int, default=8123)
     s.add_argument("--out", default="profiling/serve", help="results folder")
     s.set_defaults(fn=lambda a: cmd_loadtest(a, fail))

@@ -31,6 +31,7 @@ import io
 import json
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -156,6 +157,9 @@ class Fast3dServer:
                                   self.opts.device, self.opts.fixed_batch)
         self.batched.set_max_batch_size(self.opts.max_batch)
         self.batched.set_batch_wait_timeout_s(self.opts.max_wait_ms / 1e3)
+        # Every torch call of the replica (request preparation, batches) runs on this one thread: one
+        # OpenMP team, not one per worker thread fighting over the cores.
+        self.torch_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fast3d-torch")
         self.metrics = Metrics(str(os.getpid()), self.pipe.kind)
         self.waiting: set = set()  # requests queued for a batch that has not started
         self.metrics.track_queue(lambda: len(self.waiting))
@@ -172,13 +176,14 @@ class Fast3dServer:
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
     async def batched(self, items: list) -> list:
-        """[(Prepared, time queued, token)] -> [(Result, ms queued)]: one pipeline run in a worker thread
-        (the event loop keeps parsing and queueing requests meanwhile)."""
+        """[(Prepared, time queued, token)] -> [(Result, ms queued)]: one pipeline run on the torch
+        thread (the event loop keeps parsing and queueing requests meanwhile)."""
         start = time.perf_counter()
         for _, _, token in items:
             self.waiting.discard(token)
         self.metrics.observe_batch(len(items))
-        results = await asyncio.to_thread(self.pipe.run, [p for p, _, _ in items])
+        results = await asyncio.get_running_loop().run_in_executor(self.torch_thread, self.pipe.run,
+                                                                   [p for p, _, _ in items])
         return [(r, (start - t) * 1e3) for r, (_, t, _) in zip(results, items)]
 
     @app.post("/v1/reconstruct", openapi_extra=_RECONSTRUCT_BODY, summary="images -> 3D Gaussians (PLY or .splat)")
@@ -216,12 +221,14 @@ class Fast3dServer:
                 raise RequestError("x-deadline-ms", f"must be positive; got {asked!r}")
         deadline = t0 + deadline_s
         body = await _read_body(request, self.opts.max_body_bytes)
-        req = await asyncio.to_thread(parse_request, request.headers.get("content-type"), body,
-                                      self.opts.max_pixels, self.opts.max_body_bytes)
+        req = await asyncio.get_running_loop().run_in_executor(
+            self.torch_thread, parse_request, request.headers.get("content-type"), body, self.opts.max_pixels,
+            self.opts.max_body_bytes)
         json_out = "application/json" in request.headers.get("accept", "")
         if req.turntable and not json_out:
             raise RequestError("turntable", "a turntable comes only in a JSON response (Accept: application/json)")
-        prepared = await asyncio.to_thread(self.pipe.prepare, req.images, req.cameras, req.turntable)
+        prepared = await asyncio.get_running_loop().run_in_executor(self.torch_thread, self.pipe.prepare, req.images,
+                                                                    req.cameras, req.turntable)
         token = object()
         self.waiting.add(token)
         try:

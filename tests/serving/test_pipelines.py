@@ -13,10 +13,11 @@ from PIL import Image
 
 from fast3d.inference import common, lgm
 from fast3d.io import load_ply
+from fast3d.io.ply import ply_bytes
 from fast3d.io.splat import load_splat, splat_bytes
 from fast3d.models.lgm import LGM, LGMConfig
 from fast3d.models.lrm import LRM, LRMConfig
-from fast3d.serving.loadtest import multipart, percentile
+from fast3d.serving.loadtest import multipart, percentile, same_ply
 from fast3d.serving.pipelines import RequestError, load_pipeline
 from fast3d.serving.request import parse_request
 
@@ -200,3 +201,15 @@ def test_percentile():
     assert percentile([], 50) is None
     assert percentile([3.0, 1.0, 2.0], 50) == 2.0
     assert percentile([0.0, 10.0], 95) == pytest.approx(9.5)
+
+
+def test_same_ply_compares_headers_and_floats(gen):
+    N = 10
+    args = [torch.randn(N, 3, generator=gen), torch.randn(N, 4, generator=gen), torch.rand(N, 3, generator=gen) + 0.1,
+            torch.rand(N, generator=gen) * 0.9 + 0.05, torch.randn(N, 1, 3, generator=gen)]
+    a = ply_bytes(*args)
+    near = ply_bytes(args[0] + 1e-6, *args[1:])
+    far = ply_bytes(args[0] + 1e-2, *args[1:])
+    fewer = ply_bytes(*(x[:-1] for x in args))
+    assert same_ply(a, a, 0) and same_ply(a, near, 1e-4) and not same_ply(a, near, 0)
+    assert not same_ply(a, far, 1e-4) and not same_ply(a, fewer, 1e-4)

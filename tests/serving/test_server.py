@@ -13,6 +13,7 @@ import time
 import urllib.error
 import urllib.request
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -126,6 +127,96 @@ def test_page_static_files_health_openapi_and_the_pages_request(server, gen, tmp
     assert status == 400 and json.loads(body)["error"]["field"] == "turntable"
     status, headers, body = _reconstruct(server, _views(gen), {"format": "splat"})
     assert status == 200 and len(body) == 32 * 4 * 32 * 32 and headers["x-fast3d-batch-size"] == "1"
+
+
+class _CDP:
+    """A minimal Chrome DevTools Protocol client over a page's websocket."""
+
+    def __init__(self, ws_url: str):
+        from websockets.sync.client import connect
+
+        self.ws, self.next_id = connect(ws_url, max_size=None, open_timeout=60), 0
+
+    def __call__(self, method: str, **params):
+        self.next_id += 1
+        self.ws.send(json.dumps({"id": self.next_id, "method": method, "params": params}))
+        while True:
+            msg = json.loads(self.ws.recv(timeout=120))
+            if msg.get("id") == self.next_id:
+                if "error" in msg:
+                    raise AssertionError(f"{method}: {msg['error']}")
+                return msg["result"]
+
+    def eval(self, expr: str):
+        return self("Runtime.evaluate", expression=expr, returnByValue=True, awaitPromise=True)["result"].get("value")
+
+
+@pytest.mark.skipif(not os.access(os.environ.get("FAST3D_CHROMIUM", ""), os.X_OK),
+                    reason="set FAST3D_CHROMIUM to a Chromium binary (e.g. `npm install @sparticuz/chromium`, then "
+                           "its executablePath(), /tmp/chromium)")
+def test_page_in_headless_chromium_shows_the_result(server, gen, tmp_path):
+    """Open / in headless Chromium, upload 4 views into the form, submit, wait for the turntable,
+    and check the screenshot: the turntable's area is blank before and holds the rendering after."""
+    import subprocess
+
+    paths = []
+    for i, data in enumerate(_views(gen)):
+        paths.append(str(tmp_path / f"v{i}.png"))
+        with open(paths[-1], "wb") as f:
+            f.write(data)
+    port = _free_port()
+    proc = subprocess.Popen([os.environ["FAST3D_CHROMIUM"], "--headless=shell", "--no-sandbox", "--no-zygote",
+                             "--disable-gpu", f"--user-data-dir={tmp_path / 'profile'}", f"--remote-debugging-port={port}",
+                             "--window-size=800,900", "about:blank"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        t0 = time.monotonic()
+        while True:
+            try:
+                req = urllib.request.Request(f"http://127.0.0.1:{port}/json/new?{server}/", method="PUT")
+                with urllib.request.urlopen(req, timeout=10) as r:
+                    target = json.loads(r.read())
+                break
+            except OSError:
+                assert time.monotonic() - t0 < 120, "Chromium's DevTools endpoint never came up"
+                time.sleep(0.5)
+        cdp = _CDP(target["webSocketDebuggerUrl"])
+        cdp("Page.enable")
+        cdp("Runtime.enable")
+        while cdp.eval("document.readyState") != "complete" or "Model: lgm" not in (cdp.eval(
+                "document.getElementById('model').textContent") or ""):
+            assert time.monotonic() - t0 < 180, "the page never loaded its model description"
+            time.sleep(0.5)
+        box = cdp.eval("JSON.stringify((() => { const r = document.getElementById('result'); r.hidden = false; "
+                       "const b = document.getElementById('turntable').getBoundingClientRect(); r.hidden = true; "
+                       "return [b.x, b.y, b.width, b.height]; })())")
+        x, y, w, h = (int(v) for v in json.loads(box))
+
+        def shot():
+            png = base64.b64decode(cdp("Page.captureScreenshot", format="png")["data"])
+            img = Image.open(io.BytesIO(png)).convert("RGB")
+            return torch.from_numpy(np.asarray(img.crop((x + 2, y + 2, x + w - 2, y + h - 2))).copy())
+
+        before = shot()
+        node = cdp("DOM.querySelector", nodeId=cdp("DOM.getDocument")["root"]["nodeId"], selector="#images")["nodeId"]
+        cdp("DOM.setFileInputFiles", nodeId=node, files=paths)
+        assert cdp.eval("document.getElementById('images').files.length") == 4
+        cdp.eval("document.getElementById('upload').requestSubmit()")
+        while not cdp.eval("!document.getElementById('result').hidden && "
+                           "document.getElementById('turntable').naturalWidth > 0"):
+            status = cdp.eval("document.getElementById('status').textContent")
+            assert "Error" not in status, status
+            assert time.monotonic() - t0 < 300, f"no result on the page: {status!r}"
+            time.sleep(0.5)
+        assert cdp.eval("document.getElementById('download').download") == "gaussians.ply"
+        assert cdp.eval("document.getElementById('download').href").startswith("blob:")
+        after = shot()
+        assert (before == before.flatten(0, 1)[0]).all(), "the turntable area was not blank before the upload"
+        assert not torch.equal(after, before) and len(torch.unique(after.flatten(0, 1), dim=0)) > 8, \
+            "the screenshot shows no rendering where the turntable is"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def test_bad_and_good_requests_at_once(server, gen):
