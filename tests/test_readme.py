@@ -35,6 +35,7 @@ SHRINK = {
     ("fast3d", "train", "lgm"): (["--max-steps", "2"], "300 steps are `fast3d demo`'s job, which CI runs; "
                                                        "2 run every part of the loop and write a checkpoint"),
     ("fast3d", "train", "ttr"): (["--max-steps", "2"], "as for lgm"),
+    ("fast3d", "train", "mvdiff"): (["--max-steps", "2"], "as for lgm"),
     ("fast3d", "bench"): (["--out", "{tmp}/results"], "rows go to the test's folder, not the committed results"),
     ("fast3d", "profile"): (["--out", "{tmp}/traces"], "traces go to the test's folder, not the checkout"),
     ("fast3d", "loadtest"): (["--requests", "4", "--infer-requests", "1", "--concurrency", "1", "4", "--out",
