@@ -278,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("datagen", help="synthetic multi-view data")
     dsub = s.add_subparsers(dest="datagen_cmd", required=True)
+    s.subcommands = dsub  # command modules' register() add `datagen` subcommands here
     d = dsub.add_parser("procedural", help="procedural Gaussian assets rendered into multi-view shards "
                                            "(resumable: a rerun writes only the missing shards)")
     d.add_argument("--out", required=True, help="output directory (shards, assets/*.ply, dataset.json)")
@@ -306,7 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", required=True, help="output directory for the filter and the elevation MLP")
     d.add_argument("--dinov2", default="random-tiny", help="local DINOv2 directory (random-tiny: tests only)")
     d.add_argument("--threshold", type=float, default=0.0, help="keep samples scoring above this")
-    d.add_argument("--views", type=int, default=4, help="frames averaged per sample")
+    d.add_argument("--views", type=int, default=8, help="frames averaged per sample by the filter, spread uniformly "
+                                                        "(VFusion3D: 8; the elevation MLP averages 4)")
     d.add_argument("--no-elevation", action="store_true", help="skip the elevation MLP")
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(fn=cmd_datagen_train_filter)
@@ -323,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
                                               "ignored under a launcher")
     s.add_argument("--lora", type=int, help="lgm: train LoRA adapters of this rank on the cross-view attention "
                                              "(MVBoost), from the base weights of --init-from or model.init_from")
-    s.add_argument("--init-from", metavar="DIR", help="lgm: start from these weights (a model, checkpoint or "
+    s.add_argument("--init-from", metavar="DIR", help="lgm, lrm: start from these weights (a model, checkpoint or "
                                                       "training run directory); overrides model.init_from")
     s.set_defaults(fn=cmd_train)
 

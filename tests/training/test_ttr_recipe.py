@@ -43,15 +43,18 @@ RESUME_AT, STEPS = 4, 7      # 12 samples, 2 ranks x batch 2: 3 steps per epoch,
 
 
 def write_hand_shards(out: str, source: str, n: int, views: int) -> None:
-    """``n`` samples of ``source`` (smooth random colours, 32 px) in shards of 2."""
+    """``n`` samples of ``source`` (smooth random colours, 32 px) in shards of 2, on a turntable orbit
+    (the feature cache picks the grid's views by their cameras' azimuths)."""
+    from fast3d import cameras
+
     g = torch.Generator().manual_seed(SOURCES.index(source))
-    K = torch.tensor([[32.0, 0, 16], [0, 32.0, 16], [0, 0, 1]])
+    viewmats, Ks = (x.float() for x in cameras.turntable(views, 32))
     with ShardWriter(out, prefix=source, samples_per_shard=2) as w:
         for i in range(n):
             low = torch.rand(views, 3, 4, 4, generator=g)
             images = torch.nn.functional.interpolate(low, size=(32, 32), mode="bilinear", align_corners=False)
             w.write(MultiViewSample(key=f"{source}{i:03d}", images=images, alphas=torch.ones(views, 1, 32, 32),
-                                    viewmats=torch.eye(4).expand(views, 4, 4).clone(), Ks=K.expand(views, 3, 3).clone(),
+                                    viewmats=viewmats, Ks=Ks,
                                     caption=f"a {source} thing number {i}", source=source))
 
 
@@ -361,3 +364,10 @@ def test_step_flops_is_three_forwards_of_the_executed_matmuls_and_attention(gen,
         cfg.step_flops(0)
     with pytest.raises(ValueError, match="batch_size must be a positive integer; got True"):
         cfg.forward_flops(True)
+
+
+@pytest.mark.parametrize("name", ["ttr_xl.yaml", "ttr_xl_zero3.yaml"])
+def test_xl_configs_use_bootstrap3d_learning_rate(name):
+    """Bootstrap3D: lr 8e-5 at a global batch of 1024 for 20K steps; batch_size 32 on its 32 GPUs."""
+    cfg = run_config.load_config(os.path.join(ROOT, "train", "configs", name), "ttr")
+    assert cfg.batch_size * cfg.grad_accum * 32 == 1024 and cfg.lr == 8e-5 and cfg.max_steps == 20000
