@@ -274,8 +274,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gs_project_forward(const Tens
                                                                       const Tensor& scales_, const Tensor& opacities_,
                                                                       const Tensor& viewmats_, const Tensor& Ks_,
                                                                       int64_t width, int64_t height, double near_plane,
-                                                                      double far_plane, double eps2d,
-                                                                      bool antialiased) {
+                                                                      double far_plane, double eps2d, bool antialiased,
+                                                                      bool ortho) {
   const Args a("gs_project_forward", means_, "means", kRasterizer);
   const auto [means, quats, scales, opacities, viewmats, Ks, B, C, N] =
       gs_scene(a, means_, quats_, scales_, opacities_, viewmats_, Ks_);
@@ -291,7 +291,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gs_project_forward(const Tens
     FAST3D_CUDA_CALL(fast3d::gs_project_forward_cuda(
         means.data_ptr<float>(), quats.data_ptr<float>(), scales.data_ptr<float>(), opacities.data_ptr<float>(),
         viewmats.data_ptr<float>(), Ks.data_ptr<float>(), B, C, N, int(width), int(height), float(near_plane),
-        float(far_plane), float(eps2d), antialiased, means2d.data_ptr<float>(), conics.data_ptr<float>(),
+        float(far_plane), float(eps2d), antialiased, ortho, means2d.data_ptr<float>(), conics.data_ptr<float>(),
         depths.data_ptr<float>(), opac.data_ptr<float>(), radii.data_ptr<int32_t>(), FAST3D_STREAM));
 #else
     TORCH_CHECK(false, "fast3d._C was built without CUDA");
@@ -301,7 +301,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gs_project_forward(const Tens
       fast3d::gs_project_forward_cpu<scalar_t>(
           means.data_ptr<scalar_t>(), quats.data_ptr<scalar_t>(), scales.data_ptr<scalar_t>(),
           opacities.data_ptr<scalar_t>(), viewmats.data_ptr<scalar_t>(), Ks.data_ptr<scalar_t>(), B, C, N, int(width),
-          int(height), scalar_t(near_plane), scalar_t(far_plane), scalar_t(eps2d), antialiased,
+          int(height), scalar_t(near_plane), scalar_t(far_plane), scalar_t(eps2d), antialiased, ortho,
           means2d.data_ptr<scalar_t>(), conics.data_ptr<scalar_t>(), depths.data_ptr<scalar_t>(),
           opac.data_ptr<scalar_t>(), radii.data_ptr<int32_t>());
     });
@@ -309,13 +309,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gs_project_forward(const Tens
   return {means2d, conics, depths, opac, radii};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> gs_project_backward(const Tensor& means_, const Tensor& quats_,
-                                                               const Tensor& scales_, const Tensor& opacities_,
-                                                               const Tensor& viewmats_, const Tensor& Ks_,
-                                                               int64_t width, int64_t height, double near_plane,
-                                                               double far_plane, double eps2d, bool antialiased,
-                                                               const Tensor& g_means2d_, const Tensor& g_conics_,
-                                                               const Tensor& g_depths_, const Tensor& g_opac_) {
+std::tuple<Tensor, Tensor, Tensor, Tensor> gs_project_backward(
+    const Tensor& means_, const Tensor& quats_, const Tensor& scales_, const Tensor& opacities_,
+    const Tensor& viewmats_, const Tensor& Ks_, int64_t width, int64_t height, double near_plane, double far_plane,
+    double eps2d, bool antialiased, bool ortho, const Tensor& g_means2d_, const Tensor& g_conics_,
+    const Tensor& g_depths_, const Tensor& g_opac_) {
   const Args a("gs_project_backward", means_, "means", kRasterizer);
   const auto [means, quats, scales, opacities, viewmats, Ks, B, C, N] =
       gs_scene(a, means_, quats_, scales_, opacities_, viewmats_, Ks_);
@@ -333,7 +331,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gs_project_backward(const Tensor& mea
     FAST3D_CUDA_CALL(fast3d::gs_project_backward_cuda(
         means.data_ptr<float>(), quats.data_ptr<float>(), scales.data_ptr<float>(), opacities.data_ptr<float>(),
         viewmats.data_ptr<float>(), Ks.data_ptr<float>(), B, C, N, int(width), int(height), float(near_plane),
-        float(far_plane), float(eps2d), antialiased, g_means2d.data_ptr<float>(), g_conics.data_ptr<float>(),
+        float(far_plane), float(eps2d), antialiased, ortho, g_means2d.data_ptr<float>(), g_conics.data_ptr<float>(),
         g_depths.data_ptr<float>(), g_opac.data_ptr<float>(), g_means.data_ptr<float>(), g_quats.data_ptr<float>(),
         g_scales.data_ptr<float>(), g_opacities.data_ptr<float>(), FAST3D_STREAM));
 #else
@@ -344,7 +342,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gs_project_backward(const Tensor& mea
       fast3d::gs_project_backward_cpu<scalar_t>(
           means.data_ptr<scalar_t>(), quats.data_ptr<scalar_t>(), scales.data_ptr<scalar_t>(),
           opacities.data_ptr<scalar_t>(), viewmats.data_ptr<scalar_t>(), Ks.data_ptr<scalar_t>(), B, C, N, int(width),
-          int(height), scalar_t(near_plane), scalar_t(far_plane), scalar_t(eps2d), antialiased,
+          int(height), scalar_t(near_plane), scalar_t(far_plane), scalar_t(eps2d), antialiased, ortho,
           g_means2d.data_ptr<scalar_t>(), g_conics.data_ptr<scalar_t>(), g_depths.data_ptr<scalar_t>(),
           g_opac.data_ptr<scalar_t>(), g_means.data_ptr<scalar_t>(), g_quats.data_ptr<scalar_t>(),
           g_scales.data_ptr<scalar_t>(), g_opacities.data_ptr<scalar_t>());

@@ -4,8 +4,8 @@
 // specification; every formula here is its derivative, written out.
 //
 // Conventions: quaternions wxyz (any norm), viewmats world-to-camera [R | t] (OpenCV axes), K
-// pinhole (fx, fy, cx, cy). Symmetric 2x2 matrices are stored (xx, xy, yy); a conic (A, B, C) is
-// the inverse 2D covariance, q = A dx^2 + 2 B dx dy + C dy^2.
+// (fx, fy, cx, cy) of a pinhole or an orthographic camera. Symmetric 2x2 matrices are stored (xx, xy, yy); a conic (A,
+// B, C) is the inverse 2D covariance, q = A dx^2 + 2 B dx dy + C dy^2.
 #pragma once
 
 #include <cstdint>
@@ -65,17 +65,20 @@ struct Projected {
   T p[3];                          // camera-space mean
   T J02, J12;                      // -fx uc / z, -fy vc / z
   bool u_free, v_free;             // u = x/z, v = y/z inside the Jacobian's clamp (gradient flows)
+  bool ortho;                      // orthographic camera: u = x, v = y, J = [[fx, 0, 0], [0, fy, 0]]
   T a, b, c, det;                  // 2D covariance + eps2d I and its determinant
   T comp;                          // antialiasing compensation (1 in classic mode)
   T mean2d[2], conic[3], opacity;  // outputs
 };
 
 // Projection of one Gaussian: mean [3], quat [4], scale [3], opacity; R [3][3] and t [3] of the
-// viewmat; intrinsics. Returns with pr.valid = false when culled by near/far or det <= 0.
+// viewmat; intrinsics; pinhole, or orthographic with `ortho`. Returns with pr.valid = false when
+// culled by near/far (the camera-space z, both models) or det <= 0.
 template <typename T>
 FAST3D_HD void project_forward(const T* mean, const T* quat, const T* scale, T opacity, const T Rc[3][3], const T tc[3],
                                T fx, T fy, T cx, T cy, int width, int height, T near_plane, T far_plane, T eps2d,
-                               bool antialiased, Projected<T>& pr) {
+                               bool antialiased, bool ortho, Projected<T>& pr) {
+  pr.ortho = ortho;
   for (int i = 0; i < 3; ++i) pr.p[i] = Rc[i][0] * mean[0] + Rc[i][1] * mean[1] + Rc[i][2] * mean[2] + tc[i];
   const T z = pr.p[2];
   pr.valid = z >= near_plane && z <= far_plane;
@@ -91,16 +94,28 @@ FAST3D_HD void project_forward(const T* mean, const T* quat, const T* scale, T o
   for (int i = 0; i < 3; ++i)
     for (int j = 0; j < 3; ++j) pr.W[i][j] = RM[i][0] * RM[j][0] + RM[i][1] * RM[j][1] + RM[i][2] * RM[j][2];
   const T rz = T(1) / z;
-  const T u = pr.p[0] * rz, v = pr.p[1] * rz;
-  // gsplat's clamp: the Jacobian is evaluated no further than 1.3x the half field of view out.
-  const T lxp = (T(width) - cx) / fx + T(0.15) * T(width) / fx, lxn = cx / fx + T(0.15) * T(width) / fx;
-  const T lyp = (T(height) - cy) / fy + T(0.15) * T(height) / fy, lyn = cy / fy + T(0.15) * T(height) / fy;
-  pr.u_free = u >= -lxn && u <= lxp;
-  pr.v_free = v >= -lyn && v <= lyp;
-  const T uc = min_(max_(u, -lxn), lxp), vc = min_(max_(v, -lyn), lyp);
-  const T J00 = fx * rz, J11 = fy * rz;
-  pr.J02 = -fx * uc * rz;
-  pr.J12 = -fy * vc * rz;
+  T u, v, J00, J11;
+  if (ortho) {  // a parallel projection: the Jacobian is the constant scale, depth only culls
+    u = pr.p[0];
+    v = pr.p[1];
+    pr.u_free = pr.v_free = true;
+    J00 = fx;
+    J11 = fy;
+    pr.J02 = pr.J12 = T(0);
+  } else {
+    u = pr.p[0] * rz;
+    v = pr.p[1] * rz;
+    // gsplat's clamp: the Jacobian is evaluated no further than 1.3x the half field of view out.
+    const T lxp = (T(width) - cx) / fx + T(0.15) * T(width) / fx, lxn = cx / fx + T(0.15) * T(width) / fx;
+    const T lyp = (T(height) - cy) / fy + T(0.15) * T(height) / fy, lyn = cy / fy + T(0.15) * T(height) / fy;
+    pr.u_free = u >= -lxn && u <= lxp;
+    pr.v_free = v >= -lyn && v <= lyp;
+    const T uc = min_(max_(u, -lxn), lxp), vc = min_(max_(v, -lyn), lyp);
+    J00 = fx * rz;
+    J11 = fy * rz;
+    pr.J02 = -fx * uc * rz;
+    pr.J12 = -fy * vc * rz;
+  }
   // cov2d = J W J^T with J = [[J00, 0, J02], [0, J11, J12]].
   const T r0[3] = {J00 * pr.W[0][0] + pr.J02 * pr.W[2][0], J00 * pr.W[0][1] + pr.J02 * pr.W[2][1],
                    J00 * pr.W[0][2] + pr.J02 * pr.W[2][2]};
@@ -203,7 +218,8 @@ FAST3D_HD void project_backward(const Projected<T>& pr, const T* scale, T opacit
   // cov2d = J W J^T: with G = [[ga, gb/2], [gb/2, gc]] (symmetric), dL/dW = J^T G J and
   // dL/dJ = 2 G J W.
   const T z = pr.p[2], rz = T(1) / z, rz2 = rz * rz;
-  const T J[2][3] = {{fx * rz, T(0), pr.J02}, {T(0), fy * rz, pr.J12}};
+  const T j00 = pr.ortho ? fx : fx * rz, j11 = pr.ortho ? fy : fy * rz;
+  const T J[2][3] = {{j00, T(0), pr.J02}, {T(0), j11, pr.J12}};
   const T G[2][2] = {{ga, T(0.5) * gb}, {T(0.5) * gb, gc}};
   T GJ[2][3];
   for (int i = 0; i < 2; ++i)
@@ -215,25 +231,30 @@ FAST3D_HD void project_backward(const Projected<T>& pr, const T* scale, T opacit
   for (int i = 0; i < 2; ++i)
     for (int k = 0; k < 3; ++k)
       gJ[i][k] = T(2) * (GJ[i][0] * pr.W[0][k] + GJ[i][1] * pr.W[1][k] + GJ[i][2] * pr.W[2][k]);
-  // J00 = fx/z, J11 = fy/z; J02 = -fx uc/z with uc = x/z when free (else a constant), J12 alike.
   T gp[3] = {T(0), T(0), g_depth};
-  gp[2] += -gJ[0][0] * fx * rz2 - gJ[1][1] * fy * rz2;
-  if (pr.u_free) {
-    gp[0] += -gJ[0][2] * fx * rz2;
-    gp[2] += gJ[0][2] * T(2) * fx * pr.p[0] * rz2 * rz;
+  if (pr.ortho) {  // J constant; mean2d = (fx x + cx, fy y + cy)
+    gp[0] += g_m2[0] * fx;
+    gp[1] += g_m2[1] * fy;
   } else {
-    gp[2] += -gJ[0][2] * pr.J02 * rz;  // d(-fx uc / z)/dz = fx uc / z^2 = -J02 / z
+    // J00 = fx/z, J11 = fy/z; J02 = -fx uc/z with uc = x/z when free (else a constant), J12 alike.
+    gp[2] += -gJ[0][0] * fx * rz2 - gJ[1][1] * fy * rz2;
+    if (pr.u_free) {
+      gp[0] += -gJ[0][2] * fx * rz2;
+      gp[2] += gJ[0][2] * T(2) * fx * pr.p[0] * rz2 * rz;
+    } else {
+      gp[2] += -gJ[0][2] * pr.J02 * rz;  // d(-fx uc / z)/dz = fx uc / z^2 = -J02 / z
+    }
+    if (pr.v_free) {
+      gp[1] += -gJ[1][2] * fy * rz2;
+      gp[2] += gJ[1][2] * T(2) * fy * pr.p[1] * rz2 * rz;
+    } else {
+      gp[2] += -gJ[1][2] * pr.J12 * rz;
+    }
+    // mean2d = (fx x/z + cx, fy y/z + cy)
+    gp[0] += g_m2[0] * fx * rz;
+    gp[1] += g_m2[1] * fy * rz;
+    gp[2] -= (g_m2[0] * fx * pr.p[0] + g_m2[1] * fy * pr.p[1]) * rz2;
   }
-  if (pr.v_free) {
-    gp[1] += -gJ[1][2] * fy * rz2;
-    gp[2] += gJ[1][2] * T(2) * fy * pr.p[1] * rz2 * rz;
-  } else {
-    gp[2] += -gJ[1][2] * pr.J12 * rz;
-  }
-  // mean2d = (fx x/z + cx, fy y/z + cy)
-  gp[0] += g_m2[0] * fx * rz;
-  gp[1] += g_m2[1] * fy * rz;
-  gp[2] -= (g_m2[0] * fx * pr.p[0] + g_m2[1] * fy * pr.p[1]) * rz2;
   // p = Rc mean + t
   for (int k = 0; k < 3; ++k) g_mean[k] += Rc[0][k] * gp[0] + Rc[1][k] * gp[1] + Rc[2][k] * gp[2];
   // W = Rc Sigma Rc^T: dL/dSigma = Rc^T gW Rc

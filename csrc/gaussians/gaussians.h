@@ -75,19 +75,20 @@ inline std::string gs_sort_key_error(int64_t I, int width, int height) {
 // --- CPU (float, double) ------------------------------------------------------------------------
 
 // means [B,N,3], quats [B,N,4], scales [B,N,3], opacities [B,N], viewmats [B,C,4,4], Ks [B,C,3,3]
-// -> means2d [B,C,N,2], conics [B,C,N,3], depths [B,C,N], opac [B,C,N], radii [B,C,N,2] (0: culled)
+// -> means2d [B,C,N,2], conics [B,C,N,3], depths [B,C,N], opac [B,C,N], radii [B,C,N,2] (0: culled);
+// ortho: orthographic cameras (gs::project_forward), else pinhole
 template <typename T>
 void gs_project_forward_cpu(const T* means, const T* quats, const T* scales, const T* opacities, const T* viewmats,
                             const T* Ks, int64_t B, int64_t C, int64_t N, int width, int height, T near_plane,
-                            T far_plane, T eps2d, bool antialiased, T* means2d, T* conics, T* depths, T* opac,
-                            int32_t* radii);
+                            T far_plane, T eps2d, bool antialiased, bool ortho, T* means2d, T* conics, T* depths,
+                            T* opac, int32_t* radii);
 
 // g_means2d [B,C,N,2], g_conics [B,C,N,3], g_depths [B,C,N], g_opac [B,C,N]
 // -> g_means [B,N,3], g_quats [B,N,4], g_scales [B,N,3], g_opacities [B,N] (overwritten)
 template <typename T>
 void gs_project_backward_cpu(const T* means, const T* quats, const T* scales, const T* opacities, const T* viewmats,
                              const T* Ks, int64_t B, int64_t C, int64_t N, int width, int height, T near_plane,
-                             T far_plane, T eps2d, bool antialiased, const T* g_means2d, const T* g_conics,
+                             T far_plane, T eps2d, bool antialiased, bool ortho, const T* g_means2d, const T* g_conics,
                              const T* g_depths, const T* g_opac, T* g_means, T* g_quats, T* g_scales, T* g_opacities);
 
 // sh [B,N,K,3], means [B,N,3], viewmats [B,C,4,4] -> colors [B,C,N,3]
@@ -154,15 +155,15 @@ void gs_reduce_isect_rows_cpu(const T* rows, const int32_t* isect_src, const int
 const char* gs_project_forward_cuda(const float* means, const float* quats, const float* scales, const float* opacities,
                                     const float* viewmats, const float* Ks, int64_t B, int64_t C, int64_t N, int width,
                                     int height, float near_plane, float far_plane, float eps2d, bool antialiased,
-                                    float* means2d, float* conics, float* depths, float* opac, int32_t* radii,
-                                    void* stream);
+                                    bool ortho, float* means2d, float* conics, float* depths, float* opac,
+                                    int32_t* radii, void* stream);
 
 const char* gs_project_backward_cuda(const float* means, const float* quats, const float* scales,
                                      const float* opacities, const float* viewmats, const float* Ks, int64_t B,
                                      int64_t C, int64_t N, int width, int height, float near_plane, float far_plane,
-                                     float eps2d, bool antialiased, const float* g_means2d, const float* g_conics,
-                                     const float* g_depths, const float* g_opac, float* g_means, float* g_quats,
-                                     float* g_scales, float* g_opacities, void* stream);
+                                     float eps2d, bool antialiased, bool ortho, const float* g_means2d,
+                                     const float* g_conics, const float* g_depths, const float* g_opac, float* g_means,
+                                     float* g_quats, float* g_scales, float* g_opacities, void* stream);
 
 const char* gs_sh_forward_cuda(const float* sh, const float* means, const float* viewmats, int64_t B, int64_t C,
                                int64_t N, int K, int degree, float* colors, void* stream);

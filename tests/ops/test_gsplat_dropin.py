@@ -282,19 +282,25 @@ def _means2d_grads(x: dict, backend: str, dtype, gen_seed: int, **kw):
     return out, meta["means2d"].grad, meta["means2d"].absgrad, leaves["means"].grad, meta
 
 
+@pytest.mark.parametrize("camera_model", ["pinhole", "ortho"])
 @pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
 @pytest.mark.parametrize("backend", NATIVE)
-def test_means2d_grad_on_the_autograd_path(backend, packed, gen):
+def test_means2d_grad_on_the_autograd_path(backend, packed, camera_model, gen):
     """meta["means2d"].grad (retain_grad) and .absgrad equal the reference's, per camera; with a
-    batch dim, SH and channel chunks (D = 5 in chunks of 2) on top."""
+    batch dim, channel chunks (D = 5 in chunks of 2) and both camera models (the native
+    projection kernels implement both) on top."""
     require(backend)
     x = make_scene(gen, 2, 3, 37, 29, 23, odd=True, D=5, per_camera=True, background=False)
+    if camera_model == "ortho":  # ~14 px per world unit: the cube of Gaussians fills the image
+        x["Ks"] = x["Ks"].clone()
+        x["Ks"][..., 0, 0] = x["Ks"][..., 1, 1] = 14.0
     x = {k: v.to(_device(backend)) if isinstance(v, torch.Tensor) else v for k, v in x.items()}
     dtype = _dtype(backend)
     atol, rtol = TOL[dtype]
     seed = int(torch.randint(0, 2**31, (1,), generator=gen))
-    ref = _means2d_grads(x, "torch", torch.float64, seed, packed=packed, channel_chunk=2)
-    got = _means2d_grads(x, backend, dtype, seed, packed=packed, channel_chunk=2)
+    kw = dict(packed=packed, channel_chunk=2, camera_model=camera_model)
+    ref = _means2d_grads(x, "torch", torch.float64, seed, **kw)
+    got = _means2d_grads(x, backend, dtype, seed, **kw)
     assert ref[1].abs().sum() > 0 and ref[2].abs().sum() > 0
     assert got[1].shape == ((2, 3, 37, 2) if not packed else (len(ref[4]["gaussian_ids"]), 2))
     for name, a, b in zip(("render", "means2d.grad", "means2d.absgrad", "means.grad"), got[:4], ref[:4]):
@@ -339,6 +345,8 @@ def test_covars_equal_quats_and_scales(gen):
 
 
 def test_ortho_projection_matches_gsplat_and_backends_agree(gen):
+    """The reference's orthographic projection is gsplat's (_torch_impl); the cpu backend's native
+    orthographic projection renders and differentiates as the reference does."""
     from gsplat.cuda._torch_impl import _fully_fused_projection, _quat_scale_to_covar_preci
 
     x = _one(gen, C=3, N=40)

@@ -361,7 +361,7 @@ def test_cuda_deterministic_backward_same_bits_for_every_pass_size(gen):
     m = _native.module()
     x = make_scene(gen, 1, 2, 211, 45, 37, D=40)
     scene = [x[k].cuda().float() for k in ("means", "quats", "scales", "opacities", "viewmats", "Ks")]
-    means2d, conics, depths, opac, radii = m.gs_project_forward(*scene, 45, 37, 0.01, 100.0, 0.3, False)
+    means2d, conics, depths, opac, radii = m.gs_project_forward(*scene, 45, 37, 0.01, 100.0, 0.3, False, False)
     I, N = 2, 211
     feats = torch.rand(I, N, 40, generator=gen).cuda()
     images = (means2d.view(I, N, 2), conics.view(I, N, 3), opac.view(I, N), feats)
@@ -644,7 +644,7 @@ def _native_valid(gen) -> dict:
     I = B * C
     scene = dict(means=x["means"], quats=x["quats"], scales=x["scales"], opacities=x["opacities"],
                  viewmats=x["viewmats"], Ks=x["Ks"])
-    planes = dict(width=W, height=H, near_plane=0.01, far_plane=100.0, eps2d=0.3, antialiased=False)
+    planes = dict(width=W, height=H, near_plane=0.01, far_plane=100.0, eps2d=0.3, antialiased=False, ortho=False)
     means2d, conics, depths, opac, radii = m.gs_project_forward(*scene.values(), *planes.values())
     sh = torch.rand(B, N, 4, 3, generator=gen)
     images = dict(means2d=means2d.view(I, N, 2), conics=conics.view(I, N, 3), opac=opac.view(I, N),

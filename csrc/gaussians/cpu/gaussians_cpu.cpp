@@ -61,8 +61,8 @@ using gs::tiles_along;
 template <typename T>
 void gs_project_forward_cpu(const T* means, const T* quats, const T* scales, const T* opacities, const T* viewmats,
                             const T* Ks, int64_t B, int64_t C, int64_t N, int width, int height, T near_plane,
-                            T far_plane, T eps2d, bool antialiased, T* means2d, T* conics, T* depths, T* opac,
-                            int32_t* radii) {
+                            T far_plane, T eps2d, bool antialiased, bool ortho, T* means2d, T* conics, T* depths,
+                            T* opac, int32_t* radii) {
 #pragma omp parallel for schedule(static) if (B * C * N > kMinParallel)
   for (int64_t idx = 0; idx < B * C * N; ++idx) {
     const int64_t n = idx % N, bc = idx / N, b = bc / C;
@@ -70,7 +70,7 @@ void gs_project_forward_cpu(const T* means, const T* quats, const T* scales, con
     const int64_t g = b * N + n;
     gs::Projected<T> pr;
     gs::project_forward(means + g * 3, quats + g * 4, scales + g * 3, opacities[g], cam.R, cam.t, cam.fx, cam.fy,
-                        cam.cx, cam.cy, width, height, near_plane, far_plane, eps2d, antialiased, pr);
+                        cam.cx, cam.cy, width, height, near_plane, far_plane, eps2d, antialiased, ortho, pr);
     int r[2];
     gs::screen_radii(pr, r);
     depths[idx] = pr.p[2];
@@ -93,7 +93,7 @@ void gs_project_forward_cpu(const T* means, const T* quats, const T* scales, con
 template <typename T>
 void gs_project_backward_cpu(const T* means, const T* quats, const T* scales, const T* opacities, const T* viewmats,
                              const T* Ks, int64_t B, int64_t C, int64_t N, int width, int height, T near_plane,
-                             T far_plane, T eps2d, bool antialiased, const T* g_means2d, const T* g_conics,
+                             T far_plane, T eps2d, bool antialiased, bool ortho, const T* g_means2d, const T* g_conics,
                              const T* g_depths, const T* g_opac, T* g_means, T* g_quats, T* g_scales, T* g_opacities) {
 #pragma omp parallel for schedule(static) if (B * C * N > kMinParallel)
   for (int64_t g = 0; g < B * N; ++g) {
@@ -104,7 +104,7 @@ void gs_project_backward_cpu(const T* means, const T* quats, const T* scales, co
       const Camera<T> cam(viewmats + bc * 16, Ks + bc * 9);
       gs::Projected<T> pr;
       gs::project_forward(means + g * 3, quats + g * 4, scales + g * 3, opacities[g], cam.R, cam.t, cam.fx, cam.fy,
-                          cam.cx, cam.cy, width, height, near_plane, far_plane, eps2d, antialiased, pr);
+                          cam.cx, cam.cy, width, height, near_plane, far_plane, eps2d, antialiased, ortho, pr);
       if (!pr.valid) {
         // Culled: constant stand-in values, but depth = z still reads the mean.
         for (int k = 0; k < 3; ++k) gm[k] += cam.R[2][k] * g_depths[idx];
@@ -597,10 +597,10 @@ void gs_reduce_isect_rows_cpu(const T* rows, const int32_t* isect_src, const int
 
 #define FAST3D_INSTANTIATE(T)                                                                                          \
   template void gs_project_forward_cpu<T>(const T*, const T*, const T*, const T*, const T*, const T*, int64_t,         \
-                                          int64_t, int64_t, int, int, T, T, T, bool, T*, T*, T*, T*, int32_t*);        \
+                                          int64_t, int64_t, int, int, T, T, T, bool, bool, T*, T*, T*, T*, int32_t*);  \
   template void gs_project_backward_cpu<T>(const T*, const T*, const T*, const T*, const T*, const T*, int64_t,        \
-                                           int64_t, int64_t, int, int, T, T, T, bool, const T*, const T*, const T*,    \
-                                           const T*, T*, T*, T*, T*);                                                  \
+                                           int64_t, int64_t, int, int, T, T, T, bool, bool, const T*, const T*,        \
+                                           const T*, const T*, T*, T*, T*, T*);                                        \
   template void gs_sh_forward_cpu<T>(const T*, const T*, const T*, int64_t, int64_t, int64_t, int, int, T*);           \
   template void gs_sh_backward_cpu<T>(const T*, const T*, const T*, int64_t, int64_t, int64_t, int, int, const T*, T*, \
                                       T*);                                                                             \

@@ -60,8 +60,8 @@ __global__ void project_forward_kernel(const float* __restrict__ means, const fl
                                        const float* __restrict__ scales, const float* __restrict__ opacities,
                                        const float* __restrict__ viewmats, const float* __restrict__ Ks, int64_t B,
                                        int64_t C, int64_t N, int width, int height, float near_plane, float far_plane,
-                                       float eps2d, bool antialiased, float* means2d, float* conics, float* depths,
-                                       float* opac, int32_t* radii) {
+                                       float eps2d, bool antialiased, bool ortho, float* means2d, float* conics,
+                                       float* depths, float* opac, int32_t* radii) {
   const int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (idx >= B * C * N) return;
   const int64_t n = idx % N, bc = idx / N, b = bc / C, g = b * N + n;
@@ -69,7 +69,7 @@ __global__ void project_forward_kernel(const float* __restrict__ means, const fl
   load_camera(viewmats + bc * 16, Ks + bc * 9, R, t, fx, fy, cx, cy);
   gs::Projected<float> pr;
   gs::project_forward(means + g * 3, quats + g * 4, scales + g * 3, opacities[g], R, t, fx, fy, cx, cy, width, height,
-                      near_plane, far_plane, eps2d, antialiased, pr);
+                      near_plane, far_plane, eps2d, antialiased, ortho, pr);
   int r[2];
   gs::screen_radii(pr, r);
   depths[idx] = pr.p[2];
@@ -90,7 +90,7 @@ __global__ void project_backward_kernel(const float* __restrict__ means, const f
                                         const float* __restrict__ scales, const float* __restrict__ opacities,
                                         const float* __restrict__ viewmats, const float* __restrict__ Ks, int64_t B,
                                         int64_t C, int64_t N, int width, int height, float near_plane, float far_plane,
-                                        float eps2d, bool antialiased, const float* __restrict__ g_means2d,
+                                        float eps2d, bool antialiased, bool ortho, const float* __restrict__ g_means2d,
                                         const float* __restrict__ g_conics, const float* __restrict__ g_depths,
                                         const float* __restrict__ g_opac, float* g_means, float* g_quats,
                                         float* g_scales, float* g_opacities) {
@@ -104,7 +104,7 @@ __global__ void project_backward_kernel(const float* __restrict__ means, const f
     load_camera(viewmats + bc * 16, Ks + bc * 9, R, t, fx, fy, cx, cy);
     gs::Projected<float> pr;
     gs::project_forward(means + g * 3, quats + g * 4, scales + g * 3, opacities[g], R, t, fx, fy, cx, cy, width, height,
-                        near_plane, far_plane, eps2d, antialiased, pr);
+                        near_plane, far_plane, eps2d, antialiased, ortho, pr);
     if (!pr.valid) {  // constant stand-in values; depth = z still reads the mean
       for (int k = 0; k < 3; ++k) gm[k] += R[2][k] * g_depths[idx];
       continue;
@@ -516,25 +516,25 @@ __global__ void reduce_isect_rows_kernel(const float* __restrict__ rows, const i
 const char* gs_project_forward_cuda(const float* means, const float* quats, const float* scales, const float* opacities,
                                     const float* viewmats, const float* Ks, int64_t B, int64_t C, int64_t N, int width,
                                     int height, float near_plane, float far_plane, float eps2d, bool antialiased,
-                                    float* means2d, float* conics, float* depths, float* opac, int32_t* radii,
-                                    void* stream) {
+                                    bool ortho, float* means2d, float* conics, float* depths, float* opac,
+                                    int32_t* radii, void* stream) {
   if (B * C * N == 0) return nullptr;
   project_forward_kernel<<<blocks_for(B * C * N), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
       means, quats, scales, opacities, viewmats, Ks, B, C, N, width, height, near_plane, far_plane, eps2d, antialiased,
-      means2d, conics, depths, opac, radii);
+      ortho, means2d, conics, depths, opac, radii);
   return last_error();
 }
 
 const char* gs_project_backward_cuda(const float* means, const float* quats, const float* scales,
                                      const float* opacities, const float* viewmats, const float* Ks, int64_t B,
                                      int64_t C, int64_t N, int width, int height, float near_plane, float far_plane,
-                                     float eps2d, bool antialiased, const float* g_means2d, const float* g_conics,
-                                     const float* g_depths, const float* g_opac, float* g_means, float* g_quats,
-                                     float* g_scales, float* g_opacities, void* stream) {
+                                     float eps2d, bool antialiased, bool ortho, const float* g_means2d,
+                                     const float* g_conics, const float* g_depths, const float* g_opac, float* g_means,
+                                     float* g_quats, float* g_scales, float* g_opacities, void* stream) {
   if (B * N == 0) return nullptr;
   project_backward_kernel<<<blocks_for(B * N), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
       means, quats, scales, opacities, viewmats, Ks, B, C, N, width, height, near_plane, far_plane, eps2d, antialiased,
-      g_means2d, g_conics, g_depths, g_opac, g_means, g_quats, g_scales, g_opacities);
+      ortho, g_means2d, g_conics, g_depths, g_opac, g_means, g_quats, g_scales, g_opacities);
   return last_error();
 }
 

@@ -128,8 +128,8 @@ def rasterization(means: Tensor,               # [..., N, 3] world positions
         (mean2d = (fx x + cx, fy y + cy), J = diag(fx, fy)); "fisheye" and "ftheta", distortion
         coefficients, the unscented transform (``with_ut``), ``with_eval3d``, rolling shutter and
         ``distributed=True`` are refused. ``covars`` [..., N, 3, 3] (symmetric positive definite)
-        replace quats and scales (pass None for both). The orthographic and covariance
-        projections run as PyTorch ops (autograd, O(C N)) on every backend; the rasterization
+        replace quats and scales (pass None for both); the covariance projection runs as PyTorch
+        ops (``reference.project_stage``, autograd, O(C N)) on every backend, the rasterization
         stage is the backend's.
 
     .. note::
@@ -345,14 +345,14 @@ def rasterization(means: Tensor,               # [..., N, 3] world positions
             means2d, conics, depths = (means.new_zeros(B, C, N, k, dtype=compute) for k in (2, 3, 1))
             depths, opac = depths[..., 0], f_opac[:, None].expand(B, C, N) * 0
             radii = torch.zeros(B, C, N, 2, dtype=torch.int32, device=means.device)
-        elif covars is not None or camera_model != "pinhole":
+        elif covars is not None:
             means2d, conics, depths, opac, radii = reference.project_stage(
                 f_means, f_quats, f_scales, f_opac, f_view, f_Ks, width, height, near_plane, far_plane, eps2d,
                 antialiased, f_covars, camera_model)
         else:
             means2d, conics, depths, opac, radii = stages.project(f_means, f_quats, f_scales, f_opac, f_view, f_Ks,
                                                                   width, height, near_plane, far_plane, eps2d,
-                                                                  antialiased)
+                                                                  antialiased, camera_model=camera_model)
         if radius_clip > 0:
             radii = torch.where((radii <= radius_clip).all(-1, keepdim=True), torch.zeros_like(radii), radii)
         # --- colours: [B, C, N, D] ---

@@ -19,14 +19,14 @@ from fast3d import _native
 @torch.library.custom_op("fast3d::gs_project", mutates_args=())
 def gs_project(means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor, viewmats: Tensor, Ks: Tensor,
                width: int, height: int, near_plane: float, far_plane: float, eps2d: float,
-               antialiased: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+               antialiased: bool, ortho: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     # -> means2d [B,C,N,2], conics [B,C,N,3], depths [B,C,N], opacities [B,C,N], radii [B,C,N,2] int32
     return _native.module().gs_project_forward(means, quats, scales, opacities, viewmats, Ks, width, height,
-                                               near_plane, far_plane, eps2d, antialiased)
+                                               near_plane, far_plane, eps2d, antialiased, ortho)
 
 
 @gs_project.register_fake
-def _(means, quats, scales, opacities, viewmats, Ks, width, height, near_plane, far_plane, eps2d, antialiased):
+def _(means, quats, scales, opacities, viewmats, Ks, width, height, near_plane, far_plane, eps2d, antialiased, ortho):
     B, N = means.shape[:2]
     C = viewmats.shape[1]
     return (means.new_empty(B, C, N, 2), means.new_empty(B, C, N, 3), means.new_empty(B, C, N),
@@ -36,11 +36,12 @@ def _(means, quats, scales, opacities, viewmats, Ks, width, height, near_plane, 
 @torch.library.custom_op("fast3d::gs_project_bwd", mutates_args=())
 def gs_project_bwd(means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor, viewmats: Tensor, Ks: Tensor,
                    width: int, height: int, near_plane: float, far_plane: float, eps2d: float, antialiased: bool,
+                   ortho: bool,
                    g_means2d: Tensor, g_conics: Tensor, g_depths: Tensor,
                    g_opac: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     # -> g_means [B,N,3], g_quats [B,N,4], g_scales [B,N,3], g_opacities [B,N]
     return _native.module().gs_project_backward(means, quats, scales, opacities, viewmats, Ks, width, height,
-                                                near_plane, far_plane, eps2d, antialiased, g_means2d, g_conics,
+                                                near_plane, far_plane, eps2d, antialiased, ortho, g_means2d, g_conics,
                                                 g_depths, g_opac)
 
 
@@ -66,7 +67,7 @@ def _project_backward(ctx, g_means2d, g_conics, g_depths, g_opac, g_radii):
     grads = gs_project_bwd(means, quats, scales, opacities, viewmats, Ks, *ctx.args,
                            _zeros_if_none(g_means2d, like2), _zeros_if_none(g_conics, like3),
                            _zeros_if_none(g_depths, like1), _zeros_if_none(g_opac, like1))
-    return (*grads, None, None, None, None, None, None, None, None)
+    return (*grads, None, None, None, None, None, None, None, None, None)
 
 
 gs_project.register_autograd(_project_backward, setup_context=_project_setup)
@@ -187,11 +188,14 @@ def project_stage(means: Tensor,      # [B, N, 3]
                   opacities: Tensor,  # [B, N]
                   viewmats: Tensor,   # [B, C, 4, 4]
                   Ks: Tensor,         # [B, C, 3, 3]
-                  width: int, height: int, near: float, far: float, eps2d: float, antialiased: bool):
-    """Projection stage (``fast3d::gs_project``); contract of :class:`.stages.RasterStages`."""
+                  width: int, height: int, near: float, far: float, eps2d: float, antialiased: bool,
+                  camera_model: str = "pinhole"):
+    """Projection stage (``fast3d::gs_project``, pinhole or orthographic); contract of
+    :class:`.stages.RasterStages`."""
     viewmats, Ks = viewmats.detach().contiguous(), Ks.detach().contiguous()
     means, quats, scales, opacities = (x.contiguous() for x in (means, quats, scales, opacities))
-    return gs_project(means, quats, scales, opacities, viewmats, Ks, width, height, near, far, eps2d, antialiased)
+    return gs_project(means, quats, scales, opacities, viewmats, Ks, width, height, near, far, eps2d, antialiased,
+                      camera_model == "ortho")
 
 
 def sh_stage(sh: Tensor,        # [B, N, K, 3]

@@ -20,10 +20,11 @@ class RasterStages:
 
     Attributes:
         project: ``(means [B,N,3], quats [B,N,4], scales [B,N,3], opacities [B,N], viewmats
-            [B,C,4,4], Ks [B,C,3,3], width, height, near, far, eps2d, antialiased) -> (means2d
-            [B,C,N,2], conics [B,C,N,3], depths [B,C,N], opacities [B,C,N], radii [B,C,N,2]
-            int32)``: the pinhole projection of quaternion/scale Gaussians (covariances and the
-            orthographic camera use ``reference.project_stage`` on every backend).
+            [B,C,4,4], Ks [B,C,3,3], width, height, near, far, eps2d, antialiased,
+            camera_model="pinhole"|"ortho") -> (means2d [B,C,N,2], conics [B,C,N,3], depths
+            [B,C,N], opacities [B,C,N], radii [B,C,N,2] int32)``: the projection of
+            quaternion/scale Gaussians (covariances use ``reference.project_stage`` on every
+            backend).
         sh: ``(sh [B,N,K,3], means [B,N,3], viewmats [B,C,4,4], degree) -> colors [B,C,N,3]``.
         rasterize: ``(means2d [I,N,2], conics [I,N,3], opacities [I,N], feats [I,N,D], depths
             [I,N], radii [I,N,2] int32, width, height, deterministic, capacity, absgrad) ->
