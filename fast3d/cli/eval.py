@@ -1,7 +1,8 @@
 """``fast3d eval``: one command for every model kind, reported as the papers report them.
 
 * reconstructors (``lgm``, ``lrm``): ``--data`` (fast3d shards or a GSO-style folder) -> novel-view
-  PSNR / SSIM / MS-SSIM / LPIPS, Chamfer distance and F-score against the reference geometry;
+  PSNR / SSIM / MS-SSIM / LPIPS, Chamfer distance and F-score against the reference geometry, and
+  with ``--clip`` VFusion3D's CLIP image (renders vs input) and text (renders vs caption) similarity;
 * the multi-view DiT (``mvdit``, TTR): ``--prompts`` -> 4 views a prompt -> CLIP-R precision and
   CLIP text similarity per ``--clip`` backbone, FID of all views against ``--reference``;
 * multi-view diffusion (``mvdiff``): ``--images`` (and ``--prompts`` paired with them, optional)
@@ -100,19 +101,21 @@ def cmd_eval(args, fail) -> int:
         if kind in ("lgm", "lrm"):
             if not args.data:
                 raise ValueError(f"an {kind} model is evaluated on --data (fast3d shards or a GSO-style folder)")
-            if args.prompts or args.images or args.clip or args.reference:
-                raise ValueError(f"--prompts/--images/--clip/--reference are for generators; an {kind} model "
-                                 f"takes --data")
+            if args.prompts or args.images or args.reference or args.fid_backbone:
+                raise ValueError(f"--prompts/--images/--reference/--fid-backbone are for generators; an {kind} model "
+                                 f"takes --data (and --clip)")
             if kind == "lgm":
                 from fast3d.inference import lgm
 
                 r = lgm.evaluate(model_dir, args.data, args.out, resolution=args.resolution,
-                                 lpips_backbone=args.lpips_backbone, device=args.device, max_samples=args.max_samples)
+                                 lpips_backbone=args.lpips_backbone, device=args.device, max_samples=args.max_samples,
+                                 clip=args.clip or ())
             else:
                 from fast3d.inference import lrm
 
                 r = lrm.evaluate(model_dir, args.data, args.out, resolution=args.resolution,
-                                 lpips_backbone=args.lpips_backbone, device=args.device, max_samples=args.max_samples)
+                                 lpips_backbone=args.lpips_backbone, device=args.device, max_samples=args.max_samples,
+                                 clip=args.clip or ())
         else:
             if args.data:
                 raise ValueError(f"--data is for reconstructors; a {kind} model takes --prompts / --images")
@@ -134,7 +137,8 @@ def register(sub, fail) -> None:
     s.add_argument("--prompts", help="mvdit/mvdiff: prompt list (.txt one a line, .json, .jsonl)")
     s.add_argument("--images", nargs="+", help="mvdiff: input images (files or folders), paired with --prompts")
     s.add_argument("--clip", action="append", help="CLIP backbone: local transformers CLIP directory "
-                                                   "(repeatable: one column per backbone; random-tiny: tests only)")
+                                                   "(repeatable: one column per backbone; random-tiny: tests only); "
+                                                   "lgm/lrm: CLIP image/text similarity of the renders")
     s.add_argument("--fid-backbone", help="torchvision Inception-v3 weights file for FID (random-tiny: tests only)")
     s.add_argument("--reference", help="folder of reference images for FID")
     s.add_argument("--steps", type=int, default=20, help="mvdit/mvdiff: sampler steps")

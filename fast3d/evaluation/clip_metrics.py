@@ -147,9 +147,26 @@ def clip_r_precision(sim: Tensor,    # [N, P] similarity of each image to each p
         raise ValueError(f"sim must be [N, P] and truth [N]; got {tuple(sim.shape)} and {tuple(truth.shape)}")
     if sim.shape[1] < 2:
         raise ValueError(f"CLIP-R precision needs a prompt set of at least 2 prompts; got {sim.shape[1]}")
-    truth = truth.long()
+    truth = truth.to(sim.device).long()
     if ((truth < 0) | (truth >= sim.shape[1])).any():
         raise ValueError(f"truth must index the {sim.shape[1]} prompts; got {truth.tolist()}")
     own = sim.gather(1, truth[:, None])[:, 0]
     others = sim.scatter(1, truth[:, None], float("-inf")).max(1).values
     return (own > others).float()
+
+
+def render_scores(clips: list[Clip],
+                  renders: Tensor,         # [V, 3, H, W] in [0, 1], a reconstruction's novel views
+                  inputs: Tensor | None,   # [I, 3, H, W] in [0, 1], the views it was made from
+                  caption: str | None) -> dict:
+    """VFusion3D's CLIP scores of one reconstruction, per backbone: ``clip_image:<backbone>``, the
+    mean cosine of every render with every input view, and, with a caption, ``clip_text:<backbone>``,
+    the mean cosine of the renders with it."""
+    out = {}
+    for c in clips:
+        e = c.embed_images(renders)                                             # [V, D]
+        if inputs is not None:
+            out[f"clip_image:{c.name}"] = float((e @ c.embed_images(inputs).T).mean())
+        if caption:
+            out[f"clip_text:{c.name}"] = float((e @ c.embed_texts([caption]).T).mean())
+    return out

@@ -114,7 +114,8 @@ def evaluate_generated(generate: Callable[[int, str | None, str | None, str], li
                 row[f"clip_image:{c.name}"] = float((e @ c.embed_images(inp).T).mean())
         log.add(row)
         progress.step(key, row)
-    rows = log.rows
+    wanted = {f"p{i:05d}" for i in range(n)}
+    rows = [r for r in log.rows if r["key"] in wanted]  # an earlier run may have gone further
     skipped: list = []
     set_metrics, bb = {}, {}
     for c in backbones:

@@ -190,7 +190,8 @@ class Progress:
         done = self.resumed + self.n
         of = f"{done}/{self.total}" if self.total else f"{done}"
         left = f", {dt * (self.total - done):.0f} s left" if self.total else ""
-        shown = ", ".join(f"{k} {_fmt(v)}" for k, v in row.items() if k != "key" and k not in TABLE_HIDDEN)
+        shown = ", ".join(f"{k} {_fmt(v)}" for k, v in row.items() if k not in TABLE_HIDDEN
+                          and isinstance(v, (int, float)) and not isinstance(v, bool))
         print(f"fast3d eval: [{of}] {key}: {shown} ({dt:.2f} s/sample{left})", file=self.stream, flush=True)
 
 

@@ -186,7 +186,7 @@ def infer(model_dir: str, image_path: str, out_dir: str, camera: dict | None = N
 @torch.no_grad()
 def evaluate(model_dir: str, data_path: str, out_json: str, views: int = 4, resolution: int | None = None,
              lpips_backbone: str = "imagenet", device=None, max_samples: int | None = None,
-             point_grid: int = 64) -> dict:
+             point_grid: int = 64, clip=()) -> dict:
     """Reconstruct each sample of ``data_path`` (fast3d shards or a GSO-style folder,
     ``fast3d.evaluation.sets``) from its first view (with its true camera) and score renders of
     its next ``views - 1`` views, at ``resolution`` px (default: the model's input size), over the
@@ -195,9 +195,12 @@ def evaluate(model_dir: str, data_path: str, out_json: str, views: int = 4, reso
     Markdown table). Where the sample has reference geometry (a shard's ``assets/<key>.ply``, a
     GSO object's mesh or points), also Chamfer distance / F-score between the surface points of
     the predicted density (``extract_points`` on a ``point_grid``^3 grid) and it (samples whose
-    density has no surface get none). Rows are appended as they are computed; a rerun with the
-    same model and settings resumes after the last one."""
+    density has no surface get none). With ``clip`` (CLIP backbones: local directories or
+    ``random-tiny``), VFusion3D's CLIP image similarity of the renders to the input view and CLIP
+    text similarity to the sample's caption, per backbone. Rows are appended as they are
+    computed; a rerun with the same model and settings resumes after the last one."""
     from fast3d.evaluation import image_metrics as im
+    from fast3d.evaluation.clip_metrics import load_clip, render_scores
     from fast3d.evaluation.geometry_metrics import chamfer_fscore
     from fast3d.evaluation.report import Progress, SampleLog, fingerprint, write_report
     from fast3d.evaluation.sets import iter_samples
@@ -210,9 +213,10 @@ def evaluate(model_dir: str, data_path: str, out_json: str, views: int = 4, reso
     R = checks.integer("resolution", R, 11, note="SSIM's window")
     lp = im.load_lpips(lpips_backbone, dev)
     lp_name, lp_net = im.lpips_metric(lpips_backbone)
+    clips = [load_clip(c, dev) for c in clip]
     log = SampleLog(out_json, {"kind": "lrm", "model": os.path.abspath(path), "weights": fingerprint(path),
                                "data": os.path.abspath(data_path), "views": views, "resolution": R,
-                               "lpips_backbone": lpips_backbone, "point_grid": point_grid})
+                               "lpips_backbone": lpips_backbone, "point_grid": point_grid, "clip": list(clip)})
     progress, skipped = Progress(max_samples, log.resumed), []
     for s in iter_samples(data_path, views, R, skipped):
         if max_samples is not None and len(log.rows) >= max_samples:
@@ -228,6 +232,7 @@ def evaluate(model_dir: str, data_path: str, out_json: str, views: int = 4, reso
                lp_name: float(lp(pred, gt).mean())}
         if R >= im.ms_ssim_min_size():
             row["ms_ssim"] = float(im.ms_ssim(pred, gt).mean())
+        row.update(render_scores(clips, pred, images[0, :1], s["caption"]))
         if point_grid and s["points"] is not None:
             points, _ = model.extract_points(planes[0].float(), resolution=point_grid)
             if len(points):
@@ -239,6 +244,7 @@ def evaluate(model_dir: str, data_path: str, out_json: str, views: int = 4, reso
         raise ValueError(f"data_path {data_path!r} yielded no multi-view sample with {views} views"
                          + (f" ({len(skipped)} unreadable: {skipped[0][0]}: {skipped[0][1]})" if skipped else ""))
     backbones = {"ssim": im.SSIM_BACKBONE, lp_name: lp_net}
+    backbones.update({k: k.split(":", 1)[1] for r in rows for k in r if k.startswith("clip_")})
     if R >= im.ms_ssim_min_size():
         backbones["ms_ssim"] = im.SSIM_BACKBONE
     report = write_report(out_json, rows, path, data_path, backbones=backbones, kind="lrm", input_view=0,

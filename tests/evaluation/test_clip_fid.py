@@ -8,7 +8,7 @@ import pytest
 import scipy.linalg
 import torch
 
-from fast3d.evaluation.clip_metrics import backbone_name, clip_r_precision, load_clip
+from fast3d.evaluation.clip_metrics import backbone_name, clip_r_precision, load_clip, render_scores
 from fast3d.evaluation.fid import FID, RandomTinyFeatures, load_fid_backbone, min_reference_images
 
 # Tolerances, with their reasons.
@@ -132,3 +132,16 @@ def test_inception_backbone_loads_torchvision_weights_from_a_file(tmp_path, gen)
     torch.save({"w": torch.ones(1)}, tmp_path / "other.pth")
     with pytest.raises(ValueError, match="not torchvision Inception-v3 weights"):
         load_fid_backbone(str(tmp_path / "other.pth"))
+
+
+def test_render_scores_of_a_reconstruction(gen):
+    """VFusion3D's scores: renders identical to the input view have image similarity 1; the text
+    score is the mean cosine with the caption; no caption, no text score."""
+    clip = load_clip("random-tiny")
+    view = torch.rand(1, 3, 32, 32, generator=gen)
+    same = render_scores([clip], view.expand(3, -1, -1, -1), view, "a red mug")
+    assert abs(same["clip_image:clip-random-tiny"] - 1) < EMBED_ATOL
+    t = clip.embed_texts(["a red mug"])[0]
+    assert abs(same["clip_text:clip-random-tiny"] - float(clip.embed_images(view)[0] @ t)) < EMBED_ATOL
+    other = render_scores([clip], torch.rand(2, 3, 32, 32, generator=gen), view, "")
+    assert set(other) == {"clip_image:clip-random-tiny"} and other["clip_image:clip-random-tiny"] < 1 - EMBED_ATOL

@@ -97,11 +97,14 @@ def test_lgm_on_a_gso_folder_reports_and_resumes_after_a_kill(setup, tmp_path, c
 @pytest.mark.slow
 def test_lrm_on_shards_and_compare(setup, tmp_path, capsys):
     a, b = tmp_path / "a.json", tmp_path / "b.json"
-    for out, n in ((a, 1), (b, 2)):
-        assert run("eval", "--checkpoint", setup["lrm"], "--data", setup["shards"], "--out", out,
-                   "--lpips-backbone", "random", "--device", "cpu", "--max-samples", n, "--resolution", "16") == 0
+    for out, n, data in ((a, 1, setup["shards"]), (b, 2, setup["gso"])):
+        assert run("eval", "--checkpoint", setup["lrm"], "--data", data, "--out", out, "--lpips-backbone", "random",
+                   "--device", "cpu", "--max-samples", n, "--resolution", "16", "--clip", "random-tiny") == 0
     r = json.loads(b.read_text())
     assert r["kind"] == "lrm" and r["samples"] == 2
+    for row in r["per_sample"]:  # the GSO folder's objects have captions: image and text similarity
+        assert -1 <= row["clip_image:clip-random-tiny"] <= 1 and -1 <= row["clip_text:clip-random-tiny"] <= 1
+    assert r["backbones"]["clip_image:clip-random-tiny"] == "clip-random-tiny"
     capsys.readouterr()
     assert run("eval", "--compare", a, b) == 0
     text = capsys.readouterr().out
@@ -132,6 +135,7 @@ def test_mvdit_on_prompts_clip_r_clip_text_and_fid(setup, tmp_path, capsys):
     assert len(os.listdir(tmp_path / "ttr_images")) == 3 * 5  # the grid and its 4 views a prompt
 
 
+@pytest.mark.slow
 def test_mvdiff_on_images_with_prompts(setup, tmp_path):
     out = tmp_path / "mv.json"
     prompts = tmp_path / "two.txt"
@@ -162,7 +166,7 @@ def test_bad_input_is_named(setup, tmp_path, capsys):
           "random-tiny"], "images and prompts do not pair up: 2 images for 3 prompts"),
         (["--checkpoint", setup["ttr"], "--prompts", setup["prompts"]], "--clip: name at least one CLIP backbone"),
         (["--checkpoint", setup["lgm"]], "is evaluated on --data"),
-        (["--checkpoint", setup["lgm"], "--data", setup["gso"], "--clip", "random-tiny"], "are for generators"),
+        (["--checkpoint", setup["lgm"], "--data", setup["gso"], "--reference", setup["ref"]], "are for generators"),
     ]
     for args, match in cases:
         assert run("eval", "--out", tmp_path / "x.json", *args) == 2, args
