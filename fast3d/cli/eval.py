@@ -107,13 +107,13 @@ def cmd_eval(args, fail) -> int:
             if kind == "lgm":
                 from fast3d.inference import lgm
 
-                r = lgm.evaluate(model_dir, args.data, args.out, resolution=args.resolution,
+                r = lgm.evaluate(model_dir, args.data, args.out, views=args.views or 16, resolution=args.resolution,
                                  lpips_backbone=args.lpips_backbone, device=args.device, max_samples=args.max_samples,
                                  clip=args.clip or ())
             else:
                 from fast3d.inference import lrm
 
-                r = lrm.evaluate(model_dir, args.data, args.out, resolution=args.resolution,
+                r = lrm.evaluate(model_dir, args.data, args.out, views=args.views or 4, resolution=args.resolution,
                                  lpips_backbone=args.lpips_backbone, device=args.device, max_samples=args.max_samples,
                                  clip=args.clip or ())
         else:
@@ -144,6 +144,8 @@ def register(sub, fail) -> None:
     s.add_argument("--steps", type=int, default=20, help="mvdit/mvdiff: sampler steps")
     s.add_argument("--guidance-scale", type=float, help="mvdit/mvdiff: guidance (default 4.5 / 3.0)")
     s.add_argument("--seed", type=int, default=0, help="mvdit/mvdiff: noise seed of every sample")
+    s.add_argument("--views", type=int, help="lgm/lrm: views a sample (the inputs and the held-out views scored; "
+                                             "default 16 for lgm, 4 for lrm: its input and 3 novel views)")
     s.add_argument("--resolution", type=int, help="lgm/lrm: evaluation resolution (default: the model's)")
     s.add_argument("--lpips-backbone", default="imagenet", help="imagenet | random | VGG-16 weights file")
     s.add_argument("--max-samples", type=int, help="evaluate at most this many samples")

@@ -222,6 +222,8 @@ def evaluate(model_dir: str, data_path: str, out_json: str, input_views=(0, 4, 8
     cfg = model.config
     if len(input_views) != cfg.num_input_views:
         raise ValueError(f"input_views must list {cfg.num_input_views} views; got {list(input_views)}")
+    if views <= max(input_views) or views <= len(input_views):
+        raise ValueError(f"views must hold the input views {list(input_views)} and a held-out view; got {views}")
     R = resolution or cfg.render_size
     lp = im.load_lpips(lpips_backbone, dev)
     held = [i for i in range(views) if i not in input_views]

@@ -99,9 +99,9 @@ def test_lrm_on_shards_and_compare(setup, tmp_path, capsys):
     a, b = tmp_path / "a.json", tmp_path / "b.json"
     for out, n, data in ((a, 1, setup["shards"]), (b, 2, setup["gso"])):
         assert run("eval", "--checkpoint", setup["lrm"], "--data", data, "--out", out, "--lpips-backbone", "random",
-                   "--device", "cpu", "--max-samples", n, "--resolution", "16", "--clip", "random-tiny") == 0
+                   "--device", "cpu", "--max-samples", n, "--resolution", "16", "--clip", "random-tiny", "--views", 3) == 0
     r = json.loads(b.read_text())
-    assert r["kind"] == "lrm" and r["samples"] == 2
+    assert r["kind"] == "lrm" and r["samples"] == 2 and r["held_out_views"] == [1, 2]
     for row in r["per_sample"]:  # the GSO folder's objects have captions: image and text similarity
         assert -1 <= row["clip_image:clip-random-tiny"] <= 1 and -1 <= row["clip_text:clip-random-tiny"] <= 1
     assert r["backbones"]["clip_image:clip-random-tiny"] == "clip-random-tiny"
@@ -166,6 +166,8 @@ def test_bad_input_is_named(setup, tmp_path, capsys):
           "random-tiny"], "images and prompts do not pair up: 2 images for 3 prompts"),
         (["--checkpoint", setup["ttr"], "--prompts", setup["prompts"]], "--clip: name at least one CLIP backbone"),
         (["--checkpoint", setup["lgm"]], "is evaluated on --data"),
+        (["--checkpoint", setup["lgm"], "--data", setup["gso"], "--views", "12"],
+         "views must hold the input views [0, 4, 8, 12] and a held-out view; got 12"),
         (["--checkpoint", setup["lgm"], "--data", setup["gso"], "--reference", setup["ref"]], "are for generators"),
     ]
     for args, match in cases:
