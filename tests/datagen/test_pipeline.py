@@ -342,7 +342,7 @@ def test_stage_registry_plugs_in_a_filter_that_captions(tmp_path, monkeypatch, f
 
 
 @pytest.mark.parametrize("change, match", [
-    (dict(filter=dict(kind="mvllm")), r"filter.kind must be one of \['svm'\]; got 'mvllm'"),
+    (dict(filter=dict(kind="nonesuch")), r"filter.kind must be one of \[.*'svm'.*\]; got 'nonesuch'"),
     (dict(filter=dict(options=dict(x=1))), r"filter.options: the 'svm' filter stage takes no options"),
     (dict(matting=dict(model="/nonexistent/u2net")), r"matting.model must be null, .* '/nonexistent/u2net'"),
     (dict(matting=dict(resolution=0)), r"matting.resolution must be an int >= 1"),
@@ -352,3 +352,27 @@ def test_bad_stage_sections_fail_before_work(tmp_path, monkeypatch, change, matc
     monkeypatch.setattr(engine, "build_stages", no_work)
     with pytest.raises(ValueError, match=match):
         PipelineConfig.from_dict(tiny(0, **change))
+
+
+def test_prompts_from_a_local_llm(tmp_path, fake_models):
+    """prompts.llm: the pipeline first writes the LM's prompts (datagen prompts) and its items take them."""
+    d = tiny(0)
+    d["prompts"] = dict(llm=dict(model="random-tiny", count=3, per_call=3, max_new_tokens=5, seed=2,
+                                 out=str(tmp_path / "prompts.txt")))
+    cfg = PipelineConfig.from_dict(d)
+    assert cfg.num_items == 3
+    out = str(tmp_path / "out")
+    assert generate(out, cfg, progress=False)["kept"] == 3
+    lines = open(tmp_path / "prompts.txt", encoding="utf-8").read().splitlines()
+    assert len(lines) == 3 and [item(cfg, i)[0] for i in range(3)] == lines
+    assert [s["caption"] for _, s in sorted(read(out).items())] == lines
+    assert generate(out, cfg, progress=False)["shards_written"] == 0
+    d["prompts"]["count"] = 3
+    with pytest.raises(ValueError, match="prompts: give one of llm, file, or templates"):
+        PipelineConfig.from_dict(d)
+    d["prompts"] = dict(llm=dict(model="random-tiny", count=0, out="x.txt"))
+    with pytest.raises(ValueError, match="prompts.llm.count must be a positive int; got 0"):
+        PipelineConfig.from_dict(d)
+    d["prompts"] = dict(llm=dict(model="random-tiny", count=2))
+    with pytest.raises(ValueError, match="prompts.llm.out must name the prompts file"):
+        PipelineConfig.from_dict(d)

@@ -2,8 +2,9 @@
 keys named) and what it fixes per sample: item i's prompt and seeds are a pure function of
 (``seed``, i), whatever the split of the work.
 
-Sections: ``prompts`` (a file, one prompt a line, or ``templates`` with ``{slot}``s filled from
-``vocab`` lists, ``count`` of them), ``t2i``, ``mv``, ``matting``, ``elevation``, ``filter``,
+Sections: ``prompts`` (``llm``: written by a local causal LM first, see
+:mod:`fast3d.datagen.prompts_llm`; or a ``file``, one prompt a line; or ``templates`` with
+``{slot}``s filled from ``vocab`` lists, ``count`` of them), ``t2i``, ``mv``, ``matting``, ``elevation``, ``filter``,
 ``recaption``, ``shards``; and ``seed``, ``device`` (``auto`` | ``cpu`` | ``cuda`` | ``cuda:N``).
 The sections ``mv``, ``matting``, ``filter`` and ``recaption`` name their stage's ``kind`` (see
 :data:`fast3d.datagen.pipeline.stages.STAGE_KINDS`) and hold a plug-in's own settings in ``options``.
@@ -28,6 +29,7 @@ RANDOM_TINY = "random-tiny"
 
 @dataclass(frozen=True)
 class PromptsConfig:
+    llm: dict | None = None           # PromptLMConfig fields + `out` (the prompts file it writes): prompts from a local LM
     file: str | None = None           # UTF-8 text, one prompt a line (blank lines skipped)
     templates: tuple = ()             # e.g. ("a {color} {object}",), used when file is null
     vocab: dict = field(default_factory=dict)  # slot -> list of words
@@ -126,6 +128,8 @@ class PipelineConfig:
 
     @property
     def num_items(self) -> int:
+        if self.prompts.llm is not None:
+            return llm_config(self.prompts)[0].count
         return len(_file_prompts(self.prompts)) if self.prompts.file is not None else self.prompts.count
 
     @property
@@ -192,6 +196,14 @@ def item(cfg: PipelineConfig, index: int) -> tuple[str, int, int]:
     g = item_generator(cfg, index)
     t2i_seed, mv_seed = torch.randint(2**62, (2,), generator=g).tolist()
     p = cfg.prompts
+    if p.llm is not None:
+        lm, out = llm_config(p)
+        with open(out, encoding="utf-8") as f:
+            lines = [line.strip() for line in f if line.strip()]
+        if len(lines) < lm.count:
+            raise ValueError(f"prompts.llm.out {out!r} holds {len(lines)} prompts, fewer than count={lm.count}: run "
+                             f"the pipeline (it writes them first) or `fast3d datagen prompts`")
+        return lines[index], t2i_seed, mv_seed
     if p.file is not None:
         return _file_prompts(p)[index], t2i_seed, mv_seed
     template = p.templates[int(torch.randint(len(p.templates), (), generator=g))]
@@ -215,7 +227,29 @@ def _slots(template: str) -> list[str]:
         raise ValueError(f"prompts.templates: {template!r} is not a valid template ({e})") from None
 
 
+def llm_config(p: PromptsConfig):
+    """(PromptLMConfig, prompts file) of ``prompts.llm``; ValueError naming the key when malformed."""
+    from fast3d.datagen.prompts_llm import PromptLMConfig
+
+    if not isinstance(p.llm, dict):
+        raise ValueError(f"prompts.llm must be a mapping of PromptLMConfig fields and out; got {p.llm!r}")
+    fields = {k: v for k, v in p.llm.items() if k != "out"}
+    out = p.llm.get("out")
+    if not isinstance(out, str) or not out:
+        raise ValueError(f"prompts.llm.out must name the prompts file to write; got {out!r}")
+    return dataclass_from_dict(PromptLMConfig, fields, what="pipeline config 'prompts.llm'"), out
+
+
 def _check_prompts(p: PromptsConfig) -> None:
+    if p.llm is not None:
+        if p.file is not None or p.templates or p.vocab or p.count is not None:
+            raise ValueError("prompts: give one of llm, file, or templates + vocab + count")
+        lm, _ = llm_config(p)
+        try:
+            lm.validate()
+        except ValueError as e:
+            raise ValueError(f"prompts.llm.{e}") from None
+        return
     if p.count is not None:
         _int("prompts.count", p.count, 1)
     if p.file is not None:

@@ -85,9 +85,17 @@ def manifest_of(cfg: PipelineConfig) -> dict:
 
 
 def prepare_output(out: str, cfg: PipelineConfig) -> None:
-    """Check the configuration, then create `out` for it or check that it holds this same dataset."""
+    """Check the configuration, then create `out` for it or check that it holds this same dataset;
+    with ``prompts.llm``, write (or finish writing) its prompts file first (a pure function of its
+    configuration, so the manifest's configuration fixes the prompts)."""
     cfg.validate()
     claim_output(out, manifest_of(cfg), PREFIX)
+    if cfg.prompts.llm is not None:
+        from fast3d.datagen.pipeline.config import llm_config
+        from fast3d.datagen.prompts_llm import generate_prompts
+
+        lm, path = llm_config(cfg.prompts)
+        generate_prompts(lm, path, device=str(resolve_device(cfg.device)), progress=False)
 
 
 def orbit(cfg: PipelineConfig, elevation: float | None = None) -> cameras.Rig:
