@@ -30,14 +30,25 @@ def reconstruct(model: LGM,
                 viewmats: Tensor,  # [B, V, 4, 4] world-to-camera, OpenCV
                 Ks: Tensor,        # [B, V, 3, 3] pixels of the R x R images
                 ) -> tuple[dict, Tensor]:  # -> Gaussians in the normalised world, transform [B, 4, 4]
-    """The model's Gaussians for posed images of any square size (resized to its input size)."""
+    """The model's Gaussians for posed images of any square size (resized to its input size).
+    With LGM's own head (a converted release, whose network knows cameras at one distance only)
+    the world is first scaled so that view 0 is ``config.camera_distance`` from the origin; the
+    Gaussians and the transform come back in the input's units."""
     cfg = model.config
     dev = next(model.parameters()).device
     x, K = resize_inputs(images, Ks, cfg.input_size)
-    vm, T = normalize_cameras(viewmats.float(), cfg.camera_distance)
+    vm, s = viewmats.float().clone(), None
+    if cfg.head != "anchored":  # LGM's own network knows one camera distance: scale the world so view 0 is there
+        s = cfg.camera_distance / cams.camera_centers(vm[:, 0]).norm(dim=-1)           # [B]
+        vm[..., :3, 3] *= s[:, None, None]
+    vm, T = normalize_cameras(vm, cfg.camera_distance)
     with torch.no_grad():
-        g = model(x.to(dev), vm.to(dev), K.to(dev))
-    return {k: v.float() for k, v in g.items()}, T.to(dev)
+        g = {k: v.float() for k, v in model(x.to(dev), vm.to(dev), K.to(dev)).items()}
+    if s is not None:           # the scale undone in the normalised frame: T stays rigid, in the input's units
+        T[:, :3, 3] /= s[:, None]
+        s = s.to(dev)[:, None, None]
+        g = {**g, "means": g["means"] / s, "scales": g["scales"] / s}
+    return g, T.to(dev)
 
 
 def resize_inputs(images: Tensor,  # [B, V, 3, R, R] in [0, 1]
@@ -202,17 +213,14 @@ def infer(model_dir: str, image_paths: list[str], out_dir: str, cameras_json: st
 
 def evaluate(model_dir: str, data_path: str, out_json: str, input_views=(0, 4, 8, 12), views: int = 16,
              resolution: int | None = None, lpips_backbone: str = "imagenet", device: str | None = None,
-             max_samples: int | None = None, clip=()) -> dict:
+             max_samples: int | None = None) -> dict:
     """PSNR/SSIM/LPIPS (and MS-SSIM at >= 176 px) on the views that are not inputs, and
     Chamfer/F-score of the opacity-weighted Gaussian centres against the reference geometry, per
     sample and averaged; written to ``out_json`` (and its Markdown table). ``data_path``: fast3d
     shards (geometry: the asset's Gaussians, ``assets/<key>.ply``) or a GSO-style folder (geometry:
-    its mesh or points; ``fast3d.evaluation.sets``). With ``clip`` (CLIP backbones: local
-    directories or ``random-tiny``), VFusion3D's CLIP image similarity of the renders to the input
-    views and CLIP text similarity to the sample's caption, per backbone. Rows are appended as
-    they are computed; a rerun with the same model and settings resumes after the last one."""
+    its mesh or points; ``fast3d.evaluation.sets``). Rows are appended as they are computed; a rerun
+    with the same model and settings resumes after the last one."""
     from fast3d.evaluation import image_metrics as im
-    from fast3d.evaluation.clip_metrics import load_clip, render_scores
     from fast3d.evaluation.geometry_metrics import chamfer_fscore
     from fast3d.evaluation.report import Progress, SampleLog, fingerprint, write_report
     from fast3d.evaluation.sets import iter_samples
@@ -222,16 +230,13 @@ def evaluate(model_dir: str, data_path: str, out_json: str, input_views=(0, 4, 8
     cfg = model.config
     if len(input_views) != cfg.num_input_views:
         raise ValueError(f"input_views must list {cfg.num_input_views} views; got {list(input_views)}")
-    if views <= max(input_views) or views <= len(input_views):
-        raise ValueError(f"views must hold the input views {list(input_views)} and a held-out view; got {views}")
     R = resolution or cfg.render_size
     lp = im.load_lpips(lpips_backbone, dev)
     held = [i for i in range(views) if i not in input_views]
     lp_name, lp_net = im.lpips_metric(lpips_backbone)  # a stand-in is not the metric
-    clips = [load_clip(c, dev) for c in clip]
     log = SampleLog(out_json, {"kind": "lgm", "model": os.path.abspath(model_dir), "weights": fingerprint(model_dir),
                                "data": os.path.abspath(data_path), "input_views": list(input_views), "views": views,
-                               "resolution": R, "lpips_backbone": lpips_backbone, "clip": list(clip)})
+                               "resolution": R, "lpips_backbone": lpips_backbone})
     progress, skipped = Progress(max_samples, log.resumed), []
     for s in iter_samples(data_path, views, R, skipped):
         if max_samples is not None and len(log.rows) >= max_samples:
@@ -250,7 +255,6 @@ def evaluate(model_dir: str, data_path: str, out_json: str, input_views=(0, 4, 8
                lp_name: float(lp(pred, gt).mean())}
         if R >= im.ms_ssim_min_size():
             row["ms_ssim"] = float(im.ms_ssim(pred, gt).mean())
-        row.update(render_scores(clips, pred, s["images"][idx], s["caption"]))
         if s["points"] is not None:
             geo = chamfer_fscore(world["means"][0], s["points"], world["opacities"][0])
             if math.isfinite(geo["chamfer"]):  # inf: no Gaussian opaque enough to count
@@ -262,7 +266,6 @@ def evaluate(model_dir: str, data_path: str, out_json: str, input_views=(0, 4, 8
         raise ValueError(f"--data {data_path!r} yielded no samples with {views} views"
                          + (f" ({len(skipped)} unreadable: {skipped[0][0]}: {skipped[0][1]})" if skipped else ""))
     backbones = {"ssim": im.SSIM_BACKBONE, lp_name: lp_net}
-    backbones.update({k: k.split(":", 1)[1] for r in rows for k in r if k.startswith("clip_")})
     if R >= im.ms_ssim_min_size():
         backbones["ms_ssim"] = im.SSIM_BACKBONE
     return write_report(out_json, rows, model_dir, data_path, backbones=backbones, kind="lgm", held_out_views=held,

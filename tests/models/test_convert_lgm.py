@@ -19,12 +19,13 @@ import torch
 import torch.nn.functional as F
 from helpers import assert_close
 
+from fast3d import cameras
 from fast3d.cameras import plucker_rays, rotmat_to_quat
 from fast3d.inference.lgm import default_input_cameras, reconstruct
 from fast3d.models.convert import convert, manifest
 from fast3d.models.convert import lgm as convert_lgm
 from fast3d.models.convert.common import RECORD_FILE
-from fast3d.models.lgm import LGM, LGMConfig
+from fast3d.models.lgm import LGM, LGMConfig, apply_transform_to_gaussians
 from fast3d.models.lgm.model import lgm_axes, viewmats_to_lgm_world
 from fast3d.models.lgm.normalize import quat_multiply
 from fast3d.ops.rasterization.reference import quat_to_rotmat
@@ -302,3 +303,25 @@ def test_config_of_lgm_big_preset():
     with pytest.raises(ValueError, match="LGMConfig.head"):
         LGMConfig(head="gaussian")
     assert os.path.basename(manifest.SOURCES["lgm"][0]) == "LGM"
+
+
+def test_cameras_at_another_distance(tmp_path, gen):
+    """Inputs whose cameras are not at LGM's 1.5 (fast3d's data: 2.2) are scaled to it and back:
+    the same images from the same directions give the same object, scaled by 2.2 / 1.5, placed
+    around the same centre (LGM itself would put view 0 at 1.5 and the object 0.7 off centre)."""
+    sd = lgm_state(gen, SMALL)
+    convert("lgm", save(sd, str(tmp_path / "model_fp16_fixrot.safetensors")), str(tmp_path / "out"), input_size=SIZE)
+    model = LGM.from_pretrained(str(tmp_path / "out")).eval()
+    images = torch.rand(1, 4, 3, SIZE, SIZE, generator=gen)
+    az = torch.arange(4, dtype=torch.float64) * (math.pi / 2) + 0.3
+    worlds = []
+    for dist in (RADIUS, 2.2):
+        vm, K = cameras.orbit_cameras(az, torch.full((4,), 0.2, dtype=torch.float64), dist, FOVY, SIZE)
+        g, T = reconstruct(model, images, vm[None], K[None])
+        worlds.append(apply_transform_to_gaussians(g, torch.linalg.inv(T.double()).float()))
+    k = 2.2 / RADIUS
+    close("means", worlds[1]["means"], worlds[0]["means"] * k)
+    close("scales", worlds[1]["scales"], worlds[0]["scales"] * k)
+    for key in ("opacities", "colors"):
+        close(key, worlds[1][key], worlds[0][key])
+    close("quats", worlds[1]["quats"], worlds[0]["quats"])
