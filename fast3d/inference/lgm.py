@@ -213,14 +213,17 @@ def infer(model_dir: str, image_paths: list[str], out_dir: str, cameras_json: st
 
 def evaluate(model_dir: str, data_path: str, out_json: str, input_views=(0, 4, 8, 12), views: int = 16,
              resolution: int | None = None, lpips_backbone: str = "imagenet", device: str | None = None,
-             max_samples: int | None = None) -> dict:
+             max_samples: int | None = None, clip=()) -> dict:
     """PSNR/SSIM/LPIPS (and MS-SSIM at >= 176 px) on the views that are not inputs, and
     Chamfer/F-score of the opacity-weighted Gaussian centres against the reference geometry, per
     sample and averaged; written to ``out_json`` (and its Markdown table). ``data_path``: fast3d
     shards (geometry: the asset's Gaussians, ``assets/<key>.ply``) or a GSO-style folder (geometry:
-    its mesh or points; ``fast3d.evaluation.sets``). Rows are appended as they are computed; a rerun
-    with the same model and settings resumes after the last one."""
+    its mesh or points; ``fast3d.evaluation.sets``). With ``clip`` (CLIP backbones: local
+    directories or ``random-tiny``), VFusion3D's CLIP image similarity of the renders to the input
+    views and CLIP text similarity to the sample's caption, per backbone. Rows are appended as
+    they are computed; a rerun with the same model and settings resumes after the last one."""
     from fast3d.evaluation import image_metrics as im
+    from fast3d.evaluation.clip_metrics import load_clip, render_scores
     from fast3d.evaluation.geometry_metrics import chamfer_fscore
     from fast3d.evaluation.report import Progress, SampleLog, fingerprint, write_report
     from fast3d.evaluation.sets import iter_samples
@@ -230,13 +233,16 @@ def evaluate(model_dir: str, data_path: str, out_json: str, input_views=(0, 4, 8
     cfg = model.config
     if len(input_views) != cfg.num_input_views:
         raise ValueError(f"input_views must list {cfg.num_input_views} views; got {list(input_views)}")
+    if views <= max(input_views) or views <= len(input_views):
+        raise ValueError(f"views must hold the input views {list(input_views)} and a held-out view; got {views}")
     R = resolution or cfg.render_size
     lp = im.load_lpips(lpips_backbone, dev)
     held = [i for i in range(views) if i not in input_views]
     lp_name, lp_net = im.lpips_metric(lpips_backbone)  # a stand-in is not the metric
+    clips = [load_clip(c, dev) for c in clip]
     log = SampleLog(out_json, {"kind": "lgm", "model": os.path.abspath(model_dir), "weights": fingerprint(model_dir),
                                "data": os.path.abspath(data_path), "input_views": list(input_views), "views": views,
-                               "resolution": R, "lpips_backbone": lpips_backbone})
+                               "resolution": R, "lpips_backbone": lpips_backbone, "clip": list(clip)})
     progress, skipped = Progress(max_samples, log.resumed), []
     for s in iter_samples(data_path, views, R, skipped):
         if max_samples is not None and len(log.rows) >= max_samples:
@@ -255,6 +261,7 @@ def evaluate(model_dir: str, data_path: str, out_json: str, input_views=(0, 4, 8
                lp_name: float(lp(pred, gt).mean())}
         if R >= im.ms_ssim_min_size():
             row["ms_ssim"] = float(im.ms_ssim(pred, gt).mean())
+        row.update(render_scores(clips, pred, s["images"][idx], s["caption"]))
         if s["points"] is not None:
             geo = chamfer_fscore(world["means"][0], s["points"], world["opacities"][0])
             if math.isfinite(geo["chamfer"]):  # inf: no Gaussian opaque enough to count
@@ -266,6 +273,7 @@ def evaluate(model_dir: str, data_path: str, out_json: str, input_views=(0, 4, 8
         raise ValueError(f"--data {data_path!r} yielded no samples with {views} views"
                          + (f" ({len(skipped)} unreadable: {skipped[0][0]}: {skipped[0][1]})" if skipped else ""))
     backbones = {"ssim": im.SSIM_BACKBONE, lp_name: lp_net}
+    backbones.update({k: k.split(":", 1)[1] for r in rows for k in r if k.startswith("clip_")})
     if R >= im.ms_ssim_min_size():
         backbones["ms_ssim"] = im.SSIM_BACKBONE
     return write_report(out_json, rows, model_dir, data_path, backbones=backbones, kind="lgm", held_out_views=held,
