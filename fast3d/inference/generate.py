@@ -431,7 +431,8 @@ def generate_item(mv: MultiView, recon: Reconstructor, item: dict, out_dir: str,
 
 class _staging:
     """A hidden temporary directory beside ``final`` that replaces it on a clean exit and is
-    deleted on an exception (an existing ``final`` is kept until the new one is complete)."""
+    deleted on an exception (an existing ``final`` is kept until the new one is complete); what a
+    killed run left there for the same ``final`` is deleted first."""
 
     def __init__(self, final: str):
         final = os.path.abspath(final)
@@ -439,8 +440,11 @@ class _staging:
         self.tmp = os.path.join(os.path.dirname(final), f".{os.path.basename(final)}.tmp{os.getpid()}")
 
     def __enter__(self) -> str:
-        if os.path.exists(self.tmp):
-            shutil.rmtree(self.tmp)
+        parent, base = os.path.split(self.final)
+        if os.path.isdir(parent):  # what a killed run left of this item: .<name>.tmp<pid>[.old]
+            for n in os.listdir(parent):
+                if re.fullmatch(rf"\.{re.escape(base)}\.tmp\d+(\.old)?", n):
+                    shutil.rmtree(os.path.join(parent, n), ignore_errors=True)
         os.makedirs(self.tmp)
         return self.tmp
 
@@ -559,7 +563,6 @@ def run(mv_model: str, recon_model: str, out: str, images: list[str] | None = No
     result = {"done": [], "skipped": [], "failed": {}, "reports": {}}
     if batch:
         os.makedirs(out, exist_ok=True)
-        _clean_stale(out)
     for n, item in enumerate(items, 1):
         target = os.path.join(out, item["name"]) if batch else out
         tag = f"[{n}/{len(items)}] {item['name']}" if batch else item["name"]
@@ -584,9 +587,3 @@ def run(mv_model: str, recon_model: str, out: str, images: list[str] | None = No
             f"{len(result['failed'])} failed")
     return result
 
-
-def _clean_stale(out: str) -> None:
-    """Delete what a killed run left in the batch folder: hidden ``.<name>.tmp<pid>`` directories."""
-    for n in os.listdir(out):
-        if n.startswith(".") and re.search(r"\.tmp\d+(\.old)?$", n) and os.path.isdir(os.path.join(out, n)):
-            shutil.rmtree(os.path.join(out, n), ignore_errors=True)
