@@ -536,6 +536,11 @@ def run(mv_model: str, recon_model: str, out: str, images: list[str] | None = No
     if remove_background is not None and images is None:
         raise ValueError("--remove-background applies to --image inputs")
     checks.positive_int("--frames", settings.turntable_frames)
+    checks.positive_int("--resolution", settings.turntable_resolution, optional=True)
+    checks.integer("--point-grid", settings.point_grid, 2)
+    if isinstance(settings.mesh_grid, bool) or not isinstance(settings.mesh_grid, int) or settings.mesh_grid < 0 \
+            or settings.mesh_grid == 1:
+        raise ValueError(f"--mesh-grid must be 0 (no mesh) or an integer >= 2; got {settings.mesh_grid!r}")
     if not isinstance(out, str) or not out:
         raise ValueError(f"--out must be a directory path; got {out!r}")
     if not batch and os.path.isdir(out) and os.listdir(out) and not os.path.isfile(os.path.join(out, REPORT)):

@@ -295,6 +295,11 @@ def test_bad_inputs_are_named_and_leave_nothing(models, tmp_path, gen):
     with pytest.raises(ValueError, match="--scheduler 'ddim': the prompt path"):
         generate.run(models["ttr"], models["lgm"], str(out), prompt="a chair", log=_quiet,
                      settings=generate.Settings(scheduler="ddim"))
+    for bad, match in ((dict(mesh_grid=1), "--mesh-grid"), (dict(point_grid=1), "--point-grid"),
+                       (dict(turntable_frames=0), "--frames"), (dict(turntable_resolution=0), "--resolution")):
+        with pytest.raises(ValueError, match=match):
+            generate.run(models["mv4"], models["lgm"], str(out), images=[img], log=_quiet,
+                         settings=generate.Settings(**bad))
     with pytest.raises(ValueError, match="--steps"):
         generate.run(models["mv4"], models["lgm"], str(out), images=[img], log=_quiet,
                      settings=generate.Settings(steps=0))
