@@ -6,7 +6,11 @@
 * the multi-view DiT (``mvdit``, TTR): ``--prompts`` -> 4 views a prompt -> CLIP-R precision and
   CLIP text similarity per ``--clip`` backbone, FID of all views against ``--reference``;
 * multi-view diffusion (``mvdiff``): ``--images`` (and ``--prompts`` paired with them, optional)
-  -> the rig's views -> CLIP image similarity (and CLIP-R / text similarity), FID.
+  -> the rig's views -> CLIP image similarity (and CLIP-R / text similarity), FID;
+* whole pipelines (``--mv-model`` and ``--recon`` instead of ``--checkpoint``): ``fast3d generate``
+  on each prompt or image -> 3D -> its turntable's ``--frames`` renders -> the same metrics as the
+  multi-view models (Bootstrap3D scores 3D renders so). The renders are read from the turntable GIF:
+  256 colours a frame, which FID sees.
 
 The report is ``--out`` (JSON: per-sample rows, means, backbones, commit) with a Markdown table beside
 it; a killed run resumes from its ``.rows.jsonl``. ``--compare A.json B.json`` prints two reports side
@@ -70,14 +74,60 @@ def _generative(args, kind: str, model_dir: str) -> dict:
                 save_image(view, paths[-1])
             return paths
     data = args.prompts or (args.images[0] if len(args.images) == 1 else os.path.dirname(images[0]))
+    settings = {"steps": args.steps, "guidance_scale": guidance, "seed": args.seed}
     return evaluate_generated(generate, prompts, args.out, model=model_dir, data=data, kind=kind, clips=args.clip,
                               fid_backbone=args.fid_backbone, reference=args.reference, images=images,
-                              max_samples=args.max_samples, device=args.device or "cpu",
-                              settings={"steps": args.steps, "guidance_scale": guidance, "seed": args.seed})
+                              max_samples=args.max_samples, device=args.device or "cpu", settings=settings)
+
+
+def _pipeline(args) -> dict:
+    """``fast3d generate`` (--mv-model, --recon) on each prompt or image; its turntable frames are the renders scored."""
+    import numpy as np
+    import torch
+    from PIL import Image, ImageSequence
+
+    from fast3d.evaluation.generative import evaluate_generated
+    from fast3d.evaluation.sets import read_prompts
+    from fast3d.inference import generate as gen
+    from fast3d.inference.common import save_image
+
+    prompts = read_prompts(args.prompts) if args.prompts else None
+    images = _image_list(args.images) if args.images else None
+    if not args.clip:
+        raise ValueError("--clip: name at least one CLIP backbone (a local transformers CLIP directory; "
+                         "random-tiny for tests)")
+    if prompts is None and images is None:
+        raise ValueError("a pipeline takes --prompts (text to 3D) or --images (image to 3D, --prompts paired optional)")
+    mv = gen.load_multiview(args.mv_model, "image" if images is not None else "prompt", args.device)
+    recon = gen.load_reconstructor(args.recon, args.device)
+    settings = gen.Settings(steps=args.steps, guidance=args.guidance_scale, seed=args.seed,
+                            turntable_frames=args.frames, point_grid=64, mesh_grid=64)
+    s = settings.resolved(mv.kind)
+    gen.check_rig(mv, recon, None)
+
+    def generate(i, prompt, image, stem):
+        item = {"name": os.path.basename(stem), **({"image": image} if image is not None else {"prompt": prompt})}
+        out = stem + "_3d"
+        if not os.path.isfile(os.path.join(out, gen.REPORT)):
+            gen.generate_item(mv, recon, item, out, settings)
+        paths = []
+        with Image.open(os.path.join(out, "turntable.gif")) as gif:
+            for j, frame in enumerate(ImageSequence.Iterator(gif)):
+                rgb = torch.from_numpy(np.asarray(frame.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)
+                paths.append(f"{stem}_render{j:03d}.png")
+                save_image(rgb, paths[-1])
+        return paths
+
+    return evaluate_generated(generate, prompts, args.out, model=f"{mv.path} -> {recon.path}",
+                              data=args.prompts or os.path.dirname(images[0]), kind=f"generate ({mv.kind} -> {recon.kind})",
+                              clips=args.clip, fid_backbone=args.fid_backbone, reference=args.reference,
+                              images=images, max_samples=args.max_samples, device=args.device or "cpu",
+                              settings={"mv_model": mv.path, "recon": recon.path, "frames": args.frames,
+                                        "steps": s["steps"], "guidance_scale": s["guidance"], "seed": s["seed"]})
 
 
 def cmd_eval(args, fail) -> int:
-    from fast3d.evaluation.report import compare_reports, markdown_path
+    from fast3d.evaluation.report import compare_reports
 
     try:
         if args.compare:
@@ -89,8 +139,15 @@ def cmd_eval(args, fail) -> int:
                     raise ValueError(f"--compare {p!r} is not a fast3d eval report (no 'mean')")
             print(compare_reports(a, b), end="")
             return 0
-        if not args.checkpoint or not args.out:
-            raise ValueError("--checkpoint and --out are required (or --compare A.json B.json)")
+        if not args.out:
+            raise ValueError("--out is required (or --compare A.json B.json)")
+        if args.mv_model or args.recon:
+            if not (args.mv_model and args.recon) or args.checkpoint or args.data:
+                raise ValueError("a pipeline is --mv-model and --recon together, without --checkpoint or --data")
+            r = _pipeline(args)
+            return _done(r, args.out)
+        if not args.checkpoint:
+            raise ValueError("--checkpoint is required (or --mv-model and --recon, or --compare A.json B.json)")
         from fast3d.models import checkpoints
 
         model_dir = checkpoints.resolve_checkpoint(args.checkpoint)
@@ -122,9 +179,15 @@ def cmd_eval(args, fail) -> int:
             r = _generative(args, kind, model_dir)
     except ValueError as e:
         return fail("eval", str(e))
+    return _done(r, args.out)
+
+
+def _done(r: dict, out: str) -> int:
+    from fast3d.evaluation.report import markdown_path
+
     print(json.dumps({"samples": r["samples"], "mean": r["mean"], "set_metrics": r["set_metrics"],
                       "backbones": r["backbones"]}, indent=1))
-    print(f"wrote {args.out} and {markdown_path(args.out)}")
+    print(f"wrote {out} and {markdown_path(out)}")
     return 0
 
 
@@ -132,6 +195,9 @@ def register(sub, fail) -> None:
     s = sub.add_parser("eval", help="evaluate a model as the papers report it (LGM/LRM: novel views and geometry; "
                                     "mvdit/mvdiff: CLIP-R, CLIP similarity, FID); --compare two reports")
     s.add_argument("--checkpoint", help="model dir, checkpoint dir or training run dir")
+    s.add_argument("--mv-model", help="pipeline: the multi-view model of fast3d generate (mvdiff or mvdit)")
+    s.add_argument("--recon", help="pipeline: the reconstructor of fast3d generate (lgm or lrm)")
+    s.add_argument("--frames", type=int, default=8, help="pipeline: turntable renders scored a sample")
     s.add_argument("--out", help="report JSON path (a Markdown table is written beside it)")
     s.add_argument("--data", help="lgm/lrm: multi-view shard directory or GSO-style object folder")
     s.add_argument("--prompts", help="mvdit/mvdiff: prompt list (.txt one a line, .json, .jsonl)")

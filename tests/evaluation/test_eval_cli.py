@@ -166,6 +166,8 @@ def test_bad_input_is_named(setup, tmp_path, capsys):
           "random-tiny"], "images and prompts do not pair up: 2 images for 3 prompts"),
         (["--checkpoint", setup["ttr"], "--prompts", setup["prompts"]], "--clip: name at least one CLIP backbone"),
         (["--checkpoint", setup["lgm"]], "is evaluated on --data"),
+        (["--mv-model", setup["ttr"], "--prompts", setup["prompts"], "--clip", "random-tiny"],
+         "a pipeline is --mv-model and --recon together"),
         (["--checkpoint", setup["lgm"], "--data", setup["gso"], "--views", "12"],
          "views must hold the input views [0, 4, 8, 12] and a held-out view; got 12"),
         (["--checkpoint", setup["lgm"], "--data", setup["gso"], "--reference", setup["ref"]], "are for generators"),
@@ -177,3 +179,24 @@ def test_bad_input_is_named(setup, tmp_path, capsys):
     (tmp_path / "not_report.json").write_text("[1, 2]")
     assert run("eval", "--compare", tmp_path / "not_report.json", tmp_path / "not_report.json") == 2
     assert "is not a fast3d eval report" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_text_to_3d_pipeline_is_scored_on_its_renders(setup, tmp_path):
+    """fast3d generate (the multi-view DiT, then the LGM) on each prompt; the turntable's frames are
+    the renders CLIP-R, CLIP text similarity and FID score; a rerun finds every sample done."""
+    out = tmp_path / "pipe.json"
+    args = ["eval", "--mv-model", setup["ttr"], "--recon", setup["lgm"], "--prompts", setup["prompts"], "--out", out,
+            "--clip", "random-tiny", "--fid-backbone", "random-tiny", "--reference", setup["ref"], "--steps", "2",
+            "--frames", "3", "--device", "cpu"]
+    assert run(*args) == 0
+    r = json.loads(out.read_text())
+    assert r["kind"] == "generate (mvdit -> lgm)" and r["samples"] == 3
+    for row in r["per_sample"]:
+        assert row["images"] == [f"{row['key']}_render{j:03d}.png" for j in range(3)]
+        hits = row["clip_r:clip-random-tiny"] * 3  # the fraction of 3 renders that retrieve their prompt
+        assert abs(hits - round(hits)) < 1e-6 and 0 <= round(hits) <= 3
+    assert os.path.isfile(tmp_path / "pipe_images" / "p00000_3d" / "gaussians.ply")
+    assert r["set_metrics"]["fid:random-tiny-conv"] > 0
+    assert run(*args) == 0
+    assert json.loads(out.read_text())["per_sample"] == r["per_sample"]
