@@ -123,3 +123,30 @@ def test_cameras_are_the_models_rig_for_era3d6(tmp_path, gen):
     assert_close(out["viewmats"], vm, atol=0, rtol=0, name="viewmats")
     assert_close(out["Ks"], Ks, atol=0, rtol=0, name="Ks")
     assert model.config.rig == "era3d6" and model.num_views == 6 == len(mvdiff.RIGS["era3d6"]["azimuths"])
+
+
+def test_sample_mvdiff_command_writes_the_views_and_the_rigs_cameras(model_dir, model, tmp_path, gen, capsys):
+    import json
+
+    from fast3d.cli import main
+    from fast3d.inference.common import load_image, save_image
+
+    save_image(torch.rand(3, 32, 32, generator=gen), str(tmp_path / "in.png"))
+    args = ["sample", "mvdiff", "--checkpoint", model_dir, "--image", str(tmp_path / "in.png"), "--steps", "2",
+            "--seed", "3"]
+    assert main(args + ["--out", str(tmp_path / "a")]) == 0
+    cams = json.loads((tmp_path / "a" / "cameras.json").read_text())
+    vm, Ks = model.rig_cameras()
+    assert torch.equal(torch.tensor(cams["viewmats"]), vm) and torch.equal(torch.tensor(cams["Ks"]), Ks)
+    assert (cams["width"], cams["height"], cams["rig"]) == (32, 32, "lgm4")
+    want = sample_views(model, load_image(str(tmp_path / "in.png")), steps=2, seed=3)["images"]
+    for i in range(4):
+        got = load_image(str(tmp_path / "a" / f"view{i}.png"))
+        assert (got - want[i]).abs().max() <= 0.5 / 255 + 1e-6, f"view {i}: the 8-bit PNG of the sampled view"
+    capsys.readouterr()
+    assert main(args + ["--out", str(tmp_path / "b"), "--scheduler", "pndm"]) == 2
+    assert "fast3d sample mvdiff: error: scheduler must be one of" in capsys.readouterr().err
+    assert main(["sample", "mvdiff", "--checkpoint", str(tmp_path), "--image", str(tmp_path / "in.png"),
+                 "--out", str(tmp_path / "c")]) == 2
+    assert f"--checkpoint {str(tmp_path)!r} holds no model" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
