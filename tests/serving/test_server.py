@@ -24,7 +24,9 @@ from fast3d.serving.loadtest import multipart, post
 
 pytestmark = pytest.mark.slow
 
-MAX_BATCH, ONGOING, QUEUED, FRAMES = 4, 8, 8, 6
+# Bounds: room for the 12 requests of the mixed test (Ray's router sees a replica's queue with a lag,
+# so it can refuse some below the sum); the back-pressure test sends twice the sum.
+MAX_BATCH, ONGOING, QUEUED, FRAMES = 4, 16, 16, 6
 
 
 def _free_port() -> int:
@@ -257,9 +259,9 @@ def test_backpressure_gives_503_with_retry_after_and_never_a_wrong_answer(server
     views = _views(gen)
     status, _, ref = _reconstruct(server, views)
     assert status == 200
-    out = _concurrently([lambda: _reconstruct(server, views)] * 40)
+    out = _concurrently([lambda: _reconstruct(server, views)] * (2 * (ONGOING + QUEUED)))
     statuses = [s for s, _, _ in out]
-    assert set(statuses) <= {200, 503} and statuses.count(503) > 0 and statuses.count(200) >= ONGOING
+    assert set(statuses) <= {200, 503} and statuses.count(503) > 0 and statuses.count(200) >= MAX_BATCH
     for status, headers, body in out:
         if status == 200:
             assert body == ref
