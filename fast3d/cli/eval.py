@@ -50,12 +50,19 @@ def _generative(args, kind: str, model_dir: str) -> dict:
         if prompts is None or images is not None:
             raise ValueError("an mvdit model (text to multi-view) takes --prompts and no --images")
         from fast3d.inference import ttr
+        from fast3d.inference.common import save_image
+        from fast3d.models.mvdit import split_grid
 
         guidance = 4.5 if guidance is None else guidance
+        pipe, cfg = ttr.load_pipeline(model_dir, args.device)  # once, for every prompt
 
         def generate(i, prompt, image, stem):
-            return ttr.sample(model_dir, prompt, stem + ".png", steps=args.steps, guidance_scale=guidance,
-                              seed=args.seed, device=args.device)[1:]  # the 4 views, not the grid
+            grid = ttr.sample_grid(pipe, cfg, prompt, steps=args.steps, guidance_scale=guidance, seed=args.seed)
+            paths = []
+            for v, view in enumerate(split_grid(grid[None].cpu())[0]):  # the 2x2 grid's 4 views
+                paths.append(f"{stem}_view{v}.png")
+                save_image(view, paths[-1])
+            return paths
     else:
         if images is None:
             raise ValueError("an mvdiff model (image to multi-view) takes --images (and --prompts paired with them)")

@@ -132,7 +132,8 @@ def test_mvdit_on_prompts_clip_r_clip_text_and_fid(setup, tmp_path, capsys):
     md = (tmp_path / "ttr.md").read_text()
     assert "CLIP-R@1 (clip-random-tiny) ↑" in md and "FID (random-tiny-conv) ↓" in md
     assert "inception" not in md and "clip-vit" not in md, "a random stand-in is never named as the real metric"
-    assert len(os.listdir(tmp_path / "ttr_images")) == 3 * 5  # the grid and its 4 views a prompt
+    assert sorted(os.listdir(tmp_path / "ttr_images"))[:4] == [f"p00000_view{v}.png" for v in range(4)]
+    assert len(os.listdir(tmp_path / "ttr_images")) == 3 * 4  # the grid's 4 views a prompt
 
 
 @pytest.mark.slow
