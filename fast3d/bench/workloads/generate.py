@@ -22,7 +22,7 @@ turntable (CUDA only: elsewhere it is skipped with that reason).
 Weights are random (nothing is downloaded): ``base`` is MVDiffConfig's ``base`` (Stable Diffusion
 2.x UNet at 256 px, lgm4 rig) with a full-size SD VAE and a CLIP ViT-H/14 image encoder built from
 their configs, and LGM's big model; the work per call is that of the real models. Forward only
-(inference), under bf16 autocast on a GPU. ``--quick``: the tiny models, 2 steps, 32 px.
+(inference), under bf16 autocast on a GPU. ``--quick``: the tiny models, 1 step, 16 px.
 """
 
 from __future__ import annotations
@@ -40,10 +40,10 @@ OP = "generate"
 BASELINE = "diffusers-gsplat"
 PARTS = ("all", "mv", "recon", "render")
 
-_BASE = dict(mv="base", lgm="big", lgm_input=256, render=512, steps=30, guidance=3.0, scheduler="ddim", frames=8,
-             dtype="bfloat16")
-_QUICK = dict(mv="tiny", lgm="tiny", lgm_input=32, render=32, steps=2, guidance=3.0, scheduler="ddim", frames=2,
-              dtype="float32")
+_BASE = dict(mv="base", mv_res=256, lgm="big", lgm_input=256, render=512, steps=30, guidance=3.0, scheduler="ddim",
+             frames=8, dtype="bfloat16")
+_QUICK = dict(mv="tiny", mv_res=16, lgm="tiny", lgm_input=16, render=16, steps=1, guidance=3.0, scheduler="ddim",
+              frames=2, dtype="float32")
 _SOURCES = {
     "all": "fast3d generate --image (issue 16; MVBoost / LGM's image-to-3D): SD 2.x-size multi-view UNet at 256 px, "
            "4 views (lgm4 rig), 30 DDIM steps, CFG 3.0, SD VAE + CLIP ViT-H/14, then LGM big (65,536 Gaussians), "
@@ -69,7 +69,7 @@ def _build(p: dict, device: torch.device):
     from fast3d.models.lgm import LGM
     from fast3d.models.mvdiff import MVDiffConfig, MVDiffusion, build_image_encoder, build_vae
 
-    cfg = MVDiffConfig.preset(p["mv"])
+    cfg = MVDiffConfig.preset(p["mv"], resolution=p["mv_res"])
     if p["mv"] == "base":
         mv = MVDiffusion(cfg, vae=build_vae(cfg, SD_VAE), image_encoder=build_image_encoder(cfg, CLIP_VIT_H))
     else:
@@ -126,7 +126,7 @@ def make_inputs(p: dict, device: torch.device, gen: torch.Generator) -> dict:
     rig's cameras, and for the stages that start later the views and Gaussians they start from."""
     from fast3d import cameras as cams
 
-    bundle = c.cached_model(("generate", device, p["mv"], p["lgm"], p["lgm_input"], p["render"]),
+    bundle = c.cached_model(("generate", device, p["mv"], p["mv_res"], p["lgm"], p["lgm_input"], p["render"]),
                             lambda: _build(p, device))
     mv, lgm = bundle["mv"], bundle["lgm"]
     R = mv.config.resolution
@@ -201,11 +201,11 @@ def run(backend: str, x: dict) -> tuple:
 
 
 @functools.cache
-def _param_counts(mv: str, lgm: str, lgm_input: int) -> tuple[int, int, int]:
+def _param_counts(mv: str, mv_res: int, lgm: str, lgm_input: int) -> tuple[int, int, int]:
     """Parameters of (the denoiser, the VAE + image encoder, the LGM) of a workload, counted on the
     meta device (nothing allocated)."""
     with torch.device("meta"):
-        b = _build(dict(mv=mv, lgm=lgm, lgm_input=lgm_input, render=lgm_input), torch.device("meta"))
+        b = _build(dict(mv=mv, mv_res=mv_res, lgm=lgm, lgm_input=lgm_input, render=lgm_input), torch.device("meta"))
     n = lambda m: sum(q.numel() for q in m.parameters())  # noqa: E731
     return n(b["mv"].denoiser), n(b["mv"].vae) + n(b["mv"].image_encoder), n(b["lgm"])
 
@@ -214,7 +214,7 @@ def model(p: dict, pass_: str) -> tuple[int, int]:
     """Bytes: the weights a stage reads, in the workload's precision: the UNet's once per step
     (both halves of the guidance batch go in one call), the VAE's and image encoder's once, the
     LGM's once. Flops are not modelled (0): the stages mix convolutions, attention and rasterization."""
-    unet, rest, recon = _param_counts(p["mv"], p["lgm"], p["lgm_input"])
+    unet, rest, recon = _param_counts(p["mv"], p["mv_res"], p["lgm"], p["lgm_input"])
     e = torch.finfo(c.dtype_of(p)).bits // 8
     total = 0
     if p["part"] in ("all", "mv"):
