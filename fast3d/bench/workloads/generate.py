@@ -138,13 +138,19 @@ def make_inputs(p: dict, device: torch.device, gen: torch.Generator) -> dict:
     tv, tK = cams.turntable(p["frames"], res, 20.0, float(cams.camera_centers(vm.double()).norm(dim=-1).mean()),
                             lgm.config.fov_y_deg)
     x = dict(bundle=bundle, params=p, image=image, viewmats=vm, Ks=Ks, turntable=(tv.to(device), tK.to(device)),
-             tmp=tempfile.mkdtemp(prefix="fast3d-bench-generate-"))
+             tmp=_scratch().name)
     if p["part"] in ("recon", "render"):
         x["views"] = torch.rand(mv.num_views, 3, R, R, generator=gen)
         if p["part"] == "render":
             with _autocast(p, device):
                 x["gaussians"] = _reconstruct(bundle, x["views"], vm, Ks)
     return x
+
+
+@functools.cache
+def _scratch() -> tempfile.TemporaryDirectory:
+    """Where the timed PLY writes go: one directory per process, deleted when it exits."""
+    return tempfile.TemporaryDirectory(prefix="fast3d-bench-generate-")
 
 
 def _autocast(p: dict, device: torch.device):
