@@ -62,11 +62,12 @@ REPORT = "report.json"
 # design differ only by rounding (1e-6); a different rig differs by degrees and percents.
 RIG_TOLERANCE = dict(rotation_deg=0.5, position=0.01, intrinsics=0.01)
 
-# The cameras of the multi-view DiT's 2x2 grid (row-major: views 0 and 1 on top). It learns the
-# grids of its training shards, rendered from MVDream's rig (cameras.mvdream: 4 orthogonal azimuths
-# from 0, in grid order; README's `--rig mvdream`): azimuth offset and elevation are drawn per
-# object there, so a sampled grid has no one elevation; generate takes the rig at elevation 0, LGM's
-# input rig (LGM's own text-to-3D runs MVDream there), distance and field of view as rendered.
+# The cameras of the multi-view DiT's 2x2 grid (row-major: views 0 and 1 on top). Its feature cache
+# puts in the grid the views nearest to azimuths 0, 90, 180, 270 degrees from the sample's first
+# view (fast3d.training.feature_cache.GRID_AZIMUTHS, the default of a ttr run's data.grid_azimuths),
+# at the data's elevation: MVDream's rig (README's `--rig mvdream` draws it per object in [0, 30]
+# degrees), so a sampled grid has no one elevation; generate takes elevation 0, LGM's input rig
+# (LGM's own text-to-3D runs MVDream there), at the distance and field of view the data is rendered with.
 TTR_RIG = dict(azimuths_deg=(0.0, 90.0, 180.0, 270.0), elevation_deg=0.0, distance=cams.DEFAULT_DISTANCE,
                fov_y_deg=cams.DEFAULT_FOV_Y_DEG)
 TTR_RIG_NAME = "mvdream4"

@@ -406,3 +406,16 @@ def test_object_fraction_is_the_unit_box_framing(models):
     mv = generate.load_multiview(models["mv4"], "image", "cpu")
     # a unit length at the origin, 2.2 away, under a 49.1 degree field of view
     assert generate.object_fraction(mv) == pytest.approx(0.5 / 2.2 / math.tan(math.radians(49.1 / 2)), rel=1e-5)
+
+
+def test_ttr_rig_is_the_feature_cache_grid():
+    """The prompt path's cameras are the views TTR's feature cache puts in the grid, in grid order."""
+    from fast3d.training.feature_cache import GRID_AZIMUTHS
+
+    assert generate.TTR_RIG["azimuths_deg"] == GRID_AZIMUTHS
+    mv = generate.MultiView("mvdit", "-", generate.TTR_RIG_NAME, 4, 32, None)
+    vm, K = mv.cameras()
+    c = torch.linalg.inv(vm.double())[:, :3, 3]                                   # camera centres
+    az = torch.rad2deg(torch.atan2(c[:, 1], c[:, 0]))
+    gap = (az - torch.tensor(GRID_AZIMUTHS, dtype=torch.float64) + 180) % 360 - 180   # circular difference
+    assert bool((gap.abs() < 1e-4).all()), az
