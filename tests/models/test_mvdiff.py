@@ -20,13 +20,15 @@ from fast3d.models.lgm import LGMConfig
 from fast3d.models.mvdiff import MVDiffConfig, MVDiffusion
 from fast3d.nn.attention import MultiViewAttnProcessor
 
-# Tolerances, float32 (outputs and gradients of O(0.1-10)):
+# Tolerances, float32 (outputs O(0.5), gradients up to O(100)), fast3d's torch backend:
 TOL = {
-    # the same attention through another path (the views' tokens side by side in one SDPA call vs
-    # fast3d.multiview_attention, whose torch backend sums in another order): measured <= 2e-6.
+    # the same attention through another path (one SDPA call on the views' tokens side by side vs
+    # fast3d.multiview_attention): measured bitwise equal on 3 seeds per layout; the margin is for
+    # BLAS builds that block the two calls' matmuls differently.
     "forward": dict(atol=2e-5, rtol=2e-5),
-    # gradients accumulate over every layer of the UNet: measured <= 1e-5 relative.
-    "grad": dict(atol=1e-4, rtol=1e-4),
+    # gradients summed over the UNet's layers, in another order for the row layout's rearranged
+    # backward: measured |diff| <= 1e-6 (rows), 0 (views) on 3 seeds.
+    "grad": dict(atol=1e-5, rtol=1e-5),
 }
 TINY_KL = dict(vae=mvdiff.RANDOM_TINY, vae_downsample=4, latent_channels=4, vae_scaling_factor=0.18215)
 
