@@ -200,7 +200,7 @@ def test_the_configs_parse():
 # --- training ------------------------------------------------------------------------------------
 
 TRAIN_STEPS = 200
-HELDOUT_T = list(range(25, 1000, 50))   # the held-out loss: 20 timesteps over the schedule, fixed noise
+HELDOUT_T = list(range(50, 1000, 100))   # the held-out loss: 10 timesteps over the schedule, fixed noise
 
 
 def heldout_views(model_cfg: MVDiffConfig, data: str) -> tuple:
@@ -259,5 +259,8 @@ def test_two_rank_training_denoises_and_samples_held_out_objects_better(tmp_path
     quality = {name: sampled_psnr(m, cond_img, views, cameras) for name, m in (("untrained", untrained),
                                                                                ("trained", trained))}
     print(f"held-out denoising MSE {loss}, sampled-view PSNR (dB) {quality}")
+    # Measured (fixed seeds; 200 steps): MSE 1.03 -> 0.40, PSNR 4.6 -> 9.3 dB. The trained views are
+    # still below a blank white image (14 dB) at this size: asserted is the gain over the untrained
+    # model, with margin.
     assert loss["trained"] < 0.75 * loss["untrained"], loss
-    assert quality["trained"] > quality["untrained"] + 3.0, quality
+    assert quality["trained"] > quality["untrained"] + 2.0, quality
