@@ -41,6 +41,7 @@ def models(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["lgm", "lrm"])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_output_is_bitwise_the_same_alone_or_in_any_batch(models, kind, threads, gen):
@@ -69,6 +70,7 @@ def test_output_is_bitwise_the_same_alone_or_in_any_batch(models, kind, threads,
         torch.set_num_threads(old)
 
 
+@pytest.mark.slow
 def test_variable_batches_are_not_padded(models, gen):
     pipe = load_pipeline(str(models / "lgm"), max_batch=3, turntable_frames=2, fixed_batch=False, warmup=False)
     calls = []
@@ -81,6 +83,7 @@ def test_variable_batches_are_not_padded(models, gen):
     assert calls == [1, 3]
 
 
+@pytest.mark.slow
 def test_served_ply_is_what_fast3d_infer_writes(models, tmp_path, gen):
     paths = []
     for i in range(4):
