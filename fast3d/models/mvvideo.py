@@ -10,7 +10,10 @@ temporal convolutions, their norms and time-embedding projection) and the
 ``temporal_transformer_blocks`` of every ``TransformerSpatioTemporalModel`` (the temporal self- and
 cross-attention, their feed-forwards and norms): :func:`temporal_parameter_names`. The learned
 spatial/temporal blend factors (``time_mixer``) and the frame-position embeddings
-(``time_pos_embed``) are neither, and stay frozen with the spatial layers.
+(``time_pos_embed``) are neither, and stay frozen with the spatial layers. SVD's cross-attention
+context is a single CLIP token, so in the temporal blocks the cross-attention's query and key
+projections and the norm before them receive no gradient (a softmax over one key is 1): trainable,
+they stay put.
 
 A model is a diffusers ``StableVideoDiffusionPipeline`` directory (U-Net, temporal-decoder VAE, CLIP
 image encoder, feature extractor, Euler scheduler), loaded with ``local_files_only`` (nothing is

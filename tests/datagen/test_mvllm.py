@@ -136,6 +136,7 @@ def test_bad_stage_arguments_are_named(tmp_path):
         _pipeline_config(tmp_path, {"kind": "mvllm", "threshold": 4, "options": {"prompts": PROMPTS}})
 
 
+@pytest.mark.slow
 def test_pipeline_runs_the_mvllm_filter_and_writes_its_captions_and_scores(tmp_path, monkeypatch):
     """`filter.kind: mvllm` in `fast3d datagen pipeline`: kept samples carry the description as caption
     and the score as quality; the rest (low or unparsable) are rejected. The random model's words are

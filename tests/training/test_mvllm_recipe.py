@@ -81,7 +81,8 @@ def test_bootstrap3d_parameters_train_and_nothing_else(data, tmp_path):
     assert changed == want, (sorted(changed - want)[:5], sorted(want - changed)[:5])
     # The export is a directory the pipeline stage loads.
     stage = mvllm.MVLLMFilter(str(model_dir), os.path.join(CONFIGS, "mvllm_prompts.yaml"), max_new_tokens=4)
-    assert stage(torch.rand(1, 16, 3, 16, 16)).keep.shape == (1,)
+    keep, score, captions = stage(torch.rand(1, 16, 3, 16, 16))
+    assert keep.shape == score.shape == (1,) and len(captions) == 1
 
 
 @pytest.mark.parametrize("line,match", [

@@ -127,6 +127,24 @@ def render_orbit(gen: torch.Generator, data: DataSection, views: int) -> tuple[T
     return rgb[0].permute(0, 3, 1, 2).clamp(0, 1).contiguous(), float(rig.elevations[0])
 
 
+ORBIT_TOL = 0.1   # radians: the +-0.05 centre jitter at distance 2.2 moves an azimuth by <= 0.03
+
+
+def check_orbit(viewmats: Tensor,  # [V, 4, 4] world-to-camera of one sample's views
+                key: str) -> None:
+    """ValueError naming the sample unless its cameras are an orbit like VFusion3D's: azimuths from 0
+    in uniform steps of 2 pi / V (within ORBIT_TOL), so frame 0 is the 0-azimuth condition view."""
+    c = cameras.camera_centers(viewmats.double())                          # [V, 3]
+    az = torch.atan2(c[:, 1], c[:, 0])
+    V = len(az)
+    want = torch.arange(V, dtype=torch.float64) * (2 * math.pi / V)
+    err = torch.remainder(az - want + math.pi, 2 * math.pi) - math.pi    # wrapped to (-pi, pi]
+    if err.abs().max() > ORBIT_TOL:
+        raise ValueError(f"sample {key!r}: its {V} cameras are not an orbit from azimuth 0 in steps of 2 pi / {V} "
+                         f"(largest azimuth error {float(err.abs().max()):.3f} rad; make the shards with the orbit16 "
+                         f"rig: fast3d datagen procedural --rig orbit16)")
+
+
 class ProceduralOrbits(IterableDataset):
     """Procedural assets rendered on the fly on VFusion3D's orbit: ``objects_per_epoch`` per rank and
     epoch, object i of (seed, epoch, rank) a pure function of them (so a resumed run replays it)."""
@@ -179,6 +197,9 @@ class MVVideoRecipe(Recipe):
                                 rank=rank, world_size=world)
 
     def collate(self, samples: list) -> dict:
+        for s in samples:
+            if "viewmats" in s:
+                check_orbit(s["viewmats"], s["key"])
         return {"images": torch.stack([s["images"] for s in samples]), "key": [s["key"] for s in samples]}
 
     def loss(self, model, batch: dict, ctx: StepContext) -> tuple[Tensor, dict]:
