@@ -154,8 +154,8 @@ class _CDP:
 
 
 @pytest.mark.skipif(not os.access(os.environ.get("FAST3D_CHROMIUM", ""), os.X_OK),
-                    reason="set FAST3D_CHROMIUM to a Chromium binary (e.g. `npm install @sparticuz/chromium`, then "
-                           "its executablePath(), /tmp/chromium)")
+                    reason="set FAST3D_CHROMIUM to a Chromium binary: export FAST3D_CHROMIUM=$(.ci/chromium) "
+                           "(CI does)")
 def test_page_in_headless_chromium_shows_the_result(server, gen, tmp_path):
     """Open / in headless Chromium, upload 4 views into the form, submit, wait for the turntable,
     and check the screenshot: the turntable's area is blank before and holds the rendering after."""
