@@ -376,3 +376,14 @@ def test_prompts_from_a_local_llm(tmp_path, fake_models):
     d["prompts"] = dict(llm=dict(model="random-tiny", count=2))
     with pytest.raises(ValueError, match="prompts.llm.out must name the prompts file"):
         PipelineConfig.from_dict(d)
+
+
+def test_a_matting_model_of_the_wrong_kind_is_named(tmp_path):
+    from fast3d.datagen.matting import Matting
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text('{"model_type": "bert", "hidden_size": 8}')
+    with pytest.raises(ValueError, match=r"matting.model .*/m' is not a transformers semantic-segmentation model"):
+        Matting(str(tmp_path / "m"), 32, 0, torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"matting.background_label must be in \[0, 2\)"):
+        Matting("random-tiny", 32, 2, torch.device("cpu"))
