@@ -8,7 +8,7 @@ WebDataset groups them):
     <key>.cameras.json                             {"viewmats": [V][4][4] OpenCV world-to-camera,
                                                     "Ks": [V][3][3] pixels, "width": W, "height": H}
     <key>.caption.txt                              UTF-8 caption
-    <key>.meta.json                                {"source": "synthetic"|"rendered3d"|"image2d",
+    <key>.meta.json                                {"source": "synthetic"|"rendered3d"|"image2d"|"boost",
                                                     "quality": float, "elevation": float|null}
 
 The RGB views are composited over one background colour per sample (the procedural generator's:
@@ -38,7 +38,7 @@ from torch import Tensor
 from fast3d.io.atomic import atomic_open, temp_path
 from fast3d.io.images import to_uint8
 
-SOURCES = ("synthetic", "rendered3d", "image2d")
+SOURCES = ("synthetic", "rendered3d", "image2d", "boost")
 MAX_MEMBER_BYTES = 64 * 2**20     # one PNG or JSON member; larger is treated as hostile
 MAX_IMAGE_SIDE = 8192
 MAX_VIEWS = 256
