@@ -23,6 +23,9 @@ def to_uint8(images: Tensor,  # [..., C, H, W] in [0, 1]
 # a multi-view model takes (they resize to <= 1024^2), and far smaller than a decompression bomb.
 MAX_PIXELS = 64 * 1024 * 1024
 MAX_BYTES = 64 * 1024 * 1024
+# The raster formats a user or client may send. PIL would otherwise also try every plugin it has,
+# among them EPS (which runs Ghostscript where it is installed) and formats no camera writes.
+FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
 
 
 def read_image(source: str | bytes, name: str = "image", max_pixels: int = MAX_PIXELS,
@@ -31,7 +34,8 @@ def read_image(source: str | bytes, name: str = "image", max_pixels: int = MAX_P
 
     Every mode PIL reads is converted, not rejected: grey (L, LA), palette (P, with its
     transparency), 16-bit grey (I;16, scaled by 1/65535), 32-bit integer and float grey, CMYK,
-    RGB (alpha 1) and RGBA.
+    RGB (alpha 1) and RGBA. Only the raster formats of ``FORMATS`` are opened (the first frame of
+    an animated GIF or WebP).
 
     Args:
         source: a file path, or the file's bytes (an HTTP body).
@@ -69,7 +73,7 @@ def read_image(source: str | bytes, name: str = "image", max_pixels: int = MAX_P
     if len(data) > max_bytes:
         raise ValueError(f"{where}: {len(data)} bytes is over the limit of {max_bytes}")
     try:
-        img = Image.open(io.BytesIO(data))
+        img = Image.open(io.BytesIO(data), formats=FORMATS)
         w, h = img.size
         if w <= 0 or h <= 0:
             raise ValueError(f"{where}: has zero size ({w}x{h})")

@@ -51,6 +51,14 @@ def test_limits_and_empty_inputs(tmp_path):
         read_image(str(tmp_path / "missing.png"), name="--image")
     with pytest.raises(ValueError, match="not a readable image"):
         read_image(b"not an image at all", name="--image")
+    # A format PIL reads but no user image needs (EPS would run Ghostscript): refused unopened.
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n"
+    with pytest.raises(ValueError, match="not a readable image"):
+        read_image(eps, name="--image")
+    ico = io.BytesIO()
+    Image.new("RGB", (16, 16)).save(ico, format="ICO")
+    with pytest.raises(ValueError, match="not a readable image"):
+        read_image(ico.getvalue(), name="--image")
 
 
 def test_truncations_and_byte_flips(gen):
