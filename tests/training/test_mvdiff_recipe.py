@@ -245,7 +245,7 @@ def test_two_rank_training_denoises_and_samples_held_out_objects_better(tmp_path
     cfg_path = make_config(tmp_path, train, max_steps=TRAIN_STEPS, ckpt_every=TRAIN_STEPS, log_every=20)
     cmd = [sys.executable, "-m", "fast3d.cli", "train", "mvdiff", "--config", cfg_path, "--output", str(out),
            "--ranks", "2"]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=800)
     assert p.returncode == 0, f"{' '.join(cmd)} exited {p.returncode}:\n{p.stderr[-3000:]}"
     rows = read_metrics(str(out))
     assert [r["step"] for r in rows] == list(range(20, TRAIN_STEPS + 1, 20))
