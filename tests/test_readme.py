@@ -195,14 +195,26 @@ def test_latest_and_oldest_install_what_they_say():
 SERVERS = {("fast3d", "serve"): "ready on"}
 
 
-def _start_server(argv: list[str], tmp: Path, ready: str) -> subprocess.Popen:
+def _start_server(argv: list[str], tmp: Path, ready: str, timeout: float = 300.0) -> subprocess.Popen:
+    """Start ``argv`` with its output in a log file beside the run (a pipe nobody reads could fill
+    and block the server) and wait, at most ``timeout`` seconds, for ``ready`` in it."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.Popen(argv, cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    for line in proc.stdout:
-        if ready in line:
-            return proc
-    raise AssertionError(f"`{shlex.join(argv)}` exited {proc.wait()} before printing {ready!r}")
+    log = tmp / f"server-{len(list(tmp.glob('server-*.log')))}.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(argv, cwd=tmp, env=env, stdout=f, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + timeout
+    while ready not in log.read_text(errors="replace"):
+        if proc.poll() is not None:
+            raise AssertionError(f"`{shlex.join(argv)}` exited {proc.returncode} before printing {ready!r}:\n"
+                                 f"{log.read_text(errors='replace')[-3000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            raise AssertionError(f"`{shlex.join(argv)}` did not print {ready!r} within {timeout:.0f} s:\n"
+                                 f"{log.read_text(errors='replace')[-3000:]}")
+        time.sleep(0.5)
+    return proc
 
 
 def _stop_server(proc: subprocess.Popen, argv: list[str]) -> None:
@@ -228,7 +240,35 @@ def test_inline_commands_are_in_blocks():
             assert shlex.join(shlex.split(span)) in run, f"README command `{span}` is inline only: put it in a block"
 
 
+def _run_block(cmds, tmp_path: Path, gpu: bool, servers: list, ran: list) -> None:
+    """Run one README block's commands; servers started go into ``servers``."""
+    for argv in cmds:
+        for token in argv:
+            if token in STAND_INS and not (tmp_path / token).exists():
+                STAND_INS[token](tmp_path)
+        weights = [NEEDS_WEIGHTS[t] for t in argv if t in NEEDS_WEIGHTS]
+        gpu_only = _prefix_match(GPU_ONLY, argv)
+        if gpu_only and gpu:
+            continue  # on a GPU machine these are the GPU session itself
+        shrink = _prefix_match(SHRINK, argv)
+        full = argv + [a.format(tmp=tmp_path) for a in shrink[0]] if shrink else argv
+        t0 = time.monotonic()
+        if _prefix_match(SERVERS, argv):
+            servers.append((_start_server(full, tmp_path, _prefix_match(SERVERS, argv)), full))
+        elif weights:
+            r = _run(full, tmp_path, expect=2)
+            err = r.stderr.strip().splitlines()
+            assert len(err) == 1 and weights[0] in err[0], f"`{shlex.join(full)}`:\n{r.stderr[-3000:]}"
+        elif gpu_only:
+            r = _run(full, tmp_path, expect=gpu_only[0])
+            assert gpu_only[1] in r.stdout + r.stderr, f"`{shlex.join(full)}`:\n{r.stdout[-2000:]}{r.stderr}"
+        else:
+            _run(full, tmp_path, expect=0)
+        ran.append(f"{time.monotonic() - t0:6.1f} s  {shlex.join(full)}")
+
+
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # every README command in turn (trainings, generate, serve, load test): ~10 min on 2 cores
 @pytest.mark.skipif(FAST3D is None, reason="the fast3d console script is not installed (pip install -e .)")
 def test_every_readme_command_runs(tmp_path):
     shutil.copytree(ROOT / "train", tmp_path / "train")
@@ -238,31 +278,12 @@ def test_every_readme_command_runs(tmp_path):
         if marker:
             continue  # .ci/run's
         servers = []
-        for argv in cmds:
-            for token in argv:
-                if token in STAND_INS and not (tmp_path / token).exists():
-                    STAND_INS[token](tmp_path)
-            weights = [NEEDS_WEIGHTS[t] for t in argv if t in NEEDS_WEIGHTS]
-            gpu_only = _prefix_match(GPU_ONLY, argv)
-            if gpu_only and gpu:
-                continue  # on a GPU machine these are the GPU session itself
-            shrink = _prefix_match(SHRINK, argv)
-            full = argv + [a.format(tmp=tmp_path) for a in shrink[0]] if shrink else argv
-            t0 = time.monotonic()
-            if _prefix_match(SERVERS, argv):
-                servers.append((_start_server(full, tmp_path, _prefix_match(SERVERS, argv)), full))
-            elif weights:
-                r = _run(full, tmp_path, expect=2)
-                err = r.stderr.strip().splitlines()
-                assert len(err) == 1 and weights[0] in err[0], f"`{shlex.join(full)}`:\n{r.stderr[-3000:]}"
-            elif gpu_only:
-                r = _run(full, tmp_path, expect=gpu_only[0])
-                assert gpu_only[1] in r.stdout + r.stderr, f"`{shlex.join(full)}`:\n{r.stdout[-2000:]}{r.stderr}"
-            else:
-                _run(full, tmp_path, expect=0)
-            ran.append(f"{time.monotonic() - t0:6.1f} s  {shlex.join(full)}")
-        for proc, full in servers:
-            _stop_server(proc, full)
+        try:
+            _run_block(cmds, tmp_path, gpu, servers, ran)
+        finally:  # a failing command still stops the block's servers (and their local Ray)
+            for proc, full in servers:
+                if proc.poll() is None:
+                    _stop_server(proc, full)
     print("\n".join(ran))
 
     # what the README says the commands leave behind
