@@ -31,10 +31,23 @@ def cmd_serve(args, fail) -> int:
         from fast3d.serving.app import ServeOptions, application, options_json
 
         model_dir = checkpoints.resolve_checkpoint(args.checkpoint)
+        mv_dir, views = None, None
+        if args.mv_model is not None:
+            from fast3d.inference.generate import parse_views
+            from fast3d.models.mvdiff import MVDiffConfig
+
+            mv_dir = checkpoints.resolve_checkpoint(args.mv_model, what="--mv-model")
+            if checkpoints.model_type(mv_dir) != "mvdiff":
+                raise ValueError(f"--mv-model {args.mv_model!r} holds a {checkpoints.model_type(mv_dir)!r} model; the "
+                                 f"generate model needs an image-conditioned multi-view diffusion model ('mvdiff')")
+            views = parse_views(args.views, checkpoints.read_config(mv_dir, "mvdiff", MVDiffConfig).num_views)
+        elif args.views is not None:
+            raise ValueError("--views applies with --mv-model (the views of the generate model the reconstructor takes)")
         opts = ServeOptions(model_dir, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                             deadline_s=args.deadline_s, max_body_bytes=args.max_body_mb * 1024 * 1024,
                             turntable_frames=args.turntable_frames, api_key=key, device=args.device,
-                            threads=args.threads, fixed_batch=False if args.variable_batch else None)
+                            threads=args.threads, fixed_batch=False if args.variable_batch else None,
+                            mv_model=mv_dir, views=views)
         app = application(opts, replicas=args.replicas, max_ongoing_requests=args.max_ongoing,
                           max_queued_requests=args.max_queued)
     except ValueError as e:
@@ -88,7 +101,11 @@ def cmd_loadtest(args, fail) -> int:
 
 def register(sub, fail) -> None:
     s = sub.add_parser("serve", help="image-to-3D over HTTP (Ray Serve, dynamic batching); blocks until SIGTERM")
-    s.add_argument("--checkpoint", required=True, help="LGM or LRM model, checkpoint or training run directory")
+    s.add_argument("--checkpoint", required=True, help="LGM or LRM model, checkpoint or training run directory "
+                                                       "(with --mv-model: the reconstructor)")
+    s.add_argument("--mv-model", help="serve fast3d generate's image path: this multi-view diffusion (mvdiff) model's "
+                                      "views of a request's one image, reconstructed by --checkpoint")
+    s.add_argument("--views", help="with --mv-model: the views the reconstructor takes (as fast3d generate --views)")
     s.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1; any other "
                                                        "needs --api-key-file)")
     s.add_argument("--port", type=int, default=8000)

@@ -297,26 +297,46 @@ def object_fraction(mv: MultiView) -> float:
     return min(1.0, float(K[0, 1, 1]) / d / mv.resolution)
 
 
+def image_views(mv: MultiView, rgba: Tensor,  # [4, H, W] straight alpha in [0, 1] (io.images.read_image)
+                s: dict, keep_background: bool = False, segmenter=None, timer: StageTimer | None = None,
+                name: str = "--image") -> dict:
+    """The image path's preprocessing and multi-view stage on a decoded image (``fast3d serve``'s
+    generate model calls it on a request's image).
+
+    Args:
+        mv: an ``mvdiff`` :class:`MultiView`.
+        rgba: the decoded image.
+        s: the resolved sampling settings (:meth:`Settings.resolved`: steps, guidance, scheduler, seed).
+        keep_background, segmenter: as :func:`fast3d.inference.preprocess.preprocess` takes them.
+        timer: times the ``preprocess`` and ``multiview`` stages (None: a fresh one).
+        name: what the caller calls the image, in errors.
+
+    Returns:
+        ``{"images": [V, 3, R, R], "input": [3, R, R], "mask": how}`` on the CPU.
+    """
+    from fast3d.inference.mvdiff import sample_views
+    from fast3d.inference.preprocess import preprocess
+
+    timer = timer or StageTimer()
+    with timer("preprocess"):
+        image, mask = preprocess(rgba, mv.resolution, object_fraction(mv), mv.model.config.background,
+                                 segmenter=segmenter, keep_background=keep_background, name=name)
+    with timer("multiview"):
+        r = sample_views(mv.model, image, steps=s["steps"], guidance_scale=s["guidance"],
+                         scheduler=s["scheduler"], seed=s["seed"])
+    return {"images": r["images"].float().clamp(0, 1).cpu(), "input": image, "mask": mask}
+
+
 def _views(mv: MultiView, item: dict, s: dict, settings: Settings, segmenter, timer: StageTimer) -> dict:
     """The multi-view stage (and the image's preprocessing): views [V, 3, R, R] and, for an image, the
     model input [3, R, R] and where its mask came from."""
     out = {}
     if mv.kind == "mvdiff":
-        from fast3d.inference.mvdiff import sample_views
-        from fast3d.inference.preprocess import preprocess
         from fast3d.io.images import read_image
 
         with timer("preprocess"):
             rgba = read_image(item["image"], name="--image")
-            image, mask = preprocess(rgba, mv.resolution, object_fraction(mv), mv.model.config.background,
-                                     segmenter=segmenter, keep_background=settings.keep_background,
-                                     name=f"--image {item['image']!r}")
-        out.update(input=image, mask=mask)
-        with timer("multiview"):
-            r = sample_views(mv.model, image, steps=s["steps"], guidance_scale=s["guidance"],
-                             scheduler=s["scheduler"], seed=s["seed"])
-        out["images"] = r["images"].float().clamp(0, 1).cpu()
-        return out
+        return image_views(mv, rgba, s, settings.keep_background, segmenter, timer, f"--image {item['image']!r}")
     from fast3d.inference.ttr import sample_grid
     from fast3d.models.mvdit import split_grid
 

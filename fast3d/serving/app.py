@@ -39,7 +39,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from ray import serve
 
-from fast3d.serving.pipelines import RequestError
+from fast3d.serving.pipelines import GeneratePipeline, RequestError
 
 STATIC = Path(__file__).parent / "static"
 STATIC_FILES = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
@@ -62,6 +62,8 @@ class ServeOptions:
     device: str | None = None
     threads: int | None = None
     fixed_batch: bool | None = None   # None: on the CPU (see fast3d.serving.pipelines)
+    mv_model: str | None = None       # serve the generate model: this mvdiff model, then `checkpoint`
+    views: list[int] | None = None    # with mv_model: the views the reconstructor takes (None: all)
 
     def validate(self) -> "ServeOptions":
         from fast3d import checks
@@ -83,17 +85,21 @@ class ServeOptions:
 app = FastAPI(title="fast3d serve", description=__doc__.split("\n\n")[0],
               version="1", docs_url="/docs", openapi_url="/openapi.json")
 
+_SAMPLING = {k: {"type": "integer" if t is int else "number", "minimum": lo, "maximum": hi,
+                 "description": "the generate model's sampling (fast3d serve --mv-model) only"}
+             for k, (t, lo, hi) in GeneratePipeline.params.items()}
 _RECONSTRUCT_BODY = {"requestBody": {"required": True, "content": {
     "multipart/form-data": {"schema": {"type": "object", "required": ["images"], "properties": {
         "images": {"type": "array", "items": {"type": "string", "format": "binary"},
-                   "description": "one file part per view, in order (LGM: 4, LRM: 1)"},
+                   "description": "one file part per view, in order (LGM: 4, LRM: 1, generate: 1)"},
         "cameras": {"type": "string", "description": "JSON: {viewmats|c2w, Ks} (LRM also azimuth_deg, ...)"},
         "format": {"type": "string", "enum": ["ply", "splat"]},
-        "turntable": {"type": "boolean", "description": "render a turntable GIF (JSON responses only)"}}}},
+        "turntable": {"type": "boolean", "description": "render a turntable GIF (JSON responses only)"},
+        **_SAMPLING}}},
     "application/json": {"schema": {"type": "object", "required": ["images"], "properties": {
         "images": {"type": "array", "items": {"type": "string", "format": "byte"}},
         "cameras": {"type": "object"}, "format": {"type": "string", "enum": ["ply", "splat"]},
-        "turntable": {"type": "boolean"}}}}}},
+        "turntable": {"type": "boolean"}, **_SAMPLING}}}}},
     "responses": {"200": {"description": "the file (binary), or JSON with Accept: application/json",
                           "content": {"application/octet-stream": {}, "application/json": {}}},
                   "400": {"description": "malformed input: {error: {field, message, kind}}"},
@@ -154,7 +160,8 @@ class Fast3dServer:
         if self.opts.threads:
             torch.set_num_threads(self.opts.threads)
         self.pipe = load_pipeline(self.opts.checkpoint, self.opts.max_batch, self.opts.turntable_frames,
-                                  self.opts.device, self.opts.fixed_batch)
+                                  self.opts.device, self.opts.fixed_batch, mv_model=self.opts.mv_model,
+                                  views=self.opts.views)
         self.batched.set_max_batch_size(self.opts.max_batch)
         self.batched.set_batch_wait_timeout_s(self.opts.max_wait_ms / 1e3)
         # Every torch call of the replica (request preparation, batches) runs on this one thread: one
@@ -227,8 +234,9 @@ class Fast3dServer:
         json_out = "application/json" in request.headers.get("accept", "")
         if req.turntable and not json_out:
             raise RequestError("turntable", "a turntable comes only in a JSON response (Accept: application/json)")
-        prepared = await asyncio.get_running_loop().run_in_executor(self.torch_thread, self.pipe.prepare, req.images,
-                                                                    req.cameras, req.turntable)
+        images = req.rgba if self.pipe.takes_rgba else req.images
+        prepared = await asyncio.get_running_loop().run_in_executor(self.torch_thread, self.pipe.prepare, images,
+                                                                    req.cameras, req.turntable, req.params)
         token = object()
         self.waiting.add(token)
         try:
@@ -256,7 +264,7 @@ class Fast3dServer:
             if gif is not None:
                 body["turntable_gif_base64"] = base64.b64encode(gif).decode("ascii")
             return JSONResponse(body, headers=headers)
-        name = FILENAMES.get((self.pipe.kind, req.format), f"{self.pipe.kind}.{req.format}")
+        name = FILENAMES.get((self.pipe.output_kind, req.format), f"{self.pipe.output_kind}.{req.format}")
         headers["Content-Disposition"] = f'attachment; filename="{name}"'
         return Response(data, media_type=MEDIA[req.format], headers=headers)
 

@@ -11,8 +11,12 @@ LGM's 16 images of a 4-request batch than for 4 images on one thread; the LRM's 
 take a matrix-vector path at one row), though they are invariant to a sample's position in a batch
 of fixed size. On a GPU batches run at their own size (``fixed_batch=False``) by default.
 
-Adding a model (the image/prompt-to-3D ``generate`` pipeline, say) is one subclass of
-:class:`Pipeline` registered in ``PIPELINES`` under its checkpoint's model type.
+Adding a model is one subclass of :class:`Pipeline` registered in ``PIPELINES`` under its
+checkpoint's model type. :class:`GeneratePipeline` (``fast3d generate``'s image path: one image ->
+multi-view diffusion -> LGM or LRM) wraps a reconstructor's pipeline: its per-request
+:meth:`~GeneratePipeline.prepare` preprocesses the image and samples the views (the request's
+seed, steps and guidance), and the views and their cameras go to the reconstructor's batched
+forward.
 """
 
 from __future__ import annotations
@@ -72,11 +76,19 @@ class Pipeline:
 
     kind = ""
     num_images = 1
+    takes_rgba = False       # prepare gets the decoded RGBA images (True) or them composited over white
+    params: dict = {}        # request parameters it takes: name -> (type, lo, hi), both ends closed
+    path = ""                # the model's directory (load_pipeline sets it)
 
     def __init__(self, model, max_batch: int, turntable_frames: int, fixed_batch: bool | None = None):
         self.model, self.max_batch, self.turntable_frames = model, max_batch, turntable_frames
         self.device = next(model.parameters()).device
         self.fixed_batch = self.device.type == "cpu" if fixed_batch is None else fixed_batch
+
+    @property
+    def output_kind(self) -> str:
+        """The model whose files it writes ("lgm" or "lrm")."""
+        return self.kind
 
     def describe(self) -> dict:
         return {"model": self.kind, "images": self.num_images, "max_batch": self.max_batch,
@@ -94,7 +106,30 @@ class Pipeline:
                                                    f"{images[0].shape[2]}x{images[0].shape[1]} (all must match)")
         return images[0].shape[-1]
 
-    def prepare(self, images: list[Tensor], cameras, turntable: bool) -> Prepared:
+    def check_params(self, params: dict | None) -> dict:
+        """A request's parameters (``seed``, ``steps``, ... as decoded JSON or multipart text),
+        checked against :attr:`params` (RequestError naming the field) and converted."""
+        out = {}
+        for name, value in (params or {}).items():
+            if name not in self.params:
+                raise RequestError(name, f"the {self.kind} model takes no {name}"
+                                         + (f"; it takes {sorted(self.params)}" if self.params else ""))
+            typ, lo, hi = self.params[name]
+            if isinstance(value, str):
+                try:
+                    value = typ(value.strip())
+                except ValueError:
+                    raise RequestError(name, f"must be {'an integer' if typ is int else 'a number'}; "
+                                             f"got {value!r}") from None
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or (typ is int and value != int(value)) \
+                    or value != value:
+                raise RequestError(name, f"must be {'an integer' if typ is int else 'a number'}; got {value!r}")
+            if not lo <= value <= hi:
+                raise RequestError(name, f"must be in [{lo}, {hi}]; got {value!r}")
+            out[name] = typ(value)
+        return out
+
+    def prepare(self, images: list[Tensor], cameras, turntable: bool, params: dict | None = None) -> Prepared:
         """Check one request (RequestError naming the field) and build its model inputs."""
         raise NotImplementedError
 
@@ -143,9 +178,10 @@ class LGMPipeline(Pipeline):
         super().__init__(model, max_batch, turntable_frames, fixed_batch)
         self.num_images = model.config.num_input_views
 
-    def prepare(self, images, cameras, turntable):
+    def prepare(self, images, cameras, turntable, params=None):
         from fast3d.inference.lgm import default_input_cameras, parse_cameras, resize_inputs
 
+        self.check_params(params)
         R = self._check_images(images)
         if cameras is None:
             vm, Ks = default_input_cameras(self.model.config, R)
@@ -200,10 +236,11 @@ class LRMPipeline(Pipeline):
     def describe(self):
         return {**super().describe(), "point_grid": self.point_grid}
 
-    def prepare(self, images, cameras, turntable):
+    def prepare(self, images, cameras, turntable, params=None):
         from fast3d.inference.lgm import resize_inputs
         from fast3d.inference.lrm import source_camera
 
+        self.check_params(params)
         R = self._check_images(images)
         try:
             vm, K, cam = source_camera(cameras, R)
@@ -245,14 +282,82 @@ class LRMPipeline(Pipeline):
         return splat_bytes(points, quats, torch.full((N, 3), half_cell), torch.ones(N), colors)
 
 
+class GeneratePipeline(Pipeline):
+    """``fast3d generate``'s image path: one image (RGBA: its alpha cuts the object out, as
+    ``fast3d generate --image`` reads it) -> the multi-view diffusion model's views, sampled per
+    request in :meth:`prepare` (:func:`fast3d.inference.generate.image_views`) with the request's
+    ``seed``, ``steps`` and ``guidance`` -> the reconstructor's batched forward on the views it
+    takes (the rig check of :func:`fast3d.inference.generate.check_rig`, at load). A request's file
+    is the one ``fast3d generate`` writes (``gaussians.ply`` / ``points.ply``) for the same seed;
+    bitwise on the CPU where the reconstructor runs at generate's batch shape (``max_batch`` 1; a
+    padded batch differs in the last bits, see the module docstring)."""
+
+    kind = "generate"
+    num_images = 1
+    takes_rgba = True
+    # Server bounds of a request's sampling: a seed of 31 bits, at most 200 sampler steps (the
+    # request's cost is linear in them), guidance in [0, 30] (1: none; image models use 2-5).
+    params = {"seed": (int, 0, 2**31 - 1), "steps": (int, 1, 200), "guidance": (float, 0.0, 30.0)}
+
+    def __init__(self, mv, recon: Pipeline, views: list[int] | None = None):
+        from fast3d.inference.generate import Reconstructor, check_rig
+
+        if mv.kind != "mvdiff":
+            raise ValueError(f"mv_model {mv.path!r} is a {mv.kind!r} model; the server's generate model takes an "
+                             f"image, so it needs an image-conditioned multi-view diffusion model ('mvdiff')")
+        super().__init__(recon.model, recon.max_batch, recon.turntable_frames, recon.fixed_batch)
+        self.mv, self.recon = mv, recon
+        self.views = check_rig(mv, Reconstructor(recon.kind, recon.path, recon.model), views)
+        self.viewmats, self.Ks = mv.cameras()                                   # [V, 4, 4], [V, 3, 3]
+
+    @property
+    def output_kind(self) -> str:
+        return self.recon.kind
+
+    def describe(self) -> dict:
+        return {**self.recon.describe(), "model": self.kind, "images": 1, "reconstructor": self.recon.kind,
+                "multiview": {"rig": self.mv.rig, "views": self.mv.num_views, "resolution": self.mv.resolution,
+                              "recon_views": self.views}}
+
+    def prepare(self, images, cameras, turntable, params=None):
+        from fast3d.inference.generate import Settings, image_views
+
+        p = self.check_params(params)
+        if cameras is not None:
+            raise RequestError("cameras", "the generate model takes no cameras (the views are its rig's)")
+        if len(images) != 1:
+            raise RequestError("images", f"the generate model takes 1 image; got {len(images)}")
+        s = Settings(steps=p.get("steps"), guidance=p.get("guidance"), seed=p.get("seed", 0)).resolved("mvdiff")
+        try:
+            v = image_views(self.mv, images[0], s, name="images[0]")
+        except ValueError as e:
+            raise RequestError("images[0]", str(e).removeprefix("images[0]").lstrip(" :")) from None
+        idx = self.views
+        cams_json = {"viewmats": self.viewmats[idx].tolist(), "Ks": self.Ks[idx].tolist()}
+        prepared = self.recon.prepare(list(v["images"][idx]), cams_json, turntable)
+        prepared.extra["sampling"] = s
+        return prepared
+
+    def forward(self, inputs, n):
+        return self.recon.forward(inputs, n)
+
+    def render(self, scenes, extras):
+        return self.recon.render(scenes, extras)
+
+    def encode(self, scene, fmt):
+        return self.recon.encode(scene, fmt)
+
+
 PIPELINES = {"lgm": LGMPipeline, "lrm": LRMPipeline}
 
 
 def load_pipeline(checkpoint: str, max_batch: int = 8, turntable_frames: int = 12, device: str | None = None,
-                  fixed_batch: bool | None = None, warmup: bool = True) -> Pipeline:
+                  fixed_batch: bool | None = None, warmup: bool = True, mv_model: str | None = None,
+                  views: list[int] | None = None) -> Pipeline:
     """The pipeline of a model, checkpoint or training run directory, its model on ``device``
     (default: CUDA when there is one), warmed up by one batch of ``max_batch`` requests when
-    ``warmup`` (so the first client does not pay for lazy initialisation).
+    ``warmup`` (so the first client does not pay for lazy initialisation). With ``mv_model`` the
+    :class:`GeneratePipeline` of that multi-view diffusion model and the reconstructor ``checkpoint``.
 
     Args:
         checkpoint: a directory ``fast3d infer --checkpoint`` accepts.
@@ -261,6 +366,8 @@ def load_pipeline(checkpoint: str, max_batch: int = 8, turntable_frames: int = 1
         device: ``cuda`` | ``cpu`` | None.
         fixed_batch: pad batches to ``max_batch`` (None: on the CPU only).
         warmup: run one full batch (with turntables) before returning.
+        mv_model: an ``mvdiff`` model, checkpoint or training run directory (``fast3d generate --mv-model``).
+        views: with ``mv_model``, the views the reconstructor takes (``fast3d generate --views``; None: all).
     """
     from fast3d import checks
     from fast3d.models import checkpoints
@@ -281,9 +388,18 @@ def load_pipeline(checkpoint: str, max_batch: int = 8, turntable_frames: int = 1
 
         model = LRM.from_pretrained(path)
     pipe = PIPELINES[kind](model.to(dev).eval(), max_batch, turntable_frames, fixed_batch)
-    if warmup:
+    pipe.path = path
+    gen = torch.Generator().manual_seed(0)
+    if mv_model is not None:
+        from fast3d.inference.generate import load_multiview, parse_views
+
+        mv = load_multiview(mv_model, "image", dev)
+        pipe = GeneratePipeline(mv, pipe, parse_views(views, mv.num_views))
+        if warmup:  # one sampler step: the request's steps only repeat the denoiser
+            rgba = torch.rand(4, mv.resolution, mv.resolution, generator=gen)
+            pipe.run([pipe.prepare([rgba], None, True, {"steps": 1})] * max_batch)
+    elif warmup:
         size = model.config.input_size if kind == "lgm" else model.config.image_size
-        gen = torch.Generator().manual_seed(0)
         req = pipe.prepare([torch.rand(3, size, size, generator=gen) for _ in range(pipe.num_images)], None, True)
         pipe.run([req] * max_batch)
     return pipe

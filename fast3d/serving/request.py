@@ -4,9 +4,11 @@ JSON), optional cameras, the output format and whether to render a turntable.
 Two body types are accepted, nothing else (415):
 
 * ``multipart/form-data``: one ``images`` file part per view (in order), and optional text parts
-  ``cameras`` (JSON), ``format`` (``ply`` | ``splat``) and ``turntable`` (``true`` | ``false``).
+  ``cameras`` (JSON), ``format`` (``ply`` | ``splat``), ``turntable`` (``true`` | ``false``) and the
+  generate model's ``seed``, ``steps``, ``guidance`` (checked by the pipeline: a model that takes
+  none of them refuses them).
 * ``application/json``: ``{"images": [base64, ...], "cameras": {...} | null, "format": "ply",
-  "turntable": false}``.
+  "turntable": false, "seed": 0, "steps": 30, "guidance": 3.0}``.
 
 Every mistake is a :class:`RequestError` naming the field (``images[2]``, ``cameras``,
 ``format``, ``content-type``, ``body``). Images are decoded by :func:`fast3d.io.images.read_image`
@@ -20,13 +22,15 @@ import base64
 import binascii
 import json
 from dataclasses import dataclass
+from dataclasses import field as _field
 
 from torch import Tensor
 
 from fast3d.serving.pipelines import FORMATS, RequestError
 
 MAX_VIEWS = 16           # more image parts than any model takes is refused before decoding
-FIELDS = ("images", "cameras", "format", "turntable")
+PARAMS = ("seed", "steps", "guidance")
+FIELDS = ("images", "cameras", "format", "turntable", *PARAMS)
 
 
 @dataclass
@@ -36,6 +40,8 @@ class ParsedRequest:
     format: str            # "ply" | "splat"
     turntable: bool
     decode_ms: float = 0.0
+    rgba: list[Tensor] = _field(default_factory=list)   # V x [4, H, W]: the images before compositing
+    params: dict = _field(default_factory=dict)         # of PARAMS, as given (Pipeline.check_params)
 
 
 def _flag(value, field: str) -> bool:
@@ -103,7 +109,7 @@ def _json(body: bytes) -> tuple[list[bytes], dict]:
             images.append(base64.b64decode(s, validate=True))
         except (binascii.Error, ValueError) as e:
             raise RequestError(f"images[{i}]", f"not valid base64 ({e})") from None
-    fields = {k: d[k] for k in ("cameras", "format", "turntable") if k in d}
+    fields = {k: d[k] for k in ("cameras", "format", "turntable", *PARAMS) if k in d}
     return images, fields
 
 
@@ -143,11 +149,13 @@ def parse_request(content_type: str | None, body: bytes, max_pixels: int, max_im
     if cameras is not None and not isinstance(cameras, dict):
         raise RequestError("cameras", f"must be a JSON object; got {type(cameras).__name__}")
     t = time.perf_counter()
-    images = []
+    rgba = []
     for i, data in enumerate(raw):
         name = f"images[{i}]"
         try:
-            images.append(composite(read_image(data, name=name, max_pixels=max_pixels, max_bytes=max_image_bytes)))
+            rgba.append(read_image(data, name=name, max_pixels=max_pixels, max_bytes=max_image_bytes))
         except ValueError as e:
             raise RequestError(name, str(e).removeprefix(name).lstrip(" :")) from None
-    return ParsedRequest(images, cameras, fmt, turntable, (time.perf_counter() - t) * 1e3)
+    images = [composite(x) for x in rgba]
+    return ParsedRequest(images, cameras, fmt, turntable, (time.perf_counter() - t) * 1e3, rgba,
+                         {k: fields[k] for k in PARAMS if k in fields})
