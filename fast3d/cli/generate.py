@@ -33,6 +33,11 @@ def register(sub, fail) -> None:
     s.add_argument("--resolution", type=int, help="turntable resolution (default: the reconstructor's)")
     s.add_argument("--point-grid", type=int, default=128, help="LRM: density grid of points.ply")
     s.add_argument("--mesh-grid", type=int, default=128, help="LRM: marching-cubes grid of mesh.ply (0: no mesh)")
+    s.add_argument("--refine-pose", type=int, default=0, metavar="STEPS",
+                   help="LGM: refine the input cameras by this many LPIPS steps and redo the reconstruction from "
+                        "them (MVBoost); writes cameras_refined.json with the LPIPS before and after")
+    s.add_argument("--lpips-backbone", default="imagenet",
+                   help="--refine-pose's LPIPS: imagenet | random | a VGG-16 weights file")
     s.add_argument("--device", help="cuda | cpu (default: cuda when there is one)")
     s.set_defaults(fn=lambda args: cmd_generate(args, fail))
 
@@ -43,7 +48,8 @@ def cmd_generate(args, fail) -> int:
     settings = generate.Settings(steps=args.steps, guidance=args.guidance, scheduler=args.scheduler, seed=args.seed,
                                  views=args.views, keep_background=args.keep_background,
                                  turntable_frames=args.frames, turntable_resolution=args.resolution,
-                                 point_grid=args.point_grid, mesh_grid=args.mesh_grid)
+                                 point_grid=args.point_grid, mesh_grid=args.mesh_grid,
+                                 refine_pose=args.refine_pose, lpips_backbone=args.lpips_backbone)
     try:
         r = generate.run(args.mv_model, args.recon, args.out, images=args.image, prompt=args.prompt,
                          prompts_file=args.prompts, settings=settings, device=args.device,

@@ -277,6 +277,8 @@ class Settings:
     turntable_resolution: int | None = None
     point_grid: int = 128
     mesh_grid: int = 128
+    refine_pose: int = 0               # LGM: MVBoost's input-view optimisation steps (inference.lgm.refine_and_reconstruct)
+    lpips_backbone: str = "imagenet"   # its LPIPS network
 
     def resolved(self, kind: str) -> dict:
         d = _DEFAULTS[kind]
@@ -353,6 +355,8 @@ def _reconstruct(recon: Reconstructor, images: Tensor,  # [V, 3, R, R]
     """Reconstruction, export and turntable of one item into ``out_dir``; returns what was written."""
     dev = next(recon.model.parameters()).device
     R = images.shape[-1]
+    if checks.integer("--refine-pose", settings.refine_pose, 0) and recon.kind != "lgm":
+        raise ValueError(f"--refine-pose refines an LGM's input cameras; --recon is an {recon.kind!r}")
     if recon.kind == "lgm":
         from fast3d.inference.lgm import _sh_from_rgb, reconstruct
         from fast3d.io import save_ply
@@ -362,6 +366,20 @@ def _reconstruct(recon: Reconstructor, images: Tensor,  # [V, 3, R, R]
         with timer("reconstruct"):
             g, T = reconstruct(recon.model, images[None], viewmats[None], Ks[None])
             world = apply_transform_to_gaussians(g, torch.linalg.inv(T.double()).float())
+        refined = {}
+        if settings.refine_pose:
+            from fast3d.evaluation.image_metrics import load_lpips
+            from fast3d.inference.lgm import refine_and_reconstruct
+
+            with timer("refine poses"):
+                world, viewmats, report = refine_and_reconstruct(
+                    recon.model, images, viewmats, Ks, world, load_lpips(settings.lpips_backbone, dev),
+                    settings.refine_pose)
+            with atomic_open(os.path.join(out_dir, "cameras_refined.json")) as f:
+                json.dump({"viewmats": viewmats.tolist(), "Ks": Ks.tolist(), **report,
+                           "lpips_backbone": settings.lpips_backbone}, f, indent=1)
+            refined = {"cameras_refined": "cameras_refined.json", "kept": report["kept"],
+                       "lpips_before": report["lpips"]["before"], "lpips_after": report["lpips"]["after"]}
         with timer("export"):
             save_ply(os.path.join(out_dir, "gaussians.ply"), world["means"][0], world["quats"][0],
                      world["scales"][0], world["opacities"][0].clamp(1e-6, 1 - 1e-6),
@@ -379,7 +397,7 @@ def _reconstruct(recon: Reconstructor, images: Tensor,  # [V, 3, R, R]
                 frames.append(rgb[0].float())
             write_turntable(torch.cat(frames), os.path.join(out_dir, "turntable.gif"))
         return {"gaussians": "gaussians.ply", "num_gaussians": int(world["means"].shape[1]),
-                "turntable": "turntable.gif"}
+                "turntable": "turntable.gif", **refined}
     from fast3d.inference.lrm import TURNTABLE_CHUNK, _planes, _posed_camera
     from fast3d.inference.mesh import DENSITY_THRESHOLD, extract_mesh
     from fast3d.io import save_mesh_ply, save_points_ply

@@ -155,14 +155,83 @@ def _sh_from_rgb(rgb: Tensor) -> Tensor:  # [N, 3] -> [N, 1, 3]: the rasterizer'
     return ((rgb - 0.5) / SH_C0)[:, None, :]
 
 
+def input_view_lpips(gaussians: dict,   # one scene, world frame: means [1, N, 3], ...
+                     images: Tensor,    # [V, 3, R, R] the input images, in [0, 1]
+                     viewmats: Tensor,  # [V, 4, 4] the cameras to render them from
+                     Ks: Tensor,        # [V, 3, 3]
+                     lpips: torch.nn.Module) -> Tensor:  # -> [V]
+    """LPIPS between the Gaussians rendered at each input camera (white background, as the
+    refinement renders) and that camera's input image."""
+    V, _, R, _ = images.shape
+    dev = gaussians["means"].device
+    g = {k: v.detach().expand(V, *v.shape[1:]) for k, v in gaussians.items()}
+    with torch.no_grad():
+        rgb, _ = LGM.render(g, viewmats[:, None].to(dev), Ks[:, None].to(dev), R, R,
+                            backgrounds=torch.ones(V, 1, 3, device=dev))
+        return lpips(rgb[:, 0], images.to(dev)).cpu()
+
+
+def _world_gaussians(model: LGM, imgs: Tensor, vm: Tensor, Ks: Tensor) -> dict:
+    """One scene's Gaussians in the input's world frame (``imgs`` [V, 3, R, R], ``vm`` [V, 4, 4],
+    ``Ks`` [V, 3, 3]); means [1, N, 3], ..."""
+    g, T = reconstruct(model, imgs[None], vm[None], Ks[None])
+    return apply_transform_to_gaussians(g, torch.linalg.inv(T.double()).float())
+
+
+def refine_and_reconstruct(model: LGM,
+                           imgs: Tensor,    # [V, 3, R, R] the input images, in [0, 1]
+                           vm: Tensor,      # [V, 4, 4] their given cameras
+                           Ks: Tensor,      # [V, 3, 3]
+                           world: dict,     # the reconstruction from (imgs, vm): means [1, N, 3], ...
+                           lpips: torch.nn.Module, steps: int) -> tuple[dict, Tensor, dict]:
+    """MVBoost's input-view optimisation, carried to the output: the input cameras are refined
+    against ``world`` (:func:`refine_input_poses`), then the reconstruction is redone from the
+    refined cameras (the network conditions on the input cameras' Plücker rays). The redone one is
+    kept unless its renders at the refined cameras are further from the input images (mean LPIPS
+    over the views) than the first reconstruction's at the given cameras; then the first is kept
+    with the given cameras.
+
+    Returns:
+        (gaussians, viewmats [V, 4, 4], report): the kept reconstruction and the cameras it was
+        made from; the report holds ``kept`` ("refined" | "original"), ``refined_viewmats`` and
+        ``lpips``: per view ``before`` (first reconstruction, given cameras), ``refined_cameras``
+        (first reconstruction, refined cameras: what the refinement minimised), ``after`` (redone
+        reconstruction, refined cameras), and the means ``mean_before`` / ``mean_after``.
+    """
+    refined, before, at_refined = refine_input_poses(world, imgs, vm, Ks, lpips, steps=steps)
+    redone = _world_gaussians(model, imgs, refined, Ks)
+    after = input_view_lpips(redone, imgs, refined, Ks, lpips)
+    kept = "refined" if after.mean() <= before.mean() else "original"
+    report = {"kept": kept, "refined_viewmats": refined.tolist(),
+              "lpips": {"before": before.tolist(), "refined_cameras": at_refined.tolist(), "after": after.tolist(),
+                        "mean_before": float(before.mean()), "mean_after": float(after.mean())}}
+    print(f"pose refinement ({steps} steps): mean LPIPS to the inputs {float(before.mean()):.4f} before, "
+          f"{float(after.mean()):.4f} after re-reconstruction -> kept the {kept} reconstruction"
+          + ("" if kept == "refined" else " (the redone one was worse)"))
+    return (redone, refined, report) if kept == "refined" else (world, vm, report)
+
+
 def infer(model_dir: str, image_paths: list[str], out_dir: str, cameras_json: str | None = None,
           device: str | None = None, turntable_frames: int = 36, resolution: int | None = None,
           refine_pose_steps: int = 0, lpips_backbone: str = "imagenet") -> dict:
-    """Images to ``out_dir/gaussians.ply`` and ``out_dir/turntable.gif``; returns stage latencies (ms).
-    ``refine_pose_steps > 0`` also refines the input cameras (MVBoost; :func:`refine_input_poses`)
-    and writes them to ``out_dir/cameras_refined.json`` with the LPIPS before and after."""
+    """Images to ``out_dir/gaussians.ply`` and ``out_dir/turntable.gif``; returns the paths and
+    stage latencies (ms).
+
+    ``refine_pose_steps > 0`` (MVBoost's input-view optimisation): the input cameras are refined
+    against the first reconstruction (:func:`refine_input_poses`), and the reconstruction is then
+    redone from the refined cameras, since the network conditions on the input cameras' Plücker
+    rays. The output is the result whose renders at its own input cameras are closer to the
+    input images (mean LPIPS over the views): the redone one unless it is worse than the first, in
+    which case the first is kept with the given cameras. ``out_dir/cameras_refined.json`` holds
+    the cameras the output was made from, the refined cameras, per-view LPIPS ``before`` (first
+    reconstruction at the given cameras), ``refined_cameras`` (first reconstruction at the refined
+    cameras, what the refinement minimised) and ``after`` (the redone reconstruction at the
+    refined cameras), and ``kept``: ``"refined"`` or ``"original"``. The returned dict carries the
+    same numbers; ``gaussians.ply`` and the turntable are written after this decision."""
     from fast3d.io import save_ply
 
+    if isinstance(refine_pose_steps, bool) or not isinstance(refine_pose_steps, int) or refine_pose_steps < 0:
+        raise ValueError(f"--refine-pose must be a number of steps >= 0; got {refine_pose_steps!r}")
     timer = StageTimer()
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     with timer("load model"):
@@ -177,25 +246,27 @@ def infer(model_dir: str, image_paths: list[str], out_dir: str, cameras_json: st
         R = imgs.shape[-1]
         vm, Ks = read_cameras(cameras_json, len(image_paths), R) if cameras_json else default_input_cameras(cfg, R)
     with timer("model"):
-        g, T = reconstruct(model, imgs[None], vm[None], Ks[None])
-        world = apply_transform_to_gaussians(g, torch.linalg.inv(T.double()).float())
-    os.makedirs(out_dir, exist_ok=True)
-    ply = os.path.join(out_dir, "gaussians.ply")
-    with timer("write ply"):
-        save_ply(ply, world["means"][0], world["quats"][0], world["scales"][0],
-                 world["opacities"][0].clamp(1e-6, 1 - 1e-6), _sh_from_rgb(world["colors"][0]))
+        world = _world_gaussians(model, imgs, vm, Ks)
     result = {}
     if refine_pose_steps > 0:
         from fast3d.evaluation.image_metrics import load_lpips
 
         with timer("refine poses"):
-            refined, before, after = refine_input_poses(world, imgs, vm, Ks, load_lpips(lpips_backbone, dev),
-                                                        steps=refine_pose_steps)
+            world, vm, report = refine_and_reconstruct(model, imgs, vm, Ks, world, load_lpips(lpips_backbone, dev),
+                                                       refine_pose_steps)
+        report["lpips_backbone"] = lpips_backbone
+        os.makedirs(out_dir, exist_ok=True)
         cams_out = os.path.join(out_dir, "cameras_refined.json")
         with atomic_open(cams_out) as f:
-            json.dump({"viewmats": refined.tolist(), "Ks": Ks.tolist(), "lpips_backbone": lpips_backbone,
-                       "lpips_before": before.tolist(), "lpips_after": after.tolist()}, f, indent=1)
-        result.update(cameras_refined=cams_out, lpips_before=before.tolist(), lpips_after=after.tolist())
+            json.dump({"viewmats": vm.tolist(), "Ks": Ks.tolist(), **report}, f, indent=1)
+        lp = report["lpips"]
+        result.update(cameras_refined=cams_out, kept=report["kept"], lpips_before=lp["before"],
+                      lpips_after=lp["after"], lpips_refined_cameras=lp["refined_cameras"])
+    os.makedirs(out_dir, exist_ok=True)
+    ply = os.path.join(out_dir, "gaussians.ply")
+    with timer("write ply"):
+        save_ply(ply, world["means"][0], world["quats"][0], world["scales"][0],
+                 world["opacities"][0].clamp(1e-6, 1 - 1e-6), _sh_from_rgb(world["colors"][0]))
     res = resolution or cfg.render_size
     with timer("turntable"):
         tv, tK = cams.turntable(turntable_frames, res, 20.0, float(cams.camera_centers(vm).norm(dim=-1).mean()),
