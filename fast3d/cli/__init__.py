@@ -323,8 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output")
     s.add_argument("--ranks", type=int, help="processes to launch (default: the GPUs, or 1 on a CPU machine); "
                                               "ignored under a launcher")
-    s.add_argument("--lora", type=int, help="lgm: train LoRA adapters of this rank on the cross-view attention "
-                                             "(MVBoost), from the base weights of --init-from or model.init_from")
+    s.add_argument("--lora", type=int, nargs="?", const=32, metavar="RANK",
+                   help="lgm: train LoRA adapters of this rank (without a value: 32, MVBoost's) on the cross-view "
+                        "self-attention, from the base weights of --init-from or model.init_from; merged at export")
     s.add_argument("--init-from", metavar="DIR", help="lgm, lrm: start from these weights (a model, checkpoint or "
                                                       "training run directory); overrides model.init_from")
     s.set_defaults(fn=cmd_train)
@@ -339,7 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--mesh-grid", type=int, default=128, help="LRM: density grid of the marching-cubes mesh.ply "
                                                               "(0: no mesh)")
     s.add_argument("--refine-pose", type=int, default=0, metavar="STEPS",
-                   help="LGM: refine the input cameras by this many LPIPS steps (MVBoost)")
+                   help="LGM: refine the input cameras by this many LPIPS steps and redo the reconstruction from "
+                        "them (MVBoost); cameras_refined.json gives the LPIPS before and after")
     s.add_argument("--lpips-backbone", default="imagenet", help="imagenet | random | VGG-16 weights file")
     s.add_argument("--out", required=True,
                    help="output dir: gaussians.ply (LGM) or points.ply + mesh.ply (LRM), turntable.gif")

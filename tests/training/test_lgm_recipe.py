@@ -155,3 +155,77 @@ def test_grid_distortion_is_smooth_and_keeps_the_image_range(gen):
     assert not torch.equal(x, y)
     assert torch.equal(augment.grid_distortion(x, gen, strength=0.0), x) or \
         torch.allclose(augment.grid_distortion(x, gen, strength=0.0), x, atol=1e-5)
+
+
+def test_lora_adapters_sit_only_on_the_cross_view_self_attention_and_merge_at_export(tmp_path, gen):
+    """MVBoost's boost: rank-32 adapters on to_q/to_k/to_v/to_out of each CrossViewAttention and
+    nowhere else, only they train, and the export is a plain LGM whose output is the adapted one."""
+    from fast3d.models.lgm import LGMConfig, lora_target_modules
+    from fast3d.models.lgm.unet import CrossViewAttention
+
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    base = LGM(LGMConfig.preset("tiny")).eval()
+    base.save_pretrained(str(tmp_path / "base"))
+    r = LGMRecipe(run_config_from_dict(run_config("x", model={"preset": "tiny", "init_from": str(tmp_path / "base"),
+                                                              "lora_rank": 32})))
+    model = r.build_model().eval()
+    adapted = {n.removeprefix("base_model.model.") for n, m in model.named_modules() if hasattr(m, "lora_A")}
+    attention = {n for n, m in base.named_modules() if isinstance(m, CrossViewAttention)}
+    assert adapted == set(lora_target_modules(base)) and len(adapted) == 4 * len(attention) > 0
+    assert all(n.rsplit(".", 1)[0] in attention for n in adapted)
+    assert all(m.lora_A["default"].out_features == 32 for n, m in model.named_modules() if hasattr(m, "lora_A"))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    with torch.no_grad():  # as if trained: lora_B starts at zero
+        for n, p in model.named_parameters():
+            if ".lora_B." in n:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    x = (torch.rand(1, 4, 3, 64, 64, generator=gen), *lgm_inputs())
+    with torch.no_grad():
+        want = model(*x)
+    r.export(model, str(tmp_path / "export"))
+    merged = LGM.from_pretrained(str(tmp_path / "export")).eval()
+    assert type(merged) is LGM and not any("lora" in k for k in merged.state_dict())
+    with torch.no_grad():
+        got = merged(*x)
+    for k in want:
+        assert torch.allclose(got[k], want[k], atol=1e-4), k
+    changed = {k.rsplit(".", 1)[0] for k, v in merged.state_dict().items() if not torch.equal(v, base.state_dict()[k])}
+    assert changed == adapted
+
+
+def lgm_inputs():  # -> viewmats [1, 4, 4, 4], Ks [1, 4, 3, 3]: LGM's default input rig at 64 px
+    from fast3d.inference.lgm import default_input_cameras
+    from fast3d.models.lgm import LGMConfig
+
+    vm, K = default_input_cameras(LGMConfig.preset("tiny"), 64)
+    return vm[None], K[None]
+
+
+def test_lora_flag_defaults_to_rank_32_and_refuses_a_rank_below_1(tmp_path):
+    from fast3d.cli import build_parser
+    from fast3d.training import launch
+
+    parse = lambda *a: build_parser().parse_args(["train", "lgm", "--config", "c.yaml", *a]).lora  # noqa: E731
+    assert (parse("--lora"), parse("--lora", "8"), parse()) == (32, 8, None)
+    cfg = write(tmp_path, run_config("x"))
+    for rank in (0, -4):
+        with pytest.raises(ValueError, match=f"--lora takes a positive rank.*got {rank}"):
+            launch.run("lgm", cfg, str(tmp_path / "out"), lora=rank)
+    with pytest.raises(ValueError, match="model.lora_rank must be >= 0"):
+        LGMRecipe(run_config_from_dict(run_config("x", model={"preset": "tiny", "lora_rank": -1, "init_from": "b"})))
+
+
+def test_boost_config_names_pseudo_ground_truth_and_rank_32(tmp_path):
+    """train/configs/lgm_boost_tiny.yaml: LoRA rank 32 from base weights, on `datagen boost` shards
+    of the tiny multi-view model's 4-view rig (all inputs)."""
+    from fast3d.models.lgm import LGMConfig
+    from fast3d.training.config import load_config
+
+    cfg = load_config(os.path.join(ROOT, "train", "configs", "lgm_boost_tiny.yaml"), recipe="lgm")
+    assert cfg.model["lora_rank"] == 32 and cfg.model["init_from"].endswith("runs/lgm")
+    assert cfg.data["train"].endswith("data/boost") and cfg.data["views"] == 4
+    LGM(LGMConfig.preset("tiny")).save_pretrained(str(tmp_path / "base"))
+    r = LGMRecipe(cfg.replace(model={**cfg.model, "init_from": str(tmp_path / "base")},
+                              data={**cfg.data, "train": str(tmp_path)}))
+    assert r.model_section.lora_rank == 32 and list(r.data_section.input_views) == [0, 1, 2, 3]

@@ -10,9 +10,11 @@ Augmentations (data section), as LGM: grid distortion of the input views after t
 probability ``grid_distortion``), jitter of the input cameras after the first (``camera_jitter``),
 random background colours (``random_background``).
 
-``model.lora_rank > 0`` (``fast3d train lgm --lora RANK``): MVBoost's boost — LoRA adapters (peft)
-on the cross-view attention projections only, from the base weights in ``model.init_from``; the
-export merges them, so inference loads a plain LGM.
+``model.lora_rank > 0`` (``fast3d train lgm --lora [RANK]``, 32 without a value: MVBoost's rank):
+MVBoost's boost — LoRA adapters (peft) on the cross-view self-attention only (``to_q``, ``to_k``,
+``to_v``, ``to_out`` of each ``CrossViewAttention``; ``lora_target_modules``), from the base weights
+in ``model.init_from``, trained on the pseudo ground truth of ``fast3d datagen boost``
+(train/configs/lgm_boost_tiny.yaml); the export merges them, so inference loads a plain LGM.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ class ModelSection:
     preset: str = "tiny"
     overrides: dict = dataclasses.field(default_factory=dict)  # LGMConfig fields
     init_from: str = ""            # weights to start from: a model, checkpoint or training run directory
-    lora_rank: int = 0             # > 0: train LoRA adapters on the cross-view attention only
+    lora_rank: int = 0             # > 0: train LoRA adapters on the cross-view self-attention only (MVBoost: 32)
     lora_alpha: float = 0.0        # 0: equal to the rank
 
     def lgm_config(self, activation_checkpointing: bool) -> LGMConfig:
