@@ -56,7 +56,7 @@ class ServeOptions:
     max_wait_ms: float = 5.0
     deadline_s: float = 60.0
     max_body_bytes: int = 64 * 1024 * 1024
-    max_pixels: int = 16 * 1024 * 1024
+    max_pixels: int = 4 * 1024 * 1024   # per image: 2048^2, 8x what the models take; 8 images decode to <= 512 MiB
     turntable_frames: int = 12
     api_key: str | None = None
     device: str | None = None

@@ -163,7 +163,12 @@ def test_parse_rejects_bad_input_naming_the_field(gen):
         (*reversed(multipart([png[: len(png) // 2]])), "images[0]", 400),
         (*reversed(multipart([png], {"cameras": "{bad json"})), "cameras", 400),
         (*reversed(multipart([png], {"model": "/etc/passwd"})), "model", 400),
-        ("multipart/form-data", b"--x\r\n", "body", 400),
+        ("multipart/form-data", b"--x\r\n", "content-type", 400),  # no boundary parameter
+        # More parts than any request has: refused by counting, before the MIME parser runs.
+        ("multipart/form-data; boundary=b", b"--b\r\n" * 40_000 + b"--b--\r\n", "body", 400),
+        # Nesting deeper than the JSON parser's recursion: a 400, not a 500.
+        ("application/json", b"[" * 200_000, "body", 400),
+        (*reversed(multipart([png], {"cameras": "[" * 200_000})), "cameras", 400),
     ]
     for ctype, body, field, status in cases:
         with pytest.raises(RequestError) as e:
