@@ -96,3 +96,30 @@ def test_generate_passes_refine_pose_through_and_writes_the_kept_reconstruction(
     with pytest.raises(ValueError, match="--refine-pose"):
         generate._reconstruct(recon, images, vm, Ks, str(tmp_path), generate.Settings(refine_pose=-2),
                               common.StageTimer())
+
+
+def test_a_worse_redone_reconstruction_keeps_the_original(gen, monkeypatch):
+    """The decision: when the reconstruction from the refined cameras renders further from the inputs
+    (mean LPIPS) than the first one did, the first is kept with the given cameras, and the report says so."""
+    from fast3d import cameras
+
+    N = 400
+    g = dict(means=(torch.rand(1, N, 3, generator=gen) - 0.5) * 0.8,
+             quats=torch.nn.functional.normalize(torch.randn(1, N, 4, generator=gen), dim=-1),
+             scales=torch.full((1, N, 3), 0.06), opacities=torch.full((1, N), 0.8),
+             colors=torch.rand(1, N, 3, generator=gen))
+    rig = cameras.mvdream(resolution=48)
+    vm, K = rig.viewmats[:2], rig.Ks[:2]
+    target, _ = LGM.render(g, vm[None], K[None], 48, 48, backgrounds=torch.ones(1, 2, 3))
+    off = augment.camera_jitter(vm, gen, max_deg=4.0, max_shift=0.05)
+    # a stand-in for the network whose second reconstruction comes out with inverted colours
+    monkeypatch.setattr(lgm, "_world_gaussians", lambda model, imgs, v, k: {**g, "colors": 1 - g["colors"]})
+    world, used, report = lgm.refine_and_reconstruct(None, target[0], off, K, g, load_lpips("random"), steps=10)
+    assert report["kept"] == "original" and world is g and torch.equal(used, off)
+    lp = report["lpips"]
+    assert lp["mean_after"] > lp["mean_before"] and len(lp["before"]) == len(lp["after"]) == 2
+    # and with an honest redo (the same Gaussians: a network that ignores the cameras) the refined cameras are kept
+    monkeypatch.setattr(lgm, "_world_gaussians", lambda model, imgs, v, k: g)
+    world, used, report = lgm.refine_and_reconstruct(None, target[0], off, K, g, load_lpips("random"), steps=10)
+    assert report["kept"] == "refined" and torch.equal(used, torch.tensor(report["refined_viewmats"]))
+    assert report["lpips"]["mean_after"] <= report["lpips"]["mean_before"]
