@@ -17,17 +17,26 @@ from fast3d.training import augment
 INPUTS = [0, 4, 8, 12]
 
 
+# A random-init tiny LGM is not camera-faithful: whether the reconstruction redone from the refined
+# cameras renders closer to the inputs depends on the draw (about 1 draw in 6 it comes out marginally
+# worse, and the original is kept: test_a_worse_redone_reconstruction_keeps_the_original). This test
+# pins one draw (object, network, perturbation) where the redo helps, so it checks that path every run:
+# draw 3, mean LPIPS (random VGG) 0.0311 before, 0.0297 after (draws 0-2 help by 1-2 %, less margin).
+DRAW = 3
+
+
 @pytest.mark.slow
-def test_refined_cameras_make_the_written_reconstruction(tmp_path, gen):
+def test_refined_cameras_make_the_written_reconstruction(tmp_path):
+    gen = torch.Generator().manual_seed(DRAW)
     procedural.run(str(tmp_path / "data"), procedural.ProceduralConfig(
         num_objects=1, views=16, rig="orbit16", resolution=64, gaussians_per_object=800, samples_per_shard=1,
-        batch_size=1, seed=int(torch.randint(0, 2**31, (1,), generator=gen))))
+        batch_size=1, seed=DRAW))
     s = next(iter(MultiViewDataset(str(tmp_path / "data"), views=16, resolution=64)))
     paths = []
     for i in INPUTS:
         paths.append(str(tmp_path / f"in{i}.png"))
         common.save_image(s["images"][i], paths[-1])
-    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    torch.manual_seed(DRAW)
     LGM(LGMConfig.preset("tiny")).save_pretrained(str(tmp_path / "model"))
     vm, Ks = s["viewmats"][INPUTS], s["Ks"][INPUTS]
     off = vm.clone()  # the views after the first deliberately mis-posed
@@ -38,7 +47,7 @@ def test_refined_cameras_make_the_written_reconstruction(tmp_path, gen):
     plain = lgm.infer(str(tmp_path / "model"), paths, str(tmp_path / "plain"), cameras_json=str(cams),
                       turntable_frames=3)
     r = lgm.infer(str(tmp_path / "model"), paths, str(tmp_path / "refined"), cameras_json=str(cams),
-                  turntable_frames=3, refine_pose_steps=20, lpips_backbone="random")
+                  turntable_frames=3, refine_pose_steps=40, lpips_backbone="random")
     before, after = torch.tensor(r["lpips_before"]), torch.tensor(r["lpips_after"])
     assert r["kept"] == "refined" and after.mean() <= before.mean(), (r["kept"], before.tolist(), after.tolist())
     report = json.loads((tmp_path / "refined" / "cameras_refined.json").read_text())
