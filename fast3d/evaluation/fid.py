@@ -2,12 +2,16 @@
 ``FrechetInceptionDistance`` fed by a feature extractor that fast3d loads from a local file (nothing
 is downloaded; torchmetrics' own extractor would fetch torch-fidelity's weights).
 
-Backbones (``load_fid_backbone``):
+Backbones (``load_fid_backbone``), told apart by the weights file's classifier (1008 or 1000 classes):
 
+* a path to the FID Inception (``pt_inception-2015-12-05-6726825d.pth``: the TensorFlow FID
+  network ported by torch-fidelity, the one pytorch-fid, clean-fid and the papers' FIDs use): its
+  2048-d pool features, through torchmetrics' own extractor (``NoTrainInceptionV3``), with its
+  TensorFlow-1 bilinear resize; reported as ``inception-v3-fid``. Values are comparable with
+  published FIDs (same images, same resize rules).
 * a path to torchvision's ImageNet Inception-v3 weights (``inception_v3_google-0cc3c7bd.pth``, or
-  a safetensors copy): its 2048-d pool features; reported as ``inception-v3-torchvision``. These
-  are not the TensorFlow-ported weights of the FID papers (pytorch-fid / clean-fid), so values are
-  comparable between fast3d runs, not with published FIDs.
+  a safetensors copy): its 2048-d pool features; reported as ``inception-v3-torchvision``: other
+  weights, so comparable between fast3d runs only.
 * ``"random-tiny"``: a two-layer convolutional net with random weights from a fixed seed (16-d
   features), for tests; reported as ``random-tiny-conv``, never as an Inception FID.
 
@@ -30,6 +34,54 @@ from torch import Tensor, nn
 RANDOM_TINY = "random-tiny"
 
 
+def _load_state_dict(weights: str) -> dict:
+    """A plain tensor state dict from ``weights`` (safetensors, or ``torch.load(weights_only=True)``:
+    nothing is unpickled)."""
+    if weights.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(weights)
+    try:
+        sd = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable or unsafe file: one named error
+        raise ValueError(f"fid backbone {weights!r}: not a readable state dict ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    if not isinstance(sd, dict) or not all(isinstance(v, Tensor) for v in sd.values()):
+        raise ValueError(f"fid backbone {weights!r}: not a state dict of tensors")
+    return sd
+
+
+class FIDInceptionFeatures(nn.Module):
+    """The FID Inception (torch-fidelity's port of the TensorFlow FID graph) up to its 2048-d pool,
+    as torchmetrics runs it. ``forward(uint8 [N, 3, H, W]) -> [N, 2048]``."""
+
+    name = "inception-v3-fid"
+    num_features = 2048
+
+    def __init__(self, state_dict: dict):
+        super().__init__()
+        import tempfile
+
+        from torchmetrics.image.fid import NoTrainInceptionV3
+
+        # torch-fidelity loads its weights file with torch.load(weights_only=False): hand it a copy
+        # of the tensors already read safely, never the user's file. antialias=False keeps
+        # torch-fidelity's TensorFlow-1 bilinear resize, as the published FIDs (torchmetrics'
+        # default, an antialiased resize, gives other values).
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "fid_inception.pth")
+            torch.save(state_dict, path)
+            try:
+                self.net = NoTrainInceptionV3(name="inception-v3-compat", features_list=[str(self.num_features)],
+                                              feature_extractor_weights_path=path, antialias=False)
+            except RuntimeError as e:
+                raise ValueError(f"fid backbone: not the FID Inception's weights ({str(e).splitlines()[0]})") from None
+        self.eval()
+
+    def forward(self, images: Tensor) -> Tensor:  # [N, 3, H, W] uint8 -> [N, 2048]
+        return self.net(images)
+
+
 class InceptionFeatures(nn.Module):
     """torchvision's Inception-v3 up to its 2048-d average pool, from a local weights file.
     ``forward(uint8 [N, 3, H, W]) -> [N, 2048]``."""
@@ -37,20 +89,12 @@ class InceptionFeatures(nn.Module):
     name = "inception-v3-torchvision"
     num_features = 2048
 
-    def __init__(self, weights: str):
+    def __init__(self, state_dict: dict, weights: str = "state dict"):
         super().__init__()
         from torchvision.models import inception_v3
 
         self.net = inception_v3(weights=None, aux_logits=False, init_weights=False, transform_input=False)
-        if weights.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            sd = load_file(weights)
-        else:
-            sd = torch.load(weights, map_location="cpu", weights_only=True)
-        if not isinstance(sd, dict):
-            raise ValueError(f"fid backbone {weights!r}: not a state dict")
-        sd = {k: v for k, v in sd.items() if not k.startswith("AuxLogits.")}
+        sd = {k: v for k, v in state_dict.items() if not k.startswith("AuxLogits.")}
         try:
             self.net.load_state_dict(sd)
         except RuntimeError as e:
@@ -92,9 +136,20 @@ def load_fid_backbone(spec: str) -> nn.Module:
     if spec == RANDOM_TINY:
         return RandomTinyFeatures()
     if not isinstance(spec, str) or not os.path.isfile(spec):
-        raise ValueError(f"fid backbone {spec!r} is not a file: pass torchvision's Inception-v3 weights "
-                         f"(inception_v3_google-0cc3c7bd.pth; nothing is downloaded) or {RANDOM_TINY!r}")
-    return InceptionFeatures(spec)
+        raise ValueError(f"fid backbone {spec!r} is not a file: pass the FID Inception's weights "
+                         f"(pt_inception-2015-12-05-6726825d.pth) or torchvision's (inception_v3_google-0cc3c7bd.pth); "
+                         f"nothing is downloaded; or {RANDOM_TINY!r} for tests")
+    sd = _load_state_dict(spec)
+    classes = sd["fc.weight"].shape[0] if "fc.weight" in sd else None
+    if classes == 1008:
+        try:
+            return FIDInceptionFeatures(sd)
+        except ValueError as e:
+            raise ValueError(f"fid backbone {spec!r}: {str(e).removeprefix('fid backbone: ')}") from None
+    if classes == 1000:
+        return InceptionFeatures(sd, spec)
+    raise ValueError(f"fid backbone {spec!r}: expected Inception-v3 weights with a 1008-class (FID) or 1000-class "
+                     f"(torchvision) fc.weight; got {classes if classes is not None else 'no fc.weight'}")
 
 
 def min_reference_images(backbone: nn.Module) -> int:

@@ -130,8 +130,35 @@ def test_inception_backbone_loads_torchvision_weights_from_a_file(tmp_path, gen)
     feats = net(torch.randint(0, 256, (2, 3, 40, 40), dtype=torch.uint8, generator=gen))
     assert feats.shape == (2, 2048) and torch.isfinite(feats).all()
     torch.save({"w": torch.ones(1)}, tmp_path / "other.pth")
-    with pytest.raises(ValueError, match="not torchvision Inception-v3 weights"):
+    with pytest.raises(ValueError, match="expected Inception-v3 weights with a 1008-class .* got no fc.weight"):
         load_fid_backbone(str(tmp_path / "other.pth"))
+
+
+class _NotAStateDict:  # pickled as code: torch.load(weights_only=True) must refuse it
+    pass
+
+
+@pytest.mark.slow
+def test_fid_inception_backbone_is_torch_fidelitys_network(tmp_path, gen):
+    """Random weights in the FID Inception's layout (1008 classes; the real
+    pt_inception-2015-12-05 file cannot be downloaded here): loaded as ``inception-v3-fid``, and its
+    features are exactly those of torch-fidelity's extractor given the same file (the network the
+    papers' FIDs use, with its TensorFlow-1 resize). A pickle that is not plain tensors is refused."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+    from torchvision.models import inception_v3
+
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (), generator=gen)))
+    path = str(tmp_path / "pt_inception.pth")
+    torch.save(inception_v3(weights=None, aux_logits=False, init_weights=True, num_classes=1008).state_dict(), path)
+    net = load_fid_backbone(path)
+    assert net.name == "inception-v3-fid" and min_reference_images(net) == 2049
+    images = torch.randint(0, 256, (3, 3, 64, 48), dtype=torch.uint8, generator=gen)
+    ref = FeatureExtractorInceptionV3("fid-ref", ["2048"], feature_extractor_weights_path=path)  # our own file
+    with torch.no_grad():
+        assert torch.equal(net(images), ref(images)[0])
+    torch.save({"fc.weight": _NotAStateDict()}, tmp_path / "code.pth")
+    with pytest.raises(ValueError, match="not a readable state dict"):
+        load_fid_backbone(str(tmp_path / "code.pth"))
 
 
 def test_render_scores_of_a_reconstruction(gen):
