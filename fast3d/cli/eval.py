@@ -212,7 +212,8 @@ def register(sub, fail) -> None:
     s.add_argument("--clip", action="append", help="CLIP backbone: local transformers CLIP directory "
                                                    "(repeatable: one column per backbone; random-tiny: tests only); "
                                                    "lgm/lrm: CLIP image/text similarity of the renders")
-    s.add_argument("--fid-backbone", help="torchvision Inception-v3 weights file for FID (random-tiny: tests only)")
+    s.add_argument("--fid-backbone", help="Inception weights file for FID: the FID Inception "
+                   "(pt_inception-2015-12-05-6726825d.pth) or torchvision's; random-tiny: tests only")
     s.add_argument("--reference", help="folder of reference images for FID")
     s.add_argument("--steps", type=int, default=20, help="mvdit/mvdiff: sampler steps")
     s.add_argument("--guidance-scale", type=float, help="mvdit/mvdiff: guidance (default 4.5 / 3.0)")
