@@ -72,7 +72,7 @@ def test_extract_writes_a_complete_cache(cache, models):
     assert (m["vae"], m["text_encoder"]) == models[3:]
     assert m == dict(m, complete=True, samples=5, shards=dict(zip(SHARDS, [2, 2, 1])), grid_size=64,
                      latent_shape=[4, 8, 8], scaling_factor=0.18215, caption_tokens=32, caption_channels=32,
-                     sources={"synthetic": 0, "rendered3d": 5, "image2d": 0})
+                     sources={"synthetic": 0, "rendered3d": 5, "image2d": 0, "boost": 0})
 
 
 def test_cache_holds_what_the_vae_and_text_encoder_give(cache, data, models):
