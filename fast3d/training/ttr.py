@@ -21,7 +21,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from fast3d.data.shards import SOURCES  # the source tags a shard sample carries
+from fast3d.data import shards
+
+# TTR's three data sources (Bootstrap3D): the shard source tags it trains on, in id order. Shards
+# carry other tags too (``boost``: MVBoost's pseudo ground truth), which TTR does not mix.
+SOURCES = ("synthetic", "rendered3d", "image2d")
+assert set(SOURCES) <= set(shards.SOURCES), "a TTR source the shard format does not know"
 
 
 @dataclass(frozen=True)

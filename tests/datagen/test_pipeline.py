@@ -26,6 +26,10 @@ TOL = {
     "viewmats": dict(atol=1e-6, rtol=0),
     # the camera centre's elevation recomputed with asin from float32 viewmats
     "elevation": dict(atol=1e-5, rtol=0),
+    # the pipeline scores a batch of samples, the test one sample: the float32 features round
+    # differently by batch shape, and the score is a small sum of larger terms (w . f + b, cancelling);
+    # measured |diff| 1.7e-4 at a score of -0.034 in a full-suite run (threads differ from a lone run)
+    "quality": dict(atol=1e-3, rtol=1e-3),
 }
 
 
@@ -117,7 +121,7 @@ def test_full_pipeline_with_filter_and_recaption(tmp_path, seed, gen):
         views = stages.mv(stages.t2i([prompt], [t2i_seed]), [mv_seed])                     # [1, V, 3, R, R]
         _, score = stages.filter(views)
         assert s["source"] == "synthetic"
-        assert_close(torch.tensor(s["quality"]), score[0], atol=1e-4, rtol=1e-4, name=f"{key} quality")
+        assert_close(torch.tensor(s["quality"]), score[0], **TOL["quality"], name=f"{key} quality")
         assert s["caption"] == (stages.recaption(views[:, 0])[0] or prompt)
     # a filter that rejects everything: empty shards, still done on a rerun
     cfg = PipelineConfig.from_dict(tiny(seed, filter=dict(dir=filter_dir, threshold=1e9)))
