@@ -17,6 +17,13 @@ from fast3d.models.lgm import LGM, LGMConfig
 from fast3d.serving.loadtest import multipart, post
 
 
+def _get(url: str, headers: dict) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=30) as r:
+        return r.read().decode()
+
+
 def test_serve_refuses_other_interfaces_without_a_key(tmp_path, capsys):
     assert main(["serve", "--checkpoint", str(tmp_path), "--host", "0.0.0.0"]) == 2
     assert "needs --api-key-file" in capsys.readouterr().err
@@ -43,18 +50,17 @@ def test_serve_needs_the_key_and_drains_on_sigterm(tmp_path, gen):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "fast3d.cli", "serve", "--checkpoint", str(tmp_path / "lgm"),
-                             "--host", "0.0.0.0", "--port", str(port), "--api-key-file", str(tmp_path / "key"),
-                             "--max-batch", "2", "--max-wait-ms", "20"],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
-    lines = []
+    log = tmp_path / "serve.log"  # a file, not a pipe: nothing has to keep reading Ray's output
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "fast3d.cli", "serve", "--checkpoint", str(tmp_path / "lgm"),
+                                 "--host", "0.0.0.0", "--port", str(port), "--api-key-file", str(tmp_path / "key"),
+                                 "--max-batch", "2", "--max-wait-ms", "20"],
+                                stdout=f, stderr=subprocess.DEVNULL, text=True, env=env)
     try:
         t0 = time.monotonic()
-        for line in proc.stdout:
-            lines.append(line)
-            if "ready on" in line or time.monotonic() - t0 > 300:
-                break
-        assert lines and "ready on" in lines[-1], "".join(lines)
+        while "ready on" not in log.read_text():
+            assert proc.poll() is None and time.monotonic() - t0 < 300, log.read_text()[-3000:]
+            time.sleep(0.5)
         views = []
         for _ in range(4):
             buf = io.BytesIO()
@@ -73,13 +79,18 @@ def test_serve_needs_the_key_and_drains_on_sigterm(tmp_path, gen):
         threads = [threading.Thread(target=lambda: results.append(post(url, body, auth))) for _ in range(3)]
         for t in threads:
             t.start()
-        time.sleep(0.3)
+        # SIGTERM only once the server holds a request: what it drains is then shown, not assumed.
+        metrics = f"http://127.0.0.1:{port}/metrics"
+        while not any(line.startswith("fast3d_in_flight") and float(line.split()[-1]) >= 1
+                      for line in _get(metrics, auth).splitlines()):
+            assert time.monotonic() - t0 < 600 and not results, "no request was ever in flight"
+            time.sleep(0.05)
         proc.send_signal(signal.SIGTERM)
         for t in threads:
             t.join(timeout=120)
         assert [r[0] for r in results] == [200] * 3 and all(r[2] == ref for r in results)
         assert proc.wait(timeout=120) == 0
-        rest = proc.stdout.read()
+        rest = log.read_text()
         assert "draining" in rest and "stopped" in rest
     finally:
         if proc.poll() is None:
