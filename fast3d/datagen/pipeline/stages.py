@@ -126,37 +126,6 @@ class TextToImage:
         return out.float().clamp(0, 1).cpu()
 
 
-def _tiny_video_pipeline(views: int):
-    """A random tiny ``StableVideoDiffusionPipeline`` (diffusers' own test sizes), the same every time."""
-    from diffusers import (
-        AutoencoderKLTemporalDecoder,
-        EulerDiscreteScheduler,
-        StableVideoDiffusionPipeline,
-        UNetSpatioTemporalConditionModel,
-    )
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
-
-    with _seeded(0):
-        unet = UNetSpatioTemporalConditionModel(
-            block_out_channels=(32, 64), layers_per_block=1, num_frames=views, in_channels=8, out_channels=4,
-            down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
-            up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"), cross_attention_dim=32,
-            num_attention_heads=8, transformer_layers_per_block=1, addition_time_embed_dim=8,
-            projection_class_embeddings_input_dim=24)
-        vae = AutoencoderKLTemporalDecoder(block_out_channels=(32, 64), in_channels=3, out_channels=3,
-                                           down_block_types=("DownEncoderBlock2D",) * 2, latent_channels=4)
-        # CLIP at 224 px: the pipeline resizes its PIL input to 224 for the image encoder.
-        encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
-            hidden_size=32, projection_dim=32, num_hidden_layers=2, num_attention_heads=4, image_size=224,
-            intermediate_size=37, patch_size=32))
-    scheduler = EulerDiscreteScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", interpolation_type="linear",
-        num_train_timesteps=1000, prediction_type="v_prediction", sigma_max=700.0, sigma_min=0.002, steps_offset=1,
-        timestep_spacing="leading", timestep_type="continuous", use_karras_sigmas=True)
-    return StableVideoDiffusionPipeline(vae=vae, image_encoder=encoder, unet=unet, scheduler=scheduler,
-                                        feature_extractor=CLIPImageProcessor(crop_size=224, size=224))
-
-
 class ImageToMultiView:
     """``StableVideoDiffusionPipeline`` whose V frames are an orbit around the object in the image:
     ``__call__(images [N, 3, H, W], seeds) -> views [N, V, 3, R, R]`` in [0, 1]."""
@@ -167,7 +136,9 @@ class ImageToMultiView:
 
         check_model_source("mv.model", model)
         if model == RANDOM_TINY:
-            pipe = _tiny_video_pipeline(views)
+            from fast3d.models.mvvideo import tiny_pipeline
+
+            pipe = tiny_pipeline(views, seed=0)
         else:
             pipe = StableVideoDiffusionPipeline.from_pretrained(model, local_files_only=True,
                                                                 torch_dtype=torch.float32)
