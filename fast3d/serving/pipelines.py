@@ -22,6 +22,7 @@ forward.
 from __future__ import annotations
 
 import time
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 import torch
@@ -69,7 +70,7 @@ def _timed(stages: dict, name: str, t0: float) -> float:
     return t
 
 
-class Pipeline:
+class Pipeline(ABC):
     """A served model. Subclasses set ``kind`` and ``num_images`` and implement :meth:`prepare`,
     :meth:`forward`, :meth:`render` and :meth:`encode`. ``fixed_batch``: pad every batch to
     ``max_batch`` (the module docstring; default: on the CPU)."""
@@ -129,21 +130,21 @@ class Pipeline:
             out[name] = typ(value)
         return out
 
+    @abstractmethod
     def prepare(self, images: list[Tensor], cameras, turntable: bool, params: dict | None = None) -> Prepared:
         """Check one request (RequestError naming the field) and build its model inputs."""
-        raise NotImplementedError
 
+    @abstractmethod
     def forward(self, inputs: dict[str, Tensor], n: int) -> list[dict[str, Tensor]]:
         """The batched inputs (each [B, ...]) -> the scenes of the first ``n`` (the rest is padding)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def render(self, scenes: list[dict], extras: list[dict]) -> Tensor:  # -> [B', F, 3, H, W]
         """The turntables of some scenes, in one rasterization call."""
-        raise NotImplementedError
 
+    @abstractmethod
     def encode(self, scene: dict, fmt: str) -> bytes:
         """One scene as a file: ``ply`` (as ``fast3d infer`` writes it) or ``splat``."""
-        raise NotImplementedError
 
     def run(self, batch: list[Prepared]) -> list[Result]:
         """One forward over the batch and one rasterization of the turntables asked for."""
