@@ -21,7 +21,6 @@ in 1..5 is rejected and counted, never guessed.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import re
@@ -32,7 +31,7 @@ from torch import Tensor
 
 from fast3d._yaml import load_yaml
 from fast3d.io.images import to_uint8
-from fast3d.models.checkpoints import dataclass_from_dict
+from fast3d.models.checkpoints import dataclass_from_dict, seeded
 from fast3d.models.mvdit import make_grid
 
 RANDOM_TINY = "random-tiny"
@@ -147,12 +146,6 @@ def parse_score(answer: str) -> int | None:
 
 # ------------------------------------------------------------------------------------------ models
 
-@contextlib.contextmanager
-def _seeded(seed: int):
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
-
 
 def tiny_tokenizer():
     """A byte-level tokenizer built offline: the 256 byte symbols and no merges (any text encodes,
@@ -192,7 +185,7 @@ def tiny_llava(seed: int = 0, vision_layers: int = 4):
                                 num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
                                 bos_token_id=ids["<s>"], eos_token_id=ids["</s>"], pad_token_id=ids["<pad>"]),
         image_token_index=ids[IMAGE], vision_feature_layer=-1, vision_feature_select_strategy="default")
-    with _seeded(seed):
+    with seeded(seed):
         model = LlavaForConditionalGeneration(cfg)
     model.generation_config.pad_token_id = ids["<pad>"]
     model.generation_config.eos_token_id = ids["</s>"]

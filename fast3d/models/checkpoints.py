@@ -10,6 +10,7 @@ through safetensors."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 
@@ -148,3 +149,22 @@ def _plain(x):
     if isinstance(x, (list, tuple)):
         return [_plain(v) for v in x]
     return x
+
+
+@contextlib.contextmanager
+def seeded(seed: int):
+    """Draw module initialisations from ``seed`` without touching the global CPU generator."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def local_model_dir(source: str, field: str, subfolder: str) -> str:
+    """The directory holding a model: ``source/subfolder`` when a pipeline directory has it, else
+    ``source``; ``field`` names the config key in the error when ``source`` is not a directory."""
+    if not os.path.isdir(source):
+        raise ValueError(f"{field} must be a local directory or a random source; got {source!r}, which is not a "
+                         f"directory (weights are never downloaded)")
+    sub = os.path.join(source, subfolder)
+    return sub if os.path.isdir(sub) else source
+

@@ -48,7 +48,6 @@ and the image encoder's configs and weights, so loading it needs none of the sou
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -62,6 +61,7 @@ from fast3d import cameras as cams
 from fast3d import checks
 from fast3d.io.atomic import atomic_open
 from fast3d.models import checkpoints
+from fast3d.models.checkpoints import local_model_dir, seeded
 
 MODEL_TYPE = "mvdiff"
 RANDOM_TINY = "random-tiny"
@@ -214,21 +214,6 @@ def azimuth_elevation(viewmats: Tensor) -> tuple[Tensor, Tensor]:  # [..., 4, 4]
     return torch.atan2(c[..., 1], c[..., 0]), torch.atan2(c[..., 2], c[..., :2].norm(dim=-1))
 
 
-@contextlib.contextmanager
-def _seeded(seed: int):
-    """Draw module initialisations from ``seed`` without touching the global CPU generator."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
-
-
-def _local(source: str, field: str, subfolder: str) -> str:
-    """The directory holding a model: ``source/subfolder`` when a pipeline directory has it, else ``source``."""
-    if not os.path.isdir(source):
-        raise ValueError(f"{field} must be a local directory or a random source; got {source!r}, which is not a "
-                         f"directory (weights are never downloaded)")
-    sub = os.path.join(source, subfolder)
-    return sub if os.path.isdir(sub) else source
 
 
 # --- the denoiser --------------------------------------------------------------------------------
@@ -301,7 +286,7 @@ class MVDenoiser(nn.Module):
         embedding). ValueError if the UNet's layout differs from the config's."""
         from diffusers import UNet2DConditionModel
 
-        path = _local(source, "unet_init", "unet")
+        path = local_model_dir(source, "unet_init", "unet")
         sd = UNet2DConditionModel.from_pretrained(path, local_files_only=True, torch_dtype=torch.float32)
         want = unet_kwargs(self.config)
         keys = ("down_block_types", "up_block_types", "block_out_channels", "layers_per_block", "attention_head_dim",
@@ -366,10 +351,10 @@ def build_vae(cfg: MVDiffConfig, config: dict | None = None):
     if config is not None:
         vae = AutoencoderKL.from_config(config)
     elif cfg.vae == RANDOM_TINY:
-        with _seeded(cfg.random_seed):
+        with seeded(cfg.random_seed):
             vae = AutoencoderKL(**_tiny_vae_config(cfg))
     else:
-        vae = AutoencoderKL.from_pretrained(_local(cfg.vae, "vae", "vae"), local_files_only=True,
+        vae = AutoencoderKL.from_pretrained(local_model_dir(cfg.vae, "vae", "vae"), local_files_only=True,
                                             torch_dtype=torch.float32)
     c = vae.config
     got = dict(vae_downsample=2 ** (len(c.block_out_channels) - 1), latent_channels=c.latent_channels,
@@ -390,10 +375,10 @@ def build_image_encoder(cfg: MVDiffConfig, config: dict | None = None):
     if config is not None:
         enc = CLIPVisionModelWithProjection(CLIPVisionConfig.from_dict(config))
     elif cfg.image_encoder == RANDOM_TINY:
-        with _seeded(cfg.random_seed + 1):
+        with seeded(cfg.random_seed + 1):
             enc = CLIPVisionModelWithProjection(CLIPVisionConfig(**_tiny_image_encoder_config(cfg)))
     else:
-        enc = CLIPVisionModelWithProjection.from_pretrained(_local(cfg.image_encoder, "image_encoder", "image_encoder"),
+        enc = CLIPVisionModelWithProjection.from_pretrained(local_model_dir(cfg.image_encoder, "image_encoder", "image_encoder"),
                                                             local_files_only=True, dtype=torch.float32)
     if enc.config.projection_dim != cfg.image_embed_dim:
         raise ValueError(f"image_encoder {cfg.image_encoder!r} has projection_dim {enc.config.projection_dim}; the "
@@ -450,7 +435,7 @@ def image_embeds(encoder,
 def build_denoiser(cfg: MVDiffConfig, attention_backend: str = "auto") -> MVDenoiser:
     """A denoiser for ``cfg``: random from ``random_seed`` (diffusers' initialisation), then
     ``unet_init``'s weights when it names a directory."""
-    with _seeded(cfg.random_seed + 2):
+    with seeded(cfg.random_seed + 2):
         model = MVDenoiser(cfg, attention_backend)
     if cfg.unet_init != "random":
         model.load_unet_init(cfg.unet_init)
@@ -540,7 +525,7 @@ class MVDiffusion(nn.Module):
             except (OSError, json.JSONDecodeError) as e:
                 raise ValueError(f"checkpoint {path!r}: cannot read {name} ({e})") from None
         vae_cfg = {k: v for k, v in (sub[VAE_FILE] or {}).items() if not k.startswith("_")} or None
-        with _seeded(0):
+        with seeded(0):
             model = cls(cfg, MVDenoiser(cfg, attention_backend), build_vae(cfg, vae_cfg),
                         build_image_encoder(cfg, sub[IMAGE_ENCODER_FILE]))
         checkpoints.load_state(model, checkpoints.read_weights(path), path)

@@ -27,12 +27,10 @@ tiny checkpoint offline).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
 import numbers
-import os
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +38,7 @@ from torch import Tensor
 
 from fast3d import checks
 from fast3d.models import checkpoints
+from fast3d.models.checkpoints import local_model_dir, seeded
 
 MODEL_TYPE = "mvdit"
 RANDOM_TINY = "random-tiny"
@@ -173,21 +172,6 @@ class MVDiTConfig:
         return 3 * self.forward_flops(batch_size)
 
 
-@contextlib.contextmanager
-def _seeded(seed: int):
-    """Draw module initialisations from ``seed`` without touching the global CPU generator."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
-
-
-def _local(source: str, field: str, subfolder: str) -> str:
-    """The directory holding a model: ``source/subfolder`` when a pipeline directory has it, else ``source``."""
-    if not os.path.isdir(source):
-        raise ValueError(f"{field} must be a local directory or a random source; got {source!r}, which is not a "
-                         f"directory (weights are never downloaded)")
-    sub = os.path.join(source, subfolder)
-    return sub if os.path.isdir(sub) else source
 
 
 # --- the transformer ---------------------------------------------------------------------------------
@@ -217,12 +201,12 @@ def build_transformer(cfg: MVDiTConfig, attention_backend: str = "auto"):
     resolution conditions), its self-attention on ``fast3d.multiview_attention`` (``attention_backend``),
     with weights from ``cfg.transformer_init``: a PixArt-alpha checkpoint, or random from ``random_seed``
     (diffusers' default initialisation: for smoke runs; the recipe fine-tunes PixArt-alpha)."""
-    with _seeded(cfg.random_seed + 2):
+    with seeded(cfg.random_seed + 2):
         model = _new_transformer(cfg, attention_backend)
     if cfg.transformer_init != "random":
         from diffusers import PixArtTransformer2DModel
 
-        path = _local(cfg.transformer_init, "transformer_init", "transformer")
+        path = local_model_dir(cfg.transformer_init, "transformer_init", "transformer")
         state = PixArtTransformer2DModel.from_pretrained(path, local_files_only=True,
                                                          torch_dtype=torch.float32).state_dict()
         checkpoints.load_state(model, state, path)
@@ -258,13 +242,13 @@ def build_vae(cfg: MVDiTConfig):
 
     if cfg.vae == RANDOM_TINY:
         n = int(math.log2(cfg.vae_downsample)) + 1
-        with _seeded(cfg.random_seed):
+        with seeded(cfg.random_seed):
             vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
                                 up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=(16,) + (32,) * (n - 1),
                                 layers_per_block=1, latent_channels=cfg.latent_channels, norm_num_groups=8,
                                 sample_size=cfg.grid_size, scaling_factor=cfg.vae_scaling_factor)
     else:
-        vae = AutoencoderKL.from_pretrained(_local(cfg.vae, "vae", "vae"), local_files_only=True,
+        vae = AutoencoderKL.from_pretrained(local_model_dir(cfg.vae, "vae", "vae"), local_files_only=True,
                                             torch_dtype=torch.float32)
     c = vae.config
     got = dict(vae_downsample=2 ** (len(c.block_out_channels) - 1), latent_channels=c.latent_channels,
@@ -288,12 +272,12 @@ def build_text_encoder(cfg: MVDiTConfig):
         config = T5Config(vocab_size=len(tokenizer), d_model=cfg.caption_channels, d_kv=16, num_heads=2,
                           d_ff=2 * cfg.caption_channels, num_layers=2, feed_forward_proj="gated-gelu",
                           tie_word_embeddings=False)
-        with _seeded(cfg.random_seed + 1):
+        with seeded(cfg.random_seed + 1):
             model = T5EncoderModel(config)
     else:
-        model = T5EncoderModel.from_pretrained(_local(cfg.text_encoder, "text_encoder", "text_encoder"),
+        model = T5EncoderModel.from_pretrained(local_model_dir(cfg.text_encoder, "text_encoder", "text_encoder"),
                                                local_files_only=True, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(_local(cfg.text_encoder, "text_encoder", "tokenizer"),
+        tokenizer = AutoTokenizer.from_pretrained(local_model_dir(cfg.text_encoder, "text_encoder", "tokenizer"),
                                                   local_files_only=True)
         if model.config.d_model != cfg.caption_channels:
             raise ValueError(f"text_encoder {cfg.text_encoder!r} has width d_model={model.config.d_model}; the config "

@@ -25,22 +25,17 @@ stock weights.
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import torch
 from torch import Tensor
 
+from fast3d.models.checkpoints import seeded
+
 RANDOM_TINY = "random-tiny"
 # The parameter-name parts of the layers VFusion3D fine-tunes (module docstring).
 TEMPORAL_MODULES = ("temporal_res_block", "temporal_transformer_blocks")
 
-
-@contextlib.contextmanager
-def _seeded(seed: int):
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
 
 
 def check_source(key: str, source: str) -> None:
@@ -70,7 +65,7 @@ def tiny_pipeline(num_frames: int = 16, seed: int = 0):
     )
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    with _seeded(seed):
+    with seeded(seed):
         unet = UNetSpatioTemporalConditionModel(
             block_out_channels=(32, 64), layers_per_block=1, num_frames=num_frames, in_channels=8, out_channels=4,
             down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),

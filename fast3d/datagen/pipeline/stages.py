@@ -29,7 +29,6 @@ samples of its batch (batched arithmetic can still change the last bits: the bat
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import os
 
@@ -37,6 +36,7 @@ import torch
 from torch import Tensor
 
 from fast3d.io.images import to_uint8
+from fast3d.models.checkpoints import seeded
 
 RANDOM_TINY = "random-tiny"
 
@@ -64,13 +64,6 @@ def _no_options(section: str, kind: str, options: dict) -> None:
     if options:
         raise ValueError(f"{section}.options: the {kind!r} {section} stage takes no options; got {sorted(options)}")
 
-
-@contextlib.contextmanager
-def _seeded(seed: int):
-    """Draw module initialisations from ``seed`` without touching the global CPU generator."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
 
 
 def check_model_source(key: str, source: str) -> None:
@@ -286,7 +279,7 @@ def _tiny_captioner():
                          eos_token_id=ids["[SEP]"], sep_token_id=ids["[SEP]"], pad_token_id=ids["[PAD]"]),
         vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
                            image_size=32, patch_size=8), projection_dim=32)
-    with _seeded(1):
+    with seeded(1):
         model = BlipForConditionalGeneration(config)
     processor = BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}),
                               tokenizer=tokenizer)
