@@ -91,3 +91,22 @@ def triton_launches_inside_guard(monkeypatch, run: Callable[[], object]) -> list
     monkeypatch.setattr(InterpretedFunction, "run", launch)
     run()
     return guarded
+
+
+def object_png(gen: torch.Generator, size: tuple[int, int] = (50, 40)) -> bytes:
+    """An RGBA PNG (width, height = ``size``): random colours, opaque on a rectangle, transparent
+    around it -- an object cut-out as the image-to-3D paths take it."""
+    import io
+
+    from PIL import Image
+
+    from fast3d.io.images import to_uint8
+
+    W, H = size
+    rgba = torch.zeros(4, H, W)
+    rgba[:3] = torch.rand(3, H, W, generator=gen)
+    rgba[3, H // 4:3 * H // 4, W // 5:4 * W // 5] = 1
+    buf = io.BytesIO()
+    Image.fromarray(to_uint8(rgba)).save(buf, format="PNG")
+    return buf.getvalue()
+

@@ -10,6 +10,7 @@ import tarfile
 import numpy as np
 import pytest
 import torch
+from helpers import object_png
 from PIL import Image
 
 from fast3d.cli import main as cli_main
@@ -18,7 +19,7 @@ from fast3d.data.shards import ShardWriter
 from fast3d.datagen import boost
 from fast3d.inference.generate import object_fraction
 from fast3d.inference.preprocess import preprocess
-from fast3d.io.images import read_image, to_uint8
+from fast3d.io.images import read_image
 from fast3d.models.lgm import LGM, LGMConfig
 from fast3d.models.mvdiff import MVDiffConfig, MVDiffusion
 
@@ -40,12 +41,9 @@ def models(tmp_path_factory):
 
 
 def _object_png(path, gen, size=(50, 40)):
-    """An RGBA PNG: random colours, opaque on a rectangle, transparent around it."""
-    W, H = size
-    rgba = torch.zeros(4, H, W)
-    rgba[:3] = torch.rand(3, H, W, generator=gen)
-    rgba[3, H // 4:3 * H // 4, W // 5:4 * W // 5] = 1
-    Image.fromarray(to_uint8(rgba)).save(path)
+    """helpers.object_png written to ``path``."""
+    with open(path, "wb") as f:
+        f.write(object_png(gen, size))
     return str(path)
 
 

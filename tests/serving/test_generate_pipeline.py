@@ -3,17 +3,16 @@ request's PLY is bitwise the file ``fast3d generate`` writes for the same seed (
 shape), the same alone or in a padded batch, and within the table's tolerance of generate there;
 bad sampling fields are refused naming the field; one HTTP round trip on Ray Serve."""
 
-import io
 import os
 import socket
 
 import pytest
 import torch
-from PIL import Image
+from helpers import object_png
 
 from fast3d.cli import main
 from fast3d.inference import generate
-from fast3d.io.images import read_image, to_uint8
+from fast3d.io.images import read_image
 from fast3d.models.lgm import LGM, LGMConfig
 from fast3d.models.mvdiff import MVDiffConfig, MVDiffusion
 from fast3d.serving.loadtest import multipart, post, same_ply
@@ -40,17 +39,6 @@ def models(tmp_path_factory):
     return d
 
 
-def _object_png(gen, size=(50, 40)) -> bytes:
-    """An RGBA PNG: random colours, opaque on a rectangle, transparent around it."""
-    W, H = size
-    rgba = torch.zeros(4, H, W)
-    rgba[:3] = torch.rand(3, H, W, generator=gen)
-    rgba[3, H // 4:3 * H // 4, W // 5:4 * W // 5] = 1
-    buf = io.BytesIO()
-    Image.fromarray(to_uint8(rgba)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def _generated_ply(models, png: bytes, tmp_path, seed: int, steps: int = STEPS) -> bytes:
     """``gaussians.ply`` of ``fast3d generate`` (the library call) on the image, for ``seed``."""
     path = tmp_path / f"in{seed}.png"
@@ -72,7 +60,7 @@ def _served(pipe, png: bytes, seed: int, others=()) -> bytes:
 def test_served_ply_is_generates_file_bitwise_and_seeded(models, tmp_path, gen, seed):
     pipe = load_pipeline(models["lgm"], max_batch=1, turntable_frames=2, warmup=False, mv_model=models["mv"])
     assert isinstance(pipe, GeneratePipeline) and pipe.views == [0, 1, 2, 3] and pipe.output_kind == "lgm"
-    png = _object_png(gen)
+    png = object_png(gen)
     s = seed % 1000
     served = _served(pipe, png, s)
     assert served == _generated_ply(models, png, tmp_path, s)
@@ -83,7 +71,7 @@ def test_served_ply_is_generates_file_bitwise_and_seeded(models, tmp_path, gen, 
 def test_padded_batch_same_alone_or_batched_and_close_to_generate(models, tmp_path, gen, seed):
     pipe = load_pipeline(models["lgm"], max_batch=3, turntable_frames=2, warmup=False, mv_model=models["mv"])
     assert pipe.fixed_batch  # the CPU default: batches padded to 3
-    png, other = _object_png(gen), _object_png(gen, (30, 60))
+    png, other = object_png(gen), object_png(gen, (30, 60))
     s = seed % 1000
     alone = _served(pipe, png, s)
     first = pipe.prepare([read_image(other)], None, True, {"seed": s + 7, "steps": STEPS, "guidance": "2.5"})
@@ -154,7 +142,7 @@ def server(models):
 
 @pytest.mark.slow
 def test_http_round_trip_and_a_bad_field(server, models, tmp_path, gen, seed):
-    png = _object_png(gen)
+    png = object_png(gen)
     s = seed % 1000
     body, ctype = multipart([png], {"seed": s, "steps": STEPS})
     status, headers, data = post(f"{server}/v1/reconstruct", body, {"Content-Type": ctype})
