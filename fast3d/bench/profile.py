@@ -14,6 +14,7 @@ from fast3d.bench import environment as env
 from fast3d.bench.runner import DEFAULT_OUT
 from fast3d.bench.timing import _float_outputs, upstream_grads
 from fast3d.bench.workloads import specs
+from fast3d.inference.common import default_device
 
 DEFAULT_TRACES = os.path.join(os.path.dirname(DEFAULT_OUT), "traces")
 
@@ -39,7 +40,7 @@ def plan(workload: str, op: str | None = None, backend: str = "auto", log=None) 
     skipped (and logged). ValueError (the CLI's exit code 2) otherwise."""
     from fast3d.bench.runner import _candidates
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     found = targets(workload, op)
     out, skipped = [], []
 
@@ -74,7 +75,7 @@ def plan(workload: str, op: str | None = None, backend: str = "auto", log=None) 
 
 def profile_workload(workload: str, op: str | None = None, backend: str = "auto", quick: bool = False,
                      out: str = DEFAULT_TRACES, iters: int = 3, top: int = 10, log=print) -> list[str]:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     paths = []
     for spec, w, name in plan(workload, op, backend, log=log):
         params = w.quick if quick else w.params

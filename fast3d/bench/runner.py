@@ -21,6 +21,7 @@ from fast3d.bench import environment as env
 from fast3d.bench.spec import PASSES, BenchSpec
 from fast3d.bench.timing import time_pass, upstream_grads
 from fast3d.bench.workloads import specs
+from fast3d.inference.common import default_device
 
 REFERENCE = "torch"
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
@@ -96,7 +97,7 @@ def run(cfg: BenchConfig, log=_log) -> tuple[list[dict], int]:
     """Runs the benchmark; returns (rows, number of failed measurements)."""
     validate(cfg)
     t0 = time.monotonic()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     budget = cfg.budget_s if cfg.budget_s is not None else (0.3 if cfg.quick else 2.0)
     vers = env.versions()
     log(f"fast3d bench on {env.device_name(device)}; measuring peaks ...")

@@ -32,6 +32,7 @@ from torch import Tensor
 
 from fast3d import cameras
 from fast3d.data.shards import MultiViewSample, ShardWriter, claim_output
+from fast3d.inference.common import default_device
 from fast3d.io.atomic import atomic_path, write_atomic
 from fast3d.io.images import composite, read_image
 
@@ -126,7 +127,7 @@ def images_to_shards(images: str, out: str, caption_model: str, resolution: int 
     t0 = time.perf_counter()
     written, unreadable = 0, []
     if todo:
-        dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+        dev = default_device(device)
         captioner = Recaptioner(caption_model, max_tokens, dev)
         viewmats, Ks = cameras.turntable(1, resolution, elevation_deg=0.0)
         viewmats, Ks = viewmats.float().expand(TILES, 4, 4).clone(), Ks.float().expand(TILES, 3, 3).clone()

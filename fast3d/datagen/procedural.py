@@ -33,6 +33,7 @@ import torch
 from fast3d import cameras
 from fast3d.data.shards import MultiViewSample, ShardWriter, claim_output
 from fast3d.datagen import assets
+from fast3d.inference.common import default_device
 
 PREFIX = "procedural"
 FIXED_VIEWS = {"zero123pp": 6, "mvdream": 4}
@@ -138,7 +139,7 @@ def generate(out: str, cfg: ProceduralConfig, reader: int = 0, readers: int = 1,
     from fast3d.io import save_ply
 
     prepare_output(out, cfg)
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device(device)
     mine = list(range(reader, cfg.num_shards, readers))
     done = {j for j in mine if os.path.exists(os.path.join(out, f"{PREFIX}-{j:06d}.tar"))}
     for j in mine:  # temporary files of a killed run: its shards and its assets' PLYs

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fast3d.inference.common import default_device
 from fast3d.io.atomic import write_atomic
 
 RANDOM_TINY = "random-tiny"
@@ -269,7 +270,7 @@ def generate_prompts(cfg: PromptLMConfig, out: str, device: str | None = None, p
                              f"{cfg.count} asked for (max_calls {cfg.calls_limit}); they are in {out}. Raise max_calls, "
                              f"temperature or top_p, or use another model")
         if model is None:
-            dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+            dev = default_device(device)
             model, tokenizer = load_lm(cfg, dev)
         text = query(template, examples, cfg.shots, cfg.seed, calls)
         for continuation in sample_call(model, tokenizer, text, cfg, calls):

@@ -1,5 +1,5 @@
-"""What the inference pipelines share: reading input images, writing images and turntable
-files, and per-stage latency."""
+"""What the inference pipelines share: the default device, reading input images, writing images
+and turntable files, and per-stage latency."""
 
 from __future__ import annotations
 
@@ -11,6 +11,21 @@ from torch import Tensor
 
 from fast3d.io.atomic import atomic_path
 from fast3d.io.images import composite, read_image, to_uint8
+
+
+def default_device(device=None) -> torch.device:
+    """Where a model runs: ``device`` (a ``torch.device`` or its name, e.g. ``"cuda:1"``) when one is
+    given, else CUDA when there is one and the CPU otherwise.
+
+    Args:
+        device: the device asked for; None (or "") for the default.
+
+    Returns:
+        The ``torch.device``.
+    """
+    if device is None or (isinstance(device, str) and not device):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
 
 
 def load_image(path: str, size: int | None = None, background: float = 1.0) -> Tensor:  # -> [3, H, W] in [0, 1]

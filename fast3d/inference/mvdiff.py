@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fast3d import checks
+from fast3d.inference.common import default_device
 from fast3d.models import checkpoints
 from fast3d.models.mvdiff import MODEL_TYPE, NOISE_SCHEDULE, MVDiffusion
 
@@ -41,7 +42,7 @@ def load_mvdiff(model_dir: str, device: str | torch.device | None = None) -> MVD
     if kind != MODEL_TYPE:
         raise ValueError(f"model_dir {model_dir!r} holds a {kind!r} model, not a multi-view diffusion model "
                          f"({MODEL_TYPE!r})")
-    dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = default_device(device)
     return MVDiffusion.from_pretrained(path).to(dev).eval()
 
 

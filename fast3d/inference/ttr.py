@@ -15,6 +15,7 @@ import os
 
 import torch
 
+from fast3d.inference.common import default_device
 from fast3d.io.images import to_uint8
 from fast3d.models.mvdit import NOISE_SCHEDULE, build_text_encoder, build_vae, load_transformer, split_grid
 
@@ -41,7 +42,7 @@ def load_pipeline(checkpoint_dir: str, device: str | torch.device | None = None)
     CUDA when there is one), and its :class:`MVDiTConfig`."""
     from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline
 
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(device)
     cfg, transformer = load_transformer(checkpoint_dir)
     text_encoder, tokenizer = build_text_encoder(cfg)
     pipe = PixArtAlphaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=build_vae(cfg),

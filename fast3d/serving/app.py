@@ -319,9 +319,9 @@ def application(options: ServeOptions, replicas: int = 1, max_ongoing_requests: 
     ongoing = checks.positive_int("max_ongoing_requests", max_ongoing_requests or 2 * options.max_batch)
     queued = checks.positive_int("max_queued_requests", max_queued_requests or 8 * options.max_batch)
     if num_gpus is None:
-        import torch
+        from fast3d.inference.common import default_device
 
-        num_gpus = 1 if (options.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda") else 0
+        num_gpus = 1 if default_device(options.device).type == "cuda" else 0
     actor = {"num_cpus": 1 if num_cpus is None else num_cpus, "num_gpus": num_gpus}
     return Fast3dServer.options(
         num_replicas=replicas, max_ongoing_requests=ongoing, max_queued_requests=queued,

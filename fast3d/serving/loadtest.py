@@ -204,12 +204,13 @@ def run(checkpoint: str, out: str = DEFAULT_OUT, concurrencies=(1, 4, 16), reque
     path = checkpoints.resolve_checkpoint(checkpoint)
     if checkpoints.model_type(path) != "lgm":
         raise ValueError(f"checkpoint {checkpoint!r}: the load test drives an LGM (4 images a request)")
+    from fast3d.inference.common import default_device
     from fast3d.models.checkpoints import read_config
     from fast3d.models.lgm import LGMConfig
 
     cfg = read_config(path, "lgm", LGMConfig)
     images = [_png(i, cfg.input_size) for i in range(cfg.num_input_views)]
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     base = {"kind": "serve_load", "model": "lgm", "model_config": {"input_size": cfg.input_size,
                                                                     "num_gaussians": cfg.num_gaussians},
             "checkpoint": os.path.basename(os.path.normpath(path)), "device": env.device_name(device),

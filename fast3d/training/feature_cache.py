@@ -58,6 +58,7 @@ from torch.utils.data import IterableDataset
 from fast3d.cameras import camera_centers
 from fast3d.data.dataset import MultiViewDataset, reader_index
 from fast3d.data.shards import SOURCES, SampleError, iter_tar_groups, warn_skipped
+from fast3d.inference.common import default_device
 from fast3d.io.atomic import temp_path, write_atomic
 from fast3d.models.mvdit import MVDiTConfig, build_text_encoder, build_vae, encode_prompts, fingerprint, make_grid
 
@@ -307,7 +308,7 @@ def extract(data: str | list, out: str, cfg: MVDiTConfig, batch_size: int = 8, r
     grid_azimuths = check_azimuths(grid_azimuths)
     t0 = time.perf_counter()
     inputs = MultiViewDataset(data, views=4, resolution=cfg.view_size).shards
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(device)
     vae = build_vae(cfg)
     text_encoder, tokenizer = build_text_encoder(cfg)
     header = _header(cfg, fingerprint(vae), fingerprint(text_encoder, tokenizer), inputs, grid_azimuths)
