@@ -284,20 +284,7 @@ class MVDenoiser(nn.Module):
         is copied; ``conv_in`` gets its weights on the noisy-latent channels and zeros on the
         image-latent ones; the camera MLP's output layer starts at zero (a no-op on the time
         embedding). ValueError if the UNet's layout differs from the config's."""
-        from diffusers import UNet2DConditionModel
-
-        path = local_model_dir(source, "unet_init", "unet")
-        sd = UNet2DConditionModel.from_pretrained(path, local_files_only=True, torch_dtype=torch.float32)
-        want = unet_kwargs(self.config)
-        keys = ("down_block_types", "up_block_types", "block_out_channels", "layers_per_block", "attention_head_dim",
-                "cross_attention_dim", "norm_num_groups", "use_linear_projection")
-        diff = {k: (sd.config.get(k), want[k]) for k in keys
-                if (tuple(v) if isinstance(v := sd.config.get(k), list) else v) != want[k]}
-        if sd.config.get("out_channels") != self.config.latent_channels:
-            diff["out_channels"] = (sd.config.get("out_channels"), self.config.latent_channels)
-        if diff:
-            raise ValueError(f"unet_init {source!r} is another UNet than the config's: (snapshot, config) differ in {diff}")
-        state = dict(sd.state_dict())
+        state, path = read_unet_init(source, unet_kwargs(self.config))
         own = self.unet.state_dict()
         C = self.config.latent_channels
         w = torch.zeros_like(own["conv_in.weight"])
@@ -307,6 +294,24 @@ class MVDenoiser(nn.Module):
             if k.startswith("class_embedding."):
                 state[k] = torch.zeros_like(own[k]) if k.startswith("class_embedding.linear_2") else own[k]
         checkpoints.load_state(self.unet, state, path)
+
+
+def read_unet_init(source: str, want: dict) -> tuple[dict, str]:
+    """The weights of the Stable Diffusion 2.x UNet in local directory ``source`` (or in its
+    ``unet/``) and the directory read; ValueError if its layout (blocks, widths, heads, output
+    channels) differs from ``want``, the ``UNet2DConditionModel`` arguments of the model it starts
+    (its input channels and class embedding may differ: the caller adapts them)."""
+    from diffusers import UNet2DConditionModel
+
+    path = local_model_dir(source, "unet_init", "unet")
+    sd = UNet2DConditionModel.from_pretrained(path, local_files_only=True, torch_dtype=torch.float32)
+    keys = ("down_block_types", "up_block_types", "block_out_channels", "layers_per_block", "attention_head_dim",
+            "cross_attention_dim", "norm_num_groups", "use_linear_projection", "out_channels")
+    diff = {k: (sd.config.get(k), want[k]) for k in keys
+            if (tuple(v) if isinstance(v := sd.config.get(k), list) else v) != want[k]}
+    if diff:
+        raise ValueError(f"unet_init {source!r} is another UNet than the config's: (snapshot, config) differ in {diff}")
+    return dict(sd.state_dict()), path
 
 
 # --- the frozen parts ----------------------------------------------------------------------------
@@ -320,6 +325,8 @@ class PixelAutoencoder(nn.Module):
     def __init__(self, factor: int):
         super().__init__()
         self.factor = factor
+        # no weights: an empty buffer, not saved, that .to() moves, tells the device latents go to
+        self.register_buffer("device_tag", torch.empty(0), persistent=False)
 
     def encode_images(self, x: Tensor) -> Tensor:  # [N, 3, R, R] in [-1, 1] -> [N, 3 f^2, R/f, R/f]
         return F.pixel_unshuffle(x, self.factor)
@@ -388,6 +395,8 @@ def build_image_encoder(cfg: MVDiffConfig, config: dict | None = None):
 
 def _device(module: nn.Module) -> torch.device:
     p = next(module.parameters(), None)
+    if p is None:
+        p = next(module.buffers(), None)
     return p.device if p is not None else torch.device("cpu")
 
 
@@ -506,27 +515,39 @@ class MVDiffusion(nn.Module):
         state |= {f"vae.{k}": v for k, v in self.vae.state_dict().items()}
         state |= {f"image_encoder.{k}": v for k, v in self.image_encoder.state_dict().items()}
         checkpoints.save_pretrained(path, MODEL_TYPE, self.config, state)
-        vae_cfg = None if isinstance(self.vae, PixelAutoencoder) else dict(self.vae.config)
-        for name, d in ((VAE_FILE, vae_cfg), (IMAGE_ENCODER_FILE, self.image_encoder.config.to_dict())):
-            with atomic_open(os.path.join(path, name)) as f:
-                json.dump(d, f, indent=1, default=str)
+        save_frozen_configs(path, self.vae, self.image_encoder)
 
     @classmethod
     def from_pretrained(cls, path: str, attention_backend: str = "auto") -> MVDiffusion:
         """A model directory written by :meth:`save_pretrained`; ValueError if it is not one (or holds
         another model type). Needs none of the config's sources."""
         cfg = checkpoints.read_config(path, MODEL_TYPE, MVDiffConfig)
-        sub = {}
-        for name in (VAE_FILE, IMAGE_ENCODER_FILE):
-            f = os.path.join(path, name)
-            try:
-                with open(f) as fh:
-                    sub[name] = json.load(fh)
-            except (OSError, json.JSONDecodeError) as e:
-                raise ValueError(f"checkpoint {path!r}: cannot read {name} ({e})") from None
-        vae_cfg = {k: v for k, v in (sub[VAE_FILE] or {}).items() if not k.startswith("_")} or None
         with seeded(0):
-            model = cls(cfg, MVDenoiser(cfg, attention_backend), build_vae(cfg, vae_cfg),
-                        build_image_encoder(cfg, sub[IMAGE_ENCODER_FILE]))
+            model = cls(cfg, MVDenoiser(cfg, attention_backend), *build_frozen_parts(path, cfg))
         checkpoints.load_state(model, checkpoints.read_weights(path), path)
         return model.eval()
+
+
+def save_frozen_configs(path: str, vae, image_encoder) -> None:
+    """Write the VAE's and the image encoder's configs (``vae.json``, ``image_encoder.json``) into
+    model directory ``path``, so that loading it needs none of the config's sources."""
+    vae_cfg = None if isinstance(vae, PixelAutoencoder) else dict(vae.config)
+    for name, d in ((VAE_FILE, vae_cfg), (IMAGE_ENCODER_FILE, image_encoder.config.to_dict())):
+        with atomic_open(os.path.join(path, name)) as f:
+            json.dump(d, f, indent=1, default=str)
+
+
+def build_frozen_parts(path: str, cfg: MVDiffConfig) -> tuple:  # -> (vae, image_encoder)
+    """The VAE and the image encoder of model directory ``path``, built from the configs
+    :func:`save_frozen_configs` wrote (their weights come with the model's); ValueError naming the
+    file when one is missing or unreadable."""
+    sub = {}
+    for name in (VAE_FILE, IMAGE_ENCODER_FILE):
+        f = os.path.join(path, name)
+        try:
+            with open(f) as fh:
+                sub[name] = json.load(fh)
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"checkpoint {path!r}: cannot read {name} ({e})") from None
+    vae_cfg = {k: v for k, v in (sub[VAE_FILE] or {}).items() if not k.startswith("_")} or None
+    return build_vae(cfg, vae_cfg), build_image_encoder(cfg, sub[IMAGE_ENCODER_FILE])
