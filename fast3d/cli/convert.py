@@ -1,20 +1,20 @@
 """``fast3d convert KIND --weights FILE_OR_DIR --out DIR``: a released checkpoint (LGM, OpenLRM
-v1.1, VFusion3D) -> a fast3d model directory for infer / eval / train --init-from
-(fast3d.models.convert)."""
+v1.1, VFusion3D; Era3D's pipeline as an initialisation) -> a fast3d model directory for infer /
+eval / generate / train --init-from (fast3d.models.convert)."""
 
 from __future__ import annotations
 
 import json
 
-KINDS = ("lgm", "openlrm", "vfusion3d")   # fast3d.models.convert.KINDS (not imported: --help stays fast)
+KINDS = ("lgm", "openlrm", "vfusion3d", "era3d")   # fast3d.models.convert.KINDS (not imported: --help stays fast)
 
 
 def register(sub, fail) -> None:
-    s = sub.add_parser("convert", help="a released checkpoint (lgm | openlrm | vfusion3d) -> a fast3d model directory")
+    s = sub.add_parser("convert", help="a released checkpoint (lgm | openlrm | vfusion3d | era3d) -> a fast3d model directory")
     s.add_argument("kind", metavar="KIND", help=f"one of {', '.join(KINDS)}")
     s.add_argument("--weights", required=True, metavar="FILE_OR_DIR",
                    help="the released checkpoint (.safetensors, or .pth/.bin read with torch.load(weights_only=True)), "
-                        "or a directory holding it")
+                        "or a directory holding it; era3d: the diffusers pipeline directory")
     s.add_argument("--out", required=True, metavar="DIR", help="the model directory to write (new or empty)")
     s.add_argument("--variant", help="lgm: fixrot | prefix (default: from the released file name); "
                                      "openlrm: small | base | large (default: from the shapes)")

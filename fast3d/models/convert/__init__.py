@@ -2,7 +2,8 @@
 
 Kinds: ``lgm`` (3DTopia/LGM's released ``big`` model: model_fp16_fixrot.safetensors and
 model_fp16.safetensors), ``openlrm`` (OpenLRM v1.1 small / base / large) and ``vfusion3d``
-(VFusion3D's LRM). Every converter reads the checkpoint without unpickling
+(VFusion3D's LRM) and ``era3d`` (Era3D's multi-view diffusion pipeline, as an initialisation of
+fast3d's MVDiffusion: ``era3d`` says what does not carry over). Every converter reads the checkpoint without unpickling
 (``common.load_state_dict``), checks its keys and shapes against a manifest written down from the
 original code (``manifest``, ``manifest_lrm``; a missing, extra or mis-shaped key is a ValueError
 listing them), accounts for every source key (converted, or dropped with a reason, recorded in
@@ -12,7 +13,7 @@ model directory atomically (``common.write_model_dir``).
 
 from __future__ import annotations
 
-KINDS = ("lgm", "openlrm", "vfusion3d")
+KINDS = ("lgm", "openlrm", "vfusion3d", "era3d")
 
 
 def convert(kind: str, weights: str, out: str, variant: str | None = None, input_size: int | None = None) -> dict:
@@ -20,10 +21,11 @@ def convert(kind: str, weights: str, out: str, variant: str | None = None, input
 
     Args:
         kind: one of ``KINDS``.
-        weights: the released checkpoint file, or a directory holding it.
+        weights: the released checkpoint file, or a directory holding it (era3d: the pipeline
+            directory with unet/, vae/, image_encoder/, scheduler/).
         out: a new or empty directory.
         variant: lgm: "fixrot" | "prefix" (default: from the file name); openlrm: "small" | "base" |
-            "large" (default: from the shapes); vfusion3d: unused.
+            "large" (default: from the shapes); vfusion3d, era3d: unused.
         input_size: lgm: LGM's Options.input_size (default 256, every release's).
 
     Returns:
@@ -38,6 +40,12 @@ def convert(kind: str, weights: str, out: str, variant: str | None = None, input
         from fast3d.models.convert import lgm
 
         model, record = lgm.convert(weights, variant, 256 if input_size is None else input_size)
+    elif kind == "era3d":
+        from fast3d.models.convert import era3d
+
+        if input_size is not None:
+            raise ValueError(f"--input-size applies to lgm only; got it for {kind}")
+        model, record = era3d.convert(weights, variant)
     else:
         from fast3d.models.convert import lrm
 

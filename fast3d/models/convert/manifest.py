@@ -9,6 +9,7 @@ re-derive the original modules' ``state_dict()`` from their constructors, by han
   ``core/unet.py`` (``UNet``, ``DownBlock``/``MidBlock``/``UpBlock`` with ``nets``/``attns``
   lists, ``ResnetBlock``, ``MVAttention`` around ``core/attention.py``'s ``MemEffAttention``).
 * :func:`openlrm_shapes` / :func:`vfusion3d_shapes` - in ``manifest_lrm`` (the LRMs).
+* :func:`era3d_unet_shapes` - in ``manifest_mvdiff`` (Era3D's multi-view diffusion UNet).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ SOURCES = {
     "lgm": ("github.com/3DTopia/LGM", "fe8d12cff8c827df7bb77a3c8e8b37408cb6fe4c"),
     "openlrm": ("github.com/3DTopia/OpenLRM", "3108b6902d27912e1dcdce76970eab51436f5b21"),
     "vfusion3d": ("github.com/facebookresearch/vfusion3d", "a2adcca62226497267aa9a89b2e89b21ff9ef7f7"),
+    "era3d": ("github.com/pengHTYX/Era3D", "a2ce68da53c0dc4df403112c53692b9ba893a4f0"),
 }
 
 # (fact, value, source file) for LGM; every one is used by the converter or the model
