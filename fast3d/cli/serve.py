@@ -27,6 +27,8 @@ def cmd_serve(args, fail) -> int:
             raise ValueError(f"--host {args.host}: binding beyond the loopback interface needs --api-key-file "
                              f"(clients then send Authorization: Bearer KEY)")
         key = read_api_key(args.api_key_file) if args.api_key_file else None
+        if args.cuda_graphs and args.address is None:
+            _check_cuda_graphs(args.device)
         from fast3d.models import checkpoints
         from fast3d.serving.app import ServeOptions, application, options_json
 
@@ -47,12 +49,25 @@ def cmd_serve(args, fail) -> int:
                             deadline_s=args.deadline_s, max_body_bytes=args.max_body_mb * 1024 * 1024,
                             turntable_frames=args.turntable_frames, api_key=key, device=args.device,
                             threads=args.threads, fixed_batch=False if args.variable_batch else None,
-                            mv_model=mv_dir, views=views)
+                            mv_model=mv_dir, views=views, dtype=args.dtype, compile=args.compile,
+                            cuda_graphs=args.cuda_graphs)
         app = application(opts, replicas=args.replicas, max_ongoing_requests=args.max_ongoing,
                           max_queued_requests=args.max_queued)
     except ValueError as e:
         return fail("serve", str(e))
     return serve_forever(app, opts, args.host, args.port, args.address, options_json(opts))
+
+
+def _check_cuda_graphs(device: str | None) -> None:
+    """Refuse --cuda-graphs before Ray starts when the local replicas would run on the CPU (on a
+    cluster, ``--address``, each replica checks its own device as it loads)."""
+    import torch
+
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if not dev.startswith("cuda"):
+        why = "--device cpu" if device else "this machine has no CUDA device"
+        raise ValueError(f"--cuda-graphs needs a CUDA device ({why}): a CUDA graph replays GPU kernels captured "
+                         f"once; serve without --cuda-graphs on the CPU")
 
 
 def serve_forever(app, opts, host: str, port: int, address: str | None, described: str) -> int:
@@ -92,7 +107,8 @@ def cmd_loadtest(args, fail) -> int:
         rows = loadtest.run(args.checkpoint, out=args.out, concurrencies=args.concurrency, requests=args.requests,
                             infer_requests=args.infer_requests, time_limit_s=args.time_limit,
                             max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, modes=args.mode or loadtest.MODES,
-                            port=args.port, log=lambda m: print(m, file=sys.stderr, flush=True))
+                            port=args.port, variants=args.variant or ["fp32"],
+                            log=lambda m: print(m, file=sys.stderr, flush=True))
     except ValueError as e:
         return fail("loadtest", str(e))
     print(f"{rows[0]['device']}, {rows[0]['checkpoint']}\n{loadtest.format_table(rows)}")
@@ -121,6 +137,13 @@ def register(sub, fail) -> None:
     s.add_argument("--api-key-file", help="file holding the bearer token clients must send")
     s.add_argument("--device", help="cuda | cpu (default: cuda when there is one)")
     s.add_argument("--threads", type=int, help="torch CPU threads per replica")
+    s.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                   help="bf16: the network under bf16 autocast (weights and outputs float32; default fp32)")
+    s.add_argument("--compile", action="store_true", help="torch.compile the model's forward (compiled while it "
+                                                          "warms up, for every batch size)")
+    s.add_argument("--cuda-graphs", action="store_true",
+                   help="capture the LGM's forward and turntable rasterization (its capacity mode) in a CUDA graph "
+                        "per batch size (CUDA only)")
     s.add_argument("--variable-batch", action="store_true",
                    help="run each batch at its own size on the CPU too (default there: padded to --max-batch, so a "
                         "request's output is bitwise the same alone or batched)")
@@ -137,6 +160,9 @@ def register(sub, fail) -> None:
     s.add_argument("--max-wait-ms", type=float, default=5.0)
     s.add_argument("--mode", action="append", help="infer_process | batching_off | batching_on | batching_variable "
                                                    "(default: all)")
+    s.add_argument("--variant", action="append",
+                   help="the server modes' speed switches: fp32 | bf16 | compile | cuda_graphs | all (those this "
+                        "machine can run); repeatable (default: fp32)")
     s.add_argument("--port", type=int, default=8123)
     s.add_argument("--out", default="profiling/serve", help="results folder")
     s.set_defaults(fn=lambda a: cmd_loadtest(a, fail))

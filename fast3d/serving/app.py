@@ -64,6 +64,9 @@ class ServeOptions:
     fixed_batch: bool | None = None   # None: on the CPU (see fast3d.serving.pipelines)
     mv_model: str | None = None       # serve the generate model: this mvdiff model, then `checkpoint`
     views: list[int] | None = None    # with mv_model: the views the reconstructor takes (None: all)
+    dtype: str = "fp32"               # fp32 | bf16: the network under bf16 autocast (fast3d.serving.accel)
+    compile: bool = False             # torch.compile the model's forward
+    cuda_graphs: bool = False         # CUDA graphs of the forward and turntable render per batch size (CUDA, LGM)
 
     def validate(self) -> "ServeOptions":
         from fast3d import checks
@@ -73,6 +76,9 @@ class ServeOptions:
         checks.positive_int("max_pixels", self.max_pixels)
         checks.positive_int("turntable_frames", self.turntable_frames)
         checks.positive_int("threads", self.threads, optional=True)
+        checks.one_of("dtype", self.dtype, ("fp32", "bf16"))
+        checks.boolean("compile", self.compile)
+        checks.boolean("cuda_graphs", self.cuda_graphs)
         if not (isinstance(self.max_wait_ms, (int, float)) and 0 <= self.max_wait_ms <= 10_000):
             raise ValueError(f"max_wait_ms must be a number in [0, 10000]; got {self.max_wait_ms!r}")
         if not (isinstance(self.deadline_s, (int, float)) and self.deadline_s > 0):
@@ -161,7 +167,8 @@ class Fast3dServer:
             torch.set_num_threads(self.opts.threads)
         self.pipe = load_pipeline(self.opts.checkpoint, self.opts.max_batch, self.opts.turntable_frames,
                                   self.opts.device, self.opts.fixed_batch, mv_model=self.opts.mv_model,
-                                  views=self.opts.views)
+                                  views=self.opts.views, dtype=self.opts.dtype, compile=self.opts.compile,
+                                  cuda_graphs=self.opts.cuda_graphs)
         self.batched.set_max_batch_size(self.opts.max_batch)
         self.batched.set_batch_wait_timeout_s(self.opts.max_wait_ms / 1e3)
         # Every torch call of the replica (request preparation, batches) runs on this one thread: one

@@ -1,7 +1,10 @@
 """``fast3d loadtest``: a bounded load generator on loopback, comparing what a user has today
 (one ``fast3d infer`` process per request) with the server, batching off (``max_batch`` 1), on
 (batches padded to ``max_batch``: bitwise the same answers; the CPU default) and on with
-variable-size batches (``--variable-batch``), at fixed concurrencies.
+variable-size batches (``--variable-batch``), at fixed concurrencies. Each server mode runs in
+every ``variant`` asked for: the server's speed switches (``fp32``: none, ``bf16``, ``compile``,
+``cuda_graphs``: :mod:`fast3d.serving.accel`); ``all`` is every variant this machine can run
+(``cuda_graphs`` needs CUDA), and a row exists only for a variant that ran.
 
 Each cell (mode x concurrency) sends a fixed number of requests from ``concurrency`` client
 threads and stops after ``time_limit_s`` whatever is left; every answer is checked against the
@@ -26,6 +29,8 @@ import time
 from urllib.parse import urlsplit
 
 MODES = ("infer_process", "batching_off", "batching_on", "batching_variable")
+# The server's switches (ServeOptions fields) of each variant.
+VARIANTS = {"fp32": {}, "bf16": {"dtype": "bf16"}, "compile": {"compile": True}, "cuda_graphs": {"cuda_graphs": True}}
 DEFAULT_OUT = "profiling/serve"
 VARIABLE_ATOL = 1e-4   # measured differences between batch sizes are ~1e-6 on the tiny LGM's PLY
 
@@ -175,7 +180,7 @@ def _infer_cell(checkpoint: str, paths: list[str], requests: int, concurrency: i
 
 def run(checkpoint: str, out: str = DEFAULT_OUT, concurrencies=(1, 4, 16), requests: int = 32,
         infer_requests: int = 8, time_limit_s: float = 120.0, max_batch: int = 8, max_wait_ms: float = 5.0,
-        modes=MODES, port: int = 8123, log=print) -> list[dict]:
+        modes=MODES, port: int = 8123, variants=("fp32",), log=print) -> list[dict]:
     """Every mode x concurrency cell (module docstring); returns and appends the rows.
 
     Args:
@@ -187,6 +192,7 @@ def run(checkpoint: str, out: str = DEFAULT_OUT, concurrencies=(1, 4, 16), reque
         max_batch, max_wait_ms: the batching-on server's.
         modes: some of ``MODES``.
         port: the loopback port of the server.
+        variants: some of ``VARIANTS``, or ``["all"]`` (those this machine can run).
     """
     import torch
 
@@ -201,6 +207,16 @@ def run(checkpoint: str, out: str = DEFAULT_OUT, concurrencies=(1, 4, 16), reque
     bad = [m for m in modes if m not in MODES]
     if bad or not modes:
         raise ValueError(f"modes must be some of {list(MODES)}; got {list(modes)}")
+    variants = list(dict.fromkeys(variants))
+    if not variants or any(v not in VARIANTS and v != "all" for v in variants):
+        raise ValueError(f"variants must be some of {list(VARIANTS)} or ['all']; got {variants}")
+    if "all" in variants:
+        variants = [v for v in VARIANTS if v != "cuda_graphs" or torch.cuda.is_available()]
+        if "cuda_graphs" not in variants:
+            log("variant cuda_graphs: not run (no CUDA device: a CUDA graph replays GPU kernels)")
+    elif "cuda_graphs" in variants and not torch.cuda.is_available():
+        raise ValueError("variant cuda_graphs needs a CUDA device (a CUDA graph replays GPU kernels); this machine "
+                         "has none")
     path = checkpoints.resolve_checkpoint(checkpoint)
     if checkpoints.model_type(path) != "lgm":
         raise ValueError(f"checkpoint {checkpoint!r}: the load test drives an LGM (4 images a request)")
@@ -227,7 +243,8 @@ def run(checkpoint: str, out: str = DEFAULT_OUT, concurrencies=(1, 4, 16), reque
                     f.write(data)
             for c in concurrencies:
                 log(f"infer_process  concurrency {c}: {infer_requests} requests")
-                rows.append({**base, "mode": "infer_process", "concurrency": c, "requests": infer_requests,
+                rows.append({**base, "mode": "infer_process", "variant": "fp32", "concurrency": c,
+                             "requests": infer_requests,
                              **_infer_cell(path, paths, infer_requests, c, time_limit_s, work)})
         server_modes = [m for m in modes if m != "infer_process"]
         if server_modes:
@@ -244,17 +261,19 @@ def run(checkpoint: str, out: str = DEFAULT_OUT, concurrencies=(1, 4, 16), reque
                 for mode in server_modes:
                     mb = 1 if mode == "batching_off" else max_batch
                     exact = mode != "batching_variable"
-                    opts = ServeOptions(path, max_batch=mb, max_wait_ms=max_wait_ms, threads=os.cpu_count(),
-                                        fixed_batch=exact)
-                    # the queue holds every request of the largest cell: the load test measures latency, not 503s
-                    serve.run(application(opts, max_queued_requests=max(concurrencies) * 2), name="fast3d",
-                              route_prefix="/")
-                    for c in concurrencies:
-                        log(f"{mode:<14} concurrency {c}: {requests} requests")
-                        rows.append({**base, "mode": mode, "concurrency": c, "requests": requests, "max_batch": mb,
-                                     "max_wait_ms": max_wait_ms, "fixed_batch": exact,
-                                     **_server_cell(url, images, requests, c, time_limit_s, exact)})
-                    serve.delete("fast3d")
+                    for variant in variants:
+                        opts = ServeOptions(path, max_batch=mb, max_wait_ms=max_wait_ms, threads=os.cpu_count(),
+                                            fixed_batch=exact, **VARIANTS[variant])
+                        # the queue holds every request of the largest cell: the load test measures latency, not 503s
+                        serve.run(application(opts, max_queued_requests=max(concurrencies) * 2), name="fast3d",
+                                  route_prefix="/")
+                        for c in concurrencies:
+                            log(f"{mode:<14} {variant:<11} concurrency {c}: {requests} requests")
+                            rows.append({**base, "mode": mode, "variant": variant, "concurrency": c,
+                                         "requests": requests, "max_batch": mb, "max_wait_ms": max_wait_ms,
+                                         "fixed_batch": exact,
+                                         **_server_cell(url, images, requests, c, time_limit_s, exact)})
+                        serve.delete("fast3d")
             finally:
                 serve.shutdown()
                 ray.shutdown()
@@ -277,14 +296,14 @@ def write_rows(rows: list[dict], out: str) -> str | None:
 
 
 def format_table(rows: list[dict]) -> str:
-    """A Markdown table of the rows: mode, concurrency, p50/p95/p99 (ms), req/s, outcomes."""
+    """A Markdown table of the rows: mode, variant, concurrency, p50/p95/p99 (ms), req/s, outcomes."""
     def f(x, spec):
         return "-" if x is None else format(x, spec)
 
-    lines = ["| mode | concurrency | requests ok/sent | p50 ms | p95 ms | p99 ms | req/s | other outcomes |",
-             "|---|---:|---:|---:|---:|---:|---:|---|"]
+    lines = ["| mode | variant | concurrency | requests ok/sent | p50 ms | p95 ms | p99 ms | req/s | other outcomes |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         other = ", ".join(f"{k} {v}" for k, v in sorted(r["outcomes"].items()) if k != "ok") or "-"
-        lines.append(f"| {r['mode']} | {r['concurrency']} | {r['ok']}/{r['sent']} | {f(r['p50_ms'], '.0f')} | "
+        lines.append(f"| {r['mode']} | {r.get('variant', 'fp32')} | {r['concurrency']} | {r['ok']}/{r['sent']} | {f(r['p50_ms'], '.0f')} | "
                      f"{f(r['p95_ms'], '.0f')} | {f(r['p99_ms'], '.0f')} | {f(r['rps'], '.2f')} | {other} |")
     return "\n".join(lines)

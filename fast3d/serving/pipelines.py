@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from fast3d import cameras as cams
+from fast3d.serving import accel
 
 FORMATS = ("ply", "splat")
 
@@ -80,6 +81,7 @@ class Pipeline(ABC):
     takes_rgba = False       # prepare gets the decoded RGBA images (True) or them composited over white
     params: dict = {}        # request parameters it takes: name -> (type, lo, hi), both ends closed
     path = ""                # the model's directory (load_pipeline sets it)
+    accel = {"dtype": "fp32", "compile": False, "cuda_graphs": False}  # fast3d.serving.accel.install's switches
 
     def __init__(self, model, max_batch: int, turntable_frames: int, fixed_batch: bool | None = None):
         self.model, self.max_batch, self.turntable_frames = model, max_batch, turntable_frames
@@ -94,7 +96,7 @@ class Pipeline(ABC):
     def describe(self) -> dict:
         return {"model": self.kind, "images": self.num_images, "max_batch": self.max_batch,
                 "fixed_batch": self.fixed_batch, "turntable_frames": self.turntable_frames,
-                "device": str(self.device)}
+                "device": str(self.device), **self.accel}
 
     def _check_images(self, images: list[Tensor]) -> int:  # images: V x [3, H, W] -> the side R
         if len(images) != self.num_images:
@@ -174,6 +176,7 @@ class LGMPipeline(Pipeline):
     Gaussians in the input cameras' world, as :func:`fast3d.inference.lgm.infer` writes them."""
 
     kind = "lgm"
+    rasterize = None  # LGM.render's stand-in (accel.GraphedRender with --cuda-graphs), or None: LGM.render
 
     def __init__(self, model, max_batch: int, turntable_frames: int, fixed_batch: bool | None = None):
         super().__init__(model, max_batch, turntable_frames, fixed_batch)
@@ -209,8 +212,8 @@ class LGMPipeline(Pipeline):
         cfg, F, res = self.model.config, self.turntable_frames, self.model.config.render_size
         tv, tK = zip(*(cams.turntable(F, res, 20.0, e["distance"], cfg.fov_y_deg) for e in extras))
         g = {k: torch.stack([s[k] for s in scenes]) for k in scenes[0]}
-        rgb, _ = LGM.render(g, torch.stack(tv).to(self.device), torch.stack(tK).to(self.device), res, res,
-                            backgrounds=torch.ones(len(scenes), F, 3, device=self.device))
+        rgb, _ = (self.rasterize or LGM.render)(g, torch.stack(tv).to(self.device), torch.stack(tK).to(self.device),
+                                                res, res, backgrounds=torch.ones(len(scenes), F, 3, device=self.device))
         return rgb
 
     def encode(self, scene, fmt):
@@ -354,7 +357,8 @@ PIPELINES = {"lgm": LGMPipeline, "lrm": LRMPipeline}
 
 def load_pipeline(checkpoint: str, max_batch: int = 8, turntable_frames: int = 12, device: str | None = None,
                   fixed_batch: bool | None = None, warmup: bool = True, mv_model: str | None = None,
-                  views: list[int] | None = None) -> Pipeline:
+                  views: list[int] | None = None, dtype: str = "fp32", compile: bool = False,
+                  cuda_graphs: bool = False) -> Pipeline:
     """The pipeline of a model, checkpoint or training run directory, its model on ``device``
     (default: CUDA when there is one), warmed up by one batch of ``max_batch`` requests when
     ``warmup`` (so the first client does not pay for lazy initialisation). With ``mv_model`` the
@@ -369,6 +373,8 @@ def load_pipeline(checkpoint: str, max_batch: int = 8, turntable_frames: int = 1
         warmup: run one full batch (with turntables) before returning.
         mv_model: an ``mvdiff`` model, checkpoint or training run directory (``fast3d generate --mv-model``).
         views: with ``mv_model``, the views the reconstructor takes (``fast3d generate --views``; None: all).
+        dtype, compile, cuda_graphs: the reconstructor's speed switches (:mod:`fast3d.serving.accel`);
+            with ``compile`` or ``cuda_graphs`` and variable batches, the warm-up runs every batch size.
     """
     from fast3d import checks
     from fast3d.models import checkpoints
@@ -390,6 +396,9 @@ def load_pipeline(checkpoint: str, max_batch: int = 8, turntable_frames: int = 1
         model = LRM.from_pretrained(path)
     pipe = PIPELINES[kind](model.to(dev).eval(), max_batch, turntable_frames, fixed_batch)
     pipe.path = path
+    accel.install(pipe, dtype, compile, cuda_graphs)
+    # compiled code and graphs are made per batch shape: warm every shape a batch can take
+    sizes = range(1, max_batch + 1) if (compile or cuda_graphs) and not pipe.fixed_batch else [max_batch]
     gen = torch.Generator().manual_seed(0)
     if mv_model is not None:
         from fast3d.inference.generate import load_multiview, parse_views
@@ -398,9 +407,12 @@ def load_pipeline(checkpoint: str, max_batch: int = 8, turntable_frames: int = 1
         pipe = GeneratePipeline(mv, pipe, parse_views(views, mv.num_views))
         if warmup:  # one sampler step: the request's steps only repeat the denoiser
             rgba = torch.rand(4, mv.resolution, mv.resolution, generator=gen)
-            pipe.run([pipe.prepare([rgba], None, True, {"steps": 1})] * max_batch)
+            req = pipe.prepare([rgba], None, True, {"steps": 1})
+            for n in sizes:
+                pipe.run([req] * n)
     elif warmup:
         size = model.config.input_size if kind == "lgm" else model.config.image_size
         req = pipe.prepare([torch.rand(3, size, size, generator=gen) for _ in range(pipe.num_images)], None, True)
-        pipe.run([req] * max_batch)
+        for n in sizes:
+            pipe.run([req] * n)
     return pipe
