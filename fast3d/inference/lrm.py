@@ -71,14 +71,17 @@ def _posed_camera(camera: dict, size: int) -> tuple[Tensor, Tensor, dict]:
     return viewmat, K, cam
 
 
-def source_camera(camera: dict | None, size: int) -> tuple[Tensor, Tensor, dict]:  # -> [1, 4, 4], [1, 3, 3], camera
+def source_camera(camera: dict | None, size: int, default: dict | None = None,
+                  ) -> tuple[Tensor, Tensor, dict]:  # -> [1, 4, 4], [1, 3, 3], camera
     """The input camera (module docstring) for a size x size image: viewmat, K in its pixels, and
-    its azimuth, elevation, distance and field of view."""
+    its azimuth, elevation, distance and field of view. Keys ``camera`` leaves out come from
+    ``default`` (a model's ``LRMConfig.source_camera``: a converted model's original default),
+    else from ``CANONICAL_CAMERA``."""
     if camera is not None and not isinstance(camera, dict):
         raise ValueError(f"camera must be a dict; got {type(camera).__name__}")
     if camera is not None and ("viewmats" in camera or "Ks" in camera):
         return _posed_camera(camera, size)
-    cam = dict(CANONICAL_CAMERA)
+    cam = dict(CANONICAL_CAMERA if default is None else default)
     if camera is not None:
         unknown = sorted(set(camera) - set(CANONICAL_CAMERA))
         if unknown:
@@ -151,7 +154,7 @@ def infer(model_dir: str, image_path: str, out_dir: str, camera: dict | None = N
         if image.shape[1] != image.shape[2]:
             raise ValueError(f"image {image_path!r} is {image.shape[2]}x{image.shape[1]}; LRM takes a square image "
                              f"(crop or pad it around the object)")
-        viewmat, K, cam = source_camera(camera, image.shape[-1])
+        viewmat, K, cam = source_camera(camera, image.shape[-1], model.config.source_camera)
     planes = _planes(model, image[None].to(dev), viewmat.to(dev), K.to(dev), timer)
     os.makedirs(out_dir, exist_ok=True)
     ply = os.path.join(out_dir, "points.ply")

@@ -55,6 +55,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _LN_EPS = 1e-6
 LAYOUTS = ("fast3d", "openlrm", "vfusion3d")
+SOURCE_CAMERA_KEYS = ("azimuth_deg", "elevation_deg", "distance", "fov_y_deg")   # LRMConfig.source_camera
 # OpenGL / Blender camera axes <-> OpenCV's (a self-inverse flip of y and z)
 _GL_CV = (1.0, -1.0, -1.0, 1.0)
 
@@ -101,6 +102,9 @@ class LRMConfig:
     grad_checkpointing: bool = False  # recompute decoder layers in the backward (training memory)
     encoder_registers: int = 0      # DINOv2 register tokens (OpenLRM v1.1's encoders have 4)
     layout: str = "fast3d"          # whose conventions the weights follow: one of LAYOUTS (module docstring)
+    # the source camera inference assumes without one: {azimuth_deg, elevation_deg, distance,
+    # fov_y_deg} in fast3d's world (a converted model's: the original's default); None: fast3d's
+    source_camera: dict | None = None
 
     @classmethod
     def preset(cls, name: str, **overrides) -> LRMConfig:
@@ -115,6 +119,16 @@ class LRMConfig:
                 raise ValueError(f"LRMConfig.{f.name} must be an integer >= {lo}; got {x!r}")
         checks.boolean("LRMConfig.grad_checkpointing", self.grad_checkpointing)
         checks.one_of("LRMConfig.layout", self.layout, LAYOUTS)
+        if self.source_camera is not None:
+            cam = self.source_camera
+            if not isinstance(cam, dict) or set(cam) != set(SOURCE_CAMERA_KEYS):
+                raise ValueError(f"LRMConfig.source_camera must be None or a dict of exactly {list(SOURCE_CAMERA_KEYS)}; "
+                                 f"got {cam!r}")
+            checks.real("LRMConfig.source_camera.azimuth_deg", cam["azimuth_deg"])
+            checks.real("LRMConfig.source_camera.elevation_deg", cam["elevation_deg"], -90, 90, lo_open=True,
+                        hi_open=True)
+            checks.real("LRMConfig.source_camera.distance", cam["distance"], 0, lo_open=True)
+            checks.real("LRMConfig.source_camera.fov_y_deg", cam["fov_y_deg"], 0, 180, lo_open=True, hi_open=True)
         if self.encoder_path is not None and not isinstance(self.encoder_path, str):
             raise ValueError(f"LRMConfig.encoder_path must be a path string or None; got {self.encoder_path!r}")
         checks.real("LRMConfig.bound", self.bound, OBJECT_HALF_EXTENT,

@@ -5,6 +5,7 @@ same reading, from the state dict in the originals' key names; the converted mod
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -15,7 +16,7 @@ from helpers import assert_close
 from fast3d import cameras
 from fast3d.models.convert import convert, manifest_lrm
 from fast3d.models.convert import lrm as convert_lrm
-from fast3d.models.lrm import LRM
+from fast3d.models.lrm import LRM, LRMConfig
 
 # small sizes in the originals' form; image 24 px on a 4 x 4 (32 px) position table: the encoder
 # interpolates its table as at the released 224 / 336 / 448 px
@@ -219,6 +220,33 @@ def test_converted_equals_original(tmp_path, gen, kind, width, registers):
             close("rgb", rgb, ref_rgb[b])
 
 
+@pytest.mark.parametrize("kind", ["openlrm", "vfusion3d"])
+def test_converted_models_default_source_camera_is_the_originals(kind):
+    """A converted LRM's config carries the original's default source camera (manifest_lrm's
+    c2w and focal facts); fast3d's camera from it (inference.lrm.source_camera without a camera)
+    gives the decoder the original's camera vector, written here from the originals' code."""
+    from fast3d.inference.lrm import source_camera
+
+    cfg = convert_lrm.lrm_config(kind, TINY)
+    assert cfg.source_camera == manifest_lrm.source_camera(kind)
+    S = cfg.image_size
+    vm, K, cam = source_camera(None, S, cfg.source_camera)
+    assert cam == pytest.approx(manifest_lrm.source_camera(kind))
+    want = torch.tensor([OPENLRM_SOURCE if kind == "openlrm" else VFUSION3D_SOURCE])
+    close("camera", LRM.camera_vector(vm, K, S, S, kind), want)
+    c2w = manifest_lrm.OPENLRM_SOURCE_C2W if kind == "openlrm" else manifest_lrm.VFUSION3D_SOURCE_C2W
+    f, c = manifest_lrm.SOURCE_FOCAL, manifest_lrm.SOURCE_PRINCIPAL
+    assert want[0].tolist() == [float(x) for row in c2w for x in row] + [f, f, c, c]
+    # a partial camera overrides the default key by key; fast3d's own models keep fast3d's camera
+    _, _, cam = source_camera({"elevation_deg": 10.0}, S, cfg.source_camera)
+    assert cam == pytest.approx({**manifest_lrm.source_camera(kind), "elevation_deg": 10.0})
+    assert LRMConfig.preset("tiny").source_camera is None
+    for bad in ({"azimuth_deg": 0.0}, {**cfg.source_camera, "distance": 0.0},
+                {**cfg.source_camera, "elevation_deg": 90.0}, [0, 0, 1, 50]):
+        with pytest.raises(ValueError, match="LRMConfig.source_camera"):
+            dataclasses.replace(cfg, source_camera=bad)
+
+
 def test_render_rays_match_openlrms_sampler():
     """OpenLRM's render cameras (c2w, OpenGL axes, normalised intrinsics) as fast3d viewmats and
     pixel intrinsics give the same rays, corner pixels included."""
@@ -266,9 +294,49 @@ def test_openlrm_file_errors(tmp_path, gen):
     assert not (tmp_path / "out").exists()
 
 
+# VFusion3D's Hugging Face config.json (jadechoghari/vfusion3d@e875abe, published as facebook/vfusion3d)
+HUB_CONFIG = {"camera_embed_dim": 1024, "rendering_samples_per_ray": 128, "transformer_dim": 1024,
+              "transformer_layers": 16, "transformer_heads": 16, "triplane_low_res": 32, "triplane_high_res": 64,
+              "triplane_dim": 80, "encoder_freeze": False, "encoder_model_name": "facebook/dinov2-base",
+              "encoder_feat_dim": 768, "model_type": "lrm_generator"}
+
+
+def test_vfusion3d_hugging_face_directory_converts_as_the_pth(tmp_path, gen, monkeypatch):
+    """The Hugging Face release (model.safetensors + config.json, the GitHub keys without the
+    model_state_dict wrapper) converts to the model the .pth gives; its config's sizes are
+    checked against the manifest."""
+    import json
+
+    from safetensors.torch import save_file
+
+    convert_lrm.check_hub_config(HUB_CONFIG, manifest_lrm.VFUSION3D, "w")   # the release's sizes: the manifest's
+    with pytest.raises(ValueError, match=r"another model .*'transformer_layers': \(6, 16\)"):
+        convert_lrm.check_hub_config({**HUB_CONFIG, "transformer_layers": 6}, manifest_lrm.VFUSION3D, "w")
+    p = dict(TINY, registers=0, image_size=TINY["pos_table"] * TINY["patch"])
+    monkeypatch.setattr(manifest_lrm, "VFUSION3D", p)           # the same two forms at a tiny size
+    sd = original_state(gen, "vfusion3d", p)
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    save_file(sd, str(hub / "model.safetensors"))
+    cfg = {**HUB_CONFIG, **{k: p[v] for k, v in manifest_lrm.HUB_CONFIG_FIELDS.items()},
+           "triplane_high_res": 2 * p["token_res"]}
+    (hub / "config.json").write_text(json.dumps(cfg))
+    r = convert("vfusion3d", str(hub), str(tmp_path / "a"))
+    assert r["hub_config"] == cfg and r["file"].endswith("model.safetensors") and "unwrapped" not in r
+    torch.save({"model_state_dict": sd, "epoch": 3}, str(tmp_path / "v.pth"))
+    r = convert("vfusion3d", str(tmp_path / "v.pth"), str(tmp_path / "b"))
+    assert r["unwrapped"] == "model_state_dict" and "hub_config" not in r
+    a, b = (LRM.from_pretrained(str(tmp_path / n)).state_dict() for n in "ab")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    (hub / "config.json").write_text(json.dumps({**cfg, "triplane_dim": p["planes"] + 1}))
+    with pytest.raises(ValueError, match=r"--weights .*config.json describes another model.*'triplane_dim'"):
+        convert("vfusion3d", str(hub), str(tmp_path / "c"))
+    assert not (tmp_path / "c").exists()
+
+
 def test_infer_runs_on_a_converted_model(tmp_path, gen):
-    """fast3d infer's LRM pipeline on a converted (tiny) OpenLRM, from its default source camera
-    given as a camera dict."""
+    """fast3d infer's LRM pipeline on a converted (tiny) OpenLRM, without a camera: the model's
+    directory keeps OpenLRM's default source camera, which infer takes."""
     from PIL import Image
 
     from fast3d.inference import lrm as lrm_infer
@@ -280,6 +348,7 @@ def test_infer_runs_on_a_converted_model(tmp_path, gen):
     model.save_pretrained(str(tmp_path / "m"))
     Image.fromarray((torch.rand(24, 24, 3, generator=gen) * 255).to(torch.uint8).numpy()).save(tmp_path / "a.png")
     r = lrm_infer.infer(str(tmp_path / "m"), str(tmp_path / "a.png"), str(tmp_path / "out"),
-                        camera={"azimuth_deg": -90.0, "elevation_deg": 0.0, "distance": 2.0, "fov_y_deg": FOV_F075},
                         device="cpu", turntable_frames=2, resolution=16, point_grid=16, mesh_grid=16)
     assert (tmp_path / "out" / "turntable.gif").stat().st_size > 0 and "latency_ms" in r
+    assert r["camera"] == pytest.approx({"azimuth_deg": -90.0, "elevation_deg": 0.0, "distance": 2.0,
+                                         "fov_y_deg": FOV_F075})

@@ -19,6 +19,8 @@ The key mapping (facts in ``manifest_lrm``):
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 
 import torch
 
@@ -39,7 +41,7 @@ def lrm_config(kind: str, p: dict) -> LRMConfig:
                      layers=p["layers"], heads=p["heads"], token_res=p["token_res"], plane_channels=p["planes"],
                      render_hidden=p["decoder_hidden"], render_layers=p["decoder_layers"],
                      n_samples=p["samples"] // 2, n_importance=p["samples"] // 2, bound=BOUND,
-                     encoder_registers=p["registers"], layout=kind)
+                     encoder_registers=p["registers"], layout=kind, source_camera=manifest_lrm.source_camera(kind))
 
 
 def _encoder(kind: str, src: Consumer, p: dict, out: dict) -> None:
@@ -145,10 +147,41 @@ def sizes_for(kind: str, state: dict, variant: str | None, what: str) -> tuple[d
                      f"{sorted(state)[:8]}")
 
 
+def hub_config(weights: str) -> dict | None:
+    """The ``config.json`` of VFusion3D's Hugging Face release beside its ``model.safetensors``
+    (``weights`` is that directory), or None when ``weights`` is not such a directory."""
+    f = os.path.join(weights, "config.json") if isinstance(weights, str) and os.path.isdir(weights) else None
+    if f is None or not os.path.isfile(f):
+        return None
+    try:
+        with open(f) as fh:
+            d = json.load(fh)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"--weights {weights!r}: cannot read its config.json ({e})") from None
+    return d if isinstance(d, dict) and d.get("model_type") == manifest_lrm.HUB_MODEL_TYPE else None
+
+
+def check_hub_config(cfg: dict, p: dict, what: str) -> None:
+    """ValueError naming every size of VFusion3D's Hugging Face ``config.json`` that differs from
+    the manifest's sizes ``p``."""
+    want = {k: p[v] for k, v in manifest_lrm.HUB_CONFIG_FIELDS.items()}
+    want["triplane_high_res"] = 2 * p["token_res"]
+    bad = {k: (cfg.get(k), v) for k, v in want.items() if cfg.get(k) != v}
+    if bad:
+        raise ValueError(f"{what}: config.json describes another model than VFusion3D's release: (file, expected) "
+                         f"{bad}")
+
+
 def convert(kind: str, weights: str, variant: str | None = None) -> tuple[LRM, dict]:
-    """A released OpenLRM v1.1 / VFusion3D checkpoint -> (a fast3d LRM, the conversion record)."""
+    """A released OpenLRM v1.1 / VFusion3D checkpoint -> (a fast3d LRM, the conversion record).
+    VFusion3D comes as the GitHub ``.pth`` or as the Hugging Face directory (``model.safetensors``
+    + ``config.json``, whose sizes are checked); the keys are the same."""
     state, record = load_state_dict(weights)
     p, size = sizes_for(kind, state, variant, f"--weights {record['file']!r}")
+    hub = hub_config(weights) if kind == "vfusion3d" else None
+    if hub is not None:
+        check_hub_config(hub, p, f"--weights {weights!r}")
+        record["hub_config"] = hub
     new, dropped, filled = convert_state(kind, state, p)
     cfg = lrm_config(kind, p)
     model = LRM(cfg)

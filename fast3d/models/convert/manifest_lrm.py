@@ -8,6 +8,8 @@ hand from their constructors.
 
 from __future__ import annotations
 
+import math
+
 OPENLRM_FACTS = [
     ("released files", "zxhezexin/openlrm-{obj,mix}-{small,base,large}-1.1 on the Hugging Face hub: "
      "ModelLRM weights through PyTorchModelHubMixin (model.safetensors + config.json)", "model_card.md, "
@@ -60,7 +62,38 @@ VFUSION3D_FACTS = [
      "OSGDecoder)", "lrm/models/transformer.py, lrm/models/rendering/"),
     ("camera", "default source camera c2w [[0, 0, 1, 1], [1, 0, 0, 0], [0, 1, 0, 0]] (at +X, distance 1, +Z up), "
      "fx = fy = 384, cx = cy = 256 of 512 (normalised 0.75, 0.5)", "lrm/inferrer.py"),
+    ("Hugging Face release", "facebook/vfusion3d (AutoModel, trust_remote_code; first published as "
+     "jadechoghari/vfusion3d): model.safetensors + config.json (model_type lrm_generator) of a PreTrainedModel "
+     "LRMGenerator with the GitHub model's modules (encoder = DinoWrapper over transformers' Dinov2Model, "
+     "camera_embedder.mlp, transformer, synthesizer), so its keys are the GitHub .pth's, without the "
+     "model_state_dict wrapper; config.json: camera_embed_dim 1024, rendering_samples_per_ray 128, "
+     "transformer_dim 1024, transformer_layers 16, transformer_heads 16, triplane_low_res 32, triplane_high_res "
+     "64, triplane_dim 80, encoder_model_name facebook/dinov2-base, encoder_feat_dim 768; the same default "
+     "source camera", "jadechoghari/vfusion3d@d10e953 modeling.py, @e875abe config.json, @43d6306 lrm/inferrer.py"),
 ]
+# VFusion3D's Hugging Face config.json field -> the manifest's size name (triplane_high_res is 2 x token_res)
+HUB_CONFIG_FIELDS = {"camera_embed_dim": "camera_dim", "rendering_samples_per_ray": "samples",
+                     "transformer_dim": "width", "transformer_layers": "layers", "transformer_heads": "heads",
+                     "triplane_low_res": "token_res", "triplane_dim": "planes", "encoder_feat_dim": "encoder_dim"}
+HUB_MODEL_TYPE = "lrm_generator"
+
+# The originals' default source cameras (the "camera" facts): camera-to-world [3 x 4] in their world
+# (+Z up, as fast3d's) and the normalised focal length / principal point of build_camera_principle.
+OPENLRM_SOURCE_C2W = ((1, 0, 0, 0), (0, 0, -1, -2), (0, 1, 0, 0))     # openlrm/runners/infer/lrm.py
+VFUSION3D_SOURCE_C2W = ((0, 0, 1, 1), (1, 0, 0, 0), (0, 1, 0, 0))     # lrm/inferrer.py
+SOURCE_FOCAL, SOURCE_PRINCIPAL = 0.75, 0.5                            # fx/W = fy/H, cx/W = cy/H
+
+
+def source_camera(kind: str) -> dict:
+    """The original's default source camera of ``kind`` ("openlrm" | "vfusion3d") as fast3d's
+    camera dict: azimuth (from +X towards +Y) and elevation of its centre, its distance to the
+    origin, and the vertical field of view of its normalised focal length."""
+    c2w = OPENLRM_SOURCE_C2W if kind == "openlrm" else VFUSION3D_SOURCE_C2W
+    x, y, z = (float(row[3]) for row in c2w)
+    d = math.sqrt(x * x + y * y + z * z)
+    return {"azimuth_deg": math.degrees(math.atan2(y, x)), "elevation_deg": math.degrees(math.asin(z / d)),
+            "distance": d, "fov_y_deg": math.degrees(2 * math.atan(0.5 / SOURCE_FOCAL))}
+
 
 _COMMON = dict(camera_dim=1024, token_res=32, patch=14, pos_table=37, mlp_ratio=4, decoder_hidden=64,
                decoder_layers=4)
