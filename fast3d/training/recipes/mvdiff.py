@@ -95,12 +95,16 @@ def sections(cfg: RunConfig) -> tuple[MVDiffConfig, DataSection, LossSection]:
     loss = dataclass_from_dict(LossSection, cfg.loss, "loss")
     checks.real("loss.condition_dropout", loss.condition_dropout, 0, 1)
     checks.real("loss.snr_gamma", loss.snr_gamma, 0, note="0: no min-SNR weighting")
+    check_timestep_buckets(loss.timestep_buckets)
+    return model, d, loss
+
+
+def check_timestep_buckets(b) -> None:
+    """ValueError unless ``loss.timestep_buckets`` are increasing ints from 0 to the schedule's T."""
     T = mvdiff.NOISE_SCHEDULE["num_train_timesteps"]
-    b = loss.timestep_buckets
     ints = isinstance(b, tuple) and all(isinstance(x, int) and not isinstance(x, bool) for x in b)
     if not (ints and len(b) >= 2 and b[0] == 0 and b[-1] == T and all(lo < hi for lo, hi in zip(b, b[1:]))):
         raise ValueError(f"loss.timestep_buckets must be increasing ints from 0 to {T}; got {b!r}")
-    return model, d, loss
 
 
 def _wrap(a: Tensor) -> Tensor:  # angles -> (-pi, pi]
@@ -200,11 +204,17 @@ def denoising_loss(denoiser, scheduler, cfg: MVDiffConfig,
                     None if drop is None else drop.to(dev))
     mse = (pred.float() - target).pow(2).mean((1, 2, 3, 4))                     # [B]
     if snr_gamma > 0:
-        a = scheduler.alphas_cumprod.to(dev)[t_dev].double()
-        snr = a / (1 - a)
-        w = snr.clamp(max=snr_gamma) / (snr if cfg.prediction_type == "epsilon" else snr + 1)
-        return mse * w.float(), mse
+        return mse * min_snr_weight(scheduler, t_dev, cfg.prediction_type, snr_gamma), mse
     return mse, mse
+
+
+def min_snr_weight(scheduler, t: Tensor,   # [B] int
+                   prediction_type: str, snr_gamma: float) -> Tensor:   # -> [B] float32
+    """Min-SNR-gamma loss weights (Hang et al. 2023) of timesteps ``t``: min(SNR, gamma) / SNR for
+    epsilon, min(SNR, gamma) / (SNR + 1) for v, with SNR = a / (1 - a) of the schedule's alphas_cumprod."""
+    a = scheduler.alphas_cumprod.to(t.device)[t].double()
+    snr = a / (1 - a)
+    return (snr.clamp(max=snr_gamma) / (snr if prediction_type == "epsilon" else snr + 1)).float()
 
 
 class MVDiffRecipe(Recipe):
@@ -263,13 +273,21 @@ class MVDiffRecipe(Recipe):
                  mse: Tensor,          # [B]
                  t: Tensor,            # [B]
                  ) -> dict:
-        m = {"loss": loss, "mse": mse.mean(), "mean_t": t.float().mean()}
-        edges = self.loss_section.timestep_buckets
-        for lo, hi in zip(edges, edges[1:]):
-            sel = (t >= lo) & (t < hi)
-            if sel.any():
-                m[f"loss_t{lo}_{hi}"] = mse[sel].mean()
-        return m
+        return timestep_metrics(loss, mse, t, self.loss_section.timestep_buckets)
 
     def export(self, module: torch.nn.Module, path: str) -> None:
         mvdiff.MVDiffusion(self.model_cfg, module, self.vae, self.image_encoder).save_pretrained(path)
+
+
+def timestep_metrics(loss: Tensor,   # []
+                     mse: Tensor,    # [B]
+                     t: Tensor,      # [B]
+                     edges: tuple) -> dict:
+    """A diffusion recipe's metrics: ``loss``, ``mse``, ``mean_t`` and ``loss_t<lo>_<hi>`` (the
+    unweighted MSE of the samples in each timestep bucket present)."""
+    m = {"loss": loss, "mse": mse.mean(), "mean_t": t.float().mean()}
+    for lo, hi in zip(edges, edges[1:]):
+        sel = (t >= lo) & (t < hi)
+        if sel.any():
+            m[f"loss_t{lo}_{hi}"] = mse[sel].mean()
+    return m
