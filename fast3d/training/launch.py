@@ -22,6 +22,7 @@ RECIPES = {
     "mvvideo": "fast3d.training.recipes.mvvideo:MVVideoRecipe",
     "ttr": "fast3d.training.recipes.ttr:TTRRecipe",
     "mvdiff": "fast3d.training.recipes.mvdiff:MVDiffRecipe",
+    "magicboost": "fast3d.training.recipes.magicboost:MagicBoostRecipe",
 }
 
 
