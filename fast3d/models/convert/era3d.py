@@ -16,7 +16,7 @@ joint normal/colour self-attention (``attn1``/``norm1``: the block has one self-
 normal-map domain, the EFReg elevation / focal head, and the CLIP image embedding's path through
 the class embedding (fast3d feeds it to the cross-attention as one token through ``image_proj``,
 which starts at zero; Era3D's cross-attention reads fixed text prompts instead). A converted model
-is a starting point for ``fast3d train mvdiff --init-from``, not Era3D.
+is a starting point for fine-tuning, not Era3D; ``fast3d generate --mv-model`` takes it.
 """
 
 from __future__ import annotations
