@@ -228,10 +228,10 @@ class LGMPipeline(Pipeline):
 
 
 class LRMPipeline(Pipeline):
-    """LRM: one image (seen from the canonical camera unless ``cameras`` says otherwise; see
-    :func:`fast3d.inference.lrm.source_camera`) -> a triplane, exported as the coloured surface
-    point cloud ``fast3d infer`` writes (``ply``), or those points as isotropic Gaussians of half
-    a grid cell, opaque (``splat``)."""
+    """LRM: one image (seen from the model's default source camera, else the canonical one, unless
+    ``cameras`` says otherwise; see :func:`fast3d.inference.lrm.source_camera`) -> a triplane,
+    exported as the coloured surface point cloud ``fast3d infer`` writes (``ply``), or those
+    points as isotropic Gaussians of half a grid cell, opaque (``splat``)."""
 
     kind = "lrm"
     point_grid = 64   # the export's density grid (128 in ``fast3d infer``; 64 keeps a CPU request under a second)
@@ -247,7 +247,7 @@ class LRMPipeline(Pipeline):
         self.check_params(params)
         R = self._check_images(images)
         try:
-            vm, K, cam = source_camera(cameras, R)
+            vm, K, cam = source_camera(cameras, R, self.model.config.source_camera)
         except ValueError as e:
             raise RequestError("cameras", str(e)) from None
         s = self.model.config.image_size

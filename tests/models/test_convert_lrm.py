@@ -352,3 +352,9 @@ def test_infer_runs_on_a_converted_model(tmp_path, gen):
     assert (tmp_path / "out" / "turntable.gif").stat().st_size > 0 and "latency_ms" in r
     assert r["camera"] == pytest.approx({"azimuth_deg": -90.0, "elevation_deg": 0.0, "distance": 2.0,
                                          "fov_y_deg": FOV_F075})
+    # fast3d serve's LRM pipeline takes the same default for a request without cameras
+    from fast3d.serving.pipelines import LRMPipeline
+
+    pipe = LRMPipeline(LRM.from_pretrained(str(tmp_path / "m")).eval(), max_batch=1, turntable_frames=2)
+    prep = pipe.prepare([torch.rand(3, 24, 24, generator=gen)], None, False)
+    assert prep.extra["camera"] == pytest.approx(r["camera"])
