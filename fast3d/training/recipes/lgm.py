@@ -174,8 +174,9 @@ class LGMRecipe(Recipe):
 
     def _views(self, B: int, gen: torch.Generator) -> torch.Tensor:  # -> [B, num_sup_views] indices
         """The inputs, then random other views, per sample."""
-        inputs = torch.tensor(self.data_section.input_views)
-        rest = torch.tensor([i for i in range(self.data_section.views) if i not in self.data_section.input_views])
+        inputs = torch.tensor(self.data_section.input_views, dtype=torch.long)
+        rest = torch.tensor([i for i in range(self.data_section.views) if i not in self.data_section.input_views],
+                            dtype=torch.long)  # empty where every view is an input (boost shards): still indices
         extra = self.lgm.num_sup_views - len(inputs)
         rows = [torch.cat([inputs, rest[torch.randperm(len(rest), generator=gen)[:extra]]]) for _ in range(B)]
         return torch.stack(rows)
