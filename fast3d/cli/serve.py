@@ -71,17 +71,22 @@ def _check_cuda_graphs(device: str | None) -> None:
 
 
 def serve_forever(app, opts, host: str, port: int, address: str | None, described: str) -> int:
-    """Start (or join) Ray, run the app, print the ready line, block until SIGTERM or SIGINT,
-    then drain: the app is deleted (each replica finishes the requests it holds, up to the
-    deadline) before Ray stops."""
+    """Start a local Ray (:mod:`fast3d.serving.localray`: loopback only) or join ``address``, run
+    the app, print the ready line, block until SIGTERM or SIGINT, then drain: the app is deleted
+    (each replica finishes the requests it holds, up to the deadline) before Ray stops."""
     import signal
     import threading
 
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
     from ray import serve
 
-    ray.init(address=address or "local", include_dashboard=False, log_to_driver=True)
+    if address is None:
+        from fast3d.serving import localray
+
+        localray.init(log_to_driver=True)   # every Ray port on 127.0.0.1
+    else:
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        ray.init(address=address, include_dashboard=False, log_to_driver=True)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):  # after ray.init, which installs its own (aborting) handlers
         signal.signal(sig, lambda *_: stop.set())

@@ -5,13 +5,17 @@ Routes (OpenAPI at ``/openapi.json``, interactive at ``/docs``):
 * ``POST /v1/reconstruct``: images (+ cameras) -> the 3DGS PLY (``format=ply``, the default) or
   the ``.splat`` layout (``format=splat``, :mod:`fast3d.io.splat`). The body is binary unless the
   request says ``Accept: application/json``: then a JSON object with the file in base64 and, when
-  ``turntable`` is true, the turntable as a base64 GIF. Per-stage latencies (decode, queue, model,
+  ``turntable`` is true, the turntable as a base64 GIF; when ``viewer`` is true, the ``.splat`` as
+  ``splat_base64`` (the page's viewer reads it). Per-stage latencies (decode, queue, model,
   render, encode, total) come in the ``Server-Timing`` header (and ``latency_ms`` in JSON); the
   batch the request ran in, in ``X-Fast3d-Batch-Size``.
 * ``GET /healthz`` (the process answers), ``GET /readyz`` (model loaded and warmed up; a replica
   only receives traffic once its constructor, which loads and warms the model, returned).
-* ``GET /metrics``: Prometheus text (:mod:`fast3d.serving.metrics`).
-* ``GET /``: the upload page (``fast3d/serving/static``).
+* ``GET /metrics``: Prometheus text of every replica, each series labelled with its ``replica``
+  (:mod:`fast3d.serving.metrics`: replicas push to a board the scraped replica merges from).
+* ``GET /``: the upload page (``fast3d/serving/static``): the turntable, the file to download and
+  an interactive splat viewer (gsplat.js, vendored in ``static/vendor`` with its licence and
+  ``fetch.sh``, which re-fetches it pinned).
 
 Batching: concurrent requests that reach a replica within ``max_wait_ms`` of the first are run
 as one batch of at most ``max_batch`` (Ray Serve's ``@serve.batch``), one forward and one
@@ -29,7 +33,9 @@ import base64
 import hmac
 import io
 import json
+import logging
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -43,7 +49,8 @@ from fast3d.serving.pipelines import GeneratePipeline, RequestError
 
 STATIC = Path(__file__).parent / "static"
 STATIC_FILES = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
-                "style.css": "text/css; charset=utf-8"}
+                "style.css": "text/css; charset=utf-8", "viewer.js": "text/javascript; charset=utf-8",
+                "vendor/gsplat.js": "text/javascript; charset=utf-8", "vendor/LICENSE.gsplat": "text/plain; charset=utf-8"}
 MEDIA = {"ply": "application/octet-stream", "splat": "application/octet-stream"}
 FILENAMES = {("lgm", "ply"): "gaussians.ply", ("lrm", "ply"): "points.ply"}
 
@@ -101,11 +108,12 @@ _RECONSTRUCT_BODY = {"requestBody": {"required": True, "content": {
         "cameras": {"type": "string", "description": "JSON: {viewmats|c2w, Ks} (LRM also azimuth_deg, ...)"},
         "format": {"type": "string", "enum": ["ply", "splat"]},
         "turntable": {"type": "boolean", "description": "render a turntable GIF (JSON responses only)"},
+        "viewer": {"type": "boolean", "description": "add the .splat as splat_base64 (JSON responses only)"},
         **_SAMPLING}}},
     "application/json": {"schema": {"type": "object", "required": ["images"], "properties": {
         "images": {"type": "array", "items": {"type": "string", "format": "byte"}},
         "cameras": {"type": "object"}, "format": {"type": "string", "enum": ["ply", "splat"]},
-        "turntable": {"type": "boolean"}, **_SAMPLING}}}}},
+        "turntable": {"type": "boolean"}, "viewer": {"type": "boolean"}, **_SAMPLING}}}}},
     "responses": {"200": {"description": "the file (binary), or JSON with Accept: application/json",
                           "content": {"application/octet-stream": {}, "application/json": {}}},
                   "400": {"description": "malformed input: {error: {field, message, kind}}"},
@@ -159,8 +167,12 @@ class Fast3dServer:
     def __init__(self, options: dict):
         import torch
 
+        from fast3d.serving import localray
         from fast3d.serving.metrics import Metrics
         from fast3d.serving.pipelines import load_pipeline
+
+        localray.loopback_replica_grpc()   # before Serve starts the replica's gRPC server, after this constructor
+        ctx = serve.get_replica_context()
 
         self.opts = ServeOptions(**options).validate()
         if self.opts.threads:
@@ -174,10 +186,36 @@ class Fast3dServer:
         # Every torch call of the replica (request preparation, batches) runs on this one thread: one
         # OpenMP team, not one per worker thread fighting over the cores.
         self.torch_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fast3d-torch")
-        self.metrics = Metrics(str(os.getpid()), self.pipe.kind)
+        # the replica label: Serve's replica id (unique in the application, on every node)
+        self.metrics = Metrics(ctx.replica_id.unique_id, self.pipe.kind)
+        self.app_name, self._board = ctx.app_name, None
         self.waiting: set = set()  # requests queued for a batch that has not started
         self.metrics.track_queue(lambda: len(self.waiting))
         self.key = self.opts.api_key.encode() if self.opts.api_key else None
+        threading.Thread(target=self._push_metrics, daemon=True, name="fast3d-metrics").start()
+
+    def _metrics_board(self):
+        from fast3d.serving.metrics import board
+
+        if self._board is None:
+            self._board = board(self.app_name)
+        return self._board
+
+    def _push_metrics(self) -> None:
+        """Every PUSH_S seconds, this replica's exposition to the application's board (so a
+        scrape of any replica shows it)."""
+        import ray
+
+        from fast3d.serving.metrics import PUSH_S
+
+        while True:
+            try:
+                ray.get(self._metrics_board().put.remote(self.metrics.labels["replica"], self.metrics.exposition()),
+                        timeout=30)
+            except Exception as e:  # the board died with the replica that made it: the next push makes another
+                logging.getLogger(__name__).warning("fast3d metrics: push to the board failed (%s)", e)
+                self._board = None
+            time.sleep(PUSH_S)
 
     def _authorize(self, request: Request) -> None:
         if self.key is None:
@@ -239,8 +277,10 @@ class Fast3dServer:
             self.torch_thread, parse_request, request.headers.get("content-type"), body, self.opts.max_pixels,
             self.opts.max_body_bytes)
         json_out = "application/json" in request.headers.get("accept", "")
-        if req.turntable and not json_out:
-            raise RequestError("turntable", "a turntable comes only in a JSON response (Accept: application/json)")
+        for flag in ("turntable", "viewer"):
+            if getattr(req, flag) and not json_out:
+                raise RequestError(flag, f"{'a turntable' if flag == 'turntable' else 'the viewer copy'} comes only "
+                                         f"in a JSON response (Accept: application/json)")
         images = req.rgba if self.pipe.takes_rgba else req.images
         prepared = await asyncio.get_running_loop().run_in_executor(self.torch_thread, self.pipe.prepare, images,
                                                                     req.cameras, req.turntable, req.params)
@@ -270,6 +310,9 @@ class Fast3dServer:
                     "latency_ms": latency}
             if gif is not None:
                 body["turntable_gif_base64"] = base64.b64encode(gif).decode("ascii")
+            if req.viewer:
+                splat = data if req.format == "splat" else self.pipe.encode(result.scene, "splat")
+                body["splat_base64"] = base64.b64encode(splat).decode("ascii")
             return JSONResponse(body, headers=headers)
         name = FILENAMES.get((self.pipe.output_kind, req.format), f"{self.pipe.output_kind}.{req.format}")
         headers["Content-Disposition"] = f'attachment; filename="{name}"'
@@ -281,21 +324,29 @@ class Fast3dServer:
 
     @app.get("/readyz", summary="readiness: the model is loaded and warmed up")
     async def readyz(self) -> dict:
-        return {"ready": True, "pid": os.getpid(), **self.pipe.describe()}
+        return {"ready": True, "pid": os.getpid(), "replica": self.metrics.labels["replica"], **self.pipe.describe()}
 
-    @app.get("/metrics", summary="Prometheus metrics of this replica")
+    @app.get("/metrics", summary="Prometheus metrics of every replica (each series labelled with its replica)")
     async def metrics_route(self, request: Request) -> Response:
+        from fast3d.serving.metrics import merge
+
         try:
             self._authorize(request)
         except RequestError as e:
             return _error(e, self.metrics)
-        return Response(self.metrics.exposition(), media_type="text/plain; version=0.0.4")
+        try:
+            texts = await asyncio.wait_for(self._metrics_board().collect.remote(), timeout=10)
+        except Exception as e:  # no board now (it died with its replica): this replica's own metrics
+            logging.getLogger(__name__).warning("fast3d metrics: the board did not answer (%s)", e)
+            self._board, texts = None, {}
+        texts[self.metrics.labels["replica"]] = self.metrics.exposition()   # its own, fresh
+        return Response(merge(list(texts.values())), media_type="text/plain; version=0.0.4")
 
     @app.get("/", include_in_schema=False)
     async def index(self) -> Response:
         return Response((STATIC / "index.html").read_bytes(), media_type=STATIC_FILES["index.html"])
 
-    @app.get("/static/{name}", include_in_schema=False)
+    @app.get("/static/{name:path}", include_in_schema=False)
     async def static(self, name: str) -> Response:
         if name not in STATIC_FILES:  # a fixed list: no path from the request reaches the file system
             return JSONResponse({"error": {"field": "name", "message": "no such file", "kind": "invalid"}},

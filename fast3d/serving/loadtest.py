@@ -251,10 +251,10 @@ def run(checkpoint: str, out: str = DEFAULT_OUT, concurrencies=(1, 4, 16), reque
             import ray
             from ray import serve
 
+            from fast3d.serving import localray
             from fast3d.serving.app import ServeOptions, application
 
-            os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-            ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+            localray.init(num_cpus=os.cpu_count(), log_to_driver=False)
             try:
                 serve.start(http_options={"host": "127.0.0.1", "port": port})
                 url = f"http://127.0.0.1:{port}/v1/reconstruct"

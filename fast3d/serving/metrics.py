@@ -1,15 +1,24 @@
-"""The server's Prometheus metrics, one registry per replica (``GET /metrics`` answers the
-replica that took the request; every series carries its ``replica`` label). Ray Serve exports its
-own metrics beside these (``ray_serve_*``: per-deployment request counts and latencies, batch
-queue length and sizes) through Ray's metrics agent."""
+"""The server's Prometheus metrics: one registry per replica, every series labelled with its
+``replica``, and ``GET /metrics`` shows every replica's. Each replica pushes its exposition every
+``PUSH_S`` seconds to the application's :class:`MetricsBoard` (a named Ray actor, reachable from
+every node of the cluster); the replica that takes a scrape merges the board's copies with its
+own fresh one (:func:`merge`: each metric family once, the samples of all replicas). Another
+replica's numbers are thus at most ``PUSH_S`` old, and a replica gone for ``MAX_AGE_S`` drops out.
+Ray Serve exports its own metrics beside these (``ray_serve_*``: per-deployment request counts
+and latencies, batch queue length and sizes) through Ray's metrics agent."""
 
 from __future__ import annotations
 
+import time
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 ERROR_KINDS = ("invalid", "content_type", "too_large", "auth", "deadline", "internal")
+PUSH_S = 2.0       # how often a replica sends its exposition to the board
+MAX_AGE_S = 10.0   # a replica silent this long (stopped, killed) is left out of the merged metrics
 
 
 class Metrics:
@@ -54,3 +63,48 @@ class Metrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def merge(texts: list[bytes]) -> bytes:
+    """Several replicas' expositions (their series told apart by the ``replica`` label) as one:
+    each metric family once, with the samples of all."""
+    families: dict = {}
+    for text in texts:
+        for fam in text_string_to_metric_families(text.decode()):
+            if fam.name in families:
+                families[fam.name].samples.extend(fam.samples)
+            else:
+                families[fam.name] = fam
+
+    class _Merged:
+        def collect(self):
+            return list(families.values())
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Merged())
+    return generate_latest(registry)
+
+
+class MetricsBoard:
+    """The latest exposition of each replica of an application (a Ray actor: :func:`board`)."""
+
+    def __init__(self):
+        self.texts: dict[str, tuple[float, bytes]] = {}
+
+    def put(self, replica: str, text: bytes) -> None:
+        self.texts[replica] = (time.monotonic(), text)
+
+    def collect(self, max_age_s: float = MAX_AGE_S) -> dict[str, bytes]:
+        """The replicas heard from within ``max_age_s``: replica -> exposition."""
+        now = time.monotonic()
+        self.texts = {r: (t, x) for r, (t, x) in self.texts.items() if now - t <= max_age_s}
+        return {r: x for r, (_, x) in self.texts.items()}
+
+
+def board(app_name: str):
+    """The application's :class:`MetricsBoard` actor, created by the first replica that asks
+    (named, so every replica on every node finds the same one; it needs no CPU)."""
+    import ray
+
+    return ray.remote(num_cpus=0)(MetricsBoard).options(
+        name=f"fast3d-metrics-{app_name}", namespace="fast3d", get_if_exists=True).remote()

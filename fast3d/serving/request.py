@@ -4,11 +4,12 @@ JSON), optional cameras, the output format and whether to render a turntable.
 Two body types are accepted, nothing else (415):
 
 * ``multipart/form-data``: one ``images`` file part per view (in order), and optional text parts
-  ``cameras`` (JSON), ``format`` (``ply`` | ``splat``), ``turntable`` (``true`` | ``false``) and the
+  ``cameras`` (JSON), ``format`` (``ply`` | ``splat``), ``turntable`` (``true`` | ``false``),
+  ``viewer`` (``true``: a JSON answer carries the ``.splat`` too, for the page's viewer) and the
   generate model's ``seed``, ``steps``, ``guidance`` (checked by the pipeline: a model that takes
   none of them refuses them).
 * ``application/json``: ``{"images": [base64, ...], "cameras": {...} | null, "format": "ply",
-  "turntable": false, "seed": 0, "steps": 30, "guidance": 3.0}``.
+  "turntable": false, "viewer": false, "seed": 0, "steps": 30, "guidance": 3.0}``.
 
 Every mistake is a :class:`RequestError` naming the field (``images[2]``, ``cameras``,
 ``format``, ``content-type``, ``body``). Images are decoded by :func:`fast3d.io.images.read_image`
@@ -30,7 +31,7 @@ from fast3d.serving.pipelines import FORMATS, RequestError
 
 MAX_VIEWS = 8            # more image parts than any model takes (LGM 4, Era3D 6) is refused before decoding
 PARAMS = ("seed", "steps", "guidance")
-FIELDS = ("images", "cameras", "format", "turntable", *PARAMS)
+FIELDS = ("images", "cameras", "format", "turntable", "viewer", *PARAMS)
 
 
 @dataclass
@@ -42,6 +43,7 @@ class ParsedRequest:
     decode_ms: float = 0.0
     rgba: list[Tensor] = _field(default_factory=list)   # V x [4, H, W]: the images before compositing
     params: dict = _field(default_factory=dict)         # of PARAMS, as given (Pipeline.check_params)
+    viewer: bool = False   # a JSON answer also carries the .splat (the page's viewer reads it)
 
 
 def _flag(value, field: str) -> bool:
@@ -118,7 +120,7 @@ def _json(body: bytes) -> tuple[list[bytes], dict]:
             images.append(base64.b64decode(s, validate=True))
         except (binascii.Error, ValueError) as e:
             raise RequestError(f"images[{i}]", f"not valid base64 ({e})") from None
-    fields = {k: d[k] for k in ("cameras", "format", "turntable", *PARAMS) if k in d}
+    fields = {k: d[k] for k in ("cameras", "format", "turntable", "viewer", *PARAMS) if k in d}
     return images, fields
 
 
@@ -167,4 +169,4 @@ def parse_request(content_type: str | None, body: bytes, max_pixels: int, max_im
             raise RequestError(name, str(e).removeprefix(name).lstrip(" :")) from None
     images = [composite(x) for x in rgba]
     return ParsedRequest(images, cameras, fmt, turntable, (time.perf_counter() - t) * 1e3, rgba,
-                         {k: fields[k] for k in PARAMS if k in fields})
+                         {k: fields[k] for k in PARAMS if k in fields}, _flag(fields.get("viewer", False), "viewer"))

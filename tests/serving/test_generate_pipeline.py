@@ -15,6 +15,7 @@ from fast3d.inference import generate
 from fast3d.io.images import read_image
 from fast3d.models.lgm import LGM, LGMConfig
 from fast3d.models.mvdiff import MVDiffConfig, MVDiffusion
+from fast3d.serving import localray
 from fast3d.serving.loadtest import multipart, post, same_ply
 from fast3d.serving.pipelines import GeneratePipeline, RequestError, load_pipeline
 
@@ -119,7 +120,6 @@ def test_serve_cli_checks_the_generate_flags(models, capsys):
 
 @pytest.fixture(scope="module")
 def server(models):
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
     from ray import serve
 
@@ -128,7 +128,7 @@ def server(models):
     with socket.socket() as sk:
         sk.bind(("127.0.0.1", 0))
         port = sk.getsockname()[1]
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    localray.init(num_cpus=2, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         # one torch thread, as the comparison runs generate: the CPU kernels' last bits depend on the threads

@@ -20,6 +20,7 @@ from PIL import Image
 
 from fast3d.io import load_ply
 from fast3d.models.lgm import LGM, LGMConfig
+from fast3d.serving import localray
 from fast3d.serving.loadtest import multipart, post
 
 pytestmark = pytest.mark.slow
@@ -35,9 +36,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class _URL(str):
+    """The server's base URL; ``.lgm``: the model directory it serves."""
+    lgm: str
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
     from ray import serve
 
@@ -47,14 +52,16 @@ def server(tmp_path_factory):
     torch.manual_seed(0)
     LGM(LGMConfig.preset("tiny")).save_pretrained(str(root / "lgm"))
     port = _free_port()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    localray.init(num_cpus=2, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         opts = ServeOptions(str(root / "lgm"), max_batch=MAX_BATCH, max_wait_ms=50, max_body_bytes=256 * 1024,
                             turntable_frames=FRAMES)
         serve.run(application(opts, max_ongoing_requests=ONGOING, max_queued_requests=QUEUED), name="fast3d",
                   route_prefix="/")
-        yield f"http://127.0.0.1:{port}"
+        url = _URL(f"http://127.0.0.1:{port}")
+        url.lgm = str(root / "lgm")
+        yield url
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -158,8 +165,10 @@ class _CDP:
                     reason="set FAST3D_CHROMIUM to a Chromium binary: export FAST3D_CHROMIUM=$(.ci/chromium) "
                            "(CI does)")
 def test_page_in_headless_chromium_shows_the_result(server, gen, tmp_path):
-    """Open / in headless Chromium, upload 4 views into the form, submit, wait for the turntable,
-    and check the screenshot: the turntable's area is blank before and holds the rendering after."""
+    """Open / in headless Chromium (WebGL2 on SwiftShader, the CPU), upload 4 views into the form,
+    submit, wait for the turntable, and check the screenshot: the turntable's area is blank before
+    and holds the rendering after, and the interactive viewer's canvas (gsplat.js) shows the
+    object: many pixels unlike its background, in many colours."""
     import subprocess
 
     paths = []
@@ -169,7 +178,8 @@ def test_page_in_headless_chromium_shows_the_result(server, gen, tmp_path):
             f.write(data)
     port = _free_port()
     proc = subprocess.Popen([os.environ["FAST3D_CHROMIUM"], "--headless=shell", "--no-sandbox", "--no-zygote",
-                             "--disable-gpu", f"--user-data-dir={tmp_path / 'profile'}", f"--remote-debugging-port={port}",
+                             "--use-angle=swiftshader", "--enable-unsafe-swiftshader",
+                             f"--user-data-dir={tmp_path / 'profile'}", f"--remote-debugging-port={port}",
                              "--window-size=800,900", "about:blank"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -195,7 +205,7 @@ def test_page_in_headless_chromium_shows_the_result(server, gen, tmp_path):
                        "return [b.x, b.y, b.width, b.height]; })())")
         x, y, w, h = (int(v) for v in json.loads(box))
 
-        def shot():
+        def shot(x=x, y=y, w=w, h=h):
             png = base64.b64decode(cdp("Page.captureScreenshot", format="png")["data"])
             img = Image.open(io.BytesIO(png)).convert("RGB")
             return torch.from_numpy(np.asarray(img.crop((x + 2, y + 2, x + w - 2, y + h - 2))).copy())
@@ -217,6 +227,19 @@ def test_page_in_headless_chromium_shows_the_result(server, gen, tmp_path):
         assert (before == before.flatten(0, 1)[0]).all(), "the turntable area was not blank before the upload"
         assert not torch.equal(after, before) and len(torch.unique(after.flatten(0, 1), dim=0)) > 8, \
             "the screenshot shows no rendering where the turntable is"
+        # The viewer: its canvas shown, the .splat loaded; gsplat.js fades splats in (~1 s) while it sorts them.
+        status = cdp.eval("document.getElementById('viewer-status').textContent")
+        assert status.startswith(f"{4 * 32 * 32} Gaussians"), status  # the tiny LGM: 4 views x 32^2 splats
+        cdp.eval("window.scrollTo(0, document.getElementById('viewer').offsetTop)")
+        box = json.loads(cdp.eval("JSON.stringify((() => { const b = document.getElementById('viewer')"
+                                  ".getBoundingClientRect(); return [b.x, b.y, b.width, b.height]; })())"))
+        time.sleep(3)
+        view = shot(*(int(v) for v in box))
+        background = view[0, 0]
+        fg = (view.int() - background.int()).abs().amax(-1) > 24
+        assert fg.float().mean() > 0.02 and len(torch.unique(view[fg], dim=0)) > 64, \
+            f"the viewer's canvas shows no object: {float(fg.float().mean()):.4f} of it differs from the background"
+        Image.fromarray(view.numpy()).save(tmp_path / "viewer.png")
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -344,3 +367,54 @@ def test_replica_killed_mid_load_restarts_without_hangs_or_wrong_answers(server,
         raise AssertionError("no new replica within 180 s")
     status, _, body = _reconstruct(server, views)
     assert status == 200 and body == ref
+
+
+def test_local_ray_listens_on_loopback_only(server):
+    """Every socket the embedded Ray listens on (GCS, raylet, workers, agents, Serve's controller
+    and proxy) is on the loopback interface: nothing of it is reachable from the network."""
+    import psutil
+
+    me = psutil.Process()
+    listening = []
+    for p in [me, *me.children(recursive=True)]:
+        try:
+            listening += [(p.name(), c.laddr.ip, c.laddr.port) for c in p.net_connections(kind="inet")
+                          if c.status == psutil.CONN_LISTEN]
+        except psutil.NoSuchProcess:
+            continue
+    names = {n for n, _, _ in listening}
+    assert {"gcs_server", "raylet"} <= names, names  # Ray's own processes were seen
+    assert all(ip in ("127.0.0.1", "::1", "::ffff:127.0.0.1") for _, ip, _ in listening), \
+        [x for x in listening if x[1] not in ("127.0.0.1", "::1", "::ffff:127.0.0.1")]
+
+
+def test_metrics_show_every_replica(server, gen):
+    """A second application with 2 replicas: /metrics (answered by one of them) holds both
+    replicas' series, merged into one valid exposition, and their request counts add up to the
+    requests sent."""
+    from prometheus_client.parser import text_string_to_metric_families
+    from ray import serve
+
+    from fast3d.serving.app import ServeOptions, application
+
+    opts = ServeOptions(str(server.lgm), max_batch=2, max_wait_ms=20, turntable_frames=2)
+    serve.run(application(opts, replicas=2, num_cpus=0.5), name="two", route_prefix="/two")
+    try:
+        url = f"{server}/two"
+        views = _views(gen)
+        statuses = _concurrently([lambda: _reconstruct(url, views)[0] for _ in range(6)])
+        assert statuses == [200] * 6
+        t0 = time.monotonic()
+        while True:
+            status, _, text = _get(f"{url}/metrics")
+            assert status == 200
+            fams = {f.name: f for f in text_string_to_metric_families(text.decode())}  # a valid exposition
+            replicas = {s.labels["replica"] for s in fams["fast3d_errors"].samples}
+            served = sum(s.value for s in fams["fast3d_request_latency_seconds"].samples
+                         if s.name.endswith("_count"))
+            if len(replicas) == 2 and served == 6:
+                break
+            assert time.monotonic() - t0 < 60, f"replicas {replicas}, requests counted {served} of 6"
+            time.sleep(1)
+    finally:
+        serve.delete("two")

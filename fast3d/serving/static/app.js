@@ -1,5 +1,6 @@
 // The upload page: POST the chosen images to /v1/reconstruct (multipart, turntable on, JSON answer),
-// then show the turntable GIF, a download link for the PLY/.splat and the per-stage latencies.
+// then show the turntable GIF, the interactive viewer (viewer.js, on the .splat copy the answer
+// carries), a download link for the PLY/.splat and the per-stage latencies.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -28,6 +29,7 @@ async function reconstruct(event) {
   for (const f of $("images").files) form.append("images", f, f.name);
   form.append("format", $("format").value);
   form.append("turntable", "true");
+  form.append("viewer", "true");
   const headers = { "Accept": "application/json" };
   if ($("key").value) headers["Authorization"] = `Bearer ${$("key").value}`;
   const r = await fetch("/v1/reconstruct", { method: "POST", body: form, headers });
@@ -53,6 +55,8 @@ async function reconstruct(event) {
     return tr;
   }));
   $("result").hidden = false;
+  if (window.fast3dViewer) window.fast3dViewer.show(bytesFromBase64(d.splat_base64));
+  else $("viewer-status").textContent = "The viewer did not load.";
   status.textContent = `Done: batch of ${d.batch_size}.`;
 }
 
