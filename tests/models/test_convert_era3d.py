@@ -112,6 +112,30 @@ def test_every_key_is_converted_or_dropped_with_its_reason(converted):
         assert set(sa) == set(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+def test_released_layout_converts_key_for_key():
+    """The released UNet (SD 2.1 sizes, with its DownBlock2D / UpBlock2D levels and 3 regressor
+    blocks) converts onto fast3d's base-size denoiser key for key (meta tensors); its parameter
+    count is the README's."""
+    from fast3d.models.convert.era3d import convert_unet
+    from fast3d.models.mvdiff import MVDenoiser, MVDiffConfig
+
+    cfg = manifest_mvdiff.ERA3D_RELEASED_UNET
+    shapes = manifest_mvdiff.era3d_unet_shapes(cfg)
+    assert sum(math.prod(s) for s in shapes.values()) == pytest.approx(947.7e6, abs=0.05e6)
+    sd = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
+    fast = MVDiffConfig.preset("base", rig="era3d6", layout="rows", resolution=512, image_embed_dim=1024)
+    with torch.device("meta"):
+        own = MVDenoiser(fast).state_dict()
+    new, dropped, filled = convert_unet(sd, cfg, own)
+    assert {k: tuple(v.shape) for k, v in new.items()} == {k: tuple(v.shape) for k, v in own.items()}
+    blocks = manifest_mvdiff.transformer_blocks(shapes)
+    assert len(blocks) == 16    # 2 x 3 down + 1 mid + 3 x 3 up
+    # per block attn1 (q, k, v, out weight + bias) and norm1 (2); per regressor linear_in (2), 3 blocks of
+    # 2 linears (12), linear_out (2); camera_embedding and class_embedding (4 each)
+    assert len(dropped) == 7 * len(blocks) + 2 * (2 + 12 + 2) + 4 + 4
+    assert set(filled) == {"unet.class_embedding", "image_proj"}
+
+
 def _era3d_rows(x, norm, attn, heads, V, h):
     """Era3D's x -> attn_mv(norm_mv(x)) (transformer_mv2d_self_rowwise.py, MVAttnProcessor), by hand:
     LayerNorm; q, k, v; '(b v) (h w) c -> (b h) (v w) c'; softmax(q k^T / sqrt(d)) v per head; back;
@@ -220,6 +244,14 @@ def test_bad_pipelines_are_named_and_nothing_is_written(converted, tmp_path, gen
         os.makedirs(tmp_path / "half" / "unet")
         json.dump(UNET, open(tmp_path / "half" / "unet" / "config.json", "w"))
         convert("era3d", str(tmp_path / "half"), str(out))
+    with pytest.raises(ValueError, match="--weights must be Era3D's pipeline directory"):
+        convert("era3d", os.path.join(converted["pipe"], "unet", "diffusion_pytorch_model.safetensors"), str(out))
+    cut = tmp_path / "cut"          # a truncated download of the UNet's weights
+    _write_pipeline(cut, gen, state=good)
+    f = cut / "unet" / "diffusion_pytorch_model.safetensors"
+    f.write_bytes(f.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=r"--weights unet/ .*not a readable safetensors file"):
+        convert("era3d", str(cut), str(out))
     with pytest.raises(ValueError, match="--variant does not apply to era3d"):
         convert("era3d", converted["pipe"], str(out), variant="big")
     os.makedirs(out)

@@ -124,7 +124,7 @@ def convert_unet(state: dict, cfg: dict, own: dict, what: str = "--weights") -> 
     w1 = state["class_embedding.linear_1.weight"].float()
     E = w1.shape[1] // 2
     out["unet.class_embedding.linear_1.bias"] = (state["class_embedding.linear_1.bias"].float()
-                                                 + w1[:, E:] @ noise_level_embedding(E))
+                                                 + w1[:, E:] @ noise_level_embedding(E).to(w1))
     out["unet.class_embedding.linear_1.weight"] = torch.zeros_like(own["unet.class_embedding.linear_1.weight"])
     for t in ("weight", "bias"):
         out[f"unet.class_embedding.linear_2.{t}"] = state[f"class_embedding.linear_2.{t}"].float()

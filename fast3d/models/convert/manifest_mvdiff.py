@@ -67,6 +67,16 @@ ERA3D_DOWN = {"CrossAttnDownBlockMV2D": "CrossAttnDownBlock2D", "DownBlock2D": "
 ERA3D_UP = {"CrossAttnUpBlockMV2D": "CrossAttnUpBlock2D", "UpBlock2D": "UpBlock2D"}
 ERA3D_MID = "UNetMidBlockMV2DCrossAttn"
 REGRESS_HIDDEN = 1280   # ResidualLiner(regress_in_dim, 1, 1280, ...): fixed in the code, not the config
+# The released unet/config.json as the facts give it (SD 2.1-unclip's UNet + unet_from_pretrained_kwargs)
+ERA3D_RELEASED_UNET = dict(
+    sample_size=64, in_channels=8, out_channels=4, down_block_types=["CrossAttnDownBlockMV2D"] * 3 + ["DownBlock2D"],
+    up_block_types=["UpBlock2D"] + ["CrossAttnUpBlockMV2D"] * 3, mid_block_type=ERA3D_MID,
+    block_out_channels=[320, 640, 1280, 1280], layers_per_block=2, attention_head_dim=[5, 10, 20, 20],
+    cross_attention_dim=1024, norm_num_groups=32, use_linear_projection=True, class_embed_type="projection",
+    projection_class_embeddings_input_dim=2048, num_views=6, selfattn_block="self_rowwise", multiview_attention=True,
+    sparse_mv_attention=True, mvcd_attention=True, cd_attention_mid=False, cd_attention_last=False,
+    regress_elevation=True, regress_focal_length=True, projection_camera_embeddings_input_dim=4, num_regress_blocks=3,
+    use_dino=False)
 
 
 def sd_unet_kwargs(cfg: dict) -> dict:
