@@ -112,6 +112,32 @@ def test_every_key_is_converted_or_dropped_with_its_reason(converted):
         assert set(sa) == set(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+def test_a_vae_with_the_old_attention_names_loads(converted, tmp_path):
+    """Stable Diffusion 2.x's hub VAEs were saved before diffusers 0.15 renamed the mid block's
+    attention (query, key, value, proj_attn -> to_q, to_k, to_v, to_out.0): such a vae/ converts."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    pipe = tmp_path / "pipe"
+    shutil.copytree(converted["pipe"], pipe)
+    f = pipe / "vae" / "diffusion_pytorch_model.safetensors"
+    new = load_file(str(f))
+    back = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+    old = {}
+    for k, v in new.items():
+        for a, b in back.items():
+            if ".mid_block.attentions.0." in k and f".{a}." in k:
+                k = k.replace(f".{a}.", f".{b}.")
+        old[k] = v
+    assert len(set(old) - set(new)) == 16          # encoder and decoder: 4 projections x weight, bias
+    save_file(old, str(f))
+    r = convert("era3d", str(pipe), str(tmp_path / "out"))
+    assert sorted(r["parts"]["vae"]["renamed"]) == sorted(set(old) - set(new))
+    got = MVDiffusion.from_pretrained(str(tmp_path / "out")).vae.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in new.items()) and set(got) == set(new)
+
+
 def test_released_layout_converts_key_for_key():
     """The released UNet (SD 2.1 sizes, with its DownBlock2D / UpBlock2D levels and 3 regressor
     blocks) converts onto fast3d's base-size denoiser key for key (meta tensors); its parameter

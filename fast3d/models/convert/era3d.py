@@ -137,6 +137,25 @@ def convert_unet(state: dict, cfg: dict, own: dict, what: str = "--weights") -> 
     return out, src.finish(), filled
 
 
+# diffusers' AutoencoderKL attention names before 0.15 (Stable Diffusion 2.x's hub files were saved
+# with them) -> today's
+_OLD_VAE_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+
+
+def vae_state(state: dict) -> tuple[dict, list[str]]:
+    """A VAE state dict with the pre-0.15 attention names of its mid blocks renamed, and the old
+    keys that were renamed."""
+    out, renamed = {}, []
+    for k, v in state.items():
+        parts = k.split(".")
+        if len(parts) == 6 and parts[1:4] == ["mid_block", "attentions", "0"] and parts[4] in _OLD_VAE_ATTENTION:
+            out[".".join(parts[:4] + [_OLD_VAE_ATTENTION[parts[4]], parts[5]])] = v
+            renamed.append(k)
+        else:
+            out[k] = v
+    return out, renamed
+
+
 def _load_frozen(module, state: dict, what: str, drop: tuple = ()) -> list[str]:
     """Load ``state`` strictly into ``module`` but for ``drop``ped non-persistent buffers that older
     libraries saved; the dropped keys present."""
@@ -209,6 +228,7 @@ def convert(weights: str, variant: str | None = None):
         raise ValueError(f"--weights {weights!r}: vae/ or image_encoder/ config.json is not a diffusers "
                          f"AutoencoderKL / transformers CLIPVisionConfig ({e})") from None
     vstate, vrec = load_state_dict(dirs["vae"], "--weights vae/")
+    vstate, vrec["renamed"] = vae_state(vstate)
     _load_frozen(vae, vstate, dirs["vae"])
     estate, erec = load_state_dict(dirs["image_encoder"], "--weights image_encoder/")
     gone = _load_frozen(encoder, estate, dirs["image_encoder"], drop=("vision_model.embeddings.position_ids",))
