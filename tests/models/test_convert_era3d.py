@@ -99,6 +99,7 @@ def test_every_key_is_converted_or_dropped_with_its_reason(converted):
     cfg = model.config
     assert (cfg.rig, cfg.layout, cfg.prediction_type, cfg.resolution, cfg.latent_channels) == \
         ("era3d6", "rows", "v_prediction", 16, 4)
+    assert record["file"].endswith(os.path.join("unet", "diffusion_pytorch_model.safetensors"))
     on_disk = json.load(open(os.path.join(converted["out"], "conversion.json")))
     assert on_disk["equal_outputs"] is False and on_disk["kind"] == "era3d" and on_disk["sha256"]
     # the VAE and the image encoder are the pipeline's, exactly
@@ -114,7 +115,8 @@ def test_every_key_is_converted_or_dropped_with_its_reason(converted):
 
 def test_a_vae_with_the_old_attention_names_loads(converted, tmp_path):
     """Stable Diffusion 2.x's hub VAEs were saved before diffusers 0.15 renamed the mid block's
-    attention (query, key, value, proj_attn -> to_q, to_k, to_v, to_out.0): such a vae/ converts."""
+    attention (query, key, value, proj_attn -> to_q, to_k, to_v, to_out.0): such a vae/ converts;
+    a part folder with other weight files beside it reads diffusers' safetensors file."""
     import shutil
 
     from safetensors.torch import load_file
@@ -132,6 +134,8 @@ def test_a_vae_with_the_old_attention_names_loads(converted, tmp_path):
         old[k] = v
     assert len(set(old) - set(new)) == 16          # encoder and decoder: 4 projections x weight, bias
     save_file(old, str(f))
+    for extra in ("diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.safetensors"):
+        (pipe / "unet" / extra).write_bytes(b"not read: the safetensors file comes first")
     r = convert("era3d", str(pipe), str(tmp_path / "out"))
     assert sorted(r["parts"]["vae"]["renamed"]) == sorted(set(old) - set(new))
     got = MVDiffusion.from_pretrained(str(tmp_path / "out")).vae.state_dict()

@@ -69,6 +69,20 @@ def pipeline_dirs(path: str, what: str = "--weights") -> dict[str, str]:
     return dirs
 
 
+# the weights file of a diffusers / transformers part, in the order their loaders prefer
+PART_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors", "diffusion_pytorch_model.bin",
+              "pytorch_model.bin")
+
+
+def part_weights(path: str) -> str:
+    """A pipeline part's weights: the first of ``PART_FILES`` in ``path``, else its only weights
+    file (``common.weights_file``)."""
+    for name in PART_FILES:
+        if os.path.isfile(os.path.join(path, name)):
+            return os.path.join(path, name)
+    return path
+
+
 def check_unet_config(cfg: dict, what: str) -> None:
     """ValueError unless ``cfg`` is an Era3D UNet config the converter knows (``ERA3D_SETTINGS``,
     its block types)."""
@@ -215,7 +229,7 @@ def convert(weights: str, variant: str | None = None):
     ucfg = _read_json(os.path.join(dirs["unet"], "config.json"), "--weights unet/")
     check_unet_config(ucfg, f"--weights {os.path.join(dirs['unet'], 'config.json')!r}")
     prediction = scheduler_settings(dirs["scheduler"], "--weights scheduler/")
-    state, record = load_state_dict(dirs["unet"], "--weights unet/")
+    state, record = load_state_dict(part_weights(dirs["unet"]), "--weights unet/")
 
     vcfg = {k: v for k, v in _read_json(os.path.join(dirs["vae"], "config.json"), "--weights vae/").items()
             if not k.startswith("_")}
@@ -227,10 +241,10 @@ def convert(weights: str, variant: str | None = None):
     except (TypeError, ValueError, KeyError) as e:
         raise ValueError(f"--weights {weights!r}: vae/ or image_encoder/ config.json is not a diffusers "
                          f"AutoencoderKL / transformers CLIPVisionConfig ({e})") from None
-    vstate, vrec = load_state_dict(dirs["vae"], "--weights vae/")
+    vstate, vrec = load_state_dict(part_weights(dirs["vae"]), "--weights vae/")
     vstate, vrec["renamed"] = vae_state(vstate)
     _load_frozen(vae, vstate, dirs["vae"])
-    estate, erec = load_state_dict(dirs["image_encoder"], "--weights image_encoder/")
+    estate, erec = load_state_dict(part_weights(dirs["image_encoder"]), "--weights image_encoder/")
     gone = _load_frozen(encoder, estate, dirs["image_encoder"], drop=("vision_model.embeddings.position_ids",))
     E = ucfg["projection_class_embeddings_input_dim"] // 2
     if encoder.config.projection_dim != E or vae.config.latent_channels != ucfg["out_channels"]:
