@@ -192,6 +192,7 @@ class Fast3dServer:
         self.waiting: set = set()  # requests queued for a batch that has not started
         self.metrics.track_queue(lambda: len(self.waiting))
         self.key = self.opts.api_key.encode() if self.opts.api_key else None
+        self._push_once()   # the board exists (its actor started) before this replica takes traffic
         threading.Thread(target=self._push_metrics, daemon=True, name="fast3d-metrics").start()
 
     def _metrics_board(self):
@@ -201,21 +202,23 @@ class Fast3dServer:
             self._board = board(self.app_name)
         return self._board
 
-    def _push_metrics(self) -> None:
-        """Every PUSH_S seconds, this replica's exposition to the application's board (so a
-        scrape of any replica shows it)."""
+    def _push_once(self) -> None:
+        """This replica's exposition to the application's board (so a scrape of any replica shows it)."""
         import ray
 
+        try:
+            ray.get(self._metrics_board().put.remote(self.metrics.labels["replica"], self.metrics.exposition()),
+                    timeout=60)
+        except Exception as e:  # the board died with the replica that made it: the next push makes another
+            logging.getLogger(__name__).warning("fast3d metrics: push to the board failed (%s)", e)
+            self._board = None
+
+    def _push_metrics(self) -> None:
         from fast3d.serving.metrics import PUSH_S
 
         while True:
-            try:
-                ray.get(self._metrics_board().put.remote(self.metrics.labels["replica"], self.metrics.exposition()),
-                        timeout=30)
-            except Exception as e:  # the board died with the replica that made it: the next push makes another
-                logging.getLogger(__name__).warning("fast3d metrics: push to the board failed (%s)", e)
-                self._board = None
             time.sleep(PUSH_S)
+            self._push_once()
 
     def _authorize(self, request: Request) -> None:
         if self.key is None:
