@@ -112,9 +112,19 @@ def noise_level_embedding(dim: int) -> torch.Tensor:  # -> [dim]
 
 
 def convert_unet(state: dict, cfg: dict, own: dict, what: str = "--weights") -> tuple[dict, dict, dict]:
-    """Era3D's UNet state dict (checked against ``era3d_unet_shapes(cfg)``) -> the state dict of
-    fast3d's ``MVDenoiser`` (``own``: its ``state_dict()``, for the keys Era3D has no source of),
-    the dropped source keys and the filled fast3d keys, each with why."""
+    """Era3D's UNet state dict -> the state dict of fast3d's ``MVDenoiser``.
+
+    Args:
+        state: Era3D's ``UNetMV2DConditionModel`` state dict, checked against
+            ``manifest_mvdiff.era3d_unet_shapes(cfg)`` (ValueError listing every difference).
+        cfg: its ``unet/config.json``.
+        own: the target ``MVDenoiser.state_dict()`` (shapes of the keys Era3D has no source of).
+        what: the argument named in errors.
+
+    Returns:
+        The denoiser's state dict, the dropped source keys and the filled denoiser keys (each
+        with why).
+    """
     check_layout(state, manifest_mvdiff.era3d_unet_shapes(cfg), what, "Era3D's UNet (UNetMV2DConditionModel)")
     src, out, filled = Consumer(state), {}, {}
     blocks = manifest_mvdiff.transformer_blocks(state)
@@ -217,7 +227,16 @@ def scheduler_settings(path: str, what: str) -> str:
 
 
 def convert(weights: str, variant: str | None = None):
-    """Era3D's pipeline directory -> (a fast3d MVDiffusion, the conversion record)."""
+    """Era3D's released pipeline -> a fast3d MVDiffusion (module docstring: an initialisation).
+
+    Args:
+        weights: the pipeline directory (``unet/``, ``vae/``, ``image_encoder/``, ``scheduler/``).
+        variant: must be None (one released model).
+
+    Returns:
+        The model and the conversion record (source file and sha256 of each part, dropped and
+        filled keys with reasons, ``equal_outputs: False``, what is not converted).
+    """
     from diffusers import AutoencoderKL
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
