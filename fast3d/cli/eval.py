@@ -14,7 +14,13 @@
 
 The report is ``--out`` (JSON: per-sample rows, means, backbones, commit) with a Markdown table beside
 it; a killed run resumes from its ``.rows.jsonl``. ``--compare A.json B.json`` prints two reports side
-by side with the differences.
+by side with the differences (and with ``--out`` writes them as one side-by-side report).
+
+``--baseline DIR`` (reconstructors): the baseline and ``--checkpoint`` (e.g. the base LGM and its
+MVBoost boost) are scored on the same ``--data`` with the same settings, each into its own resumable
+report (``<out>.baseline.json``, ``<out>.checkpoint.json``), and ``--out`` is ONE report with both
+side by side, the checkpoint's difference to the baseline and on how many samples it is better;
+``--paper mvboost`` quotes the paper's published GSO numbers beside them as a labelled reference row.
 """
 
 from __future__ import annotations
@@ -133,22 +139,71 @@ def _pipeline(args) -> dict:
                                         "steps": s["steps"], "guidance_scale": s["guidance"], "seed": s["seed"]})
 
 
-def cmd_eval(args, fail) -> int:
-    from fast3d.evaluation.report import compare_reports
+def _reconstructor(args, kind: str):
+    """``evaluate(model_dir, out_json) -> report`` of an lgm / lrm with the command's data and settings."""
+    if kind == "lgm":
+        from fast3d.inference.lgm import evaluate
 
+        views = args.views or 16
+    else:
+        from fast3d.inference.lrm import evaluate
+
+        views = args.views or 4
+
+    def run(model_dir: str, out_json: str) -> dict:
+        return evaluate(model_dir, args.data, out_json, views=views, resolution=args.resolution,
+                        lpips_backbone=args.lpips_backbone, device=args.device, max_samples=args.max_samples,
+                        clip=args.clip or ())
+    return run
+
+
+def _compare(args) -> int:
+    from fast3d.evaluation.report import compare_reports, side_by_side_markdown, write_side_by_side
+    from fast3d.evaluation.sets import read_json
+
+    a, b = (read_json(p, "--compare report") for p in args.compare)
+    for p, r in zip(args.compare, (a, b)):
+        if not isinstance(r, dict) or not isinstance(r.get("mean"), dict) or not isinstance(r.get("per_sample"), list):
+            raise ValueError(f"--compare {p!r} is not a fast3d eval report (no 'mean' and 'per_sample')")
+    if not args.out:
+        if args.paper:
+            raise ValueError("--paper quotes a paper's numbers in a written report: give --out with --compare")
+        print(compare_reports(a, b), end="")
+        return 0
+    names = [os.path.splitext(os.path.basename(p))[0] for p in args.compare]
+    if names[0] == names[1]:
+        names = ["A", "B"]
+    r = write_side_by_side(args.out, list(zip(names, (a, b))), args.paper)
+    print(side_by_side_markdown(r), end="")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _side_by_side(args, kind: str, model_dir: str) -> int:
+    from fast3d.evaluation.report import evaluate_side_by_side, markdown_path, side_by_side_markdown
+    from fast3d.models import checkpoints
+
+    base_dir = checkpoints.resolve_checkpoint(args.baseline)
+    base_kind = checkpoints.model_type(base_dir)
+    if base_kind != kind:
+        raise ValueError(f"--baseline {args.baseline!r} holds a {base_kind!r} model; --checkpoint holds a {kind!r} "
+                         f"one: side by side needs two models of one kind")
+    r = evaluate_side_by_side(_reconstructor(args, kind), [("baseline", base_dir), ("checkpoint", model_dir)],
+                              args.out, paper=args.paper)
+    print(side_by_side_markdown(r), end="")
+    print(f"wrote {args.out} and {markdown_path(args.out)}")
+    return 0
+
+
+def cmd_eval(args, fail) -> int:
     try:
         if args.compare:
-            from fast3d.evaluation.sets import read_json
-
-            a, b = (read_json(p, "--compare report") for p in args.compare)
-            for p, r in zip(args.compare, (a, b)):
-                if not isinstance(r, dict) or "mean" not in r:
-                    raise ValueError(f"--compare {p!r} is not a fast3d eval report (no 'mean')")
-            print(compare_reports(a, b), end="")
-            return 0
+            return _compare(args)
         if not args.out:
             raise ValueError("--out is required (or --compare A.json B.json)")
         if args.mv_model or args.recon:
+            if args.baseline or args.paper:
+                raise ValueError("--baseline/--paper are for reconstructors (--checkpoint with --data), not pipelines")
             if not (args.mv_model and args.recon) or args.checkpoint or args.data:
                 raise ValueError("a pipeline is --mv-model and --recon together, without --checkpoint or --data")
             r = _pipeline(args)
@@ -168,21 +223,17 @@ def cmd_eval(args, fail) -> int:
             if args.prompts or args.images or args.reference or args.fid_backbone:
                 raise ValueError(f"--prompts/--images/--reference/--fid-backbone are for generators; an {kind} model "
                                  f"takes --data (and --clip)")
-            if kind == "lgm":
-                from fast3d.inference import lgm
-
-                r = lgm.evaluate(model_dir, args.data, args.out, views=args.views or 16, resolution=args.resolution,
-                                 lpips_backbone=args.lpips_backbone, device=args.device, max_samples=args.max_samples,
-                                 clip=args.clip or ())
-            else:
-                from fast3d.inference import lrm
-
-                r = lrm.evaluate(model_dir, args.data, args.out, views=args.views or 4, resolution=args.resolution,
-                                 lpips_backbone=args.lpips_backbone, device=args.device, max_samples=args.max_samples,
-                                 clip=args.clip or ())
+            if args.baseline:
+                return _side_by_side(args, kind, model_dir)
+            if args.paper:
+                raise ValueError("--paper quotes a paper's numbers beside a side-by-side report: give --baseline "
+                                 "(or --compare A.json B.json --out)")
+            r = _reconstructor(args, kind)(model_dir, args.out)
         else:
             if args.data:
                 raise ValueError(f"--data is for reconstructors; a {kind} model takes --prompts / --images")
+            if args.baseline or args.paper:
+                raise ValueError(f"--baseline/--paper are for reconstructors (lgm, lrm); got a {kind} model")
             r = _generative(args, kind, model_dir)
     except ValueError as e:
         return fail("eval", str(e))
@@ -224,5 +275,11 @@ def register(sub, fail) -> None:
     s.add_argument("--lpips-backbone", default="imagenet", help="imagenet | random | VGG-16 weights file")
     s.add_argument("--max-samples", type=int, help="evaluate at most this many samples")
     s.add_argument("--device", help="cuda | cpu")
-    s.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), help="print two reports side by side")
+    s.add_argument("--baseline", help="lgm/lrm: a second model of the same kind (e.g. the base of a boost), scored on "
+                                      "the same --data with the same settings; --out is one report with both side "
+                                      "by side and the checkpoint's difference to it")
+    s.add_argument("--paper", help="with --baseline or --compare ... --out: quote a paper's published numbers as a "
+                                   "labelled reference row (mvboost: MVBoost's GSO results)")
+    s.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"),
+                   help="print two reports side by side (with --out: write them as one side-by-side report)")
     s.set_defaults(fn=lambda args: cmd_eval(args, fail))

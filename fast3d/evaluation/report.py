@@ -8,6 +8,10 @@
   other settings or another model start afresh).
 * ``Progress``: one line per sample on stderr (count, rate, time left).
 * ``compare_reports``: two reports side by side with the differences (``fast3d eval --compare``).
+* ``side_by_side`` / ``evaluate_side_by_side``: several models scored on one held-out set in ONE
+  report (``fast3d eval --baseline``, ``fast3d boost demo``): each model's means, each one's
+  difference to the first (the baseline) and on how many samples it is better, and optionally a
+  paper's published numbers quoted beside them as a labelled reference row (``PAPER_NUMBERS``).
 """
 
 from __future__ import annotations
@@ -30,6 +34,19 @@ METRICS = {
     "fid": ("FID", False),
 }
 TABLE_HIDDEN = ("precision", "recall")  # in the JSON rows, not in the paper-style table
+
+# Published results quoted beside a side-by-side report (``--paper NAME``): measured by the paper's
+# authors on their benchmark with their models, never here. "mean" uses this module's metric names.
+PAPER_NUMBERS = {
+    "mvboost": {
+        "label": "MVBoost (paper, GSO)",
+        "note": "MVBoost's published single-image reconstruction results on Google Scanned Objects (its full-size "
+                "Era3D + LGM, its renders, views and Chamfer/F-score convention): quoted for reference, not "
+                "measured by this run and not comparable to tiny models on other data",
+        "data": "Google Scanned Objects",
+        "mean": {"psnr": 18.561, "ssim": 0.859, "lpips": 0.131, "chamfer": 0.1011, "fscore": 0.7977},
+    },
+}
 
 
 def mean_metrics(rows: list[dict]) -> dict:
@@ -221,3 +238,154 @@ def compare_reports(a: dict, b: dict, names: tuple[str, str] = ("A", "B")) -> st
     for r in rows:
         out.append("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
     return "\n".join(out) + "\n"
+
+
+def _values(report: dict) -> dict:
+    return {k: v for k, v in {**report.get("mean", {}), **report.get("set_metrics", {})}.items()
+            if k not in TABLE_HIDDEN}
+
+
+def side_by_side(reports: list[tuple[str, dict]], paper: str | None = None) -> dict:
+    """One report of several models on one held-out set: the first is the baseline.
+
+    Args:
+        reports: (name, report) pairs, each report as :func:`write_report` returns it; the names are
+            the table's row labels and must differ.
+        paper: a key of ``PAPER_NUMBERS`` whose published numbers are quoted as a labelled reference
+            row, or None.
+
+    Returns:
+        ``{"kind": "side_by_side", "baseline", "data", "samples", "commit", "models": [{"name",
+        "model", "kind", "samples", "mean", "backbones"}], "difference": {name: {metric: value -
+        baseline's}}, "better_on": {name: {metric: [samples better, samples compared]}},
+        "paper": {...} or None}``. A metric whose backbones differ between a model and the baseline
+        has no difference (``None``).
+
+    Raises:
+        ValueError: fewer than two reports, repeated names, other data or other samples than the
+            baseline's, or an unknown ``paper``.
+    """
+    if len(reports) < 2:
+        raise ValueError(f"side by side needs at least two reports; got {len(reports)}")
+    names = [n for n, _ in reports]
+    if len(set(names)) != len(names):
+        raise ValueError(f"the models' names must differ; got {names}")
+    if paper is not None and paper not in PAPER_NUMBERS:
+        raise ValueError(f"--paper must be one of {sorted(PAPER_NUMBERS)}; got {paper!r}")
+    base_name, base = reports[0]
+    keys = [r["key"] for r in base.get("per_sample", [])]
+    for name, r in reports[1:]:
+        if os.path.abspath(r["data"]) != os.path.abspath(base["data"]):
+            raise ValueError(f"{name!r} was evaluated on {r['data']!r}, {base_name!r} on {base['data']!r}: side by "
+                             f"side needs one held-out set")
+        other = [s["key"] for s in r.get("per_sample", [])]
+        if sorted(other) != sorted(keys):
+            raise ValueError(f"{name!r} has {len(other)} samples, {base_name!r} {len(keys)}, not the same ones: side "
+                             f"by side needs the same samples")
+    bv, bb = _values(base), base.get("backbones", {})
+    base_rows = {s["key"]: s for s in base.get("per_sample", [])}
+    difference, better_on = {}, {}
+    for name, r in reports[1:]:
+        v, backs = _values(r), r.get("backbones", {})
+        difference[name], better_on[name] = {}, {}
+        for k in dict.fromkeys([*bv, *v]):
+            if k not in bv or k not in v:
+                continue
+            same = bb.get(k) == backs.get(k)
+            difference[name][k] = v[k] - bv[k] if same else None
+            up = _label(k)[1]
+            pairs = [(s[k], base_rows[s["key"]][k]) for s in r.get("per_sample", [])
+                     if k in s and k in base_rows.get(s["key"], {})]
+            if same and up is not None and pairs:  # paired per sample: on how many objects it is better
+                better_on[name][k] = [sum(1 for x, y in pairs if (x > y if up else x < y)), len(pairs)]
+    return {"kind": "side_by_side", "baseline": base_name, "data": os.path.abspath(base["data"]),
+            "samples": base["samples"], "commit": git_commit(),
+            "models": [{"name": n, "model": r["model"], "kind": r.get("kind"), "samples": r["samples"],
+                        "mean": _values(r), "backbones": r.get("backbones", {})} for n, r in reports],
+            "difference": difference, "better_on": better_on,
+            "paper": dict(PAPER_NUMBERS[paper], key=paper) if paper else None}
+
+
+def side_by_side_markdown(report: dict) -> str:
+    """A :func:`side_by_side` report as one paper-style table: a row per model, a row per model's
+    difference to the baseline (with on how many samples it is better), and the paper's row, labelled
+    as the paper's, under the metrics it has (its other numbers listed below the table)."""
+    models = report["models"]
+    cols = list(dict.fromkeys(k for m in models for k in m["mean"]))
+    head = ["Model", "Data"] + [f"{lab} {'↑' if up else '↓' if up is not None else ''}".strip()
+                                for lab, up in map(_label, cols)]
+    data = f"{os.path.basename(os.path.normpath(report['data']))} ({report['samples']})"
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m in models:
+        lines.append("| " + " | ".join([m["name"], data] + [_fmt(m["mean"][k]) if k in m["mean"] else "-"
+                                                            for k in cols]) + " |")
+    for m in models[1:]:
+        d, won = report["difference"][m["name"]], report["better_on"][m["name"]]
+        cells = []
+        for k in cols:
+            if d.get(k) is None:
+                cells.append("-")
+            else:
+                cells.append(f"{d[k]:+.4g}" + (f" ({won[k][0]}/{won[k][1]} better)" if k in won else ""))
+        lines.append("| " + " | ".join([f"{m['name']} − {report['baseline']}", ""] + cells) + " |")
+    paper = report.get("paper")
+    if paper:
+        cells = [str(paper["mean"][k]) if k in paper["mean"] else "-" for k in cols]
+        lines.append("| " + " | ".join([f"{paper['label']} †", paper["data"]] + cells) + " |")
+    lines.append("")
+    if paper:
+        quoted = ", ".join(f"{_label(k)[0]} {v}" for k, v in paper["mean"].items())
+        lines.append(f"- † {paper['label']}: {quoted}. {paper['note']}.")
+        missing = [k for k in paper["mean"] if k not in cols]
+        if missing:
+            lines.append(f"- the paper's {', '.join(_label(k)[0] for k in missing)} has no column here: this run "
+                         f"did not measure that metric (a stand-in backbone is reported under its own name)")
+    for m in models:
+        lines.append(f"- {m['name']}: `{m['model']}`" + (f" ({m['kind']})" if m.get("kind") else ""))
+    lines.append(f"- data: `{report['data']}`, {report['samples']} samples; differences are each model's mean "
+                 f"minus {report['baseline']}'s, \"better\" counted per sample by the metric's direction")
+    for metric, backbone in models[0]["backbones"].items():
+        lines.append(f"- {metric}: {backbone}")
+    lines.append(f"- commit: {report.get('commit', 'unknown')}")
+    return "\n".join(lines) + "\n"
+
+
+def write_side_by_side(out_json: str, reports: list[tuple[str, dict]], paper: str | None = None) -> dict:
+    """:func:`side_by_side` written to ``out_json`` (atomically) and its Markdown table beside it."""
+    report = side_by_side(reports, paper)
+    os.makedirs(os.path.dirname(os.path.abspath(out_json)), exist_ok=True)
+    with atomic_open(out_json) as f:
+        json.dump(report, f, indent=1)
+    with atomic_open(markdown_path(out_json)) as f:
+        f.write(side_by_side_markdown(report))
+    return report
+
+
+def model_report_path(out_json: str, name: str) -> str:
+    """Where :func:`evaluate_side_by_side` keeps model ``name``'s own report (and its resumable rows):
+    ``<out>.<name>.json`` with the name reduced to letters, digits, '.', '-' and '_'."""
+    slug = "".join(c if c.isalnum() or c in ".-_" else "_" for c in name).strip("._") or "model"
+    return (out_json[:-5] if out_json.endswith(".json") else out_json) + f".{slug}.json"
+
+
+def evaluate_side_by_side(evaluate, models: list[tuple[str, str]], out_json: str, paper: str | None = None) -> dict:
+    """Score every model on one held-out set with the same settings and write one side-by-side report.
+
+    Args:
+        evaluate: ``evaluate(model_dir, out_json) -> report`` (e.g. ``fast3d.inference.lgm.evaluate``
+            with the data and settings bound); each model's own report goes to
+            :func:`model_report_path`, so a killed run resumes model by model, sample by sample.
+        models: (name, model directory) pairs; the first is the baseline.
+        out_json: the side-by-side report (JSON, and its Markdown table beside it).
+        paper: a key of ``PAPER_NUMBERS`` quoted as a labelled reference row, or None.
+
+    Returns:
+        The :func:`side_by_side` report.
+    """
+    if paper is not None and paper not in PAPER_NUMBERS:  # before any model is scored
+        raise ValueError(f"--paper must be one of {sorted(PAPER_NUMBERS)}; got {paper!r}")
+    paths = [model_report_path(out_json, n) for n, _ in models]
+    if len(set(paths)) != len(paths) or os.path.abspath(out_json) in map(os.path.abspath, paths):
+        raise ValueError(f"the models' names {[n for n, _ in models]} must differ after reduction to file names")
+    reports = [(name, evaluate(model_dir, path)) for (name, model_dir), path in zip(models, paths)]
+    return write_side_by_side(out_json, reports, paper)

@@ -201,3 +201,63 @@ def test_a_text_to_3d_pipeline_is_scored_on_its_renders(setup, tmp_path):
     assert r["set_metrics"]["fid:random-tiny-conv"] > 0
     assert run(*args) == 0
     assert json.loads(out.read_text())["per_sample"] == r["per_sample"]
+
+
+@pytest.mark.slow
+def test_baseline_and_checkpoint_side_by_side_on_gso_and_shards(setup, tmp_path, capsys):
+    """`fast3d eval --baseline BASE --checkpoint BOOSTED`: both LGMs scored on one held-out set (a
+    GSO-style folder, then fast3d shards) in one report; each model's numbers are those of its own
+    `fast3d eval`, the difference is theirs, and MVBoost's GSO numbers are the labelled paper row."""
+    torch.manual_seed(3)
+    other = str(tmp_path / "lgm_other")
+    LGM(LGMConfig.preset("tiny")).save_pretrained(other)  # another draw of the tiny LGM: the "boosted" one
+    common = ["--lpips-backbone", "random", "--device", "cpu", "--resolution", "32"]
+    for data in (setup["gso"], setup["shards"]):
+        name = os.path.basename(data)
+        out = tmp_path / f"{name}.json"
+        assert run("eval", "--baseline", setup["lgm"], "--checkpoint", other, "--data", data, "--out", out,
+                   "--paper", "mvboost", *common) == 0
+        printed = capsys.readouterr().out
+        r = json.loads(out.read_text())
+        assert r["kind"] == "side_by_side" and r["samples"] == 2 and r["data"] == os.path.abspath(data)
+        kept = {}
+        for model, tag in ((setup["lgm"], "baseline"), (other, "checkpoint")):
+            kept[tag] = json.loads((tmp_path / f"{name}.{tag}.json").read_text())
+            assert kept[tag]["model"] == os.path.abspath(model) and kept[tag]["data"] == os.path.abspath(data)
+        if data == setup["gso"]:  # the checkpoint's numbers are those of its own `fast3d eval`
+            own = tmp_path / "alone.json"
+            assert run("eval", "--checkpoint", other, "--data", data, "--out", own, *common) == 0
+            assert json.loads(own.read_text())["per_sample"] == kept["checkpoint"]["per_sample"]
+        capsys.readouterr()
+        means = {m["name"]: m["mean"] for m in r["models"]}
+        for k in ("psnr", "ssim", "lpips_random", "chamfer", "fscore"):
+            a, b = kept["baseline"]["mean"][k], kept["checkpoint"]["mean"][k]
+            assert means["baseline"][k] == a and means["checkpoint"][k] == b
+            assert r["difference"]["checkpoint"][k] == b - a
+        md = (tmp_path / f"{name}.md").read_text()
+        assert md == printed.split(f"wrote {out}")[0]
+        assert md.splitlines()[0] == "| Model | Data | PSNR ↑ | SSIM ↑ | LPIPS (random VGG) ↓ | CD ↓ | F-Score ↑ |"
+        assert "| MVBoost (paper, GSO) † | Google Scanned Objects | 18.561 | 0.859 | - | 0.1011 | 0.7977 |" in md
+    # two written reports side by side, with the paper's row, from --compare
+    a, b = tmp_path / "gso.baseline.json", tmp_path / "gso.checkpoint.json"
+    both = tmp_path / "compared.json"
+    assert run("eval", "--compare", a, b, "--out", both, "--paper", "mvboost") == 0
+    c = json.loads(both.read_text())
+    assert [m["name"] for m in c["models"]] == ["gso.baseline", "gso.checkpoint"]
+    assert c["difference"]["gso.checkpoint"] == json.loads((tmp_path / "gso.json").read_text())["difference"]["checkpoint"]
+
+
+def test_side_by_side_bad_input_is_named(setup, tmp_path, capsys):
+    cases = [
+        (["--checkpoint", setup["lgm"], "--baseline", setup["lrm"], "--data", setup["gso"]],
+         "holds a 'lrm' model; --checkpoint holds a 'lgm' one"),
+        (["--checkpoint", setup["lgm"], "--baseline", setup["lgm"], "--data", setup["gso"], "--paper", "lgm-paper"],
+         "--paper must be one of ['mvboost']; got 'lgm-paper'"),
+        (["--checkpoint", setup["lgm"], "--data", setup["gso"], "--paper", "mvboost"], "give --baseline"),
+        (["--checkpoint", setup["ttr"], "--prompts", setup["prompts"], "--baseline", setup["ttr"]],
+         "--baseline/--paper are for reconstructors"),
+    ]
+    for args, match in cases:
+        assert run("eval", "--out", tmp_path / "x.json", *args) == 2, args
+        assert match in capsys.readouterr().err, (args, match)
+    assert not os.path.exists(tmp_path / "x.baseline.json"), "refused before any model is scored"
