@@ -158,11 +158,11 @@ class Pipeline:
         """One image -> {"input" [3, R, R], "views", "renders", "refined" [V, 3, R, R],
         "alphas" [V, 1, R, R]}, all on the CPU in [0, 1]. ValueError for an image that is not one."""
         from fast3d.inference.generate import object_fraction
-        from fast3d.inference.lgm import reconstruct
+        from fast3d.inference.lgm import world_gaussians
         from fast3d.inference.mvdiff import sample_views
         from fast3d.inference.preprocess import preprocess
         from fast3d.io.images import read_image
-        from fast3d.models.lgm import LGM, apply_transform_to_gaussians
+        from fast3d.models.lgm import LGM
 
         mv, cfg, R = self.mv, self.cfg, self.mv.resolution
         bg_level = float(mv.model.config.background)
@@ -173,8 +173,7 @@ class Pipeline:
         views = sample_views(mv.model, image, seed=s_views, **kw)["images"].float().clamp(0, 1)
         dev = next(self.recon.model.parameters()).device
         idx = self.idx
-        g, T = reconstruct(self.recon.model, views[idx][None], self.viewmats[idx][None], self.Ks[idx][None])
-        world = apply_transform_to_gaussians(g, torch.linalg.inv(T.double()).float())
+        world = world_gaussians(self.recon.model, views[idx][None], self.viewmats[idx][None], self.Ks[idx][None])
         V = len(self.viewmats)
         with torch.no_grad():
             renders, alphas = LGM.render(world, self.viewmats[None].to(dev), self.Ks[None].to(dev), R, R,

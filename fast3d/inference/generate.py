@@ -49,7 +49,7 @@ from torch import Tensor
 
 from fast3d import cameras as cams
 from fast3d import checks
-from fast3d.inference.common import StageTimer, save_image, write_turntable
+from fast3d.inference.common import StageTimer, default_device, save_image, write_turntable
 from fast3d.io.atomic import atomic_open
 from fast3d.models.checkpoints import model_type, resolve_checkpoint
 
@@ -74,10 +74,6 @@ TTR_RIG_NAME = "mvdream4"
 
 _DEFAULTS = {"mvdiff": dict(steps=30, guidance=3.0, scheduler="ddim"),
              "mvdit": dict(steps=20, guidance=4.5, scheduler="dpm")}
-
-
-def _device(device) -> torch.device:
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 # --- the models --------------------------------------------------------------------------------------
@@ -145,7 +141,7 @@ def load_multiview(model_dir: str, input_kind: str, device=None) -> MultiView:
         what = ("an image-conditioned multi-view diffusion model ('mvdiff', fast3d train mvdiff)" if want == "mvdiff"
                 else "the multi-view DiT of fast3d train ttr ('mvdit')")
         raise ValueError(f"--mv-model {model_dir!r} holds a {kind!r} model; --{input_kind} needs {what}")
-    dev = _device(device)
+    dev = default_device(device)
     if kind == "mvdiff":
         from fast3d.inference.mvdiff import load_mvdiff
 
@@ -157,14 +153,24 @@ def load_multiview(model_dir: str, input_kind: str, device=None) -> MultiView:
     return MultiView("mvdit", path, TTR_RIG_NAME, 4, cfg.view_size, pipe, extra={"config": cfg})
 
 
-def load_reconstructor(model_dir: str, device=None) -> Reconstructor:
-    """The LGM or LRM of ``--recon`` (a model, checkpoint or training run directory), in eval mode."""
-    path = resolve_checkpoint(model_dir, what="--recon")
+def load_reconstructor(model_dir: str, device=None, what: str = "--recon") -> Reconstructor:
+    """The LGM or LRM of a model, checkpoint or training run directory (EMA weights preferred), in
+    eval mode: ``fast3d generate --recon``'s, ``fast3d datagen boost``'s and ``fast3d serve``'s.
+
+    Args:
+        model_dir: the directory.
+        device: where it runs (:func:`~fast3d.inference.common.default_device`).
+        what: the argument's name in errors.
+
+    Returns:
+        The loaded :class:`Reconstructor`.
+    """
+    path = resolve_checkpoint(model_dir, what=what)
     kind = model_type(path)
     if kind not in ("lgm", "lrm"):
-        raise ValueError(f"--recon {model_dir!r} holds a {kind!r} model; expected a reconstructor: an 'lgm' "
+        raise ValueError(f"{what} {model_dir!r} holds a {kind!r} model; expected a reconstructor: an 'lgm' "
                          f"(fast3d train lgm) or an 'lrm' (fast3d train lrm)")
-    dev = _device(device)
+    dev = default_device(device)
     if kind == "lgm":
         from fast3d.models.lgm import LGM
 
@@ -358,54 +364,39 @@ def _reconstruct(recon: Reconstructor, images: Tensor,  # [V, 3, R, R]
     if checks.integer("--refine-pose", settings.refine_pose, 0) and recon.kind != "lgm":
         raise ValueError(f"--refine-pose refines an LGM's input cameras; --recon is an {recon.kind!r}")
     if recon.kind == "lgm":
-        from fast3d.inference.lgm import _sh_from_rgb, reconstruct
-        from fast3d.io import save_ply
-        from fast3d.models.lgm import LGM, apply_transform_to_gaussians
+        from fast3d.inference import lgm
 
         cfg = recon.model.config
         with timer("reconstruct"):
-            g, T = reconstruct(recon.model, images[None], viewmats[None], Ks[None])
-            world = apply_transform_to_gaussians(g, torch.linalg.inv(T.double()).float())
+            world = lgm.world_gaussians(recon.model, images[None], viewmats[None], Ks[None])
         refined = {}
         if settings.refine_pose:
             from fast3d.evaluation.image_metrics import load_lpips
-            from fast3d.inference.lgm import refine_and_reconstruct
 
             with timer("refine poses"):
-                world, viewmats, report = refine_and_reconstruct(
+                world, viewmats, report = lgm.refine_and_reconstruct(
                     recon.model, images, viewmats, Ks, world, load_lpips(settings.lpips_backbone, dev),
                     settings.refine_pose)
-            with atomic_open(os.path.join(out_dir, "cameras_refined.json")) as f:
-                json.dump({"viewmats": viewmats.tolist(), "Ks": Ks.tolist(), **report,
-                           "lpips_backbone": settings.lpips_backbone}, f, indent=1)
+            lgm.save_refined_cameras(os.path.join(out_dir, "cameras_refined.json"), viewmats, Ks, report,
+                                     settings.lpips_backbone)
             refined = {"cameras_refined": "cameras_refined.json", "kept": report["kept"],
                        "lpips_before": report["lpips"]["before"], "lpips_after": report["lpips"]["after"]}
         with timer("export"):
-            save_ply(os.path.join(out_dir, "gaussians.ply"), world["means"][0], world["quats"][0],
-                     world["scales"][0], world["opacities"][0].clamp(1e-6, 1 - 1e-6),
-                     _sh_from_rgb(world["colors"][0]))
+            lgm.save_gaussians_ply(os.path.join(out_dir, "gaussians.ply"), world)
         res = settings.turntable_resolution or cfg.render_size
-        n = settings.turntable_frames
         with timer("turntable"):
-            dist = float(cams.camera_centers(viewmats.double()).norm(dim=-1).mean())
-            tv, tK = cams.turntable(n, res, 20.0, dist, cfg.fov_y_deg)
-            frames = []
-            for i in range(0, n, 12):
-                k = min(12, n - i)
-                rgb, _ = LGM.render(world, tv[None, i:i + k].to(dev), tK[None, i:i + k].to(dev), res, res,
-                                    backgrounds=torch.ones(1, k, 3, device=dev))
-                frames.append(rgb[0].float())
-            write_turntable(torch.cat(frames), os.path.join(out_dir, "turntable.gif"))
+            frames = lgm.render_turntable(world, cfg, lgm.rig_distance(viewmats), settings.turntable_frames, res)
+            write_turntable(frames, os.path.join(out_dir, "turntable.gif"))
         return {"gaussians": "gaussians.ply", "num_gaussians": int(world["means"].shape[1]),
                 "turntable": "turntable.gif", **refined}
-    from fast3d.inference.lrm import TURNTABLE_CHUNK, _planes, _posed_camera
+    from fast3d.inference.lrm import render_turntable, source_camera, timed_planes
     from fast3d.inference.mesh import DENSITY_THRESHOLD, extract_mesh
     from fast3d.io import save_mesh_ply, save_points_ply
 
     model = recon.model
-    vm, K, cam = _posed_camera({"viewmats": viewmats.tolist(), "Ks": Ks.tolist()}, R)
+    vm, K, cam = source_camera({"viewmats": viewmats.tolist(), "Ks": Ks.tolist()}, R)
     with torch.no_grad():
-        planes = _planes(model, images.to(dev), vm.to(dev), K.to(dev), timer)
+        planes = timed_planes(model, images.to(dev), vm.to(dev), K.to(dev), timer)
         timer.stages["reconstruct"] = timer.stages.pop("encode") + timer.stages.pop("planes")
         with timer("export"):
             points, colors = model.extract_points(planes[0], settings.point_grid, DENSITY_THRESHOLD)
@@ -416,14 +407,9 @@ def _reconstruct(recon: Reconstructor, images: Tensor,  # [V, 3, R, R]
                 save_mesh_ply(os.path.join(out_dir, "mesh.ply"), vertices, faces, vcolors)
                 files.update(mesh="mesh.ply", num_vertices=len(vertices), num_faces=len(faces))
         res = settings.turntable_resolution or model.config.image_size
-        n = settings.turntable_frames
         with timer("turntable"):
-            tv, tK = cams.turntable(n, res, cam["elevation_deg"], cam["distance"], cam["fov_y_deg"])
-            white = torch.ones(3, device=dev)
-            frames = [model.render(planes, tv[None, i:i + TURNTABLE_CHUNK].to(dev),
-                                   tK[None, i:i + TURNTABLE_CHUNK].to(dev), res, res, background=white)["images"][0]
-                      for i in range(0, n, TURNTABLE_CHUNK)]
-            write_turntable(torch.cat(frames).float(), os.path.join(out_dir, "turntable.gif"))
+            write_turntable(render_turntable(model, planes, cam, settings.turntable_frames, res),
+                            os.path.join(out_dir, "turntable.gif"))
     return {**files, "turntable": "turntable.gif"}
 
 
@@ -587,7 +573,7 @@ def run(mv_model: str, recon_model: str, out: str, images: list[str] | None = No
                          f"refusing to replace it")
     if batch and os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out {out!r} exists and is not a directory")
-    dev = _device(device)
+    dev = default_device(device)
     t0 = time.perf_counter()
     mv = load_multiview(mv_model, "image" if images is not None else "prompt", dev)
     t1 = time.perf_counter()

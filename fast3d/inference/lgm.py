@@ -19,10 +19,19 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fast3d import cameras as cams
-from fast3d.inference.common import StageTimer, load_images, write_turntable
+from fast3d.inference.common import StageTimer, default_device, load_images, write_turntable
 from fast3d.io.atomic import atomic_open
+from fast3d.io.ply import ply_bytes, save_ply
 from fast3d.models.lgm import LGM, apply_transform_to_gaussians, normalize_cameras
 from fast3d.ops.rasterization.reference import SH_C0
+
+# The turntable of a reconstruction (``fast3d infer``, ``fast3d generate``, ``fast3d serve``, the
+# generate benchmark): this elevation, above LGM's input rig (elevation 0) so that the top shows,
+# at the inputs' mean camera distance and the model's field of view; rendered this many frames a call.
+TURNTABLE_ELEVATION_DEG = 20.0
+TURNTABLE_CHUNK = 12
+# The PLY's opacities are clamped into the open interval (the file stores their logit).
+PLY_OPACITY_EPS = 1e-6
 
 
 def reconstruct(model: LGM,
@@ -151,8 +160,106 @@ def refine_input_poses(gaussians: dict,   # one scene, world frame: means [1, N,
     return refined.cpu(), before.cpu(), torch.where(keep, after, before).cpu()
 
 
-def _sh_from_rgb(rgb: Tensor) -> Tensor:  # [N, 3] -> [N, 1, 3]: the rasterizer's colour = SH0 C0 + 0.5
+def sh_from_rgb(rgb: Tensor,  # [N, 3] colours in [0, 1]
+                ) -> Tensor:  # -> [N, 1, 3] degree-0 SH coefficients
+    """The degree-0 spherical-harmonics coefficient of each colour: the rasterizer's colour is
+    ``SH0 * C0 + 0.5``, so ``SH0 = (rgb - 0.5) / C0``."""
     return ((rgb - 0.5) / SH_C0)[:, None, :]
+
+
+def _one_scene(scene: dict) -> dict:
+    """A scene's tensors without a batch dimension: means [N, 3] as given, or [1, N, 3] squeezed."""
+    if scene["means"].dim() == 2:
+        return scene
+    if scene["means"].dim() != 3 or scene["means"].shape[0] != 1:
+        raise ValueError(f"scene: expected one scene, means [N, 3] or [1, N, 3]; got {tuple(scene['means'].shape)}")
+    return {k: v[0] for k, v in scene.items()}
+
+
+def _ply_fields(scene: dict) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    g = _one_scene(scene)
+    return (g["means"], g["quats"], g["scales"], g["opacities"].clamp(PLY_OPACITY_EPS, 1 - PLY_OPACITY_EPS),
+            sh_from_rgb(g["colors"]))
+
+
+def save_gaussians_ply(path: str, scene: dict) -> None:
+    """One reconstruction as a 3DGS PLY (:func:`fast3d.io.ply.save_ply`, written atomically).
+
+    Args:
+        path: the file.
+        scene: LGM's Gaussians of one scene: means [N, 3] (or [1, N, 3]), quats [N, 4], scales [N, 3],
+            opacities [N], colors [N, 3] in [0, 1] (stored as degree-0 SH).
+    """
+    save_ply(path, *_ply_fields(scene))
+
+
+def gaussians_ply_bytes(scene: dict) -> bytes:
+    """The bytes :func:`save_gaussians_ply` writes for ``scene`` (an HTTP response body)."""
+    return ply_bytes(*_ply_fields(scene))
+
+
+def world_gaussians(model: LGM,
+                    images: Tensor,    # [B, V, 3, R, R] in [0, 1]
+                    viewmats: Tensor,  # [B, V, 4, 4] world-to-camera, OpenCV
+                    Ks: Tensor,        # [B, V, 3, 3] pixels of the R x R images
+                    ) -> dict:         # -> means [B, N, 3], quats, scales, opacities, colors
+    """The model's Gaussians (:func:`reconstruct`) moved back into the input cameras' world.
+
+    Args:
+        model: the LGM, in eval mode.
+        images, viewmats, Ks: the posed input views of B scenes.
+
+    Returns:
+        The Gaussians of each scene, on the model's device.
+    """
+    g, T = reconstruct(model, images, viewmats, Ks)
+    return apply_transform_to_gaussians(g, torch.linalg.inv(T.double()).float())
+
+
+def rig_distance(viewmats: Tensor,  # [..., V, 4, 4] world-to-camera
+                 ) -> float:
+    """The mean distance of the cameras from the world origin (in float64): the turntable's radius."""
+    return float(cams.camera_centers(viewmats.double()).norm(dim=-1).mean())
+
+
+def turntable_cameras(config, distance: float, frames: int, resolution: int) -> tuple[Tensor, Tensor]:
+    """The turntable's cameras (``TURNTABLE_ELEVATION_DEG``, ``distance``, the model's field of view).
+
+    Args:
+        config: the LGM's config (its ``fov_y_deg``).
+        distance: the orbit's radius (:func:`rig_distance` of the input cameras).
+        frames: how many views around the object.
+        resolution: their side in pixels.
+
+    Returns:
+        viewmats [frames, 4, 4] and Ks [frames, 3, 3] on the CPU.
+    """
+    return cams.turntable(frames, resolution, TURNTABLE_ELEVATION_DEG, distance, config.fov_y_deg)
+
+
+def render_turntable(scene: dict,  # one scene in the input's world: means [1, N, 3], ...
+                     config, distance: float, frames: int, resolution: int) -> Tensor:  # -> [frames, 3, res, res]
+    """The turntable of one reconstruction (:func:`turntable_cameras`) on white, ``TURNTABLE_CHUNK``
+    frames a rasterization call; float32 in [0, 1] on the scene's device."""
+    dev = scene["means"].device
+    tv, tK = turntable_cameras(config, distance, frames, resolution)
+    out = []
+    for i in range(0, frames, TURNTABLE_CHUNK):
+        k = min(TURNTABLE_CHUNK, frames - i)
+        rgb, _ = LGM.render(scene, tv[None, i:i + k].to(dev), tK[None, i:i + k].to(dev), resolution, resolution,
+                            backgrounds=torch.ones(1, k, 3, device=dev))
+        out.append(rgb[0].float())
+    return torch.cat(out)
+
+
+def save_refined_cameras(path: str, viewmats: Tensor,  # [V, 4, 4] the cameras the output was made from
+                         Ks: Tensor,                   # [V, 3, 3]
+                         report: dict, lpips_backbone: str) -> None:
+    """``cameras_refined.json`` of a pose refinement: the cameras used, :func:`refine_and_reconstruct`'s
+    report and the LPIPS network it used, written atomically."""
+    with atomic_open(path) as f:
+        json.dump({"viewmats": viewmats.tolist(), "Ks": Ks.tolist(), **report, "lpips_backbone": lpips_backbone},
+                  f, indent=1)
 
 
 def input_view_lpips(gaussians: dict,   # one scene, world frame: means [1, N, 3], ...
@@ -169,13 +276,6 @@ def input_view_lpips(gaussians: dict,   # one scene, world frame: means [1, N, 3
         rgb, _ = LGM.render(g, viewmats[:, None].to(dev), Ks[:, None].to(dev), R, R,
                             backgrounds=torch.ones(V, 1, 3, device=dev))
         return lpips(rgb[:, 0], images.to(dev)).cpu()
-
-
-def _world_gaussians(model: LGM, imgs: Tensor, vm: Tensor, Ks: Tensor) -> dict:
-    """One scene's Gaussians in the input's world frame (``imgs`` [V, 3, R, R], ``vm`` [V, 4, 4],
-    ``Ks`` [V, 3, 3]); means [1, N, 3], ..."""
-    g, T = reconstruct(model, imgs[None], vm[None], Ks[None])
-    return apply_transform_to_gaussians(g, torch.linalg.inv(T.double()).float())
 
 
 def refine_and_reconstruct(model: LGM,
@@ -199,7 +299,7 @@ def refine_and_reconstruct(model: LGM,
         reconstruction, refined cameras), and the means ``mean_before`` / ``mean_after``.
     """
     refined, before, at_refined = refine_input_poses(world, imgs, vm, Ks, lpips, steps=steps)
-    redone = _world_gaussians(model, imgs, refined, Ks)
+    redone = world_gaussians(model, imgs[None], refined[None], Ks[None])
     after = input_view_lpips(redone, imgs, refined, Ks, lpips)
     kept = "refined" if after.mean() <= before.mean() else "original"
     report = {"kept": kept, "refined_viewmats": refined.tolist(),
@@ -228,12 +328,10 @@ def infer(model_dir: str, image_paths: list[str], out_dir: str, cameras_json: st
     cameras, what the refinement minimised) and ``after`` (the redone reconstruction at the
     refined cameras), and ``kept``: ``"refined"`` or ``"original"``. The returned dict carries the
     same numbers; ``gaussians.ply`` and the turntable are written after this decision."""
-    from fast3d.io import save_ply
-
     if isinstance(refine_pose_steps, bool) or not isinstance(refine_pose_steps, int) or refine_pose_steps < 0:
         raise ValueError(f"--refine-pose must be a number of steps >= 0; got {refine_pose_steps!r}")
     timer = StageTimer()
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = default_device(device)
     with timer("load model"):
         model = LGM.from_pretrained(model_dir).to(dev).eval()
     cfg = model.config
@@ -246,7 +344,7 @@ def infer(model_dir: str, image_paths: list[str], out_dir: str, cameras_json: st
         R = imgs.shape[-1]
         vm, Ks = read_cameras(cameras_json, len(image_paths), R) if cameras_json else default_input_cameras(cfg, R)
     with timer("model"):
-        world = _world_gaussians(model, imgs, vm, Ks)
+        world = world_gaussians(model, imgs[None], vm[None], Ks[None])
     result = {}
     if refine_pose_steps > 0:
         from fast3d.evaluation.image_metrics import load_lpips
@@ -254,29 +352,20 @@ def infer(model_dir: str, image_paths: list[str], out_dir: str, cameras_json: st
         with timer("refine poses"):
             world, vm, report = refine_and_reconstruct(model, imgs, vm, Ks, world, load_lpips(lpips_backbone, dev),
                                                        refine_pose_steps)
-        report["lpips_backbone"] = lpips_backbone
         os.makedirs(out_dir, exist_ok=True)
         cams_out = os.path.join(out_dir, "cameras_refined.json")
-        with atomic_open(cams_out) as f:
-            json.dump({"viewmats": vm.tolist(), "Ks": Ks.tolist(), **report}, f, indent=1)
+        save_refined_cameras(cams_out, vm, Ks, report, lpips_backbone)
         lp = report["lpips"]
         result.update(cameras_refined=cams_out, kept=report["kept"], lpips_before=lp["before"],
                       lpips_after=lp["after"], lpips_refined_cameras=lp["refined_cameras"])
     os.makedirs(out_dir, exist_ok=True)
     ply = os.path.join(out_dir, "gaussians.ply")
     with timer("write ply"):
-        save_ply(ply, world["means"][0], world["quats"][0], world["scales"][0],
-                 world["opacities"][0].clamp(1e-6, 1 - 1e-6), _sh_from_rgb(world["colors"][0]))
+        save_gaussians_ply(ply, world)
     res = resolution or cfg.render_size
     with timer("turntable"):
-        tv, tK = cams.turntable(turntable_frames, res, 20.0, float(cams.camera_centers(vm).norm(dim=-1).mean()),
-                               cfg.fov_y_deg)
-        frames = []
-        for i in range(0, turntable_frames, 12):
-            rgb, _ = LGM.render(world, tv[None, i:i + 12].to(dev), tK[None, i:i + 12].to(dev), res, res,
-                                backgrounds=torch.ones(1, min(12, turntable_frames - i), 3, device=dev))
-            frames.append(rgb[0])
-        gif = write_turntable(torch.cat(frames), os.path.join(out_dir, "turntable.gif"))
+        frames = render_turntable(world, cfg, rig_distance(vm), turntable_frames, res)
+        gif = write_turntable(frames, os.path.join(out_dir, "turntable.gif"))
     print(f"fast3d infer (LGM, {cfg.num_gaussians} Gaussians, {dev}):\n{timer.report()}\n"
           f"wrote {ply}\nwrote {gif}")
     return {"ply": ply, "turntable": gif, "latency_ms": dict(timer.stages), **result}
@@ -299,7 +388,7 @@ def evaluate(model_dir: str, data_path: str, out_json: str, input_views=(0, 4, 8
     from fast3d.evaluation.report import Progress, SampleLog, fingerprint, write_report
     from fast3d.evaluation.sets import iter_samples
 
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = default_device(device)
     model = LGM.from_pretrained(model_dir).to(dev).eval()
     cfg = model.config
     if len(input_views) != cfg.num_input_views:
@@ -321,8 +410,7 @@ def evaluate(model_dir: str, data_path: str, out_json: str, input_views=(0, 4, 8
         if log.done(s["key"]):
             continue
         idx = list(input_views)
-        g, T = reconstruct(model, s["images"][idx][None], s["viewmats"][idx][None], s["Ks"][idx][None])
-        world = apply_transform_to_gaussians(g, torch.linalg.inv(T.double()).float())
+        world = world_gaussians(model, s["images"][idx][None], s["viewmats"][idx][None], s["Ks"][idx][None])
         with torch.no_grad():
             rgb, _ = LGM.render(world, s["viewmats"][held][None].to(dev), s["Ks"][held][None].to(dev), R, R,
                                 backgrounds=torch.ones(1, len(held), 3, device=dev))

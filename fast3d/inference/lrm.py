@@ -26,7 +26,7 @@ from torch import Tensor
 
 from fast3d import cameras, checks
 from fast3d.data.shards import background_color
-from fast3d.inference.common import StageTimer, load_image, write_turntable
+from fast3d.inference.common import StageTimer, default_device, load_image, write_turntable
 from fast3d.inference.mesh import DENSITY_THRESHOLD, MESH_GRID, extract_mesh
 from fast3d.models.checkpoints import model_type, resolve_checkpoint
 from fast3d.models.lrm import LRM
@@ -35,10 +35,6 @@ CANONICAL_CAMERA = {"azimuth_deg": 0.0, "elevation_deg": 20.0, "distance": camer
                     "fov_y_deg": cameras.DEFAULT_FOV_Y_DEG}
 POINT_GRID = 128           # default extract_points grid: 128^3 density queries over the triplane box
 TURNTABLE_CHUNK = 8        # views per render call
-
-
-def _device(device) -> torch.device:
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def load_model(model_dir: str, device: torch.device) -> tuple[LRM, str]:
@@ -102,12 +98,21 @@ def source_camera(camera: dict | None, size: int, default: dict | None = None,
     return viewmat, K, {k: float(v) for k, v in cam.items()}
 
 
-def _planes(model: LRM, image: Tensor,  # [1, 3, H, W]
-            viewmat: Tensor,             # [1, 4, 4]
-            K: Tensor,                   # [1, 3, 3]
-            timer: StageTimer) -> Tensor:  # -> [1, 3, C, h, w]
-    """model(image, viewmat, K), timed as "encode" (the DINOv2 encoder, between hooks on it) and
-    "planes" (the rest: camera embedding, triplane transformer, upsampling)."""
+def timed_planes(model: LRM, image: Tensor,  # [1, 3, H, W]
+                 viewmat: Tensor,             # [1, 4, 4]
+                 K: Tensor,                   # [1, 3, 3]
+                 timer: StageTimer) -> Tensor:  # -> [1, 3, C, h, w]
+    """``model(image, viewmat, K)``, timed as "encode" (the DINOv2 encoder, between hooks on it) and
+    "planes" (the rest: camera embedding, triplane transformer, upsampling).
+
+    Args:
+        model: the LRM, in eval mode.
+        image, viewmat, K: one posed image on the model's device.
+        timer: gets the two stages.
+
+    Returns:
+        The triplane.
+    """
     marks = {}
 
     def mark(name):
@@ -131,6 +136,21 @@ def _planes(model: LRM, image: Tensor,  # [1, 3, H, W]
 
 
 @torch.no_grad()
+def render_turntable(model: LRM, planes: Tensor,  # [1, 3, C, h, w] one triplane, on the model's device
+                     camera: dict, frames: int, resolution: int) -> Tensor:  # -> [frames, 3, res, res]
+    """The turntable of a triplane on white: ``frames`` views around the origin at the source
+    camera's elevation, distance and field of view (``camera``: :func:`source_camera`'s dict),
+    ``TURNTABLE_CHUNK`` a render call; float32 in [0, 1]."""
+    dev = planes.device
+    tv, tK = cameras.turntable(frames, resolution, camera["elevation_deg"], camera["distance"], camera["fov_y_deg"])
+    white = torch.ones(3, device=dev)
+    out = [model.render(planes, tv[None, i:i + TURNTABLE_CHUNK].to(dev), tK[None, i:i + TURNTABLE_CHUNK].to(dev),
+                        resolution, resolution, background=white)["images"][0]
+           for i in range(0, frames, TURNTABLE_CHUNK)]
+    return torch.cat(out).float()
+
+
+@torch.no_grad()
 def infer(model_dir: str, image_path: str, out_dir: str, camera: dict | None = None, device=None,
           turntable_frames: int = 36, resolution: int | None = None, point_grid: int = POINT_GRID,
           mesh_grid: int = MESH_GRID) -> dict:
@@ -146,7 +166,7 @@ def infer(model_dir: str, image_path: str, out_dir: str, camera: dict | None = N
     point_grid = checks.integer("point_grid", point_grid, 2)
     if isinstance(mesh_grid, bool) or not isinstance(mesh_grid, int) or mesh_grid < 0 or mesh_grid == 1:
         raise ValueError(f"mesh_grid must be 0 (no mesh) or an integer >= 2; got {mesh_grid!r}")
-    dev = _device(device)
+    dev = default_device(device)
     timer = StageTimer()
     with timer("load"):
         model, path = load_model(model_dir, dev)
@@ -155,7 +175,7 @@ def infer(model_dir: str, image_path: str, out_dir: str, camera: dict | None = N
             raise ValueError(f"image {image_path!r} is {image.shape[2]}x{image.shape[1]}; LRM takes a square image "
                              f"(crop or pad it around the object)")
         viewmat, K, cam = source_camera(camera, image.shape[-1], model.config.source_camera)
-    planes = _planes(model, image[None].to(dev), viewmat.to(dev), K.to(dev), timer)
+    planes = timed_planes(model, image[None].to(dev), viewmat.to(dev), K.to(dev), timer)
     os.makedirs(out_dir, exist_ok=True)
     ply = os.path.join(out_dir, "points.ply")
     with timer("export"):
@@ -169,12 +189,8 @@ def infer(model_dir: str, image_path: str, out_dir: str, camera: dict | None = N
             save_mesh_ply(mesh, vertices, faces, vcolors)
     res = resolution or model.config.image_size
     with timer("turntable"):
-        tv, tK = cameras.turntable(turntable_frames, res, cam["elevation_deg"], cam["distance"], cam["fov_y_deg"])
-        white = torch.ones(3, device=dev)
-        frames = [model.render(planes, tv[None, i:i + TURNTABLE_CHUNK].to(dev), tK[None, i:i + TURNTABLE_CHUNK].to(dev),
-                               res, res, background=white)["images"][0]
-                  for i in range(0, turntable_frames, TURNTABLE_CHUNK)]
-        gif = write_turntable(torch.cat(frames).float(), os.path.join(out_dir, "turntable.gif"))
+        gif = write_turntable(render_turntable(model, planes, cam, turntable_frames, res),
+                              os.path.join(out_dir, "turntable.gif"))
     note = "" if len(points) else f" (no voxel above density {DENSITY_THRESHOLD}: an untrained or failed model?)"
     lines = [f"wrote {ply} ({len(points)} points{note})"]
     if mesh is not None:
@@ -210,7 +226,7 @@ def evaluate(model_dir: str, data_path: str, out_json: str, views: int = 4, reso
 
     views = checks.integer("views", views, 2, note="the input and at least one held-out view")
     max_samples = checks.positive_int("max_samples", max_samples, optional=True)
-    dev = _device(device)
+    dev = default_device(device)
     model, path = load_model(model_dir, dev)
     R = resolution or model.config.image_size
     R = checks.integer("resolution", R, 11, note="SSIM's window")

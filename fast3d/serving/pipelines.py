@@ -183,7 +183,7 @@ class LGMPipeline(Pipeline):
         self.num_images = model.config.num_input_views
 
     def prepare(self, images, cameras, turntable, params=None):
-        from fast3d.inference.lgm import default_input_cameras, parse_cameras, resize_inputs
+        from fast3d.inference.lgm import default_input_cameras, parse_cameras, resize_inputs, rig_distance
 
         self.check_params(params)
         R = self._check_images(images)
@@ -195,35 +195,31 @@ class LGMPipeline(Pipeline):
             except ValueError as e:
                 raise RequestError("cameras", str(e)) from None
         x, K = resize_inputs(torch.stack(images)[None], Ks[None], self.model.config.input_size)
-        distance = float(cams.camera_centers(vm).norm(dim=-1).mean())
-        return Prepared({"images": x, "viewmats": vm[None], "Ks": K}, turntable, {"distance": distance})
+        return Prepared({"images": x, "viewmats": vm[None], "Ks": K}, turntable, {"distance": rig_distance(vm)})
 
     def forward(self, inputs, n):
-        from fast3d.inference.lgm import reconstruct
-        from fast3d.models.lgm import apply_transform_to_gaussians
+        from fast3d.inference.lgm import world_gaussians
 
-        g, T = reconstruct(self.model, inputs["images"], inputs["viewmats"], inputs["Ks"])
-        world = apply_transform_to_gaussians(g, torch.linalg.inv(T.double()).float())
+        world = world_gaussians(self.model, inputs["images"], inputs["viewmats"], inputs["Ks"])
         return [{k: v[i] for k, v in world.items()} for i in range(n)]
 
     def render(self, scenes, extras):
+        from fast3d.inference.lgm import turntable_cameras
         from fast3d.models.lgm import LGM
 
         cfg, F, res = self.model.config, self.turntable_frames, self.model.config.render_size
-        tv, tK = zip(*(cams.turntable(F, res, 20.0, e["distance"], cfg.fov_y_deg) for e in extras))
+        tv, tK = zip(*(turntable_cameras(cfg, e["distance"], F, res) for e in extras))
         g = {k: torch.stack([s[k] for s in scenes]) for k in scenes[0]}
         rgb, _ = (self.rasterize or LGM.render)(g, torch.stack(tv).to(self.device), torch.stack(tK).to(self.device),
                                                 res, res, backgrounds=torch.ones(len(scenes), F, 3, device=self.device))
         return rgb
 
     def encode(self, scene, fmt):
-        from fast3d.inference.lgm import _sh_from_rgb
-        from fast3d.io.ply import ply_bytes
+        from fast3d.inference.lgm import gaussians_ply_bytes
         from fast3d.io.splat import splat_bytes
 
         if fmt == "ply":
-            return ply_bytes(scene["means"], scene["quats"], scene["scales"], scene["opacities"].clamp(1e-6, 1 - 1e-6),
-                             _sh_from_rgb(scene["colors"]))
+            return gaussians_ply_bytes(scene)
         return splat_bytes(scene["means"], scene["quats"], scene["scales"], scene["opacities"], scene["colors"])
 
 
@@ -377,25 +373,16 @@ def load_pipeline(checkpoint: str, max_batch: int = 8, turntable_frames: int = 1
             with ``compile`` or ``cuda_graphs`` and variable batches, the warm-up runs every batch size.
     """
     from fast3d import checks
-    from fast3d.models import checkpoints
+    from fast3d.inference.common import default_device
+    from fast3d.inference.generate import load_reconstructor
 
     max_batch = checks.positive_int("max_batch", max_batch)
     turntable_frames = checks.positive_int("turntable_frames", turntable_frames)
-    path = checkpoints.resolve_checkpoint(checkpoint)
-    kind = checkpoints.model_type(path)
-    if kind not in PIPELINES:
-        raise ValueError(f"checkpoint {checkpoint!r} holds a {kind!r} model; the server serves {sorted(PIPELINES)}")
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if kind == "lgm":
-        from fast3d.models.lgm import LGM
-
-        model = LGM.from_pretrained(path)
-    else:
-        from fast3d.models.lrm import LRM
-
-        model = LRM.from_pretrained(path)
-    pipe = PIPELINES[kind](model.to(dev).eval(), max_batch, turntable_frames, fixed_batch)
-    pipe.path = path
+    dev = default_device(device)
+    recon = load_reconstructor(checkpoint, dev, what="checkpoint")
+    kind, model = recon.kind, recon.model
+    pipe = PIPELINES[kind](model, max_batch, turntable_frames, fixed_batch)
+    pipe.path = recon.path
     accel.install(pipe, dtype, compile, cuda_graphs)
     # compiled code and graphs are made per batch shape: warm every shape a batch can take
     sizes = range(1, max_batch + 1) if (compile or cuda_graphs) and not pipe.fixed_batch else [max_batch]

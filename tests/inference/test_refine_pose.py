@@ -60,7 +60,7 @@ def test_refined_cameras_make_the_written_reconstruction(tmp_path):
     got, first = load_ply(r["ply"]), load_ply(plain["ply"])
     assert not torch.allclose(got["means"], first["means"], atol=1e-4)
     model = LGM.from_pretrained(str(tmp_path / "model"))
-    redone = lgm._world_gaussians(model, common.load_images(paths), refined, Ks)
+    redone = lgm.world_gaussians(model, common.load_images(paths)[None], refined[None], Ks[None])
     assert torch.allclose(got["means"], redone["means"][0], atol=1e-5)
     assert torch.allclose(got["sh"][:, 0] * lgm.SH_C0 + 0.5, redone["colors"][0], atol=1e-5)
     # and its LPIPS at the refined cameras is the one reported as "after"
@@ -101,7 +101,7 @@ def test_generate_passes_refine_pose_through_and_writes_the_kept_reconstruction(
     used = torch.tensor(report["viewmats"])
     assert torch.equal(used, torch.tensor(report["refined_viewmats"]) if report["kept"] == "refined" else vm)
     written = load_ply(str(tmp_path / "gaussians.ply"))
-    assert torch.allclose(written["means"], lgm._world_gaussians(model, images, used, Ks)["means"][0], atol=1e-5)
+    assert torch.allclose(written["means"], lgm.world_gaussians(model, images[None], used[None], Ks[None])["means"][0], atol=1e-5)
     with pytest.raises(ValueError, match="--refine-pose"):
         generate._reconstruct(recon, images, vm, Ks, str(tmp_path), generate.Settings(refine_pose=-2),
                               common.StageTimer())
@@ -122,13 +122,13 @@ def test_a_worse_redone_reconstruction_keeps_the_original(gen, monkeypatch):
     target, _ = LGM.render(g, vm[None], K[None], 48, 48, backgrounds=torch.ones(1, 2, 3))
     off = augment.camera_jitter(vm, gen, max_deg=4.0, max_shift=0.05)
     # a stand-in for the network whose second reconstruction comes out with inverted colours
-    monkeypatch.setattr(lgm, "_world_gaussians", lambda model, imgs, v, k: {**g, "colors": 1 - g["colors"]})
+    monkeypatch.setattr(lgm, "world_gaussians", lambda model, imgs, v, k: {**g, "colors": 1 - g["colors"]})
     world, used, report = lgm.refine_and_reconstruct(None, target[0], off, K, g, load_lpips("random"), steps=10)
     assert report["kept"] == "original" and world is g and torch.equal(used, off)
     lp = report["lpips"]
     assert lp["mean_after"] > lp["mean_before"] and len(lp["before"]) == len(lp["after"]) == 2
     # and with an honest redo (the same Gaussians: a network that ignores the cameras) the refined cameras are kept
-    monkeypatch.setattr(lgm, "_world_gaussians", lambda model, imgs, v, k: g)
+    monkeypatch.setattr(lgm, "world_gaussians", lambda model, imgs, v, k: g)
     world, used, report = lgm.refine_and_reconstruct(None, target[0], off, K, g, load_lpips("random"), steps=10)
     assert report["kept"] == "refined" and torch.equal(used, torch.tensor(report["refined_viewmats"]))
     assert report["lpips"]["mean_after"] <= report["lpips"]["mean_before"]

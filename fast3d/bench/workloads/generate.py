@@ -124,7 +124,7 @@ def set_attention(bundle, backend: str) -> None:
 def make_inputs(p: dict, device: torch.device, gen: torch.Generator) -> dict:
     """The input image (a random object-sized square on white, at the model's resolution), the
     rig's cameras, and for the stages that start later the views and Gaussians they start from."""
-    from fast3d import cameras as cams
+    from fast3d.inference.lgm import rig_distance, turntable_cameras
 
     bundle = c.cached_model(("generate", device, p["mv"], p["mv_res"], p["lgm"], p["lgm_input"], p["render"]),
                             lambda: _build(p, device))
@@ -135,8 +135,7 @@ def make_inputs(p: dict, device: torch.device, gen: torch.Generator) -> dict:
     image[:, q:R - q, q:R - q] = torch.rand(3, R - 2 * q, R - 2 * q, generator=gen)
     vm, Ks = mv.rig_cameras(R)
     res = lgm.config.render_size
-    tv, tK = cams.turntable(p["frames"], res, 20.0, float(cams.camera_centers(vm.double()).norm(dim=-1).mean()),
-                            lgm.config.fov_y_deg)
+    tv, tK = turntable_cameras(lgm.config, rig_distance(vm), p["frames"], res)
     x = dict(bundle=bundle, params=p, image=image, viewmats=vm, Ks=Ks, turntable=(tv.to(device), tK.to(device)),
              tmp=_scratch().name)
     if p["part"] in ("recon", "render"):
@@ -159,19 +158,9 @@ def _autocast(p: dict, device: torch.device):
 
 
 def _reconstruct(bundle, views, viewmats, Ks) -> dict:  # views [V, 3, R, R] -> Gaussians in the views' world
-    from fast3d.inference.lgm import reconstruct
-    from fast3d.models.lgm import apply_transform_to_gaussians
+    from fast3d.inference.lgm import world_gaussians
 
-    g, T = reconstruct(bundle["lgm"], views[None], viewmats[None], Ks[None])
-    return apply_transform_to_gaussians(g, torch.linalg.inv(T.double()).float())
-
-
-def _write_ply(g: dict, path: str) -> None:
-    from fast3d.inference.lgm import _sh_from_rgb
-    from fast3d.io import save_ply
-
-    save_ply(path, g["means"][0], g["quats"][0], g["scales"][0], g["opacities"][0].clamp(1e-6, 1 - 1e-6),
-             _sh_from_rgb(g["colors"][0]))
+    return world_gaussians(bundle["lgm"], views[None], viewmats[None], Ks[None])
 
 
 def _render(backend: str, g: dict, tv, tK, size: int):  # -> images [F, 3, H, W]
@@ -184,6 +173,7 @@ def _render(backend: str, g: dict, tv, tK, size: int):  # -> images [F, 3, H, W]
 
 
 def run(backend: str, x: dict) -> tuple:
+    from fast3d.inference.lgm import save_gaussians_ply
     from fast3d.inference.mvdiff import sample_views
 
     p, bundle = x["params"], x["bundle"]
@@ -199,7 +189,7 @@ def run(backend: str, x: dict) -> tuple:
         g = x.get("gaussians")
         if p["part"] in ("all", "recon"):
             g = _reconstruct(bundle, views, x["viewmats"], x["Ks"])
-            _write_ply(g, os.path.join(x["tmp"], "gaussians.ply"))
+            save_gaussians_ply(os.path.join(x["tmp"], "gaussians.ply"), g)
             out = (g["means"],)
         if p["part"] in ("all", "render"):
             out = (_render(backend, g, *x["turntable"], bundle["lgm"].config.render_size),)
