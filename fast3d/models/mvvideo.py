@@ -17,46 +17,108 @@ they stay put.
 
 A model is a diffusers ``StableVideoDiffusionPipeline`` directory (U-Net, temporal-decoder VAE, CLIP
 image encoder, feature extractor, Euler scheduler), loaded with ``local_files_only`` (nothing is
-ever downloaded), or ``"random-tiny"``: random weights at diffusers' own test sizes, drawn from a
-fixed seed (the same model every time), for CPU tests. The fine-tuned model is written as a whole
-pipeline directory, so ``fast3d datagen pipeline`` loads it with ``mv.model: DIR`` as it loads the
-stock weights.
+ever downloaded), ``"random-tiny"``: random weights at diffusers' own test sizes, drawn from a
+fixed seed (the same model every time), for CPU tests, or ``"random-tiny-pixel"``: the same tiny
+U-Net over an exact latent space instead of the random VAE (:class:`PixelVideoAutoencoder`, the
+``"pixel"`` latent of :mod:`fast3d.models.mvdiff`: the frame in [-1, 1] folded by
+``pixel_unshuffle(2)``), so that a tiny model's decoded frames can be compared with renders (PSNR).
+The fine-tuned model is written as a whole pipeline directory, so ``fast3d datagen pipeline`` loads
+it with ``mv.model: DIR`` as it loads the stock weights.
 """
 
 from __future__ import annotations
 
+import json
 import os
 
 import torch
+from diffusers import ConfigMixin, ModelMixin
+from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDistribution
+from diffusers.models.modeling_outputs import AutoencoderKLOutput
 from torch import Tensor
 
 from fast3d.models.checkpoints import seeded
+from fast3d.models.mvdiff import PixelAutoencoder
 
 RANDOM_TINY = "random-tiny"
+RANDOM_TINY_PIXEL = "random-tiny-pixel"
+TINY_SOURCES = (RANDOM_TINY, RANDOM_TINY_PIXEL)
+PIXEL_FACTOR = 2    # px per latent of the tiny models (their random VAE's downsampling too)
 # The parameter-name parts of the layers VFusion3D fine-tunes (module docstring).
 TEMPORAL_MODULES = ("temporal_res_block", "temporal_transformer_blocks")
 
 
+class PixelVideoAutoencoder(ModelMixin, ConfigMixin):
+    """mvdiff's exact ``"pixel"`` latent space (:class:`fast3d.models.mvdiff.PixelAutoencoder`) behind
+    the interface a diffusers video pipeline uses of ``AutoencoderKLTemporalDecoder``:
+    ``encode(x).latent_dist`` is a zero-variance Gaussian at ``pixel_unshuffle(x)`` (``mode()`` and
+    ``sample()`` are the latent itself) and ``decode(z).sample`` is ``pixel_shuffle(z)``. No weights;
+    saved and loaded as a diffusers model (config only) inside a pipeline directory. Its config
+    states ``block_out_channels`` only because diffusers' pipelines read their downsampling factor
+    from it (``2 ** (len - 1)``).
+
+    Args:
+        factor: px per latent (a power of two); the latent has ``3 factor^2`` channels.
+        scaling_factor: what the pipelines multiply latents by (1: the frame in [-1, 1] as it is).
+    """
+
+    config_name = "config.json"
+
+    def __init__(self, factor: int = PIXEL_FACTOR, scaling_factor: float = 1.0):
+        super().__init__()
+        if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1 or factor & (factor - 1):
+            raise ValueError(f"factor must be a power of two >= 1; got {factor!r}")
+        self.register_to_config(factor=factor, scaling_factor=float(scaling_factor), force_upcast=False,
+                                block_out_channels=(3,) * factor.bit_length())
+        self.pixel = PixelAutoencoder(factor)
+        # Empty: where diffusers reads a model's device and dtype from (there are no weights to read them from).
+        self.register_buffer("placement", torch.empty(0), persistent=False)
+
+    @classmethod
+    def from_directory(cls, path: str) -> PixelVideoAutoencoder:
+        """The autoencoder whose config ``save_pretrained`` wrote in ``path``."""
+        with open(os.path.join(path, cls.config_name)) as f:
+            c = json.load(f)
+        return cls(c["factor"], c["scaling_factor"])
+
+    def encode(self, x: Tensor,  # [N, 3, H, W] in [-1, 1]
+               return_dict: bool = True):  # latent_dist over [N, 3 f^2, H/f, W/f]
+        z = self.pixel.encode_images(x)
+        dist = DiagonalGaussianDistribution(torch.cat([z, torch.zeros_like(z)], dim=1), deterministic=True)
+        return AutoencoderKLOutput(latent_dist=dist) if return_dict else (dist,)
+
+    def decode(self, z: Tensor,  # [N, 3 f^2, h, w]
+               num_frames: int | None = None, return_dict: bool = True):  # sample [N, 3, h f, w f]
+        x = self.pixel.decode_latents(z)
+        return DecoderOutput(sample=x) if return_dict else (x,)
+
+    def forward(self, x: Tensor,  # [N, 3, H, W] in [-1, 1]
+                num_frames: int | None = None) -> Tensor:  # -> [N, 3, H, W]: x itself
+        return self.decode(self.encode(x).latent_dist.mode(), num_frames).sample
+
 
 def check_source(key: str, source: str) -> None:
-    """ValueError naming ``key`` unless ``source`` is "random-tiny" or a local SVD pipeline directory."""
+    """ValueError naming ``key`` unless ``source`` is one of :data:`TINY_SOURCES` or a local SVD
+    pipeline directory."""
+    want = f"{RANDOM_TINY!r}, {RANDOM_TINY_PIXEL!r} or a local Stable Video Diffusion pipeline directory"
     if not isinstance(source, str) or not source:
-        raise ValueError(f"{key} must be {RANDOM_TINY!r} or a local Stable Video Diffusion pipeline directory; "
-                         f"got {source!r}")
-    if source == RANDOM_TINY:
+        raise ValueError(f"{key} must be {want}; got {source!r}")
+    if source in TINY_SOURCES:
         return
     if not os.path.isdir(source):
-        raise ValueError(f"{key} must be {RANDOM_TINY!r} or a local Stable Video Diffusion pipeline directory; got "
-                         f"{source!r}, which is not a directory (weights are never downloaded)")
+        raise ValueError(f"{key} must be {want}; got {source!r}, which is not a directory (weights are never "
+                         f"downloaded)")
     if not os.path.isfile(os.path.join(source, "model_index.json")) or \
             not os.path.isdir(os.path.join(source, "unet")):
         raise ValueError(f"{key} {source!r} is not a diffusers pipeline directory (expected model_index.json and "
                          f"unet/ in it)")
 
 
-def tiny_pipeline(num_frames: int = 16, seed: int = 0):
+def tiny_pipeline(num_frames: int = 16, seed: int = 0, pixel: bool = False):
     """A random tiny ``StableVideoDiffusionPipeline`` (diffusers' test sizes: 32/64 channels, a
-    latent at half the frame size, CLIP at 224 px with 32-px patches), the same for the same seed."""
+    latent at half the frame size, CLIP at 224 px with 32-px patches), the same for the same seed.
+    ``pixel``: the exact :class:`PixelVideoAutoencoder` (12 latent channels) instead of a random VAE
+    (4 channels), the U-Net sized for it (``"random-tiny-pixel"``)."""
     from diffusers import (
         AutoencoderKLTemporalDecoder,
         EulerDiscreteScheduler,
@@ -65,15 +127,19 @@ def tiny_pipeline(num_frames: int = 16, seed: int = 0):
     )
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
+    latent = 3 * PIXEL_FACTOR ** 2 if pixel else 4
     with seeded(seed):
         unet = UNetSpatioTemporalConditionModel(
-            block_out_channels=(32, 64), layers_per_block=1, num_frames=num_frames, in_channels=8, out_channels=4,
-            down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
+            block_out_channels=(32, 64), layers_per_block=1, num_frames=num_frames, in_channels=2 * latent,
+            out_channels=latent, down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
             up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"), cross_attention_dim=32,
             num_attention_heads=8, transformer_layers_per_block=1, addition_time_embed_dim=8,
             projection_class_embeddings_input_dim=24)
-        vae = AutoencoderKLTemporalDecoder(block_out_channels=(32, 64), in_channels=3, out_channels=3,
-                                           down_block_types=("DownEncoderBlock2D",) * 2, latent_channels=4)
+        if pixel:
+            vae = PixelVideoAutoencoder(PIXEL_FACTOR)
+        else:
+            vae = AutoencoderKLTemporalDecoder(block_out_channels=(32, 64), in_channels=3, out_channels=3,
+                                               down_block_types=("DownEncoderBlock2D",) * 2, latent_channels=latent)
         encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
             hidden_size=32, projection_dim=32, num_hidden_layers=2, num_attention_heads=4, image_size=224,
             intermediate_size=37, patch_size=32))
@@ -87,14 +153,25 @@ def tiny_pipeline(num_frames: int = 16, seed: int = 0):
 
 
 def load_pipeline(source: str, num_frames: int = 16, key: str = "model.pretrained"):
-    """The SVD pipeline of ``source`` ("random-tiny" or a local directory), in float32 on the CPU."""
+    """The SVD pipeline of ``source`` (one of :data:`TINY_SOURCES` or a local directory), in float32
+    on the CPU. ValueError naming ``key`` when it is none of them."""
     from diffusers import StableVideoDiffusionPipeline
 
     check_source(key, source)
-    if source == RANDOM_TINY:
-        pipe = tiny_pipeline(num_frames)
+    if source in TINY_SOURCES:
+        pipe = tiny_pipeline(num_frames, pixel=source == RANDOM_TINY_PIXEL)
     else:
-        pipe = StableVideoDiffusionPipeline.from_pretrained(source, local_files_only=True, torch_dtype=torch.float32)
+        with open(os.path.join(source, "model_index.json")) as f:
+            vae_kind = json.load(f).get("vae", [None, None])[1]
+        pixel = vae_kind == PixelVideoAutoencoder.__name__
+        try:  # a pixel latent space has no weights to load: the rest is loaded, then it is put in
+            pipe = StableVideoDiffusionPipeline.from_pretrained(source, local_files_only=True, dtype=torch.float32,
+                                                                **({"vae": None} if pixel else {}))
+            if pixel:
+                pipe = StableVideoDiffusionPipeline(**{**pipe.components, "vae": PixelVideoAutoencoder.from_directory(
+                    os.path.join(source, "vae"))})
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            raise ValueError(f"{key} {source!r}: cannot load it as a Stable Video Diffusion pipeline ({e})") from None
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

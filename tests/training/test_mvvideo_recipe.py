@@ -44,6 +44,24 @@ def test_temporal_parameters_are_the_temporal_conv_and_attention_blocks():
         mvvideo.temporal_parameter_names(torch.nn.Linear(2, 2))
 
 
+def test_pixel_latent_space_is_exact_and_round_trips_a_saved_pipeline(tmp_path, gen):
+    """random-tiny-pixel: the VAE is mvdiff's pixel_unshuffle latent (no weights, exact both ways), the
+    U-Net is sized for its 12 channels, and a saved pipeline loads back with it."""
+    pipe = mvvideo.load_pipeline(mvvideo.RANDOM_TINY_PIXEL, 16)
+    x = torch.rand(3, 3, 16, 16, generator=gen) * 2 - 1                  # [N, 3, H, W] in [-1, 1]
+    dist = pipe.vae.encode(x).latent_dist
+    assert torch.equal(dist.mode(), torch.nn.functional.pixel_unshuffle(x, 2)) and torch.equal(dist.sample(), dist.mode())
+    assert torch.equal(pipe.vae.decode(dist.mode(), num_frames=3).sample, x)
+    assert pipe.vae_scale_factor == 2 and pipe.unet.config.in_channels == 24 and pipe.unet.config.out_channels == 12
+    assert not list(pipe.vae.parameters())
+    mvvideo.save_pipeline(str(tmp_path / "p"), pipe, pipe.unet)
+    back = mvvideo.load_pipeline(str(tmp_path / "p"), 16)
+    assert isinstance(back.vae, mvvideo.PixelVideoAutoencoder) and back.vae_scale_factor == 2
+    assert all(torch.equal(a, b) for a, b in zip(back.unet.state_dict().values(), pipe.unet.state_dict().values()))
+    with pytest.raises(ValueError, match="factor must be a power of two"):
+        mvvideo.PixelVideoAutoencoder(3)
+
+
 def test_orbit_is_vfusion3ds(seed):
     d = DataSection(**DATA)
     images, el = render_orbit(torch.Generator().manual_seed(seed), d, 16)
@@ -123,7 +141,8 @@ def test_recipe_loss_conditions_on_the_first_frame(gen):
 
 
 @pytest.mark.parametrize("section,change,match", [
-    ("model", {"pretrained": "/nonexistent"}, "model.pretrained must be 'random-tiny' or a local Stable Video"),
+    ("model", {"pretrained": "/nonexistent"},
+     "model.pretrained must be 'random-tiny', 'random-tiny-pixel' or a local Stable Video"),
     ("model", {"views": 1}, r"model.views must be >= 2"),
     ("data", {"resolution": 12}, "data.resolution must be a multiple of 8"),
     ("data", {"elevation_max_deg": 90.0}, r"data.elevation_max_deg must be a real number in \[0, 89\]"),

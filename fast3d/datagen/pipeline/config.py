@@ -49,7 +49,7 @@ class TextToImageConfig:
 class MultiViewConfig:
     kind: str = "svd"                 # a STAGE_KINDS["mv"] name
     options: dict = field(default_factory=dict)  # the kind's own settings (svd: none)
-    model: str = RANDOM_TINY          # local Stable-Video-Diffusion-format pipeline (SV3D_u), or "random-tiny"
+    model: str = RANDOM_TINY          # local SVD-format pipeline (SV3D_u, a `train mvvideo` export), random-tiny(-pixel)
     views: int = 21                   # frames of the orbit (SV3D: 21, VFusion3D: 16)
     resolution: int = 576
     steps: int = 25

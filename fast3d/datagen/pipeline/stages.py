@@ -4,7 +4,8 @@
   text-to-image model) loaded from a local pipeline directory, or a random tiny one.
 * :class:`ImageToMultiView`: images -> an orbit of V views, a diffusers
   ``StableVideoDiffusionPipeline`` (SV3D is a fine-tuned Stable Video Diffusion whose frames are an
-  orbit; VFusion3D's video model likewise) loaded from a local directory, or a random tiny one.
+  orbit; VFusion3D's video model likewise, e.g. a ``fast3d train mvvideo`` export) loaded by
+  :func:`fast3d.models.mvvideo.load_pipeline` from a local directory, or a random tiny one.
 * :class:`Filter`: views -> (keep, score), VFusion3D's SVM on DINOv2 features
   (:mod:`fast3d.datagen.quality`); without a filter directory everything is kept with quality 1.0.
 * :class:`Recaptioner`: images -> captions, a transformers BLIP (``BlipForConditionalGeneration``
@@ -125,25 +126,19 @@ class ImageToMultiView:
 
     def __init__(self, model: str, views: int, resolution: int, steps: int, min_guidance: float,
                  max_guidance: float, device: torch.device):
-        from diffusers import StableVideoDiffusionPipeline
+        from fast3d.models.mvvideo import load_pipeline
 
-        check_model_source("mv.model", model)
-        if model == RANDOM_TINY:
-            from fast3d.models.mvvideo import tiny_pipeline
-
-            pipe = tiny_pipeline(views, seed=0)
-        else:
-            pipe = StableVideoDiffusionPipeline.from_pretrained(model, local_files_only=True,
-                                                                torch_dtype=torch.float32)
-        pipe.set_progress_bar_config(disable=True)
+        pipe = load_pipeline(model, views, key="mv.model")
         self.pipe, self.device = pipe.to(device), device
         self.views, self.resolution, self.steps = views, resolution, steps
         self.min_guidance, self.max_guidance = min_guidance, max_guidance
 
     @staticmethod
     def check_config(cfg) -> None:
+        from fast3d.models.mvvideo import check_source
+
         _no_options("mv", cfg.mv.kind, cfg.mv.options)
-        check_model_source("mv.model", cfg.mv.model)
+        check_source("mv.model", cfg.mv.model)
 
     @classmethod
     def from_config(cls, cfg, device: torch.device) -> ImageToMultiView:

@@ -12,7 +12,8 @@ the temporal layers trainable; the VAE and the CLIP image encoder are frozen, ou
 
 Config sections (YAML), each validated with its unknown keys named:
 
-* ``model``: ``pretrained`` ("random-tiny" or a local SVD pipeline directory, relative to the YAML),
+* ``model``: ``pretrained`` ("random-tiny", "random-tiny-pixel": the tiny U-Net over an exact
+  pixel latent space, or a local SVD pipeline directory, relative to the YAML),
   ``views`` (frames per orbit: 16), ``fps`` / ``motion_bucket_id`` / ``noise_aug_strength`` (SVD's
   micro-conditioning, the values ``fast3d datagen pipeline`` samples with).
 * ``data``: ``train`` (a directory of orbit16 multi-view shards, e.g. ``fast3d datagen procedural
@@ -52,7 +53,7 @@ from fast3d.training.loop import Recipe, StepContext
 
 @dataclass(frozen=True)
 class ModelSection:
-    pretrained: str = mvvideo.RANDOM_TINY   # local SVD pipeline directory (relative to the YAML) or random-tiny
+    pretrained: str = mvvideo.RANDOM_TINY   # local SVD pipeline directory (relative to the YAML), random-tiny(-pixel)
     views: int = 16                         # VFusion3D's 16 views per orbit
     fps: int = 7                            # SVD's pipeline defaults (the micro-conditioning it samples with)
     motion_bucket_id: int = 127
@@ -84,7 +85,7 @@ def sections(cfg) -> tuple[ModelSection, DataSection, LossSection]:
     m = dataclass_from_dict(ModelSection, cfg.model, "model")
     d = dataclass_from_dict(DataSection, cfg.data, "data")
     loss = dataclass_from_dict(LossSection, cfg.loss, "loss")
-    if m.pretrained != mvvideo.RANDOM_TINY:
+    if m.pretrained not in mvvideo.TINY_SOURCES:
         m = ModelSection(**{**m.__dict__, "pretrained": cfg.path(m.pretrained)})
     mvvideo.check_source("model.pretrained", m.pretrained)
     for key, v in (("model.views", m.views), ("model.fps", m.fps), ("data.resolution", d.resolution),
