@@ -228,7 +228,8 @@ def cmd_datagen_pipeline(args) -> int:
         return _fail("datagen pipeline", str(e))
     n = sum(r["samples"] for r in results)
     print(f"wrote {n} samples ({sum(r['kept'] for r in results)} kept, {sum(r['rejected'] for r in results)} "
-          f"rejected by the filter) in {sum(r['shards_written'] for r in results)} shards to {args.out}; "
+          f"rejected by the filter, {sum(r['rejected_unscored'] for r in results)} of them without a score) in "
+          f"{sum(r['shards_written'] for r in results)} shards to {args.out}; "
           f"{sum(r['shards_skipped'] for r in results)} complete shards kept")
     return 0
 

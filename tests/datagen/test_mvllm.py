@@ -112,14 +112,17 @@ def test_tiny_llava_runs_on_views_and_rejects_what_it_cannot_score(stage, gen):
     assert stage.counts()["rejected_unparsed"] - before == sum(mvllm.parse_score(a) is None for a in r.answers)
 
 
+def _pipeline_dict(filter_section, count=4) -> dict:
+    return {"prompts": {"templates": ["a {c} mug"], "vocab": {"c": ["red", "blue"]}, "count": count},
+            "t2i": {"model": "random-tiny", "steps": 2, "resolution": 32, "batch_size": 4},
+            "mv": {"model": "random-tiny", "views": 4, "resolution": 16, "steps": 2},
+            "filter": filter_section, "shards": {"samples_per_shard": count}, "device": "cpu"}
+
+
 def _pipeline_config(tmp_path, filter_section, count=4):
     from fast3d.datagen.pipeline.config import PipelineConfig
 
-    return PipelineConfig.from_dict({
-        "prompts": {"templates": ["a {c} mug"], "vocab": {"c": ["red", "blue"]}, "count": count},
-        "t2i": {"model": "random-tiny", "steps": 2, "resolution": 32, "batch_size": 4},
-        "mv": {"model": "random-tiny", "views": 4, "resolution": 16, "steps": 2},
-        "filter": filter_section, "shards": {"samples_per_shard": count}})
+    return PipelineConfig.from_dict(_pipeline_dict(filter_section, count))
 
 
 def test_bad_stage_arguments_are_named(tmp_path):
@@ -137,21 +140,33 @@ def test_bad_stage_arguments_are_named(tmp_path):
 
 
 @pytest.mark.slow
-def test_pipeline_runs_the_mvllm_filter_and_writes_its_captions_and_scores(tmp_path, monkeypatch):
+def test_pipeline_runs_the_mvllm_filter_and_writes_its_captions_and_scores(tmp_path, monkeypatch, capsys):
     """`filter.kind: mvllm` in `fast3d datagen pipeline`: kept samples carry the description as caption
-    and the score as quality; the rest (low or unparsable) are rejected. The random model's words are
-    replaced by scripted answers, so the pipeline's handling is what is checked."""
+    and the score as quality; the rest (low or unparsable) are rejected, and the unparsable one is
+    counted in the returned counts, on the progress bar and in the command's summary. The random
+    model's words are replaced by scripted answers, so the pipeline's handling is what is checked."""
+    import yaml
+
+    from fast3d.cli import main
     from fast3d.data.dataset import MultiViewDataset
     from fast3d.datagen.pipeline import engine
 
-    answers = iter(["a red mug", "a blue mug", "a mug", "a cup", "Score: 5", "Score: 2", "no score", "4/5"])
+    script = ["a red mug", "a blue mug", "a mug", "a cup", "Score: 5", "Score: 2", "no score", "4/5"]
+    answers = iter(script * 2)
 
     def scripted(self, texts, images):
         return [next(answers) for _ in texts]
 
     monkeypatch.setattr(mvllm.MVLLMFilter, "_generate", scripted)
-    cfg = _pipeline_config(tmp_path, {"kind": "mvllm", "options": {"prompts": PROMPTS, "max_new_tokens": 4}})
-    counts = engine.generate(str(tmp_path / "out"), cfg, progress=False)
-    assert counts["kept"] == 2 and counts["rejected"] == 2
+    section = {"kind": "mvllm", "options": {"prompts": PROMPTS, "max_new_tokens": 4}}
+    counts = engine.generate(str(tmp_path / "out"), _pipeline_config(tmp_path, section), progress=False)
+    assert counts["kept"] == 2 and counts["rejected"] == 2 and counts["rejected_unscored"] == 1
     got = {s["key"]: s for s in MultiViewDataset(str(tmp_path / "out"), views=4, resolution=16)}
     assert [(s["caption"], s["quality"]) for _, s in sorted(got.items())] == [("a red mug", 5.0), ("a cup", 4.0)]
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(yaml.safe_dump(_pipeline_dict(section)))
+    capsys.readouterr()
+    assert main(["datagen", "pipeline", "--config", str(config), "--out", str(tmp_path / "cli")]) == 0
+    out, err = capsys.readouterr()
+    assert "(2 kept, 2 rejected by the filter, 1 of them without a score)" in out
+    assert "kept=2, rejected=2, unscored=1" in err

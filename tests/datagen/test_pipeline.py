@@ -103,6 +103,31 @@ def test_rerun_and_resume_are_exact(plain, tmp_path):
     assert shard_bytes(split) == before
 
 
+def test_samples_the_filter_cannot_score_are_counted(plain, tmp_path, capsys, gen):
+    """A filter's NaN score (the MV-LLM's answer had no parsable grade) is a rejection counted in the
+    returned counts and on the progress bar, apart from the low scores."""
+    _, cfg, stages = plain
+    scores = torch.rand(3, generator=gen, dtype=torch.float64)
+    scores[int(torch.randint(3, (), generator=gen))] = math.nan
+    low = int(torch.randint(3, (), generator=gen))
+
+    done = [0]   # items scored so far: the shards come in order, items 0, 1 | 2
+
+    def scripted(views):                                       # [N, V, 3, R, R] -> keep [N], score [N]
+        index = torch.arange(done[0], done[0] + len(views))
+        done[0] += len(views)
+        return ~scores[index].isnan() & (index != low), scores[index]
+
+    counts = generate(str(tmp_path / "out"), cfg, progress=True,
+                      stages=engine.Stages(**{**vars(stages), "filter": scripted}))
+    unscored = int(scores.isnan().sum())
+    rejected = len({low} | {i for i in range(3) if math.isnan(scores[i])})
+    assert counts["rejected_unscored"] == unscored == 1
+    assert counts["rejected"] == rejected and counts["kept"] == 3 - rejected
+    assert f"rejected={rejected}, unscored=1" in capsys.readouterr().err
+    assert {s["quality"] for s in read(str(tmp_path / "out")).values()} <= set(scores.tolist())
+
+
 def test_full_pipeline_with_filter_and_recaption(tmp_path, seed, gen):
     filter_dir = str(tmp_path / "filter")
     feats = torch.randn(20, 32, generator=gen, dtype=torch.float64)  # random-tiny DINOv2 is 32 wide

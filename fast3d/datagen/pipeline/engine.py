@@ -49,6 +49,7 @@ class Stages:
     t2i: Callable            # (prompts, seeds) -> images [N, 3, R, R]
     mv: Callable             # (images [N, 3, R, R], seeds) -> views [N, V, 3, R', R']
     filter: Callable | None  # views [N, V, 3, R', R'] -> (keep [N] bool, score [N][, captions]); None keeps all
+    #                          (a score of NaN: the filter could not score the sample, e.g. no parsable LLM grade)
     recaption: Callable | None  # images [N, 3, R', R'] -> N captions; None keeps the prompts
     matting: Callable | None = None    # views [N, V, 3, R', R'] -> alphas [N, V, 1, R', R']; None: alpha 1
     elevation: Callable | None = None  # views [N, V, 3, R', R'] -> [N] radians; None: mv.elevation_deg
@@ -119,8 +120,16 @@ def _shard_path(out: str, j: int) -> str:
     return os.path.join(out, f"{PREFIX}-{j:06d}.tar")
 
 
-def make_shard(cfg: PipelineConfig, stages: Stages, j: int) -> tuple[list[MultiViewSample], int]:
-    """The samples of shard j that pass the filter, and how many it rejected."""
+@dataclass(frozen=True)
+class ShardCounts:
+    """What the filter did to one shard's items: ``rejected`` in all, ``rejected_unscored`` of them
+    with a NaN score (the filter could not score them: the MV-LLM's answer had no parsable grade)."""
+    rejected: int = 0
+    rejected_unscored: int = 0
+
+
+def make_shard(cfg: PipelineConfig, stages: Stages, j: int) -> tuple[list[MultiViewSample], ShardCounts]:
+    """The samples of shard j that pass the filter, and the counts of those it rejected."""
     S = cfg.shards.samples_per_shard
     indices = list(range(j * S, min((j + 1) * S, cfg.num_items)))
     items = [item(cfg, i) for i in indices]
@@ -141,8 +150,10 @@ def make_shard(cfg: PipelineConfig, stages: Stages, j: int) -> tuple[list[MultiV
             if len(filter_captions) != N:
                 raise ValueError(f"the filter stage returned {len(filter_captions)} captions for {N} samples")
     kept = [k for k in range(N) if bool(keep[k])]
+    counts = ShardCounts(rejected=N - len(kept),
+                         rejected_unscored=sum(1 for k in range(N) if not keep[k] and math.isnan(float(scores[k]))))
     if not kept:
-        return [], N
+        return [], counts
     captions = [items[k][0] for k in kept]
     if filter_captions is not None:
         captions = [filter_captions[k] or p for k, p in zip(kept, captions)]
@@ -161,7 +172,7 @@ def make_shard(cfg: PipelineConfig, stages: Stages, j: int) -> tuple[list[MultiV
         samples.append(MultiViewSample(key=_key(indices[k]), images=views[i], alphas=alphas[i], viewmats=rig.viewmats,
                                        Ks=rig.Ks, caption=c, source="synthetic", quality=float(scores[k]),
                                        elevation=el))
-    return samples, N - len(kept)
+    return samples, counts
 
 
 def _write_shard(out: str, j: int, samples: list[MultiViewSample]) -> None:
@@ -177,7 +188,9 @@ def _write_shard(out: str, j: int, samples: list[MultiViewSample]) -> None:
 def generate(out: str, cfg: PipelineConfig, reader: int = 0, readers: int = 1, progress: bool = True,
              device: torch.device | None = None, stages: Stages | None = None) -> dict:
     """Write this reader's missing shards (models are loaded only when some are missing). Returns
-    counts: shards written / skipped, samples generated / kept / rejected, seconds."""
+    counts: shards written / skipped, samples generated / kept / rejected (``rejected_unscored`` of
+    them because the filter could not score them: :class:`ShardCounts`), seconds. The progress bar
+    shows the same counts as it goes."""
     prepare_output(out, cfg)
     mine = list(range(reader, cfg.num_shards, readers))
     done = {j for j in mine if os.path.exists(_shard_path(out, j))}
@@ -187,7 +200,7 @@ def generate(out: str, cfg: PipelineConfig, reader: int = 0, readers: int = 1, p
     todo = [j for j in mine if j not in done]
     S = cfg.shards.samples_per_shard
     n_items = sum(min(S, cfg.num_items - j * S) for j in todo)
-    t0, kept, rejected = time.perf_counter(), 0, 0
+    t0, kept, rejected, unscored = time.perf_counter(), 0, 0, 0
     if todo and stages is None:
         stages = build_stages(cfg, device or resolve_device(cfg.device))
     bar = None
@@ -198,16 +211,17 @@ def generate(out: str, cfg: PipelineConfig, reader: int = 0, readers: int = 1, p
                    file=sys.stderr, dynamic_ncols=True)
     try:
         for j in todo:
-            samples, r = make_shard(cfg, stages, j)
+            samples, c = make_shard(cfg, stages, j)
             _write_shard(out, j, samples)
-            kept, rejected = kept + len(samples), rejected + r
+            kept, rejected, unscored = kept + len(samples), rejected + c.rejected, unscored + c.rejected_unscored
             if bar is not None:
-                bar.update(len(samples) + r)
+                bar.set_postfix(kept=kept, rejected=rejected, unscored=unscored, refresh=False)
+                bar.update(len(samples) + c.rejected)
     finally:
         if bar is not None:
             bar.close()
     return {"shards_written": len(todo), "shards_skipped": len(done), "samples": n_items, "kept": kept,
-            "rejected": rejected, "seconds": time.perf_counter() - t0}
+            "rejected": rejected, "rejected_unscored": unscored, "seconds": time.perf_counter() - t0}
 
 
 def _job(out: str, cfg: PipelineConfig, workers: int, worker: int, reader: int, readers: int) -> dict:
