@@ -13,6 +13,8 @@ the same harness:
 * ``datagen`` (:mod:`.datagen`): procedural multi-view data generation.
 * ``generate`` (:mod:`.generate`): ``fast3d generate``'s image in to PLY out (multi-view sampling
   + LGM) and each stage's share; fast3d's attention and rasterizer vs diffusers' processor + gsplat.
+* ``refine`` (:mod:`.refine`): one SDS step of ``fast3d refine`` (Magic-Boost) and the rasterizer's
+  and attention's share; the same peers as ``generate``.
 
 The backends of a model-level op are those of the kernel op it exercises (registered under the
 model-level op's name with the same availability), so ``speedup_vs`` reads as for the ops: against
@@ -26,9 +28,9 @@ import fast3d.ops.composite  # noqa: F401
 import fast3d.ops.rasterization  # noqa: F401
 import fast3d.ops.triplane  # noqa: F401
 from fast3d.bench.spec import BenchSpec, registered
-from fast3d.bench.workloads import datagen, generate, lgm, lrm, ttr
+from fast3d.bench.workloads import datagen, generate, lgm, lrm, refine, ttr
 
-__all__ = ["datagen", "generate", "lgm", "lrm", "ttr", "specs"]
+__all__ = ["datagen", "generate", "lgm", "lrm", "refine", "ttr", "specs"]
 
 
 def specs() -> dict[str, BenchSpec]:
