@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fast3d.inference.preprocess import foreground_alpha, load_segmentation_model
+
 RANDOM_TINY = "random-tiny"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -71,13 +73,7 @@ def load_segmenter(model: str):
     if not os.path.isdir(model):
         raise ValueError(f"matting.model must be {RANDOM_TINY!r} or a local model directory; got {model!r}, which is "
                          f"not a directory (weights are never downloaded)")
-    from transformers import AutoModelForSemanticSegmentation
-
-    try:
-        net = AutoModelForSemanticSegmentation.from_pretrained(model, local_files_only=True, dtype=torch.float32)
-    except (OSError, ValueError, KeyError) as e:
-        raise ValueError(f"matting.model {model!r} is not a transformers semantic-segmentation model "
-                         f"(AutoModelForSemanticSegmentation): {type(e).__name__}: {e}") from None
+    net = load_segmentation_model(model, "matting.model")
     mean, std = _normalisation(model)
     return net, mean, std
 
@@ -133,11 +129,6 @@ class Matting:
             x = chunk.to(self.device, torch.float32)
             x = F.interpolate(x, size=(self.resolution, self.resolution), mode="bilinear", antialias=True,
                               align_corners=False)
-            logits = self.net(pixel_values=(x - self.mean) / self.std).logits.float()   # [B, C, h, w]
-            logits = F.interpolate(logits, size=(H, W), mode="bilinear", align_corners=False)
-            if logits.shape[1] == 1:
-                alpha = torch.sigmoid(logits)
-            else:
-                alpha = 1 - logits.softmax(1)[:, self.background_label: self.background_label + 1]
-            out.append(alpha.clamp(0, 1).cpu())
+            logits = self.net(pixel_values=(x - self.mean) / self.std).logits         # [B, C, h, w]
+            out.append(foreground_alpha(logits, (H, W), self.background_label).clamp(0, 1).cpu())
         return torch.cat(out).view(N, V, 1, H, W)

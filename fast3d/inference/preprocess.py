@@ -34,6 +34,48 @@ from fast3d.io.images import composite
 ALPHA_THRESHOLD = 0.5  # a pixel belongs to the object where its alpha is above this
 
 
+def load_segmentation_model(model_dir: str, name: str):
+    """A transformers semantic-segmentation model (``AutoModelForSemanticSegmentation``: SegFormer,
+    DPT, UperNet, ...) from a local directory, in float32; never downloaded, no remote code. The one
+    loader of :class:`Segmenter` and of ``fast3d datagen pipeline``'s matting stage.
+
+    Args:
+        model_dir: the directory (``config.json`` + weights).
+        name: the argument's name in errors (``--remove-background``, ``matting.model``).
+
+    Returns:
+        The model (train mode, on the CPU), its ``config`` giving ``num_labels`` / ``id2label``.
+    """
+    from transformers import AutoModelForSemanticSegmentation
+
+    try:
+        return AutoModelForSemanticSegmentation.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32)
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"{name} {model_dir!r} is not a transformers semantic-segmentation model "
+                         f"(AutoModelForSemanticSegmentation): {type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}") from None
+
+
+def foreground_alpha(logits: Tensor,  # [B, C, h, w] a segmentation model's output
+                     size: tuple[int, int], background_label: int | None) -> Tensor:  # -> [B, 1, H, W] in [0, 1]
+    """Each pixel's foreground probability, the logits upsampled (bilinear) to ``size`` = (H, W)
+    first: with one channel (a matting / saliency model) ``sigmoid(logit)``; with several,
+    ``1 - softmax(logits)[background_label]`` (every class but the background is foreground).
+
+    Args:
+        logits: the model's logits.
+        size: the image's (H, W).
+        background_label: the background class of a multi-class model (ignored with one channel).
+
+    Returns:
+        float32 alpha.
+    """
+    logits = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
+    if logits.shape[1] == 1:
+        return torch.sigmoid(logits)
+    return 1 - logits.softmax(1)[:, background_label:background_label + 1]
+
+
 def _background(background, device=None) -> Tensor:  # -> [3, 1, 1]
     if isinstance(background, numbers.Real) and not isinstance(background, bool):
         background = (float(background),) * 3
@@ -59,18 +101,18 @@ class Segmenter:
     def __init__(self, model_dir: str, device=None, name: str = "--remove-background"):
         import os
 
-        from transformers import AutoConfig, AutoImageProcessor, AutoModelForSemanticSegmentation
+        from transformers import AutoImageProcessor
 
         self.name = name
         if not isinstance(model_dir, str) or not os.path.isfile(os.path.join(model_dir, "config.json")):
             raise ValueError(f"{name} {model_dir!r}: expected a local transformers model directory "
                              f"(config.json, weights and preprocessor_config.json)")
+        self.model = load_segmentation_model(model_dir, name)
+        config = self.model.config
         try:
-            config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
-            self.model = AutoModelForSemanticSegmentation.from_pretrained(model_dir, local_files_only=True)
             self.processor = AutoImageProcessor.from_pretrained(model_dir, local_files_only=True)
         except (OSError, ValueError, KeyError) as e:
-            raise ValueError(f"{name} {model_dir!r}: not a segmentation model transformers can load "
+            raise ValueError(f"{name} {model_dir!r}: its image processor (preprocessor_config.json) cannot be loaded "
                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
         labels = {int(k): str(v).lower() for k, v in (config.id2label or {}).items()}
         n = config.num_labels
@@ -91,11 +133,8 @@ class Segmenter:
         """The foreground alpha of an image."""
         H, W = rgb.shape[-2:]
         x = self.processor(images=rgb.float().cpu(), return_tensors="pt", do_rescale=False)["pixel_values"]
-        logits = self.model(pixel_values=x.to(self.device)).logits.float()      # [1, C, h, w]
-        logits = F.interpolate(logits, size=(H, W), mode="bilinear", align_corners=False)[0]
-        if self.background_label is None:
-            return torch.sigmoid(logits[:1]).cpu()
-        return (1 - logits.softmax(0)[self.background_label:self.background_label + 1]).cpu()
+        logits = self.model(pixel_values=x.to(self.device)).logits               # [1, C, h, w]
+        return foreground_alpha(logits, (H, W), self.background_label)[0].cpu()
 
 
 def _pad_square(rgb: Tensor,  # [3, H, W]
