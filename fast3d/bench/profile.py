@@ -12,7 +12,7 @@ from torch.profiler import ProfilerActivity, profile
 from fast3d import backends
 from fast3d.bench import environment as env
 from fast3d.bench.runner import DEFAULT_OUT
-from fast3d.bench.timing import _float_outputs, upstream_grads
+from fast3d.bench.timing import float_outputs, upstream_grads
 from fast3d.bench.workloads import specs
 from fast3d.inference.common import default_device
 
@@ -38,17 +38,17 @@ def plan(workload: str, op: str | None = None, backend: str = "auto", log=None) 
     ``auto`` is the backend the registry would pick (Triton's interpreter only when named); a named
     backend or baseline must be able to run here; ops of the workload that do not have it are
     skipped (and logged). ValueError (the CLI's exit code 2) otherwise."""
-    from fast3d.bench.runner import _candidates
+    from fast3d.bench.runner import candidates
 
     device = default_device()
     found = targets(workload, op)
     out, skipped = [], []
 
     def valid_anywhere(this_op: str) -> set:  # a backend another op of the workload has: skip, not fail
-        return {n for s, _ in found if s.op != this_op for n, _ in _candidates(s, device, [])}
+        return {n for s, _ in found if s.op != this_op for n, _ in candidates(s, device, [])}
 
     for spec, w in found:
-        cands = dict(_candidates(spec, device, [] if backend == "auto" else [backend]))
+        cands = dict(candidates(spec, device, [] if backend == "auto" else [backend]))
         if backend == "auto":
             order = sorted(backends.backends(spec.backend_op).values(), key=lambda b: -b.priority)
             runnable = [b.name for b in order if cands.get(b.name, "absent") is None]
@@ -57,7 +57,7 @@ def plan(workload: str, op: str | None = None, backend: str = "auto", log=None) 
                 raise ValueError(f"no backend of {spec.op} can run on {device.type} ({why})")
             out.append((spec, w, runnable[0]))
         elif backend not in cands:
-            valid = sorted(n for n, _ in _candidates(spec, device, []))
+            valid = sorted(n for n, _ in candidates(spec, device, []))
             if backend in valid_anywhere(spec.op):
                 skipped.append(f"{spec.op} has no {backend!r} backend (valid: {', '.join(valid)})")
                 continue
@@ -85,7 +85,7 @@ def profile_workload(workload: str, op: str | None = None, backend: str = "auto"
         grads = upstream_grads(call, x, gen)  # also the warm-up
 
         def step():
-            torch.autograd.backward(_float_outputs(call(x)), grads)
+            torch.autograd.backward(float_outputs(call(x)), grads)
             for t in x.values():
                 if isinstance(t, torch.Tensor):
                     t.grad = None

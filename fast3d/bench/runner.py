@@ -74,8 +74,17 @@ def validate(cfg: BenchConfig) -> None:
             raise ValueError(f"unknown pass {p!r}; valid: {', '.join(PASSES)}")
 
 
-def _candidates(spec: BenchSpec, device: torch.device, wanted: list) -> list[tuple[str, str | None]]:
-    """(name, reason it cannot run here or None) for the op's backends and baselines."""
+def candidates(spec: BenchSpec, device: torch.device, wanted: list) -> list[tuple[str, str | None]]:
+    """The op's backends and baselines, each with the reason it cannot run here.
+
+    Args:
+        spec: the op's benchmark spec.
+        device: where it would run.
+        wanted: backend names asked for (empty: all).
+
+    Returns:
+        ``(name, reason or None)`` pairs, backends by priority, then the baselines.
+    """
     out = []
     for name, b in sorted(backends.backends(spec.backend_op).items(), key=lambda kv: kv[1].priority):
         reason = b.available()
@@ -112,7 +121,7 @@ def run(cfg: BenchConfig, log=_log) -> tuple[list[dict], int]:
     all_specs = specs()
     for op in (cfg.ops or all_specs):
         spec = all_specs[op]
-        cands = _candidates(spec, device, cfg.backends)
+        cands = candidates(spec, device, cfg.backends)
         runnable = [n for n, r in cands if r is None]
         for n, r in cands:
             if r is not None:

@@ -31,7 +31,15 @@ class Timing:
     peak_mem_bytes: int | None
 
 
-def _float_outputs(outs) -> list[Tensor]:
+def float_outputs(outs) -> list[Tensor]:
+    """The outputs of a workload call a backward pass flows from.
+
+    Args:
+        outs: what the call returned (a tuple of tensors and other values).
+
+    Returns:
+        Its floating-point tensors that require grad.
+    """
     return [o for o in outs if isinstance(o, Tensor) and o.is_floating_point() and o.requires_grad]
 
 
@@ -42,7 +50,7 @@ def _leaves(inputs: dict) -> list[Tensor]:
 def upstream_grads(run: Callable[[dict], tuple], inputs: dict, gen: torch.Generator) -> list[Tensor]:
     """Random upstream gradients for every differentiable output (fixed per input set), drawn on
     the output's device (a GPU workload's gradients may not fit in host memory)."""
-    outs = _float_outputs(run(inputs))
+    outs = float_outputs(run(inputs))
     grads = []
     for o in outs:
         g = torch.Generator(o.device).manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))
@@ -67,7 +75,7 @@ def _step(pass_: str, run, inputs: dict, grads: list[Tensor], device):
     else:
         if pass_ == "forward+backward":
             start = _mark(device)
-        outs = _float_outputs(run(inputs))
+        outs = float_outputs(run(inputs))
         if pass_ == "backward":
             start = _mark(device)
         torch.autograd.backward(outs, grads)

@@ -78,7 +78,15 @@ class MultiViewSample:
             raise ValueError(f"quality must be finite; got {self.quality!r}")
 
 
-def _png(img: Tensor) -> bytes:  # [C, H, W] in [0, 1] -> PNG bytes
+def png_bytes(img: Tensor) -> bytes:  # [C, H, W] in [0, 1] -> PNG bytes
+    """A shard member's PNG: ``img`` (1 channel: grey, 3: RGB) rounded to 8 bits.
+
+    Args:
+        img: the image.
+
+    Returns:
+        The encoded file.
+    """
     from PIL import Image
 
     arr = to_uint8(img)
@@ -93,8 +101,8 @@ def encode_sample(s: MultiViewSample) -> dict[str, bytes]:
     V, _, H, W = s.images.shape
     out = {}
     for v in range(V):
-        out[f"rgb_{v:02d}.png"] = _png(s.images[v])
-        out[f"alpha_{v:02d}.png"] = _png(s.alphas[v])
+        out[f"rgb_{v:02d}.png"] = png_bytes(s.images[v])
+        out[f"alpha_{v:02d}.png"] = png_bytes(s.alphas[v])
     out["cameras.json"] = json.dumps({"viewmats": s.viewmats.double().tolist(), "Ks": s.Ks.double().tolist(),
                                       "width": W, "height": H}).encode()
     out["caption.txt"] = s.caption.encode("utf-8")

@@ -42,7 +42,7 @@ from torch import Tensor
 
 from fast3d import cameras as cams
 from fast3d import checks
-from fast3d.data.shards import MultiViewSample, ShardWriter, _png, claim_output, encode_sample
+from fast3d.data.shards import MultiViewSample, ShardWriter, claim_output, encode_sample, png_bytes
 from fast3d.io.atomic import atomic_path
 
 PREFIX = "boost"
@@ -191,7 +191,7 @@ class Pipeline:
                             viewmats=self.viewmats.float(), Ks=self.Ks.float(), caption=_caption(path),
                             source=SOURCE, quality=1.0, elevation=_elevation(self.viewmats))
         members = encode_sample(s)
-        members["input.png"] = _png(stages["input"])
+        members["input.png"] = png_bytes(stages["input"])
         return members
 
 

@@ -177,7 +177,16 @@ class MVDiTConfig:
 # --- the transformer ---------------------------------------------------------------------------------
 
 
-def _transformer_kwargs(cfg: MVDiTConfig) -> dict:
+def transformer_kwargs(cfg: MVDiTConfig) -> dict:
+    """The ``PixArtTransformer2DModel`` constructor arguments of a config (the benchmark counts its
+    weights from them).
+
+    Args:
+        cfg: the multi-view DiT's config.
+
+    Returns:
+        Keyword arguments of ``diffusers.PixArtTransformer2DModel``.
+    """
     return dict(num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim, in_channels=cfg.latent_channels,
                 out_channels=cfg.latent_channels * (2 if cfg.learn_sigma else 1), num_layers=cfg.num_layers,
                 cross_attention_dim=cfg.width, sample_size=cfg.latent_size, patch_size=cfg.patch_size,
@@ -190,7 +199,7 @@ def _new_transformer(cfg: MVDiTConfig, attention_backend: str):
 
     from fast3d.nn import MultiViewAttnProcessor
 
-    model = PixArtTransformer2DModel(**_transformer_kwargs(cfg))
+    model = PixArtTransformer2DModel(**transformer_kwargs(cfg))
     for block in model.transformer_blocks:  # self-attention over the whole grid (see the module docstring)
         block.attn1.set_processor(MultiViewAttnProcessor(num_views=1, backend=attention_backend))
     return model
@@ -215,7 +224,7 @@ def build_transformer(cfg: MVDiTConfig, attention_backend: str = "auto"):
 
 def save_transformer(path: str, cfg: MVDiTConfig, transformer) -> None:
     """Write ``path/config.yaml`` (``cfg``) and ``path/model.safetensors`` (the transformer's weights)."""
-    want = _transformer_kwargs(cfg)
+    want = transformer_kwargs(cfg)
     got = {k: transformer.config.get(k) for k in want}
     if got != want:
         diff = {k: (got[k], want[k]) for k in want if got[k] != want[k]}

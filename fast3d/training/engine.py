@@ -27,7 +27,7 @@ def init_distributed() -> tuple[int, int]:
     for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(k, v)
     if "MASTER_PORT" not in os.environ:
-        os.environ["MASTER_PORT"] = str(_free_port())
+        os.environ["MASTER_PORT"] = str(free_port())
     import deepspeed
 
     if not torch.distributed.is_initialized():
@@ -60,7 +60,12 @@ def release_cpu_comm_buffers(port: int | str) -> int:
     return removed
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (the OS picks it): the rendezvous port of a launch.
+
+    Returns:
+        The port number.
+    """
     import socket
 
     with socket.socket() as s:

@@ -67,14 +67,14 @@ def run(recipe: str, config: str, output: str, max_steps: int | None = None, res
         ranks = torch.cuda.device_count() or 1
     if ranks < 1:
         raise ValueError(f"--ranks must be >= 1; got {ranks}")
-    from fast3d.training.engine import _free_port, release_cpu_comm_buffers
+    from fast3d.training.engine import free_port, release_cpu_comm_buffers
 
     if _under_launcher():
         from fast3d.training.loop import train
 
         train(cls(cfg), output, resume=resume)
         return 0
-    port = master_port or int(os.environ.get("MASTER_PORT", 0)) or _free_port()
+    port = master_port or int(os.environ.get("MASTER_PORT", 0)) or free_port()
     if ranks == 1:
         from fast3d.training.loop import train
 

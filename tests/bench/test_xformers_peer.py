@@ -107,7 +107,7 @@ def test_xformers_block_mask_matches_the_emulation():
 
 def test_xformers_listed_with_a_reason_where_it_cannot_run():
     """On the CPU the bench lists xformers as unavailable, with why (not installed, or no CPU kernels)."""
-    cands = dict(runner._candidates(bench.SPEC, torch.device("cpu"), []))
+    cands = dict(runner.candidates(bench.SPEC, torch.device("cpu"), []))
     assert bench.XFORMERS in cands and set(bench.SDPA_BASELINES) <= set(cands)
     reason = cands[bench.XFORMERS]
     assert reason is not None and "xformers" in reason

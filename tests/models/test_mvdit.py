@@ -130,7 +130,7 @@ def test_save_load_round_trip(tmp_path, gen):
 
 def test_transformer_init_from_a_pixart_checkpoint(tmp_path, gen):
     """A diffusers PixArt-alpha pipeline directory (transformer/ inside) initialises the weights."""
-    pixart = randomize_(PixArtTransformer2DModel(**mvdit._transformer_kwargs(TINY)), gen)
+    pixart = randomize_(PixArtTransformer2DModel(**mvdit.transformer_kwargs(TINY)), gen)
     pixart.save_pretrained(str(tmp_path / "pixart" / "transformer"))
     model = mvdit.build_transformer(MVDiTConfig.preset("tiny", transformer_init=str(tmp_path / "pixart")))
     inputs = transformer_inputs(gen)

@@ -114,10 +114,10 @@ def _weights_of(cfg) -> int:
     if cfg not in _WEIGHTS:
         from diffusers import PixArtTransformer2DModel
 
-        from fast3d.models.mvdit import _transformer_kwargs
+        from fast3d.models.mvdit import transformer_kwargs
 
         with torch.device("meta"):
-            _WEIGHTS[cfg] = sum(q.numel() for q in PixArtTransformer2DModel(**_transformer_kwargs(cfg)).parameters())
+            _WEIGHTS[cfg] = sum(q.numel() for q in PixArtTransformer2DModel(**transformer_kwargs(cfg)).parameters())
     return _WEIGHTS[cfg]
 
 

@@ -30,9 +30,9 @@ class QualityFilter:
 
     def __init__(self, threshold: float = 0.0, C: float = 1.0, dinov2: str | None = None,
                  frames: int = FILTER_FRAMES):
-        self.threshold = _finite("threshold", threshold)
+        self.threshold = checks.real("threshold", threshold)
         self.frames = checks.positive_int("frames", frames)  # of sample_features, at training and at use
-        self.C = _finite("C", C)
+        self.C = checks.real("C", C)
         if self.C <= 0:
             raise ValueError(f"C must be positive; got {C!r}")
         self.dinov2 = dinov2  # the FeatureExtractor spec the features come from
@@ -154,12 +154,6 @@ class ElevationEstimator(nn.Module):
                        {k: tuple(v.shape) for k, v in out.state_dict().items()})
         out.load_state_dict({k: v.float() for k, v in tensors.items()})
         return out.eval()
-
-
-def _finite(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number; got {value!r}")
-    return float(value)
 
 
 def _features(name: str, x: Tensor, dim: int | None = None) -> Tensor:

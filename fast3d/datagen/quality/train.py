@@ -11,6 +11,7 @@ import os
 import torch
 from torch import Tensor
 
+from fast3d import checks
 from fast3d.datagen.quality.features import (
     ELEVATION_FRAMES,
     FILTER_FRAMES,
@@ -18,7 +19,7 @@ from fast3d.datagen.quality.features import (
     FeatureExtractor,
     sample_features,
 )
-from fast3d.datagen.quality.models import ElevationEstimator, QualityFilter, _finite
+from fast3d.datagen.quality.models import ElevationEstimator, QualityFilter
 from fast3d.io.atomic import atomic_open
 
 
@@ -112,7 +113,7 @@ def train_filter(data_dirs: list[str], labels_file: str, out_dir: str, dinov2: s
     counts are saved with the models, and every use of them computes the same features."""
     if isinstance(data_dirs, str) or not data_dirs:
         raise ValueError(f"data_dirs must be a non-empty list of shard directories; got {data_dirs!r}")
-    threshold = _finite("threshold", threshold)
+    threshold = checks.real("threshold", threshold)
     for name, n in (("views", views), ("elevation_views", elevation_views)):
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"{name} must be a positive int; got {n!r}")
