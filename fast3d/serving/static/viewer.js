@@ -8,8 +8,8 @@ let view = null;
 function start(canvas) {
   const renderer = new SPLAT.WebGLRenderer(canvas);
   const camera = new SPLAT.Camera();
-  // orbit at 2.5 units, a little above: fast3d's objects fill the unit box, its cameras sit at 2.2
-  const controls = new SPLAT.OrbitControls(camera, canvas, 0.6, 0.35, 2.5);
+  // orbit a little above, at 4 units: the unit box (fast3d's objects) then fills about half the view
+  const controls = new SPLAT.OrbitControls(camera, canvas, 0.6, 0.35, 4.0);
   const scene = new SPLAT.Scene();
   const frame = () => {
     controls.update();
@@ -33,9 +33,9 @@ function show(bytes) {
   view.scene.reset();
   const copy = bytes.slice().buffer;  // the loader keeps the buffer: give it its own
   const splat = SPLAT.Loader.LoadFromArrayBuffer(copy, view.scene);
-  // fast3d's world is +Z up (x right, y forward); the viewer's camera looks with -Y up: turn the
-  // object by -90 deg about X so its top faces up on screen.
-  splat.rotation = SPLAT.Quaternion.FromEuler(new SPLAT.Vector3(-Math.PI / 2, 0, 0));
+  // fast3d's world is +Z up; the viewer's screen up is its -Y: turn the object by +90 deg about X
+  // (+Z -> -Y) so its top is up on screen.
+  splat.rotation = SPLAT.Quaternion.FromEuler(new SPLAT.Vector3(Math.PI / 2, 0, 0));
   document.getElementById("viewer-status").textContent = `${bytes.length / 32} Gaussians: drag to orbit, wheel to zoom.`;
   return true;
 }
