@@ -456,9 +456,14 @@ def refine(ply: str, anchors: list[str], cameras: str, model_dir: str, out: str,
             dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         except RuntimeError as e:
             raise ValueError(f"--device {device!r} is not a device ({e})") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {device!r}: torch sees no CUDA device here")
         gaussians = read_ply(ply)
         paths = anchor_paths(anchors)
-        imgs = load_images(paths)                                                # [K, 3, H, W]
+        try:
+            imgs = load_images(paths)                                            # [K, 3, H, W]
+        except ValueError as e:
+            raise ValueError(f"--anchors: {e}") from None
         H, W = imgs.shape[-2:]
         if H != W:
             raise ValueError(f"--anchors must be square images; got {W}x{H}")

@@ -301,6 +301,23 @@ def _bad_inputs(scene, tmp_path, gen, model_dir) -> dict:
     }
 
 
+def test_anchor_cameras_must_be_for_the_anchors_size(tmp_path, gen):
+    """Without width/height in the file, intrinsics whose principal points fall outside the anchors
+    are for images of another size; with them, the sizes must match; the count must match."""
+    vm, Ks = anchor_cameras(gen)                      # pixels of R x R images
+    f = tmp_path / "cameras.json"
+    f.write_text(json.dumps({"viewmats": vm.tolist(), "Ks": Ks.tolist()}))
+    got_vm, got_Ks = rf.read_anchor_cameras(str(f), K, R, R)
+    assert torch.equal(got_vm, vm) and torch.equal(got_Ks, Ks)
+    with pytest.raises(ValueError, match=r"--cameras .*principal points .* outside the 8x8 px anchors"):
+        rf.read_anchor_cameras(str(f), K, R // 4, R // 4)
+    with pytest.raises(ValueError, match=r"--anchors has 3 images but --cameras .* has 4 cameras"):
+        rf.read_anchor_cameras(str(f), 3, R, R)
+    f.write_text(json.dumps({"viewmats": vm.tolist(), "Ks": Ks.tolist(), "width": [R] * K, "height": [R] * K}))
+    with pytest.raises(ValueError, match=r"--anchors are 16x32 px but --cameras .* says width"):
+        rf.read_anchor_cameras(str(f), K, R // 2, R)
+
+
 def test_bad_inputs_are_refused_before_anything_is_written(scene, model_dir, tmp_path, gen):
     for name, (change, pattern) in _bad_inputs(scene, tmp_path, gen, model_dir).items():
         out = tmp_path / f"out-{name.replace(' ', '-')}"
