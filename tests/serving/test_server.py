@@ -235,8 +235,7 @@ def test_page_in_headless_chromium_shows_the_result(server, gen, tmp_path):
                                   ".getBoundingClientRect(); return [b.x, b.y, b.width, b.height]; })())"))
         time.sleep(3)
         view = shot(*(int(v) for v in box))
-        background = view[0, 0]
-        fg = (view.int() - background.int()).abs().amax(-1) > 24
+        fg = view.int().amax(-1) > 24  # gsplat.js clears its canvas to black (WebGLRenderer's background)
         assert fg.float().mean() > 0.02 and len(torch.unique(view[fg], dim=0)) > 64, \
             f"the viewer's canvas shows no object: {float(fg.float().mean()):.4f} of it differs from the background"
         Image.fromarray(view.numpy()).save(tmp_path / "viewer.png")
