@@ -161,11 +161,13 @@ def raster(means: Tensor,        # [B, N, 3]
            width: int, height: int, capacity: int,
            ) -> tuple[Tensor, Tensor, Tensor]:  # -> images [B, F, 3, H, W], alphas [B, F, 1, H, W], overflow []
     """``LGM.render`` with the rasterizer's ``capacity``: no host synchronisation on CUDA (the
-    function a graph captures); ``overflow`` says whether the intersections exceeded it."""
+    function a graph captures: the cuda backend, named, so no dispatch runs under capture);
+    ``overflow`` says whether the intersections exceeded it."""
     from fast3d.ops.rasterization import rasterization
 
     images, alphas, meta = rasterization(means, quats, scales, opacities, colors, viewmats, Ks, width, height,
-                                         backgrounds=backgrounds, capacity=capacity)
+                                         backgrounds=backgrounds, capacity=capacity,
+                                         backend="cuda" if means.is_cuda else "auto")
     return images.permute(0, 1, 4, 2, 3), alphas.permute(0, 1, 4, 2, 3), meta["overflow"]
 
 
