@@ -182,8 +182,16 @@ def read_ply(path: str) -> dict:
 
 
 def load_model(model_dir: str, device: torch.device):
-    """``--model``: a Magic-Boost model directory (or a training run / checkpoint directory), in
-    eval mode on ``device``, its weights frozen."""
+    """``--model``: a Magic-Boost model directory (or a training run / checkpoint directory).
+
+    Args:
+        model_dir: the directory as the user gave it.
+        device: where the model goes.
+
+    Returns:
+        (the ``MagicBoost`` in eval mode on ``device``, its weights frozen; the model directory
+        resolved, :func:`fast3d.models.checkpoints.resolve_checkpoint`).
+    """
     from fast3d.models import checkpoints
     from fast3d.models.magicboost import MODEL_TYPE, MagicBoost
 
@@ -322,8 +330,9 @@ class Refiner:
         self.anchor_targets = self.model.decode_latents(z).detach()
 
     def step(self) -> dict:
-        """One optimisation step. Returns its losses as floats: ``sds`` (the SDS surrogate, whose
-        gradient is the SDS gradient) and ``aiu`` (0 when off)."""
+        """One optimisation step. Returns its losses as floats: ``sds`` (the SDS surrogate's value,
+        half the squared norm of the latent-space SDS gradient per view; its gradient is the SDS
+        gradient) and ``aiu`` (the anchor loss; 0 when off)."""
         st, dev = self.settings, self.device
         if st.aiu and self.step_index % st.aiu_every == 0:
             self.update_anchors()
