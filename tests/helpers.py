@@ -110,3 +110,33 @@ def object_png(gen: torch.Generator, size: tuple[int, int] = (50, 40)) -> bytes:
     Image.fromarray(to_uint8(rgba)).save(buf, format="PNG")
     return buf.getvalue()
 
+
+
+def train_killed_after_checkpoint(cmd: Sequence[str], out, step: int, timeout: float = 900.0) -> None:
+    """Run the ``fast3d train`` command ``cmd`` (output directory ``out``) and SIGKILL its whole
+    process group as soon as ``out/checkpoints/latest`` names ``step``: a run killed mid-way with that
+    checkpoint complete. AssertionError if it exits on its own first (then nothing was killed) or
+    does not get there within ``timeout`` seconds."""
+    import os
+    import signal
+    import subprocess
+    import tempfile
+    import time
+
+    latest, want = os.path.join(str(out), "checkpoints", "latest"), f"step{step:08d}"
+    with tempfile.TemporaryFile() as log:
+        p = subprocess.Popen(list(cmd), stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        try:
+            while not (os.path.exists(latest) and open(latest).read().strip() == want):
+                if p.poll() is not None:
+                    log.seek(0)
+                    raise AssertionError(f"the run exited ({p.returncode}) before checkpoint {want} was seen:\n"
+                                         f"{log.read().decode(errors='replace')[-3000:]}")
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"no checkpoint {want} within {timeout} s")
+                time.sleep(0.05)
+        finally:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait()

@@ -1,6 +1,6 @@
 """The MV-LLaVA instruction-tuning recipe: exactly Bootstrap3D's parameters train (projector,
 language model, the vision tower's last N layers), the answers alone are the targets, and bad
-records are named."""
+records are named; a killed run resumes to the uninterrupted end state."""
 
 import json
 import os
@@ -9,9 +9,11 @@ import sys
 
 import pytest
 import torch
+from helpers import train_killed_after_checkpoint
 
 from fast3d.datagen import mvllm, procedural
 from fast3d.training.config import run_config_from_dict
+from fast3d.training.metrics import read_metrics
 from fast3d.training.recipes.mvllm import IGNORE, MVLLMRecipe, read_annotations
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -83,6 +85,30 @@ def test_bootstrap3d_parameters_train_and_nothing_else(data, tmp_path):
     stage = mvllm.MVLLMFilter(str(model_dir), os.path.join(CONFIGS, "mvllm_prompts.yaml"), max_new_tokens=4)
     keep, score, captions = stage(torch.rand(1, 16, 3, 16, 16))
     assert keep.shape == score.shape == (1,) and len(captions) == 1
+
+
+def _train_cmd(cfg, out, *extra):
+    return [sys.executable, "-m", "fast3d.cli", "train", "mvllm", "--config", cfg, "--output", str(out), "--ranks", "1",
+            *extra]
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_uninterrupted_end_state(data, tmp_path):
+    """Killed after its step-2 checkpoint and resumed (mid-epoch 1: 5 records, batch 2), a run logs the
+    uninterrupted run's losses and learning rates bitwise and exports the same weights (fp32)."""
+    cfg, _ = config(data, tmp_path, max_steps=4, ckpt_every=2, warmup_steps=1, lr=1e-3)
+    p = subprocess.run(_train_cmd(cfg, tmp_path / "whole"), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    train_killed_after_checkpoint(_train_cmd(cfg, tmp_path / "killed"), tmp_path / "killed", 2, timeout=600)
+    assert not (tmp_path / "killed" / "checkpoints" / "step00000004").exists()
+    p = subprocess.run(_train_cmd(cfg, tmp_path / "killed", "--resume"), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    keys = ("step", "loss", "answer_tokens", "lr", "epoch")
+    whole, resumed = ([{k: r[k] for k in keys} for r in read_metrics(str(tmp_path / run))] for run in ("whole", "killed"))
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4] and resumed == whole
+    a, b = (mvllm.load_llava(str(tmp_path / run / "checkpoints" / "step00000004" / "model"))[0].state_dict()
+            for run in ("whole", "killed"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.parametrize("line,match", [
