@@ -34,6 +34,7 @@ stage). Every input is checked before anything is written: a bad input leaves OU
 from __future__ import annotations
 
 import dataclasses
+import glob
 import hashlib
 import json
 import math
@@ -52,6 +53,7 @@ from fast3d.inference.common import StageTimer, load_images, write_turntable
 from fast3d.io.atomic import atomic_open, atomic_path
 
 CHECKPOINT, REPORT = "checkpoint.pt", "report.json"
+OUTPUTS = (CHECKPOINT, "refined.ply", "turntable.gif", "compare.png", REPORT)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 AIU_LOSSES = ("l1", "mse")
 # Adam learning rates per parameter group, those of the 3DGS reference optimisation (Kerbl et al.
@@ -493,6 +495,9 @@ def refine(ply: str, anchors: list[str], cameras: str, model_dir: str, out: str,
             refiner.load_state_dict(state)
     # everything is checked: from here on OUT is written
     os.makedirs(out, exist_ok=True)
+    for name in OUTPUTS:  # what a killed run left half-written (io.atomic's temporary names)
+        for tmp in glob.glob(os.path.join(glob.escape(out), f".{name}.tmp*")):
+            os.remove(tmp)
     start = refiner.step_index
     if start:
         print(f"fast3d refine: resuming from step {start} ({ckpt_path})", file=stream, flush=True)
