@@ -170,3 +170,38 @@ def test_pipeline_runs_the_mvllm_filter_and_writes_its_captions_and_scores(tmp_p
     out, err = capsys.readouterr()
     assert "(2 kept, 2 rejected by the filter, 1 of them without a score)" in out
     assert "kept=2, rejected=2, unscored=1" in err
+
+
+def test_caption_records_feed_the_recipe(tmp_path, capsys, seed):
+    """`fast3d datagen mvllm-records`: one record per captioned sample, its caption as description,
+    seeded grades in 1..5 (the same file for the same seed), that the mvllm recipe reads; bad
+    arguments named."""
+    import json
+
+    from fast3d.cli import main
+    from fast3d.data.dataset import MultiViewDataset
+    from fast3d.datagen import procedural
+    from fast3d.training.recipes.mvllm import read_annotations
+
+    data = str(tmp_path / "train")
+    procedural.run(data, procedural.ProceduralConfig(num_objects=5, views=4, rig="orbit16", resolution=8,
+                                                     gaussians_per_object=50, samples_per_shard=5, batch_size=5,
+                                                     save_ply=False, seed=seed % 1000))
+    capsys.readouterr()
+    out = tmp_path / "a.jsonl"
+    argv = ["datagen", "mvllm-records", "--data", data, "--out", str(out), "--seed", str(seed % 1000)]
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out) == {"records": 5, "skipped": 0, "out": str(out)}
+    records = read_annotations(str(out))
+    captions = {s["key"]: s["caption"] for s in MultiViewDataset(data, views=1, resolution=8)}
+    assert {k: r["description"] for k, r in records.items()} == captions
+    assert all(1 <= r["score"] <= 5 for r in records.values())
+    first = out.read_bytes()
+    assert main(argv) == 0 and out.read_bytes() == first
+    assert mvllm.caption_records(data, str(tmp_path / "b.jsonl"), score=4)["records"] == 5
+    assert {r["score"] for r in read_annotations(str(tmp_path / "b.jsonl")).values()} == {4}
+    capsys.readouterr()
+    assert main(["datagen", "mvllm-records", "--data", data, "--out", str(out), "--score", "6"]) == 2
+    assert "score must be null or an int in [1, 5]; got 6" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="data must be a directory of multi-view shards"):
+        mvllm.caption_records(str(tmp_path / "none"), str(out))

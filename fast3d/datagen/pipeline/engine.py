@@ -14,6 +14,8 @@ orbit cameras (uniform azimuths from 0) at the elevation the elevation estimator
 (VFusion3D labels every generated video so), or at ``mv.elevation_deg`` without an estimator; the
 filter's captions, else the recaption of the first frame, else the prompt (an empty caption keeps
 the prompt); the filter's score as quality (1.0 without a filter); and the elevation in radians.
+A sample the filter could not score (a NaN score: the MV-LLM's answer had no parsable grade) is
+rejected and counted apart, in the returned counts and on the progress bar.
 """
 
 from __future__ import annotations
