@@ -60,7 +60,7 @@ def install(pipe, dtype: str = "fp32", compile: bool = False, cuda_graphs: bool 
 
     Args:
         pipe: an LGM or LRM pipeline (:mod:`fast3d.serving.pipelines`), before its warm-up.
-        dtype: ``fp32`` or ``bf16`` (autocast of the forward).
+        dtype: ``fp32`` or ``bf16`` (autocast of the network: the LGM's U-Net, the LRM's forward).
         compile: ``torch.compile`` the forward.
         cuda_graphs: capture the forward and the turntable render per batch size (CUDA, LGM).
     """
@@ -77,7 +77,7 @@ def install(pipe, dtype: str = "fp32", compile: bool = False, cuda_graphs: bool 
     if cuda_graphs:
         fn = _cloned(Graphs(fn, "the lgm forward"))
         pipe.rasterize = GraphedRender()
-    if fn is not model.forward:
+    if compile or cuda_graphs:
         model.forward = fn   # an instance attribute: nn.Module.__call__ runs it in place of LGM/LRM.forward
     pipe.accel = {"dtype": dtype, "compile": compile, "cuda_graphs": cuda_graphs}
 
