@@ -178,7 +178,7 @@ def _procedural(out: str, n: int, seed: int, cfg: DemoConfig, ply: bool) -> None
 
     procedural.run(out, procedural.ProceduralConfig(num_objects=n, views=16, rig="orbit16", resolution=cfg.resolution,
                                                     seed=seed, gaussians_per_object=cfg.gaussians,
-                                                    samples_per_shard=4, batch_size=4, save_ply=ply))
+                                                    samples_per_shard=1, batch_size=4, save_ply=ply))
 
 
 def _input_images(shards: str, folder: str, resolution: int) -> int:
@@ -225,6 +225,24 @@ def _train_config(template: str, out_yaml: str, data: str, steps: int, seed: int
         yaml.safe_dump(d, f, sort_keys=False)
     load_config(out_yaml)  # what the training reads is valid before any rank starts
     return out_yaml
+
+
+def _check_batches(cfg: DemoConfig) -> None:
+    """Every rank of each training gets a full batch: one sample a shard, so ``ranks`` x the
+    config's batch size samples at least (ValueError naming the argument otherwise)."""
+    from fast3d.demo import find_config
+    from fast3d.training.config import load_config
+
+    needs = [("--boost-images", cfg.boost_images, "boost")]
+    if cfg.mv_model is None:
+        needs.append(("--train-objects", cfg.train_objects, "mvdiff"))
+    if cfg.base is None:
+        needs.append(("--train-objects", cfg.train_objects, "lgm"))
+    for name, have, stage in needs:
+        batch = load_config(find_config(CONFIGS[stage])).batch_size
+        if have < batch * cfg.ranks:
+            raise ValueError(f"{name} must be at least {batch * cfg.ranks} ({cfg.ranks} rank(s) x the {stage} "
+                             f"training's batch of {batch}, {CONFIGS[stage]}); got {have}")
 
 
 def _lgm_overrides(model_dir: str) -> dict:
@@ -293,6 +311,7 @@ def run(out: str, cfg: DemoConfig, until: str = "eval", redo: str | None = None,
             got = checkpoints.model_type(checkpoints.resolve_checkpoint(v))
             if got != kind:
                 raise ValueError(f"--{name.replace('_', '-')} {v!r} holds a {got!r} model; expected an {kind!r} one")
+    _check_batches(cfg)
     out = os.path.abspath(out)
     if redo is not None:
         _redo(out, redo)
@@ -371,7 +390,7 @@ def run(out: str, cfg: DemoConfig, until: str = "eval", redo: str | None = None,
         def make(s=s, tag=tag, pseudo=pseudo):
             _say(f"pseudo_{tag}: datagen boost at strength {s} ({cfg.sampler_steps} sampler steps) -> {pseudo}")
             bc = BoostConfig(strength=s, seed=cfg.seed, steps=cfg.sampler_steps, guidance=cfg.guidance,
-                             samples_per_shard=4, preview=2)
+                             samples_per_shard=1, preview=2)  # a shard an image: every rank gets its share
             res = boost_data(paths["images"], models["mvdiff"], models["base"], pseudo, bc, device=device)
             return {"samples": sum(r["samples"] for r in res), "bad_images": sum(len(r["bad_images"]) for r in res)}
 
