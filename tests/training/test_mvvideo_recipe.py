@@ -9,10 +9,12 @@ import sys
 
 import pytest
 import torch
+from helpers import train_killed_after_checkpoint
 
 from fast3d.models import mvvideo
 from fast3d.training.config import run_config_from_dict
 from fast3d.training.loop import StepContext
+from fast3d.training.metrics import read_metrics
 from fast3d.training.recipes.mvvideo import DataSection, MVVideoRecipe, ProceduralOrbits, render_orbit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -162,13 +164,16 @@ def test_a_directory_that_is_no_pipeline_is_refused(tmp_path):
         MVVideoRecipe(run_config_from_dict(run_config(model={"pretrained": str(tmp_path)})))
 
 
+def _train_cmd(config, out, *extra):
+    return [sys.executable, "-m", "fast3d.cli", "train", "mvvideo", "--config", str(config), "--output", str(out),
+            "--ranks", "1", *extra]
+
+
 def _train(tmp_path, d, name):
     cfg = tmp_path / f"{name}.yaml"
     cfg.write_text(json.dumps(d))
     out = tmp_path / name
-    cmd = [sys.executable, "-m", "fast3d.cli", "train", "mvvideo", "--config", str(cfg), "--output", str(out),
-           "--ranks", "1"]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    p = subprocess.run(_train_cmd(cfg, out), capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
     return out / "checkpoints" / f"step{d['max_steps']:08d}" / "model"
 
@@ -184,18 +189,27 @@ def _heldout_loss(source, orbits, draws):
                                             0, 1))[0]) for d in draws) / len(draws)
 
 
+def psnr(a, b) -> float:
+    """Mean over frames of the PSNR (peak 1) between frame stacks ``a`` and ``b`` [N, 3, H, W]."""
+    return float((-10 * torch.log10((a - b).pow(2).flatten(1).mean(1))).mean())
+
+
 @pytest.mark.slow
-def test_fine_tuning_changes_only_the_temporal_layers_and_fits_held_out_orbits(tmp_path, seed):
-    """30 steps of the tiny config: exactly the temporal layers change, the frozen VAE and image encoder
-    are exported as they came, and the denoising loss on held-out procedural orbits (the same noise
-    for both models) is lower than the untuned model's. (Generated orbits are not compared by PSNR
-    here: the tiny VAE is random, so neither model's decoded frames can approach the renders.)"""
+def test_fine_tuning_changes_only_the_temporal_layers_and_brings_orbits_closer(tmp_path, seed):
+    """VFusion3D's claim at tiny scale: 30 steps of the tiny model over the exact pixel latent
+    (random-tiny-pixel, so decoded frames are comparable with renders) change exactly the temporal
+    layers, lower the denoising loss on held-out procedural orbits (the same noise for both models),
+    and the orbits the fine-tuned model generates from held-out objects' 0-azimuth renders are closer
+    (PSNR of frames 1..15 to the true renders) than the untuned model's, measured in the same run with
+    the same seeds. Both stay far below copying the condition frame (a random U-Net after 30 steps of
+    temporal-only tuning): the numbers are printed."""
     steps = 30
-    d = run_config(max_steps=steps, ckpt_every=steps, log_every=10,
+    d = run_config(max_steps=steps, ckpt_every=steps, log_every=10, model={"pretrained": "random-tiny-pixel",
+                                                                          "views": 16},
                    data={**DATA, "objects_per_epoch": 64, "gaussians": 1000})
     model_dir = _train(tmp_path, d, "run")
     trained = mvvideo.load_pipeline(str(model_dir), 16)
-    init = mvvideo.tiny_pipeline(16)
+    init = mvvideo.tiny_pipeline(16, pixel=True)
     before = dict(init.unet.named_parameters())
     changed = {n for n, p in trained.unet.named_parameters() if not torch.equal(p, before[n])}
     temporal = set(mvvideo.temporal_parameter_names(init.unet))
@@ -206,41 +220,78 @@ def test_fine_tuning_changes_only_the_temporal_layers_and_fits_held_out_orbits(t
     no_grad = {n for n in temporal if any(f".{m}." in n for m in ("attn2.to_q", "attn2.to_k", "norm2"))
                and ".temporal_transformer_blocks." in n}
     assert no_grad and changed <= temporal and temporal - no_grad <= changed
-    for part in ("vae", "image_encoder"):
-        a, b = getattr(trained, part).state_dict(), getattr(init, part).state_dict()
-        assert all(torch.equal(a[k], b[k]) for k in b), part
+    a, b = trained.image_encoder.state_dict(), init.image_encoder.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in b)
+    assert isinstance(trained.vae, mvvideo.PixelVideoAutoencoder)
     held = DataSection(**{**DATA, "gaussians": 1000})
     orbits = torch.stack([render_orbit(torch.Generator().manual_seed(10**12 + seed + i), held, 16)[0]
-                          for i in range(3)])
+                          for i in range(4)])                                     # [4, 16, 3, 16, 16]
     draws = [seed, seed + 1]
-    untuned, tuned = _heldout_loss(mvvideo.RANDOM_TINY, orbits, draws), _heldout_loss(str(model_dir), orbits, draws)
-    print(f"held-out denoising loss: untuned {untuned:.4f}, fine-tuned {tuned:.4f}")
+    untuned = _heldout_loss(mvvideo.RANDOM_TINY_PIXEL, orbits, draws)
+    tuned = _heldout_loss(str(model_dir), orbits, draws)
+    seeds = [seed + i for i in range(len(orbits))]
+    truth = orbits[:, 1:].flatten(0, 1)
+    gen_psnr = {name: psnr(mvvideo.generate_orbits(pipe, orbits[:, 0], 16, 10, seeds)[:, 1:].flatten(0, 1), truth)
+                for name, pipe in (("untuned", init), ("fine-tuned", trained))}
+    copy = psnr(orbits[:, :1].expand(-1, 15, -1, -1, -1).flatten(0, 1), truth)
+    print(f"held-out denoising loss: untuned {untuned:.4f}, fine-tuned {tuned:.4f}; generated orbits' PSNR to the "
+          f"renders (frames 1..15): untuned {gen_psnr['untuned']:.2f} dB, fine-tuned {gen_psnr['fine-tuned']:.2f} dB "
+          f"(the condition frame copied: {copy:.2f} dB)")
     assert tuned < untuned
+    assert gen_psnr["fine-tuned"] > gen_psnr["untuned"]
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_uninterrupted_end_state(tmp_path):
+    """Killed after its step-2 checkpoint and resumed, a run logs the uninterrupted run's losses,
+    noise levels and learning rates bitwise and exports the same U-Net (fp32: the same order of
+    orbits, the same noise streams, the same optimizer state)."""
+    d = run_config(max_steps=4, ckpt_every=2, warmup_steps=1, model={"pretrained": "random-tiny", "views": 8},
+                   data={**DATA, "objects_per_epoch": 3})        # an epoch boundary after step 3
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(json.dumps(d))
+    p = subprocess.run(_train_cmd(cfg, tmp_path / "whole"), capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    train_killed_after_checkpoint(_train_cmd(cfg, tmp_path / "killed"), tmp_path / "killed", 2)
+    assert not (tmp_path / "killed" / "checkpoints" / "step00000004").exists()
+    p = subprocess.run(_train_cmd(cfg, tmp_path / "killed", "--resume"), capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    keys = ("step", "loss", "mean_log_sigma", "lr", "epoch")
+    whole, resumed = ([{k: r[k] for k in keys} for r in read_metrics(str(tmp_path / run))] for run in ("whole", "killed"))
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4] and resumed == whole
+    a, b = (mvvideo.load_pipeline(str(tmp_path / run / "checkpoints" / "step00000004" / "model"), 8).unet.state_dict()
+            for run in ("whole", "killed"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.slow
 def test_datagen_pipeline_runs_an_exported_model(tmp_path):
-    """The export is what `mv.model` names: `fast3d datagen pipeline` generates 16-view orbits with it."""
-    from fast3d.data.dataset import MultiViewDataset
-    from fast3d.datagen.pipeline import engine
-    from fast3d.datagen.pipeline.config import PipelineConfig
+    """The export is what `mv.model` names: `fast3d datagen pipeline` (its YAML config, as the command
+    reads it) loads it, pixel latent space included, and generates 16-view orbits with it."""
+    import yaml
 
-    r = MVVideoRecipe(run_config_from_dict(run_config()))
+    from fast3d.data.dataset import MultiViewDataset
+    from fast3d.datagen.pipeline import engine, load_config
+    from fast3d.datagen.pipeline import run_config as run_pipeline
+
+    r = MVVideoRecipe(run_config_from_dict(run_config(model={"pretrained": "random-tiny-pixel", "views": 16})))
     unet = r.build_model()
     with torch.no_grad():   # a U-Net unlike the stock one, so the test sees which one ran
         for n, p in unet.named_parameters():
             if n in set(mvvideo.temporal_parameter_names(unet)):
                 p.add_(0.01)
     r.export(unet, str(tmp_path / "model"))
-    cfg = PipelineConfig.from_dict({
-        "prompts": {"templates": ["a {c} mug"], "vocab": {"c": ["red"]}, "count": 1},
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(yaml.safe_dump({
+        "prompts": {"templates": ["a {c} mug"], "vocab": {"c": ["red"]}, "count": 1}, "device": "cpu",
         "t2i": {"model": "random-tiny", "steps": 2, "resolution": 32, "batch_size": 1},
         "mv": {"model": str(tmp_path / "model"), "views": 16, "resolution": 16, "steps": 2},
-        "shards": {"samples_per_shard": 1}})
-    stages = engine.build_stages(cfg, torch.device("cpu"))
-    assert torch.equal(stages.mv.pipe.unet.state_dict()["down_blocks.0.resnets.0.temporal_res_block.conv1.bias"],
-                       unet.state_dict()["down_blocks.0.resnets.0.temporal_res_block.conv1.bias"])
-    counts = engine.generate(str(tmp_path / "out"), cfg, progress=False, stages=stages)
+        "shards": {"samples_per_shard": 1}}))
+    stages = engine.build_stages(load_config(str(config)), torch.device("cpu"))
+    assert isinstance(stages.mv.pipe.vae, mvvideo.PixelVideoAutoencoder)
+    key = "down_blocks.0.resnets.0.temporal_res_block.conv1.bias"
+    assert torch.equal(stages.mv.pipe.unet.state_dict()[key], unet.state_dict()[key])
+    (counts,) = run_pipeline(str(config), str(tmp_path / "out"))
     assert counts["kept"] == 1
     (s,) = list(MultiViewDataset(str(tmp_path / "out"), views=16, resolution=16))
     assert s["images"].shape == (16, 3, 16, 16)
