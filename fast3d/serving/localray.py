@@ -40,9 +40,14 @@ def loopback_replica_grpc() -> None:
     module docstring); elsewhere (a cluster joined with ``--address``) leave it as Ray has it."""
     if os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") != "0":
         return
+    import ray
     from ray.serve._private import replica
 
-    add_port = replica.add_port_to_grpc_server
+    add_port = getattr(replica, "add_port_to_grpc_server", None)
+    if add_port is None:   # the private hook this relies on moved: refuse rather than listen on [::]
+        raise RuntimeError(f"fast3d's loopback-only local Ray needs ray.serve._private.replica."
+                           f"add_port_to_grpc_server (Ray Serve 2.60); Ray {ray.__version__} has none: "
+                           "install the tested Ray version or start Ray yourself and pass --address")
     if getattr(add_port, "fast3d_loopback", False):
         return
 

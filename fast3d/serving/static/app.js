@@ -51,7 +51,11 @@ async function reconstruct(event) {
   const body = $("latency").tBodies[0];
   body.replaceChildren(...Object.entries(d.latency_ms).map(([k, v]) => {
     const tr = document.createElement("tr");
-    tr.innerHTML = `<th>${k}</th><td>${v.toFixed(1)}</td>`;
+    const th = document.createElement("th");
+    const td = document.createElement("td");
+    th.textContent = k;
+    td.textContent = v.toFixed(1);
+    tr.append(th, td);
     return tr;
   }));
   $("result").hidden = false;
