@@ -36,6 +36,7 @@ SHRINK = {
                                                        "2 run every part of the loop and write a checkpoint"),
     ("fast3d", "train", "ttr"): (["--max-steps", "2"], "as for lgm"),
     ("fast3d", "train", "mvdiff"): (["--max-steps", "2"], "as for lgm"),
+    ("fast3d", "train", "mvllm"): (["--max-steps", "2"], "as for lgm"),
     ("fast3d", "bench"): (["--out", "{tmp}/results"], "rows go to the test's folder, not the committed results"),
     ("fast3d", "profile"): (["--out", "{tmp}/traces"], "traces go to the test's folder, not the checkout"),
     ("fast3d", "loadtest"): (["--requests", "4", "--infer-requests", "1", "--concurrency", "1", "4", "--out",
