@@ -58,7 +58,7 @@ class DemoConfig:
     mvdiff_steps: int = 40         # training steps of the tiny diffusion model
     lgm_steps: int = 40            # training steps of the tiny base LGM
     boost_steps: int = 20          # LoRA training steps of each boost
-    sampler_steps: int = 8         # `datagen boost --steps` (the refinement runs steps x strength)
+    sampler_steps: int = 20        # `datagen boost --steps` (the refinement runs int(steps x strength) of them)
     guidance: float = 3.0          # `datagen boost --guidance`
     lora: int = 32                 # LoRA rank (MVBoost's 32)
     ranks: int = 2                 # DeepSpeed ranks of each training
@@ -82,10 +82,17 @@ class DemoConfig:
         checks.integer("--gaussians", self.gaussians, 16)
         checks.real("--guidance", self.guidance, 0)
         checks.nonneg_int("--seed", self.seed)
+        ran: dict[int, float] = {}  # the refinement runs the last int(steps x strength) sampler steps
         for s in self.strengths:
-            if int(self.sampler_steps * s) < 1:
+            n = int(self.sampler_steps * s)
+            if n < 1:
                 raise ValueError(f"--strengths x --sampler-steps must reach one sampler step; got --strengths {s}, "
                                  f"--sampler-steps {self.sampler_steps}")
+            if n in ran:  # e.g. 0.9 and 0.95 at 8 steps: both 7, one refinement measured twice
+                raise ValueError(f"--sampler-steps {self.sampler_steps} makes --strengths {ran[n]} and {s} the same "
+                                 f"refinement (the last {n} steps each): raise --sampler-steps (20 tells 0.8, 0.9, "
+                                 f"0.95 and 1.0 apart)")
+            ran[n] = s
         for name in ("mv_model", "base"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, str) or not os.path.isdir(v)):
@@ -96,8 +103,8 @@ class DemoConfig:
 # "smoke" (every stage runs in the fewest steps: CI's README run; its numbers mean nothing).
 PRESETS = {
     "demo": {},
-    "smoke": dict(train_objects=8, boost_images=4, heldout_objects=2, resolution=32, gaussians=300, mvdiff_steps=4,
-                  lgm_steps=4, boost_steps=4, sampler_steps=2),
+    "smoke": dict(train_objects=8, boost_images=4, heldout_objects=1, resolution=32, gaussians=300, mvdiff_steps=2,
+                  lgm_steps=2, boost_steps=2),
 }
 
 

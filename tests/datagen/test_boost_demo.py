@@ -107,6 +107,8 @@ def test_bad_arguments_exit_2_naming_them(models, tmp_path, capsys):
         (["--base", models["mv"]], f"--base {models['mv']!r} holds a 'mvdiff' model; expected an 'lgm' one"),
         (["--mv-model", models["lgm"]], f"--mv-model {models['lgm']!r} holds a 'lgm' model; expected an 'mvdiff' one"),
         (["--mv-model", str(tmp_path / "missing")], "--mv-model must be a model, checkpoint or run directory"),
+        (["--strengths", "0.9", "0.95", "--sampler-steps", "8"],
+         "--sampler-steps 8 makes --strengths 0.9 and 0.95 the same refinement (the last 7 steps each)"),
         (["--boost-images", "3"], "--boost-images must be at least 4 (2 rank(s) x the boost training's batch of 2"),
         (["--train-objects", "7", "--base", models["lgm"]], "--train-objects must be at least 8 (2 rank(s) x the "
                                                             "mvdiff training's batch of 4"),
