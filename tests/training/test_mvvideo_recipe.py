@@ -20,6 +20,12 @@ from fast3d.training.recipes.mvvideo import DataSection, MVVideoRecipe, Procedur
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DS = os.path.join(ROOT, "train", "configs", "ds_zero2.json")
 DATA = {"resolution": 16, "objects_per_epoch": 4, "gaussians": 300}
+# By how much the fine-tuned model must beat the untuned one in the fine-tuning test (a tie or a
+# rounding-level difference is no evidence): the held-out loss's relative drop and the generated
+# orbits' PSNR gain. Measured on this 2-core CPU (2026-12-03, 30 steps, one fresh seed): loss 0.960 ->
+# 0.773 (-19.5%), PSNR 5.26 -> 6.20 dB (+0.94 dB); the margins are about a quarter of that, room for
+# the seed-to-seed spread of estimates over 4 held-out orbits and 2 noise draws.
+FINE_TUNE_MARGIN = {"loss_drop": 0.05, "psnr_gain_db": 0.25}
 
 
 def run_config(**kw):
@@ -237,8 +243,8 @@ def test_fine_tuning_changes_only_the_temporal_layers_and_brings_orbits_closer(t
     print(f"held-out denoising loss: untuned {untuned:.4f}, fine-tuned {tuned:.4f}; generated orbits' PSNR to the "
           f"renders (frames 1..15): untuned {gen_psnr['untuned']:.2f} dB, fine-tuned {gen_psnr['fine-tuned']:.2f} dB "
           f"(the condition frame copied: {copy:.2f} dB)")
-    assert tuned < untuned
-    assert gen_psnr["fine-tuned"] > gen_psnr["untuned"]
+    assert tuned < untuned * (1 - FINE_TUNE_MARGIN["loss_drop"])
+    assert gen_psnr["fine-tuned"] > gen_psnr["untuned"] + FINE_TUNE_MARGIN["psnr_gain_db"]
 
 
 @pytest.mark.slow
