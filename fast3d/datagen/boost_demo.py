@@ -104,7 +104,7 @@ class DemoConfig:
 PRESETS = {
     "demo": {},
     "smoke": dict(train_objects=8, boost_images=4, heldout_objects=1, resolution=32, gaussians=300, mvdiff_steps=2,
-                  lgm_steps=2, boost_steps=2),
+                  lgm_steps=2, boost_steps=2, sampler_steps=12),  # 12: 0.8/0.9/0.95/1.0 run 9/10/11/12 steps
 }
 
 
