@@ -5,7 +5,7 @@
 * ``fast3d boost demo``: the whole method at tiny size in one resumable run (procedural objects ->
   tiny multi-view diffusion -> tiny base LGM -> pseudo ground truth -> LoRA boost on 2 CPU ranks ->
   base and boosted LGM side by side on held-out objects), ``--strengths`` sweeping the noise
-  strength as MVBoost's ablation does (:mod:`fast3d.datagen.boost_demo`)."""
+  strength as MVBoost's ablation does (:mod:`fast3d.cli._boost_demo`)."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def _boost(fail):
 
 def _demo(fail):
     def cmd(args) -> int:
-        from fast3d.datagen import boost_demo
+        from fast3d.cli import _boost_demo as boost_demo
 
         try:
             r = boost_demo.run(args.out, boost_demo.config_from_args(args), until=args.until, redo=args.redo,
@@ -63,7 +63,7 @@ def _demo(fail):
 def register(sub, fail) -> None:
     """Add ``boost`` to the ``datagen`` subcommands of the top-level parser ``sub``, and the
     ``boost`` command group (``boost demo``)."""
-    from fast3d.datagen.boost_demo import STAGES, DemoConfig
+    from fast3d.cli._boost_demo import STAGES, DemoConfig
 
     b = sub.add_parser("boost", help="MVBoost at tiny size: the end-to-end demo and its noise-strength sweep")
     bsub = b.add_subparsers(dest="boost_cmd", required=True)

@@ -9,8 +9,8 @@ import os
 import pytest
 import torch
 
+from fast3d.cli import _boost_demo as boost_demo
 from fast3d.cli import main as cli_main
-from fast3d.datagen import boost_demo
 from fast3d.models.lgm import LGM, LGMConfig
 from fast3d.models.mvdiff import MVDiffConfig, MVDiffusion
 
