@@ -62,6 +62,32 @@ def make_scheduler(name: str, prediction_type: str):
                                        algorithm_type="dpmsolver++", solver_order=2)
 
 
+def sdedit_timesteps(sched, steps: int, strength: float, device=None) -> Tensor:  # -> [n] the timesteps to run
+    """SDEdit's timesteps: the last ``n = int(steps * strength)`` of ``steps`` sampler steps over the
+    whole schedule (the scheduler's ``set_timesteps`` is called here, its begin index set). The
+    latents are noised to the first of them, so the start depends on the scheduler's spacing: of
+    T = 1000, 10 steps at strength 0.3 start at t = 201 with "leading" spacing (:func:`make_scheduler`'s
+    DDIM), at t = 299 (the strength) with "trailing".
+
+    Args:
+        sched: a diffusers scheduler (:func:`make_scheduler`), on the device of its timesteps.
+        steps: sampler steps over the whole schedule.
+        strength: the fraction of them to run, in (0, 1]; ``int(steps * strength)`` must be >= 1.
+        device: where the timesteps go.
+
+    Returns:
+        The timesteps, high to low.
+    """
+    sched.set_timesteps(steps, device=device)
+    n = int(steps * strength)
+    if n < 1:
+        raise ValueError(f"strength x steps must reach one sampler step; got {strength:g} x {steps}")
+    start = (steps - n) * sched.order
+    if hasattr(sched, "set_begin_index"):
+        sched.set_begin_index(start)
+    return sched.timesteps[start:]
+
+
 @torch.no_grad()
 def denoise(model: MVDiffusion,
             cond_latent: Tensor,     # [B, C, h, w] the input images' scaled latents
@@ -87,17 +113,13 @@ def denoise(model: MVDiffusion,
     """
     dev = model.device
     sched = make_scheduler(scheduler, model.config.prediction_type)
-    sched.set_timesteps(steps, device=dev)
-    timesteps = sched.timesteps
     noise = noise.to(dev)
     if init_latents is None:
+        sched.set_timesteps(steps, device=dev)
+        timesteps = sched.timesteps
         latents = noise * sched.init_noise_sigma
     else:
-        n = int(steps * strength)
-        start = (steps - n) * sched.order
-        timesteps = timesteps[start:]
-        if hasattr(sched, "set_begin_index"):
-            sched.set_begin_index(start)
+        timesteps = sdedit_timesteps(sched, steps, strength, dev)
         latents = sched.add_noise(init_latents.to(dev), noise, timesteps[:1])
     B = noise.shape[0]
     guided = guidance_scale != 1.0
