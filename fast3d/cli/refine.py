@@ -26,13 +26,21 @@ def register(sub, fail) -> None:
                    help=f"random views rendered per step (default {d.views_per_step})")
     s.add_argument("--guidance", type=float, default=d.guidance_scale,
                    help=f"classifier-free guidance scale (default {d.guidance_scale})")
+    s.add_argument("--sds-weight", type=float, default=d.sds_weight,
+                   help=f"the SDS loss's weight (0: the anchor loss alone; default {d.sds_weight})")
+    s.add_argument("--elevation", type=float, nargs=2, default=d.elevation_deg, metavar=("LO", "HI"),
+                   help=f"the random views' elevation range in degrees (default {d.elevation_deg[0]:g} "
+                        f"{d.elevation_deg[1]:g})")
     s.add_argument("--aiu", action="store_true", default=d.aiu,
                    help="the Anchor Iterative Update loss (the default)")
     s.add_argument("--no-aiu", dest="aiu", action="store_false", help="SDS alone")
     s.add_argument("--aiu-every", type=int, default=d.aiu_every,
                    help=f"steps between anchor updates (default {d.aiu_every})")
     s.add_argument("--aiu-strength", type=float, default=d.aiu_strength,
-                   help=f"noise strength of an anchor update, in (0, 1] (default {d.aiu_strength})")
+                   help=f"the fraction of --aiu-denoise-steps an anchor update runs (its noise level), in (0, 1] "
+                        f"(default {d.aiu_strength})")
+    s.add_argument("--aiu-denoise-steps", type=int, default=d.aiu_denoise_steps,
+                   help=f"DDIM steps over the whole schedule for an anchor update (default {d.aiu_denoise_steps})")
     s.add_argument("--aiu-loss", default=d.aiu_loss, help="l1 | mse (default l1)")
     s.add_argument("--aiu-weight", type=float, default=d.aiu_weight, help=f"(default {d.aiu_weight})")
     s.add_argument("--lr-scale", type=float, default=d.lr_scale, help="scales every learning rate (default 1)")
@@ -50,8 +58,10 @@ def cmd_refine(args, fail) -> int:
 
     try:
         settings = RefineSettings(steps=args.steps, t_range=tuple(args.t_range), views_per_step=args.views_per_step,
-                                  guidance_scale=args.guidance, aiu=args.aiu, aiu_every=args.aiu_every,
-                                  aiu_strength=args.aiu_strength, aiu_loss=args.aiu_loss, aiu_weight=args.aiu_weight,
+                                  guidance_scale=args.guidance, sds_weight=args.sds_weight,
+                                  elevation_deg=tuple(args.elevation), aiu=args.aiu, aiu_every=args.aiu_every,
+                                  aiu_strength=args.aiu_strength, aiu_denoise_steps=args.aiu_denoise_steps,
+                                  aiu_loss=args.aiu_loss, aiu_weight=args.aiu_weight,
                                   lr_scale=args.lr_scale, checkpoint_every=args.checkpoint_every, seed=args.seed,
                                   turntable_frames=args.frames)
         refine(args.ply, args.anchors, args.cameras, args.model, args.out, settings, device=args.device)

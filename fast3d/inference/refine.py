@@ -9,18 +9,28 @@ with score distillation (SDS) from the multi-view conditioned diffusion model
 * **SDS** (DreamFusion's score distillation). Each step renders ``views_per_step`` random views
   around the object (azimuth uniform, elevation uniform in ``elevation_deg``, at the anchors'
   mean distance and field of view) in one :func:`fast3d.rasterization` call, together with the K
-  anchor views when the Anchor Iterative Update is on. Their latents ``z`` are noised to a
+  anchor views when the Anchor Iterative Update is on. Their latents ``z`` (of the renders clamped
+  to [0, 1], the VAE's range) are noised to a
   timestep ``t`` drawn uniformly from ``t_range`` (fractions of the training schedule: a small
   range refines, a large one regenerates), the model predicts the noise with classifier-free
   guidance (``u + s (c - u)``, the unconditional pass dropping every anchor) and the gradient
   ``w(t) (eps_hat - eps)``, ``w(t) = 1 - alpha_bar_t``, flows to ``z`` and through the VAE
-  encoder and the rasterizer to the Gaussians (the UNet is not differentiated).
-* **Anchor Iterative Update** (Magic-Boost's AIU loss, ``aiu``). Every ``aiu_every`` steps the
-  anchor views are rendered from the current asset, their latents noised to ``aiu_strength`` of
-  the schedule and denoised (``aiu_denoise_steps`` DDIM steps, the same guidance), each with its
-  own anchor dropped from its conditioning, so the model redraws it from the other anchors. The
-  updated anchors supervise the anchor renders of every step (``aiu_loss``: L1 or MSE, weight
-  ``aiu_weight``), which keeps SDS from over-saturating the colours.
+  encoder and the rasterizer to the Gaussians (the UNet is not differentiated). Its loss is a mean
+  over latent elements, as the AIU loss is over pixels, so ``sds_weight`` and ``aiu_weight`` weigh
+  comparable terms.
+* **Anchor Iterative Update** (Magic-Boost's AIU loss, ``aiu``). The anchor renders of every step
+  are supervised (``aiu_loss``: L1 or MSE, weight ``aiu_weight``) by the anchor targets, which
+  start as the anchor images themselves (the best estimate of those views there is) and are
+  updated every ``aiu_every`` steps (not at step 0): the anchor views are rendered from the current
+  asset, noised and denoised by the last ``int(aiu_denoise_steps * aiu_strength)`` of
+  ``aiu_denoise_steps`` DDIM steps (:func:`fast3d.inference.mvdiff.sdedit_timesteps`, "trailing"
+  spacing: the noise level is ``aiu_strength`` of the schedule, t = 299 of 1000 for 0.3 x 10), the
+  same guidance,
+  each with its own anchor dropped from its conditioning, so the model redraws it from the other
+  anchors. This keeps SDS from over-saturating the colours. Only the loss targets are updated: the
+  model's conditioning stays the original anchors (computed once), the fixed evidence the updates
+  are drawn from; conditioning on the updated anchors would feed the asset's own renders back as
+  evidence and let errors compound.
 
 Randomness comes from one CPU generator seeded by ``seed``. A checkpoint (``OUT/checkpoint.pt``:
 the Gaussians, Adam's state, the step, the generator's state and the updated anchors, written
@@ -56,10 +66,18 @@ CHECKPOINT, REPORT = "checkpoint.pt", "report.json"
 OUTPUTS = (CHECKPOINT, "refined.ply", "turntable.gif", "compare.png", REPORT)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 AIU_LOSSES = ("l1", "mse")
-# Adam learning rates per parameter group, those of the 3DGS reference optimisation (Kerbl et al.
-# 2023) for an object in the unit box: means in world units, the rest in their raw spaces
-# (log scales, unnormalised quaternions, opacity logits, SH coefficients). ``lr_scale`` scales all.
-LEARNING_RATES = dict(means=1.6e-4, log_scales=5e-3, quats=1e-3, opacity_logits=5e-2, sh=2.5e-3)
+# how far (px) a principal point may lie from the anchors' centre when --cameras gives no size
+PRINCIPAL_TOLERANCE_PX = 2.0
+# Adam learning rates per parameter group for an object in the unit box: means in world units, the
+# rest in their raw spaces (log scales, unnormalised quaternions, opacity logits, SH coefficients).
+# ``lr_scale`` scales all. A refinement starts from a converged asset, so these are the 3DGS reference
+# optimisation's (Kerbl et al. 2023) rates where it ends, not where it starts: means 1.6e-5 (its
+# position rate decays from 1.6e-4 to 1.6e-6; this is the middle of that decay), scales, rotations
+# and opacities a fifth of its constant rates, colours at its rate (texture is what SDS and the AIU
+# loss refine). Adam moves every parameter by about its rate each step whatever the gradient's size,
+# and the SDS gradient is mostly noise: at 3DGS's fitting rates 20 steps of SDS from an untrained
+# model moved scales and positions enough to cost about 2 dB of held-out PSNR.
+LEARNING_RATES = dict(means=1.6e-5, log_scales=1e-3, quats=2e-4, opacity_logits=1e-2, sh=2.5e-3)
 PARAMS = tuple(LEARNING_RATES)
 
 
@@ -71,11 +89,12 @@ class RefineSettings:
     t_range: tuple = (0.02, 0.5)          # SDS timesteps, fractions of the training schedule, in (0, 1)
     views_per_step: int = 4               # random views rendered (and denoised) per step
     guidance_scale: float = 3.0           # classifier-free guidance (1: the conditional model alone)
+    sds_weight: float = 1.0               # the SDS loss's weight (0: the AIU loss alone)
     elevation_deg: tuple = (-10.0, 40.0)  # the random views' elevation range
     aiu: bool = True                      # the Anchor Iterative Update loss
-    aiu_every: int = 50                   # steps between anchor updates (the first is at step 0)
-    aiu_strength: float = 0.3             # how far the anchor renders are noised before denoising, in (0, 1]
-    aiu_denoise_steps: int = 10           # DDIM steps over the whole schedule (an update runs strength x that)
+    aiu_every: int = 50                   # steps between anchor updates (the first at step aiu_every)
+    aiu_strength: float = 0.3             # the fraction of the DDIM steps an update runs, in (0, 1]
+    aiu_denoise_steps: int = 10           # DDIM steps over the whole schedule (an update runs int(strength x that))
     aiu_loss: str = "l1"                  # l1 | mse
     aiu_weight: float = 1.0
     lr_scale: float = 1.0
@@ -96,13 +115,14 @@ class RefineSettings:
             raise ValueError(f"--t-range must have LO <= HI; got {lo:g} {hi:g}")
         checks.positive_int("--views-per-step", self.views_per_step)
         checks.real("--guidance", self.guidance_scale, 0)
+        checks.real("--sds-weight", self.sds_weight, 0)
         el = self.elevation_deg
         if not isinstance(el, tuple) or len(el) != 2:
-            raise ValueError(f"elevation_deg must be two numbers LO HI; got {el!r}")
+            raise ValueError(f"--elevation must be two numbers LO HI (degrees); got {el!r}")
         for e in el:
-            checks.real("elevation_deg", e, -89, 89)
+            checks.real("--elevation", e, -89, 89)
         if el[0] > el[1]:
-            raise ValueError(f"elevation_deg must have LO <= HI; got {el}")
+            raise ValueError(f"--elevation must have LO <= HI; got {el[0]:g} {el[1]:g}")
         checks.boolean("--aiu", self.aiu)
         checks.positive_int("--aiu-every", self.aiu_every)
         checks.real("--aiu-strength", self.aiu_strength, 0, 1, lo_open=True)
@@ -161,10 +181,13 @@ def read_anchor_cameras(path: str, n: int, width: int, height: int) -> tuple[Ten
         sizes = got if isinstance(got, list) else [got]
         if any(s != size for s in sizes):
             raise ValueError(f"--anchors are {width}x{height} px but --cameras {path!r} says {key} {got}")
-    if "width" not in d and not bool(((Ks[:, 0, 2] > 0) & (Ks[:, 0, 2] < width) & (Ks[:, 1, 2] > 0)
-                                      & (Ks[:, 1, 2] < height)).all()):
-        raise ValueError(f"--cameras {path!r}: the principal points {Ks[:, :2, 2].tolist()} lie outside the "
-                         f"{width}x{height} px anchors: the intrinsics are for images of another size")
+    # without a size in the file, the principal point says which images the intrinsics are for: a
+    # centred one (as every fast3d camera has) within PRINCIPAL_TOLERANCE_PX of the anchors' centre
+    off = (Ks[:, :2, 2] - Ks.new_tensor([width / 2, height / 2])).abs()
+    if "width" not in d and "height" not in d and bool((off > PRINCIPAL_TOLERANCE_PX).any()):
+        raise ValueError(f"--cameras {path!r}: the principal points {Ks[:, :2, 2].tolist()} are not at the centre "
+                         f"({width / 2:g}, {height / 2:g}) of the {width}x{height} px anchors: the intrinsics are for "
+                         f"images of another size (add width/height to the file)")
     return vm, Ks
 
 
@@ -254,10 +277,15 @@ class Refiner:
         self.t_lo, self.t_hi = max(1, round(lo * (T - 1))), max(1, round(hi * (T - 1)))
         self.distance = float(cams.camera_centers(self.anchor_viewmats.double().cpu()).norm(dim=-1).mean())
         self.fov_y_deg = fov_y_deg(self.anchor_Ks.cpu(), self.R)
-        self.scheduler = make_scheduler("ddim", model.config.prediction_type)
+        # the anchor update's DDIM with "trailing" spacing, so that its start follows the strength: the
+        # last int(s x n) of n steps start at t = s T - 1 (0.3 x 10: t = 299 of 1000; "leading" spacing,
+        # sampling's, would start at 201)
+        ddim = make_scheduler("ddim", model.config.prediction_type)
+        self.scheduler = type(ddim).from_config(ddim.config, timestep_spacing="trailing")
         self.generator = torch.Generator().manual_seed(settings.seed)
         self.step_index = 0
-        self.anchor_targets: Tensor | None = None   # [K, 3, R, R] the updated anchors (AIU)
+        # [K, 3, R, R] the AIU loss's targets: the anchors themselves until the first update
+        self.anchor_targets = self.anchors.clone()
 
     # --- rendering ---
 
@@ -315,14 +343,17 @@ class Refiner:
 
     @torch.no_grad()
     def update_anchors(self) -> None:
-        """The Anchor Iterative Update: the anchor views rendered now, noised to ``aiu_strength``
-        and denoised by DDIM with each one's own anchor dropped from its conditioning."""
+        """The Anchor Iterative Update: the anchor views rendered now, noised and denoised by the last
+        ``int(aiu_denoise_steps * aiu_strength)`` of ``aiu_denoise_steps`` DDIM steps
+        (:func:`fast3d.inference.mvdiff.sdedit_timesteps`, "trailing" spacing: the noise level is
+        ``aiu_strength`` of the schedule, e.g. t = 299 of 1000 for 0.3 x 10) with each one's own
+        anchor dropped from its conditioning."""
+        from fast3d.inference.mvdiff import sdedit_timesteps
+
         st = self.settings
         z0 = self.model.encode_latents(self.render(self.anchor_viewmats, self.anchor_Ks).clamp(0, 1))
         sched = self.scheduler
-        sched.set_timesteps(st.aiu_denoise_steps, device=self.device)
-        n = int(st.aiu_denoise_steps * st.aiu_strength)
-        timesteps = sched.timesteps[st.aiu_denoise_steps - n:]
+        timesteps = sdedit_timesteps(sched, st.aiu_denoise_steps, st.aiu_strength, self.device)
         noise = torch.randn(z0.shape, generator=self.generator).to(self.device)
         z = sched.add_noise(z0, noise, timesteps[:1])
         own = torch.eye(self.K, dtype=torch.bool, device=self.device)         # target k drops anchor k
@@ -333,10 +364,10 @@ class Refiner:
 
     def step(self) -> dict:
         """One optimisation step. Returns its losses as floats: ``sds`` (the SDS surrogate's value,
-        half the squared norm of the latent-space SDS gradient per view; its gradient is the SDS
-        gradient) and ``aiu`` (the anchor loss; 0 when off)."""
+        half the mean square of the latent-space SDS gradient's elements; its gradient is the SDS
+        gradient over the number of latent elements) and ``aiu`` (the anchor loss; 0 when off)."""
         st, dev = self.settings, self.device
-        if st.aiu and self.step_index % st.aiu_every == 0:
+        if st.aiu and self.step_index > 0 and self.step_index % st.aiu_every == 0:
             self.update_anchors()
         V = st.views_per_step
         vm, Ks = self.random_cameras(V)
@@ -344,18 +375,23 @@ class Refiner:
         if st.aiu:  # the anchors join the random views in the one rasterization call
             vm, Ks = torch.cat([vm.to(dev), self.anchor_viewmats]), torch.cat([Ks.to(dev), self.anchor_Ks])
         images = self.render(vm, Ks)                                             # [V (+K), 3, R, R]
-        z = self.model.encode_latents(images[:V])                                # [V, C, h, w]
+        # the VAE's input range (SH colours can render above 1), as the anchor update encodes them
+        z = self.model.encode_latents(images[:V].clamp(0, 1))                    # [V, C, h, w]
         eps = torch.randn(z.shape, generator=self.generator).to(dev)
         t = t.to(dev)
         ab = self.alphas_cumprod[t].float()[:, None, None, None]
-        with torch.no_grad():
-            noisy = ab.sqrt() * z + (1 - ab).sqrt() * eps
-            none = torch.zeros(V, self.K, dtype=torch.bool, device=dev)
-            eps_hat = self._eps(self._guided(noisy, t, vm[:V].to(dev), none), noisy, ab)
-            grad = torch.nan_to_num((1 - ab) * (eps_hat.float() - eps))
-        # d sds / d z = grad / V: the SDS gradient, averaged over the views
-        sds = 0.5 * (z - (z - grad).detach()).pow(2).sum() / V
-        loss = sds
+        sds = torch.zeros((), device=dev)
+        if st.sds_weight > 0:   # (the draws above are made either way: one random stream for any weight)
+            with torch.no_grad():
+                noisy = ab.sqrt() * z + (1 - ab).sqrt() * eps
+                none = torch.zeros(V, self.K, dtype=torch.bool, device=dev)
+                eps_hat = self._eps(self._guided(noisy, t, vm[:V].to(dev), none), noisy, ab)
+                grad = torch.nan_to_num((1 - ab) * (eps_hat.float() - eps))
+            # d sds / d z = grad / z.numel(): the SDS gradient, a mean over the views' latent elements as
+            # the AIU loss is a mean over the anchors' pixels, so sds_weight and aiu_weight are comparable
+            # (a per-view sum made SDS outweigh the anchor loss a thousandfold: the AIU loss changed nothing)
+            sds = 0.5 * (z - (z - grad).detach()).pow(2).mean()
+        loss = st.sds_weight * sds
         aiu = torch.zeros((), device=dev)
         if st.aiu:
             diff = images[V:] - self.anchor_targets
@@ -370,26 +406,39 @@ class Refiner:
     # --- checkpoints ---
 
     def state_dict(self) -> dict:
+        """The state a resumed run needs (CPU tensors).
+
+        Returns:
+            ``step``, ``params`` (the raw parameters by group), ``optimizer`` (Adam's state),
+            ``generator`` (the RNG's state) and ``anchor_targets`` [K, 3, R, R].
+        """
         return {"step": self.step_index, "params": {k: v.detach().cpu() for k, v in self.params.items()},
                 "optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(),
-                "anchor_targets": None if self.anchor_targets is None else self.anchor_targets.cpu()}
+                "anchor_targets": self.anchor_targets.cpu()}
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue from :meth:`state_dict`'s ``state`` (of a refiner of the same inputs and settings).
+
+        Args:
+            state: what :meth:`state_dict` returned (possibly through ``torch.load``).
+        """
         with torch.no_grad():
             for k in PARAMS:
                 self.params[k].copy_(state["params"][k])
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
         self.step_index = int(state["step"])
-        t = state["anchor_targets"]
-        self.anchor_targets = None if t is None else t.to(self.device)
+        self.anchor_targets = state["anchor_targets"].to(self.device)
 
 
 # --- the command ----------------------------------------------------------------------------------
 
 
-def _fingerprint(ply: str, anchors: Tensor, viewmats: Tensor, Ks: Tensor, model_path: str,
-                 settings: RefineSettings) -> str:
+def _fingerprint(ply: str,
+                 anchors: Tensor,   # [K, 3, R, R]
+                 viewmats: Tensor,  # [K, 4, 4]
+                 Ks: Tensor,        # [K, 3, 3]
+                 model_path: str, settings: RefineSettings) -> str:
     """What a checkpoint must match to be resumed: the inputs' bytes, the model and the settings
     (all but the turntable's frames, which the optimisation does not read)."""
     h = hashlib.sha256()
@@ -449,7 +498,7 @@ def refine(ply: str, anchors: list[str], cameras: str, model_dir: str, out: str,
     """
     from PIL import Image
 
-    from fast3d.inference.lgm import resize_inputs
+    from fast3d.inference.lgm import TURNTABLE_ELEVATION_DEG, resize_inputs
     from fast3d.io import save_ply
     from fast3d.io.images import to_uint8
 
@@ -491,8 +540,10 @@ def refine(ply: str, anchors: list[str], cameras: str, model_dir: str, out: str,
         ckpt_path = os.path.join(out, CHECKPOINT)
         state = _read_checkpoint(ckpt_path, fingerprint)
         refiner = Refiner(model, gaussians, x, vm, K_R, settings)
+        first = None
         if state is not None:
             refiner.load_state_dict(state)
+            first = state.get("first_losses")
     # everything is checked: from here on OUT is written
     os.makedirs(out, exist_ok=True)
     for name in OUTPUTS:  # what a killed run left half-written (io.atomic's temporary names)
@@ -502,7 +553,7 @@ def refine(ply: str, anchors: list[str], cameras: str, model_dir: str, out: str,
     if start:
         print(f"fast3d refine: resuming from step {start} ({ckpt_path})", file=stream, flush=True)
     coarse = {k: v.to(dev) for k, v in gaussians.items() if k != "sh_degree"}
-    first = last = None
+    last = None
     every = max(1, settings.steps // 20)
     with timer("refine"):
         t0 = time.perf_counter()
@@ -517,13 +568,14 @@ def refine(ply: str, anchors: list[str], cameras: str, model_dir: str, out: str,
                       f"({rate:.2f} s/step, eta {rate * (settings.steps - i):.0f} s)", file=stream, flush=True)
             if i % settings.checkpoint_every == 0 and i < settings.steps:
                 with atomic_path(ckpt_path) as tmp:
-                    torch.save({**refiner.state_dict(), "fingerprint": fingerprint}, tmp)
+                    torch.save({**refiner.state_dict(), "fingerprint": fingerprint, "first_losses": first}, tmp)
     with timer("export"):
         g = refiner.gaussians()
         ply_out = os.path.join(out, "refined.ply")
         save_ply(ply_out, g["means"], g["quats"], g["scales"], g["opacities"].clamp(1e-6, 1 - 1e-6), g["sh"])
     with timer("turntable"):
-        tv, tK = cams.turntable(settings.turntable_frames, R, 20.0, refiner.distance, refiner.fov_y_deg)
+        tv, tK = cams.turntable(settings.turntable_frames, R, TURNTABLE_ELEVATION_DEG, refiner.distance,
+                                refiner.fov_y_deg)
         with torch.no_grad():
             after = refiner.render(tv, tK).clamp(0, 1).cpu()
             refiner_params = refiner.params

@@ -9,7 +9,6 @@ import json
 import re
 
 import pytest
-from test_refine import _bad_inputs, model_dir, scene  # noqa: F401  (fixtures)
 
 from fast3d.cli import main
 
@@ -26,7 +25,7 @@ def argv(scene_, model_path, out, **change) -> list[str]:
     return a
 
 
-def test_a_short_run_writes_the_outputs(scene, model_dir, tmp_path, capsys):  # noqa: F811
+def test_a_short_run_writes_the_outputs(scene, model_dir, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(argv(scene, model_dir, out) + ["--no-aiu", "--t-range", "0.1", "0.3", "--seed", "3"]) == 0
     report = json.loads((out / "report.json").read_text())
@@ -37,8 +36,8 @@ def test_a_short_run_writes_the_outputs(scene, model_dir, tmp_path, capsys):  # 
     assert "fast3d refine: step 2/2" in err and "eta" in err and "wrote " + str(out / "refined.ply") in err
 
 
-def test_bad_inputs_exit_2_naming_the_argument(scene, model_dir, tmp_path, gen, capsys):  # noqa: F811
-    for name, (change, pattern) in _bad_inputs(scene, tmp_path, gen, model_dir).items():
+def test_bad_inputs_exit_2_naming_the_argument(scene, model_dir, tmp_path, bad_inputs, capsys):
+    for name, (change, pattern) in bad_inputs.items():
         out = tmp_path / f"out-{name.replace(' ', '-')}"
         if "t_range" in change:
             extra = ["--t-range", *map(str, change["t_range"])]
@@ -58,7 +57,7 @@ def test_bad_inputs_exit_2_naming_the_argument(scene, model_dir, tmp_path, gen, 
     ("--aiu-strength", "1.5", r"--aiu-strength must be a real number in \(0, 1\]"),
     ("--aiu-loss", "huber", "--aiu-loss must be one of"),
 ])
-def test_bad_settings_exit_2(scene, model_dir, tmp_path, capsys, flag, value, message):  # noqa: F811
+def test_bad_settings_exit_2(scene, model_dir, tmp_path, capsys, flag, value, message):
     out = tmp_path / "out"
     assert main(argv(scene, model_dir, out) + [flag, value]) == 2
     assert re.search(message, capsys.readouterr().err)
