@@ -66,9 +66,11 @@ def test_recorded_attention_calls_are_the_models(gen):
 
 
 def test_baseline_attention_equals_the_anchor_processor(gen):
-    """The tiny model's predictions with diffusers' AttnProcessor2_0 on the rearranged views equal
-    those with fast3d's AnchorAttnProcessor (PyTorch reference backend), anchors dropped or not."""
+    """The tiny model's predictions with the bench baselines' processor (diffusers' AttnProcessor2_0 on
+    the rearranged views, each call's num_views) equal those with fast3d's AnchorAttnProcessor
+    (PyTorch reference backend), anchors dropped or not."""
     from fast3d import cameras as cams
+    from fast3d.bench.workloads.generate import RearrangedAttnProcessor
     from fast3d.models.magicboost import AnchorAttnProcessor, MagicBoost, MagicBoostConfig
 
     model = MagicBoost(MagicBoostConfig.preset("tiny")).eval()
@@ -83,7 +85,7 @@ def test_baseline_attention_equals_the_anchor_processor(gen):
     drop = torch.tensor([[False] * K, [True] + [False] * (K - 1), [True] * K])
     out = {}
     for name, proc in (("fast3d", AnchorAttnProcessor(K + 1, "views", backend="torch")),
-                       ("baseline", refine_bench.RearrangedAnchorAttention())):
+                       ("baseline", RearrangedAttnProcessor(K + 1, "views"))):
         model.denoiser.unet.set_attn_processor(proc)
         with torch.no_grad():
             out[name] = model.predict(noisy, t, vm[K:], cond, drop=drop)

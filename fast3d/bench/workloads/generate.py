@@ -83,7 +83,9 @@ def _build(p: dict, device: torch.device):
 class RearrangedAttnProcessor:
     """The baseline's self-attention, as multi-view diffusion code writes it: the views' tokens
     rearranged into one sequence (``(B V) L C`` -> ``B (V L) C``; ``"rows"``: ``(B h) (V w) C``),
-    diffusers' ``AttnProcessor2_0`` on it, rearranged back. Cross-attention stays per view."""
+    diffusers' ``AttnProcessor2_0`` on it, rearranged back. Cross-attention stays per view. A call's
+    ``num_views`` (Magic-Boost's UNet passes each call's target + kept anchors) overrides the
+    constructor's. The reference processor of the ``generate`` and ``refine`` bench baselines."""
 
     def __init__(self, num_views: int, layout: str):
         from diffusers.models.attention_processor import AttnProcessor2_0
@@ -91,11 +93,12 @@ class RearrangedAttnProcessor:
         self.num_views, self.layout, self.inner = num_views, layout, AttnProcessor2_0()
 
     def __call__(self, attn, hidden_states,  # [B*V, L, C]
-                 encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+                 encoder_hidden_states=None, attention_mask=None, temb=None, *args, num_views: int | None = None,
+                 **kwargs):
         if encoder_hidden_states is not None:
             return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
         BV, L, C = hidden_states.shape
-        V = self.num_views
+        V = num_views or self.num_views
         B = BV // V
         if self.layout == "views":
             x = hidden_states.reshape(B, V * L, C)

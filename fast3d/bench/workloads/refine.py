@@ -71,33 +71,16 @@ def _build(p: dict, device: torch.device):
     return model.to(device).eval().requires_grad_(False)
 
 
-class RearrangedAnchorAttention:
-    """The baseline's self-attention: diffusers' ``AttnProcessor2_0`` on each sample's views (the
-    target and its kept anchors, ``num_views`` of the call) rearranged into one sequence,
-    ``(B V) L C -> B (V L) C``, and back. Cross-attention stays per view."""
-
-    def __init__(self):
-        from diffusers.models.attention_processor import AttnProcessor2_0
-
-        self.inner = AttnProcessor2_0()
-
-    def __call__(self, attn, hidden_states,  # [B*V, L, C]
-                 encoder_hidden_states=None, attention_mask=None, temb=None, num_views: int | None = None):
-        if encoder_hidden_states is not None:
-            return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
-        BV, L, C = hidden_states.shape
-        return self.inner(attn, hidden_states.reshape(BV // num_views, num_views * L, C)).reshape(BV, L, C)
-
-
 def set_backend(refiner, backend: str) -> None:
     """The UNet's self-attention and the refiner's rasterizer for ``backend`` (a
     ``multiview_attention`` backend with fast3d's rasterizer, or the baseline). The model is shared
     by the input sets and backends of a run: its processors are replaced only when they change."""
+    from fast3d.bench.workloads.generate import RearrangedAttnProcessor
     from fast3d.models.magicboost import AnchorAttnProcessor
 
     model = refiner.model
     if getattr(model, "bench_attention", None) != backend:
-        proc = (RearrangedAnchorAttention() if backend == BASELINE
+        proc = (RearrangedAttnProcessor(model.num_anchors + 1, "views") if backend == BASELINE
                 else AnchorAttnProcessor(model.num_anchors + 1, "views", backend=backend))
         model.denoiser.unet.set_attn_processor(proc)
         model.bench_attention = backend
