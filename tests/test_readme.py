@@ -37,6 +37,11 @@ SHRINK = {
     ("fast3d", "train", "ttr"): (["--max-steps", "2"], "as for lgm"),
     ("fast3d", "train", "mvdiff"): (["--max-steps", "2"], "as for lgm"),
     ("fast3d", "train", "mvllm"): (["--max-steps", "2"], "as for lgm"),
+    ("fast3d", "train", "magicboost"): (["--max-steps", "2"], "as for lgm"),
+    ("python", "tests/training/test_magicboost_demo.py"): (["--steps", "2"], "2 steps of each refinement run "
+                                                                           "every stage; 100 are the measurement"),
+    ("fast3d", "refine"): (["--steps", "4", "--aiu-every", "2"], "4 steps run SDS, two anchor updates and the "
+                                                               "outputs; 40 are the user's example"),
     ("fast3d", "bench"): (["--out", "{tmp}/results"], "rows go to the test's folder, not the committed results"),
     ("fast3d", "profile"): (["--out", "{tmp}/traces"], "traces go to the test's folder, not the checkout"),
     ("fast3d", "loadtest"): (["--requests", "4", "--infer-requests", "1", "--concurrency", "1", "4", "--out",
