@@ -38,8 +38,12 @@ SHRINK = {
     ("fast3d", "train", "mvdiff"): (["--max-steps", "2"], "as for lgm"),
     ("fast3d", "train", "mvllm"): (["--max-steps", "2"], "as for lgm"),
     ("fast3d", "train", "magicboost"): (["--max-steps", "2"], "as for lgm"),
-    ("python", "tests/training/test_magicboost_demo.py"): (["--steps", "2"], "2 steps of each refinement run "
-                                                                           "every stage; 100 are the measurement"),
+    ("fast3d", "magicboost", "demo"): (["--steps", "2"], "2 steps of each refinement run every stage; 100 are "
+                                                         "the measurement"),
+    ("fast3d", "boost", "demo", "--out", "out/boost_demo", "--preset", "smoke", "--mv-model", "runs/mvdiff", "--base",
+     "runs/lgm", "--strengths"): (["--strengths", "0.95"], "the four-strength sweep is four more pseudo-GT sets and "
+                                  "boosts (~12 min on 2 cores); here it resumes the first command's 0.95 and prints "
+                                  "the table; tests/datagen/test_boost_demo.py runs a two-strength sweep"),
     ("fast3d", "refine"): (["--steps", "4", "--aiu-every", "2"], "4 steps run SDS, two anchor updates and the "
                                                                "outputs; 40 are the user's example"),
     ("fast3d", "bench"): (["--out", "{tmp}/results"], "rows go to the test's folder, not the committed results"),
