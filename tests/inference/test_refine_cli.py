@@ -56,9 +56,12 @@ def test_bad_inputs_exit_2_naming_the_argument(scene, model_dir, tmp_path, bad_i
     ("--views-per-step", "0", "--views-per-step must be a positive integer"),
     ("--aiu-strength", "1.5", r"--aiu-strength must be a real number in \(0, 1\]"),
     ("--aiu-loss", "huber", "--aiu-loss must be one of"),
+    ("--aiu-denoise-steps", "0", "--aiu-denoise-steps must be a positive integer"),
+    ("--sds-weight", "-1", "--sds-weight must be a real number"),
+    ("--elevation", "40 -10", "--elevation must have LO <= HI"),
 ])
 def test_bad_settings_exit_2(scene, model_dir, tmp_path, capsys, flag, value, message):
     out = tmp_path / "out"
-    assert main(argv(scene, model_dir, out) + [flag, value]) == 2
+    assert main(argv(scene, model_dir, out) + [flag, *value.split()]) == 2
     assert re.search(message, capsys.readouterr().err)
     assert not out.exists()
