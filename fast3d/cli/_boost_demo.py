@@ -263,13 +263,25 @@ def _lgm_overrides(model_dir: str) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in c.items()}
 
 
-def _train(recipe: str, config: str, run_dir: str, ranks: int, **kw) -> str:
-    """A DeepSpeed training (resumed where it has a checkpoint); returns its exported model dir."""
-    from fast3d.models.checkpoints import resolve_checkpoint
-    from fast3d.training import launch
+def _train(recipe: str, config: str, run_dir: str, ranks: int, lora: int | None = None,
+           init_from: str | None = None) -> str:
+    """A DeepSpeed training (resumed where it has a checkpoint) as its own ``fast3d train`` process,
+    even on one rank: a process group formed in this process would outlive the training and hold
+    its port (and MASTER_PORT) for every later one; returns its exported model dir."""
+    import subprocess
 
-    resume = os.path.isfile(os.path.join(run_dir, "checkpoints", "latest"))
-    rc = launch.run(recipe, config, run_dir, resume=resume, ranks=ranks, **kw)
+    from fast3d.models.checkpoints import resolve_checkpoint
+
+    cmd = [sys.executable, "-m", "fast3d.cli", "train", recipe, "--config", config, "--output", run_dir,
+           "--ranks", str(ranks)]
+    if os.path.isfile(os.path.join(run_dir, "checkpoints", "latest")):
+        cmd.append("--resume")
+    if lora is not None:
+        cmd += ["--lora", str(lora)]
+    if init_from is not None:
+        cmd += ["--init-from", init_from]
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    rc = subprocess.run(cmd, env=env).returncode
     if rc != 0:
         raise RuntimeError(f"training {recipe} ({run_dir}) exited with code {rc}; rerun the demo to resume it")
     return resolve_checkpoint(run_dir)

@@ -322,9 +322,11 @@ def test_anchor_loss_alone_on_the_true_views_raises_held_out_psnr(scene, model, 
 def test_sds_from_an_untrained_model_does_not_wreck_the_asset(scene, gen):
     """An untrained (random-init, v-prediction) model's SDS gradient is noise, and Adam moves every
     parameter by about its rate per step whatever the gradient's size. At the refinement learning
-    rates 20 steps of it alone (AIU off) must cost under 2 dB of held-out PSNR (seen: 0.2 to 1.6 dB
-    over 3 seeds) and less than the same 20 steps (same draws) at 5x the rates, about 3DGS's fitting
-    rates for geometry (the old defaults, which cost the demo's object 3.2 dB in 30 steps)."""
+    rates 20 steps of it alone (AIU off) must cost under 5 dB of held-out PSNR and under 0.4 of what
+    the same 20 steps (same draws) cost at 5x the rates, about 3DGS's fitting rates for geometry (the
+    old defaults, which cost the demo's object 3.2 dB in 30 steps). Seen over 7 seeds: 0.2 to 3.4 dB
+    (the most on the sharpest start, 41 dB), 0.12 to 0.26 of the 5x loss. The bound is relative
+    because the damage scales with the rate while its size in dB depends on the scene's start."""
     model = MagicBoost(MagicBoostConfig.preset("tiny", prediction_type="v_prediction")).eval().requires_grad_(False)
     vm, Ks = _held_out_cameras(gen)
     after = {}
@@ -334,5 +336,5 @@ def test_sds_from_an_untrained_model_does_not_wreck_the_asset(scene, gen):
         for _ in range(20):
             r.step()
         after[lr_scale] = _held_out_psnr(r, scene, vm, Ks)
-    assert after[1.0] > before - 2.0, (before, after)
-    assert after[1.0] > after[5.0], (before, after)
+    loss, loss_5x = before - after[1.0], before - after[5.0]
+    assert loss < 5.0 and loss < 0.4 * loss_5x, (before, after)
