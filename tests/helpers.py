@@ -140,3 +140,12 @@ def train_killed_after_checkpoint(cmd: Sequence[str], out, step: int, timeout: f
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
             p.wait()
+
+
+def randomize_(module: torch.nn.Module, gen: torch.Generator) -> torch.nn.Module:
+    """Random weights from the test's generator (no parameter trivially zero), matrices scaled by
+    1/sqrt(fan-in) to keep activations O(1)."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * (p[0].numel() ** -0.5 if p.dim() > 1 else 0.1))
+    return module

@@ -12,7 +12,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor2_0
-from helpers import assert_close
+from helpers import assert_close, randomize_
 
 from fast3d import cameras as cams
 from fast3d.models import checkpoints, magicboost, mvdiff
@@ -51,14 +51,6 @@ class RearrangedAttention:
         BV, L, C = hidden_states.shape
         return self.attn(attn, hidden_states.reshape(BV // num_views, num_views * L, C)).reshape(BV, L, C)
 
-
-def randomize_(module: torch.nn.Module, gen: torch.Generator) -> torch.nn.Module:
-    """Random weights from the test's generator (no parameter trivially zero), matrices scaled by
-    1/sqrt(fan-in) to keep activations O(1)."""
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * (p[0].numel() ** -0.5 if p.dim() > 1 else 0.1))
-    return module
 
 
 def denoiser_inputs(cfg: MagicBoostConfig, gen: torch.Generator, B: int = 3) -> dict:

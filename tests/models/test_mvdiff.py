@@ -11,7 +11,7 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor2_0
-from helpers import assert_close
+from helpers import assert_close, randomize_
 
 from fast3d import cameras as cams
 from fast3d.inference.lgm import default_input_cameras
@@ -53,14 +53,6 @@ class RearrangedAttention:
         out = self.attn(attn, x)
         return out.reshape(B, h, V, w, C).permute(0, 2, 1, 3, 4).reshape(BV, L, C)
 
-
-def randomize_(module: torch.nn.Module, gen: torch.Generator) -> torch.nn.Module:
-    """Random weights from the test's generator (no parameter trivially zero), matrices scaled by
-    1/sqrt(fan-in) to keep activations O(1)."""
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * (p[0].numel() ** -0.5 if p.dim() > 1 else 0.1))
-    return module
 
 
 def denoiser_inputs(cfg: MVDiffConfig, gen: torch.Generator, B: int = 2) -> dict:
