@@ -327,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--lora", type=int, nargs="?", const=32, metavar="RANK",
                    help="lgm: train LoRA adapters of this rank (without a value: 32, MVBoost's) on the cross-view "
                         "self-attention, from the base weights of --init-from or model.init_from; merged at export")
-    s.add_argument("--init-from", metavar="DIR", help="lgm, lrm: start from these weights (a model, checkpoint or "
+    s.add_argument("--init-from", metavar="DIR", help="lgm, lrm, mvdiff: start from these weights (a model, checkpoint or "
                                                       "training run directory); overrides model.init_from")
     s.set_defaults(fn=cmd_train)
 

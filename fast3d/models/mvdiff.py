@@ -25,6 +25,22 @@ Conditioning, per view of a sample (views are consecutive along the batch, ``(B 
 Classifier-free guidance drops the image (its latent and its embedding token are zeroed; the
 camera stays), as Zero123 does.
 
+``conditioning="imagedream"`` is ImageDream's conditioning instead (the layout of its released
+weights, ``fast3d convert imagedream``):
+
+* the input image's latent is an extra, last view of the sample (the "pixel controller"), clean at
+  every step, its camera all zeros; every view's tokens see it through the multi-view
+  self-attention (``in_channels = latent_channels``; its output is discarded);
+* the input image's CLIP tokens (the image encoder's penultimate hidden states, a
+  ``CLIPVisionModel``) through a perceiver resampler (diffusers' ``IPAdapterPlusImageProjection``)
+  to ``image_tokens`` tokens, which the cross-attention reads with their own keys and values
+  (:class:`fast3d.nn.ImageTokenAttnProcessor`) beside a fixed text context (``text_context``, the
+  text encoder's output for ImageDream's prompt and negative prompt, stored with the weights);
+* the view's camera as ImageDream's 16 numbers (:func:`imagedream_camera_features`) through the
+  class embedding;
+* dropping the image (classifier-free guidance) zeroes its latent and its CLIP tokens before the
+  resampler and takes the negative text context, as ImageDream's pipeline does.
+
 Rigs (``rig``): ``"lgm4"``: 4 views at azimuths 0, 90, 180, 270 degrees, elevation 0, LGM's field
 of view and distance (``fast3d.inference.lgm.default_input_cameras`` of an LGM with the default
 ``fov_y_deg`` / ``camera_distance``); ``"era3d6"``: Era3D's 6 views front, front-right, right,
@@ -67,6 +83,8 @@ MODEL_TYPE = "mvdiff"
 RANDOM_TINY = "random-tiny"
 PIXEL = "pixel"
 CAMERA_FEATURES = 4   # (sin e, cos e, sin a, cos a)
+IMAGEDREAM_CAMERA_FEATURES = 16   # a flattened 4 x 4 camera-to-world matrix
+CONDITIONINGS = ("zero123", "imagedream")
 VAE_FILE, IMAGE_ENCODER_FILE = "vae.json", "image_encoder.json"
 # Stable Diffusion 2.x's training schedule (DDPMScheduler(**NOISE_SCHEDULE)); the samplers take it too.
 NOISE_SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
@@ -107,6 +125,7 @@ PRESETS = {
 class MVDiffConfig:
     rig: str = "lgm4"                 # lgm4 | era3d6
     layout: str = "views"             # views (ImageDream / MVDream) | rows (Era3D)
+    conditioning: str = "zero123"     # zero123 | imagedream (module docstring)
     resolution: int = 256             # px side of every view and of the input image
     # The UNet (Stable Diffusion 2.x layout; attention_heads per level, linear projections).
     block_out_channels: tuple = _SD2["block_out_channels"]
@@ -121,7 +140,14 @@ class MVDiffConfig:
     latent_channels: int = 4
     vae_downsample: int = 8           # px per latent
     vae_scaling_factor: float = 0.18215
-    image_embed_dim: int = 1024       # the image encoder's projection_dim
+    image_embed_dim: int = 1024       # the image encoder's projection_dim (imagedream: its hidden_size)
+    # imagedream only: the resampler (ImageDream's: 16 tokens, depth 4, 12 heads of 64) and the
+    # length of the fixed text context.
+    image_tokens: int = 16
+    resampler_depth: int = 4
+    resampler_heads: int = 12
+    resampler_head_dim: int = 64
+    text_tokens: int = 77
     background: float = 1.0           # grey level of the background the views are on (white)
     fov_y_deg: float | None = None    # None: the rig's
     camera_distance: float | None = None
@@ -134,9 +160,11 @@ class MVDiffConfig:
     def __post_init__(self):
         checks.one_of("rig", self.rig, tuple(RIGS))
         checks.one_of("layout", self.layout, LAYOUTS)
+        checks.one_of("conditioning", self.conditioning, CONDITIONINGS)
         checks.one_of("prediction_type", self.prediction_type, PREDICTION_TYPES)
         for name in ("resolution", "layers_per_block", "cross_attention_dim", "norm_num_groups", "latent_channels",
-                     "vae_downsample", "image_embed_dim"):
+                     "vae_downsample", "image_embed_dim", "image_tokens", "resampler_depth", "resampler_heads",
+                     "resampler_head_dim", "text_tokens"):
             checks.positive_int(name, getattr(self, name))
         checks.nonneg_int("random_seed", self.random_seed)
         n = len(self.block_out_channels)
@@ -182,6 +210,11 @@ class MVDiffConfig:
         return len(RIGS[self.rig]["azimuths"])
 
     @property
+    def camera_dim(self) -> int:
+        """The width of the denoiser's per-view camera input."""
+        return IMAGEDREAM_CAMERA_FEATURES if self.conditioning == "imagedream" else CAMERA_FEATURES
+
+    @property
     def latent_size(self) -> int:
         return self.resolution // self.vae_downsample
 
@@ -208,6 +241,41 @@ def camera_features(elevations: Tensor,          # [...] radians
     return torch.stack([torch.sin(e), torch.cos(e), torch.sin(a), torch.cos(a)], -1).float()
 
 
+# OpenGL (+Y up) -> Blender (+Z up) world, applied on the left of ImageDream's camera-to-world matrices
+_OPENGL_TO_BLENDER = ((1.0, 0.0, 0.0, 0.0), (0.0, 0.0, -1.0, 0.0), (0.0, 1.0, 0.0, 0.0), (0.0, 0.0, 0.0, 1.0))
+
+
+def imagedream_camera_features(elevations: Tensor,          # [...] radians
+                               relative_azimuths: Tensor,   # [...] radians, the view's azimuth minus the input's
+                               ) -> Tensor:                 # [..., 16] float32
+    """ImageDream's / MVDream's camera input: the camera-to-world matrix of a camera on the unit
+    sphere looking at the origin (OpenGL axes: azimuth 0 at +Z, 90 degrees at +X, elevation
+    towards +Y; columns right, up, backward, position), its world turned to Blender's (+Z up),
+    flattened row by row. Azimuth and elevation turn the same way as fast3d's (right-handed about
+    the up axis), so fast3d's rig views are ImageDream's in order. Undefined at elevation +-90
+    degrees, as the original."""
+    e, a = elevations.double(), relative_azimuths.double()
+    pos = torch.stack([torch.cos(e) * torch.sin(a), torch.sin(e), torch.cos(e) * torch.cos(a)], -1)   # [..., 3]
+    forward = -pos
+    up = torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64).expand_as(pos)
+    right = F.normalize(torch.linalg.cross(forward, up), dim=-1)
+    new_up = F.normalize(torch.linalg.cross(right, forward), dim=-1)
+    c2w = torch.zeros(*pos.shape[:-1], 4, 4, dtype=torch.float64)
+    c2w[..., :3, :3] = torch.stack([right, new_up, pos], -1)                    # columns; -forward = pos
+    c2w[..., :3, 3] = pos
+    c2w[..., 3, 3] = 1
+    return (torch.tensor(_OPENGL_TO_BLENDER, dtype=torch.float64) @ c2w).flatten(-2).float()
+
+
+def view_camera_features(cfg: MVDiffConfig,
+                         elevations: Tensor,          # [...] radians
+                         relative_azimuths: Tensor,   # [...] radians
+                         ) -> Tensor:                 # [..., cfg.camera_dim] float32
+    """The denoiser's camera input for ``cfg``'s conditioning."""
+    f = imagedream_camera_features if cfg.conditioning == "imagedream" else camera_features
+    return f(elevations, relative_azimuths)
+
+
 def azimuth_elevation(viewmats: Tensor) -> tuple[Tensor, Tensor]:  # [..., 4, 4] -> azimuths [...], elevations [...]
     """Each camera's direction from the origin in fast3d's world (+Z up; azimuth from +X towards +Y)."""
     c = cams.camera_centers(viewmats.double())
@@ -223,12 +291,14 @@ def unet_kwargs(cfg: MVDiffConfig) -> dict:
     """``UNet2DConditionModel`` arguments for ``cfg``: SD 2.x's layout (linear projections in the
     transformers, head counts per level), the image latent as extra input channels, the camera MLP
     as a projection class embedding."""
-    return dict(sample_size=cfg.latent_size, in_channels=2 * cfg.latent_channels, out_channels=cfg.latent_channels,
+    image_latent_channels = 0 if cfg.conditioning == "imagedream" else cfg.latent_channels
+    return dict(sample_size=cfg.latent_size, in_channels=cfg.latent_channels + image_latent_channels,
+                out_channels=cfg.latent_channels,
                 down_block_types=tuple(cfg.down_block_types), up_block_types=tuple(cfg.up_block_types),
                 block_out_channels=tuple(cfg.block_out_channels), layers_per_block=cfg.layers_per_block,
                 attention_head_dim=tuple(cfg.attention_heads), cross_attention_dim=cfg.cross_attention_dim,
                 norm_num_groups=cfg.norm_num_groups, use_linear_projection=True,
-                class_embed_type="projection", projection_class_embeddings_input_dim=CAMERA_FEATURES)
+                class_embed_type="projection", projection_class_embeddings_input_dim=cfg.camera_dim)
 
 
 class MVDenoiser(nn.Module):
@@ -243,12 +313,30 @@ class MVDenoiser(nn.Module):
         super().__init__()
         from diffusers import UNet2DConditionModel
 
-        from fast3d.nn import MultiViewAttnProcessor
+        from fast3d.nn import ImageTokenAttnProcessor, MultiViewAttnProcessor
 
         self.config, self.num_views = cfg, cfg.num_views
+        self.imagedream = cfg.conditioning == "imagedream"
         self.unet = UNet2DConditionModel(**unet_kwargs(cfg))
-        self.unet.set_attn_processor(MultiViewAttnProcessor(cfg.num_views, cfg.layout, backend=attention_backend))
-        self.image_proj = nn.Linear(cfg.image_embed_dim, cfg.cross_attention_dim)
+        D = cfg.cross_attention_dim
+        if not self.imagedream:
+            self.unet.set_attn_processor(MultiViewAttnProcessor(cfg.num_views, cfg.layout, backend=attention_backend))
+            self.image_proj = nn.Linear(cfg.image_embed_dim, D)
+            return
+        from diffusers.models.embeddings import IPAdapterPlusImageProjection
+
+        # the input image is one more view (the pixel controller) in the self-attention
+        views = MultiViewAttnProcessor(cfg.num_views + 1, cfg.layout, backend=attention_backend)
+        attn = dict(self.unet.named_modules())
+        self.unet.set_attn_processor({
+            name: views if name.endswith("attn1.processor") else
+            ImageTokenAttnProcessor(attn[name.removesuffix(".processor")].to_q.out_features, D, cfg.image_tokens)
+            for name in self.unet.attn_processors})
+        self.image_proj = IPAdapterPlusImageProjection(
+            embed_dims=cfg.image_embed_dim, output_dims=D, hidden_dims=D, depth=cfg.resampler_depth,
+            dim_head=cfg.resampler_head_dim, heads=cfg.resampler_heads, num_queries=cfg.image_tokens)
+        # the text encoder's output for the prompt (row 0) and the negative prompt (row 1)
+        self.register_buffer("text_context", torch.zeros(2, cfg.text_tokens, D))
 
     def enable_gradient_checkpointing(self) -> None:
         self.unet.enable_gradient_checkpointing()
@@ -256,8 +344,8 @@ class MVDenoiser(nn.Module):
     def forward(self,
                 noisy: Tensor,         # [B, V, C, h, w] noisy latents of the views
                 cond_latent: Tensor,   # [B, C, h, w] the input image's (scaled) latent
-                image_embeds: Tensor,  # [B, E] the input image's CLIP image embedding
-                cameras: Tensor,       # [B, V, 4] camera_features of each view
+                image_embeds: Tensor,  # [B, E] the input image's CLIP image embedding (imagedream: [B, T, E] tokens)
+                cameras: Tensor,       # [B, V, cfg.camera_dim] view_camera_features of each view
                 timesteps: Tensor,     # [B] int
                 drop: Tensor | None = None,  # [B] bool: drop the image condition (classifier-free guidance)
                 ) -> Tensor:           # [B, V, C, h, w] the prediction (noise or v, per prediction_type)
@@ -267,6 +355,8 @@ class MVDenoiser(nn.Module):
         B, V, C, h, w = noisy.shape
         if V != self.num_views:
             raise ValueError(f"noisy has V = {V} views; the model's rig {self.config.rig!r} has {self.num_views}")
+        if self.imagedream:
+            return self._forward_imagedream(noisy, cond_latent, image_embeds, cameras, timesteps, drop)
         dtype = self.image_proj.weight.dtype
         tokens = self.image_proj(image_embeds.to(dtype))[:, None]                  # [B, 1, D]
         cond = cond_latent.to(dtype)
@@ -279,6 +369,25 @@ class MVDenoiser(nn.Module):
                         class_labels=cameras.flatten(0, 1).to(dtype)).sample                  # [B*V, C, h, w]
         return out.unflatten(0, (B, V))
 
+    def _forward_imagedream(self, noisy: Tensor, cond_latent: Tensor, image_tokens: Tensor, cameras: Tensor,
+                            timesteps: Tensor, drop: Tensor | None) -> Tensor:
+        """:meth:`forward` with ImageDream's conditioning (module docstring)."""
+        B, V, C, h, w = noisy.shape
+        dtype = self.unet.conv_in.weight.dtype
+        tokens, cond = image_tokens.to(dtype), cond_latent.to(dtype)
+        text = self.text_context[0].to(dtype).expand(B, -1, -1)                   # [B, L, D]
+        if drop is not None:
+            keep = (~drop).to(dtype)
+            tokens = tokens * keep[:, None, None]
+            cond = cond * keep[:, None, None, None]
+            text = torch.where(drop[:, None, None], self.text_context[1].to(dtype), text)
+        context = torch.cat([text, self.image_proj(tokens)], 1)                  # [B, L + K, D]
+        x = torch.cat([noisy.to(dtype), cond[:, None]], 1).flatten(0, 1)        # [B*(V+1), C, h, w]
+        cams = torch.cat([cameras.to(dtype), cameras.new_zeros(B, 1, cameras.shape[-1]).to(dtype)], 1)
+        out = self.unet(x, timesteps.repeat_interleave(V + 1), encoder_hidden_states=context.repeat_interleave(V + 1, 0),
+                        class_labels=cams.flatten(0, 1)).sample                  # [B*(V+1), C, h, w]
+        return out.unflatten(0, (B, V + 1))[:, :V]
+
     def load_unet_init(self, source: str) -> None:
         """Start from a Stable Diffusion 2.x UNet (module docstring): every weight of the same shape
         is copied; ``conv_in`` gets its weights on the noisy-latent channels and zeros on the
@@ -290,6 +399,7 @@ class MVDenoiser(nn.Module):
         w = torch.zeros_like(own["conv_in.weight"])
         w[:, :C] = state["conv_in.weight"]
         state["conv_in.weight"] = w
+        state |= {k: v for k, v in own.items() if ".processor." in k}      # imagedream's image-token keys: random
         for k in own:
             if k.startswith("class_embedding."):
                 state[k] = torch.zeros_like(own[k]) if k.startswith("class_embedding.linear_2") else own[k]
@@ -344,8 +454,9 @@ def _tiny_vae_config(cfg: MVDiffConfig) -> dict:
 
 
 def _tiny_image_encoder_config(cfg: MVDiffConfig) -> dict:
-    return dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
-                patch_size=8, projection_dim=cfg.image_embed_dim)
+    hidden = cfg.image_embed_dim if cfg.conditioning == "imagedream" else 32
+    return dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=2,
+                image_size=32, patch_size=8, projection_dim=cfg.image_embed_dim)
 
 
 def build_vae(cfg: MVDiffConfig, config: dict | None = None):
@@ -374,21 +485,24 @@ def build_vae(cfg: MVDiffConfig, config: dict | None = None):
 
 
 def build_image_encoder(cfg: MVDiffConfig, config: dict | None = None):
-    """The CLIP image encoder (``CLIPVisionModelWithProjection``): from ``config`` (a saved model's
-    ``CLIPVisionConfig`` dict), else from ``cfg.image_encoder``; its ``projection_dim`` must be the
-    config's ``image_embed_dim``."""
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+    """The CLIP image encoder (``CLIPVisionModelWithProjection``; imagedream: ``CLIPVisionModel``):
+    from ``config`` (a saved model's ``CLIPVisionConfig`` dict), else from ``cfg.image_encoder``;
+    its ``projection_dim`` (imagedream: ``hidden_size``) must be the config's ``image_embed_dim``."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel, CLIPVisionModelWithProjection
 
+    imagedream = cfg.conditioning == "imagedream"
+    cls = CLIPVisionModel if imagedream else CLIPVisionModelWithProjection
     if config is not None:
-        enc = CLIPVisionModelWithProjection(CLIPVisionConfig.from_dict(config))
+        enc = cls(CLIPVisionConfig.from_dict(config))
     elif cfg.image_encoder == RANDOM_TINY:
         with seeded(cfg.random_seed + 1):
-            enc = CLIPVisionModelWithProjection(CLIPVisionConfig(**_tiny_image_encoder_config(cfg)))
+            enc = cls(CLIPVisionConfig(**_tiny_image_encoder_config(cfg)))
     else:
-        enc = CLIPVisionModelWithProjection.from_pretrained(local_model_dir(cfg.image_encoder, "image_encoder", "image_encoder"),
-                                                            local_files_only=True, dtype=torch.float32)
-    if enc.config.projection_dim != cfg.image_embed_dim:
-        raise ValueError(f"image_encoder {cfg.image_encoder!r} has projection_dim {enc.config.projection_dim}; the "
+        enc = cls.from_pretrained(local_model_dir(cfg.image_encoder, "image_encoder", "image_encoder"),
+                                  local_files_only=True, dtype=torch.float32)
+    field = "hidden_size" if imagedream else "projection_dim"
+    if getattr(enc.config, field) != cfg.image_embed_dim:
+        raise ValueError(f"image_encoder {cfg.image_encoder!r} has {field} {getattr(enc.config, field)}; the "
                          f"config expects image_embed_dim={cfg.image_embed_dim}")
     return enc.eval().requires_grad_(False)
 
@@ -429,16 +543,23 @@ def decode_latents(vae, cfg: MVDiffConfig,
 
 def image_embeds(encoder,
                  images: Tensor,  # [N, 3, R, R] in [0, 1]
-                 ) -> Tensor:     # [N, E]
+                 ) -> Tensor:     # [N, E] (a CLIPVisionModel: [N, T, E])
     """CLIP image embeddings on the encoder's device: the images resized (bicubic, antialiased) to
-    the encoder's size and normalised as CLIP's preprocessing does."""
+    the encoder's size and normalised as CLIP's preprocessing does. A
+    ``CLIPVisionModelWithProjection`` gives its projected embedding; a ``CLIPVisionModel``
+    (imagedream) its penultimate hidden states, every token (ImageDream's image input)."""
+    from transformers import CLIPVisionModelWithProjection
+
     s = encoder.config.image_size
     dev = _device(encoder)
     x = F.interpolate(images.to(dev, torch.float32), size=(s, s), mode="bicubic", antialias=True,
                       align_corners=False).clamp(0, 1)
     mean = torch.tensor(CLIP_MEAN, device=dev)[:, None, None]
     std = torch.tensor(CLIP_STD, device=dev)[:, None, None]
-    return encoder(pixel_values=(x - mean) / std).image_embeds
+    pixels = (x - mean) / std
+    if isinstance(encoder, CLIPVisionModelWithProjection):
+        return encoder(pixel_values=pixels).image_embeds
+    return encoder(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]
 
 
 def build_denoiser(cfg: MVDiffConfig, attention_backend: str = "auto") -> MVDenoiser:
@@ -477,7 +598,7 @@ class MVDiffusion(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.denoiser.image_proj.weight.device
+        return self.denoiser.unet.conv_in.weight.device
 
     def rig_cameras(self, resolution: int | None = None) -> tuple[Tensor, Tensor]:  # -> [V, 4, 4], [V, 3, 3]
         """The rig's cameras (OpenCV world-to-camera ``viewmats``, pixel ``Ks`` of ``resolution``
@@ -486,10 +607,10 @@ class MVDiffusion(nn.Module):
         az, el = self.config.rig_angles()
         return cams.orbit_cameras(az, el, self.config.rig_distance, self.config.rig_fov_y_deg, r)
 
-    def rig_camera_features(self) -> Tensor:  # -> [V, 4]
+    def rig_camera_features(self) -> Tensor:  # -> [V, camera_dim]
         """The denoiser's camera input for the rig's views."""
         az, el = self.config.rig_angles()
-        return camera_features(el, az)
+        return view_camera_features(self.config, el, az)
 
     def encode_latents(self, images: Tensor,                 # [N, 3, R, R] in [0, 1]
                        generator: torch.Generator | None = None) -> Tensor:  # -> [N, C, h, w], scaled
@@ -502,7 +623,7 @@ class MVDiffusion(nn.Module):
         return decode_latents(self.vae, self.config, z)
 
     def image_embeds(self, images: Tensor,  # [N, 3, R, R] in [0, 1]
-                     ) -> Tensor:           # [N, E]
+                     ) -> Tensor:           # [N, E] (imagedream: [N, T, E])
         """:func:`image_embeds` with this model's image encoder."""
         return image_embeds(self.image_encoder, images)
 

@@ -7,6 +7,7 @@ import importlib
 
 _WHERE = {
     "GaussianRenderer": "fast3d.nn.gaussians",
+    "ImageTokenAttnProcessor": "fast3d.nn.attention",
     "MultiViewAttnProcessor": "fast3d.nn.attention",
     "TriplaneMLP": "fast3d.nn.triplane",
     "TriplaneRenderer": "fast3d.nn.triplane",

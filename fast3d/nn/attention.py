@@ -11,14 +11,16 @@ are viewed as [B*V, L, H, D] (no copies) and handed to :func:`multiview_attentio
     unet.set_attn_processor(MultiViewAttnProcessor(num_views=6, layout="rows"))  # Era3D
 
 Cross-attention calls (``encoder_hidden_states`` given) stay per view, exactly diffusers'
-``AttnProcessor2_0``, as in those models.
+``AttnProcessor2_0``, as in those models. ``ImageTokenAttnProcessor`` is the cross-attention of
+ImageDream: text tokens and image tokens (the last ``num_tokens`` of ``encoder_hidden_states``)
+each with their own keys and values, the two attentions added.
 """
 
 from __future__ import annotations
 
 import math
 
-from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0, IPAdapterAttnProcessor2_0
 from torch import Tensor
 
 from fast3d.ops.attention import multiview_attention
@@ -136,3 +138,34 @@ class MultiViewAttnProcessor:
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
+
+
+class ImageTokenAttnProcessor(IPAdapterAttnProcessor2_0):
+    """Cross-attention to text tokens plus ``scale`` times cross-attention to image tokens, each
+    with its own key / value projections (ImageDream's ``to_k_ip`` / ``to_v_ip``; diffusers'
+    IP-Adapter processor, whose weights it holds), taking the image tokens as the last
+    ``num_tokens`` entries of a single ``encoder_hidden_states`` tensor.
+
+    Args:
+        hidden_size: the attention's inner width (heads x head dim).
+        cross_attention_dim: the width of the tokens.
+        num_tokens: how many of the last tokens are image tokens.
+        scale: the image attention's weight. Default 1.
+    """
+
+    def __init__(self, hidden_size: int, cross_attention_dim: int, num_tokens: int, scale: float = 1.0):
+        super().__init__(hidden_size, cross_attention_dim, num_tokens=(num_tokens,), scale=scale)
+
+    def __call__(self, attn: Attention,
+                 hidden_states: Tensor,                        # [N, L, C] or [N, C, h, w]
+                 encoder_hidden_states: Tensor | None = None,  # [N, T + num_tokens, C_cross]: text, then image
+                 attention_mask: Tensor | None = None,
+                 temb: Tensor | None = None,
+                 *args, **kwargs) -> Tensor:
+        n = self.num_tokens[0]
+        if encoder_hidden_states is None or encoder_hidden_states.shape[1] <= n:
+            got = None if encoder_hidden_states is None else tuple(encoder_hidden_states.shape)
+            raise ValueError(f"ImageTokenAttnProcessor: encoder_hidden_states must hold text tokens and then "
+                             f"{n} image tokens, [N, T + {n}, C]; got {got}")
+        split = (encoder_hidden_states[:, :-n], [encoder_hidden_states[:, -n:]])
+        return super().__call__(attn, hidden_states, split, attention_mask, temb)

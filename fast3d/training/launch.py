@@ -58,8 +58,8 @@ def run(recipe: str, config: str, output: str, max_steps: int | None = None, res
             raise ValueError(f"--lora takes a positive rank and the lgm recipe; got {lora} for {cfg.recipe!r}")
         cfg = cfg.replace(model={**cfg.model, "lora_rank": lora})
     if init_from is not None:
-        if cfg.recipe not in ("lgm", "lrm"):
-            raise ValueError(f"--init-from takes the lgm or lrm recipe; got {cfg.recipe!r}")
+        if cfg.recipe not in ("lgm", "lrm", "mvdiff"):
+            raise ValueError(f"--init-from takes the lgm, lrm or mvdiff recipe; got {cfg.recipe!r}")
         # relative to the working directory here (model.init_from in the YAML is relative to the YAML)
         init_from = os.path.abspath(init_from)
         cfg = cfg.replace(model={**cfg.model, "init_from": init_from})

@@ -196,7 +196,7 @@ def test_init_from_flag_starts_an_lrm_run_from_a_training_run(tmp_path, monkeypa
     assert seen["recipe"].cfg.model["init_from"] == os.path.abspath(str(weights))
     for (k, a), b in zip(seen["model"].state_dict().items(), pre.state_dict().values()):
         assert_close(a, b, atol=0, rtol=0, name=k)
-    with pytest.raises(ValueError, match="--init-from takes the lgm or lrm recipe"):
+    with pytest.raises(ValueError, match="--init-from takes the lgm, lrm or mvdiff recipe"):
         launch.run("ttr", os.path.join(CONFIGS, "ttr_tiny.yaml"), str(tmp_path / "x"), ranks=1, init_from="x")
 
 

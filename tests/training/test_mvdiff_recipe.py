@@ -145,7 +145,14 @@ def test_loss_targets_and_min_snr_weights(prediction_type, gen):
     assert w[0] < 0.1 and w[2] > 0.9 if prediction_type == "epsilon" else w[0] < 0.1
 
 
-def test_the_recipes_step_drops_conditions_and_logs_buckets(tmp_path, gen):
+# ImageDream's conditioning at the tiny preset's sizes (the pixel-controller view, image tokens, 16 camera numbers)
+IMAGEDREAM_TINY = dict(conditioning="imagedream", image_tokens=4, resampler_depth=1, resampler_heads=2,
+                       resampler_head_dim=16, text_tokens=4)
+
+
+@pytest.mark.parametrize("overrides, embeds_shape, camera_dim",
+                         [({}, (2, 32), 4), (IMAGEDREAM_TINY, (2, 17, 32), 16)], ids=["zero123", "imagedream"])
+def test_the_recipes_step_drops_conditions_and_logs_buckets(tmp_path, gen, overrides, embeds_shape, camera_dim):
     data = str(tmp_path / "data")
     with ShardWriter(data, prefix="hand", samples_per_shard=2) as w:   # smooth random views at orbit16 cameras
         for i in range(2):
@@ -154,7 +161,7 @@ def test_the_recipes_step_drops_conditions_and_logs_buckets(tmp_path, gen):
             w.write(MultiViewSample(key=f"obj{i}", images=F.interpolate(low, size=(32, 32), mode="bilinear"),
                                     alphas=torch.ones(16, 1, 32, 32), viewmats=rig.viewmats, Ks=rig.Ks,
                                     caption="", source="rendered3d"))
-    cfg = run_config.load_config(make_config(tmp_path, data, loss__condition_dropout=0.5))
+    cfg = run_config.load_config(make_config(tmp_path, data, loss__condition_dropout=0.5, model__overrides=overrides))
     r = recipe.MVDiffRecipe(cfg)
     model = r.build_model()
     r.prepare(torch.device("cpu"))
@@ -168,7 +175,8 @@ def test_the_recipes_step_drops_conditions_and_logs_buckets(tmp_path, gen):
     assert torch.isfinite(loss) and {"loss", "mse", "mean_t"} <= set(m)
     assert any(k.startswith("loss_t") for k in m)
     noisy, cond_latent, embeds, cameras, t, drop = seen[0]
-    assert noisy.shape == (2, 4, 48, 8, 8) and cond_latent.shape == (2, 48, 8, 8) and cameras.shape == (2, 4, 4)
+    assert noisy.shape == (2, 4, 48, 8, 8) and cond_latent.shape == (2, 48, 8, 8)
+    assert embeds.shape == embeds_shape and cameras.shape == (2, 4, camera_dim)
     assert drop.dtype == torch.bool and drop.shape == (2,)
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 

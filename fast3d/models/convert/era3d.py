@@ -22,8 +22,6 @@ is a starting point for fine-tuning, not Era3D; ``fast3d generate --mv-model`` t
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import os
 
 import torch
@@ -31,6 +29,13 @@ import torch
 from fast3d.models import checkpoints
 from fast3d.models.convert import manifest, manifest_mvdiff
 from fast3d.models.convert.common import Consumer, check_layout, load_state_dict
+from fast3d.models.convert.pipeline import (
+    load_vae_and_image_encoder,
+    part_weights,
+    pipeline_dirs,
+    read_json,
+    scheduler_settings,
+)
 
 SUBDIRS = ("unet", "vae", "image_encoder")
 DROP = {
@@ -44,43 +49,6 @@ DROP = {
     "elevation_regressor": "EFReg elevation head (not in fast3d's MVDiffusion)",
     "focal_regressor": "EFReg focal-length head (not in fast3d's MVDiffusion)",
 }
-
-
-def _read_json(path: str, what: str) -> dict:
-    try:
-        with open(path) as f:
-            d = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{what}: cannot read {path!r} ({e})") from None
-    if not isinstance(d, dict):
-        raise ValueError(f"{what}: {path!r} holds a {type(d).__name__}, not a JSON object")
-    return d
-
-
-def pipeline_dirs(path: str, what: str = "--weights") -> dict[str, str]:
-    """``unet/``, ``vae/``, ``image_encoder/`` (and ``scheduler/``) of a diffusers pipeline directory."""
-    if not isinstance(path, str) or not os.path.isdir(path):
-        raise ValueError(f"{what} must be Era3D's pipeline directory (with {', '.join(s + '/' for s in SUBDIRS)}); "
-                         f"got {path!r}")
-    dirs = {s: os.path.join(path, s) for s in (*SUBDIRS, "scheduler")}
-    missing = [s + "/" for s in SUBDIRS if not os.path.isfile(os.path.join(dirs[s], "config.json"))]
-    if missing:
-        raise ValueError(f"{what} {path!r} is not Era3D's pipeline directory: no config.json in {missing}")
-    return dirs
-
-
-# the weights file of a diffusers / transformers part, in the order their loaders prefer
-PART_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors", "diffusion_pytorch_model.bin",
-              "pytorch_model.bin")
-
-
-def part_weights(path: str) -> str:
-    """A pipeline part's weights: the first of ``PART_FILES`` in ``path``, else its only weights
-    file (``common.weights_file``)."""
-    for name in PART_FILES:
-        if os.path.isfile(os.path.join(path, name)):
-            return os.path.join(path, name)
-    return path
 
 
 def check_unet_config(cfg: dict, what: str) -> None:
@@ -161,33 +129,6 @@ def convert_unet(state: dict, cfg: dict, own: dict, what: str = "--weights") -> 
     return out, src.finish(), filled
 
 
-# diffusers' AutoencoderKL attention names before 0.15 (Stable Diffusion 2.x's hub files were saved
-# with them) -> today's
-_OLD_VAE_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
-
-
-def vae_state(state: dict) -> tuple[dict, list[str]]:
-    """A VAE state dict with the pre-0.15 attention names of its mid blocks renamed, and the old
-    keys that were renamed."""
-    out, renamed = {}, []
-    for k, v in state.items():
-        parts = k.split(".")
-        if len(parts) == 6 and parts[1:4] == ["mid_block", "attentions", "0"] and parts[4] in _OLD_VAE_ATTENTION:
-            out[".".join(parts[:4] + [_OLD_VAE_ATTENTION[parts[4]], parts[5]])] = v
-            renamed.append(k)
-        else:
-            out[k] = v
-    return out, renamed
-
-
-def _load_frozen(module, state: dict, what: str, drop: tuple = ()) -> list[str]:
-    """Load ``state`` strictly into ``module`` but for ``drop``ped non-persistent buffers that older
-    libraries saved; the dropped keys present."""
-    gone = [k for k in drop if k in state]
-    checkpoints.load_state(module, {k: v.float() for k, v in state.items() if k not in gone}, what)
-    return gone
-
-
 def mvdiff_config(ucfg: dict, vae, encoder, prediction_type: str, dirs: dict):
     """fast3d's MVDiffConfig for an Era3D UNet config and its VAE and image encoder."""
     from fast3d.models.mvdiff import MVDiffConfig
@@ -205,27 +146,6 @@ def mvdiff_config(ucfg: dict, vae, encoder, prediction_type: str, dirs: dict):
                         image_encoder=dirs["image_encoder"], unet_init="random")
 
 
-def scheduler_settings(path: str, what: str) -> str:
-    """The prediction type of the pipeline's ``scheduler/``; ValueError unless its training
-    schedule is fast3d's ``NOISE_SCHEDULE`` (Stable Diffusion 2.x's)."""
-    from fast3d.models.mvdiff import NOISE_SCHEDULE, PREDICTION_TYPES
-
-    d = _read_json(os.path.join(path, "scheduler_config.json"), what)
-    got = {k: d.get(k) for k in NOISE_SCHEDULE}
-    if got["beta_start"] is not None and got["beta_end"] is not None:
-        same = (got["num_train_timesteps"] == NOISE_SCHEDULE["num_train_timesteps"]
-                and got["beta_schedule"] == NOISE_SCHEDULE["beta_schedule"]
-                and math.isclose(got["beta_start"], NOISE_SCHEDULE["beta_start"])
-                and math.isclose(got["beta_end"], NOISE_SCHEDULE["beta_end"]))
-    else:
-        same = False
-    pred = d.get("prediction_type", "epsilon")
-    if not same or pred not in PREDICTION_TYPES:
-        raise ValueError(f"{what}: the scheduler {got} (prediction_type {pred!r}) is not Stable Diffusion 2.x's "
-                         f"{NOISE_SCHEDULE} with one of {list(PREDICTION_TYPES)}, which fast3d samples with")
-    return pred
-
-
 def convert(weights: str, variant: str | None = None):
     """Era3D's released pipeline -> a fast3d MVDiffusion (module docstring: an initialisation).
 
@@ -237,34 +157,19 @@ def convert(weights: str, variant: str | None = None):
         The model and the conversion record (source file and sha256 of each part, dropped and
         filled keys with reasons, ``equal_outputs: False``, what is not converted).
     """
-    from diffusers import AutoencoderKL
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+    from transformers import CLIPVisionModelWithProjection
 
     from fast3d.models.mvdiff import MVDenoiser, MVDiffusion
 
     if variant is not None:
         raise ValueError(f"--variant does not apply to era3d (one released model); got {variant!r}")
-    dirs = pipeline_dirs(weights)
-    ucfg = _read_json(os.path.join(dirs["unet"], "config.json"), "--weights unet/")
+    dirs = pipeline_dirs(weights, SUBDIRS, "Era3D")
+    ucfg = read_json(os.path.join(dirs["unet"], "config.json"), "--weights unet/")
     check_unet_config(ucfg, f"--weights {os.path.join(dirs['unet'], 'config.json')!r}")
-    prediction = scheduler_settings(dirs["scheduler"], "--weights scheduler/")
+    prediction, _ = scheduler_settings(dirs["scheduler"], "--weights scheduler/")
     state, record = load_state_dict(part_weights(dirs["unet"]), "--weights unet/")
 
-    vcfg = {k: v for k, v in _read_json(os.path.join(dirs["vae"], "config.json"), "--weights vae/").items()
-            if not k.startswith("_")}
-    try:
-        vae = AutoencoderKL.from_config(vcfg)
-        ecfg = CLIPVisionConfig.from_dict(_read_json(os.path.join(dirs["image_encoder"], "config.json"),
-                                                     "--weights image_encoder/"))
-        encoder = CLIPVisionModelWithProjection(ecfg)
-    except (TypeError, ValueError, KeyError) as e:
-        raise ValueError(f"--weights {weights!r}: vae/ or image_encoder/ config.json is not a diffusers "
-                         f"AutoencoderKL / transformers CLIPVisionConfig ({e})") from None
-    vstate, vrec = load_state_dict(part_weights(dirs["vae"]), "--weights vae/")
-    vstate, vrec["renamed"] = vae_state(vstate)
-    _load_frozen(vae, vstate, dirs["vae"])
-    estate, erec = load_state_dict(part_weights(dirs["image_encoder"]), "--weights image_encoder/")
-    gone = _load_frozen(encoder, estate, dirs["image_encoder"], drop=("vision_model.embeddings.position_ids",))
+    vae, encoder, vrec, erec = load_vae_and_image_encoder(dirs, CLIPVisionModelWithProjection, weights)
     E = ucfg["projection_class_embeddings_input_dim"] // 2
     if encoder.config.projection_dim != E or vae.config.latent_channels != ucfg["out_channels"]:
         raise ValueError(f"--weights {weights!r}: the parts do not fit together: image_encoder projection_dim "
@@ -279,7 +184,7 @@ def convert(weights: str, variant: str | None = None):
     model = MVDiffusion(cfg, denoiser, vae.eval().requires_grad_(False), encoder.eval().requires_grad_(False))
     record.update(kind="era3d", source=list(manifest.SOURCES["era3d"]), size="512-6view" if ucfg["sample_size"] == 64
                   else f"sample_size {ucfg['sample_size']}", dropped=dropped, filled=filled,
-                  parts={"vae": vrec, "image_encoder": erec}, dropped_frozen=gone,
+                  parts={"vae": vrec, "image_encoder": erec}, dropped_frozen=erec["dropped"],
                   source_dtypes=sorted({str(v.dtype) for v in state.values()}),
                   config=dataclasses.asdict(cfg), equal_outputs=False,
                   not_converted=["the normal-map domain and its joint attention", "EFReg (elevation / focal head)",

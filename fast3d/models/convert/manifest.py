@@ -10,6 +10,8 @@ re-derive the original modules' ``state_dict()`` from their constructors, by han
   lists, ``ResnetBlock``, ``MVAttention`` around ``core/attention.py``'s ``MemEffAttention``).
 * :func:`openlrm_shapes` / :func:`vfusion3d_shapes` - in ``manifest_lrm`` (the LRMs).
 * :func:`era3d_unet_shapes` - in ``manifest_mvdiff`` (Era3D's multi-view diffusion UNet).
+* :func:`imagedream_unet_shapes` - in ``manifest_mvdiff`` (ImageDream's ``MultiViewUNetModel`` in
+  ashawkey/mvdream_diffusers' diffusers-format release).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ SOURCES = {
     "openlrm": ("github.com/3DTopia/OpenLRM", "3108b6902d27912e1dcdce76970eab51436f5b21"),
     "vfusion3d": ("github.com/facebookresearch/vfusion3d", "a2adcca62226497267aa9a89b2e89b21ff9ef7f7"),
     "era3d": ("github.com/pengHTYX/Era3D", "a2ce68da53c0dc4df403112c53692b9ba893a4f0"),
+    "imagedream": ("github.com/ashawkey/mvdream_diffusers", "8b318efac486784819502b88952fae970f40a47d"),
+    "imagedream-original": ("github.com/bytedance/ImageDream", "26c3972e586f0c8d2f6c6b297aa9d792d06abebb"),
 }
 
 # (fact, value, source file) for LGM; every one is used by the converter or the model

@@ -127,3 +127,140 @@ def era3d_unet_shapes(cfg: dict) -> dict[str, tuple]:
                 s[f"{head}.blocks.{i}.linear{j}.weight"], s[f"{head}.blocks.{i}.linear{j}.bias"] = (H, H), (H,)
         s[f"{head}.linear_out.weight"], s[f"{head}.linear_out.bias"] = (1, H), (1,)
     return s
+
+
+# --- ImageDream ----------------------------------------------------------------------------------
+# (fact, value, source file) for ImageDream as released in diffusers format by
+# ashawkey/mvdream_diffusers (manifest.SOURCES["imagedream"]; the UNet is bytedance/ImageDream's
+# MultiViewUNetModel, its config sd_v2_base_ipmv.yaml at manifest.SOURCES["imagedream-original"]).
+IMAGEDREAM_FACTS = [
+    ("released files", "ashawkey/imagedream-ipmv-diffusers: unet/ (config.json of MultiViewUNetModel + "
+     "diffusion_pytorch_model.safetensors, fp16, ldm key names), vae/ (AutoencoderKL), text_encoder/ + tokenizer/ "
+     "(Stable Diffusion 2.1's CLIPTextModel), image_encoder/ (CLIPVisionModel, laion CLIP-ViT-H-14) + "
+     "feature_extractor/, scheduler/ (DDIMScheduler)", "README.md, convert_mvdream_to_diffusers.py"),
+    ("unet settings", "in_channels 4, out_channels 4, model_channels 320, channel_mult [1, 2, 4, 4], "
+     "num_res_blocks 2, attention_resolutions [4, 2, 1], num_head_channels 64, transformer_depth 1, context_dim "
+     "1024, camera_dim 16, ip_dim 16 (ip_weight 1)", "extern/ImageDream/imagedream/configs/sd_v2_base_ipmv.yaml "
+     "(bytedance/ImageDream), convert_mvdream_to_diffusers.py (create_unet_config)"),
+    ("unet layout", "input_blocks[0] = conv_in; per level num_res_blocks x [ResBlock, SpatialTransformer3D where "
+     "2^level is in attention_resolutions], then a Downsample (conv 'op', stride 2) but after the last level; "
+     "middle_block = ResBlock, SpatialTransformer3D, ResBlock; output_blocks per level from the deepest: "
+     "num_res_blocks + 1 x [ResBlock on cat(h, skip), SpatialTransformer3D where attention], an Upsample "
+     "(nearest x2, conv) ending every level but the first; out = GroupNorm, SiLU, conv", "mv_unet.py "
+     "(MultiViewUNetModel.__init__)"),
+    ("ResBlock", "in_layers = GroupNorm(32), SiLU, conv3x3; emb_layers = SiLU, Linear(time_embed_dim, out); h + "
+     "emb; out_layers = GroupNorm(32), SiLU, Dropout, conv3x3; skip_connection = conv1x1 when the channels "
+     "change; GroupNorm eps 1e-5 (torch's default)", "mv_unet.py (ResBlock)"),
+    ("transformer", "norm = GroupNorm(32, eps 1e-6); proj_in / proj_out Linear; block: x += attn1(norm1(x)) over "
+     "all tokens of all frames of a sample ('(b f) l c -> b (f l) c'); x += attn2(norm2(x), context); x += "
+     "ff(norm3(x)) with GEGLU (net.0.proj Linear(C, 8 C), net.2 Linear(4 C, C)); to_q / to_k / to_v without "
+     "bias, to_out.0 with", "mv_unet.py (SpatialTransformer3D, BasicTransformerBlock3D, "
+     "MemoryEfficientCrossAttention)"),
+    ("image tokens", "attn2 of every block: context = [text tokens, ip_dim image tokens]; out = attn(q, to_k(text), "
+     "to_v(text)) + ip_weight attn(q, to_k_ip(ip), to_v_ip(ip)) (to_k_ip / to_v_ip without bias), then to_out",
+     "mv_unet.py (MemoryEfficientCrossAttention.forward)"),
+    ("resampler", "image_embed = Resampler(dim context_dim, depth 4, dim_head 64, heads 12, num_queries ip_dim, "
+     "embedding_dim 1280, output_dim context_dim, ff_mult 4): latents [1, ip_dim, dim], proj_in, then per layer "
+     "latents += PerceiverAttention(x, latents) (norm1 on x, norm2 on latents, to_q on latents, to_kv on "
+     "cat(x, latents) -> k, v halves, to_out; no biases; scale dim_head^-1/2) and latents += ff(latents) "
+     "(LayerNorm, Linear(dim, 4 dim, no bias), GELU, Linear(4 dim, dim, no bias)); proj_out; norm_out",
+     "mv_unet.py (Resampler, PerceiverAttention)"),
+    ("embeddings", "time_embed = Linear(320, 1280), SiLU, Linear(1280, 1280) on cat(cos, sin) of t * exp(-ln(1e4) "
+     "i / 160); camera_embed = Linear(16, 1280), SiLU, Linear(1280, 1280), added to the time embedding",
+     "mv_unet.py (timestep_embedding, MultiViewUNetModel.forward)"),
+    ("pixel controller", "num_frames = views + 1; the last frame of every sample is overwritten by the input "
+     "image's latent (x[(F - 1)::F] = ip_img), its camera all zeros", "mv_unet.py (forward), pipeline_mvdream.py "
+     "(__call__), get_camera(extra_view=True)"),
+    ("conditioning", "ip = image_encoder(CLIPImageProcessor(image)).hidden_states[-2] [B, 257, 1280]; ip_img = "
+     "vae.encode(2 image - 1 at 256 px, bilinear).latent_dist.sample() * scaling_factor; the unconditional "
+     "branch: the negative prompt's text tokens, zeros for ip and ip_img", "pipeline_mvdream.py (encode_image, "
+     "encode_image_latents, __call__)"),
+    ("cameras", "get_camera(4, elevation, extra_view): per azimuth 0, 90, 180, 270 the camera-to-world matrix "
+     "of a unit-sphere camera looking at the origin (OpenGL: az 0 at +Z, 90 at +X, elevation towards +Y; "
+     "columns right, up, -forward, position), rows turned to Blender's world (row 1 = -row 2, row 2 = row 1), "
+     "flattened", "mv_unet.py (get_camera), extern/ImageDream/imagedream/camera_utils.py"),
+    ("sampling", "LGM runs it with prompt '', negative prompt '', guidance 5, 30 DDIM steps, elevation 0; DDIM "
+     "with beta 0.00085..0.012 scaled_linear, steps_offset 1, set_alpha_to_one false, epsilon",
+     "3DTopia/LGM infer.py, convert_mvdream_to_diffusers.py"),
+]
+# ImageDream's MultiViewUNetModel settings the converter accepts (defaults of the class when absent)
+IMAGEDREAM_SETTINGS = {"transformer_depth": (1,), "use_scale_shift_norm": (False,), "resblock_updown": (False,),
+                       "conv_resample": (True,), "dims": (2,), "num_classes": (None,)}
+IMAGEDREAM_DEFAULTS = {"transformer_depth": 1, "use_scale_shift_norm": False, "resblock_updown": False,
+                       "conv_resample": True, "dims": 2, "num_classes": None, "ip_weight": 1.0}
+# The resampler's settings, fixed in MultiViewUNetModel.__init__ (not in its config); the converter
+# reads depth, heads (at dim_head 64) and embedding_dim from the weights' shapes
+IMAGEDREAM_RESAMPLER = dict(depth=4, dim_head=64, heads=12, embedding_dim=1280)
+GROUPS = 32   # every GroupNorm of the ldm UNet
+# The released unet/config.json as the facts give it
+IMAGEDREAM_RELEASED_UNET = dict(
+    image_size=32, in_channels=4, out_channels=4, model_channels=320, attention_resolutions=[4, 2, 1],
+    num_res_blocks=2, channel_mult=[1, 2, 4, 4], num_head_channels=64, transformer_depth=1, context_dim=1024,
+    use_checkpoint=False, camera_dim=16, ip_dim=16)
+
+
+def imagedream_levels(cfg: dict) -> list[dict]:
+    """Per level of an ImageDream UNet config: its width, heads and whether it has attention."""
+    mc, heads = cfg["model_channels"], cfg["num_head_channels"]
+    return [dict(channels=mc * m, heads=mc * m // heads, attention=2 ** i in cfg["attention_resolutions"])
+            for i, m in enumerate(cfg["channel_mult"])]
+
+
+def imagedream_key_map(cfg: dict, resampler_depth: int) -> dict[str, str]:
+    """ImageDream UNet key prefix -> fast3d ``MVDenoiser`` key prefix (``unet.`` = diffusers'
+    ``UNet2DConditionModel``, ``image_proj.`` = ``IPAdapterPlusImageProjection``), for every module
+    of the UNet config ``cfg`` with a resampler of ``resampler_depth`` layers, but the resampler's
+    fused ``to_kv`` (split by the converter)."""
+    levels, n = imagedream_levels(cfg), cfg["num_res_blocks"]
+    L = len(levels)
+    resnet = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
+              "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
+    m = {"time_embed.0": "unet.time_embedding.linear_1", "time_embed.2": "unet.time_embedding.linear_2",
+         "camera_embed.0": "unet.class_embedding.linear_1", "camera_embed.2": "unet.class_embedding.linear_2",
+         "input_blocks.0.0": "unet.conv_in", "out.0": "unet.conv_norm_out", "out.2": "unet.conv_out",
+         "image_embed.latents": "image_proj.latents", "image_embed.proj_in": "image_proj.proj_in",
+         "image_embed.proj_out": "image_proj.proj_out", "image_embed.norm_out": "image_proj.norm_out"}
+
+    def res(src, dst):
+        m.update({f"{src}.{a}": f"{dst}.{b}" for a, b in resnet.items()})
+
+    for i, lv in enumerate(levels):
+        for j in range(n):
+            k = 1 + i * (n + 1) + j
+            res(f"input_blocks.{k}.0", f"unet.down_blocks.{i}.resnets.{j}")
+            if lv["attention"]:
+                m[f"input_blocks.{k}.1"] = f"unet.down_blocks.{i}.attentions.{j}"
+        if i < L - 1:
+            m[f"input_blocks.{1 + i * (n + 1) + n}.0.op"] = f"unet.down_blocks.{i}.downsamplers.0.conv"
+    res("middle_block.0", "unet.mid_block.resnets.0")
+    m["middle_block.1"] = "unet.mid_block.attentions.0"
+    res("middle_block.2", "unet.mid_block.resnets.1")
+    for u, i in enumerate(reversed(range(L))):   # up block u is level i, deepest first
+        for j in range(n + 1):
+            k = u * (n + 1) + j
+            res(f"output_blocks.{k}.0", f"unet.up_blocks.{u}.resnets.{j}")
+            if levels[i]["attention"]:
+                m[f"output_blocks.{k}.1"] = f"unet.up_blocks.{u}.attentions.{j}"
+            if i > 0 and j == n:
+                m[f"output_blocks.{k}.{2 if levels[i]['attention'] else 1}.conv"] = f"unet.up_blocks.{u}.upsamplers.0.conv"
+    for r in range(resampler_depth):
+        src, dst = f"image_embed.layers.{r}", f"image_proj.layers.{r}"
+        m.update({f"{src}.0.norm1": f"{dst}.ln0", f"{src}.0.norm2": f"{dst}.ln1", f"{src}.0.to_q": f"{dst}.attn.to_q",
+                  f"{src}.0.to_out": f"{dst}.attn.to_out.0", f"{src}.1.0": f"{dst}.ff.0",
+                  f"{src}.1.1": f"{dst}.ff.1.net.0.proj", f"{src}.1.3": f"{dst}.ff.1.net.2"})
+    return m
+
+
+def rename(key: str, key_map: dict[str, str]) -> str | None:
+    """``key`` with its longest mapped prefix replaced, with transformer internals carried over
+    (ImageDream's names inside a SpatialTransformer3D are diffusers' but ``attn2.to_k_ip`` /
+    ``to_v_ip``, which diffusers keeps in the attention's processor); None if unmapped."""
+    parts = key.split(".")
+    for cut in range(len(parts), 0, -1):
+        head = ".".join(parts[:cut])
+        if head in key_map:
+            tail = ".".join(parts[cut:])
+            for ip in ("to_k_ip", "to_v_ip"):
+                tail = tail.replace(f"attn2.{ip}.", f"attn2.processor.{ip}.0.")
+            return ".".join([key_map[head], tail]) if tail else key_map[head]
+    return None

@@ -8,7 +8,9 @@ outside the module DeepSpeed trains; latents are computed in the step.
 Config sections (YAML), each validated with its unknown keys named:
 
 * ``model``: ``preset`` (tiny | base) and ``overrides`` (:class:`MVDiffConfig` fields; the ``vae`` /
-  ``image_encoder`` / ``unet_init`` directories are relative to the YAML file).
+  ``image_encoder`` / ``unet_init`` directories are relative to the YAML file); or ``init_from``: a
+  model directory (``fast3d convert imagedream``'s, a checkpoint or a run directory: its newest
+  weights) to fine-tune, whose configuration, VAE and image encoder are used (no ``overrides``).
 * ``data``: ``train`` (multi-view shards), ``views`` (views read per sample), ``condition_view``
   (-1: a random view of each sample is the condition; else that view), ``max_azimuth_error_deg``.
 * ``loss``: ``condition_dropout`` (share of samples whose image condition is dropped, for
@@ -42,8 +44,8 @@ from torch import Tensor
 
 from fast3d import checks
 from fast3d.data.dataset import MultiViewDataset
-from fast3d.models import mvdiff
-from fast3d.models.checkpoints import dataclass_from_dict
+from fast3d.models import checkpoints, mvdiff
+from fast3d.models.checkpoints import dataclass_from_dict, read_config, resolve_checkpoint
 from fast3d.models.mvdiff import MVDiffConfig
 from fast3d.training import augment
 from fast3d.training.config import RunConfig
@@ -58,6 +60,7 @@ FOV_TOLERANCE, DISTANCE_TOLERANCE = 0.02, 0.10   # relative: the data's optics a
 class ModelSection:
     preset: str = "tiny"
     overrides: dict = dataclasses.field(default_factory=dict)   # MVDiffConfig fields
+    init_from: str = ""            # a model / checkpoint / run directory to fine-tune ("": preset + overrides)
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,16 @@ class LossSection:
     timestep_buckets: tuple = (0, 50, 200, 500, 1000)
 
 
+def init_dir(cfg: RunConfig) -> str | None:
+    """The model directory ``model.init_from`` means (None without one); ValueError if none is there."""
+    path = cfg.model.get("init_from", "") if isinstance(cfg.model, dict) else ""
+    if not path:
+        return None
+    if not isinstance(path, str):
+        raise ValueError(f"model.init_from must be a directory path; got {path!r}")
+    return resolve_checkpoint(cfg.path(path), what="model.init_from")
+
+
 def sections(cfg: RunConfig) -> tuple[MVDiffConfig, DataSection, LossSection]:
     """The parsed and checked model, data and loss sections of an ``mvdiff`` run config."""
     m = dataclass_from_dict(ModelSection, cfg.model, "model")
@@ -83,7 +96,13 @@ def sections(cfg: RunConfig) -> tuple[MVDiffConfig, DataSection, LossSection]:
     overrides = {k: cfg.path(v) if k in _SOURCE_FIELDS and isinstance(v, str) and v not in _RANDOM_SOURCES else v
                  for k, v in m.overrides.items()}
     try:
-        model = MVDiffConfig.preset(m.preset, **overrides)
+        if init_dir(cfg) is not None:
+            if overrides:
+                raise ValueError(f"overrides {sorted(overrides)} cannot be combined with init_from: the model "
+                                 f"directory's configuration is used")
+            model = read_config(init_dir(cfg), mvdiff.MODEL_TYPE, MVDiffConfig)
+        else:
+            model = MVDiffConfig.preset(m.preset, **overrides)
     except ValueError as e:
         raise ValueError(f"model: {e}") from None
     d = dataclass_from_dict(DataSection, cfg.data, "data")
@@ -148,12 +167,15 @@ def select_views(viewmats: Tensor,          # [B, N, 4, 4] the samples' cameras
 def camera_inputs(viewmats: Tensor,   # [B, N, 4, 4]
                   cond: Tensor,       # [B]
                   targets: Tensor,    # [B, V]
-                  ) -> Tensor:        # [B, V, 4]
-    """The denoiser's camera input: each target's elevation and azimuth relative to the condition."""
+                  cfg: MVDiffConfig | None = None,
+                  ) -> Tensor:        # [B, V, cfg.camera_dim] (4 without a cfg)
+    """The denoiser's camera input (``mvdiff.view_camera_features`` of ``cfg``'s conditioning;
+    zero123's without one): each target's elevation and azimuth relative to the condition."""
     az, el = mvdiff.azimuth_elevation(viewmats)                                  # [B, N]
     B = viewmats.shape[0]
     rows = torch.arange(B)[:, None]
-    return mvdiff.camera_features(el[rows, targets], _wrap(az[rows, targets] - az[torch.arange(B), cond][:, None]))
+    el, rel = el[rows, targets], _wrap(az[rows, targets] - az[torch.arange(B), cond][:, None])
+    return mvdiff.camera_features(el, rel) if cfg is None else mvdiff.view_camera_features(cfg, el, rel)
 
 
 def check_optics(cfg: MVDiffConfig,
@@ -173,20 +195,20 @@ def check_optics(cfg: MVDiffConfig,
 
 
 def views_and_condition(batch: dict, cfg: MVDiffConfig, cond: Tensor, targets: Tensor,
-                        ) -> tuple[Tensor, Tensor, Tensor]:  # -> [B, 3, R, R], [B, V, 3, R, R], [B, V, 4]
+                        ) -> tuple[Tensor, Tensor, Tensor]:  # -> [B, 3, R, R], [B, V, 3, R, R], [B, V, camera_dim]
     """The condition image, the target views (on the model's background) and the camera inputs."""
     images, alphas, viewmats = batch["images"].float(), batch["alphas"].float(), batch["viewmats"].float()
     B, N = images.shape[:2]
     images = augment.recomposite(images, alphas, torch.full((B, N, 3), cfg.background))
     rows = torch.arange(B)
-    return images[rows, cond], images[rows[:, None], targets], camera_inputs(viewmats, cond, targets)
+    return images[rows, cond], images[rows[:, None], targets], camera_inputs(viewmats, cond, targets, cfg)
 
 
 def denoising_loss(denoiser, scheduler, cfg: MVDiffConfig,
                    z: Tensor,             # [B, V, C, h, w] the targets' scaled latents
                    cond_latent: Tensor,   # [B, C, h, w]
-                   embeds: Tensor,        # [B, E]
-                   cameras: Tensor,       # [B, V, 4]
+                   embeds: Tensor,        # [B, E] (imagedream: [B, T, E])
+                   cameras: Tensor,       # [B, V, cfg.camera_dim]
                    t: Tensor,             # [B] int64
                    noise: Tensor,         # [B, V, C, h, w]
                    drop: Tensor | None = None,   # [B] bool
@@ -224,11 +246,18 @@ class MVDiffRecipe(Recipe):
     def __init__(self, cfg: RunConfig):
         super().__init__(cfg)
         self.model_cfg, self.data_section, self.loss_section = sections(cfg)
+        # pinned in the run's config, so config.json names the weights it started from
+        self.init_dir = init_dir(cfg)
+        if self.init_dir is not None:
+            self.cfg = self.cfg.replace(model={**self.cfg.model, "init_from": self.init_dir})
         self.rig_azimuths, _ = self.model_cfg.rig_angles()
         self.vae = self.image_encoder = self.scheduler = None
 
     def build_model(self) -> torch.nn.Module:
-        model = mvdiff.build_denoiser(self.model_cfg).train()
+        if self.init_dir is not None:
+            model = mvdiff.MVDiffusion.from_pretrained(self.init_dir).denoiser.train()
+        else:
+            model = mvdiff.build_denoiser(self.model_cfg).train()
         if self.cfg.activation_checkpointing:
             model.enable_gradient_checkpointing()
         return model
@@ -236,8 +265,14 @@ class MVDiffRecipe(Recipe):
     def prepare(self, device: torch.device) -> None:
         from diffusers import DDPMScheduler
 
-        self.vae = mvdiff.build_vae(self.model_cfg).to(device)
-        self.image_encoder = mvdiff.build_image_encoder(self.model_cfg).to(device)
+        if self.init_dir is not None:
+            self.vae, self.image_encoder = (m.to(device) for m in mvdiff.build_frozen_parts(self.init_dir, self.model_cfg))
+            checkpoints.load_state(torch.nn.ModuleDict(dict(vae=self.vae, image_encoder=self.image_encoder)),
+                                   {k: v for k, v in checkpoints.read_weights(self.init_dir).items()
+                                    if not k.startswith("denoiser.")}, self.init_dir)
+        else:
+            self.vae = mvdiff.build_vae(self.model_cfg).to(device)
+            self.image_encoder = mvdiff.build_image_encoder(self.model_cfg).to(device)
         self.scheduler = DDPMScheduler(**mvdiff.NOISE_SCHEDULE, prediction_type=self.model_cfg.prediction_type)
 
     def dataset(self, rank: int, world: int) -> MultiViewDataset:
