@@ -46,7 +46,7 @@ def test_quick_row_through_the_runner_and_each_stage_runs(tmp_path, monkeypatch,
 
 def test_workloads_listed_with_the_kernel_op():
     spec = specs()["generate"]
-    assert [w.name for w in spec.workloads] == ["base", "base-mv", "base-recon", "base-render"]
+    assert [w.name for w in spec.workloads] == ["base", "base-mv", "base-recon", "base-render", "imagedream"]
     assert spec.backend_op == "multiview_attention" and spec.passes == ("forward",)
     assert spec.workload("base").params["steps"] == 30 and gen_bench.BASELINE in spec.baselines
 
@@ -82,3 +82,27 @@ def test_baseline_attention_equals_fast3d_multiview_attention(rig, layout, gen):
     with torch.no_grad():
         per_view = den(x[None], cond, emb, cams, t, None)
     assert (per_view - out["fast3d"]).abs().max() > 1e-3
+
+
+def test_imagedream_workload_runs_and_its_baseline_attention_agrees(gen):
+    """The imagedream workload (quick): ImageDream's conditioning, whose baseline swaps only the
+    self-attention (over the 4 views + the input image) and keeps the image-token cross-attention;
+    both give the same views, and the whole pipeline runs to the turntable."""
+    from fast3d.inference.mvdiff import sample_views
+    from fast3d.nn import ImageTokenAttnProcessor
+
+    p = specs()["generate"].workload("imagedream").quick
+    x = gen_bench.make_inputs(p, torch.device("cpu"), gen)
+    mv = x["bundle"]["mv"]
+    assert mv.config.conditioning == "imagedream"
+    views = {}
+    for backend in ("torch", gen_bench.BASELINE):
+        gen_bench.set_attention(x["bundle"], backend)
+        procs = mv.denoiser.unet.attn_processors
+        assert all(isinstance(v, ImageTokenAttnProcessor) for k, v in procs.items() if k.endswith("attn2.processor"))
+        with torch.no_grad():
+            views[backend] = sample_views(mv, x["image"], steps=1, guidance_scale=5.0, seed=0)["images"]
+    torch.testing.assert_close(views[gen_bench.BASELINE], views["torch"], atol=1e-4, rtol=1e-4)
+    (frames,) = gen_bench.run("torch", x)
+    assert frames.shape == (2, 3, 16, 16) and torch.isfinite(frames).all()
+    assert gen_bench.model(p, "forward")[0] > 0

@@ -19,6 +19,12 @@ sequence per sample (``B (V L) C``; row-wise ``(B h) (V w) C`` for an Era3D layo
 attention on the rearranging PyTorch reference (``torch``), and gsplat's ``rasterization`` for the
 turntable (CUDA only: elsewhere it is skipped with that reason).
 
+``imagedream`` is the whole pipeline of LGM's released image-to-3D path, ``base`` with
+ImageDream's conditioning (``conditioning="imagedream"``, what ``fast3d convert imagedream``
+makes: the input image as a fifth view in the self-attention, 77 text + 16 image tokens in the
+cross-attention, guidance 5); its baseline keeps the image-token cross-attention and rearranges
+the five views' self-attention.
+
 Weights are random (nothing is downloaded): ``base`` is MVDiffConfig's ``base`` (Stable Diffusion
 2.x UNet at 256 px, lgm4 rig) with a full-size SD VAE and a CLIP ViT-H/14 image encoder built from
 their configs, and LGM's big model; the work per call is that of the real models. Forward only
@@ -54,6 +60,16 @@ _SOURCES = {
 }
 WORKLOADS = [Workload("base" if part == "all" else f"base-{part}", dict(_BASE, part=part), quick=dict(_QUICK, part=part),
                       source=_SOURCES[part]) for part in PARTS]
+# ImageDream's conditioning (its released sizes are MVDiffConfig's defaults; quick: a tiny resampler)
+_IMAGEDREAM = dict(conditioning="imagedream", image_embed_dim=1280)
+_IMAGEDREAM_QUICK = dict(conditioning="imagedream", image_embed_dim=32, image_tokens=4, resampler_depth=1,
+                         resampler_heads=2, resampler_head_dim=16, text_tokens=4)
+WORKLOADS.append(Workload(
+    "imagedream", dict(_BASE, part="all", guidance=5.0, mv_overrides=_IMAGEDREAM),
+    quick=dict(_QUICK, part="all", guidance=5.0, mv_overrides=_IMAGEDREAM_QUICK),
+    source="LGM's released image-to-3D pipeline (fast3d convert imagedream + convert lgm): ImageDream's SD 2.1-size "
+           "UNet at 256 px with its pixel-controller fifth view, 16 image + 77 text tokens, 30 DDIM steps, CFG 5.0, "
+           "SD VAE + CLIP ViT-H/14 (penultimate tokens), then LGM big, the PLY and 8 turntable frames at 512 px; bf16"))
 
 # Stable Diffusion 2.x's VAE and OpenCLIP ViT-H/14's vision tower (the image encoder of ImageDream /
 # Zero123++ / SD image variations): the configs of the released models, built with random weights.
@@ -69,7 +85,7 @@ def _build(p: dict, device: torch.device):
     from fast3d.models.lgm import LGM
     from fast3d.models.mvdiff import MVDiffConfig, MVDiffusion, build_image_encoder, build_vae
 
-    cfg = MVDiffConfig.preset(p["mv"], resolution=p["mv_res"])
+    cfg = MVDiffConfig.preset(p["mv"], resolution=p["mv_res"], **p.get("mv_overrides", {}))
     if p["mv"] == "base":
         mv = MVDiffusion(cfg, vae=build_vae(cfg, SD_VAE), image_encoder=build_image_encoder(cfg, CLIP_VIT_H))
     else:
@@ -117,9 +133,16 @@ def set_attention(bundle, backend: str) -> None:
     from fast3d.nn import MultiViewAttnProcessor
 
     mv, cfg = bundle["mv"], bundle["mv"].config
-    proc = (RearrangedAttnProcessor(cfg.num_views, cfg.layout) if backend == BASELINE
-            else MultiViewAttnProcessor(cfg.num_views, cfg.layout, backend=backend))
-    mv.denoiser.unet.set_attn_processor(proc)
+    imagedream = cfg.conditioning == "imagedream"
+    V = cfg.num_views + imagedream          # ImageDream's input image is one more view
+    proc = (RearrangedAttnProcessor(V, cfg.layout) if backend == BASELINE
+            else MultiViewAttnProcessor(V, cfg.layout, backend=backend))
+    unet = mv.denoiser.unet
+    if imagedream:   # the self-attention only: the cross-attention keeps its image-token weights
+        unet.set_attn_processor({k: proc if k.endswith("attn1.processor") else v
+                                 for k, v in unet.attn_processors.items()})
+    else:
+        unet.set_attn_processor(proc)
     bundle["lgm"].set_attention_backend("torch" if backend == BASELINE else backend)
     bundle.attention = backend
 
@@ -129,8 +152,8 @@ def make_inputs(p: dict, device: torch.device, gen: torch.Generator) -> dict:
     rig's cameras, and for the stages that start later the views and Gaussians they start from."""
     from fast3d.inference.lgm import rig_distance, turntable_cameras
 
-    bundle = c.cached_model(("generate", device, p["mv"], p["mv_res"], p["lgm"], p["lgm_input"], p["render"]),
-                            lambda: _build(p, device))
+    bundle = c.cached_model(("generate", device, p["mv"], p["mv_res"], p["lgm"], p["lgm_input"], p["render"],
+                             tuple(sorted(p.get("mv_overrides", {}).items()))), lambda: _build(p, device))
     mv, lgm = bundle["mv"], bundle["lgm"]
     R = mv.config.resolution
     image = torch.ones(3, R, R)
@@ -200,11 +223,12 @@ def run(backend: str, x: dict) -> tuple:
 
 
 @functools.cache
-def _param_counts(mv: str, mv_res: int, lgm: str, lgm_input: int) -> tuple[int, int, int]:
+def _param_counts(mv: str, mv_res: int, lgm: str, lgm_input: int, mv_overrides: tuple = ()) -> tuple[int, int, int]:
     """Parameters of (the denoiser, the VAE + image encoder, the LGM) of a workload, counted on the
     meta device (nothing allocated)."""
     with torch.device("meta"):
-        b = _build(dict(mv=mv, mv_res=mv_res, lgm=lgm, lgm_input=lgm_input, render=lgm_input), torch.device("meta"))
+        b = _build(dict(mv=mv, mv_res=mv_res, lgm=lgm, lgm_input=lgm_input, render=lgm_input,
+                        mv_overrides=dict(mv_overrides)), torch.device("meta"))
     n = lambda m: sum(q.numel() for q in m.parameters())  # noqa: E731
     return n(b["mv"].denoiser), n(b["mv"].vae) + n(b["mv"].image_encoder), n(b["lgm"])
 
@@ -213,7 +237,8 @@ def model(p: dict, pass_: str) -> tuple[int, int]:
     """Bytes: the weights a stage reads, in the workload's precision: the UNet's once per step
     (both halves of the guidance batch go in one call), the VAE's and image encoder's once, the
     LGM's once. Flops are not modelled (0): the stages mix convolutions, attention and rasterization."""
-    unet, rest, recon = _param_counts(p["mv"], p["mv_res"], p["lgm"], p["lgm_input"])
+    unet, rest, recon = _param_counts(p["mv"], p["mv_res"], p["lgm"], p["lgm_input"],
+                                      tuple(sorted(p.get("mv_overrides", {}).items())))
     e = torch.finfo(c.dtype_of(p)).bits // 8
     total = 0
     if p["part"] in ("all", "mv"):
