@@ -23,7 +23,9 @@ rasterization. Bounds: each replica takes ``max_ongoing_requests`` at once and e
 ``max_queued_requests`` more; past that Ray answers 503 with ``Retry-After``. A request still
 waiting or running after ``deadline_s`` (or the smaller ``X-Deadline-Ms`` the client sends) gets
 504. Bodies over ``max_body_bytes`` get 413. With an API key every route but ``/``, its static
-files, ``/healthz`` and ``/readyz`` needs ``Authorization: Bearer KEY`` (compared in constant time).
+files, ``/healthz``, ``/readyz`` and the API's description (``/openapi.json``, ``/docs``: the
+routes and their parameters, nothing of the model, the requests or the metrics) needs
+``Authorization: Bearer KEY`` (compared in constant time).
 """
 
 # No ``from __future__ import annotations`` here: Ray Serve's class-based FastAPI views read the

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 
 import pytest
 import torch
@@ -72,6 +73,10 @@ def test_serve_needs_the_key_and_drains_on_sigterm(tmp_path, gen):
         assert status == 401 and json.loads(answer)["error"]["field"] == "authorization"
         assert headers.get("www-authenticate") == "Bearer"
         assert post(url, body, {"Content-Type": ctype, "Authorization": "Bearer " + "x" * len(key)})[0] == 401
+        # without the key: the metrics are refused; the API's description (routes only) is public
+        with pytest.raises(urllib.error.HTTPError, match="401"):
+            _get(f"http://127.0.0.1:{port}/metrics", {})
+        assert "/v1/reconstruct" in json.loads(_get(f"http://127.0.0.1:{port}/openapi.json", {}))["paths"]
         auth = {"Content-Type": ctype, "Authorization": f"Bearer {key}"}
         status, _, ref = post(url, body, auth)
         assert status == 200
