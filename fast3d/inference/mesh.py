@@ -77,7 +77,7 @@ def extract_mesh(model: LRM, planes: Tensor,  # [3, C, 2 token_res, 2 token_res]
     (``density_mesh`` over the triplane box [-bound, bound]^3, each vertex coloured by the
     decoder's rgb there, in [0, 1]). CPU tensors; empty (V = F = 0) where the density never
     exceeds ``threshold``."""
-    planes = model._check_planes(planes, batch=False)
+    planes = model.check_planes(planes, batch=False)
     _check_mesh_args(grid, threshold, chunk)
     vertices, faces = density_mesh(lambda p: model.decode_points(planes, p, chunk)[0], model.config.bound, grid,
                                    threshold, chunk, device=planes.device)

@@ -336,7 +336,9 @@ class LRM(nn.Module):
             planes = torch.cat([planes[:, :2], planes[:, 2:].transpose(-1, -2)], 1)
         return planes
 
-    def _check_planes(self, planes, batch: bool = True) -> Tensor:
+    def check_planes(self, planes, batch: bool = True) -> Tensor:
+        """``planes`` if they are this model's triplanes ([B, 3, C, 2 token_res, 2 token_res], or
+        one sample's [3, C, ...] with ``batch=False``); ValueError naming ``planes`` otherwise."""
         c = self.config
         res = 2 * c.token_res
         shape = (3, c.plane_channels, res, res)
@@ -357,7 +359,7 @@ class LRM(nn.Module):
         of all views. Returns dict(images [B, V, 3, h, w], opacity [B, V, 1, h, w], depth
         [B, V, 1, h, w]) with (h, w) = (height, width), or (size, size) for a patch (LRM's patch
         training: rows y0..y0+size, columns x0..x0+size of the full frame)."""
-        planes = self._check_planes(planes)
+        planes = self.check_planes(planes)
         B = planes.shape[0]
         _tensor("viewmats", viewmats, (B, None, 4, 4), "[B, V, 4, 4] with B from planes")
         V = viewmats.shape[1]
@@ -405,7 +407,7 @@ class LRM(nn.Module):
         of a resolution^3 grid over [-bound, bound]^3, occupied where sigma > threshold (3.0:
         OpenLRM's mesh threshold), kept where some of the 26 neighbours is empty (the shell; voxels
         on the grid border count as surface), coloured by the decoder's rgb there."""
-        planes = self._check_planes(planes, batch=False)
+        planes = self.check_planes(planes, batch=False)
         resolution = checks.positive_int("resolution", resolution)
         if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or math.isnan(threshold):
             raise ValueError(f"threshold must be a real number; got {threshold!r}")
