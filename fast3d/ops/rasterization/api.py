@@ -436,16 +436,23 @@ def _attach_absgrad(means2d: Tensor,   # meta's: [..., C, N, 2], or [nnz, 2] pac
                     bufs: list,        # [I, N, 2] per channel chunk, filled by the backward
                     bcn: tuple, packed_ids: tuple | None) -> None:
     """Give meta["means2d"] its ``.absgrad``: the chunks' buffers summed, in meta's layout."""
+    # The buffers' storage, without autograd: a native backend's buffer is an output of its rasterize
+    # node, and fill (a hook of means2d, upstream of that node) holding it would close a cycle
+    # node -> ... -> means2d's node -> fill -> buffer -> node through C++, which gc cannot break.
+    bufs = [b.detach() for b in bufs]
     if not bufs:  # nothing drawn: no backward will touch it
         means2d.absgrad = torch.zeros_like(means2d)
     elif len(bufs) == 1 and packed_ids is None:  # the buffer itself, filled in place by the backward
         means2d.absgrad = bufs[0].view(means2d.shape)
     else:
-        means2d.absgrad = torch.zeros_like(means2d)
+        out = means2d.absgrad = torch.zeros_like(means2d)
         if means2d.requires_grad:
+            # fill holds the buffer, not means2d: a hook of means2d that referred to means2d would be a
+            # cycle through autograd's C++ hook table, which gc cannot see, keeping means2d and its
+            # graph alive for ever
             def fill(grad):  # runs once means2d's gradient is complete: every chunk's backward has run
                 total = sum(bufs).view(*bcn, 2)
-                means2d.absgrad.copy_(total[packed_ids] if packed_ids is not None else total.view(means2d.shape))
+                out.copy_(total[packed_ids] if packed_ids is not None else total.view(out.shape))
             means2d.register_hook(fill)
 
 

@@ -158,7 +158,11 @@ def sh_colors(sh: Tensor,        # [B, N, K, 3], K >= (degree + 1)^2
     viewmats = viewmats.detach()
     Rc, tc = viewmats[..., :3, :3], viewmats[..., :3, 3]
     campos = -torch.einsum("bcji,bcj->bci", Rc, tc)                           # [B, C, 3]
-    dirs = means[:, None] - campos[:, :, None]                                # [B, C, N, 3]
+    # Degree 0's basis is the constant Y_0: the directions only give it its shape, so they are made
+    # without autograd. A branch recorded but unused by the result is never run by backward, so its
+    # saved tensors are never released; a saved-tensor hook that keeps them (save_on_cpu on CPU, or
+    # one that returns the tensor) closes a cycle with the branch's nodes that gc cannot break.
+    dirs = (means if degree > 0 else means.detach())[:, None] - campos[:, :, None]  # [B, C, N, 3]
     basis = sh_basis(dirs / dirs.norm(dim=-1, keepdim=True).clamp_min(1e-30), degree)          # [B, C, N, K']
     k = (degree + 1) ** 2
     return torch.clamp_min(torch.einsum("bcnk,bnkd->bcnd", basis, sh[:, :, :k]) + 0.5, 0.0)
