@@ -91,8 +91,8 @@ def sdedit_timesteps(sched, steps: int, strength: float, device=None) -> Tensor:
 @torch.no_grad()
 def denoise(model: MVDiffusion,
             cond_latent: Tensor,     # [B, C, h, w] the input images' scaled latents
-            image_embeds: Tensor,    # [B, E] their CLIP image embeddings
-            cameras: Tensor,         # [B, V, 4] camera_features of the views to make
+            image_embeds: Tensor,    # [B, E] their CLIP image embeddings (imagedream: [B, T, E] tokens)
+            cameras: Tensor,         # [B, V, camera_dim] view_camera_features of the views to make
             noise: Tensor,           # [B, V, C, h, w] standard normal
             *, steps: int, guidance_scale: float, scheduler: str, init_latents: Tensor | None = None,
             strength: float = 1.0) -> Tensor:   # -> [B, V, C, h, w] scaled latents
@@ -204,13 +204,13 @@ def sample_views(model: MVDiffusion,
             x = F.interpolate(x[None], size=(R, R), mode="bilinear", antialias=True, align_corners=False)[0]
         x = x.clamp(0, 1)[None]                                                   # [1, 3, R, R]
         cond = model.encode_latents(x)                                            # [1, C, h, w]
-        embeds = model.image_embeds(x)                                            # [1, E]
+        embeds = model.image_embeds(x)                                            # [1, E] (imagedream: [1, T, E])
         gen = torch.Generator().manual_seed(seed)
         noise = torch.randn((1, V, *cond.shape[1:]), generator=gen)
         init = None
         if init_views is not None:
             init = model.encode_latents(init_views.detach().float().clamp(0, 1)).unsqueeze(0)   # [1, V, C, h, w]
-        cameras = model.rig_camera_features()[None]                               # [1, V, 4]
+        cameras = model.rig_camera_features()[None]                               # [1, V, camera_dim]
         latents = denoise(model, cond, embeds, cameras, noise, steps=steps, guidance_scale=guidance_scale,
                           scheduler=scheduler, init_latents=init, strength=strength)
         images = model.decode_latents(latents[0]).cpu()                           # [V, 3, R, R]

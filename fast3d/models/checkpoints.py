@@ -117,15 +117,21 @@ def read_config(path: str, model_type: str, cls):
     return dataclass_from_dict(cls, d["config"], what=f"{f} config")
 
 
-def read_weights(path: str) -> dict:
-    from safetensors import SafetensorError
+def read_weights(path: str, prefix: str | None = None) -> dict:
+    """The tensors of model directory ``path`` (its safetensors file); with ``prefix``, only those
+    whose names start with it (read alone, the prefix taken off). ValueError if the file is missing
+    or unreadable."""
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     f = os.path.join(path, WEIGHTS_FILE)
     if not os.path.isfile(f):
         raise ValueError(f"checkpoint {path!r} has no {WEIGHTS_FILE}")
     try:
-        return load_file(f)
+        if prefix is None:
+            return load_file(f)
+        with safe_open(f, framework="pt") as fh:
+            return {k[len(prefix):]: fh.get_tensor(k) for k in fh.keys() if k.startswith(prefix)}
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{f}: not a readable safetensors file ({e})") from None
 

@@ -243,6 +243,9 @@ def camera_features(elevations: Tensor,          # [...] radians
 
 # OpenGL (+Y up) -> Blender (+Z up) world, applied on the left of ImageDream's camera-to-world matrices
 _OPENGL_TO_BLENDER = ((1.0, 0.0, 0.0, 0.0), (0.0, 0.0, -1.0, 0.0), (0.0, 1.0, 0.0, 0.0), (0.0, 0.0, 0.0, 1.0))
+# ImageDream's azimuth of the input (front) view: its cameras' +X in Blender's world, threestudio's
+# azimuth 0 (LGM's infer.py reorders ImageDream's four outputs 1, 2, 3, 0 into its own rig)
+IMAGEDREAM_FRONT_AZIMUTH = math.pi / 2
 
 
 def imagedream_camera_features(elevations: Tensor,          # [...] radians
@@ -251,10 +254,11 @@ def imagedream_camera_features(elevations: Tensor,          # [...] radians
     """ImageDream's / MVDream's camera input: the camera-to-world matrix of a camera on the unit
     sphere looking at the origin (OpenGL axes: azimuth 0 at +Z, 90 degrees at +X, elevation
     towards +Y; columns right, up, backward, position), its world turned to Blender's (+Z up),
-    flattened row by row. Azimuth and elevation turn the same way as fast3d's (right-handed about
-    the up axis), so fast3d's rig views are ImageDream's in order. Undefined at elevation +-90
-    degrees, as the original."""
-    e, a = elevations.double(), relative_azimuths.double()
+    flattened row by row. ImageDream's azimuth is the relative azimuth plus
+    ``IMAGEDREAM_FRONT_AZIMUTH`` (its input view is at 90 degrees; it turns the same way as fast3d's,
+    right-handed about the up axis), so the lgm4 rig's views 0..3 are ImageDream's outputs 1, 2, 3,
+    0. Undefined at elevation +-90 degrees, as the original."""
+    e, a = elevations.double(), relative_azimuths.double() + IMAGEDREAM_FRONT_AZIMUTH
     pos = torch.stack([torch.cos(e) * torch.sin(a), torch.sin(e), torch.cos(e) * torch.cos(a)], -1)   # [..., 3]
     forward = -pos
     up = torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64).expand_as(pos)
@@ -351,10 +355,18 @@ class MVDenoiser(nn.Module):
                 ) -> Tensor:           # [B, V, C, h, w] the prediction (noise or v, per prediction_type)
         """The UNet's prediction for each view. Args are as the shape comments say; ``drop`` zeroes
         the sample's image latent and image token (the unconditional model of classifier-free
-        guidance)."""
+        guidance; imagedream: zeroes its latent and CLIP tokens and takes the negative text context)."""
         B, V, C, h, w = noisy.shape
         if V != self.num_views:
             raise ValueError(f"noisy has V = {V} views; the model's rig {self.config.rig!r} has {self.num_views}")
+        if tuple(cameras.shape) != (B, V, self.config.camera_dim):
+            raise ValueError(f"cameras must be [B, V, {self.config.camera_dim}] = [{B}, {V}, {self.config.camera_dim}] "
+                             f"({self.config.conditioning}'s camera features); got {tuple(cameras.shape)}")
+        want = 3 if self.imagedream else 2
+        if image_embeds.dim() != want or image_embeds.shape[0] != B:
+            raise ValueError(f"image_embeds must be [B, {'T, ' if self.imagedream else ''}E] with B = {B} "
+                             f"({self.config.conditioning}: the image encoder's "
+                             f"{'penultimate tokens' if self.imagedream else 'embedding'}); got {tuple(image_embeds.shape)}")
         if self.imagedream:
             return self._forward_imagedream(noisy, cond_latent, image_embeds, cameras, timesteps, drop)
         dtype = self.image_proj.weight.dtype

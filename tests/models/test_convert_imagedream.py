@@ -149,12 +149,15 @@ def test_text_context_is_the_pipelines_text_encoder_output(converted):
 
 
 def test_rig_cameras_are_imagedreams_get_camera(converted):
-    """fast3d's lgm4 rig, view for view, has ImageDream's cameras get_camera(4, elevation 0); other
-    elevations and azimuths follow its construction too."""
-    close("camera", converted["model"].rig_camera_features(), get_camera(4, 0.0))
+    """ImageDream's input view is its azimuth 90 degrees: LGM's infer.py takes ImageDream's outputs
+    1, 2, 3, 0 as its rig's views 0..3 (fast3d's lgm4 rig), so fast3d's rig has the cameras
+    get_camera(4, elevation 0)[[1, 2, 3, 0]]; other elevations and azimuths follow its construction
+    at the same offset."""
+    close("camera", converted["model"].rig_camera_features(), get_camera(4, 0.0)[[1, 2, 3, 0]])
     for el in (15.0, -30.0):
         az = torch.deg2rad(torch.arange(8, dtype=torch.float64) * 45)
-        close("camera", imagedream_camera_features(torch.full_like(az, math.radians(el)), az), get_camera(8, el))
+        close("camera", imagedream_camera_features(torch.full_like(az, math.radians(el)), az),
+              get_camera(8, el)[[2, 3, 4, 5, 6, 7, 0, 1]])
 
 
 def test_every_key_is_converted_and_the_record_says_so(converted):
@@ -234,6 +237,10 @@ def test_bad_pipelines_are_named_and_nothing_is_written(converted, tmp_path):
     cfg = json.load(open(pipe / "unet" / "config.json"))
     json.dump({**cfg, "ip_dim": 0}, open(pipe / "unet" / "config.json", "w"))
     fails(r"another kind than the released pixel-controller one: \{'ip_dim': 0\}")
+    json.dump({**cfg, "num_res_blocks": [1, 1, 1]}, open(pipe / "unet" / "config.json", "w"))
+    fails(r"expected non-negative integers for .* got \{'num_res_blocks': \[1, 1, 1\]\}")
+    json.dump({**cfg, "channel_mult": [2, 2, 2]}, open(pipe / "unet" / "config.json", "w"))
+    fails(r"another kind than the released pixel-controller one: \{'channel_mult': \[2, 2, 2\]\}")
     json.dump({k: v for k, v in cfg.items() if k != "camera_dim"}, open(pipe / "unet" / "config.json", "w"))
     fails(r"not an ImageDream UNet config \(MultiViewUNetModel\): it lacks \['camera_dim'\]")
     json.dump(cfg, open(pipe / "unet" / "config.json", "w"))
@@ -307,5 +314,5 @@ def test_fine_tuning_starts_from_the_converted_model(converted, tmp_path, gen):
                                                                      model.text_context)
     base["model"] = {"init_from": converted["out"], "overrides": {"rig": "era3d6"}}
     path.write_text(json.dumps(base))
-    with pytest.raises(ValueError, match=r"model: overrides \['rig'\] cannot be combined with init_from"):
+    with pytest.raises(ValueError, match=r"model: overrides cannot be combined with init_from"):
         recipe.MVDiffRecipe(run_config.load_config(str(path)))

@@ -82,7 +82,7 @@ def test_a_sample_without_the_rigs_views_is_named(gen):
 def test_camera_inputs_are_relative_to_the_condition(gen):
     vm = orbit(gen, 2)
     cond, targets = recipe.select_views(vm, LGM4, -1, 10.0, gen)
-    f = recipe.camera_inputs(vm, cond, targets)                       # [2, 4, 4]
+    f = recipe.camera_inputs(vm, cond, targets, MVDiffConfig.preset("tiny"))   # [2, 4, 4]
     az, el = mvdiff.azimuth_elevation(vm)
     rel = torch.atan2(f[..., 2], f[..., 3]).double()
     want = torch.remainder(torch.stack([az[b, targets[b]] - az[b, cond[b]] for b in range(2)]) + math.pi,

@@ -166,7 +166,7 @@ def convert(weights: str, variant: str | None = None):
     dirs = pipeline_dirs(weights, SUBDIRS, "Era3D")
     ucfg = read_json(os.path.join(dirs["unet"], "config.json"), "--weights unet/")
     check_unet_config(ucfg, f"--weights {os.path.join(dirs['unet'], 'config.json')!r}")
-    prediction, _ = scheduler_settings(dirs["scheduler"], "--weights scheduler/")
+    prediction = scheduler_settings(dirs["scheduler"], "--weights scheduler/")
     state, record = load_state_dict(part_weights(dirs["unet"]), "--weights unet/")
 
     vae, encoder, vrec, erec = load_vae_and_image_encoder(dirs, CLIPVisionModelWithProjection, weights)

@@ -54,7 +54,18 @@ def check_unet_config(cfg: dict, what: str) -> dict:
     if absent:
         raise ValueError(f"{what} is not an ImageDream UNet config (MultiViewUNetModel): it lacks {absent}")
     cfg = {**manifest_mvdiff.IMAGEDREAM_DEFAULTS, **cfg}
-    bad = {k: cfg[k] for k, ok in manifest_mvdiff.IMAGEDREAM_SETTINGS.items() if cfg[k] not in ok}
+    ints = ("in_channels", "out_channels", "model_channels", "num_res_blocks", "num_head_channels", "context_dim",
+            "camera_dim", "ip_dim")
+    lists = ("channel_mult", "attention_resolutions")
+    bad = {k: cfg[k] for k in ints if type(cfg[k]) is not int or cfg[k] < 0}
+    bad |= {k: cfg[k] for k in lists if not isinstance(cfg[k], list) or not all(type(m) is int and m > 0 for m in cfg[k])}
+    if bad:
+        raise ValueError(f"{what}: expected non-negative integers for {list(ints)} and lists of positive integers for "
+                         f"{list(lists)}; got {bad}")
+    if not cfg["channel_mult"] or cfg["channel_mult"][0] != 1:
+        # diffusers' UNet sizes its conv_in and time embedding by the first level's width
+        bad["channel_mult"] = cfg["channel_mult"]
+    bad |= {k: cfg[k] for k, ok in manifest_mvdiff.IMAGEDREAM_SETTINGS.items() if cfg[k] not in ok}
     if cfg["ip_dim"] <= 0:
         bad["ip_dim"] = cfg["ip_dim"]          # MVDream (text only): not fast3d's image-conditioned model
     if cfg["camera_dim"] != 16:
@@ -69,7 +80,7 @@ def check_unet_config(cfg: dict, what: str) -> dict:
     if bad:
         raise ValueError(f"{what}: an ImageDream UNet of another kind than the released pixel-controller one: {bad} "
                          f"(accepted: ip_dim > 0, camera_dim 16, ip_weight 1, in_channels = out_channels, "
-                         f"{manifest_mvdiff.IMAGEDREAM_SETTINGS})")
+                         f"channel_mult starting at 1, {manifest_mvdiff.IMAGEDREAM_SETTINGS})")
     return cfg
 
 
@@ -210,7 +221,7 @@ def convert(weights: str, variant: str | None = None, prompt: str = "", negative
     dirs = pipeline_dirs(weights, SUBDIRS, "ImageDream")
     upath = os.path.join(dirs["unet"], "config.json")
     ucfg = check_unet_config(read_json(upath, "--weights unet/"), f"--weights {upath!r}")
-    prediction, _ = scheduler_settings(dirs["scheduler"], "--weights scheduler/")
+    prediction = scheduler_settings(dirs["scheduler"], "--weights scheduler/")
     state, record = load_state_dict(part_weights(dirs["unet"]), "--weights unet/")
     resampler = resampler_settings(state)
 

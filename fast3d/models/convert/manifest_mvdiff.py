@@ -179,6 +179,9 @@ IMAGEDREAM_FACTS = [
      "of a unit-sphere camera looking at the origin (OpenGL: az 0 at +Z, 90 at +X, elevation towards +Y; "
      "columns right, up, -forward, position), rows turned to Blender's world (row 1 = -row 2, row 2 = row 1), "
      "flattened", "mv_unet.py (get_camera), extern/ImageDream/imagedream/camera_utils.py"),
+    ("front view", "the input (front) view is ImageDream's azimuth 90 (Blender +X, threestudio's azimuth 0): LGM "
+     "takes ImageDream's outputs in the order 1, 2, 3, 0 as its views at kiui azimuths 0, 90, 180, 270",
+     "3DTopia/LGM infer.py (mv_image reordered), threestudio/data/random_multiview.py (bytedance/ImageDream)"),
     ("sampling", "LGM runs it with prompt '', negative prompt '', guidance 5, 30 DDIM steps, elevation 0; DDIM "
      "with beta 0.00085..0.012 scaled_linear, steps_offset 1, set_alpha_to_one false, epsilon",
      "3DTopia/LGM infer.py, convert_mvdream_to_diffusers.py"),

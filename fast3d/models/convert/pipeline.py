@@ -74,9 +74,9 @@ def load_frozen(module, state: dict, what: str, drop: tuple = ()) -> list[str]:
     return gone
 
 
-def scheduler_settings(path: str, what: str) -> tuple[str, dict]:
-    """The prediction type of the pipeline's ``scheduler/`` and its whole config; ValueError
-    unless its training schedule is fast3d's ``NOISE_SCHEDULE`` (Stable Diffusion 2.x's)."""
+def scheduler_settings(path: str, what: str) -> str:
+    """The prediction type of the pipeline's ``scheduler/``; ValueError unless its training
+    schedule is fast3d's ``NOISE_SCHEDULE`` (Stable Diffusion 2.x's)."""
     from fast3d.models.mvdiff import NOISE_SCHEDULE, PREDICTION_TYPES
 
     d = read_json(os.path.join(path, "scheduler_config.json"), what)
@@ -92,7 +92,7 @@ def scheduler_settings(path: str, what: str) -> tuple[str, dict]:
     if not same or pred not in PREDICTION_TYPES:
         raise ValueError(f"{what}: the scheduler {got} (prediction_type {pred!r}) is not Stable Diffusion 2.x's "
                          f"{NOISE_SCHEDULE} with one of {list(PREDICTION_TYPES)}, which fast3d samples with")
-    return pred, d
+    return pred
 
 
 def load_vae_and_image_encoder(dirs: dict, encoder_cls, weights: str) -> tuple:  # -> vae, encoder, vae record, encoder record

@@ -96,11 +96,13 @@ def sections(cfg: RunConfig) -> tuple[MVDiffConfig, DataSection, LossSection]:
     overrides = {k: cfg.path(v) if k in _SOURCE_FIELDS and isinstance(v, str) and v not in _RANDOM_SOURCES else v
                  for k, v in m.overrides.items()}
     try:
-        if init_dir(cfg) is not None:
-            if overrides:
-                raise ValueError(f"overrides {sorted(overrides)} cannot be combined with init_from: the model "
-                                 f"directory's configuration is used")
-            model = read_config(init_dir(cfg), mvdiff.MODEL_TYPE, MVDiffConfig)
+        init = init_dir(cfg)
+        if init is not None:
+            given = sorted({"preset", "overrides"} & set(cfg.model))
+            if given:
+                raise ValueError(f"{' / '.join(given)} cannot be combined with init_from: the model directory's "
+                                 f"configuration is used")
+            model = read_config(init, mvdiff.MODEL_TYPE, MVDiffConfig)
         else:
             model = MVDiffConfig.preset(m.preset, **overrides)
     except ValueError as e:
@@ -167,15 +169,15 @@ def select_views(viewmats: Tensor,          # [B, N, 4, 4] the samples' cameras
 def camera_inputs(viewmats: Tensor,   # [B, N, 4, 4]
                   cond: Tensor,       # [B]
                   targets: Tensor,    # [B, V]
-                  cfg: MVDiffConfig | None = None,
-                  ) -> Tensor:        # [B, V, cfg.camera_dim] (4 without a cfg)
-    """The denoiser's camera input (``mvdiff.view_camera_features`` of ``cfg``'s conditioning;
-    zero123's without one): each target's elevation and azimuth relative to the condition."""
+                  cfg: MVDiffConfig,
+                  ) -> Tensor:        # [B, V, cfg.camera_dim]
+    """The denoiser's camera input (``mvdiff.view_camera_features`` of ``cfg``'s conditioning):
+    each target's elevation and azimuth relative to the condition."""
     az, el = mvdiff.azimuth_elevation(viewmats)                                  # [B, N]
     B = viewmats.shape[0]
     rows = torch.arange(B)[:, None]
     el, rel = el[rows, targets], _wrap(az[rows, targets] - az[torch.arange(B), cond][:, None])
-    return mvdiff.camera_features(el, rel) if cfg is None else mvdiff.view_camera_features(cfg, el, rel)
+    return mvdiff.view_camera_features(cfg, el, rel)
 
 
 def check_optics(cfg: MVDiffConfig,
@@ -255,7 +257,9 @@ class MVDiffRecipe(Recipe):
 
     def build_model(self) -> torch.nn.Module:
         if self.init_dir is not None:
-            model = mvdiff.MVDiffusion.from_pretrained(self.init_dir).denoiser.train()
+            model = mvdiff.MVDenoiser(self.model_cfg)
+            checkpoints.load_state(model, checkpoints.read_weights(self.init_dir, "denoiser."), self.init_dir)
+            model.train()
         else:
             model = mvdiff.build_denoiser(self.model_cfg).train()
         if self.cfg.activation_checkpointing:
@@ -266,10 +270,11 @@ class MVDiffRecipe(Recipe):
         from diffusers import DDPMScheduler
 
         if self.init_dir is not None:
-            self.vae, self.image_encoder = (m.to(device) for m in mvdiff.build_frozen_parts(self.init_dir, self.model_cfg))
-            checkpoints.load_state(torch.nn.ModuleDict(dict(vae=self.vae, image_encoder=self.image_encoder)),
-                                   {k: v for k, v in checkpoints.read_weights(self.init_dir).items()
-                                    if not k.startswith("denoiser.")}, self.init_dir)
+            self.vae, self.image_encoder = mvdiff.build_frozen_parts(self.init_dir, self.model_cfg)
+            for name in ("vae", "image_encoder"):
+                part = getattr(self, name)
+                checkpoints.load_state(part, checkpoints.read_weights(self.init_dir, f"{name}."), self.init_dir)
+                setattr(self, name, part.to(device))
         else:
             self.vae = mvdiff.build_vae(self.model_cfg).to(device)
             self.image_encoder = mvdiff.build_image_encoder(self.model_cfg).to(device)
