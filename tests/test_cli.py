@@ -64,7 +64,7 @@ def test_info_table_lists_every_op_and_reason():
     (["train", "lgm", "--config", "nope.yaml", "--output", "o"], "config 'nope.yaml' does not exist"),
     (["train", "lgm", "--config", "train/configs/ttr_tiny.yaml", "--output", "o"], "is for recipe 'ttr', not 'lgm'"),
     (["train", "ttr", "--config", "train/configs/ttr_tiny.yaml", "--output", "o", "--init-from", "x"],
-     "--init-from takes the lgm or lrm recipe; got 'ttr'"),
+     "--init-from takes the lgm, lrm or mvdiff recipe; got 'ttr'"),
     (["train", "lrm", "--config", "train/configs/lrm_tiny.yaml", "--output", "o", "--init-from", "/nonexistent"],
      "model.init_from '/nonexistent' is not a directory"),
     (["train", "lgm", "--config", "train/configs/lgm_tiny.yaml", "--output", "o", "--init-from", "/nonexistent"],

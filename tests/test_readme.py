@@ -64,6 +64,7 @@ NEEDS_WEIGHTS = {
     "/path/to/model_fp16_fixrot.safetensors": "/path/to/model_fp16_fixrot.safetensors",
     "/path/to/openlrm-mix-large-1.1": "/path/to/openlrm-mix-large-1.1",
     "/path/to/vfusion3d.pth": "/path/to/vfusion3d.pth",
+    "/path/to/imagedream-ipmv-diffusers": "/path/to/imagedream-ipmv-diffusers",
     "/path/to/llm": "/path/to/llm",
     "/path/to/blip": "/path/to/blip",
     "train/configs/datagen_pipeline.yaml": "/data/prompts.txt",
