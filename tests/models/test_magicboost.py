@@ -11,10 +11,10 @@ import math
 import pytest
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
-from diffusers.models.attention_processor import AttnProcessor2_0
 from helpers import assert_close, randomize_
 
 from fast3d import cameras as cams
+from fast3d.bench.workloads.generate import RearrangedAttnProcessor
 from fast3d.models import checkpoints, magicboost, mvdiff
 from fast3d.models.magicboost import AnchorAttnProcessor, AnchorCondition, MagicBoost, MagicBoostConfig
 from fast3d.models.mvdiff import MVDiffConfig, MVDiffusion
@@ -34,23 +34,6 @@ TOL = {
     "left_out": dict(atol=1e-5, rtol=1e-5),
 }
 K = 4
-
-
-class RearrangedAttention:
-    """The reference: diffusers' AttnProcessor2_0 on the views' tokens rearranged as the paper does
-    it, [B*V, L, C] -> [B, V*L, C], and back; V is the call's ``num_views`` (the target and its
-    kept anchors)."""
-
-    def __init__(self):
-        self.attn = AttnProcessor2_0()
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
-                 num_views=None):
-        if encoder_hidden_states is not None:
-            return self.attn(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
-        BV, L, C = hidden_states.shape
-        return self.attn(attn, hidden_states.reshape(BV // num_views, num_views * L, C)).reshape(BV, L, C)
-
 
 
 def denoiser_inputs(cfg: MagicBoostConfig, gen: torch.Generator, B: int = 3) -> dict:
@@ -89,7 +72,9 @@ def test_fast3d_attention_equals_diffusers_attention_on_the_rearranged_views(tin
     inputs["drop"] = torch.tensor([[False] * K, [False, True, False, False], [True] * K])
     weight = torch.randn(inputs["noisy"].shape, generator=gen)
     out, grads = forward_and_grads(model, inputs, weight)
-    model.unet.set_attn_processor(RearrangedAttention())
+    # the reference: diffusers' AttnProcessor2_0 on the views' tokens rearranged as the paper does it
+    # ([B*V, L, C] -> [B, V*L, C]), V the call's num_views (the target and its kept anchors)
+    model.unet.set_attn_processor(RearrangedAttnProcessor(K + 1, "views"))
     ref_out, ref_grads = forward_and_grads(model, inputs, weight)
     assert_close(out, ref_out, **TOL["forward"], name="prediction")
     assert grads.keys() == ref_grads.keys() == {n for n, _ in model.named_parameters()}
