@@ -79,6 +79,29 @@ def ms_ssim(pred: Tensor,    # [..., 3, H, W] in [0, 1]
     return s.reshape(pred.shape[:-3])
 
 
+def view_scores(pred: Tensor,      # [V, 3, H, W] in [0, 1] a sample's rendered views
+                target: Tensor,    # [V, 3, H, W] the true views
+                lpips_fn, lpips_name: str) -> dict:
+    """A sample's image scores, each the mean over its views: ``psnr``, ``ssim``, ``lpips_name``
+    (``lpips_fn`` from :func:`load_lpips`, named by :func:`lpips_metric`) and, where the views are
+    large enough (:func:`ms_ssim_min_size`), ``ms_ssim``."""
+    row = {"psnr": float(psnr(pred, target).mean()), "ssim": float(ssim(pred, target).mean()),
+           lpips_name: float(lpips_fn(pred, target).mean())}
+    if min(pred.shape[-2:]) >= ms_ssim_min_size():
+        row["ms_ssim"] = float(ms_ssim(pred, target).mean())
+    return row
+
+
+def view_backbones(rows: list, lpips_name: str, lpips_net: str, size: int) -> dict:
+    """The report's ``backbones`` for rows of :func:`view_scores` (and ``clip_*`` scores) of
+    ``size`` px views: the network or window behind each score."""
+    backbones = {"ssim": SSIM_BACKBONE, lpips_name: lpips_net}
+    backbones.update({k: k.split(":", 1)[1] for r in rows for k in r if k.startswith("clip_")})
+    if size >= ms_ssim_min_size():
+        backbones["ms_ssim"] = SSIM_BACKBONE
+    return backbones
+
+
 def lpips_metric(backbone: str) -> tuple[str, str]:
     """(metric name, backbone name) for the report: ``("lpips", "lpips-vgg")`` for ImageNet VGG
     weights; the random stand-in is ``("lpips_random", "lpips-vgg-random")``, never the metric."""

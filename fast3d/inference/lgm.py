@@ -416,10 +416,7 @@ def evaluate(model_dir: str, data_path: str, out_json: str, input_views=(0, 4, 8
                                 backgrounds=torch.ones(1, len(held), 3, device=dev))
         gt = s["images"][held].to(dev)
         pred = rgb[0].clamp(0, 1)
-        row = {"key": s["key"], "psnr": float(im.psnr(pred, gt).mean()), "ssim": float(im.ssim(pred, gt).mean()),
-               lp_name: float(lp(pred, gt).mean())}
-        if R >= im.ms_ssim_min_size():
-            row["ms_ssim"] = float(im.ms_ssim(pred, gt).mean())
+        row = {"key": s["key"], **im.view_scores(pred, gt, lp, lp_name)}
         row.update(render_scores(clips, pred, s["images"][idx], s["caption"]))
         if s["points"] is not None:
             geo = chamfer_fscore(world["means"][0], s["points"], world["opacities"][0])
@@ -431,10 +428,6 @@ def evaluate(model_dir: str, data_path: str, out_json: str, input_views=(0, 4, 8
     if not rows:
         raise ValueError(f"--data {data_path!r} yielded no samples with {views} views"
                          + (f" ({len(skipped)} unreadable: {skipped[0][0]}: {skipped[0][1]})" if skipped else ""))
-    backbones = {"ssim": im.SSIM_BACKBONE, lp_name: lp_net}
-    backbones.update({k: k.split(":", 1)[1] for r in rows for k in r if k.startswith("clip_")})
-    if R >= im.ms_ssim_min_size():
-        backbones["ms_ssim"] = im.SSIM_BACKBONE
-    return write_report(out_json, rows, model_dir, data_path, backbones=backbones, kind="lgm", held_out_views=held,
-                        resolution=R, lpips_backbone=lpips_backbone,
+    return write_report(out_json, rows, model_dir, data_path, backbones=im.view_backbones(rows, lp_name, lp_net, R),
+                        kind="lgm", held_out_views=held, resolution=R, lpips_backbone=lpips_backbone,
                         skipped=[{"key": k, "reason": why} for k, why in skipped])

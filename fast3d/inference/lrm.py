@@ -247,10 +247,7 @@ def evaluate(model_dir: str, data_path: str, out_json: str, views: int = 4, reso
         planes = model(images[:, 0], viewmats[:, 0], Ks[:, 0])
         out = model.render(planes, viewmats[:, 1:], Ks[:, 1:], R, R, background=background_color(images, alphas))
         pred, gt = out["images"][0].float().clamp(0, 1), images[0, 1:]
-        row = {"key": s["key"], "psnr": float(im.psnr(pred, gt).mean()), "ssim": float(im.ssim(pred, gt).mean()),
-               lp_name: float(lp(pred, gt).mean())}
-        if R >= im.ms_ssim_min_size():
-            row["ms_ssim"] = float(im.ms_ssim(pred, gt).mean())
+        row = {"key": s["key"], **im.view_scores(pred, gt, lp, lp_name)}
         row.update(render_scores(clips, pred, images[0, :1], s["caption"]))
         if point_grid and s["points"] is not None:
             points, _ = model.extract_points(planes[0].float(), resolution=point_grid)
@@ -262,12 +259,9 @@ def evaluate(model_dir: str, data_path: str, out_json: str, views: int = 4, reso
     if not rows:
         raise ValueError(f"data_path {data_path!r} yielded no multi-view sample with {views} views"
                          + (f" ({len(skipped)} unreadable: {skipped[0][0]}: {skipped[0][1]})" if skipped else ""))
-    backbones = {"ssim": im.SSIM_BACKBONE, lp_name: lp_net}
-    backbones.update({k: k.split(":", 1)[1] for r in rows for k in r if k.startswith("clip_")})
-    if R >= im.ms_ssim_min_size():
-        backbones["ms_ssim"] = im.SSIM_BACKBONE
-    report = write_report(out_json, rows, path, data_path, backbones=backbones, kind="lrm", input_view=0,
-                          held_out_views=list(range(1, views)), resolution=R, lpips_backbone=lpips_backbone,
+    report = write_report(out_json, rows, path, data_path, backbones=im.view_backbones(rows, lp_name, lp_net, R),
+                          kind="lrm", input_view=0, held_out_views=list(range(1, views)), resolution=R,
+                          lpips_backbone=lpips_backbone,
                           skipped=[{"key": k, "reason": why} for k, why in skipped])
     mean = report["mean"]
     print(f"fast3d eval (LRM {path}): {len(rows)} samples, " + ", ".join(f"{k} {v:.4f}" for k, v in mean.items()))
