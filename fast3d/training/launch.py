@@ -73,6 +73,10 @@ def run(recipe: str, config: str, output: str, max_steps: int | None = None, res
         from fast3d.training.loop import train
 
         train(cls(cfg), output, resume=resume)
+        # Leave the process group before the interpreter exits: torn down by static destructors
+        # instead, gloo's threads can die joinable (std::terminate, exit code 250 after a finished run).
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
         return 0
     port = master_port or int(os.environ.get("MASTER_PORT", 0)) or free_port()
     if ranks == 1:
