@@ -175,9 +175,8 @@ def text_context(dirs: dict, prompt: str, negative_prompt: str, width: int) -> t
     as ImageDream's pipeline encodes them: padded to the tokenizer's length) and its record."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    path = os.path.join(dirs["unet"], os.pardir, "tokenizer")
     try:
-        tok = CLIPTokenizer.from_pretrained(path, local_files_only=True)
+        tok = CLIPTokenizer.from_pretrained(dirs["tokenizer"], local_files_only=True)
         cfg = CLIPTextConfig.from_dict(read_json(os.path.join(dirs["text_encoder"], "config.json"),
                                                  "--weights text_encoder/"))
     except (OSError, TypeError, ValueError, KeyError) as e:
@@ -219,6 +218,7 @@ def convert(weights: str, variant: str | None = None, prompt: str = "", negative
         if not isinstance(text, str):
             raise ValueError(f"{name} must be a string; got {type(text).__name__}")
     dirs = pipeline_dirs(weights, SUBDIRS, "ImageDream")
+    dirs["tokenizer"] = os.path.join(weights, "tokenizer")       # vocab files, no config.json
     upath = os.path.join(dirs["unet"], "config.json")
     ucfg = check_unet_config(read_json(upath, "--weights unet/"), f"--weights {upath!r}")
     prediction = scheduler_settings(dirs["scheduler"], "--weights scheduler/")
